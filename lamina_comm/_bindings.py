@@ -1,0 +1,31 @@
+"""The thin layer over the compiled module: loading, and C status -> exception."""
+from __future__ import annotations
+
+from .errors import LaminaError, error_for_status
+
+try:
+    from ._lamina import ffi, lib
+except ImportError as exc:  # pragma: no cover - only on a broken install
+    raise ImportError(
+        "lamina_comm's native module is not built; run `make install` "
+        "(or `pip install -e .`) first"
+    ) from exc
+
+
+def status_text(status: int) -> str:
+    return ffi.string(lib.lm_status_str(status)).decode()
+
+
+def last_error() -> str:
+    return ffi.string(lib.lm_last_error()).decode()
+
+
+def check(rc: int, what: str) -> int:
+    """Raise the typed exception for a negative status, with the native message."""
+    if rc >= 0:
+        return rc
+    detail = last_error() or status_text(rc)
+    raise error_for_status(rc, f"{what}: {detail}")
+
+
+__all__ = ["ffi", "lib", "check", "status_text", "last_error", "LaminaError"]

@@ -1,0 +1,192 @@
+/*
+ * lamina.h - the whole public C API of lamina-comm's native queue library.
+ *
+ * Model: a context owns a table of registered memory regions, one completion
+ * queue and one progress thread. Endpoints are connected pairs (one per peer)
+ * created over a transport (tcp or verbs). Operations are one-sided:
+ *
+ *   lm_ep_write  copies [mr+local_off, +len) into the peer's registered region
+ *                at remote_off; with LM_WRITE_IMM the peer's context gets an
+ *                LM_OP_RECV_IMM completion carrying the 32-bit immediate.
+ *   lm_ep_read   fetches [remote_off, +len) of the peer's region into the
+ *                local region; the peer's application is not involved.
+ *
+ * Completion semantics (both transports):
+ *  - the initiator gets one completion per operation (LM_OP_WRITE / LM_OP_READ)
+ *    once the target has accepted (write) or delivered (read) the data; its
+ *    status is LM_OK or the reason the target refused it;
+ *  - a remote LM_OP_RECV_IMM completion is raised only after every byte of that
+ *    write, and of every earlier write on the same endpoint, is in place;
+ *  - when an endpoint fails or is closed, every outstanding operation completes
+ *    with an error status (LM_ERR_PEER_LOST or LM_ERR_CANCELED); nothing hangs.
+ *
+ * Memory: the library never copies payloads in user space. The caller owns the
+ * memory behind a region and must keep it alive until lm_mr_deregister returns;
+ * after that no byte of it is read or written by the library.
+ *
+ * Threading: every call is thread-safe. Calls never block except lm_cq_wait
+ * (bounded by its timeout) and lm_mr_deregister / lm_ep_destroy, which wait for
+ * an in-progress socket read or write on that object (nonblocking, so short).
+ *
+ * Everything between the CDEF markers is parsed by cffi (lamina_comm/_build.py),
+ * so it holds only declarations and integer #defines.
+ */
+#ifndef LAMINA_H
+#define LAMINA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* CDEF BEGIN */
+#define LM_API_VERSION 1
+
+/* Status codes: 0 is success, negatives are errors (lm_status_str names them). */
+#define LM_OK 0
+#define LM_ERR_INVALID -1       /* bad argument from the caller */
+#define LM_ERR_NO_MEMORY -2
+#define LM_ERR_IO -3            /* socket or device error; errno text in lm_last_error */
+#define LM_ERR_TIMEOUT -4
+#define LM_ERR_NO_KEY -5        /* target: no region with that key (or deregistered) */
+#define LM_ERR_OUT_OF_BOUNDS -6 /* target: range outside the region */
+#define LM_ERR_ACCESS -7        /* target: region lacks the access flag */
+#define LM_ERR_PEER_LOST -8     /* connection failed or peer died */
+#define LM_ERR_PROTOCOL -9      /* malformed frame from the peer */
+#define LM_ERR_UNSUPPORTED -10  /* transport or feature not available here */
+#define LM_ERR_CLOSED -11       /* object already closed */
+#define LM_ERR_CANCELED -12     /* operation flushed by a local close */
+#define LM_ERR_REMOTE -13       /* target refused for a reason the transport can't name */
+#define LM_ERR_LOCAL -14        /* local region problem (deregistered, bounds) */
+
+/* Region access flags, as in verbs. */
+#define LM_ACCESS_LOCAL_WRITE 1
+#define LM_ACCESS_REMOTE_WRITE 2
+#define LM_ACCESS_REMOTE_READ 4
+
+/* Transports (bit flags, so a context can report a set). */
+#define LM_TRANSPORT_TCP 1
+#define LM_TRANSPORT_VERBS 2
+
+/* Completion opcodes and flags. */
+#define LM_OP_WRITE 1
+#define LM_OP_READ 2
+#define LM_OP_RECV_IMM 3
+#define LM_OP_REFUSED 4        /* target side: a peer's write/read was refused */
+#define LM_CF_IMM 1
+
+/* lm_ep_write flags. */
+#define LM_WRITE_IMM 1
+
+/* lm_context_params field mask bits. */
+#define LM_CTX_PARAM_TRANSPORTS 1
+#define LM_CTX_PARAM_IB_DEVICE 2
+#define LM_CTX_PARAM_GID_INDEX 4
+#define LM_CTX_PARAM_KEEPALIVE_MS 8
+
+typedef struct lm_context lm_context_t;
+typedef struct lm_mr lm_mr_t;
+typedef struct lm_ep lm_ep_t;
+
+/* What a peer needs to target a region: plain data, safe to send anywhere
+ * (it grants access only to a peer that also holds a connected endpoint). */
+typedef struct lm_rdesc {
+    uint64_t key;     /* random 64-bit key; checked by the tcp transport */
+    uint64_t addr;    /* base virtual address, as verbs expects */
+    uint64_t length;  /* bytes */
+    uint32_t rkey;    /* verbs remote key; 0 when the region has no verbs MR */
+    uint32_t access;  /* LM_ACCESS_* the owner granted */
+} lm_rdesc_t;
+
+typedef struct lm_completion {
+    uint64_t wr_id;     /* caller's id (initiator side); 0 for LM_OP_RECV_IMM */
+    uint64_t ep_id;     /* the endpoint's id, as given at creation */
+    uint64_t byte_len;  /* bytes moved (0 on error) */
+    int32_t status;     /* LM_OK or LM_ERR_* */
+    uint32_t opcode;    /* LM_OP_* */
+    uint32_t imm;       /* valid when flags & LM_CF_IMM */
+    uint32_t flags;
+} lm_completion_t;
+
+typedef struct lm_context_params {
+    uint64_t field_mask;    /* LM_CTX_PARAM_* bits naming the fields set */
+    uint32_t transports;    /* LM_TRANSPORT_* to open; default: all available */
+    const char *ib_device;  /* verbs device name; default: LAMINA_IB_DEVICE or first active */
+    int32_t gid_index;      /* verbs GID index; default: LAMINA_IB_GID_INDEX or first RoCE v2 IPv4 */
+    uint32_t keepalive_ms;  /* tcp: peer-loss detection bound; default 10000 */
+} lm_context_params_t;
+
+/* Text for a status code (static storage). */
+const char *lm_status_str(int status);
+/* Last error message set on this thread by a failing call (thread-local storage). */
+const char *lm_last_error(void);
+
+/* Create a context: registry, completion queue, progress thread and the
+ * transports asked for that are available. Returns LM_OK and *out. */
+int lm_context_create(const lm_context_params_t *params, lm_context_t **out);
+/* Close every endpoint (flushing their operations), deregister every region,
+ * stop the progress thread, free. Completions not yet polled are dropped. */
+void lm_context_destroy(lm_context_t *ctx);
+/* LM_TRANSPORT_* bits that opened in this context. */
+uint32_t lm_context_transports(lm_context_t *ctx);
+/* A file descriptor that is readable while the completion queue is not empty
+ * (for poll/epoll/asyncio). Do not read or close it. */
+int lm_context_fd(lm_context_t *ctx);
+/* Text describing why a transport is unavailable ("" when it is available). */
+const char *lm_context_transport_status(lm_context_t *ctx, uint32_t transport);
+
+/* Register [addr, addr+length) with the given access; every open transport
+ * registers it (verbs: ibv_reg_mr). *out stays valid until deregistered. */
+int lm_mr_register(lm_context_t *ctx, void *addr, uint64_t length, uint32_t access, lm_mr_t **out);
+/* Fill *out with the region's wire descriptor. */
+int lm_mr_descriptor(lm_mr_t *mr, lm_rdesc_t *out);
+/* Remove the region: new remote operations on it are refused with
+ * LM_ERR_NO_KEY, queued local operations from it complete with LM_ERR_LOCAL,
+ * and the call returns once no transport touches the memory any more. */
+int lm_mr_deregister(lm_mr_t *mr);
+
+/* Create a tcp endpoint over a connected stream socket (the bootstrap's);
+ * the endpoint owns fd from then on, also on failure. */
+int lm_ep_create_tcp(lm_context_t *ctx, int fd, uint64_t ep_id, lm_ep_t **out);
+/* Create a verbs endpoint: an RC queue pair in RESET->INIT. Its address
+ * (QPN, PSN, GID, MTU) is in lm_ep_address; connect with the peer's. */
+int lm_ep_create_verbs(lm_context_t *ctx, uint64_t ep_id, lm_ep_t **out);
+/* Copy the endpoint's transport address into buf (at most *len bytes); sets
+ * *len to the size. tcp endpoints have an empty address. */
+int lm_ep_address(lm_ep_t *ep, void *buf, size_t *len);
+/* Bring a verbs endpoint to RTS with the peer's address. ctrl_fd (or -1) is
+ * the bootstrap socket, kept open and watched to detect peer loss; the
+ * endpoint owns it. */
+int lm_ep_connect(lm_ep_t *ep, const void *peer_addr, size_t len, int ctrl_fd);
+/* LM_TRANSPORT_* of this endpoint. */
+uint32_t lm_ep_transport(lm_ep_t *ep);
+
+/* Post a one-sided write. Returns LM_OK when queued (the completion comes
+ * later), or an error now for bad arguments or a failed endpoint. Never waits
+ * for the peer: beyond the transport's queue depth it queues in host memory. */
+int lm_ep_write(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t length,
+                const lm_rdesc_t *remote, uint64_t remote_off, uint32_t imm,
+                uint32_t flags, uint64_t wr_id);
+/* Post a one-sided read into a region with LM_ACCESS_LOCAL_WRITE. */
+int lm_ep_read(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t length,
+               const lm_rdesc_t *remote, uint64_t remote_off, uint64_t wr_id);
+/* Operations posted and not yet completed on this endpoint. */
+uint64_t lm_ep_outstanding(lm_ep_t *ep);
+/* 0 while usable, else the status that failed it (e.g. LM_ERR_PEER_LOST). */
+int lm_ep_error(lm_ep_t *ep);
+/* Close and free: outstanding operations complete with LM_ERR_CANCELED. */
+void lm_ep_destroy(lm_ep_t *ep);
+
+/* Take up to max completions without waiting; returns how many. */
+int lm_cq_poll(lm_context_t *ctx, lm_completion_t *out, int max);
+/* Like lm_cq_poll but waits up to timeout_ms (-1: forever) for at least one;
+ * returns 0 on timeout. */
+int lm_cq_wait(lm_context_t *ctx, lm_completion_t *out, int max, int timeout_ms);
+/* CDEF END */
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* LAMINA_H */

@@ -1,0 +1,126 @@
+/*
+ * core.h - services the core offers to transports: the region registry,
+ * the completion queue, the progress engine, errors.
+ */
+#ifndef LM_CORE_H
+#define LM_CORE_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+
+#include "lamina.h"
+#include "../transport.h"
+
+#define LM_MAX_TRANSPORTS 2
+#define LM_MAX_MESSAGE (1ull << 32) /* largest single write or read: 4 GiB */
+
+/* ---- errors ---------------------------------------------------------- */
+/* Record a message for lm_last_error and return status (for `return lm_fail(...)`). */
+int lm_fail(int status, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* ---- regions ---------------------------------------------------------- */
+struct lm_mr {
+    lm_context_t *ctx;
+    uint8_t *addr;
+    uint64_t length;
+    uint32_t access;
+    uint64_t key;
+    uint32_t rkey;               /* set by the verbs transport */
+    void *tr_priv[LM_MAX_TRANSPORTS]; /* per-transport handle (ibv_mr *) */
+    bool alive;                  /* guarded by the registry lock */
+    atomic_int refs;             /* registry + queued operations */
+    struct lm_mr *hash_next;
+};
+
+/* Registry lock: held for reading while a transport moves bytes into or out
+ * of a region, so that deregistration (which takes it for writing) returns
+ * only once no transport touches the memory. Hold it across nonblocking
+ * syscalls only. */
+void lm_registry_rdlock(lm_context_t *ctx);
+void lm_registry_unlock(lm_context_t *ctx);
+/* Look a live region up by key; call with the read lock held. */
+lm_mr_t *lm_registry_find(lm_context_t *ctx, uint64_t key);
+void lm_mr_ref(lm_mr_t *mr);
+void lm_mr_unref(lm_mr_t *mr);
+/* Validate [off, off+len) against the region and an access flag; LM_OK or
+ * LM_ERR_OUT_OF_BOUNDS / LM_ERR_ACCESS. */
+int lm_mr_check(const lm_mr_t *mr, uint64_t off, uint64_t len, uint32_t access);
+
+/* ---- completion queue ------------------------------------------------- */
+void lm_cq_push(lm_context_t *ctx, const lm_completion_t *c);
+
+/* ---- progress engine --------------------------------------------------- */
+/* Callbacks run on the context's progress thread only. */
+typedef void (*lm_io_cb)(void *arg, uint32_t events);
+typedef struct lm_io_handler {
+    int fd;
+    lm_io_cb cb;
+    void *arg;
+} lm_io_handler_t;
+
+int lm_progress_add(lm_context_t *ctx, lm_io_handler_t *h, uint32_t events);
+int lm_progress_mod(lm_context_t *ctx, lm_io_handler_t *h, uint32_t events);
+void lm_progress_del(lm_context_t *ctx, lm_io_handler_t *h);
+/* Return once the progress thread no longer runs any callback that started
+ * before the call (so an object removed with lm_progress_del can be freed). */
+void lm_progress_barrier(lm_context_t *ctx);
+bool lm_progress_on_thread(lm_context_t *ctx);
+
+/* ---- endpoints ---------------------------------------------------------- */
+struct lm_ep {
+    lm_context_t *ctx;
+    const lm_transport_ops_t *ops;
+    void *iface;
+    uint64_t id;
+    atomic_int error;        /* 0 or the LM_ERR_* that failed the endpoint */
+    atomic_ullong outstanding;
+    struct lm_ep *ctx_next;  /* context's list, guarded by ctx->ep_lock */
+};
+
+/* Push a completion for an initiator operation and drop it from outstanding. */
+void lm_ep_complete(lm_ep_t *ep, uint32_t opcode, uint64_t wr_id, int status, uint64_t bytes);
+
+/* ---- context ---------------------------------------------------------- */
+typedef struct lm_cq {
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    lm_completion_t *ring;
+    size_t capacity, head, count;
+    int event_fd; /* readable while count > 0 */
+} lm_cq_t;
+
+typedef struct lm_progress {
+    int epoll_fd;
+    int wake_fd;
+    pthread_t thread;
+    atomic_bool stop;
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    uint64_t rounds;          /* finished loop iterations, under lock */
+    lm_io_handler_t wake_handler;
+} lm_progress_t;
+
+struct lm_context {
+    lm_cq_t cq;
+    lm_progress_t progress;
+    pthread_rwlock_t registry_lock;
+    lm_mr_t **buckets;
+    size_t nbuckets;
+    size_t nregions;
+    pthread_mutex_t ep_lock;
+    lm_ep_t *eps;
+    uint32_t keepalive_ms;
+    const lm_transport_ops_t *transports[LM_MAX_TRANSPORTS];
+    void *ifaces[LM_MAX_TRANSPORTS];
+    char transport_why[LM_MAX_TRANSPORTS][256];
+};
+
+int lm_cq_init(lm_cq_t *cq);
+void lm_cq_fini(lm_cq_t *cq);
+int lm_progress_start(lm_context_t *ctx);
+void lm_progress_stop(lm_context_t *ctx);
+int lm_registry_init(lm_context_t *ctx);
+void lm_registry_fini(lm_context_t *ctx);
+
+#endif /* LM_CORE_H */

@@ -1,0 +1,102 @@
+/* tcp.h - the tcp transport's private types, shared by its files. */
+#ifndef LM_TCP_H
+#define LM_TCP_H
+
+#include "../core/core.h"
+#include "tcp_wire.h"
+
+/* Header reads pull at most this many bytes, so payload bytes that share a
+ * read with their header (under 512 - 48 per frame) are copied once from
+ * here; all other payload bytes are received straight into the region. */
+#define LM_TCP_RX_BUF 512
+/* Frames handled per wake-up before yielding to other endpoints. */
+#define LM_TCP_RX_BUDGET 64
+#define LM_TCP_MAX_IOV 64
+
+typedef struct lm_tcp_iface {
+    lm_context_t *ctx;
+    uint32_t keepalive_ms;
+    uint8_t scratch[64 * 1024]; /* refused payloads are drained here */
+} lm_tcp_iface_t;
+
+/* An operation waiting for the target's answer (ACK / NACK / READ_RESP). */
+typedef struct lm_tcp_pending {
+    struct lm_tcp_pending *next;
+    uint64_t seq;
+    uint64_t wr_id;
+    uint8_t type;        /* LM_TCP_WRITE or LM_TCP_READ_REQ */
+    int32_t forced_status; /* != 0: complete with this whatever the target says */
+    lm_mr_t *dest;       /* reads: where the data lands (holds a reference) */
+    uint64_t dest_off;
+    uint64_t length;
+} lm_tcp_pending_t;
+
+/* A frame queued for sending; payload is sent straight from `src`. */
+typedef struct lm_tcp_tx {
+    struct lm_tcp_tx *next;
+    lm_tcp_hdr_t hdr;
+    lm_mr_t *src;        /* NULL for header-only frames (holds a reference) */
+    uint64_t src_off;
+    uint64_t sent;       /* bytes of header + payload already written */
+    lm_tcp_pending_t *op; /* initiator op for WRITE (to withdraw it) */
+} lm_tcp_tx_t;
+
+enum lm_tcp_rx_state { RX_HEADER, RX_PAYLOAD };
+
+typedef struct lm_tcp_ep {
+    struct lm_ep base;
+    lm_tcp_iface_t *iface;
+    int fd;
+    lm_io_handler_t handler;
+
+    /* Initiator side, guarded by lock. */
+    pthread_mutex_t lock;
+    uint64_t next_seq;
+    lm_tcp_tx_t *tx_head, *tx_tail;
+    lm_tcp_pending_t *pend_head, *pend_tail;
+    lm_tcp_tx_t *tx_free;
+    lm_tcp_pending_t *pend_free;
+    bool out_armed;      /* EPOLLOUT requested */
+    bool closed;         /* socket shut down, lists flushed */
+
+    /* Receive side: touched by the progress thread only. */
+    uint8_t rxbuf[LM_TCP_RX_BUF];
+    size_t rx_start, rx_end;
+    enum lm_tcp_rx_state rx_state;
+    lm_tcp_hdr_t rx_hdr;
+    lm_mr_t *rx_mr;          /* region being written (reference held) */
+    uint64_t rx_off;         /* where the next payload byte goes in rx_mr */
+    uint64_t rx_left;        /* payload bytes still to receive */
+    int32_t rx_status;       /* LM_OK, or why the payload is being discarded */
+    lm_tcp_pending_t *rx_op; /* read being answered into local memory */
+    uint64_t rx_expect_seq;  /* next sequence number the peer must use */
+    uint64_t rx_accepted;    /* highest WRITE seq accepted + 1 (0: none) */
+    uint64_t rx_acked;       /* what we last acknowledged, same encoding */
+} lm_tcp_ep_t;
+
+int lm_tcp_ep_create(void *iface, uint64_t ep_id, int fd, lm_ep_t **out);
+int lm_tcp_ep_write(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t length,
+                    const lm_rdesc_t *remote, uint64_t remote_off, uint32_t imm, uint32_t flags,
+                    uint64_t wr_id);
+int lm_tcp_ep_read(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t length,
+                   const lm_rdesc_t *remote, uint64_t remote_off, uint64_t wr_id);
+void lm_tcp_ep_destroy(lm_ep_t *ep);
+
+/* tcp_tx.c */
+lm_tcp_tx_t *lm_tcp_tx_alloc(lm_tcp_ep_t *ep);
+lm_tcp_pending_t *lm_tcp_pending_alloc(lm_tcp_ep_t *ep);
+void lm_tcp_pending_free(lm_tcp_ep_t *ep, lm_tcp_pending_t *op);
+/* Queue a frame and try to send right away (caller holds ep->lock). */
+void lm_tcp_tx_queue(lm_tcp_ep_t *ep, lm_tcp_tx_t *tx);
+/* Write as much queued data as the socket takes (caller holds ep->lock). */
+void lm_tcp_tx_flush(lm_tcp_ep_t *ep);
+/* Fail the endpoint once: shut the socket and complete every queued and
+ * pending operation with status (caller holds ep->lock). */
+void lm_tcp_fail_locked(lm_tcp_ep_t *ep, int status);
+
+/* tcp_rx.c: the progress-thread callback. */
+void lm_tcp_on_io(void *arg, uint32_t events);
+/* Release what the receive path holds (after the endpoint left epoll). */
+void lm_tcp_rx_cleanup(lm_tcp_ep_t *ep, int status);
+
+#endif /* LM_TCP_H */

@@ -1,0 +1,203 @@
+/* tcp_ep.c - tcp endpoints: socket set-up, posting writes and reads, close;
+ * and the transport's table. */
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "tcp.h"
+
+static int iface_open(lm_context_t *ctx, const lm_context_params_t *params, void **out, char *why,
+                      size_t why_len)
+{
+    (void)params;
+    lm_tcp_iface_t *iface = calloc(1, sizeof(*iface));
+    if (!iface) {
+        snprintf(why, why_len, "tcp: out of memory");
+        return LM_ERR_NO_MEMORY;
+    }
+    iface->ctx = ctx;
+    iface->keepalive_ms = ctx->keepalive_ms;
+    *out = iface;
+    return LM_OK;
+}
+
+static void iface_close(void *iface)
+{
+    free(iface);
+}
+
+/* Kernel keepalive bounds how long a vanished host goes unnoticed; a peer
+ * process that dies is seen at once (FIN/RST). */
+static void tune_socket(int fd, uint32_t keepalive_ms)
+{
+    int one = 1;
+    int secs = (int)(keepalive_ms / 3000) > 0 ? (int)(keepalive_ms / 3000) : 1;
+    int probes = 3;
+    unsigned int user_timeout = keepalive_ms;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &secs, sizeof(secs));
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &secs, sizeof(secs));
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &probes, sizeof(probes));
+    setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &user_timeout, sizeof(user_timeout));
+}
+
+int lm_tcp_ep_create(void *iface_ptr, uint64_t ep_id, int fd, lm_ep_t **out)
+{
+    lm_tcp_iface_t *iface = iface_ptr;
+    int type = 0;
+    socklen_t len = sizeof(type);
+    if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) != 0 || type != SOCK_STREAM) {
+        close(fd);
+        return lm_fail(LM_ERR_INVALID, "lm_ep_create_tcp: fd %d is not a stream socket", fd);
+    }
+    lm_tcp_ep_t *ep = calloc(1, sizeof(*ep));
+    if (!ep) {
+        close(fd);
+        return lm_fail(LM_ERR_NO_MEMORY, "endpoint allocation failed");
+    }
+    ep->iface = iface;
+    ep->fd = fd;
+    ep->base.ctx = iface->ctx;
+    ep->base.id = ep_id;
+    pthread_mutex_init(&ep->lock, NULL);
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+    tune_socket(fd, iface->keepalive_ms);
+    ep->handler = (lm_io_handler_t){.fd = fd, .cb = lm_tcp_on_io, .arg = ep};
+    int rc = lm_progress_add(iface->ctx, &ep->handler, EPOLLIN);
+    if (rc != LM_OK) {
+        pthread_mutex_destroy(&ep->lock);
+        close(fd);
+        free(ep);
+        return rc;
+    }
+    *out = &ep->base;
+    return LM_OK;
+}
+
+/* Assign a sequence number and remember the operation (caller holds lock). */
+static lm_tcp_pending_t *track(lm_tcp_ep_t *ep, uint8_t type, uint64_t wr_id, uint64_t length)
+{
+    lm_tcp_pending_t *op = lm_tcp_pending_alloc(ep);
+    if (!op)
+        return NULL;
+    op->type = type;
+    op->seq = ep->next_seq++;
+    op->wr_id = wr_id;
+    op->length = length;
+    if (ep->pend_tail)
+        ep->pend_tail->next = op;
+    else
+        ep->pend_head = op;
+    ep->pend_tail = op;
+    return op;
+}
+
+static int post(lm_tcp_ep_t *ep, uint8_t type, lm_mr_t *local, uint64_t local_off, uint64_t length,
+                const lm_rdesc_t *remote, uint64_t remote_off, uint32_t imm, uint8_t flags,
+                uint64_t wr_id)
+{
+    pthread_mutex_lock(&ep->lock);
+    if (ep->closed) {
+        int err = atomic_load(&ep->base.error);
+        pthread_mutex_unlock(&ep->lock);
+        return lm_fail(err ? err : LM_ERR_CLOSED, "endpoint is closed: %s", lm_status_str(err));
+    }
+    lm_tcp_tx_t *tx = lm_tcp_tx_alloc(ep);
+    lm_tcp_pending_t *op = tx ? track(ep, type, wr_id, length) : NULL;
+    if (!op) {
+        if (tx) {
+            tx->next = ep->tx_free;
+            ep->tx_free = tx;
+        }
+        pthread_mutex_unlock(&ep->lock);
+        return lm_fail(LM_ERR_NO_MEMORY, "no memory for another queued operation");
+    }
+    tx->hdr.type = type;
+    tx->hdr.flags = flags;
+    tx->hdr.imm = imm;
+    tx->hdr.seq = op->seq;
+    tx->hdr.key = remote->key;
+    tx->hdr.offset = remote_off;
+    tx->hdr.length = length;
+    lm_mr_ref(local);
+    if (type == LM_TCP_WRITE) {
+        tx->src = local;
+        tx->src_off = local_off;
+        tx->op = op;
+    } else {
+        op->dest = local;
+        op->dest_off = local_off;
+    }
+    lm_tcp_tx_queue(ep, tx);
+    pthread_mutex_unlock(&ep->lock);
+    return LM_OK;
+}
+
+int lm_tcp_ep_write(lm_ep_t *base, lm_mr_t *local, uint64_t local_off, uint64_t length,
+                    const lm_rdesc_t *remote, uint64_t remote_off, uint32_t imm, uint32_t flags,
+                    uint64_t wr_id)
+{
+    return post((lm_tcp_ep_t *)base, LM_TCP_WRITE, local, local_off, length, remote, remote_off, imm,
+                (flags & LM_WRITE_IMM) ? LM_TCP_FLAG_IMM : 0, wr_id);
+}
+
+int lm_tcp_ep_read(lm_ep_t *base, lm_mr_t *local, uint64_t local_off, uint64_t length,
+                   const lm_rdesc_t *remote, uint64_t remote_off, uint64_t wr_id)
+{
+    return post((lm_tcp_ep_t *)base, LM_TCP_READ_REQ, local, local_off, length, remote, remote_off, 0, 0,
+                wr_id);
+}
+
+static void free_list_tx(lm_tcp_tx_t *tx)
+{
+    while (tx) {
+        lm_tcp_tx_t *next = tx->next;
+        free(tx);
+        tx = next;
+    }
+}
+
+static void free_list_pending(lm_tcp_pending_t *op)
+{
+    while (op) {
+        lm_tcp_pending_t *next = op->next;
+        free(op);
+        op = next;
+    }
+}
+
+void lm_tcp_ep_destroy(lm_ep_t *base)
+{
+    lm_tcp_ep_t *ep = (lm_tcp_ep_t *)base;
+    pthread_mutex_lock(&ep->lock);
+    lm_tcp_fail_locked(ep, LM_ERR_CANCELED);
+    pthread_mutex_unlock(&ep->lock);
+    lm_progress_del(ep->base.ctx, &ep->handler);
+    lm_progress_barrier(ep->base.ctx);
+    lm_tcp_rx_cleanup(ep, atomic_load(&ep->base.error));
+    close(ep->fd);
+    free_list_tx(ep->tx_free);
+    free_list_pending(ep->pend_free);
+    pthread_mutex_destroy(&ep->lock);
+    free(ep);
+}
+
+const lm_transport_ops_t lm_tcp_transport = {
+    .name = "tcp",
+    .id = LM_TRANSPORT_TCP,
+    .caps = LM_CAP_ZERO_COPY_SEND | LM_CAP_ZERO_COPY_RECV | LM_CAP_REMOTE_ACK,
+    .iface_open = iface_open,
+    .iface_close = iface_close,
+    .ep_create = lm_tcp_ep_create,
+    .ep_write = lm_tcp_ep_write,
+    .ep_read = lm_tcp_ep_read,
+    .ep_destroy = lm_tcp_ep_destroy,
+};

@@ -1,0 +1,382 @@
+/* tcp_rx.c - the receive side, run on the progress thread: parse a header,
+ * check it against the registry, then receive the payload straight into the
+ * target region (or discard it when the target refuses). */
+#include <errno.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+
+#include "tcp.h"
+
+#define RX_WOULD_BLOCK 1
+
+static uint64_t min_u64(uint64_t a, uint64_t b) { return a < b ? a : b; }
+
+/* ---- acknowledgements (caller holds ep->lock) ------------------------- */
+
+static void queue_control(lm_tcp_ep_t *ep, uint8_t type, uint64_t seq, int32_t status)
+{
+    lm_tcp_tx_t *tx = lm_tcp_tx_alloc(ep);
+    if (!tx) {
+        lm_tcp_fail_locked(ep, LM_ERR_NO_MEMORY);
+        return;
+    }
+    tx->hdr.type = type;
+    tx->hdr.seq = seq;
+    tx->hdr.status = status;
+    lm_tcp_tx_queue(ep, tx);
+}
+
+/* Acknowledge every accepted write not yet acknowledged; sent before any
+ * NACK or READ_RESP so the initiator completes operations in order. */
+static void ack_due_locked(lm_tcp_ep_t *ep)
+{
+    if (ep->rx_accepted > ep->rx_acked) {
+        queue_control(ep, LM_TCP_ACK, ep->rx_accepted - 1, LM_OK);
+        ep->rx_acked = ep->rx_accepted;
+    }
+}
+
+static void push_target_completion(lm_tcp_ep_t *ep, uint32_t opcode, int status, const lm_tcp_hdr_t *h)
+{
+    bool imm = h->type == LM_TCP_WRITE && (h->flags & LM_TCP_FLAG_IMM);
+    lm_completion_t c = {.ep_id = ep->base.id, .status = status, .opcode = opcode,
+                         .byte_len = status == LM_OK ? h->length : 0,
+                         .imm = imm ? h->imm : 0, .flags = imm ? LM_CF_IMM : 0};
+    lm_cq_push(ep->base.ctx, &c);
+}
+
+/* ---- initiator: answers to our operations ------------------------------ */
+
+static void complete_writes_before(lm_tcp_ep_t *ep, uint64_t seq_limit)
+{
+    while (ep->pend_head && ep->pend_head->type == LM_TCP_WRITE && ep->pend_head->seq < seq_limit) {
+        lm_tcp_pending_t *op = ep->pend_head;
+        ep->pend_head = op->next;
+        if (!ep->pend_head)
+            ep->pend_tail = NULL;
+        lm_ep_complete(&ep->base, LM_OP_WRITE, op->wr_id, op->forced_status ? op->forced_status : LM_OK,
+                       op->length);
+        lm_tcp_pending_free(ep, op);
+    }
+}
+
+/* The target's status arrives over the wire: only accept the refusals it may
+ * legitimately send, so a hostile peer cannot fake "success" or odd codes. */
+static int32_t remote_status(int32_t s)
+{
+    switch (s) {
+    case LM_ERR_NO_KEY:
+    case LM_ERR_OUT_OF_BOUNDS:
+    case LM_ERR_ACCESS:
+        return s;
+    default:
+        return LM_ERR_REMOTE;
+    }
+}
+
+static lm_tcp_pending_t *pop_expected(lm_tcp_ep_t *ep, uint8_t type, uint64_t seq)
+{
+    lm_tcp_pending_t *op = ep->pend_head;
+    if (!op || op->type != type || op->seq != seq)
+        return NULL;
+    ep->pend_head = op->next;
+    if (!ep->pend_head)
+        ep->pend_tail = NULL;
+    return op;
+}
+
+static int on_ack(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h)
+{
+    pthread_mutex_lock(&ep->lock);
+    complete_writes_before(ep, h->seq + 1);
+    pthread_mutex_unlock(&ep->lock);
+    return LM_OK;
+}
+
+static int on_nack(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h)
+{
+    pthread_mutex_lock(&ep->lock);
+    complete_writes_before(ep, h->seq);
+    lm_tcp_pending_t *op = pop_expected(ep, LM_TCP_WRITE, h->seq);
+    if (op) {
+        lm_ep_complete(&ep->base, LM_OP_WRITE, op->wr_id, op->forced_status ? op->forced_status : remote_status(h->status), 0);
+        lm_tcp_pending_free(ep, op);
+    }
+    pthread_mutex_unlock(&ep->lock);
+    return op ? LM_OK : lm_fail(LM_ERR_PROTOCOL, "NACK for an unknown operation");
+}
+
+static int on_read_resp(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h)
+{
+    pthread_mutex_lock(&ep->lock);
+    complete_writes_before(ep, h->seq);
+    lm_tcp_pending_t *op = pop_expected(ep, LM_TCP_READ_REQ, h->seq);
+    pthread_mutex_unlock(&ep->lock);
+    if (!op)
+        return lm_fail(LM_ERR_PROTOCOL, "read response for an unknown operation");
+    ep->rx_op = op;
+    if (h->status != LM_OK) {
+        ep->rx_status = remote_status(h->status);
+        if (h->length != 0)
+            return lm_fail(LM_ERR_PROTOCOL, "refused read response carries a payload");
+    } else if (h->length != op->length) {
+        return lm_fail(LM_ERR_PROTOCOL, "read response of %llu bytes for a %llu-byte read",
+                       (unsigned long long)h->length, (unsigned long long)op->length);
+    } else {
+        ep->rx_status = LM_OK;
+        lm_mr_ref(op->dest);
+        ep->rx_mr = op->dest;
+        ep->rx_off = op->dest_off;
+    }
+    ep->rx_left = h->length;
+    ep->rx_state = RX_PAYLOAD;
+    return LM_OK;
+}
+
+/* ---- target: operations the peer aims at our memory --------------------- */
+
+static int check_sequence(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h)
+{
+    if (h->seq != ep->rx_expect_seq)
+        return lm_fail(LM_ERR_PROTOCOL, "sequence %llu where %llu was due",
+                       (unsigned long long)h->seq, (unsigned long long)ep->rx_expect_seq);
+    if (h->length > LM_MAX_MESSAGE)
+        return lm_fail(LM_ERR_PROTOCOL, "frame claims %llu bytes", (unsigned long long)h->length);
+    ep->rx_expect_seq++;
+    return LM_OK;
+}
+
+/* Look the target region up; on success a reference is taken for the caller. */
+static int lookup_target(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h, uint32_t access, lm_mr_t **out)
+{
+    lm_context_t *ctx = ep->base.ctx;
+    lm_registry_rdlock(ctx);
+    lm_mr_t *mr = lm_registry_find(ctx, h->key);
+    int st = mr ? lm_mr_check(mr, h->offset, h->length, access) : LM_ERR_NO_KEY;
+    if (st == LM_OK)
+        lm_mr_ref(mr);
+    lm_registry_unlock(ctx);
+    *out = st == LM_OK ? mr : NULL;
+    return st;
+}
+
+static int on_write(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h)
+{
+    int rc = check_sequence(ep, h);
+    if (rc != LM_OK)
+        return rc;
+    if (h->flags & ~LM_TCP_FLAG_IMM)
+        return lm_fail(LM_ERR_PROTOCOL, "unknown write flags 0x%x", h->flags);
+    ep->rx_status = lookup_target(ep, h, LM_ACCESS_REMOTE_WRITE, &ep->rx_mr);
+    ep->rx_off = h->offset;
+    ep->rx_left = h->length;
+    ep->rx_state = RX_PAYLOAD;
+    return LM_OK;
+}
+
+static int on_read_req(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h)
+{
+    int rc = check_sequence(ep, h);
+    if (rc != LM_OK)
+        return rc;
+    lm_mr_t *mr;
+    int st = lookup_target(ep, h, LM_ACCESS_REMOTE_READ, &mr);
+    pthread_mutex_lock(&ep->lock);
+    ack_due_locked(ep);
+    lm_tcp_tx_t *tx = lm_tcp_tx_alloc(ep);
+    if (tx) {
+        tx->hdr.type = LM_TCP_READ_RESP;
+        tx->hdr.seq = h->seq;
+        tx->hdr.status = st;
+        tx->hdr.length = st == LM_OK ? h->length : 0;
+        tx->src = mr; /* reference moves to the frame */
+        tx->src_off = h->offset;
+        lm_tcp_tx_queue(ep, tx);
+    } else {
+        if (mr)
+            lm_mr_unref(mr);
+        lm_tcp_fail_locked(ep, LM_ERR_NO_MEMORY);
+    }
+    pthread_mutex_unlock(&ep->lock);
+    if (st != LM_OK)
+        push_target_completion(ep, LM_OP_REFUSED, st, h);
+    return LM_OK;
+}
+
+static int on_nop(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h)
+{
+    int rc = check_sequence(ep, h);
+    if (rc == LM_OK)
+        ep->rx_accepted = h->seq + 1;
+    return rc;
+}
+
+static int on_header(lm_tcp_ep_t *ep)
+{
+    const lm_tcp_hdr_t *h = &ep->rx_hdr;
+    if (h->magic != LM_TCP_MAGIC)
+        return lm_fail(LM_ERR_PROTOCOL, "bad frame magic 0x%04x", h->magic);
+    switch (h->type) {
+    case LM_TCP_WRITE: return on_write(ep, h);
+    case LM_TCP_READ_REQ: return on_read_req(ep, h);
+    case LM_TCP_NOP: return on_nop(ep, h);
+    case LM_TCP_ACK: return on_ack(ep, h);
+    case LM_TCP_NACK: return on_nack(ep, h);
+    case LM_TCP_READ_RESP: return on_read_resp(ep, h);
+    default: return lm_fail(LM_ERR_PROTOCOL, "unknown frame type %u", h->type);
+    }
+}
+
+/* ---- payload ----------------------------------------------------------- */
+
+static void finish_payload(lm_tcp_ep_t *ep)
+{
+    const lm_tcp_hdr_t *h = &ep->rx_hdr;
+    if (ep->rx_mr) {
+        lm_mr_unref(ep->rx_mr);
+        ep->rx_mr = NULL;
+    }
+    ep->rx_state = RX_HEADER;
+    if (ep->rx_op) { /* our read finished */
+        lm_tcp_pending_t *op = ep->rx_op;
+        ep->rx_op = NULL;
+        pthread_mutex_lock(&ep->lock);
+        lm_ep_complete(&ep->base, LM_OP_READ, op->wr_id, ep->rx_status, op->length);
+        lm_tcp_pending_free(ep, op);
+        pthread_mutex_unlock(&ep->lock);
+        return;
+    }
+    ep->rx_accepted = h->seq + 1;
+    if (ep->rx_status == LM_OK) {
+        if (h->flags & LM_TCP_FLAG_IMM)
+            push_target_completion(ep, LM_OP_RECV_IMM, LM_OK, h);
+        return;
+    }
+    pthread_mutex_lock(&ep->lock);
+    /* The NACK also acknowledges every write before it. */
+    queue_control(ep, LM_TCP_NACK, h->seq, ep->rx_status);
+    ep->rx_acked = ep->rx_accepted;
+    pthread_mutex_unlock(&ep->lock);
+    push_target_completion(ep, LM_OP_REFUSED, ep->rx_status, h);
+}
+
+/* Move payload bytes to their destination (or drop them). Returns LM_OK on
+ * progress, RX_WOULD_BLOCK, or an error status. */
+static int rx_payload(lm_tcp_ep_t *ep, uint8_t *scratch, size_t scratch_len)
+{
+    lm_context_t *ctx = ep->base.ctx;
+    size_t buffered = ep->rx_end - ep->rx_start;
+    int rc = LM_OK;
+    lm_registry_rdlock(ctx);
+    if (ep->rx_mr && !ep->rx_mr->alive) {
+        /* Deregistered mid-payload: nothing more lands; the rest is dropped. */
+        ep->rx_status = ep->rx_op ? LM_ERR_LOCAL : LM_ERR_NO_KEY;
+        lm_mr_unref(ep->rx_mr);
+        ep->rx_mr = NULL;
+    }
+    uint8_t *dest = ep->rx_mr ? ep->rx_mr->addr + ep->rx_off : NULL;
+    if (buffered > 0) {
+        uint64_t n = min_u64(buffered, ep->rx_left);
+        if (dest)
+            memcpy(dest, ep->rxbuf + ep->rx_start, n);
+        ep->rx_start += n;
+        ep->rx_off += n;
+        ep->rx_left -= n;
+    } else if (ep->rx_left > 0) {
+        uint64_t want = dest ? min_u64(ep->rx_left, 1u << 30) : min_u64(ep->rx_left, scratch_len);
+        ssize_t n = recv(ep->fd, dest ? dest : scratch, want, MSG_DONTWAIT);
+        if (n > 0) {
+            ep->rx_off += (uint64_t)n;
+            ep->rx_left -= (uint64_t)n;
+        } else if (n == 0) {
+            rc = LM_ERR_PEER_LOST;
+        } else if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) {
+            rc = RX_WOULD_BLOCK;
+        } else {
+            rc = LM_ERR_PEER_LOST;
+        }
+    }
+    lm_registry_unlock(ctx);
+    if (rc == LM_OK && ep->rx_left == 0)
+        finish_payload(ep);
+    return rc;
+}
+
+static int rx_fill_header_buffer(lm_tcp_ep_t *ep)
+{
+    if (ep->rx_start > 0) {
+        memmove(ep->rxbuf, ep->rxbuf + ep->rx_start, ep->rx_end - ep->rx_start);
+        ep->rx_end -= ep->rx_start;
+        ep->rx_start = 0;
+    }
+    ssize_t n = recv(ep->fd, ep->rxbuf + ep->rx_end, sizeof(ep->rxbuf) - ep->rx_end, MSG_DONTWAIT);
+    if (n > 0) {
+        ep->rx_end += (size_t)n;
+        return LM_OK;
+    }
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+        return RX_WOULD_BLOCK;
+    return LM_ERR_PEER_LOST;
+}
+
+void lm_tcp_rx_cleanup(lm_tcp_ep_t *ep, int status)
+{
+    if (ep->rx_mr) {
+        lm_mr_unref(ep->rx_mr);
+        ep->rx_mr = NULL;
+    }
+    if (ep->rx_op) {
+        pthread_mutex_lock(&ep->lock);
+        lm_ep_complete(&ep->base, LM_OP_READ, ep->rx_op->wr_id, status, 0);
+        lm_tcp_pending_free(ep, ep->rx_op);
+        pthread_mutex_unlock(&ep->lock);
+        ep->rx_op = NULL;
+    }
+    ep->rx_state = RX_HEADER;
+}
+
+static void rx_run(lm_tcp_ep_t *ep)
+{
+    uint8_t *scratch = ep->iface->scratch;
+    int rc = LM_OK;
+    for (int frames = 0; frames < LM_TCP_RX_BUDGET;) {
+        if (ep->rx_state == RX_PAYLOAD) {
+            rc = rx_payload(ep, scratch, sizeof(ep->iface->scratch));
+            frames += ep->rx_state == RX_HEADER;
+        } else if (ep->rx_end - ep->rx_start >= sizeof(lm_tcp_hdr_t)) {
+            memcpy(&ep->rx_hdr, ep->rxbuf + ep->rx_start, sizeof(lm_tcp_hdr_t));
+            ep->rx_start += sizeof(lm_tcp_hdr_t);
+            rc = on_header(ep);
+            if (rc == LM_OK && ep->rx_state == RX_PAYLOAD && ep->rx_left == 0)
+                finish_payload(ep); /* empty write, or a refused read */
+            frames += ep->rx_state == RX_HEADER;
+        } else {
+            rc = rx_fill_header_buffer(ep);
+        }
+        if (rc != LM_OK)
+            break;
+    }
+    pthread_mutex_lock(&ep->lock);
+    if (rc < 0)
+        lm_tcp_fail_locked(ep, rc);
+    else
+        ack_due_locked(ep);
+    pthread_mutex_unlock(&ep->lock);
+    if (rc < 0) {
+        lm_progress_del(ep->base.ctx, &ep->handler);
+        lm_tcp_rx_cleanup(ep, atomic_load(&ep->base.error));
+    }
+}
+
+void lm_tcp_on_io(void *arg, uint32_t events)
+{
+    lm_tcp_ep_t *ep = arg;
+    if (events & EPOLLOUT) {
+        pthread_mutex_lock(&ep->lock);
+        lm_tcp_tx_flush(ep);
+        pthread_mutex_unlock(&ep->lock);
+    }
+    if (events & (EPOLLIN | EPOLLHUP | EPOLLERR))
+        rx_run(ep);
+}

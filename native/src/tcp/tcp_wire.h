@@ -1,0 +1,56 @@
+/*
+ * tcp_wire.h - the frames the tcp transport puts on a stream socket.
+ *
+ * Every frame is a fixed 48-byte header, followed by `length` payload bytes
+ * for WRITE and READ_RESP. Host byte order: the handshake only pairs
+ * little-endian peers (checked at build time below).
+ *
+ *  WRITE     seq, key, offset, length, imm, flags(IMM) + payload
+ *  READ_REQ  seq, key, offset, length
+ *  READ_RESP seq, status, length + payload (length 0 when refused)
+ *  ACK       seq: every WRITE up to seq was accepted (cumulative)
+ *  NACK      seq, status: WRITE seq was refused; all earlier ones accepted
+ *  NOP       seq: the initiator withdrew this sequence number (its source
+ *            region was deregistered before a byte of it left)
+ *
+ * WRITE, READ_REQ and NOP consume a sequence number; the target requires
+ * them to arrive in order, so a dropped or replayed frame is a protocol error.
+ */
+#ifndef LM_TCP_WIRE_H
+#define LM_TCP_WIRE_H
+
+#include <stdint.h>
+
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the tcp wire format is little-endian"
+#endif
+
+#define LM_TCP_MAGIC 0x4d4cu /* "LM" */
+
+enum lm_tcp_frame_type {
+    LM_TCP_WRITE = 1,
+    LM_TCP_READ_REQ = 2,
+    LM_TCP_READ_RESP = 3,
+    LM_TCP_ACK = 4,
+    LM_TCP_NACK = 5,
+    LM_TCP_NOP = 6,
+};
+
+#define LM_TCP_FLAG_IMM 1u
+
+typedef struct lm_tcp_hdr {
+    uint16_t magic;
+    uint8_t type;
+    uint8_t flags;
+    uint32_t imm;
+    uint64_t seq;
+    uint64_t key;
+    uint64_t offset;
+    uint64_t length;
+    int32_t status;
+    uint32_t reserved;
+} lm_tcp_hdr_t;
+
+_Static_assert(sizeof(lm_tcp_hdr_t) == 48, "wire header must stay 48 bytes");
+
+#endif /* LM_TCP_WIRE_H */

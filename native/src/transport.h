@@ -1,0 +1,54 @@
+/*
+ * transport.h - the table every transport fills in.
+ *
+ * The core (context, registry, completion queue, progress engine) never looks
+ * at a transport's name: it calls through this table and reads the caps bits.
+ * A transport lives in its own folder (tcp/, verbs/) and exports one
+ * `const lm_transport_ops_t lm_<name>_transport`.
+ */
+#ifndef LM_TRANSPORT_H
+#define LM_TRANSPORT_H
+
+#include "lamina.h"
+
+/* Capability flags: what the layer above may rely on. */
+#define LM_CAP_ZERO_COPY_SEND 1u   /* payload leaves straight from the region */
+#define LM_CAP_ZERO_COPY_RECV 2u   /* payload lands straight in the region */
+#define LM_CAP_REMOTE_ACK 4u       /* initiator completion means the target accepted */
+#define LM_CAP_HW_OFFLOAD 8u       /* the NIC moves the data (no target CPU) */
+
+typedef struct lm_transport_ops {
+    const char *name;
+    uint32_t id;   /* LM_TRANSPORT_* */
+    uint32_t caps; /* LM_CAP_* */
+
+    /* Open the transport's interface for a context. On failure return an
+     * LM_ERR_* and write a reason a user can act on into why. */
+    int (*iface_open)(lm_context_t *ctx, const lm_context_params_t *params,
+                      void **iface, char *why, size_t why_len);
+    void (*iface_close)(void *iface);
+
+    /* Called for every region on every open transport (may be NULL). */
+    int (*mr_register)(void *iface, lm_mr_t *mr);
+    void (*mr_deregister)(void *iface, lm_mr_t *mr);
+
+    /* Endpoint life cycle; create returns an object whose first member is a
+     * struct lm_ep (see core.h). fd is the bootstrap socket (-1 if none). */
+    int (*ep_create)(void *iface, uint64_t ep_id, int fd, lm_ep_t **out);
+    int (*ep_address)(lm_ep_t *ep, void *buf, size_t *len);
+    int (*ep_connect)(lm_ep_t *ep, const void *peer, size_t len, int ctrl_fd);
+    int (*ep_write)(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t length,
+                    const lm_rdesc_t *remote, uint64_t remote_off, uint32_t imm,
+                    uint32_t flags, uint64_t wr_id);
+    int (*ep_read)(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t length,
+                   const lm_rdesc_t *remote, uint64_t remote_off, uint64_t wr_id);
+    /* Flush outstanding operations with LM_ERR_CANCELED and free. */
+    void (*ep_destroy)(lm_ep_t *ep);
+} lm_transport_ops_t;
+
+extern const lm_transport_ops_t lm_tcp_transport;
+#ifdef LM_HAVE_VERBS
+extern const lm_transport_ops_t lm_verbs_transport;
+#endif
+
+#endif /* LM_TRANSPORT_H */
