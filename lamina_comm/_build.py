@@ -30,7 +30,8 @@ def _want_verbs() -> bool:
     forced = os.environ.get("LAMINA_WITH_VERBS")
     if forced is not None:
         return forced not in ("0", "", "no", "false")
-    return pathlib.Path("/usr/include/infiniband/verbs.h").exists()
+    have_sources = any((NATIVE / "src" / "verbs").glob("*.c"))
+    return have_sources and pathlib.Path("/usr/include/infiniband/verbs.h").exists()
 
 
 def _sources(with_verbs: bool) -> list[str]:

@@ -10,6 +10,7 @@ recognised and refused with a clear reason until the GPU tier lands.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any
 
 import numpy as np
@@ -85,13 +86,13 @@ def numpy_view(address: int, nbytes: int, dtype: Any = np.uint8, shape: tuple[in
     if shape is not None:
         arr = arr.reshape(shape)
     if owner is not None:
-        _KEEPALIVE[id(arr)] = owner  # released by _release_view below
-        import weakref
-        weakref.finalize(arr, _KEEPALIVE.pop, id(arr), None)
+        # finalize holds its arguments until arr (and every view of it) dies.
+        weakref.finalize(arr, _keep, owner)
     return arr
 
 
-_KEEPALIVE: dict[int, Any] = {}
+def _keep(_owner: Any) -> None:
+    pass
 
 
 def data_pointer(obj: Any) -> int:

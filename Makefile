@@ -1,0 +1,64 @@
+# lamina-comm: build, test, benchmark. `make help` lists the targets.
+PYTHON ?= python3
+CC ?= gcc
+CFLAGS_COMMON := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -g -Inative/include
+SANITIZE := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+NATIVE_SRCS := $(wildcard native/src/core/*.c native/src/tcp/*.c)
+NATIVE_HDRS := $(wildcard native/include/*.h native/src/*.h native/src/*/*.h)
+BUILD := native/build
+PYTEST ?= $(PYTHON) -m pytest
+
+.PHONY: help install build native-test asan test test-rxe bench demo clean
+
+help:
+	@echo "make install   install lamina-comm (editable) with test and torch extras"
+	@echo "make test      native tests (plain + ASan/UBSan) and the Python test suite"
+	@echo "make asan      native tests under ASan/UBSan, then the Python suite on an ASan build"
+	@echo "make test-rxe  verbs tests in a soft-RoCE qemu guest"
+	@echo "make bench     loopback benchmarks side by side with iperf3 / sockperf / ucx_perftest"
+	@echo "make demo      disaggregated decode on loopback (1 model node, 2 attention nodes)"
+
+install:
+	$(PYTHON) -m pip install -q torch==2.13.0
+	$(PYTHON) -m pip install -q -e '.[test,plot]' safetensors
+
+# In-place build of the cffi module (what `pip install -e .` does too).
+build:
+	$(PYTHON) lamina_comm/_build.py > /dev/null
+
+$(BUILD)/test_native: tests/native/test_native.c $(NATIVE_SRCS) $(NATIVE_HDRS)
+	@mkdir -p $(BUILD)
+	$(CC) $(CFLAGS_COMMON) -O2 -o $@ tests/native/test_native.c $(NATIVE_SRCS) -lpthread
+
+$(BUILD)/test_native_asan: tests/native/test_native.c $(NATIVE_SRCS) $(NATIVE_HDRS)
+	@mkdir -p $(BUILD)
+	$(CC) $(CFLAGS_COMMON) -O1 $(SANITIZE) -o $@ tests/native/test_native.c $(NATIVE_SRCS) -lpthread
+
+native-test: $(BUILD)/test_native $(BUILD)/test_native_asan
+	$(BUILD)/test_native
+	ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 $(BUILD)/test_native_asan
+
+# The Python suite against an ASan/UBSan build of the extension (libasan preloaded
+# because python itself is not instrumented); rebuilt plain afterwards.
+asan: $(BUILD)/test_native_asan
+	ASAN_OPTIONS=detect_leaks=1 $(BUILD)/test_native_asan
+	LAMINA_SANITIZE=1 $(PYTHON) lamina_comm/_build.py > /dev/null
+	LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
+	  ASAN_OPTIONS=detect_leaks=0:verify_asan_link_order=0 $(PYTEST) -q -x -m "not slow" tests/test_transport.py; \
+	  rc=$$?; $(PYTHON) lamina_comm/_build.py > /dev/null; exit $$rc
+
+test: build native-test
+	$(PYTEST) -q
+	$(MAKE) asan
+
+test-rxe: build
+	tools/rxe-test.sh
+
+bench: build
+	bench/peers.sh
+
+demo: build
+	$(PYTHON) -m lamina_comm.node.demo
+
+clean:
+	rm -rf $(BUILD) build lamina_comm/_lamina*.so lamina_comm/_lamina.c lamina_comm/_lamina.o

@@ -1,0 +1,545 @@
+"""Context, MemoryRegion, Endpoint, Listener: the Python face of the native library.
+
+Python objects own native handles and close deterministically (context
+managers, or close()); closing a Context closes everything it made. Every
+failure raises a typed exception from lamina_comm.errors.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import itertools
+import logging
+import socket
+import struct
+import threading
+import time
+import weakref
+from typing import Any, Callable
+
+from . import bootstrap
+from ._bindings import check, ffi, lib
+from .errors import (ClosedError, InvalidArgumentError, LaminaError, ProtocolError, TimeoutError_,
+                     UnsupportedError, error_for_status)
+from .tensors import host_buffer, numpy_view
+
+log = logging.getLogger("lamina_comm")
+
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_HANDSHAKE_TIMEOUT = 5.0
+
+
+class Access(enum.IntFlag):
+    LOCAL_WRITE = lib.LM_ACCESS_LOCAL_WRITE
+    REMOTE_WRITE = lib.LM_ACCESS_REMOTE_WRITE
+    REMOTE_READ = lib.LM_ACCESS_REMOTE_READ
+    ALL = LOCAL_WRITE | REMOTE_WRITE | REMOTE_READ
+
+
+class Op(enum.IntEnum):
+    WRITE = lib.LM_OP_WRITE        # our write finished (initiator)
+    READ = lib.LM_OP_READ          # our read finished (initiator)
+    RECV_IMM = lib.LM_OP_RECV_IMM  # a peer's write with immediate landed here
+    REFUSED = lib.LM_OP_REFUSED    # a peer's write or read aimed here was refused
+
+
+TRANSPORT_IDS = {"tcp": lib.LM_TRANSPORT_TCP, "verbs": lib.LM_TRANSPORT_VERBS}
+TRANSPORT_NAMES = {v: k for k, v in TRANSPORT_IDS.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteRegion:
+    """A peer's region descriptor: what a write or read targets. Plain data."""
+
+    key: int
+    addr: int
+    length: int
+    rkey: int = 0
+    access: int = int(Access.ALL)
+
+    _PACK = struct.Struct("<QQQII")
+    SIZE = _PACK.size
+
+    def to_bytes(self) -> bytes:
+        return self._PACK.pack(self.key, self.addr, self.length, self.rkey, self.access)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "RemoteRegion":
+        if len(data) != cls.SIZE:
+            raise InvalidArgumentError(f"a region descriptor is {cls.SIZE} bytes, got {len(data)}")
+        return cls(*cls._PACK.unpack(data))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RemoteRegion":
+        return cls(**{f.name: int(d[f.name]) for f in dataclasses.fields(cls) if f.name in d})
+
+    def _native(self):
+        return ffi.new("lm_rdesc_t *", {"key": self.key, "addr": self.addr, "length": self.length,
+                                        "rkey": self.rkey, "access": self.access})
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    op: Op
+    status: int
+    endpoint: "Endpoint | None"
+    wr_id: int
+    byte_len: int
+    imm: int | None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 0
+
+    def error(self) -> LaminaError | None:
+        if self.ok:
+            return None
+        from ._bindings import status_text
+        return error_for_status(self.status, f"{self.op.name.lower()} failed: {status_text(self.status)}")
+
+    def raise_for_status(self) -> "Completion":
+        err = self.error()
+        if err is not None:
+            raise err
+        return self
+
+
+class MemoryRegion:
+    """Registered memory. Keep it open while peers may target it."""
+
+    def __init__(self, ctx: "Context", obj: Any, access: Access):
+        buf = host_buffer(obj)
+        if access & (Access.LOCAL_WRITE | Access.REMOTE_WRITE) and not buf.writable:
+            raise InvalidArgumentError("read-only memory can only be registered with Access.REMOTE_READ")
+        self.context = ctx
+        self.address = buf.address
+        self.nbytes = buf.nbytes
+        self.access = access
+        self.path = "host"
+        self._owner = buf.owner
+        out = ffi.new("lm_mr_t **")
+        check(lib.lm_mr_register(ctx._handle(), ffi.cast("void *", buf.address), buf.nbytes, int(access), out),
+              "register")
+        self._mr = out[0]
+        desc = ffi.new("lm_rdesc_t *")
+        check(lib.lm_mr_descriptor(self._mr, desc), "descriptor")
+        self._desc = RemoteRegion(desc.key, desc.addr, desc.length, desc.rkey, desc.access)
+
+    def descriptor(self) -> RemoteRegion:
+        return self._desc
+
+    def _handle(self):
+        if self._mr is None:
+            raise ClosedError("memory region is deregistered")
+        return self._mr
+
+    def contains(self, address: int, nbytes: int = 1) -> bool:
+        return self.address <= address and address + nbytes <= self.address + self.nbytes
+
+    def view(self, dtype: Any = "uint8", offset: int = 0, shape: tuple[int, ...] | None = None,
+             nbytes: int | None = None):
+        """A numpy array over part of the region, no copy (the region stays referenced)."""
+        nbytes = self.nbytes - offset if nbytes is None else nbytes
+        if offset < 0 or nbytes < 0 or offset + nbytes > self.nbytes:
+            raise InvalidArgumentError(f"view [{offset}, +{nbytes}) outside a {self.nbytes}-byte region")
+        return numpy_view(self.address + offset, nbytes, dtype, shape, owner=self)
+
+    @property
+    def closed(self) -> bool:
+        return self._mr is None
+
+    def close(self) -> None:
+        """Deregister; returns once no transport touches the memory any more."""
+        mr, self._mr = self._mr, None
+        if mr is not None:
+            self.context._regions.discard(self)
+            lib.lm_mr_deregister(mr)
+        self._owner = None
+
+    def __enter__(self) -> "MemoryRegion":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"key=0x{self._desc.key:016x}"
+        return f"<MemoryRegion {self.nbytes} B at 0x{self.address:x} {state}>"
+
+
+class Endpoint:
+    """One connected peer. Completions for it are read with poll() / wait()."""
+
+    def __init__(self, ctx: "Context", handle, ep_id: int, transport: int, peer_data: bytes,
+                 peer_address: tuple | None):
+        self.context = ctx
+        self.id = ep_id
+        self.transport = TRANSPORT_NAMES[transport]
+        self.peer_data = peer_data
+        self.peer_address = peer_address
+        self._ep = handle
+        self._completions: collections.deque[Completion] = collections.deque()
+        self._wr_ids = itertools.count(1)
+
+    def _handle(self):
+        if self._ep is None:
+            raise ClosedError("endpoint is closed")
+        return self._ep
+
+    def write(self, local: MemoryRegion, remote: RemoteRegion, *, local_offset: int = 0,
+              remote_offset: int = 0, length: int | None = None, imm: int | None = None,
+              wr_id: int | None = None) -> int:
+        """Post a one-sided write; returns its wr_id. With imm, the peer gets a RECV_IMM completion."""
+        length = local.nbytes - local_offset if length is None else length
+        wr_id = next(self._wr_ids) if wr_id is None else wr_id
+        flags = 0
+        if imm is not None:
+            if not 0 <= imm < 2**32:
+                raise InvalidArgumentError(f"immediate {imm} does not fit 32 bits")
+            flags = lib.LM_WRITE_IMM
+        check(lib.lm_ep_write(self._handle(), local._handle(), local_offset, length, remote._native(),
+                              remote_offset, imm or 0, flags, wr_id), "write")
+        return wr_id
+
+    def read(self, local: MemoryRegion, remote: RemoteRegion, *, local_offset: int = 0,
+             remote_offset: int = 0, length: int | None = None, wr_id: int | None = None) -> int:
+        """Post a one-sided read of the peer's region into ours; returns its wr_id."""
+        length = local.nbytes - local_offset if length is None else length
+        wr_id = next(self._wr_ids) if wr_id is None else wr_id
+        check(lib.lm_ep_read(self._handle(), local._handle(), local_offset, length, remote._native(),
+                             remote_offset, wr_id), "read")
+        return wr_id
+
+    @property
+    def outstanding(self) -> int:
+        return 0 if self._ep is None else lib.lm_ep_outstanding(self._ep)
+
+    @property
+    def error(self) -> LaminaError | None:
+        if self._ep is None:
+            return ClosedError("endpoint is closed")
+        status = lib.lm_ep_error(self._ep)
+        return None if status == 0 else error_for_status(status, f"endpoint failed: status {status}")
+
+    def poll(self, max_entries: int = 64) -> list[Completion]:
+        self.context._pump(0)
+        return self._take(max_entries)
+
+    def wait(self, timeout: float | None = None, max_entries: int = 64) -> list[Completion]:
+        """Completions for this endpoint; waits up to timeout seconds for at least one."""
+        self.context._wait_for(lambda: bool(self._completions), timeout)
+        return self._take(max_entries)
+
+    def wait_one(self, timeout: float | None = None) -> Completion:
+        got = self.wait(timeout, 1)
+        if not got:
+            raise TimeoutError_(f"no completion on endpoint {self.id} within {timeout} s")
+        return got[0]
+
+    def _take(self, n: int) -> list[Completion]:
+        out = []
+        while self._completions and len(out) < n:
+            out.append(self._completions.popleft())
+        return out
+
+    @property
+    def closed(self) -> bool:
+        return self._ep is None
+
+    def close(self) -> None:
+        """Close; outstanding operations complete with CANCELED (still readable via poll)."""
+        ep, self._ep = self._ep, None
+        if ep is not None:
+            lib.lm_ep_destroy(ep)
+            self.context._pump(0)
+            self.context._endpoints.pop(self.id, None)
+
+    def __enter__(self) -> "Endpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Endpoint {self.id} {self.transport} {'closed' if self.closed else 'open'}>"
+
+
+class Listener:
+    """A bootstrap listening socket; accept() runs the handshake and returns an Endpoint."""
+
+    def __init__(self, ctx: "Context", address: tuple[str, int], backlog: int = 64,
+                 transport: str = "auto"):
+        self.context = ctx
+        self._allowed = ctx._requested_mask(transport)
+        self._sock = socket.create_server(address, backlog=backlog, reuse_port=False)
+        self.address = self._sock.getsockname()[:2]
+
+    def accept(self, timeout: float | None = None, private_data: bytes | Callable[[bytes], bytes] = b"",
+               handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT) -> Endpoint:
+        """Wait for a peer that completes the handshake; bad or hostile ones are refused and skipped."""
+        deadline = bootstrap._Deadline(timeout)
+        while True:
+            self._sock.settimeout(deadline.left())
+            try:
+                conn, peer = self._sock.accept()
+            except socket.timeout as exc:
+                raise TimeoutError_(f"no peer connected within {timeout} s") from exc
+            except OSError as exc:
+                if self._sock.fileno() < 0:
+                    raise ClosedError("listener closed") from exc
+                raise
+            try:
+                neg = bootstrap.server_handshake(conn, self.context.transports_mask, self._allowed,
+                                                 self.context._secret, private_data, handshake_timeout)
+                return self.context._make_endpoint(conn, neg, client=False, peer=peer,
+                                                   timeout=handshake_timeout)
+            except (LaminaError, OSError, ValueError) as exc:
+                log.warning("refused peer %s:%s: %s", peer[0], peer[1], exc)
+                conn.close()
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def close(self) -> None:
+        self._sock.close()
+        self.context._listeners.discard(self)
+
+    def __enter__(self) -> "Listener":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _parse_address(addr: str | tuple[str, int]) -> tuple[str, int]:
+    if isinstance(addr, tuple):
+        return addr[0], int(addr[1])
+    host, sep, port = addr.rpartition(":")
+    if not sep:
+        raise InvalidArgumentError(f"address {addr!r} is not HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class Context:
+    """Registry, completion queue and progress thread; makes regions, listeners, endpoints.
+
+    transport: "auto" (verbs where both peers have it, else tcp), "tcp" or "verbs".
+    secret: shared secret for the handshake (default: $LAMINA_SECRET).
+    """
+
+    def __init__(self, transport: str = "auto", *, secret: str | bytes | None = None,
+                 ib_device: str | None = None, gid_index: int | None = None,
+                 keepalive_ms: int | None = None):
+        if transport not in ("auto", "tcp", "verbs"):
+            raise InvalidArgumentError(f"transport must be 'auto', 'tcp' or 'verbs', not {transport!r}")
+        self.transport = transport
+        self._secret = bootstrap.secret_from(secret)
+        params = ffi.new("lm_context_params_t *")
+        params.field_mask = lib.LM_CTX_PARAM_TRANSPORTS
+        params.transports = self._requested_mask(transport)
+        keep = []
+        if ib_device is not None:
+            keep.append(ffi.new("char[]", ib_device.encode()))
+            params.ib_device = keep[-1]
+            params.field_mask |= lib.LM_CTX_PARAM_IB_DEVICE
+        if gid_index is not None:
+            params.gid_index = gid_index
+            params.field_mask |= lib.LM_CTX_PARAM_GID_INDEX
+        if keepalive_ms is not None:
+            params.keepalive_ms = keepalive_ms
+            params.field_mask |= lib.LM_CTX_PARAM_KEEPALIVE_MS
+        out = ffi.new("lm_context_t **")
+        rc = lib.lm_context_create(params, out)
+        if rc < 0 and transport == "verbs":
+            raise UnsupportedError(f"verbs transport unavailable: {self._why_static()}")
+        check(rc, "context")
+        self._ctx = out[0]
+        self._regions: weakref.WeakSet[MemoryRegion] = weakref.WeakSet()
+        self._listeners: weakref.WeakSet[Listener] = weakref.WeakSet()
+        self._endpoints: dict[int, Endpoint] = {}
+        self._orphans: collections.deque[Completion] = collections.deque()
+        self._ids = itertools.count(1)
+        self._cv = threading.Condition()
+        self._pumping = False
+        self._batch = ffi.new("lm_completion_t[]", 256)
+        log.debug("context open: transports=%s", self.transports)
+
+    @staticmethod
+    def _requested_mask(transport: str) -> int:
+        return (lib.LM_TRANSPORT_TCP | lib.LM_TRANSPORT_VERBS) if transport == "auto" else TRANSPORT_IDS[transport]
+
+    @staticmethod
+    def _why_static() -> str:
+        return "built without rdma-core headers" if not lib.LM_BUILT_WITH_VERBS else "no active verbs device"
+
+    def _handle(self):
+        if self._ctx is None:
+            raise ClosedError("context is closed")
+        return self._ctx
+
+    @property
+    def transports_mask(self) -> int:
+        return lib.lm_context_transports(self._handle())
+
+    @property
+    def transports(self) -> list[str]:
+        mask = self.transports_mask
+        return [name for name, bit in TRANSPORT_IDS.items() if mask & bit]
+
+    def transport_status(self, name: str) -> str:
+        """Why a transport is unavailable ("" when it is available)."""
+        return ffi.string(lib.lm_context_transport_status(self._handle(), TRANSPORT_IDS[name])).decode()
+
+    # -- regions -----------------------------------------------------------
+    def register(self, obj: Any, access: Access = Access.ALL) -> MemoryRegion:
+        mr = MemoryRegion(self, obj, Access(access))
+        self._regions.add(mr)
+        return mr
+
+    # -- connections ---------------------------------------------------------
+    def listen(self, address: str | tuple[str, int], backlog: int = 64) -> Listener:
+        listener = Listener(self, _parse_address(address), backlog, self.transport)
+        self._listeners.add(listener)
+        return listener
+
+    def connect(self, address: str | tuple[str, int], *, private_data: bytes = b"",
+                timeout: float = DEFAULT_CONNECT_TIMEOUT) -> Endpoint:
+        """Connect to a listener, retrying refused connections until timeout (peers start in any order)."""
+        host, port = _parse_address(address)
+        deadline = bootstrap._Deadline(timeout)
+        while True:
+            try:
+                sock = socket.create_connection((host, port), timeout=deadline.left())
+                break
+            except (ConnectionRefusedError, socket.timeout) as exc:
+                if deadline.end is not None and deadline.end - time.monotonic() < 0.05:
+                    raise TimeoutError_(f"could not connect to {host}:{port} within {timeout} s: {exc}") from exc
+                time.sleep(0.05)
+        try:
+            neg = bootstrap.client_handshake(sock, self.transports_mask, self._requested_mask(self.transport),
+                                             self._secret, private_data, deadline.left())
+            return self._make_endpoint(sock, neg, client=True, peer=(host, port), timeout=deadline.left())
+        except BaseException:
+            sock.close()
+            raise
+
+    def _make_endpoint(self, sock: socket.socket, neg: bootstrap.Negotiated, client: bool,
+                       peer: tuple | None, timeout: float | None) -> Endpoint:
+        ep_id = next(self._ids)
+        out = ffi.new("lm_ep_t **")
+        if neg.transport == lib.LM_TRANSPORT_TCP:
+            sock.setblocking(True)
+            check(lib.lm_ep_create_tcp(self._handle(), sock.detach(), ep_id, out), "endpoint")
+        else:
+            check(lib.lm_ep_create_verbs(self._handle(), ep_id, out), "verbs endpoint")
+            try:
+                buf = ffi.new("char[]", bootstrap.MAX_ADDRESS)
+                size = ffi.new("size_t *", bootstrap.MAX_ADDRESS)
+                check(lib.lm_ep_address(out[0], buf, size), "verbs address")
+                theirs = bootstrap.exchange_address(sock, bytes(ffi.buffer(buf, size[0])), timeout, client)
+                check(lib.lm_ep_connect(out[0], theirs, len(theirs), sock.detach()), "verbs connect")
+            except BaseException:
+                lib.lm_ep_destroy(out[0])
+                raise
+        ep = Endpoint(self, out[0], ep_id, neg.transport, neg.peer_data, peer)
+        self._endpoints[ep_id] = ep
+        log.info("endpoint %d to %s over %s", ep_id, peer, ep.transport)
+        return ep
+
+    # -- completions ---------------------------------------------------------
+    def fileno(self) -> int:
+        """Readable while completions are waiting (for selectors / asyncio add_reader)."""
+        return lib.lm_context_fd(self._handle())
+
+    def _route(self, n: int) -> None:
+        for i in range(n):
+            c = self._batch[i]
+            ep = self._endpoints.get(c.ep_id)
+            comp = Completion(Op(c.opcode), c.status, ep, c.wr_id, c.byte_len,
+                              c.imm if c.flags & lib.LM_CF_IMM else None)
+            (ep._completions if ep is not None else self._orphans).append(comp)
+
+    def _pump(self, timeout_ms: int) -> int:
+        """Move native completions into per-endpoint queues; GIL released while waiting."""
+        ctx = self._handle()
+        if timeout_ms == 0:
+            n = lib.lm_cq_poll(ctx, self._batch, 256)
+        else:
+            n = lib.lm_cq_wait(ctx, self._batch, 256, timeout_ms)
+        check(n, "poll")
+        self._route(n)
+        return n
+
+    def _wait_for(self, ready: Callable[[], bool], timeout: float | None) -> bool:
+        """Wait until ready() holds. One thread pumps at a time; others sleep on the condition."""
+        deadline = bootstrap._Deadline(timeout)
+        with self._cv:
+            while not ready():
+                try:
+                    left = deadline.left()
+                except TimeoutError_:
+                    return False
+                if self._pumping:
+                    self._cv.wait(left)
+                    continue
+                self._pumping = True
+                self._cv.release()
+                try:
+                    slice_ms = -1 if left is None else max(1, int(left * 1000))
+                    # Bounded slices so a waiter on another endpoint can take over.
+                    self._pump(min(slice_ms, 200) if slice_ms > 0 else 200)
+                finally:
+                    self._cv.acquire()
+                    self._pumping = False
+                    self._cv.notify_all()
+            return True
+
+    def poll(self, max_entries: int = 256) -> list[Completion]:
+        """Every completion waiting, whichever endpoint it belongs to."""
+        with self._cv:
+            self._pump(0)
+            out = list(self._orphans)
+            self._orphans.clear()
+            for ep in list(self._endpoints.values()):
+                out += ep._take(max_entries)
+            return out
+
+    def wait(self, timeout: float | None = None, max_entries: int = 256) -> list[Completion]:
+        def any_ready() -> bool:
+            return bool(self._orphans) or any(ep._completions for ep in self._endpoints.values())
+        self._wait_for(any_ready, timeout)
+        return self.poll(max_entries)
+
+    # -- life cycle ------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._ctx is None
+
+    def close(self) -> None:
+        if self._ctx is None:
+            return
+        for listener in list(self._listeners):
+            listener.close()
+        for ep in list(self._endpoints.values()):
+            ep.close()
+        for mr in list(self._regions):
+            mr.close()
+        ctx, self._ctx = self._ctx, None
+        lib.lm_context_destroy(ctx)
+
+    def __enter__(self) -> "Context":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: best effort
+            pass
+
