@@ -5,17 +5,30 @@
         ep = ctx.connect("10.0.0.2:7000", private_data=mr.descriptor().to_bytes())
         ep.write(mr, RemoteRegion.from_bytes(ep.peer_data), imm=7)
         ep.wait_one(timeout=5).raise_for_status()
+
+The transport names load the native module on first use, so the pure-Python
+parts (pipeline, timeline, plan) import without a built extension.
 """
 from .errors import (AccessDeniedError, AuthenticationError, CanceledError, ClosedError,
                      InvalidArgumentError, LaminaError, LocalRegionError, NoKeyError, OutOfBoundsError,
                      PeerLostError, ProtocolError, RemoteAccessError, SequenceError, TimeoutError,
                      UnsupportedError)
-from .transport import Access, Completion, Context, Endpoint, Listener, MemoryRegion, Op, RemoteRegion
 
 __version__ = "0.1.0"
 
+_TRANSPORT_NAMES = ("Access", "Completion", "Context", "Endpoint", "Listener", "MemoryRegion", "Op",
+                    "RemoteRegion")
+
+
+def __getattr__(name: str):
+    if name in _TRANSPORT_NAMES:
+        from . import transport
+        return getattr(transport, name)
+    raise AttributeError(f"module 'lamina_comm' has no attribute {name!r}")
+
+
 __all__ = [
-    "Access", "Completion", "Context", "Endpoint", "Listener", "MemoryRegion", "Op", "RemoteRegion",
+    *_TRANSPORT_NAMES,
     "LaminaError", "AccessDeniedError", "AuthenticationError", "CanceledError", "ClosedError",
     "InvalidArgumentError", "LocalRegionError", "NoKeyError", "OutOfBoundsError", "PeerLostError",
     "ProtocolError", "RemoteAccessError", "SequenceError", "TimeoutError", "UnsupportedError",

@@ -6,8 +6,10 @@ Over a fresh TCP connection (client first):
           holds a secret), transports it can run (LM_TRANSPORT_* bits), a
           16-byte random nonce.
   AUTH    if either side holds a secret, both prove it: HMAC-SHA256 over the
-          role and both nonces (mutual challenge-response); a side without a
-          secret, or with another one, is refused with AuthenticationError.
+          role and both nonces (mutual challenge-response). The client proves
+          first; the server answers a verdict byte and, if accepted, its own
+          proof. A side without the secret, or with another, gets
+          AuthenticationError naming the cause.
   CHOOSE  client -> server: the transport it picked from the common set, and
           its private data (up to 64 KiB, e.g. region descriptors).
   ACCEPT  server -> client: status (0, or an error with a reason) and the
@@ -118,18 +120,20 @@ def _authenticate(sock: socket.socket, secret: bytes | None, mine: Hello, theirs
         return
     if client:
         _send(sock, _proof(secret, b"client", theirs.nonce, mine.nonce), deadline)
+        if recv_exact(sock, 1, deadline) != b"\x01":
+            raise AuthenticationError(
+                "server requires a shared secret (set LAMINA_SECRET)" if not secret
+                else "server rejected our shared-secret proof (secrets differ)")
         server_proof = recv_exact(sock, 32, deadline)
-        expected = _proof(secret, b"server", mine.nonce, theirs.nonce)
-    else:
-        client_proof = recv_exact(sock, 32, deadline)
-        if not secret or not hmac.compare_digest(client_proof, _proof(secret, b"client", mine.nonce, theirs.nonce)):
-            raise AuthenticationError("client failed the shared-secret challenge (wrong or missing LAMINA_SECRET)")
-        _send(sock, _proof(secret, b"server", theirs.nonce, mine.nonce), deadline)
+        if not secret or not hmac.compare_digest(server_proof, _proof(secret, b"server", mine.nonce, theirs.nonce)):
+            raise AuthenticationError("server failed the shared-secret challenge (secrets differ)"
+                                      if secret else "server demands authentication but we hold no secret")
         return
-    if not secret or not hmac.compare_digest(server_proof, expected):
-        reason = "server requires a shared secret (set LAMINA_SECRET)" if not secret else \
-            "server failed the shared-secret challenge (secrets differ)"
-        raise AuthenticationError(reason)
+    client_proof = recv_exact(sock, 32, deadline)
+    if not secret or not hmac.compare_digest(client_proof, _proof(secret, b"client", mine.nonce, theirs.nonce)):
+        _send(sock, b"\x00", deadline)  # an explicit verdict, so the client can say why
+        raise AuthenticationError("client failed the shared-secret challenge (wrong or missing LAMINA_SECRET)")
+    _send(sock, b"\x01" + _proof(secret, b"server", theirs.nonce, mine.nonce), deadline)
 
 
 @dataclasses.dataclass

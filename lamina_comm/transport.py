@@ -18,6 +18,8 @@ import time
 import weakref
 from typing import Any, Callable
 
+import numpy as np
+
 from . import bootstrap
 from ._bindings import check, ffi, lib
 from .errors import (ClosedError, InvalidArgumentError, LaminaError, ProtocolError, TimeoutError_,
@@ -143,7 +145,9 @@ class MemoryRegion:
     def view(self, dtype: Any = "uint8", offset: int = 0, shape: tuple[int, ...] | None = None,
              nbytes: int | None = None):
         """A numpy array over part of the region, no copy (the region stays referenced)."""
-        nbytes = self.nbytes - offset if nbytes is None else nbytes
+        if nbytes is None:
+            nbytes = (self.nbytes - offset if shape is None
+                      else int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
         if offset < 0 or nbytes < 0 or offset + nbytes > self.nbytes:
             raise InvalidArgumentError(f"view [{offset}, +{nbytes}) outside a {self.nbytes}-byte region")
         return numpy_view(self.address + offset, nbytes, dtype, shape, owner=self)

@@ -185,6 +185,7 @@ class PagedKVCache:
 
     # -------------------------------------------------------------- attention
 
+    @torch.inference_mode()
     def attend(
         self,
         layer: int,
@@ -249,6 +250,12 @@ class PagedKVCache:
         )
         k_context = self._gather(self.k_pool[layer], batch)
         v_context = self._gather(self.v_pool[layer], batch)
+        # Slots past a group's last position (padding, or stale data of a freed
+        # request) get probability 0, but 0 * NaN is NaN: zero them so one
+        # request's overflow cannot poison another's output.
+        key_positions = torch.arange(batch.context_len, device=self.device)
+        stale = key_positions[None, :] > batch.query_positions[:, -1:]
+        v_context = v_context.masked_fill(stale[:, :, None, None], 0)
         out = _grouped_causal_attention(
             q_batch, k_context, v_context, batch.query_positions, self.config.sliding_window
         )
