@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Hashable, Optional, Sequence
 
 import torch
 
+from lamina_comm.errors import LaminaError
+
 if TYPE_CHECKING:
     from lamina_comm.node.model import LlamaConfig
 
@@ -27,7 +29,7 @@ RequestId = Hashable
 HeadRange = tuple[int, int]
 
 
-class KVCacheFull(Exception):
+class KVCacheFull(LaminaError):
     """Not enough free blocks to admit a request; raised by ``reserve`` only,
     so a request is refused before it starts, never in the middle of a step."""
 

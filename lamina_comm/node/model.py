@@ -28,6 +28,7 @@ from typing import Any, Callable, Hashable, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from lamina_comm.errors import LaminaError
 from lamina_comm.node.kvcache import PagedKVCache, RequestId
 from lamina_comm.node.sampling import SamplingParams, make_generator, sample
 
@@ -50,7 +51,7 @@ _ROPE_SCALING_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LaminaError, ValueError):
     """A checkpoint directory is unusable: missing, extra or mis-shaped tensors."""
 
 

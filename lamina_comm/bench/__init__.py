@@ -1,0 +1,1 @@
+"""lamina-bench: bandwidth, latency, pipeline and plan subcommands."""
