@@ -120,7 +120,17 @@ uint32_t lm_context_transports(lm_context_t *ctx)
 
 int lm_context_fd(lm_context_t *ctx)
 {
-    return ctx ? ctx->cq.event_fd : -1;
+    if (!ctx)
+        return -1;
+    lm_cq_t *cq = &ctx->cq;
+    pthread_mutex_lock(&cq->lock);
+    if (!atomic_exchange(&cq->fd_wanted, true) && cq->count > 0) {
+        uint64_t one = 1;
+        ssize_t n = write(cq->event_fd, &one, sizeof(one));
+        (void)n;
+    }
+    pthread_mutex_unlock(&cq->lock);
+    return cq->event_fd;
 }
 
 const char *lm_context_transport_status(lm_context_t *ctx, uint32_t transport)

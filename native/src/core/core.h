@@ -62,10 +62,28 @@ typedef struct lm_io_handler {
 int lm_progress_add(lm_context_t *ctx, lm_io_handler_t *h, uint32_t events);
 int lm_progress_mod(lm_context_t *ctx, lm_io_handler_t *h, uint32_t events);
 void lm_progress_del(lm_context_t *ctx, lm_io_handler_t *h);
-/* Return once the progress thread no longer runs any callback that started
- * before the call (so an object removed with lm_progress_del can be freed). */
+/* Return once no dispatch can still call a handler removed before the call
+ * (so it can be freed). */
 void lm_progress_barrier(lm_context_t *ctx);
-bool lm_progress_on_thread(lm_context_t *ctx);
+/* Run one epoll round in the calling thread (waiting up to timeout_ms). */
+void lm_progress_drive(lm_context_t *ctx, int timeout_ms);
+/* Wake drivers blocked in epoll_wait (no-op inside dispatch). */
+void lm_progress_kick(lm_context_t *ctx);
+uint64_t lm_now_ns(void);
+
+/* One-shot timers: armed from dispatch (callbacks) only; disarmed from any
+ * thread (lazily unlinked); cancelled (unlinked now) before freeing. */
+typedef struct lm_timer {
+    uint64_t deadline_ns;
+    void (*cb)(void *arg);
+    void *arg;
+    atomic_bool armed;
+    bool linked;
+    struct lm_timer *next;
+} lm_timer_t;
+void lm_timer_arm(lm_context_t *ctx, lm_timer_t *t, uint64_t delay_ns);
+void lm_timer_disarm(lm_timer_t *t);
+void lm_timer_cancel(lm_context_t *ctx, lm_timer_t *t);
 
 /* ---- endpoints ---------------------------------------------------------- */
 struct lm_ep {
@@ -84,10 +102,10 @@ void lm_ep_complete(lm_ep_t *ep, uint32_t opcode, uint64_t wr_id, int status, ui
 /* ---- context ---------------------------------------------------------- */
 typedef struct lm_cq {
     pthread_mutex_t lock;
-    pthread_cond_t cond;
     lm_completion_t *ring;
     size_t capacity, head, count;
-    int event_fd; /* readable while count > 0 */
+    int event_fd;          /* readable while count > 0, once fd_wanted */
+    atomic_bool fd_wanted; /* set by lm_context_fd: saves two syscalls per batch otherwise */
 } lm_cq_t;
 
 typedef struct lm_progress {
@@ -95,9 +113,14 @@ typedef struct lm_progress {
     int wake_fd;
     pthread_t thread;
     atomic_bool stop;
-    pthread_mutex_t lock;
+    pthread_mutex_t lock;       /* guards drivers, thread_in_epoll, last exit */
     pthread_cond_t cond;
-    uint64_t rounds;          /* finished loop iterations, under lock */
+    int drivers;                /* application threads inside lm_progress_drive */
+    bool thread_in_epoll;
+    uint64_t last_driver_exit_ns;
+    pthread_mutex_t drive_lock; /* held while dispatching */
+    atomic_ullong del_epoch;
+    lm_timer_t *timers;         /* guarded by drive_lock */
     lm_io_handler_t wake_handler;
 } lm_progress_t;
 

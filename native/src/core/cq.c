@@ -1,10 +1,10 @@
-/* cq.c - the context's completion queue: a growable ring, a condition
- * variable for blocking waits and an eventfd for poll/epoll/asyncio. */
+/* cq.c - the context's completion queue: a growable ring and an eventfd for
+ * poll/epoll/asyncio. A blocking wait drives the progress engine itself
+ * (progress.c) instead of sleeping on a condition variable. */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "core.h"
@@ -24,18 +24,12 @@ int lm_cq_init(lm_cq_t *cq)
         return lm_fail(LM_ERR_IO, "eventfd: %s", strerror(errno));
     }
     pthread_mutex_init(&cq->lock, NULL);
-    pthread_condattr_t attr;
-    pthread_condattr_init(&attr);
-    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
-    pthread_cond_init(&cq->cond, &attr);
-    pthread_condattr_destroy(&attr);
     return LM_OK;
 }
 
 void lm_cq_fini(lm_cq_t *cq)
 {
     close(cq->event_fd);
-    pthread_cond_destroy(&cq->cond);
     pthread_mutex_destroy(&cq->lock);
     free(cq->ring);
 }
@@ -67,13 +61,15 @@ void lm_cq_push(lm_context_t *ctx, const lm_completion_t *c)
         return;
     }
     cq->ring[(cq->head + cq->count) % cq->capacity] = *c;
-    if (cq->count++ == 0) {
+    bool was_empty = cq->count++ == 0;
+    if (was_empty && atomic_load(&cq->fd_wanted)) {
         uint64_t one = 1;
         ssize_t n = write(cq->event_fd, &one, sizeof(one));
         (void)n; /* EAGAIN only when the counter is already non-zero */
-        pthread_cond_broadcast(&cq->cond);
     }
     pthread_mutex_unlock(&cq->lock);
+    if (was_empty)
+        lm_progress_kick(ctx);
 }
 
 static int cq_take_locked(lm_cq_t *cq, lm_completion_t *out, int max)
@@ -84,7 +80,7 @@ static int cq_take_locked(lm_cq_t *cq, lm_completion_t *out, int max)
         cq->head = (cq->head + 1) % cq->capacity;
         cq->count--;
     }
-    if (n > 0 && cq->count == 0) {
+    if (n > 0 && cq->count == 0 && atomic_load(&cq->fd_wanted)) {
         uint64_t drained;
         ssize_t r = read(cq->event_fd, &drained, sizeof(drained));
         (void)r;
@@ -107,25 +103,18 @@ int lm_cq_wait(lm_context_t *ctx, lm_completion_t *out, int max, int timeout_ms)
 {
     if (!ctx || !out || max <= 0)
         return lm_fail(LM_ERR_INVALID, "lm_cq_wait: bad arguments");
-    lm_cq_t *cq = &ctx->cq;
-    struct timespec deadline;
-    clock_gettime(CLOCK_MONOTONIC, &deadline);
-    if (timeout_ms > 0) {
-        deadline.tv_sec += timeout_ms / 1000;
-        deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-        if (deadline.tv_nsec >= 1000000000L) {
-            deadline.tv_sec++;
-            deadline.tv_nsec -= 1000000000L;
-        }
+    uint64_t deadline = timeout_ms < 0 ? UINT64_MAX : lm_now_ns() + (uint64_t)timeout_ms * 1000000ull;
+    for (;;) {
+        int n = lm_cq_poll(ctx, out, max);
+        if (n != 0)
+            return n;
+        uint64_t now = lm_now_ns();
+        if (now >= deadline)
+            return timeout_ms == 0 ? lm_cq_poll(ctx, out, max) : 0;
+        uint64_t left_ms = deadline == UINT64_MAX ? 100 : (deadline - now + 999999) / 1000000;
+        /* Bounded rounds so a deadline is never overshot by much. */
+        lm_progress_drive(ctx, timeout_ms == 0 ? 0 : (int)(left_ms < 100 ? left_ms : 100));
+        if (timeout_ms == 0)
+            return lm_cq_poll(ctx, out, max);
     }
-    pthread_mutex_lock(&cq->lock);
-    while (cq->count == 0 && timeout_ms != 0) {
-        int rc = timeout_ms < 0 ? pthread_cond_wait(&cq->cond, &cq->lock)
-                                : pthread_cond_timedwait(&cq->cond, &cq->lock, &deadline);
-        if (rc == ETIMEDOUT)
-            break;
-    }
-    int n = cq_take_locked(cq, out, max);
-    pthread_mutex_unlock(&cq->lock);
-    return n;
 }

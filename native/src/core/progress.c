@@ -1,15 +1,48 @@
-/* progress.c - one thread per context that waits on epoll and runs the
- * transports' callbacks; it never holds the GIL and never calls user code. */
+/* progress.c - the progress engine: epoll over every transport fd, run either
+ * by the context's progress thread or, while an application thread waits for
+ * completions (lm_cq_wait), by that thread itself.
+ *
+ * Why both: the thread guarantees progress while the application computes
+ * (one-sided reads are served, queued sends drain); letting the waiting
+ * thread dispatch saves two thread hand-offs per message on the latency
+ * path. While an application thread drives, the progress thread parks, and it
+ * resumes only after nobody has driven for LM_HANDOFF_NS, so a tight
+ * request/response loop never bounces between the two.
+ *
+ * Dispatch runs under drive_lock, one dispatcher at a time. lm_progress_del
+ * bumps an epoch; a dispatcher whose epoll batch predates the bump drops it
+ * (level-triggered events come back), so a removed handler is never called
+ * after lm_progress_barrier returns.
+ */
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "core.h"
 
 #define MAX_EVENTS 64
+#define LM_HANDOFF_NS 2000000ull /* 2 ms without a driver before the thread resumes */
+
+static _Thread_local bool tls_dispatching;
+static _Thread_local bool tls_driving; /* an application thread inside lm_progress_drive */
+
+uint64_t lm_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void wake(lm_progress_t *p)
+{
+    uint64_t one = 1;
+    ssize_t r = write(p->wake_fd, &one, sizeof(one));
+    (void)r;
+}
 
 static void drain_wake(void *arg, uint32_t events)
 {
@@ -20,31 +53,172 @@ static void drain_wake(void *arg, uint32_t events)
     (void)r;
 }
 
-static void *progress_main(void *arg)
+/* ---- timers (touched only under drive_lock, i.e. from dispatch) -------- */
+
+void lm_timer_arm(lm_context_t *ctx, lm_timer_t *t, uint64_t delay_ns)
 {
-    lm_context_t *ctx = arg;
+    if (atomic_load(&t->armed))
+        return;
+    t->deadline_ns = lm_now_ns() + delay_ns;
+    atomic_store(&t->armed, true);
+    if (!t->linked) {
+        t->linked = true;
+        t->next = ctx->progress.timers;
+        ctx->progress.timers = t;
+    }
+}
+
+void lm_timer_disarm(lm_timer_t *t)
+{
+    atomic_store(&t->armed, false);
+}
+
+void lm_timer_cancel(lm_context_t *ctx, lm_timer_t *t)
+{
+    bool outside = !tls_dispatching;
+    if (outside)
+        pthread_mutex_lock(&ctx->progress.drive_lock);
+    for (lm_timer_t **pp = &ctx->progress.timers; *pp; pp = &(*pp)->next) {
+        if (*pp == t) {
+            *pp = t->next;
+            break;
+        }
+    }
+    t->linked = false;
+    atomic_store(&t->armed, false);
+    if (outside)
+        pthread_mutex_unlock(&ctx->progress.drive_lock);
+}
+
+/* Walk the timers (under drive_lock): unlink disarmed ones, fire due ones if
+ * asked, and return nanoseconds until the next (-1: none). */
+static int64_t timers_sweep(lm_progress_t *p, bool fire)
+{
+    uint64_t now = lm_now_ns(), first = UINT64_MAX;
+    lm_timer_t **pp = &p->timers;
+    while (*pp) {
+        lm_timer_t *t = *pp;
+        bool armed = atomic_load(&t->armed);
+        if (!armed || (fire && t->deadline_ns <= now)) {
+            *pp = t->next;
+            t->linked = false;
+            if (armed) {
+                atomic_store(&t->armed, false);
+                t->cb(t->arg);
+            }
+            continue;
+        }
+        if (t->deadline_ns < first)
+            first = t->deadline_ns;
+        pp = &t->next;
+    }
+    if (first == UINT64_MAX)
+        return -1;
+    return first <= now ? 0 : (int64_t)(first - now);
+}
+
+/* ---- dispatch ----------------------------------------------------------- */
+
+static int poll_and_dispatch(lm_context_t *ctx, int timeout_ms)
+{
     lm_progress_t *p = &ctx->progress;
     struct epoll_event events[MAX_EVENTS];
-    while (!atomic_load(&p->stop)) {
-        int n = epoll_wait(p->epoll_fd, events, MAX_EVENTS, -1);
+    pthread_mutex_lock(&p->drive_lock);
+    int64_t timeout_ns = timeout_ms < 0 ? -1 : (int64_t)timeout_ms * 1000000;
+    int64_t timer_ns = timers_sweep(p, false);
+    if (timer_ns >= 0 && (timeout_ns < 0 || timer_ns < timeout_ns))
+        timeout_ns = timer_ns;
+    pthread_mutex_unlock(&p->drive_lock);
+    uint64_t epoch = atomic_load(&p->del_epoch);
+    /* epoll_pwait2: timers (delayed acknowledgements) need sub-ms resolution. */
+    struct timespec ts = {.tv_sec = timeout_ns / 1000000000, .tv_nsec = timeout_ns % 1000000000};
+    int n = epoll_pwait2(p->epoll_fd, events, MAX_EVENTS, timeout_ns < 0 ? NULL : &ts, NULL);
+    pthread_mutex_lock(&p->drive_lock);
+    tls_dispatching = true;
+    if (n > 0 && atomic_load(&p->del_epoch) == epoch) {
         for (int i = 0; i < n; i++) {
             lm_io_handler_t *h = events[i].data.ptr;
             h->cb(h->arg, events[i].events);
         }
+    }
+    timers_sweep(p, true);
+    tls_dispatching = false;
+    pthread_mutex_unlock(&p->drive_lock);
+    return n;
+}
+
+/* Park while an application thread drives, and for a while after. */
+static void park_while_driven(lm_progress_t *p)
+{
+    pthread_mutex_lock(&p->lock);
+    for (;;) {
+        if (atomic_load(&p->stop))
+            break;
+        if (p->drivers > 0) {
+            pthread_cond_wait(&p->cond, &p->lock);
+            continue;
+        }
+        uint64_t now = lm_now_ns();
+        if (p->last_driver_exit_ns == 0 || now - p->last_driver_exit_ns >= LM_HANDOFF_NS)
+            break;
+        uint64_t until = p->last_driver_exit_ns + LM_HANDOFF_NS;
+        struct timespec ts = {.tv_sec = (time_t)(until / 1000000000ull),
+                              .tv_nsec = (long)(until % 1000000000ull)};
+        pthread_cond_timedwait(&p->cond, &p->lock, &ts);
+    }
+    p->thread_in_epoll = true;
+    pthread_mutex_unlock(&p->lock);
+}
+
+static void *progress_main(void *arg)
+{
+    lm_context_t *ctx = arg;
+    lm_progress_t *p = &ctx->progress;
+    while (!atomic_load(&p->stop)) {
+        park_while_driven(p);
+        if (atomic_load(&p->stop))
+            break;
+        poll_and_dispatch(ctx, -1);
         pthread_mutex_lock(&p->lock);
-        p->rounds++;
-        pthread_cond_broadcast(&p->cond);
+        p->thread_in_epoll = false;
         pthread_mutex_unlock(&p->lock);
     }
     return NULL;
 }
 
-static void wake(lm_progress_t *p)
+void lm_progress_drive(lm_context_t *ctx, int timeout_ms)
 {
-    uint64_t one = 1;
-    ssize_t r = write(p->wake_fd, &one, sizeof(one));
-    (void)r;
+    lm_progress_t *p = &ctx->progress;
+    pthread_mutex_lock(&p->lock);
+    p->drivers++;
+    if (p->thread_in_epoll)
+        wake(p); /* move the thread out of epoll_wait and into park */
+    pthread_mutex_unlock(&p->lock);
+    tls_driving = true;
+    poll_and_dispatch(ctx, timeout_ms);
+    tls_driving = false;
+    pthread_mutex_lock(&p->lock);
+    p->drivers--;
+    p->last_driver_exit_ns = lm_now_ns();
+    if (p->drivers == 0) {
+        pthread_cond_broadcast(&p->cond);
+        /* epoll wakes one waiter per event, so the thread may have stayed in
+         * epoll_wait with a stale timeout; make it see timers armed since. */
+        if (p->thread_in_epoll)
+            wake(p);
+    }
+    pthread_mutex_unlock(&p->lock);
 }
+
+void lm_progress_kick(lm_context_t *ctx)
+{
+    /* A driver checks the queue after its own dispatch; a completion pushed by
+     * anyone else (the progress thread, a closing endpoint) must wake it. */
+    if (!tls_driving)
+        wake(&ctx->progress);
+}
+
+/* ---- life cycle ---------------------------------------------------------- */
 
 int lm_progress_start(lm_context_t *ctx)
 {
@@ -59,7 +233,12 @@ int lm_progress_start(lm_context_t *ctx)
         return lm_fail(LM_ERR_IO, "eventfd: %s", strerror(errno));
     }
     pthread_mutex_init(&p->lock, NULL);
-    pthread_cond_init(&p->cond, NULL);
+    pthread_mutex_init(&p->drive_lock, NULL);
+    pthread_condattr_t attr;
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_cond_init(&p->cond, &attr);
+    pthread_condattr_destroy(&attr);
     p->wake_handler = (lm_io_handler_t){.fd = p->wake_fd, .cb = drain_wake, .arg = p};
     int rc = lm_progress_add(ctx, &p->wake_handler, EPOLLIN);
     if (rc == LM_OK && pthread_create(&p->thread, NULL, progress_main, ctx) != 0)
@@ -74,13 +253,17 @@ int lm_progress_start(lm_context_t *ctx)
 void lm_progress_stop(lm_context_t *ctx)
 {
     lm_progress_t *p = &ctx->progress;
+    pthread_mutex_lock(&p->lock);
     atomic_store(&p->stop, true);
+    pthread_cond_broadcast(&p->cond);
+    pthread_mutex_unlock(&p->lock);
     wake(p);
     pthread_join(p->thread, NULL);
     close(p->wake_fd);
     close(p->epoll_fd);
     pthread_cond_destroy(&p->cond);
     pthread_mutex_destroy(&p->lock);
+    pthread_mutex_destroy(&p->drive_lock);
 }
 
 int lm_progress_add(lm_context_t *ctx, lm_io_handler_t *h, uint32_t events)
@@ -103,25 +286,15 @@ void lm_progress_del(lm_context_t *ctx, lm_io_handler_t *h)
 {
     /* ENOENT/EBADF are fine: removal is idempotent. */
     epoll_ctl(ctx->progress.epoll_fd, EPOLL_CTL_DEL, h->fd, NULL);
-}
-
-bool lm_progress_on_thread(lm_context_t *ctx)
-{
-    return pthread_equal(pthread_self(), ctx->progress.thread);
+    atomic_fetch_add(&ctx->progress.del_epoch, 1);
 }
 
 void lm_progress_barrier(lm_context_t *ctx)
 {
-    lm_progress_t *p = &ctx->progress;
-    if (lm_progress_on_thread(ctx) || atomic_load(&p->stop))
+    /* Any dispatch that could still see a removed handler holds drive_lock;
+     * later ones drop their batch because the epoch moved. */
+    if (tls_dispatching)
         return;
-    pthread_mutex_lock(&p->lock);
-    /* The round in progress may have fetched events before the caller's
-     * lm_progress_del; the one after it cannot have. */
-    uint64_t target = p->rounds + 2;
-    while (p->rounds < target && !atomic_load(&p->stop)) {
-        wake(p);
-        pthread_cond_wait(&p->cond, &p->lock);
-    }
-    pthread_mutex_unlock(&p->lock);
+    pthread_mutex_lock(&ctx->progress.drive_lock);
+    pthread_mutex_unlock(&ctx->progress.drive_lock);
 }

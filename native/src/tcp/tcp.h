@@ -6,12 +6,17 @@
 #include "tcp_wire.h"
 
 /* Header reads pull at most this many bytes, so payload bytes that share a
- * read with their header (under 512 - 48 per frame) are copied once from
+ * read with their header (under 512 - 56 per frame) are copied once from
  * here; all other payload bytes are received straight into the region. */
 #define LM_TCP_RX_BUF 512
 /* Frames handled per wake-up before yielding to other endpoints. */
 #define LM_TCP_RX_BUDGET 64
 #define LM_TCP_MAX_IOV 64
+/* A bare ACK waits this long for reverse traffic to carry it, unless this
+ * many frames or bytes are unacknowledged (the sender's window must move). */
+#define LM_TCP_ACK_DELAY_NS 200000ull
+#define LM_TCP_ACK_FRAMES 16
+#define LM_TCP_ACK_BYTES (256u * 1024u)
 
 typedef struct lm_tcp_iface {
     lm_context_t *ctx;
@@ -52,6 +57,7 @@ typedef struct lm_tcp_ep {
     /* Initiator side, guarded by lock. */
     pthread_mutex_t lock;
     uint64_t next_seq;
+    uint64_t peer_ack;   /* the peer accepted our writes below this */
     lm_tcp_tx_t *tx_head, *tx_tail;
     lm_tcp_pending_t *pend_head, *pend_tail;
     lm_tcp_tx_t *tx_free;
@@ -70,8 +76,14 @@ typedef struct lm_tcp_ep {
     int32_t rx_status;       /* LM_OK, or why the payload is being discarded */
     lm_tcp_pending_t *rx_op; /* read being answered into local memory */
     uint64_t rx_expect_seq;  /* next sequence number the peer must use */
+    bool rx_drained;         /* the last recv came back short */
+    uint64_t rx_unacked_bytes;
+    lm_timer_t ack_timer;
+
+    /* Acknowledgement state: written by the receive path, read when any frame
+     * is sent; guarded by lock. */
     uint64_t rx_accepted;    /* highest WRITE seq accepted + 1 (0: none) */
-    uint64_t rx_acked;       /* what we last acknowledged, same encoding */
+    uint64_t rx_acked;       /* what we last told the peer, same encoding */
 } lm_tcp_ep_t;
 
 int lm_tcp_ep_create(void *iface, uint64_t ep_id, int fd, lm_ep_t **out);
@@ -95,6 +107,9 @@ void lm_tcp_tx_flush(lm_tcp_ep_t *ep);
 void lm_tcp_fail_locked(lm_tcp_ep_t *ep, int status);
 
 /* tcp_rx.c: the progress-thread callback. */
+void lm_tcp_ack_timer_init(lm_tcp_ep_t *ep);
+/* Queue a bare ACK now if one is owed (caller holds ep->lock). */
+void lm_tcp_ack_now_locked(lm_tcp_ep_t *ep);
 void lm_tcp_on_io(void *arg, uint32_t events);
 /* Release what the receive path holds (after the endpoint left epoll). */
 void lm_tcp_rx_cleanup(lm_tcp_ep_t *ep, int status);

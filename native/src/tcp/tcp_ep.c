@@ -71,6 +71,7 @@ int lm_tcp_ep_create(void *iface_ptr, uint64_t ep_id, int fd, lm_ep_t **out)
     fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
     tune_socket(fd, iface->keepalive_ms);
     ep->handler = (lm_io_handler_t){.fd = fd, .cb = lm_tcp_on_io, .arg = ep};
+    lm_tcp_ack_timer_init(ep);
     int rc = lm_progress_add(iface->ctx, &ep->handler, EPOLLIN);
     if (rc != LM_OK) {
         pthread_mutex_destroy(&ep->lock);
@@ -178,9 +179,14 @@ void lm_tcp_ep_destroy(lm_ep_t *base)
 {
     lm_tcp_ep_t *ep = (lm_tcp_ep_t *)base;
     pthread_mutex_lock(&ep->lock);
+    /* A graceful close still owes the peer its acknowledgement: writes that
+     * landed here must not complete as lost over there. */
+    if (!ep->closed)
+        lm_tcp_ack_now_locked(ep);
     lm_tcp_fail_locked(ep, LM_ERR_CANCELED);
     pthread_mutex_unlock(&ep->lock);
     lm_progress_del(ep->base.ctx, &ep->handler);
+    lm_timer_cancel(ep->base.ctx, &ep->ack_timer);
     lm_progress_barrier(ep->base.ctx);
     lm_tcp_rx_cleanup(ep, atomic_load(&ep->base.error));
     close(ep->fd);

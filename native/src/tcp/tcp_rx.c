@@ -27,14 +27,40 @@ static void queue_control(lm_tcp_ep_t *ep, uint8_t type, uint64_t seq, int32_t s
     lm_tcp_tx_queue(ep, tx);
 }
 
-/* Acknowledge every accepted write not yet acknowledged; sent before any
- * NACK or READ_RESP so the initiator completes operations in order. */
-static void ack_due_locked(lm_tcp_ep_t *ep)
+/* Send a bare ACK if reverse traffic has not carried the acknowledgement. */
+void lm_tcp_ack_now_locked(lm_tcp_ep_t *ep)
 {
-    if (ep->rx_accepted > ep->rx_acked) {
-        queue_control(ep, LM_TCP_ACK, ep->rx_accepted - 1, LM_OK);
-        ep->rx_acked = ep->rx_accepted;
-    }
+    if (ep->rx_accepted > ep->rx_acked)
+        queue_control(ep, LM_TCP_ACK, 0, LM_OK);
+    ep->rx_unacked_bytes = 0;
+}
+
+static void ack_timer_fired(void *arg)
+{
+    lm_tcp_ep_t *ep = arg;
+    pthread_mutex_lock(&ep->lock);
+    if (!ep->closed)
+        lm_tcp_ack_now_locked(ep);
+    pthread_mutex_unlock(&ep->lock);
+}
+
+void lm_tcp_ack_timer_init(lm_tcp_ep_t *ep)
+{
+    ep->ack_timer.cb = ack_timer_fired;
+    ep->ack_timer.arg = ep;
+    atomic_init(&ep->ack_timer.armed, false);
+}
+
+/* After a receive batch: acknowledge now if the sender's window needs it,
+ * else give reverse traffic a moment to carry the acknowledgement. */
+static void schedule_ack_locked(lm_tcp_ep_t *ep)
+{
+    if (ep->rx_accepted <= ep->rx_acked)
+        return;
+    if (ep->rx_accepted - ep->rx_acked >= LM_TCP_ACK_FRAMES || ep->rx_unacked_bytes >= LM_TCP_ACK_BYTES)
+        lm_tcp_ack_now_locked(ep);
+    else
+        lm_timer_arm(ep->base.ctx, &ep->ack_timer, LM_TCP_ACK_DELAY_NS);
 }
 
 static void push_target_completion(lm_tcp_ep_t *ep, uint32_t opcode, int status, const lm_tcp_hdr_t *h)
@@ -86,12 +112,15 @@ static lm_tcp_pending_t *pop_expected(lm_tcp_ep_t *ep, uint8_t type, uint64_t se
     return op;
 }
 
-static int on_ack(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h)
+/* Writes complete in posting order: an acknowledgement that reaches past a
+ * read still in flight is remembered and applied once the read finishes. */
+static void take_ack(lm_tcp_ep_t *ep, uint64_t ack)
 {
     pthread_mutex_lock(&ep->lock);
-    complete_writes_before(ep, h->seq + 1);
+    if (ack > ep->peer_ack)
+        ep->peer_ack = ack;
+    complete_writes_before(ep, ep->peer_ack);
     pthread_mutex_unlock(&ep->lock);
-    return LM_OK;
 }
 
 static int on_nack(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h)
@@ -183,7 +212,6 @@ static int on_read_req(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h)
     lm_mr_t *mr;
     int st = lookup_target(ep, h, LM_ACCESS_REMOTE_READ, &mr);
     pthread_mutex_lock(&ep->lock);
-    ack_due_locked(ep);
     lm_tcp_tx_t *tx = lm_tcp_tx_alloc(ep);
     if (tx) {
         tx->hdr.type = LM_TCP_READ_RESP;
@@ -204,11 +232,18 @@ static int on_read_req(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h)
     return LM_OK;
 }
 
+static void accept_seq(lm_tcp_ep_t *ep, uint64_t seq)
+{
+    pthread_mutex_lock(&ep->lock);
+    ep->rx_accepted = seq + 1;
+    pthread_mutex_unlock(&ep->lock);
+}
+
 static int on_nop(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h)
 {
     int rc = check_sequence(ep, h);
     if (rc == LM_OK)
-        ep->rx_accepted = h->seq + 1;
+        accept_seq(ep, h->seq);
     return rc;
 }
 
@@ -217,15 +252,19 @@ static int on_header(lm_tcp_ep_t *ep)
     const lm_tcp_hdr_t *h = &ep->rx_hdr;
     if (h->magic != LM_TCP_MAGIC)
         return lm_fail(LM_ERR_PROTOCOL, "bad frame magic 0x%04x", h->magic);
+    int rc;
     switch (h->type) {
-    case LM_TCP_WRITE: return on_write(ep, h);
-    case LM_TCP_READ_REQ: return on_read_req(ep, h);
-    case LM_TCP_NOP: return on_nop(ep, h);
-    case LM_TCP_ACK: return on_ack(ep, h);
-    case LM_TCP_NACK: return on_nack(ep, h);
-    case LM_TCP_READ_RESP: return on_read_resp(ep, h);
+    case LM_TCP_WRITE: rc = on_write(ep, h); break;
+    case LM_TCP_READ_REQ: rc = on_read_req(ep, h); break;
+    case LM_TCP_NOP: rc = on_nop(ep, h); break;
+    case LM_TCP_ACK: rc = LM_OK; break;
+    case LM_TCP_NACK: rc = on_nack(ep, h); break; /* before the ack it carries */
+    case LM_TCP_READ_RESP: rc = on_read_resp(ep, h); break;
     default: return lm_fail(LM_ERR_PROTOCOL, "unknown frame type %u", h->type);
     }
+    if (rc == LM_OK && h->ack)
+        take_ack(ep, h->ack);
+    return rc;
 }
 
 /* ---- payload ----------------------------------------------------------- */
@@ -244,19 +283,22 @@ static void finish_payload(lm_tcp_ep_t *ep)
         pthread_mutex_lock(&ep->lock);
         lm_ep_complete(&ep->base, LM_OP_READ, op->wr_id, ep->rx_status, op->length);
         lm_tcp_pending_free(ep, op);
+        complete_writes_before(ep, ep->peer_ack);
         pthread_mutex_unlock(&ep->lock);
         return;
     }
-    ep->rx_accepted = h->seq + 1;
     if (ep->rx_status == LM_OK) {
+        accept_seq(ep, h->seq);
+        ep->rx_unacked_bytes += h->length;
         if (h->flags & LM_TCP_FLAG_IMM)
             push_target_completion(ep, LM_OP_RECV_IMM, LM_OK, h);
         return;
     }
     pthread_mutex_lock(&ep->lock);
-    /* The NACK also acknowledges every write before it. */
+    /* Stamped before the NACK's number is accepted: the NACK itself says
+     * every write before it was accepted. */
     queue_control(ep, LM_TCP_NACK, h->seq, ep->rx_status);
-    ep->rx_acked = ep->rx_accepted;
+    ep->rx_accepted = h->seq + 1;
     pthread_mutex_unlock(&ep->lock);
     push_target_completion(ep, LM_OP_REFUSED, ep->rx_status, h);
 }
@@ -289,6 +331,7 @@ static int rx_payload(lm_tcp_ep_t *ep, uint8_t *scratch, size_t scratch_len)
         if (n > 0) {
             ep->rx_off += (uint64_t)n;
             ep->rx_left -= (uint64_t)n;
+            ep->rx_drained = (uint64_t)n < want;
         } else if (n == 0) {
             rc = LM_ERR_PEER_LOST;
         } else if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) {
@@ -310,9 +353,11 @@ static int rx_fill_header_buffer(lm_tcp_ep_t *ep)
         ep->rx_end -= ep->rx_start;
         ep->rx_start = 0;
     }
-    ssize_t n = recv(ep->fd, ep->rxbuf + ep->rx_end, sizeof(ep->rxbuf) - ep->rx_end, MSG_DONTWAIT);
+    size_t want = sizeof(ep->rxbuf) - ep->rx_end;
+    ssize_t n = recv(ep->fd, ep->rxbuf + ep->rx_end, want, MSG_DONTWAIT);
     if (n > 0) {
         ep->rx_end += (size_t)n;
+        ep->rx_drained = (size_t)n < want;
         return LM_OK;
     }
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
@@ -340,6 +385,7 @@ static void rx_run(lm_tcp_ep_t *ep)
 {
     uint8_t *scratch = ep->iface->scratch;
     int rc = LM_OK;
+    ep->rx_drained = false;
     for (int frames = 0; frames < LM_TCP_RX_BUDGET;) {
         if (ep->rx_state == RX_PAYLOAD) {
             rc = rx_payload(ep, scratch, sizeof(ep->iface->scratch));
@@ -351,6 +397,10 @@ static void rx_run(lm_tcp_ep_t *ep)
             if (rc == LM_OK && ep->rx_state == RX_PAYLOAD && ep->rx_left == 0)
                 finish_payload(ep); /* empty write, or a refused read */
             frames += ep->rx_state == RX_HEADER;
+        } else if (ep->rx_drained) {
+            /* A short read emptied the socket: skip the recv that would only
+             * say EAGAIN; level-triggered epoll reports anything newer. */
+            break;
         } else {
             rc = rx_fill_header_buffer(ep);
         }
@@ -361,7 +411,7 @@ static void rx_run(lm_tcp_ep_t *ep)
     if (rc < 0)
         lm_tcp_fail_locked(ep, rc);
     else
-        ack_due_locked(ep);
+        schedule_ack_locked(ep);
     pthread_mutex_unlock(&ep->lock);
     if (rc < 0) {
         lm_progress_del(ep->base.ctx, &ep->handler);

@@ -107,6 +107,11 @@ void lm_tcp_tx_flush(lm_tcp_ep_t *ep)
             if (tx->src && !tx->src->alive && !withdraw_dead_source(ep, tx))
                 break;
             uint64_t done = tx->sent;
+            if (done == 0) { /* every frame carries the newest acknowledgement */
+                tx->hdr.ack = ep->rx_accepted;
+                ep->rx_acked = ep->rx_accepted;
+                lm_timer_disarm(&ep->ack_timer);
+            }
             if (done < sizeof(tx->hdr)) {
                 iov[n].iov_base = (uint8_t *)&tx->hdr + done;
                 iov[n++].iov_len = sizeof(tx->hdr) - done;

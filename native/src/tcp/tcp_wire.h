@@ -1,17 +1,21 @@
 /*
  * tcp_wire.h - the frames the tcp transport puts on a stream socket.
  *
- * Every frame is a fixed 48-byte header, followed by `length` payload bytes
+ * Every frame is a fixed 56-byte header, followed by `length` payload bytes
  * for WRITE and READ_RESP. Host byte order: the handshake only pairs
  * little-endian peers (checked at build time below).
  *
  *  WRITE     seq, key, offset, length, imm, flags(IMM) + payload
  *  READ_REQ  seq, key, offset, length
  *  READ_RESP seq, status, length + payload (length 0 when refused)
- *  ACK       seq: every WRITE up to seq was accepted (cumulative)
+ *  ACK       no payload; only its `ack` field matters (see below)
  *  NACK      seq, status: WRITE seq was refused; all earlier ones accepted
  *  NOP       seq: the initiator withdrew this sequence number (its source
  *            region was deregistered before a byte of it left)
+ *
+ * Every frame carries `ack`: the peer's WRITEs (and NOPs) with a sequence
+ * number below it were accepted. Acknowledgements thus ride on reverse
+ * traffic; a bare ACK frame is sent only when none flows for a while.
  *
  * WRITE, READ_REQ and NOP consume a sequence number; the target requires
  * them to arrive in order, so a dropped or replayed frame is a protocol error.
@@ -47,10 +51,11 @@ typedef struct lm_tcp_hdr {
     uint64_t key;
     uint64_t offset;
     uint64_t length;
+    uint64_t ack;
     int32_t status;
     uint32_t reserved;
 } lm_tcp_hdr_t;
 
-_Static_assert(sizeof(lm_tcp_hdr_t) == 48, "wire header must stay 48 bytes");
+_Static_assert(sizeof(lm_tcp_hdr_t) == 56, "wire header must stay 56 bytes");
 
 #endif /* LM_TCP_WIRE_H */
