@@ -1,5 +1,6 @@
 # lamina-comm: build, test, benchmark. `make help` lists the targets.
-PYTHON ?= python3
+VENV := .venv
+PYTHON := $(VENV)/bin/python
 CC ?= gcc
 CFLAGS_COMMON := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -g -Inative/include
 SANITIZE := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
@@ -8,7 +9,7 @@ NATIVE_HDRS := $(wildcard native/include/*.h native/src/*.h native/src/*/*.h)
 BUILD := native/build
 PYTEST ?= $(PYTHON) -m pytest
 
-.PHONY: help install build native-test asan test test-rxe bench demo clean
+.PHONY: help install build native-test asan test test-rxe bench demo clean distclean
 
 help:
 	@echo "make install   install lamina-comm (editable) with test and torch extras"
@@ -18,12 +19,15 @@ help:
 	@echo "make bench     loopback benchmarks side by side with iperf3 / sockperf / ucx_perftest"
 	@echo "make demo      disaggregated decode on loopback (1 model node, 2 attention nodes)"
 
-install:
-	$(PYTHON) -m pip install -q torch==2.13.0
-	$(PYTHON) -m pip install -q -e '.[test,plot]' safetensors
+# Everything a fresh machine lacks (apt when root, then .venv); done once.
+$(VENV)/.installed: tools/setup.sh pyproject.toml setup.py
+	tools/setup.sh
+	touch $@
 
-# In-place build of the cffi module (what `pip install -e .` does too).
-build:
+install: $(VENV)/.installed
+
+# In-place rebuild of the cffi module after native changes (pip install -e built it once).
+build: install
 	$(PYTHON) lamina_comm/_build.py > /dev/null
 
 $(BUILD)/test_native: tests/native/test_native.c $(NATIVE_SRCS) $(NATIVE_HDRS)
@@ -40,7 +44,7 @@ native-test: $(BUILD)/test_native $(BUILD)/test_native_asan
 
 # The Python suite against an ASan/UBSan build of the extension (libasan preloaded
 # because python itself is not instrumented); rebuilt plain afterwards.
-asan: $(BUILD)/test_native_asan
+asan: build $(BUILD)/test_native_asan
 	ASAN_OPTIONS=detect_leaks=1 $(BUILD)/test_native_asan
 	LAMINA_SANITIZE=1 $(PYTHON) lamina_comm/_build.py > /dev/null
 	LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
@@ -62,3 +66,7 @@ demo: build
 
 clean:
 	rm -rf $(BUILD) build lamina_comm/_lamina*.so lamina_comm/_lamina.c lamina_comm/_lamina.o
+	find native -name '*.o' -delete
+
+distclean: clean
+	rm -rf $(VENV) *.egg-info
