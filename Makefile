@@ -59,7 +59,7 @@ test-rxe: build
 	tools/rxe-test.sh
 
 bench: build
-	bench/peers.sh
+	PYTHON=$(PYTHON) bench/peers.sh
 
 demo: build
 	$(PYTHON) -m lamina_comm.node.demo
