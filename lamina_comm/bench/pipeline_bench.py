@@ -1,0 +1,612 @@
+"""`lamina-bench pipeline`: the ping-pong decode pipeline over real channels between processes.
+
+One model worker and several attention workers run as separate processes
+(multiprocessing, spawn) on loopback, or in network namespaces joined by
+rate-limited veth links (``--link-rate``; see lamina_comm.bench.netns). The
+model worker drives :func:`lamina_comm.pipeline.run_step`; each attention
+worker runs :func:`lamina_comm.pipeline.serve_attention` over one
+:class:`~lamina_comm.channel.Channel`. Per layer and micro-batch the model
+sends q, k, v of each worker's head share and gets the attention output back,
+at the sizes the model shape implies.
+
+Device compute is emulated: the device is busy but the CPU is free, so each
+compute span is a timed sleep while the native progress threads keep moving
+data. A calibration run with zero compute measures the transfer time alone;
+``--auto-balance`` then sets the compute time per layer equal to it.
+
+The orchestrator (this process) only starts workers, hands out phases and
+collects timelines over pipes; it carries no benchmark traffic.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import dataclasses
+import json
+import math
+import multiprocessing
+import multiprocessing.connection
+import statistics
+import sys
+import time
+import traceback
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from ..channel import Channel, ChannelListener, ChannelSpec, Message
+from ..errors import TimeoutError_
+from ..pipeline import run_step, serve_attention
+from ..timeline import ATTENTION, COMPUTE, Span, Timeline, merge, overlap_efficiency, plot, write_trace
+from . import netns
+
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+EXIT_SKIPPED = 77  # automake's "skipped": the requested setup is unavailable here
+TARGET_RATIO = 1.1  # step <= 1.1 x max(compute, transfer) with the pipeline on
+_PR_SET_TIMERSLACK = 29
+_POLL_S = 0.2      # attention workers re-check their stop condition this often
+_MARKER = np.dtype("<u2")
+
+
+# --------------------------------------------------------------------------
+# Shape and phases
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchShape:
+    """Model shape, split over attention workers by heads and over micro-batches by tokens."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    layers: int
+    batch: int
+    dtype: str
+    microbatches: int
+    workers: int
+
+    def __post_init__(self) -> None:
+        if self.hidden % self.heads:
+            raise ValueError(f"--heads {self.heads} must divide --hidden {self.hidden}")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"--kv-heads {self.kv_heads} must divide --heads {self.heads}")
+        if self.kv_heads % self.workers:
+            raise ValueError(f"--attention-workers {self.workers} must divide --kv-heads {self.kv_heads}")
+        if not 1 <= self.microbatches <= self.batch:
+            raise ValueError(f"--microbatches must be in 1..batch ({self.batch})")
+        if self.layers < 1 or self.workers < 1:
+            raise ValueError("--layers and --attention-workers must be >= 1")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def worker_heads(self) -> int:
+        return self.heads // self.workers
+
+    @property
+    def worker_kv_heads(self) -> int:
+        return self.kv_heads // self.workers
+
+    def tokens(self, mb: int) -> int:
+        """Tokens of micro-batch mb: the batch split as evenly as possible."""
+        return self.batch // self.microbatches + (mb < self.batch % self.microbatches)
+
+    def request_shapes(self, mb: int) -> list[tuple[int, int, int]]:
+        t, d = self.tokens(mb), self.head_dim
+        return [(t, self.worker_heads, d), (t, self.worker_kv_heads, d), (t, self.worker_kv_heads, d)]
+
+    def response_shape(self, mb: int) -> tuple[int, int, int]:
+        return (self.tokens(mb), self.worker_heads, self.head_dim)
+
+    def channel_spec(self) -> ChannelSpec:
+        return ChannelSpec(max_tokens=self.tokens(0), hidden=self.worker_heads * self.head_dim,
+                           heads=self.worker_heads, kv_heads=self.worker_kv_heads, head_dim=self.head_dim,
+                           dtype=self.dtype, microbatches=self.microbatches)
+
+    def layer_bytes(self) -> dict[str, int]:
+        """Bytes per layer, whole batch, all workers (Lamina's (2 + 2/G)·e·d per token)."""
+        itemsize = self.channel_spec().itemsize
+        out = self.batch * (self.heads + 2 * self.kv_heads) * self.head_dim * itemsize
+        back = self.batch * self.heads * self.head_dim * itemsize
+        return {"send": out, "return": back, "total": out + back}
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One measured configuration; compute times are per layer for the whole batch."""
+
+    name: str
+    t_model_us: float
+    t_attention_us: float
+    steps: int
+    warmup: int
+
+    def requests(self, shape: BenchShape) -> int:
+        """Messages each attention worker serves in this phase."""
+        return (self.steps + self.warmup) * shape.layers * shape.microbatches
+
+
+def _share_s(total_us: float, shape: BenchShape, mb: int) -> float:
+    """Compute time of one micro-batch: the per-layer time scaled by its share of tokens."""
+    return total_us * 1e-6 * shape.tokens(mb) / shape.batch
+
+
+def _sleep_until(deadline: float) -> None:
+    """Emulated device time: the CPU is free (progress threads run) until the deadline."""
+    left = deadline - time.perf_counter()
+    if left > 0:
+        time.sleep(left)
+
+
+def _tighten_timer_slack() -> None:
+    """Ask for 1 ns timer slack (default 50 us), so emulated compute sleeps are accurate."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(_PR_SET_TIMERSLACK, 1, 0, 0, 0)
+
+
+def _write_marker(q: np.ndarray, layer: int, mb: int) -> None:
+    """Stamp (layer, mb) into q's first bytes; the attention worker echoes them back."""
+    np.asarray(q).reshape(-1).view(np.uint8)[:4] = np.array([layer, mb], _MARKER).view(np.uint8)
+
+
+def _read_marker(t: np.ndarray) -> tuple[int, int]:
+    raw = np.asarray(t).reshape(-1).view(np.uint8)[:4]
+    layer, mb = raw.view(_MARKER)
+    return int(layer), int(mb)
+
+
+# --------------------------------------------------------------------------
+# Attention worker process
+
+
+def _attention_worker(index: int, shape: BenchShape, host: str, namespace: str | None,
+                      conn: multiprocessing.connection.Connection, timeout: float) -> None:
+    _report_failures(conn, _attention_main, index, shape, host, namespace, conn, timeout)
+
+
+def _attention_main(index: int, shape: BenchShape, host: str, namespace: str | None,
+                    conn: multiprocessing.connection.Connection, timeout: float) -> None:
+    if namespace:
+        netns.enter(namespace)
+    _tighten_timer_slack()
+    from ..transport import Context
+    with Context("tcp") as ctx, ChannelListener(ctx, (host, 0), shape.channel_spec(), timeout=timeout,
+                                                piggyback_credits=True) as listener:
+        conn.send(("ready", listener.address))
+        with listener.accept(timeout=timeout, name=f"attention-{index}") as channel:
+            conn.send(("connected", None))
+            for phase in _phases(conn):
+                spans = _serve_phase(channel, shape, phase, f"attention {index}")
+                conn.send(("done", {"spans": spans, "metrics": channel.metrics.as_dict()}))
+
+
+def _serve_phase(channel: Channel, shape: BenchShape, phase: Phase, name: str) -> tuple[Span, ...]:
+    timeline = Timeline(name)
+    served = 0
+    wanted = phase.requests(shape)
+
+    def recv_any() -> tuple[int, int, Message] | None:
+        try:
+            message = channel.recv(timeout=_POLL_S)
+        except TimeoutError_:
+            return None
+        return message.layer, message.microbatch, message
+
+    def compute(layer: int, mb: int, request: Message) -> Any:
+        nonlocal served
+        deadline = time.perf_counter() + _share_s(phase.t_attention_us, shape, mb)
+        (out,) = channel.send_buffers(mb, [shape.response_shape(mb)])  # the output lands in the slot
+        np.asarray(out).reshape(-1).view(np.uint8)[:4] = np.asarray(request.tensors[0]).reshape(-1).view(np.uint8)[:4]
+        request.release()
+        _sleep_until(deadline)
+        served += 1
+        return out
+
+    def send(layer: int, mb: int, out: Any) -> None:
+        channel.send(out, layer=layer, microbatch=mb)
+
+    serve_attention(recv_any, compute, send, stop=lambda: served >= wanted, timeline=timeline)
+    channel.flush()
+    return timeline.spans
+
+
+# --------------------------------------------------------------------------
+# Model worker process
+
+
+class _ModelStage:
+    """PipelineStage of the model tier: emulated compute around real q/k/v and output transfers."""
+
+    def __init__(self, channels: Sequence[Channel], shape: BenchShape, phase: Phase):
+        self._channels = channels
+        self._shape = shape
+        self._phase = phase
+
+    def _half_model_s(self, mb: int) -> float:
+        # pre (norm, q/k/v projections) and post (o_proj, FFN) each take half.
+        return _share_s(self._phase.t_model_us, self._shape, mb) / 2
+
+    def pre(self, layer: int, mb: int) -> list[list[Any]]:
+        deadline = time.perf_counter() + self._half_model_s(mb)
+        payload = [ch.send_buffers(mb, self._shape.request_shapes(mb)) for ch in self._channels]
+        for q, _, _ in payload:
+            _write_marker(q, layer, mb)
+        _sleep_until(deadline)
+        return payload
+
+    def send(self, layer: int, mb: int, payload: list[list[Any]]) -> None:
+        for channel, tensors in zip(self._channels, payload):
+            channel.send(tensors, layer=layer, microbatch=mb)
+
+    def recv(self, layer: int, mb: int) -> list[Message]:
+        return [channel.recv(microbatch=mb) for channel in self._channels]
+
+    def post(self, layer: int, mb: int, replies: list[Message]) -> None:
+        deadline = time.perf_counter() + self._half_model_s(mb)
+        for reply in replies:
+            got = (reply.layer, *_read_marker(reply.tensors[0]))
+            if got != (layer, layer, mb):
+                raise RuntimeError(f"reply for layer {layer} mb {mb} carries (layer, marker) {got}")
+            reply.release()
+        _sleep_until(deadline)
+
+
+def _model_worker(addresses: list[tuple[str, int]], shape: BenchShape, namespace: str | None,
+                  conn: multiprocessing.connection.Connection, timeout: float) -> None:
+    _report_failures(conn, _model_main, addresses, shape, namespace, conn, timeout)
+
+
+def _model_main(addresses: list[tuple[str, int]], shape: BenchShape, namespace: str | None,
+                conn: multiprocessing.connection.Connection, timeout: float) -> None:
+    if namespace:
+        netns.enter(namespace)
+    _tighten_timer_slack()
+    from ..transport import Context
+    with Context("tcp") as ctx, contextlib.ExitStack() as stack:
+        # Credits ride on the next request: every channel is revisited each layer.
+        channels = [stack.enter_context(Channel.connect(ctx, address, shape.channel_spec(), name=f"model-to-{i}",
+                                                        timeout=timeout, piggyback_credits=True))
+                    for i, address in enumerate(addresses)]
+        conn.send(("ready", None))
+        for phase in _phases(conn):
+            conn.send(("done", _run_model_phase(channels, shape, phase)))
+
+
+def _run_model_phase(channels: Sequence[Channel], shape: BenchShape, phase: Phase) -> dict[str, Any]:
+    stage = _ModelStage(channels, shape, phase)
+    timeline = Timeline("model")
+    steps: list[tuple[int, int]] = []
+    for step in range(phase.warmup + phase.steps):
+        measured = step >= phase.warmup
+        start = time.perf_counter_ns()
+        run_step(shape.layers, shape.microbatches, stage, timeline if measured else None)
+        if measured:
+            steps.append((start, time.perf_counter_ns()))
+    for channel in channels:
+        channel.flush()
+    return {"spans": timeline.spans, "steps": steps, "metrics": [ch.metrics.as_dict() for ch in channels]}
+
+
+# --------------------------------------------------------------------------
+# Worker plumbing
+
+
+def _phases(conn: multiprocessing.connection.Connection) -> Iterator[Phase]:
+    """Phases sent by the orchestrator, until it says quit."""
+    while True:
+        command, phase = conn.recv()
+        if command == "quit":
+            return
+        yield phase
+
+
+def _report_failures(conn: multiprocessing.connection.Connection, main: Any, *args: Any) -> None:
+    try:
+        main(*args)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            conn.send(("error", traceback.format_exc()))
+        raise SystemExit(1)
+
+
+class BenchError(RuntimeError):
+    """A worker failed or went silent."""
+
+
+@dataclasses.dataclass
+class _Worker:
+    name: str
+    process: multiprocessing.process.BaseProcess
+    conn: multiprocessing.connection.Connection
+
+    def expect(self, event: str, timeout: float) -> Any:
+        if not self.conn.poll(timeout):
+            state = "died" if not self.process.is_alive() else "is silent"
+            raise BenchError(f"{self.name} {state} (waited {timeout} s for {event!r})")
+        try:
+            got, payload = self.conn.recv()
+        except EOFError:
+            raise BenchError(f"{self.name} exited (exit code {self.process.exitcode})") from None
+        if got == "error":
+            raise BenchError(f"{self.name} failed:\n{payload}")
+        if got != event:
+            raise BenchError(f"{self.name} said {got!r}, expected {event!r}")
+        return payload
+
+
+class _Workers:
+    """Start the attention workers, then the model worker; stop them all on exit."""
+
+    def __init__(self, shape: BenchShape, hosts: Sequence[str], namespaces: Sequence[str | None],
+                 model_namespace: str | None, timeout: float):
+        self._shape = shape
+        self._timeout = timeout
+        self._mp = multiprocessing.get_context("spawn")
+        self._attention: list[_Worker] = []
+        self._model: _Worker | None = None
+        try:
+            self._start(hosts, namespaces, model_namespace)
+        except BaseException:
+            self.close()
+            raise
+
+    def _spawn(self, name: str, target: Any, *args: Any) -> _Worker:
+        parent, child = self._mp.Pipe()
+        process = self._mp.Process(target=target, args=(*args, child, self._timeout), name=name, daemon=True)
+        process.start()
+        child.close()
+        return _Worker(name, process, parent)
+
+    def _start(self, hosts: Sequence[str], namespaces: Sequence[str | None], model_namespace: str | None) -> None:
+        for i, (host, namespace) in enumerate(zip(hosts, namespaces)):
+            self._attention.append(self._spawn(f"attention worker {i}", _attention_worker, i, self._shape,
+                                               host, namespace))
+        addresses = [tuple(w.expect("ready", self._timeout)) for w in self._attention]
+        self._model = self._spawn("model worker", _model_worker, addresses, self._shape, model_namespace)
+        for worker in self._attention:
+            worker.expect("connected", self._timeout)
+        self._model.expect("ready", self._timeout)
+
+    def run_phase(self, phase: Phase) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Run one phase; returns the model's result and each attention worker's."""
+        for worker in (*self._attention, self._model):
+            worker.conn.send(("phase", phase))
+        budget = self._timeout + phase.requests(self._shape) * 0.05
+        model = self._model.expect("done", budget)
+        return model, [w.expect("done", budget) for w in self._attention]
+
+    def close(self) -> None:
+        workers = [*self._attention, *([self._model] if self._model else [])]
+        for worker in workers:
+            with contextlib.suppress(OSError):
+                worker.conn.send(("quit", None))
+        for worker in workers:
+            worker.process.join(self._timeout)
+            if worker.process.is_alive():
+                worker.process.terminate()
+                worker.process.join(5)
+
+    def __enter__(self) -> "_Workers":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------
+# Orchestration and report
+
+
+@contextlib.contextmanager
+def _placement(args: argparse.Namespace, workers: int) -> Iterator[dict[str, Any]]:
+    """Where workers run: loopback, or a namespace star with rate-limited links."""
+    if args.link_rate is None:
+        yield {"network": "loopback", "hosts": [args.host] * workers, "namespaces": [None] * workers,
+               "model_namespace": None}
+        return
+    with netns.star(workers, args.link_rate) as topology:
+        yield {"network": f"netns veth, tbf {args.link_rate}", "hosts": list(topology.leaf_addresses),
+               "namespaces": list(topology.leaves), "model_namespace": topology.hub}
+
+
+def _timelines(model: dict[str, Any], attention: list[dict[str, Any]]) -> list[Timeline]:
+    """Rebuild timelines from the workers' spans, keeping only the measured steps."""
+    first, last = model["steps"][0][0], model["steps"][-1][1]
+    names = ["model"] + [f"attention {i}" for i in range(len(attention))]
+    timelines = []
+    for name, result in zip(names, [model, *attention]):
+        timeline = Timeline(name)
+        for s in result["spans"]:
+            if s.start_ns >= first and s.end_ns <= last:
+                timeline.record(s.name, s.start_ns, s.end_ns, category=s.category, track=s.track,
+                                args=s.args)
+        timelines.append(timeline)
+    return timelines
+
+
+def _span_total_ms(timeline: Timeline, name: str) -> float:
+    return sum(s.duration_ns for s in timeline.spans if s.name == name) / 1e6
+
+
+def _step_ms(model: dict[str, Any]) -> list[float]:
+    return [(end - start) / 1e6 for start, end in model["steps"]]
+
+
+def _measurement(shape: BenchShape, phase: Phase, transfer_ms: float, model: dict[str, Any],
+                 timelines: list[Timeline]) -> dict[str, Any]:
+    """The figures of one measured phase (times per step, ms).
+
+    compute = the emulated device time asked for (model + attention per layer,
+    times layers): what real devices would take. The measured compute spans
+    (model_busy_ms, attention_busy_ms) also hold timer overshoot and wake-up
+    delays when transfers keep the CPUs busy, so they are reported but not
+    used for the ratios.
+    """
+    steps = _step_ms(model)
+    step_ms = statistics.median(steps)
+    compute_ms = shape.layers * (phase.t_model_us + phase.t_attention_us) / 1e3
+    biggest, total = max(compute_ms, transfer_ms), compute_ms + transfer_ms
+    return {
+        "step_ms": step_ms, "step_ms_mean": statistics.fmean(steps), "step_ms_min": min(steps),
+        "steps_ms": steps,
+        "compute_ms": compute_ms, "transfer_ms": transfer_ms,
+        "model_busy_ms": _span_total_ms(timelines[0], COMPUTE) / phase.steps,
+        "attention_busy_ms": max(_span_total_ms(t, ATTENTION) for t in timelines[1:]) / phase.steps,
+        "sum_ms": total, "max_ms": biggest,
+        "step_over_max": step_ms / biggest if biggest else math.nan,
+        "step_over_sum": step_ms / total if total else math.nan,
+        "overlap_efficiency": _overlap(timelines[0]),
+        "t_model_us": phase.t_model_us, "t_attention_us": phase.t_attention_us,
+    }
+
+
+def _overlap(timeline: Timeline) -> float | None:
+    try:
+        return overlap_efficiency(timeline.spans)
+    except ValueError:
+        return None
+
+
+def _channel_totals(metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    return {key: sum(m[key] for m in metrics) for key in metrics[0]}
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Calibrate, (auto-)balance, measure; returns the report and the measured timelines."""
+    shape = _shape_from_args(args)
+    with _placement(args, shape.workers) as where, \
+            _Workers(shape, where["hosts"], where["namespaces"], where["model_namespace"], args.timeout) as workers:
+        calibration = Phase("calibration", 0.0, 0.0, args.calibration_steps, 1)
+        cal_model, _ = workers.run_phase(calibration)
+        transfer_ms = statistics.median(_step_ms(cal_model))
+        t_model_us, t_attention_us = args.t_model_us, args.t_attention_us
+        if args.auto_balance:
+            # Compute per layer (model + attention) equal to the transfer per layer, split evenly.
+            t_model_us = t_attention_us = transfer_ms * 1e3 / shape.layers / 2
+        phase = Phase("measure", t_model_us, t_attention_us, args.steps, args.warmup)
+        model, attention = workers.run_phase(phase)
+    timelines = _timelines(model, attention)
+    report = {
+        "config": {**dataclasses.asdict(shape), "head_dim": shape.head_dim, "network": where["network"],
+                   "auto_balance": args.auto_balance, "steps": args.steps, "warmup": args.warmup,
+                   "calibration_steps": args.calibration_steps},
+        "layer_bytes": shape.layer_bytes(),
+        "calibration": {"transfer_ms": transfer_ms, "transfer_us_per_layer": transfer_ms * 1e3 / shape.layers,
+                        "steps_ms": _step_ms(cal_model)},
+        **_measurement(shape, phase, transfer_ms, model, timelines),
+        "channels": {"model": _channel_totals(model["metrics"]),
+                     "attention": _channel_totals([a["metrics"] for a in attention])},
+    }
+    report["target_met"] = report["step_over_max"] <= TARGET_RATIO
+    return {"report": report, "timelines": timelines}
+
+
+def _shape_from_args(args: argparse.Namespace) -> BenchShape:
+    return BenchShape(hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads, layers=args.layers,
+                      batch=args.batch, dtype=DTYPES[args.dtype], microbatches=args.microbatches,
+                      workers=args.attention_workers)
+
+
+def format_report(r: dict[str, Any]) -> str:
+    c, b = r["config"], r["layer_bytes"]
+    eff = r["overlap_efficiency"]
+    return "\n".join([
+        f"pipeline: {c['workers']} attention workers over {c['network']}; d={c['hidden']} "
+        f"heads={c['heads']}/{c['kv_heads']} L={c['layers']} B={c['batch']} {c['dtype']}, "
+        f"{c['microbatches']} micro-batch(es)",
+        f"per layer: {b['send'] / 1024:.1f} KiB q/k/v out, {b['return'] / 1024:.1f} KiB back",
+        f"transfer alone (zero compute): {r['transfer_ms']:.3f} ms/step "
+        f"({r['calibration']['transfer_us_per_layer']:.1f} us/layer)",
+        f"emulated compute per layer: model {r['t_model_us']:.1f} us + attention {r['t_attention_us']:.1f} us"
+        + (" (auto-balanced)" if c["auto_balance"] else ""),
+        f"step time: {r['step_ms']:.3f} ms (median of {c['steps']}; mean {r['step_ms_mean']:.3f}, "
+        f"min {r['step_ms_min']:.3f})",
+        f"compute {r['compute_ms']:.3f} ms (emulated; measured busy: model {r['model_busy_ms']:.3f}, "
+        f"attention {r['attention_busy_ms']:.3f}), transfer {r['transfer_ms']:.3f} ms: "
+        f"sum {r['sum_ms']:.3f} ms, max {r['max_ms']:.3f} ms",
+        f"step / max = {r['step_over_max']:.3f}, step / sum = {r['step_over_sum']:.3f} "
+        f"(target with pipelining: step / max <= {TARGET_RATIO})",
+        f"overlap efficiency: {'n/a' if eff is None else f'{eff:.3f}'}",
+        f"model channels: staged {r['channels']['model']['staged_bytes']} B, credit waits "
+        f"{r['channels']['model']['credit_waits']}",
+    ])
+
+
+# --------------------------------------------------------------------------
+# Command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `lamina-bench pipeline` (defaults: a scaled-down model that runs in seconds)."""
+    shape = parser.add_argument_group("model shape")
+    shape.add_argument("--hidden", type=int, default=4096, help="hidden size d")
+    shape.add_argument("--heads", type=int, default=32, help="query heads")
+    shape.add_argument("--kv-heads", type=int, default=8, help="KV heads")
+    shape.add_argument("--layers", type=int, default=16)
+    shape.add_argument("--batch", type=int, default=32, help="tokens per decode step")
+    shape.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
+    run = parser.add_argument_group("pipeline")
+    run.add_argument("--microbatches", type=int, default=2, help="ping-pong micro-batches (1 = pipeline off)")
+    run.add_argument("--attention-workers", type=int, default=2)
+    run.add_argument("--t-model-us", type=float, default=200.0,
+                     help="emulated model-tier compute per layer, whole batch (us)")
+    run.add_argument("--t-attention-us", type=float, default=200.0,
+                     help="emulated attention-tier compute per layer, whole batch (us)")
+    run.add_argument("--auto-balance", action="store_true",
+                     help="set model + attention compute per layer equal to the measured transfer time")
+    run.add_argument("--steps", type=int, default=20, help="measured decode steps")
+    run.add_argument("--warmup", type=int, default=2, help="unmeasured steps first")
+    run.add_argument("--calibration-steps", type=int, default=10, help="zero-compute steps measuring transfer")
+    net = parser.add_argument_group("network")
+    net.add_argument("--host", default="127.0.0.1", help="loopback address the workers listen on")
+    net.add_argument("--link-rate", metavar="RATE",
+                     help="run in network namespaces joined by veth with a tc tbf limit, e.g. 10gbit (root)")
+    net.add_argument("--timeout", type=float, default=60.0, help="seconds before a silent worker is an error")
+    out = parser.add_argument_group("output")
+    out.add_argument("--trace", metavar="FILE.json", help="Chrome trace of the measured steps, all processes")
+    out.add_argument("--plot", metavar="FILE.png", help="Gantt chart of the measured steps (matplotlib)")
+    out.add_argument("--json", metavar="FILE", help="write the report as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark; 0 on success, 2 on bad options, 77 when --link-rate is unavailable."""
+    if args.link_rate is not None and (reason := netns.unavailable_reason()):
+        print(f"pipeline: skipped: {reason}", file=sys.stderr)
+        return EXIT_SKIPPED
+    try:
+        result = run_benchmark(args)
+    except ValueError as err:
+        print(f"pipeline: {err}", file=sys.stderr)
+        return 2
+    except netns.NetnsUnavailable as err:
+        print(f"pipeline: skipped: {err}", file=sys.stderr)
+        return EXIT_SKIPPED
+    report, timelines = result["report"], result["timelines"]
+    print(format_report(report))
+    _write_outputs(args, report, timelines)
+    return 0
+
+
+def _write_outputs(args: argparse.Namespace, report: dict[str, Any], timelines: list[Timeline]) -> None:
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as out:
+            json.dump(report, out, indent=2)
+    if args.trace:
+        write_trace(merge(*timelines), args.trace)
+        print(f"trace: {args.trace}")
+    if args.plot:
+        plot(args.plot, *timelines)
+        print(f"plot: {args.plot}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lamina-bench pipeline", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
