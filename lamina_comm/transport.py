@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
+import functools
 import itertools
 import logging
 import socket
@@ -16,12 +17,12 @@ import struct
 import threading
 import time
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
 from . import bootstrap
-from ._bindings import check, ffi, lib
+from ._bindings import check, ffi, lib, status_text
 from .errors import (ClosedError, InvalidArgumentError, LaminaError, ProtocolError, TimeoutError_,
                      UnsupportedError, error_for_status)
 from .tensors import host_buffer, numpy_view
@@ -45,6 +46,9 @@ class Op(enum.IntEnum):
     RECV_IMM = lib.LM_OP_RECV_IMM  # a peer's write with immediate landed here
     REFUSED = lib.LM_OP_REFUSED    # a peer's write or read aimed here was refused
 
+
+_OPS = {op.value: op for op in Op}  # enum lookup by call is slow on the completion path
+_CF_IMM = lib.LM_CF_IMM
 
 TRANSPORT_IDS = {"tcp": lib.LM_TRANSPORT_TCP, "verbs": lib.LM_TRANSPORT_VERBS}
 TRANSPORT_NAMES = {v: k for k, v in TRANSPORT_IDS.items()}
@@ -79,13 +83,16 @@ class RemoteRegion:
     def from_dict(cls, d: dict) -> "RemoteRegion":
         return cls(**{f.name: int(d[f.name]) for f in dataclasses.fields(cls) if f.name in d})
 
+    @functools.cached_property
     def _native(self):
+        # Built once per descriptor: writes on the hot path reuse it.
         return ffi.new("lm_rdesc_t *", {"key": self.key, "addr": self.addr, "length": self.length,
                                         "rkey": self.rkey, "access": self.access})
 
 
-@dataclasses.dataclass(frozen=True)
-class Completion:
+class Completion(NamedTuple):
+    """One finished operation (a tuple: cheap to make on the completion path)."""
+
     op: Op
     status: int
     endpoint: "Endpoint | None"
@@ -100,7 +107,6 @@ class Completion:
     def error(self) -> LaminaError | None:
         if self.ok:
             return None
-        from ._bindings import status_text
         return error_for_status(self.status, f"{self.op.name.lower()} failed: {status_text(self.status)}")
 
     def raise_for_status(self) -> "Completion":
@@ -205,7 +211,7 @@ class Endpoint:
             if not 0 <= imm < 2**32:
                 raise InvalidArgumentError(f"immediate {imm} does not fit 32 bits")
             flags = lib.LM_WRITE_IMM
-        check(lib.lm_ep_write(self._handle(), local._handle(), local_offset, length, remote._native(),
+        check(lib.lm_ep_write(self._handle(), local._handle(), local_offset, length, remote._native,
                               remote_offset, imm or 0, flags, wr_id), "write")
         return wr_id
 
@@ -214,7 +220,7 @@ class Endpoint:
         """Post a one-sided read of the peer's region into ours; returns its wr_id."""
         length = local.nbytes - local_offset if length is None else length
         wr_id = next(self._wr_ids) if wr_id is None else wr_id
-        check(lib.lm_ep_read(self._handle(), local._handle(), local_offset, length, remote._native(),
+        check(lib.lm_ep_read(self._handle(), local._handle(), local_offset, length, remote._native,
                              remote_offset, wr_id), "read")
         return wr_id
 
@@ -460,12 +466,13 @@ class Context:
         return lib.lm_context_fd(self._handle())
 
     def _route(self, n: int) -> None:
+        endpoints, orphans, batch = self._endpoints, self._orphans, self._batch
         for i in range(n):
-            c = self._batch[i]
-            ep = self._endpoints.get(c.ep_id)
-            comp = Completion(Op(c.opcode), c.status, ep, c.wr_id, c.byte_len,
-                              c.imm if c.flags & lib.LM_CF_IMM else None)
-            (ep._completions if ep is not None else self._orphans).append(comp)
+            c = batch[i]
+            ep = endpoints.get(c.ep_id)
+            comp = Completion(_OPS[c.opcode], c.status, ep, c.wr_id, c.byte_len,
+                              c.imm if c.flags & _CF_IMM else None)
+            (ep._completions if ep is not None else orphans).append(comp)
 
     def _pump(self, timeout_ms: int) -> int:
         """Move native completions into per-endpoint queues; GIL released while waiting."""
@@ -480,12 +487,13 @@ class Context:
 
     def _wait_for(self, ready: Callable[[], bool], timeout: float | None) -> bool:
         """Wait until ready() holds. One thread pumps at a time; others sleep on the condition."""
-        deadline = bootstrap._Deadline(timeout)
+        if ready():
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cv:
             while not ready():
-                try:
-                    left = deadline.left()
-                except TimeoutError_:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
                     return False
                 if self._pumping:
                     self._cv.wait(left)
@@ -493,9 +501,8 @@ class Context:
                 self._pumping = True
                 self._cv.release()
                 try:
-                    slice_ms = -1 if left is None else max(1, int(left * 1000))
                     # Bounded slices so a waiter on another endpoint can take over.
-                    self._pump(min(slice_ms, 200) if slice_ms > 0 else 200)
+                    self._pump(200 if left is None else max(1, min(200, int(left * 1000))))
                 finally:
                     self._cv.acquire()
                     self._pumping = False
