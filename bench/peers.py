@@ -66,8 +66,8 @@ def iperf3_gbps(size: int, streams: int, seconds: float) -> float:
     port = free_port()
     with Server(["iperf3", "-s", "-1", "-p", str(port)]):
         # iperf3 caps its buffer at 1 MiB; beyond that it streams 1 MiB writes.
-    out = run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-l", str(min(size, 1 << 20)),
-                   "-P", str(streams), "-J"])
+        out = run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds),
+                   "-l", str(min(size, 1 << 20)), "-P", str(streams), "-J"])
     return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
 
 
