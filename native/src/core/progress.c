@@ -147,21 +147,21 @@ static int poll_and_dispatch(lm_context_t *ctx, int timeout_ms)
     return n;
 }
 
-/* Park while an application thread drives, and for a while after. */
+/* Park while an application thread drives, and for a while after. Drivers
+ * never signal us: waking a parked thread on every lm_cq_wait would cost a
+ * context switch per message; rechecking every LM_HANDOFF_NS is enough. */
 static void park_while_driven(lm_progress_t *p)
 {
     pthread_mutex_lock(&p->lock);
     for (;;) {
         if (atomic_load(&p->stop))
             break;
-        if (p->drivers > 0) {
-            pthread_cond_wait(&p->cond, &p->lock);
-            continue;
-        }
         uint64_t now = lm_now_ns();
-        if (p->last_driver_exit_ns == 0 || now - p->last_driver_exit_ns >= LM_HANDOFF_NS)
+        bool driven = p->drivers > 0 ||
+                      (p->last_driver_exit_ns != 0 && now - p->last_driver_exit_ns < LM_HANDOFF_NS);
+        if (!driven)
             break;
-        uint64_t until = p->last_driver_exit_ns + LM_HANDOFF_NS;
+        uint64_t until = now + LM_HANDOFF_NS;
         struct timespec ts = {.tv_sec = (time_t)(until / 1000000000ull),
                               .tv_nsec = (long)(until % 1000000000ull)};
         pthread_cond_timedwait(&p->cond, &p->lock, &ts);
@@ -200,13 +200,10 @@ void lm_progress_drive(lm_context_t *ctx, int timeout_ms)
     pthread_mutex_lock(&p->lock);
     p->drivers--;
     p->last_driver_exit_ns = lm_now_ns();
-    if (p->drivers == 0) {
-        pthread_cond_broadcast(&p->cond);
-        /* epoll wakes one waiter per event, so the thread may have stayed in
-         * epoll_wait with a stale timeout; make it see timers armed since. */
-        if (p->thread_in_epoll)
-            wake(p);
-    }
+    /* epoll wakes one waiter per event, so the thread may have stayed in
+     * epoll_wait (with a stale timeout) while we drove: make it look again. */
+    if (p->drivers == 0 && p->thread_in_epoll)
+        wake(p);
     pthread_mutex_unlock(&p->lock);
 }
 

@@ -300,6 +300,7 @@ static void issue_waiting(lm_verbs_ep_t *ep)
         int err = post_chunk(ep, op, left < ep->iface->max_chunk ? (uint32_t)left : ep->iface->max_chunk);
         if (err) {
             lm_verbs_region_release(ep->iface, op->vmr);
+            op->status = LM_ERR_IO;
             char reason[96];
             snprintf(reason, sizeof(reason), "verbs: ibv_post_send: %s", strerror(err));
             fail_locked(ep, LM_ERR_IO, reason);
