@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -95,6 +96,16 @@ def ucx_final(test: str, size: int, iters: int) -> list[float]:
     return [float(x) for x in final[-1].split()[1:]]
 
 
+def median_of(reps: int, *measures) -> list[float]:
+    """Run each measure in turn, reps times (interleaved, so load drifts hit all
+    alike), and return the median of each."""
+    runs: list[list[float]] = [[] for _ in measures]
+    for _ in range(reps):
+        for i, m in enumerate(measures):
+            runs[i].append(m())
+    return [statistics.median(r) for r in runs]
+
+
 def lamina(mode: str, extra: list[str]) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         run([sys.executable, "-m", "lamina_comm.bench.cli", mode, "--loopback", "--quiet",
@@ -109,6 +120,7 @@ def main() -> int:
     ap.add_argument("-D", "--duration", type=float, default=5.0)
     ap.add_argument("--lat-size", type=int, default=64)
     ap.add_argument("--lat-iters", type=int, default=20000)
+    ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions; medians are reported")
     ap.add_argument("--out", default=os.path.join(HERE, "out", "peers.json"))
     args = ap.parse_args()
     missing = [t for t in ("iperf3", "sockperf", "ucx_perftest") if not shutil.which(t)]
@@ -117,30 +129,37 @@ def main() -> int:
         return 2
     results: dict = {"machine": os.uname().nodename, "cpus": os.cpu_count(),
                      "date": time.strftime("%Y-%m-%d %H:%M"), "bandwidth": [], "latency": {}}
-    print(f"{'test':<34} {'lamina':>10} {'peer':>10} {'ratio':>7}")
+    print(f"{'test':<36} {'lamina':>10} {'peer':>10} {'ratio':>7}   (median of {args.reps})")
+
+    def show(name: str, ours: float, peer: float) -> None:
+        print(f"{name:<36} {ours:>10.2f} {peer:>10.2f} {ours / peer:>7.2f}", flush=True)
+
     for size in [int(s) for s in args.sizes.split(",")]:
         for streams in (1, args.streams):
-            ours = lamina("bandwidth", ["-s", str(size), "-D", str(args.duration), "-q", str(streams)])
-            ip = iperf3_gbps(size, streams, args.duration)
-            row = {"bytes": size, "streams": streams, "lamina_gbps": ours["bw_avg_gbps"], "iperf3_gbps": ip}
+            ours, ip = median_of(
+                args.reps,
+                lambda: lamina("bandwidth", ["-s", str(size), "-D", str(args.duration),
+                                             "-q", str(streams)])["bw_avg_gbps"],
+                lambda: iperf3_gbps(size, streams, args.duration))
+            row = {"bytes": size, "streams": streams, "lamina_gbps": ours, "iperf3_gbps": ip}
+            show(f"bw {size} B x{streams} vs iperf3 [Gb/s]", ours, ip)
             if streams == 1:
-                ucx = ucx_final("ucp_put_bw", size, 2000)
-                row["ucx_put_bw_gbps"] = ucx[4] * 2**20 * 8 / 1e9
+                (ucx,) = median_of(args.reps, lambda: ucx_final("ucp_put_bw", size, 2000)[4] * 2**20 * 8 / 1e9)
+                row["ucx_put_bw_gbps"] = ucx
+                show(f"bw {size} B vs ucx put_bw [Gb/s]", ours, ucx)
             results["bandwidth"].append(row)
-            print(f"{f'bw {size} B x{streams} vs iperf3 [Gb/s]':<34} {row['lamina_gbps']:>10.2f} {ip:>10.2f} "
-                  f"{row['lamina_gbps'] / ip:>7.2f}")
-            if "ucx_put_bw_gbps" in row:
-                print(f"{f'bw {size} B vs ucx put_bw [Gb/s]':<34} {row['lamina_gbps']:>10.2f} "
-                      f"{row['ucx_put_bw_gbps']:>10.2f} {row['lamina_gbps'] / row['ucx_put_bw_gbps']:>7.2f}")
-    lat = lamina("latency", ["-s", str(args.lat_size), "-n", str(args.lat_iters)])
-    sp = sockperf_p50_us(args.lat_size, args.duration)
-    ucx_lat = ucx_final("ucp_am_lat", args.lat_size, args.lat_iters)[0]
-    results["latency"] = {"bytes": args.lat_size, "lamina_p50_us": lat["p50_us"], "sockperf_p50_us": sp,
-                          "ucx_am_lat_typical_us": ucx_lat, "lamina": lat}
-    print(f"{f'lat {args.lat_size} B p50 vs sockperf [us]':<34} {lat['p50_us']:>10.2f} {sp:>10.2f} "
-          f"{lat['p50_us'] / sp:>7.2f}")
-    print(f"{f'lat {args.lat_size} B p50 vs ucx am_lat [us]':<34} {lat['p50_us']:>10.2f} {ucx_lat:>10.2f} "
-          f"{lat['p50_us'] / ucx_lat:>7.2f}")
+    n = str(args.lat_iters)
+    native, python, sp, ucx_lat = median_of(
+        args.reps,
+        lambda: lamina("latency", ["-s", str(args.lat_size), "-n", n])["p50_us"],
+        lambda: lamina("latency", ["-s", str(args.lat_size), "-n", n, "--loop", "python"])["p50_us"],
+        lambda: sockperf_p50_us(args.lat_size, args.duration),
+        lambda: ucx_final("ucp_am_lat", args.lat_size, args.lat_iters)[1])  # 50th percentile column
+    results["latency"] = {"bytes": args.lat_size, "lamina_native_p50_us": native,
+                          "lamina_python_p50_us": python, "sockperf_p50_us": sp, "ucx_am_lat_p50_us": ucx_lat}
+    show(f"lat {args.lat_size} B p50 vs sockperf [us]", native, sp)
+    show(f"lat {args.lat_size} B p50 (python loop) vs sockperf", python, sp)
+    show(f"lat {args.lat_size} B p50 vs ucx am_lat [us]", native, ucx_lat)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)

@@ -16,7 +16,7 @@ from cffi import FFI
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NATIVE = ROOT / "native"
-HEADER = NATIVE / "include" / "lamina.h"
+HEADERS = [NATIVE / "include" / "lamina.h", NATIVE / "include" / "lamina_bench.h"]
 
 
 def _cdef_from_header(text: str) -> str:
@@ -35,7 +35,7 @@ def _want_verbs() -> bool:
 
 
 def _sources(with_verbs: bool) -> list[str]:
-    dirs = ["core", "tcp"] + (["verbs"] if with_verbs else [])
+    dirs = ["core", "tcp", "bench"] + (["verbs"] if with_verbs else [])
     files: list[str] = []
     for d in dirs:
         files += sorted(str(p.relative_to(ROOT)) for p in (NATIVE / "src" / d).glob("*.c"))
@@ -45,7 +45,8 @@ def _sources(with_verbs: bool) -> list[str]:
 def make_ffi() -> FFI:
     with_verbs = _want_verbs()
     ffibuilder = FFI()
-    ffibuilder.cdef(_cdef_from_header(HEADER.read_text()))
+    for header in HEADERS:
+        ffibuilder.cdef(_cdef_from_header(header.read_text()))
     cflags = ["-std=c11", "-D_GNU_SOURCE", "-Wall", "-Wextra", "-Werror", "-O2", "-g"]
     ldflags: list[str] = []
     libraries = ["pthread"]
@@ -59,7 +60,7 @@ def make_ffi() -> FFI:
         ldflags += san
     ffibuilder.set_source(
         "lamina_comm._lamina",
-        '#include "lamina.h"\n'
+        '#include "lamina.h"\n#include "lamina_bench.h"\n'
         f"static const int LM_BUILT_WITH_VERBS = {1 if with_verbs else 0};\n",
         sources=_sources(with_verbs),
         include_dirs=[str(NATIVE / "include")],

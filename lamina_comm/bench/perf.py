@@ -28,6 +28,7 @@ import time
 import numpy as np
 
 from .. import transport as tr
+from .._bindings import check, ffi, lib
 from ..errors import LaminaError, TimeoutError_
 
 DEFAULT_PORT = 18515
@@ -50,6 +51,7 @@ class Config:
     streams: int
     depth: int
     transport: str
+    loop: str = "native"      # latency: "native" (C loop, as perftest) or "python" (through the API)
 
     def to_bytes(self) -> bytes:
         return json.dumps(dataclasses.asdict(self)).encode()
@@ -58,7 +60,8 @@ class Config:
     def from_bytes(cls, data: bytes) -> "Config":
         d = json.loads(data.decode())
         cfg = cls(**d)
-        if cfg.mode not in ("bandwidth", "latency") or not cfg.sizes or max(cfg.sizes) > 1 << 30:
+        if cfg.mode not in ("bandwidth", "latency") or not cfg.sizes or max(cfg.sizes) > 1 << 30 \
+                or cfg.loop not in ("native", "python"):
             raise ValueError("bad benchmark request")
         if not 0 <= cfg.depth <= 4096 or not 1 <= cfg.streams <= 64:
             raise ValueError("bad benchmark request")
@@ -192,8 +195,17 @@ def _peak_rate(ts: np.ndarray, size: int) -> float:
     return float(counts.max() * size / ((edges[1] - edges[0]) / 1e9))
 
 
+LATENCY_WARMUP = 100
+
+
 def _serve_latency(s: _Session) -> None:
     ep, remote = s.endpoints[0], s.client_desc[0]
+    if s.cfg.loop == "native":
+        for size in s.cfg.sizes:
+            rc = lib.lm_bench_pingpong(ep.context._handle(), ep._handle(), s.mr._handle(), remote._native,
+                                       size, s.cfg.iterations + LATENCY_WARMUP, 0, 30000, ffi.NULL)
+            check(rc, "latency responder")
+        return
     for size in s.cfg.sizes:
         while True:
             c = ep.wait_one(timeout=30)
@@ -294,14 +306,29 @@ def _await_result(client: Client, idx: int) -> tuple:
     raise TimeoutError_("server did not report the result")
 
 
+def _native_latency(client: Client, size: int) -> np.ndarray:
+    """Round trips in ns, measured by the C loop (GIL released throughout)."""
+    ep, remote = client.endpoints[0], client.remote[0]
+    n = client.cfg.iterations + LATENCY_WARMUP
+    rtt = ffi.new("uint64_t[]", n)
+    check(lib.lm_bench_pingpong(client.ctx._handle(), ep._handle(), client.src_mr._handle(), remote._native,
+                                size, n, 1, 30000, rtt), "latency")
+    return np.frombuffer(ffi.buffer(rtt), dtype=np.uint64)[LATENCY_WARMUP:].astype(np.int64)
+
+
 def run_latency(client: Client, progress) -> list[dict]:
     cfg = client.cfg
     ep, remote = client.endpoints[0], client.remote[0]
     rows = []
+    if cfg.loop == "native":
+        for size in cfg.sizes:
+            rows.append(_latency_row(size, _native_latency(client, size) / 2e3))
+            progress.row_done()
+        return rows
     for size in cfg.sizes:
         n = cfg.iterations
         rtts = np.empty(n, dtype=np.int64)
-        warmup = min(100, n)
+        warmup = LATENCY_WARMUP
         end = time.monotonic() + cfg.duration if cfg.duration else None
         done = 0
         for i in range(n + warmup):
@@ -424,6 +451,10 @@ def add_arguments(p: argparse.ArgumentParser, mode: str) -> None:
     p.add_argument("--once", action="store_true", help="server: exit after one client")
     p.add_argument("--plot", default=None, help="bandwidth: draw bandwidth against size (PNG)")
     p.add_argument("--quiet", action="store_true")
+    if mode == "latency":
+        p.add_argument("--loop", choices=["native", "python"], default="native",
+                       help="native: the ping-pong loop runs in C, as perftest's (default); "
+                            "python: every write and wait goes through the Python API")
 
 
 def _context(args) -> tr.Context:
@@ -449,8 +480,12 @@ def _config(args, mode: str) -> Config:
     sizes = ALL_SIZES if args.all else [args.size]
     default_iters = 5000 if mode == "bandwidth" else 1000
     depth = args.depth or (0 if mode == "bandwidth" else 1)  # 0: per size, see depth_for
+    loop = getattr(args, "loop", "native")
+    if mode == "latency" and loop == "native" and args.duration:
+        print("lamina-bench: -D applies to --loop python; the native loop runs -n iterations",
+              file=sys.stderr)
     return Config(mode, sizes, args.iters or default_iters, args.duration, args.streams, depth,
-                  args.transport)
+                  args.transport, loop)
 
 
 def _run_client(args, mode: str, host: str, port: int) -> int:
@@ -464,7 +499,8 @@ def _run_client(args, mode: str, host: str, port: int) -> int:
         finally:
             client.close()
     depth = cfg.depth or "auto"
-    header = (f" lamina-bench {mode}: transport={transport} streams={cfg.streams} depth={depth}"
+    loop = f" loop={cfg.loop}" if mode == "latency" else ""
+    header = (f" lamina-bench {mode}: transport={transport} streams={cfg.streams} depth={depth}{loop}"
               f" host={host}:{port}")
     print(header)
     print(format_bandwidth(rows, args.report_gbits) if mode == "bandwidth" else format_latency(rows))

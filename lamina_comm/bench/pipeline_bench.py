@@ -38,6 +38,7 @@ import numpy as np
 from ..channel import Channel, ChannelListener, ChannelSpec, Message
 from ..errors import TimeoutError_
 from ..pipeline import run_step, serve_attention
+from ..transport import Context
 from ..timeline import ATTENTION, COMPUTE, Span, Timeline, merge, overlap_efficiency, plot, write_trace
 from . import netns
 
@@ -134,28 +135,48 @@ def _share_s(total_us: float, shape: BenchShape, mb: int) -> float:
     return total_us * 1e-6 * shape.tokens(mb) / shape.batch
 
 
-def _sleep_until(deadline: float) -> None:
-    """Emulated device time: the CPU is free (progress threads run) until the deadline."""
-    left = deadline - time.perf_counter()
-    if left > 0:
-        time.sleep(left)
+class EmulatedDevice:
+    """Device time as a timed sleep: the CPU stays free (progress threads move data) until a deadline.
+
+    A sleep overshoots by a roughly constant wake-up latency (tens of us in a
+    VM, even with 1 ns timer slack); it is measured once and subtracted, so
+    emulated compute matches the time asked for on average.
+    """
+
+    def __init__(self, samples: int = 25, probe_s: float = 200e-6):
+        _tighten_timer_slack()
+        self.overshoot_s = statistics.median(self._overshoot(probe_s) for _ in range(samples))
+
+    @staticmethod
+    def _overshoot(probe_s: float) -> float:
+        start = time.perf_counter()
+        time.sleep(probe_s)
+        return max(0.0, time.perf_counter() - start - probe_s)
+
+    def busy_until(self, deadline: float) -> None:
+        left = deadline - time.perf_counter() - self.overshoot_s
+        if left > 0:
+            time.sleep(left)
 
 
 def _tighten_timer_slack() -> None:
-    """Ask for 1 ns timer slack (default 50 us), so emulated compute sleeps are accurate."""
+    """Ask for 1 ns timer slack instead of 50 us (Linux prctl; best effort)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).prctl(_PR_SET_TIMERSLACK, 1, 0, 0, 0)
 
 
 def _write_marker(q: np.ndarray, layer: int, mb: int) -> None:
     """Stamp (layer, mb) into q's first bytes; the attention worker echoes them back."""
-    np.asarray(q).reshape(-1).view(np.uint8)[:4] = np.array([layer, mb], _MARKER).view(np.uint8)
+    _marker_bytes(q)[:] = np.array([layer, mb], _MARKER).view(np.uint8)
 
 
 def _read_marker(t: np.ndarray) -> tuple[int, int]:
-    raw = np.asarray(t).reshape(-1).view(np.uint8)[:4]
-    layer, mb = raw.view(_MARKER)
+    layer, mb = _marker_bytes(t).view(_MARKER)
     return int(layer), int(mb)
+
+
+def _marker_bytes(t: np.ndarray) -> np.ndarray:
+    return np.asarray(t).reshape(-1).view(np.uint8)[:_MARKER.itemsize * 2]
 
 
 # --------------------------------------------------------------------------
@@ -171,19 +192,19 @@ def _attention_main(index: int, shape: BenchShape, host: str, namespace: str | N
                     conn: multiprocessing.connection.Connection, timeout: float) -> None:
     if namespace:
         netns.enter(namespace)
-    _tighten_timer_slack()
-    from ..transport import Context
+    device = EmulatedDevice()
     with Context("tcp") as ctx, ChannelListener(ctx, (host, 0), shape.channel_spec(), timeout=timeout,
                                                 piggyback_credits=True) as listener:
         conn.send(("ready", listener.address))
         with listener.accept(timeout=timeout, name=f"attention-{index}") as channel:
             conn.send(("connected", None))
             for phase in _phases(conn):
-                spans = _serve_phase(channel, shape, phase, f"attention {index}")
+                spans = _serve_phase(channel, device, shape, phase, f"attention {index}")
                 conn.send(("done", {"spans": spans, "metrics": channel.metrics.as_dict()}))
 
 
-def _serve_phase(channel: Channel, shape: BenchShape, phase: Phase, name: str) -> tuple[Span, ...]:
+def _serve_phase(channel: Channel, device: EmulatedDevice, shape: BenchShape, phase: Phase,
+                 name: str) -> tuple[Span, ...]:
     timeline = Timeline(name)
     served = 0
     wanted = phase.requests(shape)
@@ -199,9 +220,9 @@ def _serve_phase(channel: Channel, shape: BenchShape, phase: Phase, name: str) -
         nonlocal served
         deadline = time.perf_counter() + _share_s(phase.t_attention_us, shape, mb)
         (out,) = channel.send_buffers(mb, [shape.response_shape(mb)])  # the output lands in the slot
-        np.asarray(out).reshape(-1).view(np.uint8)[:4] = np.asarray(request.tensors[0]).reshape(-1).view(np.uint8)[:4]
+        _marker_bytes(out)[:] = _marker_bytes(request.tensors[0])  # stands in for attention(q, k, v)
         request.release()
-        _sleep_until(deadline)
+        device.busy_until(deadline)
         served += 1
         return out
 
@@ -220,8 +241,9 @@ def _serve_phase(channel: Channel, shape: BenchShape, phase: Phase, name: str) -
 class _ModelStage:
     """PipelineStage of the model tier: emulated compute around real q/k/v and output transfers."""
 
-    def __init__(self, channels: Sequence[Channel], shape: BenchShape, phase: Phase):
+    def __init__(self, channels: Sequence[Channel], device: EmulatedDevice, shape: BenchShape, phase: Phase):
         self._channels = channels
+        self._device = device
         self._shape = shape
         self._phase = phase
 
@@ -234,7 +256,7 @@ class _ModelStage:
         payload = [ch.send_buffers(mb, self._shape.request_shapes(mb)) for ch in self._channels]
         for q, _, _ in payload:
             _write_marker(q, layer, mb)
-        _sleep_until(deadline)
+        self._device.busy_until(deadline)
         return payload
 
     def send(self, layer: int, mb: int, payload: list[list[Any]]) -> None:
@@ -251,7 +273,7 @@ class _ModelStage:
             if got != (layer, layer, mb):
                 raise RuntimeError(f"reply for layer {layer} mb {mb} carries (layer, marker) {got}")
             reply.release()
-        _sleep_until(deadline)
+        self._device.busy_until(deadline)
 
 
 def _model_worker(addresses: list[tuple[str, int]], shape: BenchShape, namespace: str | None,
@@ -263,8 +285,7 @@ def _model_main(addresses: list[tuple[str, int]], shape: BenchShape, namespace: 
                 conn: multiprocessing.connection.Connection, timeout: float) -> None:
     if namespace:
         netns.enter(namespace)
-    _tighten_timer_slack()
-    from ..transport import Context
+    device = EmulatedDevice()
     with Context("tcp") as ctx, contextlib.ExitStack() as stack:
         # Credits ride on the next request: every channel is revisited each layer.
         channels = [stack.enter_context(Channel.connect(ctx, address, shape.channel_spec(), name=f"model-to-{i}",
@@ -272,11 +293,12 @@ def _model_main(addresses: list[tuple[str, int]], shape: BenchShape, namespace: 
                     for i, address in enumerate(addresses)]
         conn.send(("ready", None))
         for phase in _phases(conn):
-            conn.send(("done", _run_model_phase(channels, shape, phase)))
+            conn.send(("done", _run_model_phase(channels, device, shape, phase)))
 
 
-def _run_model_phase(channels: Sequence[Channel], shape: BenchShape, phase: Phase) -> dict[str, Any]:
-    stage = _ModelStage(channels, shape, phase)
+def _run_model_phase(channels: Sequence[Channel], device: EmulatedDevice, shape: BenchShape,
+                     phase: Phase) -> dict[str, Any]:
+    stage = _ModelStage(channels, device, shape, phase)
     timeline = Timeline("model")
     steps: list[tuple[int, int]] = []
     for step in range(phase.warmup + phase.steps):
@@ -287,7 +309,8 @@ def _run_model_phase(channels: Sequence[Channel], shape: BenchShape, phase: Phas
             steps.append((start, time.perf_counter_ns()))
     for channel in channels:
         channel.flush()
-    return {"spans": timeline.spans, "steps": steps, "metrics": [ch.metrics.as_dict() for ch in channels]}
+    return {"spans": timeline.spans, "steps": steps, "metrics": [ch.metrics.as_dict() for ch in channels],
+            "sleep_overshoot_us": device.overshoot_s * 1e6}
 
 
 # --------------------------------------------------------------------------
@@ -497,6 +520,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "calibration": {"transfer_ms": transfer_ms, "transfer_us_per_layer": transfer_ms * 1e3 / shape.layers,
                         "steps_ms": _step_ms(cal_model)},
         **_measurement(shape, phase, transfer_ms, model, timelines),
+        "model_sleep_overshoot_us": model["sleep_overshoot_us"],
         "channels": {"model": _channel_totals(model["metrics"]),
                      "attention": _channel_totals([a["metrics"] for a in attention])},
     }

@@ -1,0 +1,54 @@
+/* pingpong.c - the latency loop of lamina-bench, in C (see lamina_bench.h). */
+#include <time.h>
+
+#include "lamina_bench.h"
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* Wait for the peer's next write with immediate; fail on any error completion. */
+static int await_imm(lm_context_t *ctx, int timeout_ms)
+{
+    lm_completion_t c[16];
+    for (;;) {
+        int n = lm_cq_wait(ctx, c, 16, timeout_ms);
+        if (n < 0)
+            return n;
+        if (n == 0)
+            return LM_ERR_TIMEOUT;
+        int got = 0;
+        for (int i = 0; i < n; i++) {
+            if (c[i].status != LM_OK)
+                return c[i].status;
+            got |= c[i].opcode == LM_OP_RECV_IMM;
+        }
+        if (got)
+            return LM_OK;
+    }
+}
+
+int lm_bench_pingpong(lm_context_t *ctx, lm_ep_t *ep, lm_mr_t *mr, const lm_rdesc_t *remote,
+                      uint64_t size, uint32_t iters, int initiator, int timeout_ms, uint64_t *rtt_ns)
+{
+    if (!ctx || !ep || !mr || !remote || (initiator && !rtt_ns))
+        return LM_ERR_INVALID;
+    for (uint32_t i = 0; i < iters; i++) {
+        uint64_t t0 = now_ns();
+        int rc = LM_OK;
+        if (initiator)
+            rc = lm_ep_write(ep, mr, 0, size, remote, 0, i, LM_WRITE_IMM, i);
+        if (rc == LM_OK)
+            rc = await_imm(ctx, timeout_ms);
+        if (rc == LM_OK && !initiator)
+            rc = lm_ep_write(ep, mr, 0, size, remote, 0, i, LM_WRITE_IMM, i);
+        if (rc != LM_OK)
+            return rc;
+        if (initiator)
+            rtt_ns[i] = now_ns() - t0;
+    }
+    return LM_OK;
+}
