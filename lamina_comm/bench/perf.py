@@ -274,6 +274,7 @@ def _send_stream_window(client: Client, size: int, n: int, duration: float | Non
     slots = window_slots(size, cfg.depth)
     inflight = [0] * len(eps)
     sent = [0] * len(eps)
+    index = {ep.id: i for i, ep in enumerate(eps)}
     end = time.monotonic() + duration if duration else None
     target = n if not duration else 1 << 62
     while True:
@@ -288,10 +289,12 @@ def _send_stream_window(client: Client, size: int, n: int, duration: float | Non
             target = 0
         if all(s >= target for s in sent) and not any(inflight):
             return
-        for i, ep in enumerate(eps):
-            for c in ep.poll() if len(eps) > 1 else ep.wait(timeout=30):
-                c.raise_for_status()
-                inflight[i] -= 1
+        # One blocking wait for all streams: polling them in turn would spin a core
+        # that the kernel needs for the copies.
+        for c in client.ctx.wait(timeout=30):
+            c.raise_for_status()
+            if c.op == tr.Op.WRITE:
+                inflight[index[c.endpoint.id]] -= 1
         progress.tick(sum(sent))
 
 

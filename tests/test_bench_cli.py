@@ -1,0 +1,72 @@
+"""lamina-bench runs end to end and reports what it promises (no timing thresholds)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lamina_comm.bench import perf
+
+
+def bench(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lamina_comm.bench.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_bandwidth_loopback_json(tmp_path):
+    out = tmp_path / "bw.json"
+    r = bench("bandwidth", "--loopback", "-s", "64K", "-n", "300", "-q", "2", "--report_gbits",
+              "--out_json", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "BW average[Gb/sec]" in r.stdout and "MsgRate[Mpps]" in r.stdout
+    data = json.loads(out.read_text())
+    (row,) = data["results"]
+    assert data["test"] == "bandwidth" and data["streams"] == 2 and data["transport"] == "tcp"
+    # Counted where the data landed: every write of both streams arrived.
+    assert row["bytes"] == 65536 and row["iterations"] == 600
+    assert row["bw_avg_gbps"] > 0
+
+
+@pytest.mark.parametrize("loop", ["native", "python"])
+def test_latency_loopback(tmp_path, loop):
+    out = tmp_path / "lat.json"
+    r = bench("latency", "--loopback", "-s", "64", "-n", "500", "--loop", loop, "--out_json", str(out))
+    assert r.returncode == 0, r.stderr
+    for column in ("t_min[usec]", "t_typical[usec]", "99% percentile[usec]", "99.9% percentile[usec]"):
+        assert column in r.stdout
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["iterations"] == 500
+    assert 0 < row["t_min_us"] <= row["p50_us"] <= row["p99_us"] <= row["t_max_us"]
+
+
+def test_all_sizes_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "bw.png"
+    r = bench("bandwidth", "--loopback", "-a", "-n", "20", "--plot", str(png), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("\n 8388608 ") == 1 and r.stdout.count("\n 2 ") == 1
+    assert png.stat().st_size > 1000
+
+
+def test_plan_reads_a_bandwidth_json(tmp_path):
+    link = tmp_path / "link.json"
+    link.write_text(json.dumps({"results": [{"bytes": 1 << 20, "bw_avg_gbps": 100.0}]}))
+    r = bench("plan", "--hidden", "8192", "--layers", "80", "--gqa", "8", "--batch", "256", "--dtype", "fp16",
+              "--link", str(link))
+    assert r.returncode == 0, r.stderr
+    assert "36" in r.stdout  # 36 KiB per token per layer
+
+
+def test_sizes_and_depth_rules():
+    assert perf.parse_size("64K") == 65536 and perf.parse_size("1M") == 1 << 20 and perf.parse_size("12") == 12
+    assert perf.depth_for(1 << 20, 0) == 16 and perf.depth_for(64, 0) == 128 and perf.depth_for(64, 7) == 7
+    assert perf.window_slots(8 << 20, 0) == 1
+
+
+def test_server_rejects_a_bad_request():
+    with pytest.raises(ValueError):
+        perf.Config.from_bytes(json.dumps({"mode": "bandwidth", "sizes": [1 << 31], "iterations": 1,
+                                           "duration": None, "streams": 1, "depth": 1,
+                                           "transport": "tcp"}).encode())
