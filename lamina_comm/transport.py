@@ -236,7 +236,7 @@ class Endpoint:
         return None if status == 0 else error_for_status(status, f"endpoint failed: status {status}")
 
     def poll(self, max_entries: int = 64) -> list[Completion]:
-        self.context._pump(0)
+        self.context._pump_nowait()
         return self._take(max_entries)
 
     def wait(self, timeout: float | None = None, max_entries: int = 64) -> list[Completion]:
@@ -265,7 +265,7 @@ class Endpoint:
         ep, self._ep = self._ep, None
         if ep is not None:
             lib.lm_ep_destroy(ep)
-            self.context._pump(0)
+            self.context._pump_nowait()
             self.context._endpoints.pop(self.id, None)
 
     def __enter__(self) -> "Endpoint":
@@ -485,6 +485,12 @@ class Context:
         self._route(n)
         return n
 
+    def _pump_nowait(self) -> None:
+        """Route what is waiting, unless another thread is pumping (it routes for us)."""
+        with self._cv:
+            if not self._pumping:
+                self._pump(0)
+
     def _wait_for(self, ready: Callable[[], bool], timeout: float | None) -> bool:
         """Wait until ready() holds. One thread pumps at a time; others sleep on the condition."""
         if ready():
@@ -512,7 +518,8 @@ class Context:
     def poll(self, max_entries: int = 256) -> list[Completion]:
         """Every completion waiting, whichever endpoint it belongs to."""
         with self._cv:
-            self._pump(0)
+            if not self._pumping:
+                self._pump(0)
             out = list(self._orphans)
             self._orphans.clear()
             for ep in list(self._endpoints.values()):

@@ -8,7 +8,8 @@ carry a random tag (several runs may coexist) and every namespace is deleted
 on exit, also after a failed setup; deleting a namespace deletes its veths.
 
 Needs root, ``ip`` and ``tc`` (iproute2). Processes join a namespace with
-:func:`enter` (setns), before they open any socket.
+:func:`enter` (setns), before they open any socket. Only a run killed with
+SIGKILL can leave namespaces behind: ``ip netns list | grep lamina-``.
 """
 from __future__ import annotations
 

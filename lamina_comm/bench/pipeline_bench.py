@@ -11,8 +11,10 @@ at the sizes the model shape implies.
 
 Device compute is emulated: the device is busy but the CPU is free, so each
 compute span is a timed sleep while the native progress threads keep moving
-data. A calibration run with zero compute measures the transfer time alone;
+data. Calibration steps with zero compute measure the transfer time alone;
 ``--auto-balance`` then sets the compute time per layer equal to it.
+Calibration and measured steps alternate in ``--rounds`` rounds, so slow
+changes in machine load affect both figures alike.
 
 The orchestrator (this process) only starts workers, hands out phases and
 collects timelines over pipes; it carries no benchmark traffic.
@@ -47,6 +49,7 @@ EXIT_SKIPPED = 77  # automake's "skipped": the requested setup is unavailable he
 TARGET_RATIO = 1.1  # step <= 1.1 x max(compute, transfer) with the pipeline on
 _PR_SET_TIMERSLACK = 29
 _POLL_S = 0.2      # attention workers re-check their stop condition this often
+_QUIT_WAIT_S = 10.0  # a worker told to quit gets this long before it is terminated
 _MARKER = np.dtype("<u2")
 
 
@@ -407,7 +410,7 @@ class _Workers:
             with contextlib.suppress(OSError):
                 worker.conn.send(("quit", None))
         for worker in workers:
-            worker.process.join(self._timeout)
+            worker.process.join(min(self._timeout, _QUIT_WAIT_S))
             if worker.process.is_alive():
                 worker.process.terminate()
                 worker.process.join(5)
@@ -435,19 +438,40 @@ def _placement(args: argparse.Namespace, workers: int) -> Iterator[dict[str, Any
                "namespaces": list(topology.leaves), "model_namespace": topology.hub}
 
 
-def _timelines(model: dict[str, Any], attention: list[dict[str, Any]]) -> list[Timeline]:
-    """Rebuild timelines from the workers' spans, keeping only the measured steps."""
-    first, last = model["steps"][0][0], model["steps"][-1][1]
-    names = ["model"] + [f"attention {i}" for i in range(len(attention))]
-    timelines = []
-    for name, result in zip(names, [model, *attention]):
-        timeline = Timeline(name)
-        for s in result["spans"]:
-            if s.start_ns >= first and s.end_ns <= last:
-                timeline.record(s.name, s.start_ns, s.end_ns, category=s.category, track=s.track,
-                                args=s.args)
-        timelines.append(timeline)
-    return timelines
+@dataclasses.dataclass
+class _Results:
+    """What the rounds collected: calibration step times and each measured round's worker results."""
+
+    calibration_ms: list[float] = dataclasses.field(default_factory=list)
+    rounds: list[tuple[dict[str, Any], list[dict[str, Any]]]] = dataclasses.field(default_factory=list)
+
+    @property
+    def step_ms(self) -> list[float]:
+        return [ms for model, _ in self.rounds for ms in _step_ms(model)]
+
+    @property
+    def last_model(self) -> dict[str, Any]:
+        return self.rounds[-1][0]
+
+    @property
+    def last_attention(self) -> list[dict[str, Any]]:
+        return self.rounds[-1][1]
+
+    def timelines(self) -> list[Timeline]:
+        """One timeline per process holding only the measured steps of every round."""
+        workers = len(self.last_attention)
+        timelines = [Timeline("model")] + [Timeline(f"attention {i}") for i in range(workers)]
+        for model, attention in self.rounds:
+            first, last = model["steps"][0][0], model["steps"][-1][1]
+            for timeline, result in zip(timelines, [model, *attention]):
+                _copy_spans(timeline, result["spans"], first, last)
+        return timelines
+
+
+def _copy_spans(timeline: Timeline, spans: Sequence[Span], first_ns: int, last_ns: int) -> None:
+    for s in spans:
+        if s.start_ns >= first_ns and s.end_ns <= last_ns:
+            timeline.record(s.name, s.start_ns, s.end_ns, category=s.category, track=s.track, args=s.args)
 
 
 def _span_total_ms(timeline: Timeline, name: str) -> float:
@@ -458,9 +482,9 @@ def _step_ms(model: dict[str, Any]) -> list[float]:
     return [(end - start) / 1e6 for start, end in model["steps"]]
 
 
-def _measurement(shape: BenchShape, phase: Phase, transfer_ms: float, model: dict[str, Any],
+def _measurement(shape: BenchShape, phase: Phase, transfer_ms: float, steps: list[float],
                  timelines: list[Timeline]) -> dict[str, Any]:
-    """The figures of one measured phase (times per step, ms).
+    """The figures of the measured steps (times per step, ms).
 
     compute = the emulated device time asked for (model + attention per layer,
     times layers): what real devices would take. The measured compute spans
@@ -468,7 +492,6 @@ def _measurement(shape: BenchShape, phase: Phase, transfer_ms: float, model: dic
     delays when transfers keep the CPUs busy, so they are reported but not
     used for the ratios.
     """
-    steps = _step_ms(model)
     step_ms = statistics.median(steps)
     compute_ms = shape.layers * (phase.t_model_us + phase.t_attention_us) / 1e3
     biggest, total = max(compute_ms, transfer_ms), compute_ms + transfer_ms
@@ -476,8 +499,8 @@ def _measurement(shape: BenchShape, phase: Phase, transfer_ms: float, model: dic
         "step_ms": step_ms, "step_ms_mean": statistics.fmean(steps), "step_ms_min": min(steps),
         "steps_ms": steps,
         "compute_ms": compute_ms, "transfer_ms": transfer_ms,
-        "model_busy_ms": _span_total_ms(timelines[0], COMPUTE) / phase.steps,
-        "attention_busy_ms": max(_span_total_ms(t, ATTENTION) for t in timelines[1:]) / phase.steps,
+        "model_busy_ms": _span_total_ms(timelines[0], COMPUTE) / len(steps),
+        "attention_busy_ms": max(_span_total_ms(t, ATTENTION) for t in timelines[1:]) / len(steps),
         "sum_ms": total, "max_ms": biggest,
         "step_over_max": step_ms / biggest if biggest else math.nan,
         "step_over_sum": step_ms / total if total else math.nan,
@@ -497,32 +520,58 @@ def _channel_totals(metrics: list[dict[str, Any]]) -> dict[str, Any]:
     return {key: sum(m[key] for m in metrics) for key in metrics[0]}
 
 
+def _split(total: int, parts: int) -> list[int]:
+    """total steps over parts rounds, as evenly as possible (every round gets at least one)."""
+    return [max(1, total // parts + (i < total % parts)) for i in range(parts)]
+
+
+def _run_rounds(workers: _Workers, shape: BenchShape, args: argparse.Namespace) -> tuple[Phase, _Results]:
+    """Calibration and measurement interleaved in rounds, so both see the same machine load.
+
+    With --auto-balance the compute time comes from the first calibration
+    round and stays fixed; the transfer figure is the median of all rounds.
+    """
+    results = _Results()
+    phase: Phase | None = None
+    for calibration_steps, measured_steps in zip(_split(args.calibration_steps, args.rounds),
+                                                 _split(args.steps, args.rounds)):
+        model, _ = workers.run_phase(Phase("calibration", 0.0, 0.0, calibration_steps, 1))
+        results.calibration_ms += _step_ms(model)
+        if phase is None:
+            phase = _measured_phase(args, shape, statistics.median(results.calibration_ms))
+        results.rounds.append(workers.run_phase(dataclasses.replace(phase, steps=measured_steps)))
+    return phase, results
+
+
+def _measured_phase(args: argparse.Namespace, shape: BenchShape, transfer_ms: float) -> Phase:
+    t_model_us, t_attention_us = args.t_model_us, args.t_attention_us
+    if args.auto_balance:
+        # Compute per layer (model + attention) equal to the transfer per layer, split evenly.
+        t_model_us = t_attention_us = transfer_ms * 1e3 / shape.layers / 2
+    return Phase("measure", t_model_us, t_attention_us, args.steps, args.warmup)
+
+
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Calibrate, (auto-)balance, measure; returns the report and the measured timelines."""
     shape = _shape_from_args(args)
+    if args.rounds < 1 or args.steps < 1 or args.calibration_steps < 1:
+        raise ValueError("--rounds, --steps and --calibration-steps must be >= 1")
     with _placement(args, shape.workers) as where, \
             _Workers(shape, where["hosts"], where["namespaces"], where["model_namespace"], args.timeout) as workers:
-        calibration = Phase("calibration", 0.0, 0.0, args.calibration_steps, 1)
-        cal_model, _ = workers.run_phase(calibration)
-        transfer_ms = statistics.median(_step_ms(cal_model))
-        t_model_us, t_attention_us = args.t_model_us, args.t_attention_us
-        if args.auto_balance:
-            # Compute per layer (model + attention) equal to the transfer per layer, split evenly.
-            t_model_us = t_attention_us = transfer_ms * 1e3 / shape.layers / 2
-        phase = Phase("measure", t_model_us, t_attention_us, args.steps, args.warmup)
-        model, attention = workers.run_phase(phase)
-    timelines = _timelines(model, attention)
+        phase, results = _run_rounds(workers, shape, args)
+    timelines = results.timelines()
+    transfer_ms = statistics.median(results.calibration_ms)
     report = {
         "config": {**dataclasses.asdict(shape), "head_dim": shape.head_dim, "network": where["network"],
-                   "auto_balance": args.auto_balance, "steps": args.steps, "warmup": args.warmup,
-                   "calibration_steps": args.calibration_steps},
+                   "auto_balance": args.auto_balance, "steps": len(results.step_ms), "warmup": args.warmup,
+                   "calibration_steps": len(results.calibration_ms), "rounds": args.rounds},
         "layer_bytes": shape.layer_bytes(),
         "calibration": {"transfer_ms": transfer_ms, "transfer_us_per_layer": transfer_ms * 1e3 / shape.layers,
-                        "steps_ms": _step_ms(cal_model)},
-        **_measurement(shape, phase, transfer_ms, model, timelines),
-        "model_sleep_overshoot_us": model["sleep_overshoot_us"],
-        "channels": {"model": _channel_totals(model["metrics"]),
-                     "attention": _channel_totals([a["metrics"] for a in attention])},
+                        "steps_ms": results.calibration_ms},
+        **_measurement(shape, phase, transfer_ms, results.step_ms, timelines),
+        "model_sleep_overshoot_us": results.last_model["sleep_overshoot_us"],
+        "channels": {"model": _channel_totals(results.last_model["metrics"]),
+                     "attention": _channel_totals([a["metrics"] for a in results.last_attention])},
     }
     report["target_met"] = report["step_over_max"] <= TARGET_RATIO
     return {"report": report, "timelines": timelines}
@@ -584,6 +633,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--steps", type=int, default=20, help="measured decode steps")
     run.add_argument("--warmup", type=int, default=2, help="unmeasured steps first")
     run.add_argument("--calibration-steps", type=int, default=10, help="zero-compute steps measuring transfer")
+    run.add_argument("--rounds", type=int, default=3,
+                     help="interleave calibration and measured steps in this many rounds (load drift)")
     net = parser.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="loopback address the workers listen on")
     net.add_argument("--link-rate", metavar="RATE",

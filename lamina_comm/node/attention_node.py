@@ -1,11 +1,11 @@
 """Attention role: a weight-free worker holding the KV cache of a share of the KV heads.
 
 One model node at a time drives an attention node (a *session*): it connects
-the control channel, sends ``setup`` (config, head share, data-channel spec),
-connects the data channel, then reserves/frees requests over control while
-the data channel carries q/k/v per layer and micro-batch. The worker serves
-data messages strictly in arrival order (``pipeline.serve_attention``), which
-is what keeps the model tier's ping-pong schedule deadlock-free.
+a setup channel, sends ``setup`` (config, head share, data-channel spec), then
+connects the data channel, which carries q/k/v per layer and micro-batch and,
+on its control micro-batch, reserve/free requests. One thread serves every
+message strictly in arrival order (``pipeline.serve_attention``), which is
+what keeps the model tier's ping-pong schedule deadlock-free.
 
 When the model node goes away the session's cache is dropped and the node
 waits for the next model node, so a restarted model node (or one that lost a
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from lamina_comm.channel import Channel, Message
-from lamina_comm.errors import LaminaError, TimeoutError_
+from lamina_comm.errors import LaminaError, PeerLostError, TimeoutError_
 from lamina_comm.node import protocol
 from lamina_comm.node.kvcache import KVCacheFull, PagedKVCache
 from lamina_comm.node.model import LlamaConfig
@@ -83,6 +83,8 @@ class AttentionServer:
             self._session = session
             try:
                 session.run(stop)
+            except PeerLostError:
+                log.info("model node at %s disconnected; session ended", _peer_of(control))
             except LaminaError as exc:
                 log.warning("session with %s ended: %s", _peer_of(control), exc)
             finally:
@@ -122,40 +124,36 @@ class AttentionServer:
 
 
 class AttentionSession:
-    """One model node's use of this worker: setup, then control and data served concurrently."""
+    """One model node's use of this worker: setup, then one thread serving the data channel.
 
-    def __init__(self, server: AttentionServer, control: Channel):
+    Control requests arrive on the data channel's control micro-batch, so they
+    are served in the same arrival order as the attention work.
+    """
+
+    def __init__(self, server: AttentionServer, setup_channel: Channel):
         self.server = server
         self.options = server.options
-        self.link = protocol.ControlLink(control, server.options.peer_timeout)
+        self.setup_channel = setup_channel
         self.cache: Optional[PagedKVCache] = None
         self.setup: Optional[protocol.Setup] = None
         self.data: Optional[Channel] = None
-        self._cache_lock = threading.Lock()
+        self._control_mb = -1
         self._step_meta: dict[int, tuple[list[int], torch.Tensor]] = {}
-        self._data_thread: Optional[threading.Thread] = None
-        self._data_error: Optional[BaseException] = None
-        self._ended = threading.Event()
 
-    # -- control ------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
-        """Serve control requests until the model node leaves or ``stop`` is set."""
-        number, message = self.link.receive(self.options.peer_timeout)
-        if not self._handle_setup(number, message):
+        """Set up, then serve until the model node leaves (PeerLostError) or ``stop`` is set."""
+        if not self._setup():
             return
-        while not (stop.is_set() or self._ended.is_set()):
-            try:
-                number, message = self.link.receive(_POLL_S)
-            except TimeoutError_:
-                continue
-            self.link.reply(number, self._handle_control(message))
-        if self._data_error is not None:
-            raise self._data_error if isinstance(self._data_error, LaminaError) else LaminaError(
-                f"data loop failed: {self._data_error!r}")
+        assert self.data is not None
+        self._control_mb = protocol.control_microbatch(self.data.spec)
+        serve_attention(self._next_message, self._serve, self._send_result, stop.is_set)
 
-    def _handle_setup(self, number: int, message: dict[str, Any]) -> bool:
+    # -- setup --------------------------------------------------------------
+    def _setup(self) -> bool:
+        link = protocol.ControlLink(self.setup_channel, self.options.peer_timeout)
+        number, message = link.receive(self.options.peer_timeout)
         if message.get("type") != "setup":
-            self.link.reply(number, protocol.error(f"expected setup first, got {message.get('type')!r}", "state"))
+            self._refuse(link, number, protocol.error(f"expected setup first, got {message.get('type')!r}", "state"))
             return False
         try:
             setup = protocol.Setup.parse(message)
@@ -165,24 +163,61 @@ class AttentionSession:
                                  self.options.block_size, self.options.device)
         except protocol.ControlError as exc:
             log.error("setup refused: %s", exc)
-            self.link.reply(number, protocol.error(str(exc), exc.code))
+            self._refuse(link, number, protocol.error(str(exc), exc.code))
             return False
         except (RuntimeError, ValueError) as exc:  # e.g. the pools do not fit device memory
             log.error("setup failed: %s", exc)
-            self.link.reply(number, protocol.error(f"cannot create the KV cache: {exc}", "resources"))
+            self._refuse(link, number, protocol.error(f"cannot create the KV cache: {exc}", "resources"))
             return False
         self.setup, self.cache = setup, cache
         log.info("worker %d/%d: KV heads [%d, %d), %d blocks of %d tokens on %s", setup.worker,
                  setup.num_workers, *setup.kv_heads, cache.blocks_total, cache.block_size, cache.device)
-        self.link.reply(number, protocol.ok(**self._cache_figures(), pid=os.getpid(),
-                                            device=str(cache.device), kv_heads=list(setup.kv_heads)))
+        link.reply(number, protocol.ok(**self._cache_figures(), pid=os.getpid(),
+                                       device=str(cache.device), kv_heads=list(setup.kv_heads)))
         self.data = self.server.accept_data(setup.data_spec)
-        self._data_thread = threading.Thread(target=self._serve_data, name="attention-data", daemon=True)
-        self._data_thread.start()
         return True
 
-    def _handle_control(self, message: dict[str, Any]) -> dict[str, Any]:
-        kind = message.get("type")
+    def _refuse(self, link: protocol.ControlLink, number: int, answer: dict[str, Any]) -> None:
+        """Answer with an error, then let the model node hang up first (bounded), so the answer is read."""
+        link.reply(number, answer)
+        try:
+            self.setup_channel.flush(self.options.peer_timeout)
+            self.setup_channel.recv(timeout=self.options.peer_timeout).release()
+        except LaminaError:
+            pass  # the expected end: the model node closed the connection
+
+    # -- serving --------------------------------------------------------------
+    def _next_message(self) -> Optional[tuple[int, int, Message]]:
+        assert self.data is not None
+        try:
+            message = self.data.recv(timeout=_POLL_S)
+        except TimeoutError_:
+            return None
+        return message.layer, message.microbatch, message
+
+    def _serve(self, layer: int, microbatch: int, message: Message) -> Any:
+        if microbatch == self._control_mb:
+            with message:
+                return _ControlReply(self._handle_control(message))
+        return self._attend(layer, microbatch, message)
+
+    def _send_result(self, layer: int, microbatch: int, result: Any) -> None:
+        assert self.data is not None
+        if isinstance(result, _ControlReply):
+            self.data.send([protocol.encode_json(result.answer)], layer=layer, microbatch=microbatch)
+        elif isinstance(result, str):
+            self.data.send([protocol.encode_error(result)], layer=protocol.ERROR_LAYER, microbatch=microbatch)
+        else:
+            out, attention_ns = result
+            self.data.send([out, np.array([attention_ns], dtype=np.int64)], layer=layer, microbatch=microbatch)
+
+    # -- control ------------------------------------------------------------
+    def _handle_control(self, message: Message) -> dict[str, Any]:
+        try:
+            request = protocol.decode_json(message)
+        except LaminaError as exc:
+            return protocol.error(str(exc), "bad_request")
+        kind = request.get("type")
         handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "reserve": self._reserve,
             "rebuild": self._rebuild,
@@ -193,25 +228,24 @@ class AttentionSession:
         if handler is None:
             return protocol.error(f"unknown control message type {kind!r}", "bad_request")
         try:
-            return handler(message)
+            return handler(request)
         except protocol.ControlError as exc:
             return protocol.error(str(exc), exc.code)
 
     def _reserve(self, message: dict[str, Any], keep_existing: bool = False) -> dict[str, Any]:
         """Reserve each request independently; the reply lists the refused ones with the reason."""
+        assert self.cache is not None and self.setup is not None
         reserved: list[int] = []
         refused: list[list[Any]] = []
-        assert self.cache is not None
-        with self._cache_lock:
-            for request_id, max_tokens in protocol.parse_reservations(message):
-                if keep_existing and self.cache.has_request(request_id):
-                    reserved.append(request_id)
-                    continue
-                try:
-                    self.cache.reserve(request_id, max_tokens)
-                    reserved.append(request_id)
-                except (KVCacheFull, ValueError) as exc:
-                    refused.append([request_id, f"attention worker {self.setup.worker}: {exc}"])
+        for request_id, max_tokens in protocol.parse_reservations(message):
+            if keep_existing and self.cache.has_request(request_id):
+                reserved.append(request_id)
+                continue
+            try:
+                self.cache.reserve(request_id, max_tokens)
+                reserved.append(request_id)
+            except (KVCacheFull, ValueError) as exc:
+                refused.append([request_id, f"attention worker {self.setup.worker}: {exc}"])
         return protocol.ok(reserved=reserved, refused=refused, **self._cache_figures())
 
     def _rebuild(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -221,10 +255,9 @@ class AttentionSession:
 
     def _free(self, message: dict[str, Any]) -> dict[str, Any]:
         assert self.cache is not None
-        with self._cache_lock:
-            for request_id in protocol.parse_request_ids(message):
-                if self.cache.has_request(request_id):
-                    self.cache.free(request_id)
+        for request_id in protocol.parse_request_ids(message):
+            if self.cache.has_request(request_id):
+                self.cache.free(request_id)
         return protocol.ok(**self._cache_figures())
 
     def _cache_figures(self) -> dict[str, int]:
@@ -232,25 +265,7 @@ class AttentionSession:
         return {"blocks_used": self.cache.blocks_used, "blocks_total": self.cache.blocks_total,
                 "block_size": self.cache.block_size}
 
-    # -- data ---------------------------------------------------------------
-    def _serve_data(self) -> None:
-        try:
-            serve_attention(self._next_message, self._attend, self._send_result, self._ended.is_set)
-        except BaseException as exc:  # noqa: BLE001 - reported by the control loop
-            if not self._ended.is_set():
-                log.warning("data channel failed: %s", exc)
-                self._data_error = exc
-        finally:
-            self._ended.set()
-
-    def _next_message(self) -> Optional[tuple[int, int, Message]]:
-        assert self.data is not None
-        try:
-            message = self.data.recv(timeout=_POLL_S)
-        except TimeoutError_:
-            return None
-        return message.layer, message.microbatch, message
-
+    # -- attention ------------------------------------------------------------
     def _attend(self, layer: int, microbatch: int, message: Message) -> Any:
         """Attention output and its compute time, or the error text when the message cannot be served."""
         assert self.cache is not None
@@ -265,31 +280,24 @@ class AttentionSession:
                 request_ids, positions = self._step_meta[microbatch]
                 device = self.cache.device
                 q, k, v = (t.to(device) for t in tensors[:3])
-                with self._cache_lock:
-                    out = self.cache.attend(layer, request_ids, positions, q, k, v)
+                out = self.cache.attend(layer, request_ids, positions, q, k, v)
             except (ValueError, KeyError, LaminaError) as exc:
                 log.error("cannot serve layer %d micro-batch %d: %s", layer, microbatch, exc)
                 return str(exc)
         self.server.count_served()
         return out, time.perf_counter_ns() - started
 
-    def _send_result(self, layer: int, microbatch: int, result: Any) -> None:
-        assert self.data is not None
-        if isinstance(result, str):
-            self.data.send([protocol.encode_error(result)], layer=protocol.ERROR_LAYER, microbatch=microbatch)
-            return
-        out, attention_ns = result
-        self.data.send([out, np.array([attention_ns], dtype=np.int64)], layer=layer, microbatch=microbatch)
-
     # -- life cycle ---------------------------------------------------------
     def close(self) -> None:
-        self._ended.set()
-        if self._data_thread is not None:
-            self._data_thread.join(timeout=5 * _POLL_S)
-        for channel in (self.data, self.link.channel):
+        for channel in (self.data, self.setup_channel):
             if channel is not None:
                 channel.close()
         self.cache = None
+
+
+@dataclass(frozen=True)
+class _ControlReply:
+    answer: dict[str, Any]
 
 
 def _peer_of(channel: Channel) -> str:

@@ -134,7 +134,7 @@ def node_main(argv: Sequence[str]) -> int:
     except Exception as exc:  # noqa: BLE001 - startup failures: one clear line, not a traceback
         from lamina_comm.errors import LaminaError
         if isinstance(exc, (LaminaError, OSError)):
-            print(f"lamina-node: cannot start: {type(exc).__name__}: {exc}", file=sys.stderr)
+            print(f"lamina-node: cannot start: {type(exc).__name__.rstrip('_')}: {exc}", file=sys.stderr)
             return EXIT_CONFIG
         raise
 
@@ -156,11 +156,11 @@ def _ready(**fields: Any) -> None:
 
 
 def _run_attention(args: argparse.Namespace, stop: threading.Event) -> int:
-    from lamina_comm.node.attention_node import AttentionOptions, AttentionServer
-
     if not args.listen:
         raise ValueError("--role attention needs --listen HOST:PORT")
     _split_host_port(args.listen, "--listen")
+    from lamina_comm.node.attention_node import AttentionOptions, AttentionServer
+
     options = AttentionOptions(
         listen=args.listen, num_blocks=args.blocks, block_size=args.block_size, device=args.device,
         config=load_config(args), secret=args.secret, transport=args.transport,
@@ -178,12 +178,12 @@ def _run_attention(args: argparse.Namespace, stop: threading.Event) -> int:
 
 
 def _run_model(args: argparse.Namespace, stop: threading.Event) -> int:
-    from lamina_comm.node.http_api import FrontDoor
-    from lamina_comm.node.model_node import ModelNode, ModelNodeOptions
-
     attention = _addresses(args.attention)
     if not attention:
         raise ValueError("--role model needs --attention HOST:PORT[,HOST:PORT...]")
+    from lamina_comm.node.http_api import FrontDoor
+    from lamina_comm.node.model_node import ModelNode, ModelNodeOptions
+
     config = load_config(args)
     if config is None:
         raise ValueError("--role model needs --model DIR or --config tiny|FILE")

@@ -306,7 +306,10 @@ def _report(workload: Workload, disaggregated: list[list[int]], wall: float, ref
     print(f"  monolithic, one process, same batch:              {mono_generated / reference['wall_s']:8.1f} tokens/s "
           f"end to end ({mono_generated} tokens in {reference['wall_s']:.2f} s), decode steps "
           f"{mono_decode_rate:8.1f} tokens/s")
-    print(f"  overlap efficiency (mean over {efficiency[0]} two-micro-batch steps): {efficiency[1]:.2f}")
+    if efficiency[0]:
+        print(f"  overlap efficiency (mean over {efficiency[0]} two-micro-batch steps): {efficiency[1]:.2f}")
+    else:
+        print("  overlap efficiency: n/a (no step ran two micro-batches)")
     print("\nper-layer transfer figures (means from /metrics):")
     print("\n".join(_transfer_table(metrics_text)))
     print(f"\nparity: {'OK, every token matches' if parity else 'FAILED'}")

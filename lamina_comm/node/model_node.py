@@ -50,7 +50,8 @@ log = logging.getLogger("lamina_comm.node.model")
 # trying until ModelNodeOptions.rebuild_timeout.
 _REPLACE_ATTEMPT_S = 0.5
 
-StepObserver = Callable[[list[tuple[int, list[int], int]], torch.Tensor], None]
+# step_observer(step number, micro-batch, entries (request id, tokens, start), logits): for tests and tracing.
+StepObserver = Callable[[int, int, list[tuple[int, list[int], int]], torch.Tensor], None]
 
 
 # ============================================================== errors
@@ -120,6 +121,9 @@ class ModelNodeOptions:
     peer_timeout: float = 10.0
     # How long held requests wait for a replacement worker before they fail.
     rebuild_timeout: float = 30.0
+    # An idle node asks its workers for their status this often, so a worker
+    # that dies while nothing runs is noticed within this plus peer_timeout.
+    idle_probe_s: float = 2.0
     record_timeline: bool = True
 
     def validate(self, config: LlamaConfig) -> None:
@@ -129,7 +133,7 @@ class ModelNodeOptions:
         for name in ("microbatches", "max_step_tokens", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("connect_timeout", "peer_timeout", "rebuild_timeout"):
+        for name in ("connect_timeout", "peer_timeout", "rebuild_timeout", "idle_probe_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
@@ -220,16 +224,22 @@ class _Request:
 
 
 class AttentionPeer:
-    """The model node's connection to one attention worker: control link + data channel."""
+    """The model node's connection to one attention worker.
+
+    The data channel carries the pipeline's micro-batches and, on its last
+    micro-batch, control requests; the setup channel stays open, idle, for
+    the life of the connection.
+    """
 
     def __init__(self, index: int, address: str, kv_heads: HeadRange, group_size: int,
-                 control: protocol.ControlLink, data: Channel, setup_reply: dict[str, Any]):
+                 setup_channel: Channel, data: Channel, setup_reply: dict[str, Any], peer_timeout: float):
         self.index = index
         self.address = address
         self.kv_heads = kv_heads
         self.q_heads = (kv_heads[0] * group_size, kv_heads[1] * group_size)
-        self.control = control
+        self.setup_channel = setup_channel
         self.data = data
+        self.control = protocol.ControlLink(data, peer_timeout, protocol.control_microbatch(data.spec))
         self.pid = setup_reply.get("pid")
         self.device = setup_reply.get("device")
         self.blocks_used = int(setup_reply["blocks_used"])
@@ -242,18 +252,18 @@ class AttentionPeer:
                 kv_heads: HeadRange, spec: ChannelSpec, connect_timeout: float,
                 peer_timeout: float) -> "AttentionPeer":
         """Connect, set the worker up and connect its data channel; raises on any failure."""
-        control_channel = Channel.connect(context, address, protocol.CONTROL_SPEC, role="model",
-                                          name=f"control-{index}", connect_timeout=connect_timeout,
-                                          timeout=peer_timeout)
+        setup_channel = Channel.connect(context, address, protocol.CONTROL_SPEC, role="model",
+                                        name=f"setup-{index}", connect_timeout=connect_timeout,
+                                        timeout=peer_timeout)
         try:
-            control = protocol.ControlLink(control_channel, peer_timeout)
-            reply = control.call(protocol.setup_message(config, index, num_workers, kv_heads, spec))
+            setup = protocol.ControlLink(setup_channel, peer_timeout)
+            reply = setup.call(protocol.setup_message(config, index, num_workers, kv_heads, spec))
             data = Channel.connect(context, address, spec, role="model", name=f"data-{index}",
                                    connect_timeout=connect_timeout, timeout=peer_timeout)
         except BaseException:
-            control_channel.close()
+            setup_channel.close()
             raise
-        return cls(index, address, kv_heads, config.group_size, control, data, reply)
+        return cls(index, address, kv_heads, config.group_size, setup_channel, data, reply, peer_timeout)
 
     # -- control ----------------------------------------------------------
     def call(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -302,7 +312,7 @@ class AttentionPeer:
                 self._take(microbatch).release()
 
     def close(self) -> None:
-        for channel in (self.data, self.control.channel):
+        for channel in (self.data, self.setup_channel):
             try:
                 channel.close()
             except LaminaError:
@@ -402,13 +412,13 @@ class AttentionCluster:
         """
         refused: dict[int, str] = {}
         asked: list[AttentionPeer] = []
-        message = {"type": kind, "requests": protocol.reservation_list(reservations)}
         try:
             for peer in self.live:
-                reply = peer.call(message)
                 asked.append(peer)
-                for request_id, reason in reply.get("refused", []):
-                    refused.setdefault(int(request_id), str(reason))
+                for chunk in _chunks(reservations):
+                    reply = peer.call({"type": kind, "requests": protocol.reservation_list(chunk)})
+                    for request_id, reason in reply.get("refused", []):
+                        refused.setdefault(int(request_id), str(reason))
         except WorkerLost:
             if kind == "reserve":  # the whole batch is retried after recovery
                 self._free_quietly(asked, [request_id for request_id, _ in reservations])
@@ -422,7 +432,7 @@ class AttentionCluster:
         first_loss: Optional[WorkerLost] = None
         for peer in self.live:
             try:
-                peer.call({"type": "free", "requests": [int(r) for r in request_ids]})
+                self._free_on(peer, request_ids)
             except WorkerLost as exc:
                 first_loss = first_loss or exc
         if first_loss is not None:
@@ -431,14 +441,25 @@ class AttentionCluster:
     def _free_quietly(self, peers: Sequence[AttentionPeer], request_ids: Sequence[int]) -> None:
         for peer in peers:
             try:
-                peer.call({"type": "free", "requests": [int(r) for r in request_ids]})
+                self._free_on(peer, request_ids)
             except WorkerLost as exc:
                 log.warning("while releasing reservations: %s", exc)
+
+    @staticmethod
+    def _free_on(peer: AttentionPeer, request_ids: Sequence[int]) -> None:
+        for chunk in _chunks(request_ids):
+            peer.call({"type": "free", "requests": [int(r) for r in chunk]})
 
     def close(self) -> None:
         for peer in self.live:
             peer.close()
         self.peers = [None] * len(self.peers)
+
+
+def _chunks(items: Sequence[Any]) -> list[Sequence[Any]]:
+    """Lists cut to what one control message holds."""
+    size = protocol.CONTROL_BATCH
+    return [items[start:start + size] for start in range(0, len(items), size)]
 
 
 # ============================================================== step planning
@@ -572,6 +593,7 @@ class ModelNode:
         self._closed = False
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._last_contact = time.monotonic()
         self.last_overlap_efficiency: Optional[float] = None
 
     # -- life cycle ---------------------------------------------------------
@@ -665,21 +687,33 @@ class ModelNode:
         admitted = self._admit()
         if self._running:
             self._step()
+            self._last_contact = time.monotonic()
             return True
-        if not admitted and wait > 0:
-            with self._wakeup:
-                if not self._queue and not self._stop.is_set():
-                    self._wakeup.wait(wait)
+        if not admitted:
+            self._probe_when_idle()
+            if wait > 0:
+                with self._wakeup:
+                    if not self._queue and not self._stop.is_set():
+                        self._wakeup.wait(wait)
         return admitted
+
+    def _probe_when_idle(self) -> None:
+        """Ask idle workers for their status now and then (notices deaths, refreshes KV figures)."""
+        if time.monotonic() - self._last_contact < self.options.idle_probe_s:
+            return
+        self._last_contact = time.monotonic()
+        for peer in self.cluster.live:
+            peer.call({"type": "status"})
 
     def _drop_cancelled(self) -> None:
         with self._wakeup:
             for request in [r for r in self._queue if r.handle.cancelled]:
                 self._queue.remove(request)
                 self._finish(request, "cancelled")
-        cancelled = [r for r in self._running if r.handle.cancelled]
+        cancelled = [r for r in (*self._running, *self._held) if r.handle.cancelled]
         if cancelled:
             self._running = [r for r in self._running if not r.handle.cancelled]
+            self._held = [r for r in self._held if not r.handle.cancelled]
             for request in cancelled:
                 self._finish(request, "cancelled")
             self.cluster.free([r.id for r in cancelled])
@@ -740,8 +774,8 @@ class ModelNode:
             self.metrics.overlap_efficiency.set(self.last_overlap_efficiency)
             self.metrics.step_overlap_efficiency.observe(self.last_overlap_efficiency)
         if self.step_observer is not None:
-            for entries, logits in zip(plan, step.logits):
-                self.step_observer([entry.as_batch_entry() for entry in entries], logits)
+            for mb, (entries, logits) in enumerate(zip(plan, step.logits)):
+                self.step_observer(self.steps_run, mb, [entry.as_batch_entry() for entry in entries], logits)
 
     def _advance(self, plan: list[list[StepEntry]], logits: list[Optional[torch.Tensor]]) -> list[_Request]:
         """Account the fed tokens, sample where a request's input is complete; returns finished requests."""
@@ -834,9 +868,11 @@ class ModelNode:
         with self._wakeup:
             queued = list(self._queue)
             self._queue.clear()
-        for request in [*self._held, *queued]:
+        held, self._held = self._held, []
+        for request in [*held, *queued]:
             self._fail(request, 503, message)
-        self._held = []
+        if held:  # the survivors still hold their blocks
+            self.cluster.free([r.id for r in held])
 
     # -- request outcomes ------------------------------------------------------
     def _finish(self, request: _Request, reason: str) -> None:

@@ -1,22 +1,22 @@
 """What the model node and an attention node say to each other.
 
-Two activation channels (``lamina_comm.channel``) join a model node to each
-attention node, both accepted on the attention node's one listening address:
+A model node reaches an attention node on its one listening address twice:
 
-* the **control channel** (fixed :data:`CONTROL_SPEC`, one micro-batch) carries
-  JSON request/response pairs: ``setup`` (config fingerprint, head share,
-  data-channel spec), ``reserve`` / ``rebuild`` / ``free`` (KV reservations of
-  new, rebuilt and finished requests) and ``status``;
-* the **data channel** (spec from :func:`data_channel_spec`, agreed at setup)
-  carries per layer and micro-batch ``[q, k, v]`` to the attention node and
-  ``[out, attention_ns]`` back. The layer-0 message of a micro-batch also
-  carries the step metadata (request ids and positions of its tokens,
-  :func:`encode_step_meta`), so the batch description travels in order with
-  the activations and needs no extra round trip.
+* a short-lived **setup channel** (fixed :data:`CONTROL_SPEC`) carries one
+  JSON request/response, ``setup`` (config and its fingerprint, the worker's
+  head share, the data-channel spec); it is closed right after;
+* the **data channel** (spec from :func:`data_channel_spec`) then carries
+  everything else. Micro-batches ``0 .. n-1`` carry, per layer, ``[q, k, v]``
+  to the worker and ``[out, attention_ns]`` back; the layer-0 message of a
+  micro-batch also carries the step metadata (request ids and positions of its
+  tokens, :func:`encode_step_meta`). The extra micro-batch index ``n``
+  (:func:`control_microbatch`) carries JSON control requests and their
+  replies: ``reserve`` / ``rebuild`` / ``free`` (KV reservations of new,
+  rebuilt and finished requests) and ``status``.
 
-A request is reserved (control) before its first step and freed (control)
-after its last step completed, so ordering between the two channels follows
-from causality. See docs/node.md for the full protocol.
+One channel means one arrival order: the worker serves control and attention
+messages strictly in the order they were sent, from one thread. See
+docs/node.md for the full protocol.
 """
 from __future__ import annotations
 
@@ -34,9 +34,10 @@ from lamina_comm.node.model import LlamaConfig
 
 PROTOCOL_VERSION = 1
 
-# Control messages are JSON in one uint8 tensor; 256 KiB holds reservations of
-# several thousand requests in one message.
-CONTROL_MAX_BYTES = 256 * 1024
+# Control messages are JSON in one uint8 tensor; every slot has room for one
+# (64 KiB: reservations of about 2000 requests; longer lists are split).
+CONTROL_MAX_BYTES = 64 * 1024
+CONTROL_BATCH = 1000  # request ids per reserve/free message
 CONTROL_SPEC = ChannelSpec(
     max_tokens=1, hidden=1, heads=1, kv_heads=1, head_dim=1, dtype="uint8",
     microbatches=1, slots_per_microbatch=2, extra_bytes=CONTROL_MAX_BYTES,
@@ -71,8 +72,9 @@ def data_channel_spec(
 ) -> ChannelSpec:
     """Spec of the data channel to the worker owning ``kv_heads``.
 
-    ``max_tokens`` is the token budget of one micro-batch; slots are sized for
-    that many tokens of q/k/v plus the step metadata.
+    ``microbatches`` pipeline micro-batches plus one for control; ``max_tokens``
+    is the token budget of one micro-batch. Slots hold that many tokens of
+    q/k/v plus the step metadata, or one control message.
     """
     local_kv = kv_heads[1] - kv_heads[0]
     local_q = local_kv * config.group_size
@@ -83,10 +85,19 @@ def data_channel_spec(
         kv_heads=local_kv,
         head_dim=config.head_dim,
         dtype=config.dtype,
-        microbatches=microbatches,
+        microbatches=microbatches + 1,
         slots_per_microbatch=2,
-        extra_bytes=_META_BYTES_PER_TOKEN * max_tokens + _TIMING_BYTES,
+        extra_bytes=max(_META_BYTES_PER_TOKEN * max_tokens + _TIMING_BYTES, CONTROL_MAX_BYTES),
     )
+
+
+def control_microbatch(spec: ChannelSpec) -> int:
+    """The data channel's micro-batch index that carries control messages (the last one)."""
+    return spec.microbatches - 1
+
+
+def pipeline_microbatches(spec: ChannelSpec) -> int:
+    return spec.microbatches - 1
 
 
 # --------------------------------------------------------------------------
@@ -168,7 +179,7 @@ class Setup:
                 f"use a worker count that divides {config.num_kv_heads}", "bad_request")
         if not 0 <= kv_heads[0] < kv_heads[1] <= config.num_kv_heads:
             raise ControlError(f"KV head range {kv_heads} is outside [0, {config.num_kv_heads})", "bad_request")
-        expected = data_channel_spec(config, kv_heads, spec.microbatches, spec.max_tokens)
+        expected = data_channel_spec(config, kv_heads, pipeline_microbatches(spec), spec.max_tokens)
         if spec != expected:
             raise ControlError(f"data channel spec {spec} does not fit KV heads {kv_heads}", "bad_request")
         return cls(config, worker, num_workers, kv_heads, spec)
@@ -178,55 +189,71 @@ class Setup:
 # Control framing: JSON request/response over the control channel
 
 
-def _encode_json(message: Mapping[str, Any]) -> np.ndarray:
+def encode_json(message: Mapping[str, Any]) -> np.ndarray:
     data = json.dumps(message, separators=(",", ":")).encode()
     if len(data) > CONTROL_MAX_BYTES:
         raise ProtocolError(f"control message of {len(data)} B exceeds {CONTROL_MAX_BYTES} B")
     return np.frombuffer(data, dtype=np.uint8)
 
 
-def _decode_json(payload: np.ndarray) -> dict[str, Any]:
+def decode_json(message: Message) -> dict[str, Any]:
+    """The JSON object in a control message."""
+    if len(message.tensors) != 1:
+        raise ProtocolError(f"a control message has one tensor, got {len(message.tensors)}")
     try:
-        message = json.loads(np.asarray(payload).tobytes())
+        decoded = json.loads(np.asarray(message.tensors[0]).tobytes())
     except ValueError as exc:
         raise ProtocolError(f"control message is not JSON: {exc}") from exc
-    if not isinstance(message, dict):
+    if not isinstance(decoded, dict):
         raise ProtocolError("control message is not a JSON object")
-    return message
+    return decoded
 
 
 class ControlLink:
-    """Strict request/response over a control channel (one outstanding request).
+    """Strict request/response on one micro-batch of a channel (one request outstanding).
 
     The request number travels in the message's layer field; a reply must
     carry the number of its request.
     """
 
-    def __init__(self, channel: Channel, timeout: float):
+    def __init__(self, channel: Channel, timeout: float, microbatch: int = 0):
         self.channel = channel
         self.timeout = timeout
+        self.microbatch = microbatch
         self._next_call = 0
 
-    def call(self, message: Mapping[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    def call(self, message: Mapping[str, Any]) -> dict[str, Any]:
         """Send a request, return the reply; raise ControlError when the peer reports one."""
         number = self._next_call
         self._next_call = (self._next_call + 1) % ERROR_LAYER
-        self.channel.send([_encode_json(message)], layer=number, microbatch=0)
-        with self.channel.recv(microbatch=0, timeout=self.timeout if timeout is None else timeout) as reply:
+        self.channel.send([encode_json(message)], layer=number, microbatch=self.microbatch)
+        reply = self.channel.recv(microbatch=self.microbatch, timeout=self.timeout)
+        try:
             if reply.layer != number:
                 raise ProtocolError(f"control reply to request {reply.layer}, expected {number}")
-            answer = _decode_json(reply.tensors[0])
-        if not answer.get("ok"):
-            raise ControlError(str(answer.get("error", "unknown error")), str(answer.get("code", "error")))
+            answer = decode_json(reply)
+        except BaseException:
+            reply.release()
+            raise
+        refusal = None if answer.get("ok") else ControlError(
+            str(answer.get("error", "unknown error")), str(answer.get("code", "error")))
+        try:
+            reply.release()
+        except LaminaError:
+            # A peer that refused may hang up at once; its refusal is the news.
+            if refusal is None:
+                raise
+        if refusal is not None:
+            raise refusal
         return answer
 
     def receive(self, timeout: float) -> tuple[int, dict[str, Any]]:
         """The next request and its number (attention side); raises TimeoutError_ when none came."""
-        with self.channel.recv(microbatch=0, timeout=timeout) as request:
-            return request.layer, _decode_json(request.tensors[0])
+        with self.channel.recv(microbatch=self.microbatch, timeout=timeout) as request:
+            return request.layer, decode_json(request)
 
     def reply(self, number: int, answer: Mapping[str, Any]) -> None:
-        self.channel.send([_encode_json(answer)], layer=number, microbatch=0)
+        self.channel.send([encode_json(answer)], layer=number, microbatch=self.microbatch)
 
 
 def ok(**fields: Any) -> dict[str, Any]:

@@ -1,0 +1,465 @@
+"""The verbs transport on soft-RoCE (rxe0), through the Python API.
+
+Runs only where RXE_DEV names a verbs device: tools/rxe-test.sh runs it in the
+soft-RoCE guest. Everything there is emulated and ~20x slower than the host, so
+sizes and counts stay small and each test builds its own endpoints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import lamina_comm as lc
+from lamina_comm._bindings import check, ffi, lib
+
+RXE_DEV = os.environ.get("RXE_DEV")
+HOST = os.environ.get("RXE_IP", "127.0.0.1")
+MiB = 1 << 20
+
+pytestmark = [
+    pytest.mark.rxe,
+    pytest.mark.skipif(not RXE_DEV, reason="needs a verbs device (RXE_DEV): run tools/rxe-test.sh"),
+]
+
+
+def connect_pair(server: lc.Context, client: lc.Context, server_data: bytes = b"",
+                 client_data: bytes = b"", timeout: float = 60.0):
+    """Connected endpoints (client side, server side); bootstrap over the rxe netdev's address."""
+    listener = server.listen((HOST, 0))
+    box: dict = {}
+
+    def accept() -> None:
+        try:
+            box["ep"] = listener.accept(timeout=timeout, private_data=server_data)
+        except Exception as exc:  # re-raised below
+            box["err"] = exc
+
+    t = threading.Thread(target=accept)
+    t.start()
+    try:
+        client_ep = client.connect(listener.address, private_data=client_data, timeout=timeout)
+    finally:
+        t.join(timeout)
+        listener.close()
+    if "err" in box:
+        raise box["err"]
+    return client_ep, box["ep"]
+
+
+def collect(ep: lc.Endpoint, count: int, timeout: float = 60.0) -> list[lc.Completion]:
+    out: list[lc.Completion] = []
+    deadline = time.monotonic() + timeout
+    while len(out) < count:
+        left = deadline - time.monotonic()
+        assert left > 0, f"only {len(out)} of {count} completions within {timeout} s"
+        out += ep.wait(timeout=left, max_entries=count - len(out))
+    return out
+
+
+def eventually(predicate, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@dataclasses.dataclass
+class Link:
+    """Initiator context a, target context b, a connected endpoint pair and one region each."""
+
+    a: lc.Context
+    b: lc.Context
+    source: np.ndarray
+    target: np.ndarray
+    src_mr: lc.MemoryRegion
+    dst_mr: lc.MemoryRegion
+    ini: lc.Endpoint
+    tgt: lc.Endpoint
+
+    @property
+    def remote(self) -> lc.RemoteRegion:
+        return lc.RemoteRegion.from_bytes(self.ini.peer_data)
+
+
+@pytest.fixture
+def link():
+    rng = np.random.default_rng(2024)
+    with lc.Context("verbs") as a, lc.Context("verbs") as b:
+        source = rng.integers(0, 256, MiB, dtype=np.uint8)
+        target = np.zeros(MiB, np.uint8)
+        src_mr, dst_mr = a.register(source), b.register(target)
+        ini, tgt = connect_pair(b, a, server_data=dst_mr.descriptor().to_bytes())
+        yield Link(a, b, source, target, src_mr, dst_mr, ini, tgt)
+
+
+# ---- device, context, negotiation -----------------------------------------------------
+
+def test_context_opens_verbs_on_rxe():
+    with lc.Context("verbs") as ctx:
+        assert ctx.transports == ["verbs"]
+        assert ctx.transport_status("verbs") == ""
+        mr = ctx.register(np.zeros(4096, np.uint8))
+        assert mr.descriptor().rkey != 0
+    gid_index = int(os.environ.get("RXE_GID_INDEX", "1"))
+    with lc.Context("verbs", ib_device=RXE_DEV, gid_index=gid_index) as ctx:
+        assert ctx.transports == ["verbs"]
+
+
+def test_missing_device_is_reported_and_auto_falls_back_to_tcp():
+    with pytest.raises(lc.UnsupportedError):
+        lc.Context("verbs", ib_device="no_such_dev0")
+    with lc.Context("auto", ib_device="no_such_dev0") as ctx:
+        assert ctx.transports == ["tcp"]
+        why = ctx.transport_status("verbs")
+        assert "no_such_dev0" in why and RXE_DEV in why
+
+
+def test_endpoints_negotiate_verbs():
+    with lc.Context() as a, lc.Context() as b:
+        assert "verbs" in a.transports and "verbs" in b.transports
+        target = np.zeros(4096, np.uint8)
+        ini, tgt = connect_pair(b, a, server_data=b.register(target).descriptor().to_bytes())
+        assert ini.transport == "verbs" and tgt.transport == "verbs"
+        src = a.register(np.full(4096, 7, np.uint8))
+        ini.write(src, lc.RemoteRegion.from_bytes(ini.peer_data), imm=5)
+        assert ini.wait_one(30).ok
+        got = tgt.wait_one(30)
+        assert (got.op, got.imm, got.byte_len) == (lc.Op.RECV_IMM, 5, 4096)
+        assert (target == 7).all()
+
+
+# ---- data movement -----------------------------------------------------------------------
+
+def test_random_writes_land_byte_for_byte(link):
+    rng = np.random.default_rng(11)
+    # Around the inline threshold, page and chunk-free sizes, then random ones.
+    sizes = [0, 1, 63, 64, 127, 128, 129, 4095, 4096, 65536, 200_000]
+    sizes += [int(s) for s in rng.integers(1, 256 * 1024, 40)]
+    expected = np.zeros_like(link.target)
+    posted = []
+    for n in sizes:
+        src_off = int(rng.integers(0, MiB - n + 1))
+        dst_off = int(rng.integers(0, MiB - n + 1))
+        posted.append(link.ini.write(link.src_mr, link.remote, local_offset=src_off,
+                                     remote_offset=dst_off, length=n))
+        expected[dst_off:dst_off + n] = link.source[src_off:src_off + n]  # RC keeps write order
+    done = collect(link.ini, len(posted))
+    assert all(c.ok and c.op == lc.Op.WRITE for c in done), [c for c in done if not c.ok]
+    assert sorted(c.wr_id for c in done) == sorted(posted)
+    assert {c.wr_id: c.byte_len for c in done} == dict(zip(posted, sizes))
+    assert np.array_equal(link.target, expected)
+    assert link.tgt.poll() == [], "writes without immediate raise nothing on the target"
+
+
+def test_immediates_arrive_intact_and_in_order(link):
+    # More writes than the send queue holds: the rest wait in host memory.
+    count, slot = 300, 2048
+    rng = np.random.default_rng(5)
+    sizes = [int(s) for s in rng.integers(0, slot + 1, count)]
+    imms = [(i * 2654435761) & 0xFFFFFFFF for i in range(count)]
+    for i, (n, imm) in enumerate(zip(sizes, imms)):
+        link.ini.write(link.src_mr, link.remote, local_offset=i * slot, remote_offset=i * slot,
+                       length=n, imm=imm)
+    remote = collect(link.tgt, count)
+    assert [c.op for c in remote] == [lc.Op.RECV_IMM] * count
+    assert [c.imm for c in remote] == imms
+    assert [c.byte_len for c in remote] == sizes
+    local = collect(link.ini, count)
+    assert all(c.ok for c in local)
+    assert [c.wr_id for c in local] == sorted(c.wr_id for c in local)
+    for i, n in enumerate(sizes):
+        assert np.array_equal(link.target[i * slot:i * slot + n], link.source[i * slot:i * slot + n])
+    assert link.ini.outstanding == 0
+
+
+def test_reads_fetch_the_remote_bytes(link):
+    rng = np.random.default_rng(3)
+    link.target[:] = rng.integers(0, 256, MiB, dtype=np.uint8)
+    local = np.zeros(MiB, np.uint8)
+    mr = link.a.register(local)
+    ranges = [(0, 0), (0, 1), (5, 100), (4096, 65536)]
+    ranges += [(int(o), int(n)) for o, n in zip(rng.integers(0, MiB // 2, 16), rng.integers(1, MiB // 2, 16))]
+    for i, (off, n) in enumerate(ranges):
+        link.ini.read(mr, link.remote, local_offset=off, remote_offset=off, length=n, wr_id=100 + i)
+    done = collect(link.ini, len(ranges))
+    assert all(c.ok and c.op == lc.Op.READ for c in done)
+    assert sorted(c.wr_id for c in done) == [100 + i for i in range(len(ranges))]
+    for off, n in ranges:
+        assert np.array_equal(local[off:off + n], link.target[off:off + n])
+    assert link.tgt.poll() == [], "the target's application is not involved in a read"
+
+
+def test_transfers_beyond_the_port_message_size_are_split():
+    # rxe's max_msg_sz is 8 MiB: 20 MiB goes as three WRs, one completion, one immediate.
+    size = 20 * MiB
+    rng = np.random.default_rng(9)
+    with lc.Context("verbs") as a, lc.Context("verbs") as b:
+        source = rng.integers(0, 256, size, dtype=np.uint8)
+        target = np.zeros(size, np.uint8)
+        ms, mt = a.register(source), b.register(target)
+        ini, tgt = connect_pair(b, a, server_data=mt.descriptor().to_bytes())
+        ini.write(ms, lc.RemoteRegion.from_bytes(ini.peer_data), imm=77)
+        done = ini.wait_one(120)
+        assert done.ok and done.byte_len == size
+        got = tgt.wait_one(30)
+        assert (got.op, got.imm) == (lc.Op.RECV_IMM, 77)
+        assert np.array_equal(target, source)
+        assert tgt.poll() == []
+        back = np.zeros(size, np.uint8)
+        ini.read(a.register(back), lc.RemoteRegion.from_bytes(ini.peer_data))
+        got = ini.wait_one(120)
+        assert got.ok and got.byte_len == size and np.array_equal(back, source)
+
+
+def test_many_endpoints_share_one_completion_queue():
+    # Enough queue pairs to make the shared CQ grow; completions find their endpoint.
+    count = 8
+    with lc.Context("verbs") as a, lc.Context("verbs") as b:
+        target = np.zeros(count * 4096, np.uint8)
+        mt = b.register(target)
+        src = a.register(np.arange(count * 4096, dtype=np.uint32).astype(np.uint8))
+        pairs = [connect_pair(b, a, server_data=mt.descriptor().to_bytes()) for _ in range(count)]
+        for i, (ini, _) in enumerate(pairs):
+            ini.write(src, lc.RemoteRegion.from_bytes(ini.peer_data), local_offset=i * 4096,
+                      remote_offset=i * 4096, length=4096, imm=i)
+        for i, (ini, tgt) in enumerate(pairs):
+            assert ini.wait_one(60).ok
+            got = tgt.wait_one(60)
+            assert (got.op, got.imm, got.endpoint) == (lc.Op.RECV_IMM, i, tgt)
+        assert np.array_equal(target, src.view())
+
+
+# ---- refusals and failures -------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["wrong rkey", "out of bounds"])
+def test_refused_write_fails_only_that_endpoint(link, case):
+    remote = link.remote
+    offset = 0
+    if case == "wrong rkey":
+        remote = dataclasses.replace(remote, rkey=remote.rkey ^ 0x5A5A00)
+    else:
+        offset = remote.length - 100
+    link.ini.write(link.src_mr, remote, remote_offset=offset, length=4096, imm=1)
+    done = link.ini.wait_one(60)
+    assert done.status == lib.LM_ERR_REMOTE
+    assert isinstance(done.error(), lc.RemoteAccessError)
+    assert (link.target == 0).all(), "a refused write must not touch the target"
+    assert isinstance(link.ini.error, lc.RemoteAccessError)
+    with pytest.raises(lc.LaminaError):
+        link.ini.write(link.src_mr, link.remote, length=16)
+    # The target's device refused it without the target's software seeing it;
+    # the broken connection is reported to the target through the control socket.
+    assert eventually(lambda: isinstance(link.tgt.error, lc.PeerLostError))
+    assert [c for c in link.tgt.poll() if c.op == lc.Op.RECV_IMM] == []
+    # Both contexts keep serving other endpoints.
+    ini2, tgt2 = connect_pair(link.b, link.a, server_data=link.dst_mr.descriptor().to_bytes())
+    ini2.write(link.src_mr, lc.RemoteRegion.from_bytes(ini2.peer_data), length=4096, imm=2)
+    assert ini2.wait_one(60).ok
+    assert tgt2.wait_one(60).imm == 2
+    assert np.array_equal(link.target[:4096], link.source[:4096])
+
+
+def _hold_peer(conn, nbytes: int) -> None:
+    """Forked child: listen, accept one verbs endpoint, then wait to be killed."""
+    with lc.Context("verbs") as ctx:
+        mr = ctx.register(np.zeros(nbytes, np.uint8))
+        listener = ctx.listen((HOST, 0))
+        conn.send(listener.address[1])
+        listener.accept(timeout=60, private_data=mr.descriptor().to_bytes())  # ctx keeps it open
+        time.sleep(600)
+
+
+def test_killed_peer_fails_outstanding_operations():
+    nbytes, window = 256 * 1024, 48
+    parent_end, child_end = multiprocessing.Pipe()
+    # Forked before this process opens a context: the child shares no verbs state.
+    child = multiprocessing.get_context("fork").Process(target=_hold_peer, args=(child_end, nbytes),
+                                                        daemon=True)
+    child.start()
+    try:
+        assert parent_end.poll(60), "peer did not start listening"
+        port = parent_end.recv()
+        with lc.Context("verbs") as ctx:
+            src = ctx.register(np.ones(nbytes, np.uint8))
+            ep = ctx.connect((HOST, port), timeout=60)
+            remote = lc.RemoteRegion.from_bytes(ep.peer_data)
+            posted, done = 0, []
+            deadline = time.monotonic() + 120
+            killed = False
+            # Keep a window of writes in flight; kill the peer once data flows.
+            while not any(not c.ok for c in done):
+                assert time.monotonic() < deadline, "no error completion after the peer was killed"
+                try:
+                    while posted - len(done) < window:
+                        ep.write(src, remote)
+                        posted += 1
+                except lc.PeerLostError:
+                    pass  # failed between two posts: the completions tell the rest
+                done += ep.wait(timeout=1)
+                if not killed and len(done) >= 8:
+                    os.kill(child.pid, signal.SIGKILL)
+                    killed = True
+            done += collect(ep, posted - len(done), timeout=60)
+            failed = [c for c in done if not c.ok]
+            assert killed and len(done) == posted and failed
+            assert {c.status for c in failed} <= {lc.PeerLostError.status, lc.CanceledError.status}
+            assert isinstance(ep.error, lc.PeerLostError)
+            assert ep.outstanding == 0
+            with pytest.raises(lc.PeerLostError):
+                ep.write(src, remote)
+    finally:
+        child.kill()
+        child.join(10)
+
+
+def test_closing_an_endpoint_completes_its_operations_and_tells_the_peer(link):
+    for _ in range(200):
+        link.ini.write(link.src_mr, link.remote, length=64 * 1024)
+    link.ini.close()
+    done = link.ini.poll(1000)
+    assert len(done) == 200, "every operation completes by the time close returns"
+    assert {c.status for c in done} <= {0, lc.CanceledError.status}
+    assert eventually(lambda: isinstance(link.tgt.error, lc.PeerLostError))
+
+
+def test_deregistration_waits_for_writes_in_flight(link):
+    # Source bytes never equal 0xEE; after deregistration the buffer is
+    # overwritten with 0xEE, which then must never reach the target.
+    count, size = 300, 64 * 1024
+    buf = np.random.default_rng(1).integers(0, 0xEE, MiB, dtype=np.uint8)
+    mr = link.a.register(buf)
+    for i in range(count):
+        offset = (i % (MiB // size)) * size
+        link.ini.write(mr, link.remote, local_offset=offset, remote_offset=offset, length=size)
+    mr.close()  # returns once the device no longer reads the buffer
+    buf[:] = 0xEE
+    done = collect(link.ini, count)
+    assert {c.status for c in done} <= {0, lc.LocalRegionError.status}
+    assert not (link.target == 0xEE).any()
+    assert link.ini.error is None, "the endpoint stays usable"
+    link.ini.write(link.src_mr, link.remote, length=4096, imm=9)
+    assert link.ini.wait_one(60).ok
+    assert eventually(lambda: any(c.imm == 9 for c in link.tgt.poll()))
+
+
+# ---- operations waiting for the peer (C API, so a test decides when each side comes up) ----
+
+class RawLink:
+    """Verbs endpoints a -> b through the C API, with a socketpair as their control channel.
+
+    Until b is connected its ready byte is missing, so a's operations wait in
+    host memory: that makes the queued paths deterministic (on rxe a posting
+    thread runs the requester itself, so the send queue rarely fills)."""
+
+    def __init__(self, a: lc.Context, b: lc.Context):
+        self.a, self.b = a, b
+        self.target = np.zeros(MiB, np.uint8)
+        self.dst_mr = b.register(self.target)
+        d = self.dst_mr.descriptor()
+        self.remote = ffi.new("lm_rdesc_t *", {"key": d.key, "addr": d.addr, "length": d.length,
+                                               "rkey": d.rkey, "access": d.access})
+        self.ep_a, self.ep_b = self._create(a, 1), self._create(b, 2)
+        self.sock_a, self.sock_b = socket.socketpair()
+
+    @staticmethod
+    def _create(ctx: lc.Context, ep_id: int):
+        out = ffi.new("lm_ep_t **")
+        check(lib.lm_ep_create_verbs(ctx._handle(), ep_id, out), "lm_ep_create_verbs")
+        return out[0]
+
+    @staticmethod
+    def _address(ep) -> bytes:
+        buf, size = ffi.new("char[]", 1024), ffi.new("size_t *", 1024)
+        check(lib.lm_ep_address(ep, buf, size), "lm_ep_address")
+        return bytes(ffi.buffer(buf, size[0]))
+
+    def connect_a(self) -> None:
+        blob = self._address(self.ep_b)
+        check(lib.lm_ep_connect(self.ep_a, blob, len(blob), self.sock_a.detach()), "lm_ep_connect")
+
+    def connect_b(self) -> None:
+        blob = self._address(self.ep_a)
+        check(lib.lm_ep_connect(self.ep_b, blob, len(blob), self.sock_b.detach()), "lm_ep_connect")
+
+    def write(self, mr: lc.MemoryRegion, offset: int, length: int, wr_id: int, imm: int | None = None):
+        flags = lib.LM_WRITE_IMM if imm is not None else 0
+        check(lib.lm_ep_write(self.ep_a, mr._handle(), offset, length, self.remote, offset, imm or 0, flags,
+                              wr_id), "lm_ep_write")
+
+    @staticmethod
+    def completions(ctx: lc.Context, count: int, timeout: float = 60.0) -> list:
+        comps, out = ffi.new("lm_completion_t[64]"), []
+        deadline = time.monotonic() + timeout
+        while len(out) < count and time.monotonic() < deadline:
+            n = lib.lm_cq_wait(ctx._handle(), comps, 64, 200)
+            out += [(comps[i].opcode, comps[i].status, comps[i].wr_id) for i in range(n)]
+        assert len(out) == count, f"{len(out)} of {count} completions within {timeout} s"
+        return out
+
+    def close(self) -> None:
+        self.sock_a.close()  # no-ops once detached; the endpoints own them then
+        self.sock_b.close()
+
+
+@pytest.fixture
+def raw():
+    with lc.Context("verbs") as a, lc.Context("verbs") as b:
+        link = RawLink(a, b)
+        yield link
+        link.close()
+
+
+def test_operations_wait_for_the_peers_ready_byte(raw):
+    source = np.arange(MiB, dtype=np.uint32).astype(np.uint8)
+    mr = raw.a.register(source)
+    raw.connect_a()
+    for i in range(200):  # more than the send queue holds
+        raw.write(mr, i * 4096, 4096, wr_id=i, imm=i)
+    time.sleep(0.5)
+    assert lib.lm_ep_outstanding(raw.ep_a) == 200
+    assert not raw.target.any(), "nothing may be sent before the peer's QP is ready"
+    raw.connect_b()
+    done = RawLink.completions(raw.a, 200)
+    assert done == [(lib.LM_OP_WRITE, 0, i) for i in range(200)]
+    assert np.array_equal(raw.target[:200 * 4096], source[:200 * 4096])
+    imms = RawLink.completions(raw.b, 200)
+    assert [op for op, _, _ in imms] == [lib.LM_OP_RECV_IMM] * 200
+
+
+def test_close_cancels_queued_operations(raw):
+    mr = raw.a.register(np.ones(MiB, np.uint8))
+    raw.connect_a()
+    for i in range(50):
+        raw.write(mr, 0, 65536, wr_id=i)
+    lib.lm_ep_destroy(raw.ep_a)
+    done = RawLink.completions(raw.a, 50, timeout=1)
+    assert done == [(lib.LM_OP_WRITE, lc.CanceledError.status, i) for i in range(50)]
+    assert not raw.target.any()
+
+
+def test_deregistration_refuses_queued_writes(raw):
+    source = np.ones(MiB, np.uint8)
+    mr = raw.a.register(source)
+    raw.connect_a()
+    for i in range(50):
+        raw.write(mr, 0, 65536, wr_id=i)
+    mr.close()  # nothing was posted: returns at once
+    raw.connect_b()
+    done = RawLink.completions(raw.a, 50)
+    assert done == [(lib.LM_OP_WRITE, lc.LocalRegionError.status, i) for i in range(50)]
+    assert not raw.target.any()
+    assert lib.lm_ep_error(raw.ep_a) == 0, "the endpoint stays usable"
+    other = raw.a.register(np.full(4096, 3, np.uint8))
+    raw.write(other, 0, 4096, wr_id=99)
+    assert RawLink.completions(raw.a, 1) == [(lib.LM_OP_WRITE, 0, 99)]
+    assert (raw.target[:4096] == 3).all()

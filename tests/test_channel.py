@@ -1,0 +1,425 @@
+"""Activation channels: credits, sequence checks, zero-copy paths, dtypes, asyncio, spec checks."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import lamina_comm as lc
+from lamina_comm.channel import (HEADER_BYTES, Channel, ChannelListener, ChannelSpec, SpecMismatchError,
+                                 as_bfloat16, to_torch)
+
+# Every wait in these tests is bounded; a hang becomes a TimeoutError.
+WAIT_S = 10.0
+SPEC = ChannelSpec(max_tokens=4, hidden=64, heads=4, kv_heads=2, head_dim=16, dtype="float16",
+                   microbatches=2, slots_per_microbatch=2)
+Q_SHAPE, KV_SHAPE = (4, 4, 16), (4, 2, 16)
+NUMPY_DTYPES = ["float16", "float32", "int32", "int64", "uint8", "int8", "float64"]
+TORCH_DTYPES = NUMPY_DTYPES + ["bfloat16"]
+
+
+def open_pair(model_ctx: lc.Context, attention_ctx: lc.Context, spec: ChannelSpec = SPEC,
+              attention_spec: ChannelSpec | None = None, piggyback: bool = False) -> tuple[Channel, Channel]:
+    """(model side, attention side) over loopback; the accept runs in a thread."""
+    listener = ChannelListener(attention_ctx, "127.0.0.1:0", attention_spec or spec, timeout=WAIT_S,
+                               piggyback_credits=piggyback)
+    box: dict = {}
+
+    def accept() -> None:
+        try:
+            box["ch"] = listener.accept(timeout=WAIT_S)
+        except Exception as exc:  # re-raised in the test thread
+            box["err"] = exc
+
+    thread = threading.Thread(target=accept)
+    thread.start()
+    try:
+        model = Channel.connect(model_ctx, listener.address, spec, timeout=WAIT_S, piggyback_credits=piggyback)
+    finally:
+        thread.join(WAIT_S)
+        listener.close()
+    if "err" in box:
+        model.close()
+        raise box["err"]
+    return model, box["ch"]
+
+
+@pytest.fixture
+def pair(contexts):
+    model_ctx, attention_ctx = contexts
+    model, attention = open_pair(model_ctx, attention_ctx)
+    yield model, attention
+    model.close()
+    attention.close()
+
+
+@pytest.fixture(params=[False, True], ids=["credit-writes", "piggybacked-credits"])
+def credit_pair(contexts, request):
+    """Both credit modes: a write per release, or credits riding on the next message."""
+    model_ctx, attention_ctx = contexts
+    model, attention = open_pair(model_ctx, attention_ctx, piggyback=request.param)
+    yield model, attention
+    model.close()
+    attention.close()
+
+
+def random_bits(dtype: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    """Arbitrary bit patterns (NaNs and infinities included) of a numpy dtype."""
+    storage = np.dtype(np.uint16 if dtype == "bfloat16" else dtype)
+    raw = np.random.default_rng(seed).integers(0, 256, int(np.prod(shape)) * storage.itemsize, np.uint8)
+    return raw.view(storage).reshape(shape)
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    return a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def qkv(value: float) -> list[np.ndarray]:
+    return [np.full(Q_SHAPE, value, np.float16), np.full(KV_SHAPE, value + 1, np.float16),
+            np.full(KV_SHAPE, value + 2, np.float16)]
+
+
+# --------------------------------------------------------------------------
+# Messages and copy paths
+
+
+def test_multiple_tensors_round_trip_with_metadata(pair):
+    model, attention = pair
+    sent = qkv(3.0)
+    seq = model.send(sent, layer=7, microbatch=1)
+    with attention.recv(timeout=WAIT_S) as msg:
+        assert (msg.layer, msg.microbatch, msg.seq) == (7, 1, seq) == (7, 1, 0)
+        assert msg.dtype_names == ["float16"] * 3
+        assert all(same_bits(a, b) for a, b in zip(msg.tensors, sent))
+    metrics = model.metrics
+    assert metrics.messages == 1 and metrics.staged_messages == 1
+    assert metrics.staged_bytes == sum(t.nbytes for t in sent)
+    assert metrics.bytes_sent >= HEADER_BYTES + metrics.staged_bytes
+    assert attention.metrics.messages_received == 1 and attention.metrics.credits_returned == 1
+
+
+def test_send_buffers_go_in_one_write_and_arrive_zero_copy(pair):
+    model, attention = pair
+    q, k, v = model.send_buffers(0, [Q_SHAPE, KV_SHAPE, KV_SHAPE], timeout=WAIT_S)
+    for i, t in enumerate((q, k, v)):
+        t[...] = np.arange(t.size, dtype=np.float16).reshape(t.shape) + i
+    model.send([q, k, v], layer=0, microbatch=0)
+    assert model.metrics.slot_messages == 1 and model.metrics.staged_bytes == 0
+    with attention.recv(microbatch=0, timeout=WAIT_S) as msg:
+        for got, want in zip(msg.tensors, (q, k, v)):
+            assert same_bits(got, want)
+            address = got.__array_interface__["data"][0]
+            assert attention.region.contains(address, got.nbytes)
+        torch = pytest.importorskip("torch")
+        tensors = msg.torch()
+        assert tensors[0].dtype == torch.float16
+        assert attention.region.contains(tensors[0].data_ptr(), tensors[0].numel() * 2)
+
+
+def test_forwarding_a_received_tensor_writes_from_the_region(pair):
+    model, attention = pair
+    model.send(qkv(1.0), layer=2, microbatch=0)
+    msg = attention.recv(timeout=WAIT_S)
+    attention.send(msg.tensors[0], layer=msg.layer, microbatch=msg.microbatch)  # echo q from the slot
+    msg.release()
+    assert attention.metrics.region_messages == 1 and attention.metrics.staged_bytes == 0
+    with model.recv(microbatch=0, timeout=WAIT_S) as reply:
+        assert reply.layer == 2 and same_bits(reply.tensors[0], qkv(1.0)[0])
+
+
+def test_tensors_in_a_user_registered_region_are_not_staged(contexts, pair):
+    model, attention = pair
+    backing = np.zeros(2 * 64 + 4 * 4 * 16, np.float16)
+    region = contexts[0].register(backing)
+    model.add_source_region(region)
+    q = backing[:64 * 4].reshape(Q_SHAPE)
+    q[...] = 5
+    model.send(q, layer=1, microbatch=1)
+    assert model.metrics.region_messages == 1 and model.metrics.staged_bytes == 0
+    with attention.recv(timeout=WAIT_S) as msg:
+        assert same_bits(msg.tensors[0], q)
+
+
+def test_non_contiguous_tensor_is_staged_once(pair):
+    model, attention = pair
+    strided = np.arange(64, dtype=np.float32).reshape(8, 8).T
+    model.send(strided, layer=0, microbatch=0)
+    assert model.metrics.staged_bytes == strided.nbytes
+    with attention.recv(timeout=WAIT_S) as msg:
+        assert same_bits(msg.tensors[0], strided)
+
+
+def test_message_larger_than_a_slot_is_refused(pair):
+    model, _ = pair
+    with pytest.raises(lc.InvalidArgumentError, match="exceeds"):
+        model.send(np.zeros(2 * SPEC.request_bytes, np.uint8), layer=0, microbatch=0)
+
+
+# --------------------------------------------------------------------------
+# dtypes
+
+
+@pytest.mark.parametrize("dtype", NUMPY_DTYPES)
+def test_numpy_dtypes_round_trip_bit_exactly(pair, dtype):
+    model, attention = pair
+    data = random_bits(dtype, (3, 5), seed=len(dtype))
+    model.send([data, data[:1]], layer=0, microbatch=0)
+    with attention.recv(timeout=WAIT_S) as msg:
+        assert msg.dtype_names == [dtype, dtype]
+        assert same_bits(msg.tensors[0], data) and same_bits(msg.tensors[1], data[:1])
+
+
+def test_numpy_bfloat16_travels_as_marked_uint16(pair):
+    model, attention = pair
+    bits = random_bits("bfloat16", (2, 7))
+    model.send(as_bfloat16(bits), layer=0, microbatch=0)
+    with attention.recv(timeout=WAIT_S) as msg:
+        got = msg.tensors[0]
+        assert got.dtype == np.uint16 and got.dtype_name == "bfloat16"
+        assert same_bits(got, bits)
+        torch = pytest.importorskip("torch")
+        assert to_torch(got).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", TORCH_DTYPES)
+def test_torch_dtypes_round_trip_bit_exactly(pair, dtype):
+    torch = pytest.importorskip("torch")
+    model, attention = pair
+    bits = random_bits(dtype, (4, 3), seed=7)
+    tensor = to_torch(as_bfloat16(bits) if dtype == "bfloat16" else bits)
+    assert tensor.dtype == getattr(torch, dtype)
+    model.send([tensor, tensor.T], layer=0, microbatch=1)  # .T is strided: staged through torch
+    with attention.recv(timeout=WAIT_S) as msg:
+        got, got_t = msg.torch()
+        assert got.dtype == getattr(torch, dtype) and got_t.shape == (3, 4)
+        assert same_bits(np.asarray(msg.tensors[0]), bits)
+        assert same_bits(np.asarray(msg.tensors[1]), bits.T)
+
+
+def test_torch_send_buffers_are_filled_in_place(pair):
+    torch = pytest.importorskip("torch")
+    model, attention = pair
+    (out,) = model.send_buffers(0, [(4, 8)], "bfloat16", as_torch=True, timeout=WAIT_S)
+    assert out.dtype == torch.bfloat16
+    out.copy_(torch.linspace(-3, 3, 32).reshape(4, 8))
+    model.send(out, layer=0, microbatch=0)
+    assert model.metrics.slot_messages == 1
+    with attention.recv(timeout=WAIT_S) as msg:
+        assert torch.equal(msg.torch()[0], out)
+
+
+# --------------------------------------------------------------------------
+# Credits, buffering, sequence numbers
+
+
+def test_slot_reuse_under_credit_pressure_overwrites_nothing(credit_pair):
+    model, attention = credit_pair
+    count = 4 * SPEC.slots_per_microbatch
+    errors: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            for i in range(count):
+                model.send(np.full(Q_SHAPE, i, np.float16), layer=i, microbatch=0, timeout=WAIT_S)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    sender = threading.Thread(target=produce)
+    sender.start()
+    for i in range(count):
+        msg = attention.recv(microbatch=0, timeout=WAIT_S)
+        assert (msg.layer, msg.seq) == (i, i)
+        if i == 0:
+            _wait_until(lambda: model.metrics.credit_waits >= 1)  # the sender is now blocked
+        assert np.all(msg.tensors[0] == i), "a held slot was overwritten"
+        msg.release()
+    sender.join(WAIT_S)
+    assert not sender.is_alive() and not errors
+    assert model.metrics.credit_waits >= 1 and model.metrics.messages == count
+
+
+def _wait_until(condition, timeout: float = WAIT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.001)
+
+
+def test_sender_times_out_when_the_receiver_never_releases(credit_pair):
+    model, attention = credit_pair
+    held = []
+    for i in range(SPEC.slots_per_microbatch):
+        model.send(qkv(i), layer=i, microbatch=1)
+        held.append(attention.recv(timeout=WAIT_S))
+    with pytest.raises(lc.TimeoutError, match=r"channel model-ep\d+: no credit for micro-batch 1"):
+        model.send(qkv(9), layer=9, microbatch=1, timeout=0.2)
+    assert model.metrics.credit_waits == 1 and model.metrics.credit_wait_seconds > 0
+    held[0].release()
+    attention.flush(WAIT_S)  # a piggybacked credit waits for the next send or wait; push it now
+    model.send(qkv(9), layer=9, microbatch=1, timeout=WAIT_S)  # the freed slot is reusable
+    with attention.recv(timeout=WAIT_S) as msg:
+        assert msg.layer == 9 and same_bits(msg.tensors[0], qkv(9)[0])
+
+
+def test_recv_times_out_naming_the_channel(pair):
+    _, attention = pair
+    with pytest.raises(lc.TimeoutError, match="no message for micro-batch 1"):
+        attention.recv(microbatch=1, timeout=0.05)
+
+
+def test_recv_for_one_microbatch_keeps_the_others_in_arrival_order(pair):
+    model, attention = pair
+    model.send(qkv(10), layer=10, microbatch=1)
+    model.send(qkv(11), layer=11, microbatch=1)
+    model.send(qkv(0), layer=0, microbatch=0)
+    with attention.recv(microbatch=0, timeout=WAIT_S) as msg:
+        assert (msg.microbatch, msg.layer) == (0, 0)
+    for layer in (10, 11):
+        with attention.recv(timeout=WAIT_S) as msg:
+            assert (msg.microbatch, msg.layer) == (1, layer)
+
+
+def test_duplicate_sequence_number_raises(credit_pair):
+    model, attention = credit_pair
+    model.send(qkv(0), layer=0, microbatch=0)
+    attention.recv(timeout=WAIT_S).release()
+    attention.flush(WAIT_S)  # send a piggybacked credit now: the raw send reuses slot 0
+    model._send_raw(qkv(0), layer=0, microbatch=0, seq=0, timeout=WAIT_S)
+    with pytest.raises(lc.SequenceError, match="got seq 0, expected 1: duplicate"):
+        attention.recv(timeout=WAIT_S)
+    model.send(qkv(1), layer=1, microbatch=0, timeout=WAIT_S)  # the channel goes on in order
+    with attention.recv(timeout=WAIT_S) as msg:
+        assert msg.seq == 1 and msg.layer == 1
+
+
+def test_sequence_gap_raises(pair):
+    model, attention = pair
+    model._send_raw(qkv(0), layer=0, microbatch=1, seq=3, timeout=WAIT_S)
+    with pytest.raises(lc.SequenceError, match="got seq 3, expected 0: gap"):
+        attention.recv(microbatch=1, timeout=WAIT_S)
+
+
+def test_credits_flow_in_both_directions(credit_pair):
+    model, attention = credit_pair
+    for layer in range(3 * SPEC.slots_per_microbatch):
+        for mb in range(SPEC.microbatches):
+            model.send(qkv(layer), layer=layer, microbatch=mb, timeout=WAIT_S)
+        for _ in range(SPEC.microbatches):
+            with attention.recv(timeout=WAIT_S) as request:
+                attention.send(request.tensors[0], layer=request.layer, microbatch=request.microbatch,
+                               timeout=WAIT_S)
+        for mb in range(SPEC.microbatches):
+            with model.recv(microbatch=mb, timeout=WAIT_S) as reply:
+                assert reply.layer == layer and np.all(reply.tensors[0] == layer)
+    model.flush(WAIT_S)
+    attention.flush(WAIT_S)
+    sent = SPEC.microbatches * 3 * SPEC.slots_per_microbatch
+    assert model.metrics.credits_returned == attention.metrics.credits_returned == sent
+
+
+def test_piggybacked_credit_is_applied_while_its_message_waits_in_the_buffer(contexts):
+    model, attention = open_pair(*contexts, piggyback=True)
+    with model, attention:
+        for i in range(SPEC.slots_per_microbatch):  # fill micro-batch 0's request slots
+            model.send(qkv(i), layer=i, microbatch=0)
+        attention.recv(microbatch=0, timeout=WAIT_S).release()
+        attention.send(qkv(0)[0], layer=0, microbatch=1)  # carries the credit, lands for mb 1
+        model.send(qkv(2), layer=2, microbatch=0, timeout=WAIT_S)  # needs that credit; mb 1 unread
+        assert attention.metrics.credits_piggybacked == 1
+        with model.recv(microbatch=1, timeout=WAIT_S) as reply:
+            assert reply.layer == 0
+
+
+# --------------------------------------------------------------------------
+# asyncio
+
+
+def test_arecv_waits_on_the_context_fd(pair):
+    model, attention = pair
+
+    async def main() -> tuple[int, int]:
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.01, lambda: model.send(qkv(4), layer=4, microbatch=1))
+        msg = await attention.arecv(microbatch=1, timeout=WAIT_S)
+        with msg:
+            return msg.layer, int(msg.tensors[0].flat[0])
+
+    assert asyncio.run(main()) == (4, 4)
+
+
+def test_channels_sharing_a_context_await_concurrently(contexts):
+    model_ctx, attention_ctx = contexts
+    pairs = [open_pair(model_ctx, attention_ctx) for _ in range(2)]
+
+    async def serve(attention: Channel) -> None:
+        with await attention.arecv(timeout=WAIT_S) as request:
+            await attention.asend(request.tensors[0], layer=request.layer, microbatch=request.microbatch,
+                                  timeout=WAIT_S)
+
+    async def ask(model: Channel, value: int) -> int:
+        await model.asend(qkv(value), layer=value, microbatch=0, timeout=WAIT_S)
+        with await model.arecv(microbatch=0, timeout=WAIT_S) as reply:
+            return int(reply.tensors[0].flat[0])
+
+    async def main() -> list[int]:
+        servers = [asyncio.create_task(serve(attention)) for _, attention in pairs]
+        answers = await asyncio.gather(*(ask(model, 20 + i) for i, (model, _) in enumerate(pairs)))
+        await asyncio.gather(*servers)
+        return answers
+
+    try:
+        assert asyncio.run(main()) == [20, 21]
+    finally:
+        for model, attention in pairs:
+            model.close()
+            attention.close()
+
+
+def test_arecv_times_out(pair):
+    _, attention = pair
+    with pytest.raises(lc.TimeoutError):
+        asyncio.run(attention.arecv(timeout=0.05))
+
+
+# --------------------------------------------------------------------------
+# Setup checks
+
+
+def test_spec_mismatch_fails_on_both_sides_with_a_clear_error(contexts):
+    model_ctx, attention_ctx = contexts
+    other = ChannelSpec(max_tokens=8, hidden=64, heads=4, kv_heads=2, head_dim=16)
+    with pytest.raises(SpecMismatchError, match=r"max_tokens: ours=4 peer's=8"):
+        open_pair(model_ctx, attention_ctx, SPEC, attention_spec=other)
+
+
+def test_both_ends_with_the_same_role_are_refused(contexts):
+    model_ctx, attention_ctx = contexts
+    with ChannelListener(attention_ctx, "127.0.0.1:0", SPEC, role="model") as listener:
+        box: dict = {}
+        thread = threading.Thread(target=lambda: box.update(err=_accept_error(listener)))
+        thread.start()
+        with pytest.raises(SpecMismatchError, match="role 'model'"):
+            Channel.connect(model_ctx, listener.address, SPEC, role="model")
+        thread.join(WAIT_S)
+    assert isinstance(box["err"], SpecMismatchError)
+
+
+def _accept_error(listener: ChannelListener) -> BaseException | None:
+    try:
+        listener.accept(timeout=WAIT_S).close()
+    except BaseException as exc:
+        return exc
+    return None
+
+
+def test_spec_validation():
+    assert ChannelSpec(1, 8, 1, 1, 8, dtype="bf16").dtype == "bfloat16"
+    with pytest.raises(lc.InvalidArgumentError):
+        ChannelSpec(0, 8, 1, 1, 8)
+    with pytest.raises(lc.InvalidArgumentError):
+        ChannelSpec(1, 8, 1, 1, 8, dtype="complex64")
+    assert SPEC.digest() == ChannelSpec(**SPEC.to_dict()).digest()
