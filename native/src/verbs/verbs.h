@@ -18,7 +18,7 @@
 #define LM_VERBS_RQ_BATCH 32       /* receives are re-posted this many at once */
 #define LM_VERBS_MAX_INLINE 128    /* inline size asked for; the device may grant less */
 #define LM_VERBS_POLL_BATCH 32
-#define LM_VERBS_SPIN_NS 50000     /* keep polling this long after the last completion */
+#define LM_VERBS_SPIN_NS 50000     /* poll this long for a first completion before sleeping */
 #define LM_VERBS_CQ_INITIAL 4096
 #define LM_VERBS_TABLE_BUCKETS 64
 #define LM_VERBS_RECV_TAG 0xffffffffu /* low half of a receive WR's wr_id */
@@ -167,8 +167,9 @@ int lm_verbs_ep_write(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t 
 int lm_verbs_ep_read(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t length,
                      const lm_rdesc_t *remote, uint64_t remote_off, uint64_t wr_id);
 void lm_verbs_ep_destroy(lm_ep_t *ep);
-/* A work completion for this endpoint (iface table lock held). */
-void lm_verbs_ep_on_wc(lm_verbs_ep_t *ep, const struct ibv_wc *wc);
+/* A work completion for this endpoint (iface table lock held); true when it
+ * pushed a lamina completion. */
+bool lm_verbs_ep_on_wc(lm_verbs_ep_t *ep, const struct ibv_wc *wc);
 /* Fail the endpoint from outside (async event, CQ error). */
 void lm_verbs_ep_fail(lm_verbs_ep_t *ep, int status, const char *reason);
 

@@ -127,6 +127,15 @@ static int status_of(enum ibv_wc_status s)
     }
 }
 
+/* A receive WR fails when the device refused what the peer sent into it.
+ * The refusal itself shows up only when the refused write consumed a receive
+ * (a single-packet write with immediate); either way the QP is broken. */
+static int recv_status_of(enum ibv_wc_status s)
+{
+    return s == IBV_WC_LOC_LEN_ERR ? LM_ERR_PROTOCOL   /* a SEND with a payload: not lamina's protocol */
+                                   : LM_ERR_PEER_LOST; /* e.g. the peer's access was refused */
+}
+
 /* Operations caught by a failure they did not cause. */
 static int flush_status(const lm_verbs_ep_t *ep)
 {
@@ -144,17 +153,19 @@ static lm_verbs_op_t *dequeue_head(lm_verbs_ep_t *ep)
     return op;
 }
 
-static void finish_if_done(lm_verbs_ep_t *ep, lm_verbs_op_t *op)
+/* Complete the op once it is neither waiting nor in flight; true if it did. */
+static bool finish_if_done(lm_verbs_ep_t *ep, lm_verbs_op_t *op)
 {
     if (op->queued || op->chunks_in_flight > 0)
-        return;
+        return false;
     lm_ep_complete(&ep->base, op->opcode, op->wr_id, op->status, op->length);
     lm_mr_unref(op->local);
     op->next = ep->op_free;
     ep->op_free = op;
+    return true;
 }
 
-static void chunk_done(lm_verbs_ep_t *ep, uint32_t slot, int status)
+static bool chunk_done(lm_verbs_ep_t *ep, uint32_t slot, int status)
 {
     lm_verbs_op_t *op = ep->slots[slot];
     ep->slots[slot] = NULL;
@@ -163,7 +174,7 @@ static void chunk_done(lm_verbs_ep_t *ep, uint32_t slot, int status)
     op->chunks_in_flight--;
     if (status != LM_OK && op->status == LM_OK)
         op->status = status;
-    finish_if_done(ep, op);
+    return finish_if_done(ep, op);
 }
 
 static void flush_waiting(lm_verbs_ep_t *ep)
@@ -366,18 +377,19 @@ int lm_verbs_ep_read(lm_ep_t *base, lm_mr_t *local, uint64_t local_off, uint64_t
     return submit((lm_verbs_ep_t *)base, &op);
 }
 
-/* ---- work completions (progress thread, iface table lock held) ------------------- */
+/* ---- work completions (dispatch, iface table lock held) ---------------------------- */
 
-static void on_recv(lm_verbs_ep_t *ep, const struct ibv_wc *wc)
+static bool on_recv(lm_verbs_ep_t *ep, const struct ibv_wc *wc)
 {
     ep->rq_posted--;
     if (wc->status != IBV_WC_SUCCESS) {
-        if (wc->status != IBV_WC_WR_FLUSH_ERR) /* e.g. a SEND with a payload: not our protocol */
-            fail_from_wc(ep, wc, LM_ERR_PROTOCOL, "receive");
-        return;
+        if (wc->status != IBV_WC_WR_FLUSH_ERR)
+            fail_from_wc(ep, wc, recv_status_of(wc->status), "receive");
+        return false;
     }
     /* A plain SEND carries nothing lamina uses; its receive is just replaced. */
-    if (wc->opcode == IBV_WC_RECV_RDMA_WITH_IMM) {
+    bool imm = wc->opcode == IBV_WC_RECV_RDMA_WITH_IMM;
+    if (imm) {
         lm_completion_t c = {.ep_id = ep->base.id, .byte_len = wc->byte_len, .status = LM_OK,
                              .opcode = LM_OP_RECV_IMM, .imm = ntohl(wc->imm_data), .flags = LM_CF_IMM};
         lm_cq_push(ep->base.ctx, &c);
@@ -385,34 +397,34 @@ static void on_recv(lm_verbs_ep_t *ep, const struct ibv_wc *wc)
     if (!ep->dead && ep->rq_depth - ep->rq_posted >= LM_VERBS_RQ_BATCH &&
         post_receives(ep, ep->rq_depth - ep->rq_posted) != LM_OK)
         fail_locked(ep, LM_ERR_IO, lm_last_error());
+    return imm;
 }
 
-static void on_send(lm_verbs_ep_t *ep, const struct ibv_wc *wc)
+static bool on_send(lm_verbs_ep_t *ep, const struct ibv_wc *wc)
 {
     uint32_t slot = (uint32_t)wc->wr_id;
     if (slot >= ep->sq_depth || !ep->slots[slot])
-        return;
+        return false;
     const char *what = ep->slots[slot]->opcode == LM_OP_READ ? "RDMA read" : "RDMA write";
     int status = status_of(wc->status);
     /* The op that failed completes first, with the cause; the rest flush. */
-    chunk_done(ep, slot, wc->status == IBV_WC_WR_FLUSH_ERR ? flush_status(ep) : status);
+    bool completed = chunk_done(ep, slot, wc->status == IBV_WC_WR_FLUSH_ERR ? flush_status(ep) : status);
     if (wc->status != IBV_WC_SUCCESS)
         fail_from_wc(ep, wc, status, what);
     else
         issue_waiting(ep);
+    return completed;
 }
 
-void lm_verbs_ep_on_wc(lm_verbs_ep_t *ep, const struct ibv_wc *wc)
+bool lm_verbs_ep_on_wc(lm_verbs_ep_t *ep, const struct ibv_wc *wc)
 {
     pthread_mutex_lock(&ep->lock);
-    if ((uint32_t)wc->wr_id == LM_VERBS_RECV_TAG)
-        on_recv(ep, wc);
-    else
-        on_send(ep, wc);
+    bool delivered = (uint32_t)wc->wr_id == LM_VERBS_RECV_TAG ? on_recv(ep, wc) : on_send(ep, wc);
     pthread_mutex_unlock(&ep->lock);
+    return delivered;
 }
 
-/* ---- control socket (progress thread) ------------------------------------------ */
+/* ---- control socket (dispatch) --------------------------------------------------- */
 
 static void on_peer_ready(lm_verbs_ep_t *ep)
 {

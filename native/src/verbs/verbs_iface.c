@@ -89,7 +89,9 @@ static void fail_all(lm_verbs_iface_t *iface, int status, const char *reason)
     pthread_mutex_unlock(&iface->table_lock);
 }
 
-/* ---- completions (progress thread) -------------------------------------------- */
+/* ---- completions ------------------------------------------------------------------
+ * Callbacks run in the core's dispatch: on the progress thread, or on an
+ * application thread waiting in lm_cq_wait; one dispatcher at a time. */
 
 static uint64_t now_ns(void)
 {
@@ -98,23 +100,30 @@ static uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-static void dispatch(lm_verbs_iface_t *iface, const struct ibv_wc *wc)
+/* Route a work completion; true when it became a lamina completion. */
+static bool dispatch(lm_verbs_iface_t *iface, const struct ibv_wc *wc)
 {
+    bool delivered = false;
     pthread_mutex_lock(&iface->table_lock);
     lm_verbs_ep_t *ep = table_find(iface, wc->qp_num);
     /* No endpoint, or another one under a reused QP number: the completion
      * belongs to a closed endpoint, which already completed its operations. */
     if (ep && (uint32_t)(wc->wr_id >> 32) == ep->serial)
-        lm_verbs_ep_on_wc(ep, wc);
+        delivered = lm_verbs_ep_on_wc(ep, wc);
     pthread_mutex_unlock(&iface->table_lock);
+    return delivered;
 }
 
-/* Poll until the CQ stays empty for LM_VERBS_SPIN_NS: completions tend to
- * come in bursts, and spinning briefly is cheaper than another wake-up. */
+/* Poll while completions keep coming. Once the CQ is empty, return at once if
+ * something was delivered (the dispatcher may be the application thread
+ * waiting for it); with nothing to show yet (e.g. only a large transfer's
+ * intermediate chunks), spin up to LM_VERBS_SPIN_NS for the next completion,
+ * which is cheaper than another event and wake-up. */
 static void drain_cq(lm_verbs_iface_t *iface)
 {
     struct ibv_wc wc[LM_VERBS_POLL_BATCH];
     uint64_t last = now_ns();
+    bool delivered = false;
     for (;;) {
         int n = ibv_poll_cq(iface->cq, LM_VERBS_POLL_BATCH, wc);
         if (n < 0) {
@@ -122,10 +131,10 @@ static void drain_cq(lm_verbs_iface_t *iface)
             return;
         }
         for (int i = 0; i < n; i++)
-            dispatch(iface, &wc[i]);
+            delivered |= dispatch(iface, &wc[i]);
         if (n > 0)
             last = now_ns();
-        else if (now_ns() - last > LM_VERBS_SPIN_NS)
+        else if (delivered || now_ns() - last > LM_VERBS_SPIN_NS)
             return;
     }
 }
@@ -226,7 +235,7 @@ static int watch_device(lm_verbs_iface_t *iface, char *why, size_t why_len)
     return rc;
 }
 
-/* Release what open made; the progress thread no longer looks at it. */
+/* Release what open made; no dispatch looks at it any more. */
 static void iface_free(lm_verbs_iface_t *iface)
 {
     if (iface->cq)
@@ -266,7 +275,7 @@ static int iface_open(lm_context_t *ctx, const lm_context_params_t *params, void
     return LM_OK;
 }
 
-/* Called after every endpoint and region is gone and the progress thread
+/* Called after every endpoint and region is gone and the progress engine
  * has stopped (its epoll set is closed, so nothing is removed from it). */
 static void iface_close(void *iface)
 {
