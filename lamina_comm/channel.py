@@ -35,7 +35,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from .errors import InvalidArgumentError, LaminaError, ProtocolError, SequenceError, TimeoutError_
+from .errors import (ClosedError, InvalidArgumentError, LaminaError, PeerLostError, ProtocolError, SequenceError,
+                     TimeoutError_)
 from .transport import Completion, Context, Endpoint, Listener, MemoryRegion, Op, RemoteRegion
 
 MAGIC = 0x4843_4D4C  # b"LMCH" little-endian
@@ -819,13 +820,17 @@ class Channel:
             self._write_credit(*self._pending_credits.popleft())
 
     def _write_credit(self, mb: int, slot: int, seq: int) -> None:
-        if self.endpoint.closed:
+        # A peer that is gone needs no credit; releasing a slot must not raise then.
+        if self.endpoint.closed or self.endpoint.error is not None:
             return
         offset = self._layout.credit_out(mb, slot)
         struct.pack_into("<Q", self._buf, offset, seq & (2**64 - 1))
-        self.endpoint.write(self._mr, self._peer, local_offset=offset,
-                            remote_offset=self._peer_layout.credit_in(mb, slot), length=_CREDIT_BYTES,
-                            imm=encode_imm(KIND_CREDIT, mb, slot))
+        try:
+            self.endpoint.write(self._mr, self._peer, local_offset=offset,
+                                remote_offset=self._peer_layout.credit_in(mb, slot), length=_CREDIT_BYTES,
+                                imm=encode_imm(KIND_CREDIT, mb, slot))
+        except (PeerLostError, ClosedError):
+            return  # the peer died between the check and the write
         self._outstanding += 1
         self._counters["credits_returned"] += 1
 
