@@ -23,7 +23,7 @@ import ctypes
 import os
 import threading
 from ctypes import POINTER, byref, c_char_p, c_float, c_int, c_size_t, c_uint, c_uint32, c_uint64, c_void_p
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from ..errors import LaminaError, UnsupportedError
 
@@ -140,7 +140,7 @@ _SIGNATURES: dict[str, tuple[tuple[str, ...], list]] = {
     "cuEventRecord": (("cuEventRecord",), [c_void_p, c_void_p]),
     "cuEventQuery": (("cuEventQuery",), [c_void_p]),
     "cuEventSynchronize": (("cuEventSynchronize",), [c_void_p]),
-    "cuEventElapsedTime": (("cuEventElapsedTime",), [_P(c_float), c_void_p, c_void_p]),
+    "cuEventElapsedTime": (("cuEventElapsedTime", "cuEventElapsedTime_v2"), [_P(c_float), c_void_p, c_void_p]),
     "cuMemAlloc": (("cuMemAlloc_v2",), [_P(c_uint64), c_size_t]),
     "cuMemFree": (("cuMemFree_v2",), [c_uint64]),
     "cuMemGetInfo": (("cuMemGetInfo_v2",), [_P(c_size_t), _P(c_size_t)]),
@@ -625,10 +625,3 @@ def flush_gpudirect_writes(device: Device) -> None:
         device.driver.call("cuFlushGPUDirectRDMAWrites", CU_FLUSH_GPU_DIRECT_RDMA_WRITES_TARGET_CURRENT_CTX,
                            CU_FLUSH_GPU_DIRECT_RDMA_WRITES_TO_OWNER)
 
-
-def on_thread(device: Device, fn: Callable[[], None]) -> Callable[[], None]:
-    """Wrap a thread body so the device's primary context is current in it."""
-    def body() -> None:
-        device.make_current()
-        fn()
-    return body

@@ -122,8 +122,8 @@ def parse_cuda_array_interface(cai: dict) -> tuple[int, int, bool, int | None]:
     if nbytes and not ptr:
         raise InvalidArgumentError("__cuda_array_interface__ has a NULL data pointer")
     stream = cai.get("stream") if int(cai.get("version", 2)) >= 3 else None
-    if stream == 0:
-        raise InvalidArgumentError("__cuda_array_interface__ stream 0 is disallowed (v3: use 1 or 2)")
+    if stream == 0:  # disallowed by v3 as ambiguous; read it as the legacy default stream
+        stream = cuda.CU_STREAM_LEGACY
     return int(ptr or 0), nbytes, bool(readonly), (None if stream is None else int(stream))
 
 

@@ -47,7 +47,7 @@ import time
 from collections import deque
 from typing import Any, Callable, ContextManager
 
-from ..errors import ClosedError, InvalidArgumentError, LaminaError, ProtocolError, UnsupportedError
+from ..errors import ClosedError, InvalidArgumentError, ProtocolError
 from . import cuda
 from .stream import EventPool, ReceiveGate, Transfer, Waiter, refuse_capture, stream_handle
 
@@ -249,6 +249,8 @@ class CudaCopyEngine(CopyEngine):
 
     def close(self, timeout: float = 5.0) -> bool:
         """Destroy streams and events once idle; False (and nothing freed) if they stay busy."""
+        if self._d2h.handle is None:
+            return True
         with self.activate():
             if not self.quiesce(timeout):
                 return False
@@ -825,4 +827,4 @@ class StagedLink:
 
 
 __all__ = ["StagedLink", "CopyEngine", "CudaCopyEngine", "HostCopyEngine", "plan_chunks", "Transfer",
-           "DEFAULT_CHUNK", "DEFAULT_SLOTS", "UnsupportedError"]
+           "DEFAULT_CHUNK", "DEFAULT_SLOTS"]

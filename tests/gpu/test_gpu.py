@@ -55,6 +55,8 @@ def links():
     for ca, cb, la, lb in made:
         la.close(timeout=2)
         lb.close(timeout=2)
+        la.engine.close(2)
+        lb.engine.close(2)
         ca.close()
         cb.close()
 
@@ -433,5 +435,7 @@ def test_no_per_message_allocation(torch):
     finally:
         la.close(timeout=2)
         lb.close(timeout=2)
+        ea.close(2)
+        eb.close(2)
         ca.close()
         cb.close()
