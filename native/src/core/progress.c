@@ -6,7 +6,7 @@
  * (one-sided reads are served, queued sends drain); letting the waiting
  * thread dispatch saves two thread hand-offs per message on the latency
  * path. While an application thread drives, the progress thread parks, and it
- * resumes only after nobody has driven for LM_HANDOFF_NS, so a tight
+ * resumes once nobody has driven for LM_HANDOFF_NS, so a tight
  * request/response loop never bounces between the two.
  *
  * Dispatch runs under drive_lock, one dispatcher at a time. lm_progress_del
@@ -25,7 +25,7 @@
 #include "core.h"
 
 #define MAX_EVENTS 64
-#define LM_HANDOFF_NS 2000000ull /* 2 ms without a driver before the thread resumes */
+#define LM_HANDOFF_NS 100000ull /* 100 us without a driver before the thread resumes */
 
 static _Thread_local bool tls_dispatching;
 static _Thread_local bool tls_driving; /* an application thread inside lm_progress_drive */
@@ -147,9 +147,11 @@ static int poll_and_dispatch(lm_context_t *ctx, int timeout_ms)
     return n;
 }
 
-/* Park while an application thread drives, and for a while after. Drivers
- * never signal us: waking a parked thread on every lm_cq_wait would cost a
- * context switch per message; rechecking every LM_HANDOFF_NS is enough. */
+/* Park while an application thread drives, and for LM_HANDOFF_NS after.
+ * While drivers are inside, wait without a deadline; the last driver out
+ * signals only when we wait like that (waiters_for_drivers), so in a tight
+ * request/response loop the thread wakes about once per hand-off period,
+ * not once per message. */
 static void park_while_driven(lm_progress_t *p)
 {
     pthread_mutex_lock(&p->lock);
@@ -160,12 +162,16 @@ static void park_while_driven(lm_progress_t *p)
             p->work_requested = false;
             break;
         }
+        if (p->drivers > 0) {
+            p->waiting_for_drivers = true;
+            pthread_cond_wait(&p->cond, &p->lock);
+            p->waiting_for_drivers = false;
+            continue;
+        }
         uint64_t now = lm_now_ns();
-        bool driven = p->drivers > 0 ||
-                      (p->last_driver_exit_ns != 0 && now - p->last_driver_exit_ns < LM_HANDOFF_NS);
-        if (!driven)
+        if (p->last_driver_exit_ns == 0 || now - p->last_driver_exit_ns >= LM_HANDOFF_NS)
             break;
-        uint64_t until = now + LM_HANDOFF_NS;
+        uint64_t until = p->last_driver_exit_ns + LM_HANDOFF_NS;
         struct timespec ts = {.tv_sec = (time_t)(until / 1000000000ull),
                               .tv_nsec = (long)(until % 1000000000ull)};
         pthread_cond_timedwait(&p->cond, &p->lock, &ts);
@@ -204,10 +210,14 @@ void lm_progress_drive(lm_context_t *ctx, int timeout_ms)
     pthread_mutex_lock(&p->lock);
     p->drivers--;
     p->last_driver_exit_ns = lm_now_ns();
-    /* epoll wakes one waiter per event, so the thread may have stayed in
-     * epoll_wait (with a stale timeout) while we drove: make it look again. */
-    if (p->drivers == 0 && p->thread_in_epoll)
-        wake(p);
+    if (p->drivers == 0) {
+        if (p->waiting_for_drivers)
+            pthread_cond_signal(&p->cond); /* start its hand-off clock */
+        /* epoll wakes one waiter per event, so the thread may have stayed in
+         * epoll_wait (with a stale timeout) while we drove: make it look again. */
+        if (p->thread_in_epoll)
+            wake(p);
+    }
     pthread_mutex_unlock(&p->lock);
 }
 
