@@ -10,16 +10,21 @@
 # it, the script builds the extension and re-runs itself inside one. Absolute
 # numbers in the emulated guest mean little: read the ratios.
 # Environment: BW_SIZES ("65536 1048576"), BW_ITERS ("500 200", one per size),
-# LAT_SIZE (64), LAT_ITERS (1000), RXE_VM_SCRIPT (path of run-in-rxe-vm.sh).
+# LAT_SIZE (64), LAT_ITERS (1000), RXE_VM_SCRIPT (path of run-in-rxe-vm.sh),
+# PYTHON (default: the project's .venv when there is one, else python3).
 set -euo pipefail
 
 root=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
 cd "$root"
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=$root/.venv/bin/python; else PYTHON=python3; fi
+fi
+export PYTHON
 
 if [ -z "${RXE_DEV:-}" ]; then
   vm=${RXE_VM_SCRIPT:-$root/../shared/rxe-vm/run-in-rxe-vm.sh}
-  python3 lamina_comm/_build.py >/dev/null
-  exec "$vm" --timeout 900 -- bash bench/verbs_vs_perftest.sh "$@"
+  "$PYTHON" lamina_comm/_build.py >/dev/null
+  exec bash "$vm" --timeout 900 -- bash bench/verbs_vs_perftest.sh "$@"
 fi
 
 DEV=$RXE_DEV
@@ -31,7 +36,7 @@ LAT_SIZE=${LAT_SIZE:-64}
 LAT_ITERS=${LAT_ITERS:-1000}
 PORT=18600
 LOGS=$(mktemp -d)
-BENCH=(python3 -m lamina_comm.bench.cli)
+BENCH=("$PYTHON" -m lamina_comm.bench.cli)
 
 # perftest SERVER_ARGS...: run a server and its client; print the client's row for the size.
 perftest() {
@@ -67,8 +72,15 @@ lamina() {
   echo "$LOGS/$mode-$size.json"
 }
 
-json() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['results'][0][sys.argv[2]])" "$@"; }
-ratio() { python3 -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]):.2f}')" "$@"; }
+json() { "$PYTHON" -c "import json,sys; print(json.load(open(sys.argv[1]))['results'][0][sys.argv[2]])" "$@"; }
+# lamina / perftest, or n/a when either side reported no usable number (perftest prints
+# "inf" when its cycle clock misbehaves under emulation).
+ratio() {
+  "$PYTHON" -c "
+import math, sys
+a, b = (float(x) if x.replace('.', '', 1).isdigit() else math.nan for x in sys.argv[1:3])
+print(f'{a / b:.2f}' if math.isfinite(a) and math.isfinite(b) and b > 0 else 'n/a')" "$@"
+}
 
 echo "verbs_vs_perftest on $DEV (GID index $GID, $(ibv_devinfo -d "$DEV" | awk '/active_mtu/ {print "active MTU " $2; exit}'))"
 printf "\n%-10s %-8s %-18s %-18s %s\n" "bytes" "iters" "ib_write_bw Gb/s" "lamina Gb/s" "lamina/perftest"

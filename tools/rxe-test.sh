@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# rxe-test.sh - run the verbs tests (pytest -m rxe tests/rxe) in a soft-RoCE guest.
+#
+# The machine's kernel has no RDMA, so the tests run inside a throw-away qemu
+# guest with an rxe device (see ../shared/rxe-vm/README.md; its first run
+# downloads ~75 MB). The extension is built here first: compiling inside the
+# emulated guest is 20-40x slower. Extra arguments go to pytest (e.g. -k read -x).
+# Environment: RXE_VM_SCRIPT overrides the path of run-in-rxe-vm.sh; PYTHON the
+# interpreter (default: the project's .venv when there is one, else python3).
+set -euo pipefail
+
+root=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
+cd "$root"
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=$root/.venv/bin/python; else PYTHON=python3; fi
+fi
+vm=${RXE_VM_SCRIPT:-$root/../shared/rxe-vm/run-in-rxe-vm.sh}
+[ -f "$vm" ] || { echo "rxe-test: $vm not found (set RXE_VM_SCRIPT)" >&2; exit 2; }
+[ -f /usr/include/infiniband/verbs.h ] ||
+  { echo "rxe-test: install libibverbs-dev: the verbs transport is only built with it" >&2; exit 2; }
+
+"$PYTHON" lamina_comm/_build.py >/dev/null
+"$PYTHON" -c 'from lamina_comm._bindings import lib; assert lib.LM_BUILT_WITH_VERBS, "built without verbs"'
+
+# One guest for the whole run: about a minute (boot ~10 s, tests ~25 s).
+exec bash "$vm" --timeout 900 -- "$PYTHON" -m pytest -m rxe tests/rxe -q -p no:cacheprovider "$@"
