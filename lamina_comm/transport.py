@@ -364,8 +364,6 @@ class Context:
             params.field_mask |= lib.LM_CTX_PARAM_KEEPALIVE_MS
         out = ffi.new("lm_context_t **")
         rc = lib.lm_context_create(params, out)
-        if rc < 0 and transport == "verbs":
-            raise UnsupportedError(f"verbs transport unavailable: {self._why_static()}")
         check(rc, "context")
         self._ctx = out[0]
         self._regions: weakref.WeakSet[MemoryRegion] = weakref.WeakSet()
@@ -381,10 +379,6 @@ class Context:
     @staticmethod
     def _requested_mask(transport: str) -> int:
         return (lib.LM_TRANSPORT_TCP | lib.LM_TRANSPORT_VERBS) if transport == "auto" else TRANSPORT_IDS[transport]
-
-    @staticmethod
-    def _why_static() -> str:
-        return "built without rdma-core headers" if not lib.LM_BUILT_WITH_VERBS else "no active verbs device"
 
     def _handle(self):
         if self._ctx is None:

@@ -68,8 +68,14 @@ int lm_context_create(const lm_context_params_t *params, lm_context_t **out)
         }
     }
     if (lm_context_transports(ctx) == 0) {
+        char why[2 * sizeof(ctx->transport_why[0])] = "";
+        for (int t = 0; t < LM_MAX_TRANSPORTS; t++) {
+            const char *w = ctx->transport_why[t];
+            if (w[0] && (wanted & (all_transports[t] ? all_transports[t]->id : LM_TRANSPORT_VERBS)))
+                snprintf(why + strlen(why), sizeof(why) - strlen(why), "%s%s", why[0] ? "; " : "", w);
+        }
         lm_context_destroy(ctx);
-        return lm_fail(LM_ERR_UNSUPPORTED, "no requested transport could be opened");
+        return lm_fail(LM_ERR_UNSUPPORTED, "no requested transport could be opened: %s", why);
     }
     *out = ctx;
     return LM_OK;

@@ -51,7 +51,8 @@ int lm_mr_check(const lm_mr_t *mr, uint64_t off, uint64_t len, uint32_t access);
 void lm_cq_push(lm_context_t *ctx, const lm_completion_t *c);
 
 /* ---- progress engine --------------------------------------------------- */
-/* Callbacks run on the context's progress thread only. */
+/* Callbacks run on whichever thread dispatches: the progress thread or an
+ * application thread waiting in lm_cq_wait; one dispatcher at a time. */
 typedef void (*lm_io_cb)(void *arg, uint32_t events);
 typedef struct lm_io_handler {
     int fd;
