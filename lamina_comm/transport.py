@@ -23,8 +23,7 @@ import numpy as np
 
 from . import bootstrap
 from ._bindings import check, ffi, lib, status_text
-from .errors import (ClosedError, InvalidArgumentError, LaminaError, ProtocolError, TimeoutError_,
-                     UnsupportedError, error_for_status)
+from .errors import ClosedError, InvalidArgumentError, LaminaError, TimeoutError_, error_for_status
 from .tensors import host_buffer, numpy_view
 
 log = logging.getLogger("lamina_comm")

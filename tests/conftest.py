@@ -17,9 +17,9 @@ ROOT = os.path.dirname(HERE)
 
 
 def connect_pair(server: lc.Context, client: lc.Context, server_data: bytes = b"",
-                 client_data: bytes = b"", timeout: float = 10.0):
-    """Two connected endpoints (client side, server side) over 127.0.0.1."""
-    listener = server.listen("127.0.0.1:0")
+                 client_data: bytes = b"", timeout: float = 10.0, host: str = "127.0.0.1"):
+    """Two connected endpoints (client side, server side); the bootstrap runs over host."""
+    listener = server.listen((host, 0))
     box: dict = {}
 
     def accept() -> None:

@@ -508,10 +508,10 @@ def table(r: dict) -> str:
     else:
         lines.append(f"tests            {why('tests')}")
     c = r.get("copy", {})
-    lines.append(f"pinned memcpy    " + (f"DtoH {c['dtoh_GBps']} GB/s, HtoD {c['htod_GBps']} GB/s (one copy); "
+    lines.append("pinned memcpy    " + (f"DtoH {c['dtoh_GBps']} GB/s, HtoD {c['htod_GBps']} GB/s (one copy); "
                                          f"in 1 MiB pieces {c['dtoh_1MiB_pieces_GBps']} / {c['htod_1MiB_pieces_GBps']}"
                                          if "dtoh_GBps" in c else why("copy")))
-    lines.append(f"tcp loopback     " + (f"host->host {get('tcp', 'GBps')} GB/s (best of 1 and 4 MiB writes, "
+    lines.append("tcp loopback     " + (f"host->host {get('tcp', 'GBps')} GB/s (best of 1 and 4 MiB writes, "
                                          f"window 8: {get('tcp', 'by_write_size')})"
                                          if "GBps" in r.get("tcp", {}) else why("tcp")))
     s = r.get("staged", {})

@@ -11,7 +11,6 @@ import multiprocessing
 import os
 import signal
 import socket
-import threading
 import time
 
 import numpy as np
@@ -19,6 +18,8 @@ import pytest
 
 import lamina_comm as lc
 from lamina_comm._bindings import check, ffi, lib
+
+from ..conftest import connect_pair as _connect_pair
 
 RXE_DEV = os.environ.get("RXE_DEV")
 HOST = os.environ.get("RXE_IP", "127.0.0.1")
@@ -33,25 +34,7 @@ pytestmark = [
 def connect_pair(server: lc.Context, client: lc.Context, server_data: bytes = b"",
                  client_data: bytes = b"", timeout: float = 60.0):
     """Connected endpoints (client side, server side); bootstrap over the rxe netdev's address."""
-    listener = server.listen((HOST, 0))
-    box: dict = {}
-
-    def accept() -> None:
-        try:
-            box["ep"] = listener.accept(timeout=timeout, private_data=server_data)
-        except Exception as exc:  # re-raised below
-            box["err"] = exc
-
-    t = threading.Thread(target=accept)
-    t.start()
-    try:
-        client_ep = client.connect(listener.address, private_data=client_data, timeout=timeout)
-    finally:
-        t.join(timeout)
-        listener.close()
-    if "err" in box:
-        raise box["err"]
-    return client_ep, box["ep"]
+    return _connect_pair(server, client, server_data, client_data, timeout, host=HOST)
 
 
 def collect(ep: lc.Endpoint, count: int, timeout: float = 60.0) -> list[lc.Completion]:
