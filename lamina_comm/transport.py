@@ -116,7 +116,9 @@ class Completion(NamedTuple):
 
 
 class MemoryRegion:
-    """Registered memory. Keep it open while peers may target it."""
+    """Registered memory. It keeps the object it was made from alive until close()
+    (or the context's close): dropping the last Python reference does not
+    deregister it."""
 
     def __init__(self, ctx: "Context", obj: Any, access: Access):
         buf = host_buffer(obj)
@@ -365,7 +367,9 @@ class Context:
         rc = lib.lm_context_create(params, out)
         check(rc, "context")
         self._ctx = out[0]
-        self._regions: weakref.WeakSet[MemoryRegion] = weakref.WeakSet()
+        # Strong references: a registered region keeps its memory alive until it is
+        # closed (or the context is), so a peer can never write into freed memory.
+        self._regions: set[MemoryRegion] = set()
         self._listeners: weakref.WeakSet[Listener] = weakref.WeakSet()
         self._endpoints: dict[int, Endpoint] = {}
         self._orphans: collections.deque[Completion] = collections.deque()
