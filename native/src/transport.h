@@ -27,6 +27,13 @@ typedef struct lm_transport_ops {
     int (*iface_open)(lm_context_t *ctx, const lm_context_params_t *params,
                       void **iface, char *why, size_t why_len);
     void (*iface_close)(void *iface);
+    /* Optional (may be NULL): a nonblocking drain of the interface's
+     * completion sources, without touching its fds' readiness (a verbs CQ
+     * stays armed, or its channel event pending, so a later epoll sleep is
+     * still woken). Returns how many completions it delivered (lm_cq_push /
+     * lm_ep_complete). Called with the dispatch lock held, like handlers: a
+     * thread waiting in lm_cq_wait spins on it briefly before sleeping. */
+    int (*iface_poll)(void *iface);
 
     /* Called for every region on every open transport (may be NULL). */
     int (*mr_register)(void *iface, lm_mr_t *mr);

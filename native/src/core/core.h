@@ -124,11 +124,11 @@ typedef struct lm_progress {
     int drivers;                /* application threads inside lm_progress_drive */
     bool thread_in_epoll;
     bool work_requested;        /* unpark now: a transport queued work for the thread */
-    bool waiting_for_drivers;   /* parked without a deadline until the last driver leaves */
     uint64_t last_driver_exit_ns;
     pthread_mutex_t drive_lock; /* held while dispatching */
     atomic_ullong del_epoch;
     lm_timer_t *timers;         /* guarded by drive_lock */
+    uint64_t driver_epoll_ns;   /* a driver last looked at epoll (drive_lock) */
     lm_io_handler_t wake_handler;
 } lm_progress_t;
 

@@ -114,29 +114,58 @@ static bool dispatch(lm_verbs_iface_t *iface, const struct ibv_wc *wc)
     return delivered;
 }
 
-/* Poll while completions keep coming. Once the CQ is empty, return at once if
- * something was delivered (the dispatcher may be the application thread
- * waiting for it); with nothing to show yet (e.g. only a large transfer's
- * intermediate chunks), spin up to LM_VERBS_SPIN_NS for the next completion,
- * which is cheaper than another event and wake-up. */
-static void drain_cq(lm_verbs_iface_t *iface)
+/* One ibv_poll_cq batch, routed; adds what became lamina completions to
+ * *delivered. Returns the work completions polled, -1 when the CQ is broken
+ * (every endpoint then fails). */
+static int poll_batch(lm_verbs_iface_t *iface, int *delivered)
 {
     struct ibv_wc wc[LM_VERBS_POLL_BATCH];
+    int n = ibv_poll_cq(iface->cq, LM_VERBS_POLL_BATCH, wc);
+    if (n < 0) {
+        fail_all(iface, LM_ERR_IO, "verbs: ibv_poll_cq failed; the completion queue is broken");
+        return -1;
+    }
+    for (int i = 0; i < n; i++)
+        *delivered += dispatch(iface, &wc[i]);
+    return n;
+}
+
+/* Poll while completions keep coming. Once the CQ is empty, return at once if
+ * something was delivered (the dispatcher may be the application thread
+ * waiting for it), or if the event found the CQ empty (a driver's spin,
+ * iface_poll, already took what raised it); with work completions but
+ * nothing to show yet (e.g. only a large transfer's intermediate chunks),
+ * spin up to LM_VERBS_SPIN_NS for the next completion, which is cheaper than
+ * another event and wake-up. */
+static void drain_cq(lm_verbs_iface_t *iface)
+{
     uint64_t last = now_ns();
-    bool delivered = false;
+    int delivered = 0;
+    bool polled = false;
     for (;;) {
-        int n = ibv_poll_cq(iface->cq, LM_VERBS_POLL_BATCH, wc);
-        if (n < 0) {
-            fail_all(iface, LM_ERR_IO, "verbs: ibv_poll_cq failed; the completion queue is broken");
+        int n = poll_batch(iface, &delivered);
+        if (n < 0)
+            return;
+        if (n > 0) {
+            polled = true;
+            last = now_ns();
+        } else if (delivered || !polled || now_ns() - last > LM_VERBS_SPIN_NS) {
             return;
         }
-        for (int i = 0; i < n; i++)
-            delivered |= dispatch(iface, &wc[i]);
-        if (n > 0)
-            last = now_ns();
-        else if (delivered || now_ns() - last > LM_VERBS_SPIN_NS)
-            return;
     }
+}
+
+/* The transport's iface_poll: drain the CQ without waiting and without
+ * touching the channel. The CQ stays armed, or its event stays pending, so
+ * the epoll sleep that may follow is still woken by the next completion; an
+ * event whose completions were taken here finds the CQ empty later (cheap). */
+static int iface_poll(void *arg)
+{
+    lm_verbs_iface_t *iface = arg;
+    int delivered = 0;
+    while (poll_batch(iface, &delivered) == LM_VERBS_POLL_BATCH)
+        ;
+    return delivered;
 }
 
 static void on_cq_event(void *arg, uint32_t events)
@@ -288,6 +317,7 @@ const lm_transport_ops_t lm_verbs_transport = {
     .caps = LM_CAP_ZERO_COPY_SEND | LM_CAP_ZERO_COPY_RECV | LM_CAP_REMOTE_ACK | LM_CAP_HW_OFFLOAD,
     .iface_open = iface_open,
     .iface_close = iface_close,
+    .iface_poll = iface_poll,
     .mr_register = lm_verbs_mr_register,
     .mr_deregister = lm_verbs_mr_deregister,
     .ep_create = lm_verbs_ep_create,
