@@ -68,11 +68,6 @@ void lm_progress_del(lm_context_t *ctx, lm_io_handler_t *h);
 void lm_progress_barrier(lm_context_t *ctx);
 /* Run one epoll round in the calling thread (waiting up to timeout_ms). */
 void lm_progress_drive(lm_context_t *ctx, int timeout_ms);
-/* Have the progress thread (not the caller) pick up new work soon: it leaves
- * its park at once. Its epoll then sees the fd interest the caller set. */
-void lm_progress_request(lm_context_t *ctx);
-/* True on a thread that is running handlers right now. */
-bool lm_progress_dispatching(void);
 /* Wake drivers blocked in epoll_wait (no-op inside dispatch). */
 void lm_progress_kick(lm_context_t *ctx);
 uint64_t lm_now_ns(void);
@@ -123,7 +118,6 @@ typedef struct lm_progress {
     pthread_cond_t cond;
     int drivers;                /* application threads inside lm_progress_drive */
     bool thread_in_epoll;
-    bool work_requested;        /* unpark now: a transport queued work for the thread */
     uint64_t last_driver_exit_ns;
     pthread_mutex_t drive_lock; /* held while dispatching */
     atomic_ullong del_epoch;

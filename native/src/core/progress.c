@@ -214,10 +214,6 @@ static void park_while_driven(lm_progress_t *p)
     for (;;) {
         if (atomic_load(&p->stop))
             break;
-        if (p->work_requested) { /* a transport handed us work: run now */
-            p->work_requested = false;
-            break;
-        }
         uint64_t now = lm_now_ns();
         bool driven = p->drivers > 0 ||
                       (p->last_driver_exit_ns != 0 && now - p->last_driver_exit_ns < LM_HANDOFF_NS);
@@ -267,22 +263,6 @@ void lm_progress_drive(lm_context_t *ctx, int timeout_ms)
          * epoll_wait (with a stale timeout) while we drove: make it look again. */
         if (p->thread_in_epoll)
             wake(p);
-    }
-    pthread_mutex_unlock(&p->lock);
-}
-
-bool lm_progress_dispatching(void)
-{
-    return tls_dispatching;
-}
-
-void lm_progress_request(lm_context_t *ctx)
-{
-    lm_progress_t *p = &ctx->progress;
-    pthread_mutex_lock(&p->lock);
-    if (!p->thread_in_epoll) {
-        p->work_requested = true;
-        pthread_cond_signal(&p->cond);
     }
     pthread_mutex_unlock(&p->lock);
 }

@@ -12,10 +12,6 @@
 /* Frames handled per wake-up before yielding to other endpoints. */
 #define LM_TCP_RX_BUDGET 64
 #define LM_TCP_MAX_IOV 64
-/* Frames up to this size go out from the posting thread when the queue is
- * idle (latency); larger ones are left to the progress thread, so that the
- * kernel copy does not stall a thread that is launching compute. */
-#define LM_TCP_INLINE_SEND_MAX (16u * 1024u)
 /* A bare ACK waits this long for reverse traffic to carry it, unless this
  * many frames or bytes are unacknowledged (the sender's window must move). */
 #define LM_TCP_ACK_DELAY_NS 200000ull
