@@ -77,13 +77,13 @@ typedef struct lm_tcp_ep {
     lm_tcp_pending_t *rx_op; /* read being answered into local memory */
     uint64_t rx_expect_seq;  /* next sequence number the peer must use */
     bool rx_drained;         /* the last recv came back short */
-    uint64_t rx_unacked_bytes;
     lm_timer_t ack_timer;
 
     /* Acknowledgement state: written by the receive path, read when any frame
      * is sent; guarded by lock. */
     uint64_t rx_accepted;    /* highest WRITE seq accepted + 1 (0: none) */
     uint64_t rx_acked;       /* what we last told the peer, same encoding */
+    uint64_t rx_unacked_bytes; /* payload accepted since the last acknowledgement */
 } lm_tcp_ep_t;
 
 int lm_tcp_ep_create(void *iface, uint64_t ep_id, int fd, lm_ep_t **out);

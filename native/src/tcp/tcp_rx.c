@@ -232,10 +232,11 @@ static int on_read_req(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h)
     return LM_OK;
 }
 
-static void accept_seq(lm_tcp_ep_t *ep, uint64_t seq)
+static void accept_seq(lm_tcp_ep_t *ep, uint64_t seq, uint64_t bytes)
 {
     pthread_mutex_lock(&ep->lock);
     ep->rx_accepted = seq + 1;
+    ep->rx_unacked_bytes += bytes;
     pthread_mutex_unlock(&ep->lock);
 }
 
@@ -243,7 +244,7 @@ static int on_nop(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h)
 {
     int rc = check_sequence(ep, h);
     if (rc == LM_OK)
-        accept_seq(ep, h->seq);
+        accept_seq(ep, h->seq, 0);
     return rc;
 }
 
@@ -288,8 +289,7 @@ static void finish_payload(lm_tcp_ep_t *ep)
         return;
     }
     if (ep->rx_status == LM_OK) {
-        accept_seq(ep, h->seq);
-        ep->rx_unacked_bytes += h->length;
+        accept_seq(ep, h->seq, h->length);
         if (h->flags & LM_TCP_FLAG_IMM)
             push_target_completion(ep, LM_OP_RECV_IMM, LM_OK, h);
         return;

@@ -113,6 +113,7 @@ void lm_tcp_tx_flush(lm_tcp_ep_t *ep)
             if (done == 0) { /* every frame carries the newest acknowledgement */
                 tx->hdr.ack = ep->rx_accepted;
                 ep->rx_acked = ep->rx_accepted;
+                ep->rx_unacked_bytes = 0;
                 lm_timer_disarm(&ep->ack_timer);
             }
             if (done < sizeof(tx->hdr)) {
