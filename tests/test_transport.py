@@ -349,3 +349,20 @@ def test_concurrent_waiters_on_two_endpoints(contexts):
     for t in threads:
         t.join(15)
     assert got == {0: 100, 1: 101}
+
+
+def test_waiting_releases_the_gil(contexts):
+    """A thread blocked in wait() must not hold the GIL: if it did, the main thread
+    could not post the write that wakes it, and the wait would time out empty."""
+    a, b = contexts
+    target = np.zeros(8, np.uint8)
+    mt = b.register(target)
+    ms = a.register(np.ones(8, np.uint8))
+    ca, cb = connect_pair(b, a, server_data=mt.descriptor().to_bytes())
+    got: list = []
+    waiter = threading.Thread(target=lambda: got.extend(cb.wait(timeout=20)))
+    waiter.start()
+    total = sum(i * i for i in range(200_000))  # Python work while the waiter blocks
+    ca.write(ms, desc_of(ca), imm=total & 0xFFFF)
+    waiter.join(30)
+    assert [c.imm for c in got] == [total & 0xFFFF]
