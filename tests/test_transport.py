@@ -352,17 +352,21 @@ def test_concurrent_waiters_on_two_endpoints(contexts):
 
 
 def test_waiting_releases_the_gil(contexts):
-    """A thread blocked in wait() must not hold the GIL: if it did, the main thread
-    could not post the write that wakes it, and the wait would time out empty."""
+    """A thread blocked in the native wait must not hold the GIL: if it did, the main
+    thread could not post the write that wakes it, and the wait would time out empty."""
+    from lamina_comm._bindings import ffi, lib
+
     a, b = contexts
     target = np.zeros(8, np.uint8)
     mt = b.register(target)
     ms = a.register(np.ones(8, np.uint8))
     ca, cb = connect_pair(b, a, server_data=mt.descriptor().to_bytes())
-    got: list = []
-    waiter = threading.Thread(target=lambda: got.extend(cb.wait(timeout=20)))
+    out = ffi.new("lm_completion_t[]", 4)
+    got: list[int] = []
+    # One native call with a long timeout (Endpoint.wait slices its waits).
+    waiter = threading.Thread(target=lambda: got.append(lib.lm_cq_wait(b._handle(), out, 4, 20_000)))
     waiter.start()
     total = sum(i * i for i in range(200_000))  # Python work while the waiter blocks
     ca.write(ms, desc_of(ca), imm=total & 0xFFFF)
     waiter.join(30)
-    assert [c.imm for c in got] == [total & 0xFFFF]
+    assert got == [1] and out[0].opcode == lc.Op.RECV_IMM and out[0].imm == total & 0xFFFF
