@@ -234,7 +234,7 @@ class Endpoint:
         if self._ep is None:
             return ClosedError("endpoint is closed")
         status = lib.lm_ep_error(self._ep)
-        return None if status == 0 else error_for_status(status, f"endpoint failed: status {status}")
+        return None if status == 0 else error_for_status(status, f"endpoint {self.id} failed: {status_text(status)}")
 
     def poll(self, max_entries: int = 64) -> list[Completion]:
         self.context._pump_nowait()
