@@ -334,6 +334,10 @@ def test_no_per_message_allocation(links):
         la.send(src)
         r.wait(10)
     assert ea.stats["pinned_allocs"] == 1 and eb.stats["pinned_allocs"] == 1
+    # The receiver can finish before the sender's thread counts its last chunk.
+    deadline = time.monotonic() + 10
+    while (la.stats["chunks_sent"], lb.stats["credits_sent"]) != (250, 250) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert la.stats["chunks_sent"] == 50 * 5 and lb.stats["credits_sent"] == 50 * 5
 
 

@@ -24,4 +24,5 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -e '.[test,plot]' safetensors
-echo "setup: done ($(.venv/bin/python -c 'import lamina_comm.transport as t, lamina_comm; c=t.Context(); print(\"transports:\", \", \".join(c.transports)); c.close()'))"
+transports=$(.venv/bin/python -c 'import lamina_comm as lc; c = lc.Context(); print(", ".join(c.transports)); c.close()')
+echo "setup: done (transports here: $transports)"
