@@ -48,6 +48,8 @@ class Op(enum.IntEnum):
 
 _OPS = {op.value: op for op in Op}  # enum lookup by call is slow on the completion path
 _CF_IMM = lib.LM_CF_IMM
+_CAPS = {"zero_copy_send": lib.LM_CAP_ZERO_COPY_SEND, "zero_copy_recv": lib.LM_CAP_ZERO_COPY_RECV,
+         "remote_ack": lib.LM_CAP_REMOTE_ACK, "hw_offload": lib.LM_CAP_HW_OFFLOAD}
 
 TRANSPORT_IDS = {"tcp": lib.LM_TRANSPORT_TCP, "verbs": lib.LM_TRANSPORT_VERBS}
 TRANSPORT_NAMES = {v: k for k, v in TRANSPORT_IDS.items()}
@@ -200,6 +202,12 @@ class Endpoint:
         if self._ep is None:
             raise ClosedError("endpoint is closed")
         return self._ep
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """What the transport guarantees: zero_copy_send, zero_copy_recv, remote_ack, hw_offload."""
+        caps = lib.lm_ep_caps(self._handle())
+        return frozenset(name for name, bit in _CAPS.items() if caps & bit)
 
     def write(self, local: MemoryRegion, remote: RemoteRegion, *, local_offset: int = 0,
               remote_offset: int = 0, length: int | None = None, imm: int | None = None,

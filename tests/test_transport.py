@@ -225,6 +225,7 @@ def test_matching_secret_connects(monkeypatch):
         ca, cb = connect_pair(server, client, client_data=b"hello", server_data=b"world")
         assert ca.peer_data == b"world" and cb.peer_data == b"hello"
         assert ca.transport == "tcp"
+        assert ca.capabilities == {"zero_copy_send", "zero_copy_recv", "remote_ack"}
 
 
 def test_garbage_at_listener_leaves_server_serving(peer_factory):

@@ -70,6 +70,12 @@ extern "C" {
 #define LM_TRANSPORT_TCP 1
 #define LM_TRANSPORT_VERBS 2
 
+/* Transport capabilities (lm_ep_caps): what the layer above may rely on. */
+#define LM_CAP_ZERO_COPY_SEND 1 /* payload leaves straight from the region */
+#define LM_CAP_ZERO_COPY_RECV 2 /* payload lands straight in the region */
+#define LM_CAP_REMOTE_ACK 4     /* initiator completion means the target accepted */
+#define LM_CAP_HW_OFFLOAD 8     /* the NIC moves the data (no target CPU) */
+
 /* Completion opcodes and flags. */
 #define LM_OP_WRITE 1
 #define LM_OP_READ 2
@@ -162,6 +168,8 @@ int lm_ep_address(lm_ep_t *ep, void *buf, size_t *len);
 int lm_ep_connect(lm_ep_t *ep, const void *peer_addr, size_t len, int ctrl_fd);
 /* LM_TRANSPORT_* of this endpoint. */
 uint32_t lm_ep_transport(lm_ep_t *ep);
+/* LM_CAP_* of this endpoint's transport. */
+uint32_t lm_ep_caps(lm_ep_t *ep);
 
 /* Post a one-sided write. Returns LM_OK when queued (the completion comes
  * later), or an error now for bad arguments or a failed endpoint. Never waits

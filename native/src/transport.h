@@ -11,16 +11,10 @@
 
 #include "lamina.h"
 
-/* Capability flags: what the layer above may rely on. */
-#define LM_CAP_ZERO_COPY_SEND 1u   /* payload leaves straight from the region */
-#define LM_CAP_ZERO_COPY_RECV 2u   /* payload lands straight in the region */
-#define LM_CAP_REMOTE_ACK 4u       /* initiator completion means the target accepted */
-#define LM_CAP_HW_OFFLOAD 8u       /* the NIC moves the data (no target CPU) */
-
 typedef struct lm_transport_ops {
     const char *name;
     uint32_t id;   /* LM_TRANSPORT_* */
-    uint32_t caps; /* LM_CAP_* */
+    uint32_t caps; /* LM_CAP_* (lamina.h) */
 
     /* Open the transport's interface for a context. On failure return an
      * LM_ERR_* and write a reason a user can act on into why. */

@@ -113,6 +113,7 @@ def test_endpoints_negotiate_verbs():
         target = np.zeros(4096, np.uint8)
         ini, tgt = connect_pair(b, a, server_data=b.register(target).descriptor().to_bytes())
         assert ini.transport == "verbs" and tgt.transport == "verbs"
+        assert "hw_offload" in ini.capabilities and "remote_ack" in tgt.capabilities
         src = a.register(np.full(4096, 7, np.uint8))
         ini.write(src, lc.RemoteRegion.from_bytes(ini.peer_data), imm=5)
         assert ini.wait_one(30).ok
