@@ -455,14 +455,7 @@ def decode_check(timeout: float) -> dict:
         out["split_decode_tokens_per_s"] = round(samples.get("lamina_decode_tokens_total", 0) /
                                                  max(samples.get("lamina_decode_step_seconds_total", 0), 1e-9), 1)
     finally:
-        codes = []
-        for node in reversed(nodes):
-            try:
-                codes.append(node.stop())
-            except RuntimeError as exc:
-                codes.append(f"{exc}"[:500])
-            node.close()
-        out["node_exit_codes"] = codes
+        out["node_exit_codes"] = [c if isinstance(c, int) else c[:500] for c in demo.stop_nodes(nodes)]
     config = LlamaConfig.tiny()
     mono = MonolithicModel(config, LlamaWeights.random(config, seed=0), device="cuda")
     params = [SamplingParams(temperature=0.0, max_tokens=n) for n in workload.max_tokens]

@@ -101,6 +101,19 @@ class NodeProcess:
         self._log.close()
 
 
+def stop_nodes(nodes: list[NodeProcess]) -> list[int | str]:
+    """Stop nodes in reverse start order; each entry is an exit status, or the
+    reason a node did not exit cleanly."""
+    codes: list[int | str] = []
+    for node in reversed(nodes):
+        try:
+            codes.append(node.stop())
+        except RuntimeError as exc:
+            codes.append(str(exc))
+        node.close()
+    return codes
+
+
 def start_attention(name: str, *extra: str, listen: str = "127.0.0.1:0",
                     env: Optional[dict[str, str]] = None) -> NodeProcess:
     return NodeProcess(name, ["--role", "attention", "--listen", listen, "--threads", "1", *extra], env)
@@ -268,14 +281,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         reference = run_monolithic(args.seed, workload)
         ok = _report(workload, disaggregated, wall, reference, metrics_text, status_text)
     finally:
-        codes = []
-        for node in reversed(nodes):
-            try:
-                codes.append(node.stop())
-            except RuntimeError as exc:
-                print(exc, file=sys.stderr)
-                codes.append(-1)
-            node.close()
+        codes = stop_nodes(nodes)
+        for code in codes:
+            if isinstance(code, str):
+                print(code, file=sys.stderr)
     clean = all(code == 0 for code in codes)
     print(f"nodes stopped {'cleanly' if clean else f'with exit codes {codes}'}")
     return 0 if ok and clean else 1
