@@ -522,9 +522,8 @@ class Context:
 
     def poll(self, max_entries: int = 256) -> list[Completion]:
         """Every completion waiting, whichever endpoint it belongs to."""
-        with self._cv:
-            if not self._pumping:
-                self._pump(0)
+        with self._cv:  # an RLock: _pump_nowait takes it again
+            self._pump_nowait()
             out = list(self._orphans)
             self._orphans.clear()
             for ep in list(self._endpoints.values()):
