@@ -9,7 +9,9 @@ NATIVE_HDRS := $(wildcard native/include/*.h native/src/*.h native/src/*/*.h)
 BUILD := native/build
 PYTEST ?= $(PYTHON) -m pytest
 
-.PHONY: help install build native-test asan test test-rxe bench demo clean distclean
+.PHONY: help install build native-test asan test test-rxe bench demo fuzz clean distclean
+
+FUZZ_SECONDS ?= 60
 
 help:
 	@echo "make install   install lamina-comm (editable) with test and torch extras"
@@ -18,6 +20,7 @@ help:
 	@echo "make test-rxe  verbs tests in a soft-RoCE qemu guest"
 	@echo "make bench     loopback benchmarks side by side with iperf3 / sockperf / ucx_perftest"
 	@echo "make demo      disaggregated decode on loopback (1 model node, 2 attention nodes)"
+	@echo "make fuzz      each fuzzer (tests/fuzz) for FUZZ_SECONDS (default 60) under ASan/UBSan"
 
 # Everything a fresh machine lacks (apt when root, then .venv); done once.
 $(VENV)/.installed: tools/setup.sh pyproject.toml setup.py
@@ -65,6 +68,12 @@ bench: build
 
 demo: build
 	$(PYTHON) -m lamina_comm.node.demo
+
+# Coverage-guided fuzzers (libFuzzer on the tcp frame parser, atheris on the
+# Python parsers), each bounded by FUZZ_SECONDS; fails on any crash, sanitizer
+# report, hang or memory limit (tools/fuzz.sh). CI: make fuzz FUZZ_SECONDS=30.
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) PYTHON=$(PYTHON) tools/fuzz.sh
 
 clean:
 	rm -rf $(BUILD) build lamina_comm/_lamina*.so lamina_comm/_lamina.c lamina_comm/_lamina.o

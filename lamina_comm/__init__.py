@@ -10,7 +10,7 @@ The transport names load the native module on first use, so the pure-Python
 parts (pipeline, timeline, plan) import without a built extension.
 """
 from .errors import (AccessDeniedError, AuthenticationError, CanceledError, ClosedError,
-                     InvalidArgumentError, LaminaError, LocalRegionError, NoKeyError, OutOfBoundsError,
+                     InvalidArgumentError, LaminaError, LocalRegionError, NoKeyError, NoMemoryError, OutOfBoundsError,
                      PeerLostError, ProtocolError, RemoteAccessError, SequenceError, TimeoutError,
                      UnsupportedError)
 
@@ -30,6 +30,6 @@ def __getattr__(name: str):
 __all__ = [
     *_TRANSPORT_NAMES,
     "LaminaError", "AccessDeniedError", "AuthenticationError", "CanceledError", "ClosedError",
-    "InvalidArgumentError", "LocalRegionError", "NoKeyError", "OutOfBoundsError", "PeerLostError",
+    "InvalidArgumentError", "LocalRegionError", "NoKeyError", "NoMemoryError", "OutOfBoundsError", "PeerLostError",
     "ProtocolError", "RemoteAccessError", "SequenceError", "TimeoutError", "UnsupportedError",
 ]

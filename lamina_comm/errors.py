@@ -17,6 +17,11 @@ class InvalidArgumentError(LaminaError, ValueError):
     status = -1
 
 
+class NoMemoryError(LaminaError, MemoryError):
+    """The native library could not allocate (a queue, a frame, a completion)."""
+    status = -2
+
+
 class IOFailure(LaminaError, OSError):
     status = -3
 
@@ -79,7 +84,7 @@ class SequenceError(LaminaError):
 
 _BY_STATUS = {
     cls.status: cls
-    for cls in (InvalidArgumentError, IOFailure, TimeoutError_, NoKeyError, OutOfBoundsError,
+    for cls in (InvalidArgumentError, NoMemoryError, IOFailure, TimeoutError_, NoKeyError, OutOfBoundsError,
                 AccessDeniedError, PeerLostError, ProtocolError, UnsupportedError, ClosedError,
                 CanceledError, RemoteError, LocalRegionError)
 }

@@ -29,7 +29,8 @@ from .tensors import host_buffer, numpy_view
 log = logging.getLogger("lamina_comm")
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
-DEFAULT_HANDSHAKE_TIMEOUT = 5.0
+# Bound on the steps of accept() after a peer authenticated (reply, endpoint set-up).
+DEFAULT_HANDSHAKE_TIMEOUT = bootstrap.DEFAULT_HANDSHAKE_TIMEOUT
 
 
 class Access(enum.IntFlag):
@@ -288,43 +289,67 @@ class Endpoint:
 
 
 class Listener:
-    """A bootstrap listening socket; accept() runs the handshake and returns an Endpoint."""
+    """A bootstrap listening socket; accept() returns an Endpoint per authenticated peer.
+
+    The pre-authentication handshake (HELLO, AUTH, CHOOSE) runs for every
+    connection on a background thread (bootstrap.HandshakeGate), concurrently,
+    bounded by max_pending in total and max_pending_per_source per source
+    address, each within handshake_timeout; a connection over a bound is closed
+    at once. So idle or slow clients never delay a real peer. accept() sends
+    the reply (private_data) and creates the endpoint on the caller's thread.
+    fileno() is readable while an authenticated peer waits for accept().
+    """
 
     def __init__(self, ctx: "Context", address: tuple[str, int], backlog: int = 64,
-                 transport: str = "auto"):
+                 transport: str = "auto", limits: bootstrap.AdmissionLimits = bootstrap.AdmissionLimits()):
         self.context = ctx
         self._allowed = ctx._requested_mask(transport)
-        self._sock = socket.create_server(address, backlog=backlog, reuse_port=False)
-        self.address = self._sock.getsockname()[:2]
+        sock = socket.create_server(address, backlog=backlog, reuse_port=False)
+        self.address = sock.getsockname()[:2]
+        try:
+            self._gate = bootstrap.HandshakeGate(sock, ctx.transports_mask, self._allowed, ctx._secret, limits)
+        except BaseException:
+            sock.close()
+            raise
+        # The gate's threads hold no reference to the Listener, so a dropped one is closed here.
+        self._finalizer = weakref.finalize(self, self._gate.close)
+
+    @property
+    def limits(self) -> bootstrap.AdmissionLimits:
+        return self._gate.limits
 
     def accept(self, timeout: float | None = None, private_data: bytes | Callable[[bytes], bytes] = b"",
                handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT) -> Endpoint:
-        """Wait for a peer that completes the handshake; bad or hostile ones are refused and skipped."""
+        """The next peer that completes the handshake; bad or hostile ones are refused and skipped.
+
+        timeout bounds the wait for an authenticated peer; handshake_timeout the
+        steps after it on this thread (reply, endpoint set-up, verbs address).
+        """
         deadline = bootstrap._Deadline(timeout)
         while True:
-            self._sock.settimeout(deadline.left())
+            left = None if deadline.end is None else max(0.0, deadline.end - time.monotonic())
             try:
-                conn, peer = self._sock.accept()
-            except socket.timeout as exc:
-                raise TimeoutError_(f"no peer connected within {timeout} s") from exc
-            except OSError as exc:
-                if self._sock.fileno() < 0:
-                    raise ClosedError("listener closed") from exc
-                raise
+                peer = self._gate.take(left)
+            except TimeoutError_:
+                raise TimeoutError_(f"no peer connected within {timeout} s") from None
             try:
-                neg = bootstrap.server_handshake(conn, self.context.transports_mask, self._allowed,
-                                                 self.context._secret, private_data, handshake_timeout)
-                return self.context._make_endpoint(conn, neg, client=False, peer=peer,
+                bootstrap.server_reply(peer.sock, peer.negotiated, private_data, handshake_timeout)
+                return self.context._make_endpoint(peer.sock, peer.negotiated, client=False, peer=peer.address,
                                                    timeout=handshake_timeout)
             except (LaminaError, OSError, ValueError) as exc:
-                log.warning("refused peer %s:%s: %s", peer[0], peer[1], exc)
-                conn.close()
+                log.warning("refused peer %s:%s: %s", peer.address[0], peer.address[1], exc)
+                peer.sock.close()
 
     def fileno(self) -> int:
-        return self._sock.fileno()
+        """Readable while an authenticated peer waits for accept() (select, asyncio add_reader)."""
+        return self._gate.fileno()
+
+    def pending(self) -> tuple[int, int]:
+        """(handshakes in progress, authenticated peers waiting for accept())."""
+        return self._gate.pending()
 
     def close(self) -> None:
-        self._sock.close()
+        self._finalizer()
         self.context._listeners.discard(self)
 
     def __enter__(self) -> "Listener":
@@ -416,8 +441,13 @@ class Context:
         return mr
 
     # -- connections ---------------------------------------------------------
-    def listen(self, address: str | tuple[str, int], backlog: int = 64) -> Listener:
-        listener = Listener(self, _parse_address(address), backlog, self.transport)
+    def listen(self, address: str | tuple[str, int], backlog: int = 64, *,
+               handshake_timeout: float = bootstrap.DEFAULT_HANDSHAKE_TIMEOUT,
+               max_pending: int = bootstrap.DEFAULT_MAX_PENDING,
+               max_pending_per_source: int = bootstrap.DEFAULT_MAX_PENDING_PER_SOURCE) -> Listener:
+        """A Listener; the keywords bound its pre-authentication handshakes (see Listener)."""
+        limits = bootstrap.AdmissionLimits(max_pending, max_pending_per_source, handshake_timeout)
+        listener = Listener(self, _parse_address(address), backlog, self.transport, limits)
         self._listeners.add(listener)
         return listener
 

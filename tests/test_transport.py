@@ -371,3 +371,16 @@ def test_waiting_releases_the_gil(contexts):
     ca.write(ms, desc_of(ca), imm=total & 0xFFFF)
     waiter.join(30)
     assert got == [1] and out[0].opcode == lc.Op.RECV_IMM and out[0].imm == total & 0xFFFF
+
+
+def test_every_native_status_has_its_python_class():
+    """Each LM_ERR_* code the header defines maps to its own typed exception."""
+    from lamina_comm import _bindings
+    from lamina_comm.errors import LaminaError, error_for_status
+    lib = _bindings.lib
+    codes = {name: getattr(lib, name) for name in dir(lib) if name.startswith("LM_ERR_")}
+    assert codes, "no LM_ERR_ constants exported"
+    for name, code in codes.items():
+        err = error_for_status(code, name)
+        assert type(err) is not LaminaError, f"{name} ({code}) has no class of its own"
+        assert err.status == code

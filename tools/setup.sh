@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(gcc make libibverbs-dev librdmacm-dev iproute2 iperf3 sockperf ucx-utils)
+# clang-14 + libclang-rt-14-dev: the libFuzzer harnesses (make fuzz).
+APT_PACKAGES=(gcc make clang-14 libclang-rt-14-dev libibverbs-dev librdmacm-dev iproute2 iperf3 sockperf ucx-utils)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
     for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

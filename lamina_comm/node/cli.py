@@ -61,7 +61,9 @@ def _node_parser() -> argparse.ArgumentParser:
     model.add_argument("--max-step-tokens", type=int, default=2048, help="token budget of one micro-batch")
     model.add_argument("--max-queue", type=int, default=256, help="requests waiting before 429")
     model.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to reach each worker")
-    model.add_argument("--peer-timeout", type=float, default=10.0, help="seconds to wait for a worker's reply")
+    model.add_argument("--peer-timeout", type=float, default=10.0,
+                       help="model: seconds to wait for a worker's reply; attention: silence after which "
+                            "a newly connecting model node takes over the session")
     model.add_argument("--rebuild-timeout", type=float, default=30.0,
                        help="seconds held requests wait for a replacement worker")
 
@@ -164,7 +166,7 @@ def _run_attention(args: argparse.Namespace, stop: threading.Event) -> int:
     options = AttentionOptions(
         listen=args.listen, num_blocks=args.blocks, block_size=args.block_size, device=args.device,
         config=load_config(args), secret=args.secret, transport=args.transport,
-        exit_after_messages=args.exit_after_messages)
+        peer_timeout=args.peer_timeout, exit_after_messages=args.exit_after_messages)
     server = AttentionServer(options)
     try:
         host, port = server.address

@@ -3,17 +3,27 @@
     POST /generate   {"prompt": [ids], "max_tokens", "temperature", "top_p", "seed",
                       "stop_token_ids", "stream"} -> {"tokens": [...], ...}
                      or, with "stream": true, chunked NDJSON: one line per token
-    GET  /healthz    200 when every attention worker is up, else 503
+    GET  /healthz    200 when the node can serve, else 503 with the reason (a worker
+                     lost, the scheduler stopped or made no progress, shutting down)
     GET  /status     the cluster (roles, peers, head shares, KV blocks) as JSON
     GET  /metrics    Prometheus text
 
 Every refusal is a JSON object {"error": reason} with a 4xx/5xx status; a bad
 request never disturbs the others (each connection has its own thread).
+
+Framing: every request's body is consumed, as framed by Content-Length, before
+any answer on a kept-alive connection, so no byte of one request is ever read
+as the next. Bodies whose framing is missing, ambiguous, unsupported
+(Transfer-Encoding) or over MAX_BODY_BYTES are answered and the connection is
+closed.
 """
 from __future__ import annotations
 
 import json
 import logging
+import re
+import select
+import socket
 import threading
 import time
 from http import HTTPStatus
@@ -21,12 +31,21 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional, Protocol
 
 from lamina_comm.node.metrics import NodeMetrics
-from lamina_comm.node.model_node import InvalidRequest, RequestHandle, RequestRejected
+from lamina_comm.node.model_node import CLIENT_CLOSED, InvalidRequest, RequestHandle, RequestRejected
 from lamina_comm.node.sampling import SamplingParams
 
 log = logging.getLogger("lamina_comm.node.http")
 
+# Largest request body accepted; a larger Content-Length gets 413 and the
+# connection is closed without reading the body.
 MAX_BODY_BYTES = 1 << 20
+# Deepest JSON nesting accepted in a body (a /generate body needs 2); deeper
+# gets 400 before the parser recurses.
+MAX_JSON_DEPTH = 16
+# Listen backlog of the front door (the kernel caps it at net.core.somaxconn):
+# connections a burst of clients may open before the accept loop takes them.
+DEFAULT_LISTEN_BACKLOG = 1024
+_SOMAXCONN_PATH = "/proc/sys/net/core/somaxconn"
 _DEFAULTS = SamplingParams()
 _FIELDS = {"prompt", "max_tokens", "temperature", "top_p", "seed", "stop_token_ids", "stream"}
 
@@ -36,8 +55,7 @@ class GenerationService(Protocol):
 
     metrics: NodeMetrics
 
-    @property
-    def healthy(self) -> bool: ...
+    def unhealthy_reason(self) -> Optional[str]: ...
 
     def submit(self, prompt: list[int], params: SamplingParams) -> RequestHandle: ...
 
@@ -49,10 +67,7 @@ class GenerationService(Protocol):
 
 def parse_generate(body: bytes) -> tuple[list[int], SamplingParams, bool]:
     """(prompt, sampling params, stream) of a /generate body; InvalidRequest names the problem."""
-    try:
-        request = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"body is not valid JSON: {exc}") from exc
+    request = parse_json(body)
     if not isinstance(request, dict):
         raise InvalidRequest("body must be a JSON object")
     unknown = sorted(set(request) - _FIELDS)
@@ -75,14 +90,11 @@ def parse_generate(body: bytes) -> tuple[list[int], SamplingParams, bool]:
     stop = request.get("stop_token_ids", [])
     if not isinstance(stop, list) or not all(_is_int(t) for t in stop):
         raise InvalidRequest("stop_token_ids must be a list of integer token ids")
-    for name in ("temperature", "top_p"):
-        value = request.get(name, getattr(_DEFAULTS, name))
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InvalidRequest(f"{name} must be a number, got {value!r}")
     try:
+        # SamplingParams checks the numbers (types, finiteness, ranges) itself.
         params = SamplingParams(
-            temperature=float(request.get("temperature", _DEFAULTS.temperature)),
-            top_p=float(request.get("top_p", _DEFAULTS.top_p)),
+            temperature=request.get("temperature", _DEFAULTS.temperature),
+            top_p=request.get("top_p", _DEFAULTS.top_p),
             max_tokens=max_tokens,
             seed=seed,
             stop_token_ids=stop,
@@ -92,19 +104,120 @@ def parse_generate(body: bytes) -> tuple[list[int], SamplingParams, bool]:
     return prompt, params, stream
 
 
+def parse_json(body: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """The JSON value of ``body``; InvalidRequest when it is not JSON or nests deeper than ``max_depth``."""
+    if json_nesting_exceeds(body, max_depth):
+        raise InvalidRequest(f"body nests JSON deeper than {max_depth} levels")
+    try:
+        return json.loads(body)
+    except RecursionError:  # cannot happen under the depth bound; kept so a parser change stays a 400
+        raise InvalidRequest("body nests JSON deeper than the parser allows") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"body is not valid JSON: {exc}") from exc
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_nesting_exceeds(body: bytes, limit: int) -> bool:
+    """True when the arrays and objects of ``body`` nest deeper than ``limit``.
+
+    Brackets inside strings do not count. Invalid JSON may be misjudged; the
+    parser rejects it anyway.
+    """
+    brackets = _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
+    if len(brackets) <= limit:  # the common case: a handful of brackets
+        return False
+    depth = 0
+    for byte in brackets:
+        depth += 1 if byte in b"[{" else -1
+        if depth > limit:
+            return True
+    return False
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+# ------------------------------------------------------------------ framing
+
+_DIGITS = re.compile(r"[0-9]+")
+
+
+def request_body_size(headers: Any) -> Optional[int]:
+    """Bytes of body the request's headers frame, None when they frame none.
+
+    RequestRejected when the framing is unusable: then the connection must be
+    closed, since where the next request starts is unknown.
+    """
+    # The header parser stops at the first malformed line and drops the rest
+    # silently; a peer that read them (a proxy) would frame the body otherwise.
+    if getattr(headers, "defects", None):
+        raise RequestRejected(HTTPStatus.BAD_REQUEST, f"malformed header section: {headers.defects[0]!r}")
+    encodings = headers.get_all("Transfer-Encoding") or []
+    lengths = headers.get_all("Content-Length") or []
+    if encodings and lengths:
+        raise RequestRejected(HTTPStatus.BAD_REQUEST,
+                              "both Transfer-Encoding and Content-Length: the body's framing is ambiguous")
+    if encodings:
+        raise RequestRejected(HTTPStatus.NOT_IMPLEMENTED,
+                              f"Transfer-Encoding {', '.join(encodings)!r} is not supported; send Content-Length")
+    if not lengths:
+        return None
+    return _content_length(lengths)
+
+
+def _content_length(headers: list[str]) -> int:
+    """The one length that every Content-Length header (and list element) states."""
+    values = {value.strip() for header in headers for value in header.split(",")}
+    if len(values) != 1 or not _DIGITS.fullmatch(next(iter(values))):
+        shown = ", ".join(sorted(values))[:80]
+        raise RequestRejected(HTTPStatus.BAD_REQUEST, f"bad Content-Length {shown!r}")
+    digits = values.pop().lstrip("0") or "0"
+    # Compare lengths first: int() of a 65 KB header would itself fail.
+    if len(digits) > len(str(MAX_BODY_BYTES)) or int(digits) > MAX_BODY_BYTES:
+        raise RequestRejected(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                              f"body of {digits[:20]} bytes is over the {MAX_BODY_BYTES}-byte limit")
+    return int(digits)
+
+
+def effective_backlog(requested: int) -> int:
+    """``requested`` capped at net.core.somaxconn, as the kernel would cap it silently."""
+    try:
+        with open(_SOMAXCONN_PATH) as file:
+            limit = int(file.read())
+    except (OSError, ValueError):
+        return requested
+    return min(requested, limit)
 
 
 # ------------------------------------------------------------------ server
 
 
 class FrontDoor:
-    """ThreadingHTTPServer bound to ``address`` serving a GenerationService."""
+    """ThreadingHTTPServer bound to ``address`` serving a GenerationService.
 
-    def __init__(self, service: GenerationService, address: tuple[str, int], request_timeout: float = 600.0):
+    ``listen_backlog`` (default DEFAULT_LISTEN_BACKLOG) is how many connections
+    the kernel queues before the accept loop takes them; beyond it a burst of
+    clients sees resets. ``self.listen_backlog`` is the value in effect.
+    """
+
+    def __init__(self, service: GenerationService, address: tuple[str, int], request_timeout: float = 600.0,
+                 listen_backlog: int = DEFAULT_LISTEN_BACKLOG):
+        if listen_backlog < 1:
+            raise ValueError(f"listen_backlog must be >= 1, got {listen_backlog}")
         handler = type("BoundHandler", (_Handler,), {"service": service, "request_timeout": request_timeout})
-        self.server = ThreadingHTTPServer(address, handler)
+        self.listen_backlog = effective_backlog(listen_backlog)
+        self.server = ThreadingHTTPServer(address, handler, bind_and_activate=False)
+        self.server.request_queue_size = self.listen_backlog  # what server_activate passes to listen()
+        try:
+            self.server.server_bind()
+            self.server.server_activate()
+        except BaseException:
+            self.server.server_close()
+            raise
         self.server.daemon_threads = True
         self.address: tuple[str, int] = self.server.server_address[:2]
         self._thread: Optional[threading.Thread] = None
@@ -121,34 +234,75 @@ class FrontDoor:
         self.server.server_close()
 
 
+# path -> {method: handler method name}
+_ROUTES = {
+    "/healthz": {"GET": "_healthz"},
+    "/status": {"GET": "_status"},
+    "/metrics": {"GET": "_metrics"},
+    "/generate": {"POST": "_generate"},
+}
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # chunked streaming needs 1.1
     server_version = "lamina-node"
     timeout = 30  # seconds a client may take to send its request
     service: GenerationService
     request_timeout: float
+    body: Optional[bytes] = None  # the current request's body; None: it framed none
 
     # -- routing --------------------------------------------------------------
-    def do_GET(self) -> None:  # noqa: N802 - http.server naming
-        routes = {"/healthz": self._healthz, "/status": self._status, "/metrics": self._metrics}
-        route = routes.get(self.path.split("?", 1)[0])
-        if route is None:
-            self._not_found()
-        else:
-            route()
-
-    def do_POST(self) -> None:  # noqa: N802
-        if self.path.split("?", 1)[0] != "/generate":
-            self._not_found()
-            return
+    def _dispatch(self) -> None:
+        """Every method: consume the body as framed, then route; so nothing of it is read as a request."""
         try:
-            body = self._read_body()
+            self.body = self._read_framed_body()
         except RequestRejected as exc:
-            self.close_connection = True  # the unread body would garble the next request
-            self._send_json(exc.http_status, {"error": str(exc)})
+            self._refuse_and_close(exc)
+            return
+        path = self.path.split("?", 1)[0]
+        methods = _ROUTES.get(path)
+        if methods is None:
+            self._send_json(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint {path}"})
+        elif self.command not in methods:
+            self._send_json(HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"{self.command} is not allowed on {path}"},
+                            extra_headers={"Allow": ", ".join(methods)})
+        else:
+            getattr(self, methods[self.command])()
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _dispatch  # noqa: N815 - http.server naming
+
+    def _read_framed_body(self) -> Optional[bytes]:
+        size = request_body_size(self.headers)
+        if size is None:
+            return None
+        body = self.rfile.read(size)
+        if len(body) < size:
+            raise RequestRejected(HTTPStatus.BAD_REQUEST, f"body ended after {len(body)} of {size} bytes")
+        return body
+
+    # -- GET endpoints ----------------------------------------------------------
+    def _healthz(self) -> None:
+        reason = self.service.unhealthy_reason()
+        if reason is None:
+            self._send_json(HTTPStatus.OK, {"status": "ok"})
+        else:
+            self._send_json(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "degraded", "reason": reason})
+
+    def _status(self) -> None:
+        self._send_json(HTTPStatus.OK, self.service.status())
+
+    def _metrics(self) -> None:
+        body = self.service.metrics.render().encode()
+        self._send_bytes(HTTPStatus.OK, body, "text/plain; version=0.0.4; charset=utf-8")
+
+    # -- generation ---------------------------------------------------------------
+    def _generate(self) -> None:
+        if self.body is None:
+            # Without a length the client's intended framing is unknown: do not read on.
+            self._refuse_and_close(RequestRejected(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required"))
             return
         try:
-            prompt, params, stream = parse_generate(body)
+            prompt, params, stream = parse_generate(self.body)
             handle = self.service.submit(prompt, params)
         except RequestRejected as exc:
             self._send_json(exc.http_status, {"error": str(exc)})
@@ -162,47 +316,15 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._complete(handle)
 
-    def _not_found(self) -> None:
-        known = {"GET": ["/healthz", "/status", "/metrics"], "POST": ["/generate"]}
-        path = self.path.split("?", 1)[0]
-        if any(path in paths for paths in known.values()):
-            self._send_json(HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"{self.command} is not allowed on {path}"})
-        else:
-            self._send_json(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint {path}"})
-
-    do_PUT = do_DELETE = do_PATCH = _not_found  # noqa: N815
-
-    # -- GET endpoints ----------------------------------------------------------
-    def _healthz(self) -> None:
-        healthy = self.service.healthy
-        self._send_json(HTTPStatus.OK if healthy else HTTPStatus.SERVICE_UNAVAILABLE,
-                        {"status": "ok" if healthy else "degraded"})
-
-    def _status(self) -> None:
-        self._send_json(HTTPStatus.OK, self.service.status())
-
-    def _metrics(self) -> None:
-        body = self.service.metrics.render().encode()
-        self._send_bytes(HTTPStatus.OK, body, "text/plain; version=0.0.4; charset=utf-8")
-
-    # -- generation ---------------------------------------------------------------
-    def _read_body(self) -> bytes:
-        length = self.headers.get("Content-Length")
-        if length is None:
-            raise RequestRejected(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
-        try:
-            size = int(length)
-        except ValueError:
-            raise RequestRejected(HTTPStatus.BAD_REQUEST, f"bad Content-Length {length!r}") from None
-        if size < 0 or size > MAX_BODY_BYTES:
-            raise RequestRejected(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY_BYTES} bytes")
-        return self.rfile.read(size)
-
     def _complete(self, handle: RequestHandle) -> None:
         try:
-            result = handle.result(self.request_timeout)
+            result = handle.result(self.request_timeout, abandoned=self._client_gone)
         except RequestRejected as exc:
             handle.cancel()
+            if exc.http_status == CLIENT_CLOSED:
+                log.info("client of request %d went away; cancelled it", handle.id)
+                self.close_connection = True
+                return
             self._send_json(exc.http_status, {"id": handle.id, "error": str(exc)})
             return
         self._send_json(HTTPStatus.OK, {
@@ -213,6 +335,23 @@ class _Handler(BaseHTTPRequestHandler):
             "completion_tokens": len(result["tokens"]),
             "time_s": round(time.monotonic() - handle.submitted_at, 6),
         })
+
+    def _client_gone(self) -> bool:
+        """True when the client closed its connection (EOF or reset); bytes it sent ahead do not count.
+
+        A client that half-closes (shutdown(SHUT_WR)) after its request is
+        taken as gone too: an HTTP/1.1 client keeps its side open until it
+        has the answer.
+        """
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            if not readable:
+                return False
+            return self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
 
     def _stream(self, handle: RequestHandle) -> None:
         """Chunked NDJSON: one {"token"} line per token, then a final {"done": true} line."""
@@ -263,13 +402,20 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     # -- plumbing -----------------------------------------------------------------
-    def _send_json(self, status: int, payload: dict[str, Any]) -> None:
-        self._send_bytes(status, json.dumps(payload).encode() + b"\n", "application/json")
+    def _refuse_and_close(self, exc: RequestRejected) -> None:
+        self._send_json(exc.http_status, {"error": str(exc)}, extra_headers={"Connection": "close"})
 
-    def _send_bytes(self, status: int, body: bytes, content_type: str) -> None:
+    def _send_json(self, status: int, payload: dict[str, Any],
+                   extra_headers: Optional[dict[str, str]] = None) -> None:
+        self._send_bytes(status, json.dumps(payload).encode() + b"\n", "application/json", extra_headers)
+
+    def _send_bytes(self, status: int, body: bytes, content_type: str,
+                    extra_headers: Optional[dict[str, str]] = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        for name, value in (extra_headers or {}).items():
+            self.send_header(name, value)  # "Connection: close" also sets close_connection
         self.end_headers()
         self.wfile.write(body)
 

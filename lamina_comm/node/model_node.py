@@ -39,7 +39,7 @@ from lamina_comm.node import protocol
 from lamina_comm.node.kvcache import HeadRange, slice_heads, split_kv_heads
 from lamina_comm.node.metrics import NodeMetrics
 from lamina_comm.node.model import LlamaConfig, LlamaWeights, ModelTier, StepInputs
-from lamina_comm.node.sampling import SamplingParams, make_generator, sample
+from lamina_comm.node.sampling import SamplingError, SamplingParams, make_generator, sample_each
 from lamina_comm.pipeline import run_step
 from lamina_comm.timeline import Timeline
 from lamina_comm.transport import Context
@@ -49,6 +49,20 @@ log = logging.getLogger("lamina_comm.node.model")
 # How long one attempt to reach a replacement worker may take; recovery keeps
 # trying until ModelNodeOptions.rebuild_timeout.
 _REPLACE_ATTEMPT_S = 0.5
+
+# At start-up, a worker that answers "busy" (it serves another model node) is
+# asked again this often until connect_timeout: a hung model node gives way
+# after the worker's takeover bound.
+BUSY_RETRY_S = 0.5
+
+# How often a waiting caller re-checks whether its client is still there
+# (RequestHandle.result(abandoned=...)): the most a gone client costs is
+# this long of generation.
+ABANDON_CHECK_S = 0.25
+
+# Status of a request whose client went away before the answer (nginx's 499);
+# only logs and metrics see it, the client is gone.
+CLIENT_CLOSED = 499
 
 # step_observer(step number, micro-batch, entries (request id, tokens, start), logits): for tests and tracing.
 StepObserver = Callable[[int, int, list[tuple[int, list[int], int]], torch.Tensor], None]
@@ -121,9 +135,14 @@ class ModelNodeOptions:
     peer_timeout: float = 10.0
     # How long held requests wait for a replacement worker before they fail.
     rebuild_timeout: float = 30.0
-    # An idle node asks its workers for their status this often, so a worker
-    # that dies while nothing runs is noticed within this plus peer_timeout.
+    # An idle (or recovering) node sends its workers a status heartbeat this
+    # often, or at a third of a worker's takeover bound if that is shorter, so a
+    # worker that dies while nothing runs is noticed within this plus
+    # peer_timeout, and no worker takes this node for a hung one.
     idle_probe_s: float = 2.0
+    # /healthz turns 503 when the scheduler has work but has completed no step
+    # and settled no request for this long (a hung or failing scheduler loop).
+    stall_timeout: float = 60.0
     record_timeline: bool = True
 
     def validate(self, config: LlamaConfig) -> None:
@@ -133,7 +152,7 @@ class ModelNodeOptions:
         for name in ("microbatches", "max_step_tokens", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("connect_timeout", "peer_timeout", "rebuild_timeout", "idle_probe_s"):
+        for name in ("connect_timeout", "peer_timeout", "rebuild_timeout", "idle_probe_s", "stall_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
@@ -164,12 +183,29 @@ class RequestHandle:
         except queue.Empty:
             return None
 
-    def result(self, timeout: float) -> dict[str, Any]:
-        """Wait for the end; returns {"tokens", "finish_reason"} or raises RequestRejected."""
+    def result(self, timeout: float, abandoned: Optional[Callable[[], bool]] = None,
+               check_every: float = ABANDON_CHECK_S) -> dict[str, Any]:
+        """Wait for the end; returns {"tokens", "finish_reason"} or raises RequestRejected.
+
+        ``abandoned`` (e.g. "the client closed its connection") is asked every
+        ``check_every`` seconds while waiting; when it says yes the request is
+        cancelled and RequestRejected(499) raised, so nobody computes tokens
+        that no one will read.
+        """
         deadline = time.monotonic() + timeout
+        next_check = time.monotonic() + check_every
         while True:
-            event = self.next_event(max(0.0, deadline - time.monotonic()))
+            now = time.monotonic()
+            if abandoned is not None and now >= next_check:  # by the clock: token events never pause
+                next_check = now + check_every
+                if abandoned():
+                    self.cancel()
+                    raise RequestRejected(CLIENT_CLOSED, f"request {self.id} cancelled: the client went away")
+            wait = deadline - now if abandoned is None else min(deadline, next_check) - now
+            event = self.next_event(max(0.0, wait))
             if event is None:
+                if time.monotonic() < deadline:
+                    continue
                 raise RequestRejected(504, f"request {self.id} did not finish within {timeout} s")
             if event["event"] == "finished":
                 return {"tokens": list(self.tokens), "finish_reason": event["finish_reason"]}
@@ -245,7 +281,16 @@ class AttentionPeer:
         self.blocks_used = int(setup_reply["blocks_used"])
         self.blocks_total = int(setup_reply["blocks_total"])
         self.block_size = int(setup_reply["block_size"])
+        # The worker lets a new model node take over after this long without a message from us.
+        takeover_after = setup_reply.get("takeover_after_s")
+        self.takeover_after_s = float(takeover_after) if isinstance(takeover_after, (int, float)) else None
         self.outstanding = [0] * data.spec.microbatches  # sent, reply not yet taken
+
+    def heartbeat_interval(self, idle_probe_s: float) -> float:
+        """Longest pause between two messages to this worker: well inside its takeover bound."""
+        if not self.takeover_after_s or self.takeover_after_s <= 0:
+            return idle_probe_s
+        return min(idle_probe_s, self.takeover_after_s / protocol.HEARTBEATS_PER_SILENCE)
 
     @classmethod
     def connect(cls, context: Context, index: int, address: str, config: LlamaConfig, num_workers: int,
@@ -331,7 +376,12 @@ class AttentionCluster:
         self.spares = list(options.spares)
         self.peers: list[Optional[AttentionPeer]] = [None] * len(self.addresses)
         self.lost: dict[int, WorkerLost] = {}
+        # Start of the current degraded period: set at the first loss, kept through
+        # reconnects and cleared only by confirm_recovered() (a step, an admission
+        # or a probe that worked), so a worker that flaps stays degraded.
         self.lost_since: Optional[float] = None
+        self.losses_since = 0  # workers lost in the current degraded period
+        self.last_loss: Optional[WorkerLost] = None
 
     def data_spec(self, index: int) -> ChannelSpec:
         return protocol.data_channel_spec(self.config, self.head_ranges[index], self.options.microbatches,
@@ -342,10 +392,22 @@ class AttentionCluster:
         """Connect and set up every worker; the error of the first that fails names it."""
         for index, address in enumerate(self.addresses):
             try:
-                self.peers[index] = self._connect(index, address, self.options.connect_timeout)
+                self.peers[index] = self._connect_waiting_out_busy(index, address)
             except (LaminaError, OSError) as exc:
                 self.close()
                 raise _naming_worker(exc, f"attention worker {index} at {address}") from exc
+
+    def _connect_waiting_out_busy(self, index: int, address: str) -> AttentionPeer:
+        """Connect within connect_timeout, asking again while the worker is busy with another model node."""
+        deadline = time.monotonic() + self.options.connect_timeout
+        while True:
+            try:
+                return self._connect(index, address, max(deadline - time.monotonic(), _REPLACE_ATTEMPT_S))
+            except protocol.ControlError as exc:
+                if exc.code != "busy" or time.monotonic() + BUSY_RETRY_S > deadline:
+                    raise
+                log.info("attention worker %d at %s: %s; asking again", index, address, exc)
+                time.sleep(BUSY_RETRY_S)
 
     def _connect(self, index: int, address: str, timeout: float) -> AttentionPeer:
         peer = AttentionPeer.connect(self.context, index, address, self.config, len(self.addresses),
@@ -369,8 +431,16 @@ class AttentionCluster:
             peer.close()
         self.peers[lost.index] = None
         self.lost[lost.index] = lost
+        self.last_loss = lost
+        self.losses_since += 1
         if self.lost_since is None:
             self.lost_since = time.monotonic()
+
+    def confirm_recovered(self) -> None:
+        """The workers just served something: a degraded period (if any) is over."""
+        if self.healthy:
+            self.lost_since = None
+            self.losses_since = 0
 
     def try_replace(self, index: int) -> bool:
         """Connect a replacement for a lost worker: a spare, else its own address again."""
@@ -387,8 +457,6 @@ class AttentionCluster:
                 self.spares.remove(candidate)
                 self.addresses[index] = candidate
                 self.spares.append(original)  # if it comes back, it can serve as a spare
-            if not self.lost:
-                self.lost_since = None
             log.warning("attention worker %d replaced by %s", index, candidate)
             return True
         return False
@@ -423,6 +491,12 @@ class AttentionCluster:
             if kind == "reserve":  # the whole batch is retried after recovery
                 self._free_quietly(asked, [request_id for request_id, _ in reservations])
             raise
+        except protocol.ControlError as exc:
+            # The worker is fine but refused the message: the batch fails, nobody reconnects.
+            log.error("attention worker %d at %s refused %s: %s", peer.index, peer.address, kind, exc)
+            self._free_quietly(asked, [request_id for request_id, _ in reservations])
+            reason = f"attention worker {peer.index} at {peer.address} refused the {kind}: {exc}"
+            return {int(request_id): reason for request_id, _ in reservations}
         if refused:
             self.free(list(refused))
         return refused
@@ -447,8 +521,13 @@ class AttentionCluster:
 
     @staticmethod
     def _free_on(peer: AttentionPeer, request_ids: Sequence[int]) -> None:
+        """Release on one worker; a refusal is logged (the worker is fine), a loss raised."""
         for chunk in _chunks(request_ids):
-            peer.call({"type": "free", "requests": [int(r) for r in chunk]})
+            try:
+                peer.call({"type": "free", "requests": [int(r) for r in chunk]})
+            except protocol.ControlError as exc:
+                log.error("attention worker %d at %s refused to free %d requests: %s", peer.index, peer.address,
+                          len(chunk), exc)
 
     def close(self) -> None:
         for peer in self.live:
@@ -594,6 +673,9 @@ class ModelNode:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._last_contact = time.monotonic()
+        # When the scheduler last completed a step or settled a request (or
+        # got work while idle): /healthz measures stalls from here.
+        self._progress_at = time.monotonic()
         self.last_overlap_efficiency: Optional[float] = None
 
     # -- life cycle ---------------------------------------------------------
@@ -643,14 +725,15 @@ class ModelNode:
             if self._closed:
                 raise RequestRejected(503, "the model node is shutting down")
             if self._degraded_for() > self.options.rebuild_timeout:
-                causes = "; ".join(str(lost) for lost in self.cluster.lost.values())
-                raise RequestRejected(503, f"attention tier unavailable: {causes}")
+                raise RequestRejected(503, f"attention tier unavailable: {self._degraded_causes()}")
             if len(self._queue) >= self.options.max_queue:
                 raise RequestRejected(429, f"queue full ({self.options.max_queue} requests waiting)")
             request_id = next(self._ids)
             handle = RequestHandle(request_id, len(prompt))
             request = _Request(request_id, list(prompt), params, make_generator(params, self.tier.device),
                                handle, pending=list(prompt))
+            if not self._has_work():
+                self._note_progress()  # idle time before this request is not a stall
             self._queue.append(request)
             self._wakeup.notify_all()
         return handle
@@ -690,20 +773,35 @@ class ModelNode:
             self._last_contact = time.monotonic()
             return True
         if not admitted:
-            self._probe_when_idle()
+            self._keep_alive()
             if wait > 0:
                 with self._wakeup:
                     if not self._queue and not self._stop.is_set():
                         self._wakeup.wait(wait)
         return admitted
 
-    def _probe_when_idle(self) -> None:
-        """Ask idle workers for their status now and then (notices deaths, refreshes KV figures)."""
-        if time.monotonic() - self._last_contact < self.options.idle_probe_s:
+    def _keep_alive(self) -> None:
+        """Heartbeat: a ``status`` to every live worker when no step has reached them for a while.
+
+        Notices a worker that died while nothing ran, refreshes the KV figures,
+        and keeps every worker from taking this node for a hung one (a worker
+        hands its session to a newly connecting model node after its takeover
+        bound of silence). Runs while idle and while a lost worker is replaced.
+        """
+        interval = min((peer.heartbeat_interval(self.options.idle_probe_s) for peer in self.cluster.live),
+                       default=self.options.idle_probe_s)
+        if time.monotonic() - self._last_contact < interval:
             return
         self._last_contact = time.monotonic()
+        answered = True
         for peer in self.cluster.live:
-            peer.call({"type": "status"})
+            try:
+                peer.call({"type": "status"})
+            except protocol.ControlError as exc:  # it answered, with an error: not lost
+                log.warning("attention worker %d at %s refused status: %s", peer.index, peer.address, exc)
+                answered = False
+        if answered:
+            self.cluster.confirm_recovered()
 
     def _drop_cancelled(self) -> None:
         with self._wakeup:
@@ -730,6 +828,7 @@ class ModelNode:
             with self._wakeup:
                 self._queue.extendleft(reversed(batch))
             raise
+        self.cluster.confirm_recovered()  # every worker answered
         for request in batch:
             if request.id in refused:
                 self._fail(request, 503, refused[request.id], outcome="rejected")
@@ -737,14 +836,15 @@ class ModelNode:
                 self._running.append(request)
                 self.metrics.prompt_tokens.inc(len(request.prompt))
                 request.handle._emit({"event": "admitted"})
+        self._note_progress()
         return True
 
     def _step(self) -> None:
         plan = plan_microbatches(self._running, self.options.microbatches, self.options.max_step_tokens)
-        step = PipelinedStep(self.tier, self.cluster.live, plan, self.metrics)
         timeline = Timeline("model") if self.options.record_timeline else None
         started = time.perf_counter()
         try:
+            step = PipelinedStep(self.tier, self.cluster.live, plan, self.metrics)
             run_step(self.config.num_layers, len(plan), step, timeline)
         except WorkerLost:
             self.metrics.steps.inc(outcome="worker_lost")
@@ -753,10 +853,12 @@ class ModelNode:
             self.metrics.steps.inc(outcome="failed")
             self._abort_step(plan, exc)
             return
+        self.cluster.confirm_recovered()
         self._record_step(plan, step, timeline, time.perf_counter() - started)
-        finished = self._advance(plan, step.logits)
-        if finished:
-            self.cluster.free([r.id for r in finished])
+        ended = self._advance(plan, step.logits)
+        self._note_progress()
+        if ended:
+            self.cluster.free([r.id for r in ended])
 
     def _record_step(self, plan: list[list[StepEntry]], step: PipelinedStep, timeline: Optional[Timeline],
                      seconds: float) -> None:
@@ -778,8 +880,13 @@ class ModelNode:
                 self.step_observer(self.steps_run, mb, [entry.as_batch_entry() for entry in entries], logits)
 
     def _advance(self, plan: list[list[StepEntry]], logits: list[Optional[torch.Tensor]]) -> list[_Request]:
-        """Account the fed tokens, sample where a request's input is complete; returns finished requests."""
-        finished: list[_Request] = []
+        """Account the fed tokens, sample where a request's input is complete.
+
+        Returns the requests that ended (finished, or failed to sample). A
+        request whose sampling fails gets a 500 naming the cause and leaves
+        the batch; the others go on as if it had never been there.
+        """
+        ended: list[_Request] = []
         for entries, mb_logits in zip(plan, logits):
             rows: list[int] = []
             for row, entry in enumerate(entries):
@@ -790,14 +897,22 @@ class ModelNode:
             if not rows:
                 continue
             requests = [entries[row].request for row in rows]
-            tokens = sample(mb_logits.index_select(0, torch.tensor(rows, device=mb_logits.device)),
-                            [r.params for r in requests], [r.generator for r in requests]).tolist()
-            for request, token in zip(requests, tokens):
-                if self._append_token(request, token):
-                    finished.append(request)
-        if finished:
-            self._running = [r for r in self._running if r not in finished]
-        return finished
+            outcomes = sample_each(mb_logits.index_select(0, torch.tensor(rows, device=mb_logits.device)),
+                                   [r.params for r in requests], [r.generator for r in requests])
+            for request, outcome in zip(requests, outcomes):
+                if self._take_sample(request, outcome):
+                    ended.append(request)
+        if ended:
+            self._running = [r for r in self._running if r not in ended]
+        return ended
+
+    def _take_sample(self, request: _Request, outcome: int | SamplingError) -> bool:
+        """Apply one request's sampling outcome; True when the request has ended."""
+        if isinstance(outcome, SamplingError):
+            log.error("request %d: %s", request.id, outcome)
+            self._fail(request, 500, f"sampling failed: {outcome}")
+            return True
+        return self._append_token(request, outcome)
 
     def _append_token(self, request: _Request, token: int) -> bool:
         """Record a sampled token; True when the request is finished."""
@@ -820,6 +935,7 @@ class ModelNode:
         self._running = [r for r in self._running if r not in failed]
         for request in failed:
             self._fail(request, 500, f"generation step failed: {exc}")
+        self._note_progress()
         self.cluster.drain_survivors()
         self.cluster.free([r.id for r in failed])
 
@@ -837,12 +953,19 @@ class ModelNode:
         return 0.0 if since is None else time.monotonic() - since
 
     def _recover(self) -> bool:
-        """Try to replace lost workers; once whole again, rebuild the held requests."""
+        """Try to replace lost workers; once whole again, rebuild the held requests.
+
+        The degraded period runs from the first loss until the workers serve
+        something again (confirm_recovered), not until a reconnect: once it is
+        over rebuild_timeout, held and queued requests fail with 503, so a
+        worker that is lost again on every retry cannot hold them forever.
+        """
+        self._keep_alive()  # the survivors must not take us for a hung model node meanwhile
         for index in sorted(self.cluster.lost):
             self.cluster.try_replace(index)
+        if self._degraded_for() > self.options.rebuild_timeout:
+            self._fail_unrecoverable()
         if not self.cluster.healthy:
-            if self._degraded_for() > self.options.rebuild_timeout:
-                self._fail_unrecoverable()
             return False
         held, self._held = self._held, []
         if not held:
@@ -862,9 +985,19 @@ class ModelNode:
         log.warning("rebuilding the KV cache of %d requests", len(self._running))
         return True
 
+    def _degraded_causes(self) -> str:
+        """What the current degraded period is about: the lost workers, else the last loss."""
+        if self.cluster.lost:
+            return "; ".join(str(lost) for lost in self.cluster.lost.values())
+        return f"{self.cluster.losses_since} worker losses without a completed step, last: {self.cluster.last_loss}"
+
     def _fail_unrecoverable(self) -> None:
-        causes = "; ".join(str(lost) for lost in self.cluster.lost.values())
-        message = f"no replacement attention worker within {self.options.rebuild_timeout} s ({causes})"
+        if self.cluster.lost:
+            message = (f"no replacement attention worker within {self.options.rebuild_timeout} s "
+                       f"({self._degraded_causes()})")
+        else:
+            message = (f"the attention tier did not recover within {self.options.rebuild_timeout} s "
+                       f"({self._degraded_causes()})")
         with self._wakeup:
             queued = list(self._queue)
             self._queue.clear()
@@ -878,12 +1011,14 @@ class ModelNode:
     def _finish(self, request: _Request, reason: str) -> None:
         self.metrics.requests.inc(outcome="completed" if reason != "cancelled" else "cancelled")
         request.handle._emit({"event": "finished", "finish_reason": reason})
+        self._note_progress()
 
     def _fail(self, request: _Request, status: int, message: str, outcome: str = "failed") -> None:
         if request.handle.done:
             return
         self.metrics.requests.inc(outcome=outcome)
         request.handle._emit({"event": "error", "status": status, "error": message})
+        self._note_progress()
 
     # -- observability (any thread) --------------------------------------------
     def _update_gauges(self) -> None:
@@ -897,9 +1032,37 @@ class ModelNode:
             self.metrics.bytes_sent.set(channel.bytes_sent, peer=peer.address)
             self.metrics.bytes_received.set(channel.bytes_received, peer=peer.address)
 
+    # -- progress and health (any thread) -----------------------------------
+    def _note_progress(self) -> None:
+        self._progress_at = time.monotonic()
+
+    def _has_work(self) -> bool:
+        return bool(self._queue or self._running or self._held)
+
+    def stalled_for(self) -> float:
+        """Seconds the scheduler has had work without completing a step or settling a request."""
+        return time.monotonic() - self._progress_at if self._has_work() else 0.0
+
+    def unhealthy_reason(self) -> Optional[str]:
+        """Why the node cannot serve now, or None when it can (what /healthz reports)."""
+        if self._closed:
+            return "shutting down"
+        if not self.cluster.healthy:
+            causes = "; ".join(str(lost) for lost in self.cluster.lost.values())
+            return f"attention worker lost: {causes}"
+        if self._degraded_for() > self.options.rebuild_timeout:
+            return f"attention tier not recovered within {self.options.rebuild_timeout} s: {self._degraded_causes()}"
+        if self._thread is not None and not self._thread.is_alive():
+            return "the scheduler thread stopped"
+        stalled = self.stalled_for()
+        if stalled > self.options.stall_timeout:
+            return (f"scheduler made no progress for {stalled:.1f} s with {len(self._queue)} queued and "
+                    f"{len(self._running)} running requests (stall_timeout {self.options.stall_timeout} s)")
+        return None
+
     @property
     def healthy(self) -> bool:
-        return self.cluster.healthy and not self._closed
+        return self.unhealthy_reason() is None
 
     def status(self) -> dict[str, Any]:
         """The cluster as JSON: roles, peers, head shares, KV blocks, queues."""

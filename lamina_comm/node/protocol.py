@@ -12,7 +12,9 @@ A model node reaches an attention node on its one listening address twice:
   tokens, :func:`encode_step_meta`). The extra micro-batch index ``n``
   (:func:`control_microbatch`) carries JSON control requests and their
   replies: ``reserve`` / ``rebuild`` / ``free`` (KV reservations of new,
-  rebuilt and finished requests) and ``status``.
+  rebuilt and finished requests) and ``status`` (also the idle heartbeat).
+  Control messages of any size up to :data:`CONTROL_MAX_MESSAGE_BYTES` travel
+  as fragments of one slot each (:class:`ControlLink`).
 
 One channel means one arrival order: the worker serves control and attention
 messages strictly in the order they were sent, from one thread. See
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -32,16 +34,29 @@ from lamina_comm.errors import LaminaError, ProtocolError
 from lamina_comm.node.kvcache import HeadRange
 from lamina_comm.node.model import LlamaConfig
 
-PROTOCOL_VERSION = 1
+# 2: control messages are fragmented (a fragment header tensor, then the bytes).
+PROTOCOL_VERSION = 2
 
-# Control messages are JSON in one uint8 tensor; every slot has room for one
-# (64 KiB: reservations of about 2000 requests; longer lists are split).
-CONTROL_MAX_BYTES = 64 * 1024
-CONTROL_BATCH = 1000  # request ids per reserve/free message
+# Control messages are JSON, cut into fragments of at most CONTROL_SLOT_BYTES
+# that travel one per slot and are reassembled by the receiver, so a message
+# (a reserve reply listing a thousand refusals, say) is never limited by the
+# slot size. Every slot of both channels has room for one fragment.
+CONTROL_SLOT_BYTES = 64 * 1024
+# Hard bound on one whole control message (request or reply), 256 fragments.
+# A sender refuses to send more (ControlMessageTooLarge); a receiver discards
+# the fragments of a longer one and answers with a "too_large" error.
+CONTROL_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+CONTROL_BATCH = 1000  # request ids per reserve/free message (bounds the work of one message)
 CONTROL_SPEC = ChannelSpec(
     max_tokens=1, hidden=1, heads=1, kv_heads=1, head_dim=1, dtype="uint8",
-    microbatches=1, slots_per_microbatch=2, extra_bytes=CONTROL_MAX_BYTES,
+    microbatches=1, slots_per_microbatch=2, extra_bytes=CONTROL_SLOT_BYTES,
 )
+
+# A model node sends every worker a message (a "status" heartbeat when idle)
+# at least this many times per the worker's takeover bound (its peer_timeout,
+# announced in the setup reply as takeover_after_s), so a healthy model node
+# is never taken for a hung one.
+HEARTBEATS_PER_SILENCE = 3
 
 # A data-channel reply with this layer number carries an error text instead of
 # an attention output (the worker could not serve the message).
@@ -61,6 +76,13 @@ class ControlError(LaminaError):
     def __init__(self, message: str, code: str = "error"):
         super().__init__(message)
         self.code = code
+
+
+class ControlMessageTooLarge(ControlError):
+    """A control message over CONTROL_MAX_MESSAGE_BYTES: refused, nothing of it is sent or kept."""
+
+    def __init__(self, message: str):
+        super().__init__(message, "too_large")
 
 
 # --------------------------------------------------------------------------
@@ -87,7 +109,7 @@ def data_channel_spec(
         dtype=config.dtype,
         microbatches=microbatches + 1,
         slots_per_microbatch=2,
-        extra_bytes=max(_META_BYTES_PER_TOKEN * max_tokens + _TIMING_BYTES, CONTROL_MAX_BYTES),
+        extra_bytes=max(_META_BYTES_PER_TOKEN * max_tokens + _TIMING_BYTES, CONTROL_SLOT_BYTES),
     )
 
 
@@ -186,22 +208,36 @@ class Setup:
 
 
 # --------------------------------------------------------------------------
-# Control framing: JSON request/response over the control channel
+# Control framing: JSON request/response over one micro-batch, in fragments
+#
+# A control message is sent as fragment messages [int64 [index, count,
+# total_bytes], uint8 bytes], every one carrying the message's number in the
+# layer field. A fragment holds at most CONTROL_SLOT_BYTES; the receiver
+# copies each out and releases its slot before it waits for the next, so a
+# message of any size up to CONTROL_MAX_MESSAGE_BYTES flows through two slots.
+
+_FRAGMENT_HEADER_FIELDS = 3  # index, count, total bytes
 
 
-def encode_json(message: Mapping[str, Any]) -> np.ndarray:
+def fragment_count(total_bytes: int) -> int:
+    """Fragments of a control message of ``total_bytes`` (at least one)."""
+    return max(1, -(-total_bytes // CONTROL_SLOT_BYTES))
+
+
+def encode_json(message: Mapping[str, Any]) -> bytes:
+    """The message as JSON bytes; ControlMessageTooLarge when it is over the hard bound."""
     data = json.dumps(message, separators=(",", ":")).encode()
-    if len(data) > CONTROL_MAX_BYTES:
-        raise ProtocolError(f"control message of {len(data)} B exceeds {CONTROL_MAX_BYTES} B")
-    return np.frombuffer(data, dtype=np.uint8)
+    if len(data) > CONTROL_MAX_MESSAGE_BYTES:
+        raise ControlMessageTooLarge(
+            f"control message {message.get('type', '(reply)')!s} of {len(data)} B exceeds the "
+            f"{CONTROL_MAX_MESSAGE_BYTES} B bound")
+    return data
 
 
-def decode_json(message: Message) -> dict[str, Any]:
-    """The JSON object in a control message."""
-    if len(message.tensors) != 1:
-        raise ProtocolError(f"a control message has one tensor, got {len(message.tensors)}")
+def decode_json(data: bytes) -> dict[str, Any]:
+    """The JSON object of a reassembled control message."""
     try:
-        decoded = json.loads(np.asarray(message.tensors[0]).tobytes())
+        decoded = json.loads(data)
     except ValueError as exc:
         raise ProtocolError(f"control message is not JSON: {exc}") from exc
     if not isinstance(decoded, dict):
@@ -209,11 +245,88 @@ def decode_json(message: Message) -> dict[str, Any]:
     return decoded
 
 
+def encode_fragments(data: bytes) -> list[list[np.ndarray]]:
+    """The fragment messages (tensor lists) that carry ``data``."""
+    count = fragment_count(len(data))
+    return [[np.array([index, count, len(data)], dtype=np.int64),
+             np.frombuffer(data, dtype=np.uint8, count=_chunk_length(index, len(data)),
+                           offset=index * CONTROL_SLOT_BYTES)]
+            for index in range(count)]
+
+
+def _chunk_length(index: int, total_bytes: int) -> int:
+    return max(0, min(CONTROL_SLOT_BYTES, total_bytes - index * CONTROL_SLOT_BYTES))
+
+
+def _parse_fragment(message: Message) -> tuple[int, int, int, np.ndarray]:
+    """(index, count, total bytes, payload) of one fragment; ProtocolError when it is not one."""
+    if len(message.tensors) != 2:
+        raise ProtocolError(f"a control fragment has 2 tensors, got {len(message.tensors)}")
+    header, payload = (np.asarray(tensor) for tensor in message.tensors)
+    if header.dtype != np.int64 or header.shape != (_FRAGMENT_HEADER_FIELDS,):
+        raise ProtocolError(f"control fragment header must be int64 [3], got {header.dtype} {list(header.shape)}")
+    if payload.dtype != np.uint8 or payload.ndim != 1:
+        raise ProtocolError(f"control fragment payload must be uint8 [n], got {payload.dtype} {list(payload.shape)}")
+    index, count, total = (int(field) for field in header)
+    if total < 0 or count != fragment_count(total) or not 0 <= index < count:
+        raise ProtocolError(f"control fragment {index} of {count} cannot belong to a message of {total} B")
+    if payload.shape[0] != _chunk_length(index, total):
+        raise ProtocolError(f"control fragment {index} of a {total} B message carries {payload.shape[0]} B")
+    return index, count, total, payload
+
+
+def _release_quietly(message: Message) -> None:
+    # A peer that has answered may hang up at once; what it said is the news.
+    try:
+        message.release()
+    except LaminaError:
+        pass
+
+
+def read_fragments(first: Message, next_fragment: Callable[[], Message]) -> tuple[int, bytes]:
+    """(number, bytes) of the control message starting with ``first``; every fragment is released.
+
+    ``next_fragment()`` receives the next message of the same micro-batch.
+    Raises ControlError("bad_request") when ``first`` does not start a
+    message (nothing more is read), ControlMessageTooLarge after reading and
+    dropping the fragments of a message over the bound (only the bound is
+    ever kept), ProtocolError when a later fragment does not continue the
+    message (the link is out of step).
+    """
+    number = first.layer
+    try:
+        index, count, total, payload = _parse_fragment(first)
+        if index != 0:
+            raise ProtocolError(f"a control message starts with fragment {index} of {count}")
+    except ProtocolError as exc:
+        _release_quietly(first)
+        raise ControlError(f"malformed control message: {exc}", "bad_request") from exc
+    keep = total <= CONTROL_MAX_MESSAGE_BYTES
+    parts = [payload.tobytes()] if keep else []
+    _release_quietly(first)
+    for expected in range(1, count):
+        message = next_fragment()
+        try:
+            index, more_count, more_total, payload = _parse_fragment(message)
+            if (message.layer, index, more_count, more_total) != (number, expected, count, total):
+                raise ProtocolError(
+                    f"control message {number}: expected fragment {expected} of {count} ({total} B), got message "
+                    f"{message.layer} fragment {index} of {more_count} ({more_total} B)")
+            if keep:
+                parts.append(payload.tobytes())
+        finally:
+            _release_quietly(message)
+    if not keep:
+        raise ControlMessageTooLarge(
+            f"control message {number} of {total} B exceeds the {CONTROL_MAX_MESSAGE_BYTES} B bound")
+    return number, b"".join(parts)
+
+
 class ControlLink:
     """Strict request/response on one micro-batch of a channel (one request outstanding).
 
-    The request number travels in the message's layer field; a reply must
-    carry the number of its request.
+    The request number travels in the layer field of every fragment; a reply
+    must carry the number of its request.
     """
 
     def __init__(self, channel: Channel, timeout: float, microbatch: int = 0):
@@ -223,45 +336,70 @@ class ControlLink:
         self._next_call = 0
 
     def call(self, message: Mapping[str, Any]) -> dict[str, Any]:
-        """Send a request, return the reply; raise ControlError when the peer reports one."""
+        """Send a request, return the reply; raise ControlError when the peer reports one.
+
+        ControlMessageTooLarge (a ControlError) when the request or the reply
+        is over the bound: the link stays usable. Any other LaminaError means
+        the link failed or is out of step.
+        """
+        data = encode_json(message)  # refused before anything is sent
         number = self._next_call
         self._next_call = (self._next_call + 1) % ERROR_LAYER
-        self.channel.send([encode_json(message)], layer=number, microbatch=self.microbatch)
-        reply = self.channel.recv(microbatch=self.microbatch, timeout=self.timeout)
+        self._send(number, data)
+        first = self._recv()
+        if first.layer != number:
+            _release_quietly(first)
+            raise ProtocolError(f"control reply to request {first.layer}, expected {number}")
         try:
-            if reply.layer != number:
-                raise ProtocolError(f"control reply to request {reply.layer}, expected {number}")
-            answer = decode_json(reply)
-        except BaseException:
-            reply.release()
+            _, reply = read_fragments(first, self._recv)
+        except ControlMessageTooLarge:
             raise
-        refusal = None if answer.get("ok") else ControlError(
-            str(answer.get("error", "unknown error")), str(answer.get("code", "error")))
-        try:
-            reply.release()
-        except LaminaError:
-            # A peer that refused may hang up at once; its refusal is the news.
-            if refusal is None:
-                raise
-        if refusal is not None:
-            raise refusal
+        except ControlError as exc:  # the peer's reply is not framed as one: it speaks something else
+            raise ProtocolError(f"control reply to request {number}: {exc}") from exc
+        answer = decode_json(reply)
+        if not answer.get("ok"):
+            raise ControlError(str(answer.get("error", "unknown error")), str(answer.get("code", "error")))
         return answer
 
     def receive(self, timeout: float) -> tuple[int, dict[str, Any]]:
         """The next request and its number (attention side); raises TimeoutError_ when none came."""
-        with self.channel.recv(microbatch=self.microbatch, timeout=timeout) as request:
-            return request.layer, decode_json(request)
+        first = self.channel.recv(microbatch=self.microbatch, timeout=timeout)
+        return self.read_request(first)
+
+    def read_request(self, first: Message) -> tuple[int, dict[str, Any]]:
+        """The request starting with the already received ``first`` fragment, and its number.
+
+        ControlError (answer it with an error reply) for a malformed or
+        oversized request; ProtocolError when the link is out of step.
+        """
+        number, data = read_fragments(first, self._recv)
+        try:
+            return number, decode_json(data)
+        except ProtocolError as exc:
+            raise ControlError(str(exc), "bad_request") from exc
 
     def reply(self, number: int, answer: Mapping[str, Any]) -> None:
-        self.channel.send([encode_json(answer)], layer=number, microbatch=self.microbatch)
+        """Send ``answer``; one over the bound is replaced by a ``too_large`` error reply."""
+        try:
+            data = encode_json(answer)
+        except ControlMessageTooLarge as exc:
+            data = encode_json(error(f"the reply does not fit: {exc}", exc.code))
+        self._send(number, data)
+
+    def _send(self, number: int, data: bytes) -> None:
+        for fragment in encode_fragments(data):
+            self.channel.send(fragment, layer=number, microbatch=self.microbatch, timeout=self.timeout)
+
+    def _recv(self) -> Message:
+        return self.channel.recv(microbatch=self.microbatch, timeout=self.timeout)
 
 
 def ok(**fields: Any) -> dict[str, Any]:
     return {"ok": True, **fields}
 
 
-def error(message: str, code: str = "error") -> dict[str, Any]:
-    return {"ok": False, "error": message, "code": code}
+def error(message: str, code: str = "error", **fields: Any) -> dict[str, Any]:
+    return {"ok": False, "error": message, "code": code, **fields}
 
 
 # --------------------------------------------------------------------------

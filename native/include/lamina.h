@@ -20,7 +20,13 @@
  *  - when an endpoint fails or is closed, every outstanding operation completes
  *    with an error status (LM_ERR_PEER_LOST or LM_ERR_CANCELED); nothing hangs.
  *
- * Memory: the library never copies payloads in user space. The caller owns the
+ * Reads observe the target's memory as of their execution (RDMA responder
+ * order): a write posted after a read on the same endpoint is never visible in
+ * the read's data.
+ *
+ * Memory: the library does not copy payloads in user space, with one bounded
+ * exception (tcp: a read answer still unsent when a later write would land on
+ * it is snapshotted first, at most 16 MiB per endpoint). The caller owns the
  * memory behind a region and must keep it alive until lm_mr_deregister returns;
  * after that no byte of it is read or written by the library.
  *
@@ -187,7 +193,12 @@ int lm_ep_error(lm_ep_t *ep);
 /* Close and free: outstanding operations complete with LM_ERR_CANCELED. */
 void lm_ep_destroy(lm_ep_t *ep);
 
-/* Take up to max completions without waiting; returns how many. */
+/* Take up to max completions without waiting; returns how many.
+ * Back-pressure: while 65536 (LM_CQ_PAUSE_DEPTH) completions wait unpolled,
+ * the context stops reading new frames from its peers (their sends block, as
+ * with RDMA's receiver-not-ready) and resumes once polled below half that.
+ * If a completion could not be queued for lack of memory, every call returns
+ * LM_ERR_NO_MEMORY once the queue is empty (the loss is never silent). */
 int lm_cq_poll(lm_context_t *ctx, lm_completion_t *out, int max);
 /* Like lm_cq_poll but waits up to timeout_ms (-1: forever) for at least one;
  * returns 0 on timeout. */

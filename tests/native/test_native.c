@@ -3,13 +3,17 @@
  * plain and with ASan/UBSan (make asan). Two contexts in one process are
  * joined by a socketpair, so the tests need no network set-up.
  */
+#include <errno.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #include "lamina.h"
+#include "../../native/src/tcp/tcp_wire.h" /* hostile-peer tests speak the wire */
 
 static int failures;
 
@@ -226,6 +230,385 @@ static void test_garbage_closes_only_that_endpoint(void)
     lm_context_destroy(ctx);
 }
 
+
+/* ---- a raw peer: the test writes and reads wire frames itself ---------- */
+
+typedef struct raw_peer {
+    lm_context_t *ctx;
+    lm_ep_t *ep;
+    int fd; /* the test's end of the socketpair */
+} raw_peer_t;
+
+static void raw_open(raw_peer_t *r)
+{
+    lm_context_params_t params = {.field_mask = LM_CTX_PARAM_TRANSPORTS, .transports = LM_TRANSPORT_TCP};
+    int sv[2];
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
+    CHECK(lm_context_create(&params, &r->ctx) == LM_OK);
+    CHECK(lm_ep_create_tcp(r->ctx, sv[1], 9, &r->ep) == LM_OK);
+    r->fd = sv[0];
+    struct timeval hang_guard = {.tv_sec = 30};
+    setsockopt(r->fd, SOL_SOCKET, SO_RCVTIMEO, &hang_guard, sizeof(hang_guard));
+    setsockopt(r->fd, SOL_SOCKET, SO_SNDTIMEO, &hang_guard, sizeof(hang_guard));
+}
+
+static void raw_close(raw_peer_t *r)
+{
+    close(r->fd);
+    lm_context_destroy(r->ctx);
+}
+
+static lm_tcp_hdr_t frame(uint8_t type, uint64_t seq, uint64_t key, uint64_t off, uint64_t len)
+{
+    lm_tcp_hdr_t h;
+    memset(&h, 0, sizeof(h));
+    h.magic = LM_TCP_MAGIC;
+    h.type = type;
+    h.seq = seq;
+    h.key = key;
+    h.offset = off;
+    h.length = len;
+    return h;
+}
+
+static int send_all(int fd, const void *buf, size_t len)
+{
+    for (const char *p = buf; len > 0;) {
+        ssize_t n = send(fd, p, len, MSG_NOSIGNAL);
+        if (n <= 0)
+            return -1;
+        p += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+static int recv_all(int fd, void *buf, size_t len)
+{
+    for (char *p = buf; len > 0;) {
+        ssize_t n = recv(fd, p, len, 0);
+        if (n <= 0)
+            return -1;
+        p += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+/* Wait (10 s hang guard) until the endpoint failed; returns its status. */
+static int wait_ep_error(lm_ep_t *ep)
+{
+    for (int i = 0; i < 10000 && lm_ep_error(ep) == 0; i++)
+        usleep(1000);
+    return lm_ep_error(ep);
+}
+
+/* Send copies of one frame without blocking until the socket stays full for
+ * 2 s (the target stopped reading) or max frames went; returns frames sent.
+ * seq_step: how much the sequence number advances per frame. */
+static uint64_t flood_until_blocked(int fd, lm_tcp_hdr_t h, uint64_t seq_step, uint64_t max)
+{
+    enum { BATCH = 256 };
+    static lm_tcp_hdr_t batch[BATCH];
+    uint64_t sent_frames = 0;
+    size_t partial = 0; /* bytes of the batch's first frame already sent */
+    while (sent_frames < max) {
+        for (int i = 0; i < BATCH; i++) {
+            batch[i] = h;
+            batch[i].seq = h.seq + (sent_frames + (uint64_t)i) * seq_step;
+        }
+        uint64_t want = max - sent_frames < BATCH ? max - sent_frames : BATCH;
+        ssize_t n = send(fd, (char *)batch + partial, want * sizeof(h) - partial, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            struct pollfd pfd = {.fd = fd, .events = POLLOUT};
+            if (poll(&pfd, 1, 2000) == 0)
+                break; /* blocked: the target no longer reads */
+            continue;
+        }
+        if (n <= 0)
+            break;
+        size_t done = partial + (size_t)n;
+        sent_frames += done / sizeof(h);
+        partial = done % sizeof(h);
+        if (partial) { /* finish the split frame so the stream stays parseable */
+            lm_tcp_hdr_t last = h;
+            last.seq = h.seq + sent_frames * seq_step;
+            CHECK(send_all(fd, (char *)&last + partial, sizeof(h) - partial) == 0);
+            sent_frames++;
+            partial = 0;
+        }
+    }
+    return sent_frames;
+}
+
+/* Defect 2: frames already pulled into the receive buffer when the per-wake
+ * budget ran out waited for the socket to become readable again. 70 empty
+ * writes with immediate in one send: all 70 must complete, no 71st needed. */
+static void test_burst_beyond_rx_budget_completes(void)
+{
+    raw_peer_t r;
+    raw_open(&r);
+    unsigned char dst[64];
+    lm_mr_t *md;
+    CHECK(lm_mr_register(r.ctx, dst, sizeof(dst), LM_ACCESS_REMOTE_WRITE, &md) == LM_OK);
+    lm_rdesc_t rd;
+    lm_mr_descriptor(md, &rd);
+    enum { N = 70 };
+    lm_tcp_hdr_t frames[N];
+    for (int i = 0; i < N; i++) {
+        frames[i] = frame(LM_TCP_WRITE, (uint64_t)i, rd.key, 0, 0);
+        frames[i].flags = LM_TCP_FLAG_IMM;
+        frames[i].imm = (uint32_t)i;
+    }
+    CHECK(send_all(r.fd, frames, sizeof(frames)) == 0);
+    int got = 0;
+    lm_completion_t c[N];
+    for (int round = 0; round < 100 && got < N; round++) {
+        int n = lm_cq_wait(r.ctx, c, N, 100);
+        for (int i = 0; i < n; i++)
+            CHECK(c[i].opcode == LM_OP_RECV_IMM && c[i].imm == (uint32_t)(got + i));
+        got += n > 0 ? n : 0;
+    }
+    if (got != N)
+        fprintf(stderr, "burst: %d of %d writes completed\n", got, N);
+    CHECK(got == N);
+    raw_close(&r);
+}
+
+/* The same with the library on both ends and a slow target: more writes
+ * than the budget, every one completes. */
+static void test_burst_library_both_ends(void)
+{
+    pair_t p;
+    pair_open(&p);
+    unsigned char src[64] = {1}, dst[64];
+    lm_mr_t *ms, *md;
+    CHECK(lm_mr_register(p.a, src, sizeof(src), LM_ACCESS_LOCAL_WRITE, &ms) == LM_OK);
+    CHECK(lm_mr_register(p.b, dst, sizeof(dst), LM_ACCESS_REMOTE_WRITE, &md) == LM_OK);
+    lm_rdesc_t rd;
+    lm_mr_descriptor(md, &rd);
+    enum { N = 130 };
+    for (int i = 0; i < N; i++)
+        CHECK(lm_ep_write(p.ea, ms, 0, 8, &rd, 0, (uint32_t)i, LM_WRITE_IMM, (uint64_t)i) == LM_OK);
+    int imms = 0, acks = 0;
+    lm_completion_t c[N];
+    for (int round = 0; round < 100 && (imms < N || acks < N); round++) {
+        int n = lm_cq_wait(p.b, c, N, 50);
+        imms += n > 0 ? n : 0;
+        n = lm_cq_wait(p.a, c, N, 50);
+        acks += n > 0 ? n : 0;
+    }
+    CHECK(imms == N && acks == N);
+    pair_close(&p);
+}
+
+/* Defect 7: a READ answers with memory as of its execution; a WRITE that
+ * arrives after it (while the answer still waits unsent for a peer that does
+ * not read yet) must not show through. */
+static void test_read_answer_not_changed_by_later_write(void)
+{
+    raw_peer_t r;
+    raw_open(&r);
+    enum { N = 1 << 20 };
+    unsigned char *region = malloc(N), *payload = malloc(N), *answer = malloc(N);
+    memset(region, 0x11, N);
+    memset(payload, 0x22, N);
+    lm_mr_t *mr;
+    CHECK(lm_mr_register(r.ctx, region, N, LM_ACCESS_REMOTE_READ | LM_ACCESS_REMOTE_WRITE, &mr) == LM_OK);
+    lm_rdesc_t rd;
+    lm_mr_descriptor(mr, &rd);
+    lm_tcp_hdr_t req = frame(LM_TCP_READ_REQ, 0, rd.key, 0, N);
+    lm_tcp_hdr_t wr = frame(LM_TCP_WRITE, 1, rd.key, 0, N);
+    CHECK(send_all(r.fd, &req, sizeof(req)) == 0);
+    CHECK(send_all(r.fd, &wr, sizeof(wr)) == 0);
+    CHECK(send_all(r.fd, payload, N) == 0); /* the target takes it all: it lands */
+    lm_tcp_hdr_t resp;
+    CHECK(recv_all(r.fd, &resp, sizeof(resp)) == 0);
+    CHECK(resp.type == LM_TCP_READ_RESP && resp.status == LM_OK && resp.length == N);
+    CHECK(recv_all(r.fd, answer, N) == 0);
+    size_t changed = 0;
+    for (size_t i = 0; i < N; i++)
+        changed += answer[i] != 0x11;
+    if (changed)
+        fprintf(stderr, "read answer: %zu of %d bytes came from the later write\n", changed, N);
+    CHECK(changed == 0);
+    CHECK(region[0] == 0x22 && region[N - 1] == 0x22); /* the write landed */
+    CHECK(lm_ep_error(r.ep) == 0);
+    raw_close(&r);
+    free(region);
+    free(payload);
+    free(answer);
+}
+
+/* Defect 8: an ACK for a write whose bytes have not left us is a protocol
+ * error; the write must not complete OK (its buffer would be reused). */
+static void test_ack_for_unsent_write_fails_endpoint(void)
+{
+    raw_peer_t r;
+    raw_open(&r);
+    enum { N = 32 << 20 };
+    unsigned char *src = calloc(1, N);
+    lm_mr_t *ms;
+    CHECK(lm_mr_register(r.ctx, src, N, LM_ACCESS_LOCAL_WRITE, &ms) == LM_OK);
+    lm_rdesc_t fake = {.key = 1234, .length = N};
+    CHECK(lm_ep_write(r.ep, ms, 0, N, &fake, 0, 0, 0, 42) == LM_OK);
+    lm_tcp_hdr_t seen;
+    CHECK(recv_all(r.fd, &seen, sizeof(seen)) == 0); /* only the header is read */
+    CHECK(seen.type == LM_TCP_WRITE && seen.seq == 0);
+    lm_tcp_hdr_t ack = frame(LM_TCP_ACK, 0, 0, 0, 0);
+    ack.ack = 1; /* "write 0 accepted" while most of it is still here */
+    CHECK(send_all(r.fd, &ack, sizeof(ack)) == 0);
+    lm_completion_t c = wait_one(r.ctx);
+    CHECK(c.opcode == LM_OP_WRITE && c.wr_id == 42);
+    if (c.status == LM_OK)
+        fprintf(stderr, "ack check: a write completed OK before its bytes left\n");
+    CHECK(c.status == LM_ERR_PROTOCOL);
+    CHECK(lm_ep_error(r.ep) == LM_ERR_PROTOCOL);
+    raw_close(&r);
+    free(src);
+}
+
+/* Same for a READ_RESP answering a read that was never sent. */
+static void test_answer_to_unsent_read_fails_endpoint(void)
+{
+    raw_peer_t r;
+    raw_open(&r);
+    enum { N = 32 << 20 };
+    unsigned char *src = calloc(1, N), local[16];
+    lm_mr_t *ms, *ml;
+    CHECK(lm_mr_register(r.ctx, src, N, LM_ACCESS_LOCAL_WRITE, &ms) == LM_OK);
+    CHECK(lm_mr_register(r.ctx, local, sizeof(local), LM_ACCESS_LOCAL_WRITE, &ml) == LM_OK);
+    lm_rdesc_t fake = {.key = 1234, .length = N};
+    CHECK(lm_ep_write(r.ep, ms, 0, N, &fake, 0, 0, 0, 1) == LM_OK); /* seq 0, stuck */
+    CHECK(lm_ep_read(r.ep, ml, 0, 16, &fake, 0, 2) == LM_OK);       /* seq 1, queued */
+    lm_tcp_hdr_t resp = frame(LM_TCP_READ_RESP, 1, 0, 0, 0);
+    resp.status = LM_ERR_NO_KEY;
+    CHECK(send_all(r.fd, &resp, sizeof(resp)) == 0);
+    CHECK(wait_ep_error(r.ep) == LM_ERR_PROTOCOL);
+    raw_close(&r);
+    free(src);
+}
+
+/* Defect 9: a peer that floods READ_REQs and never reads the answers breaks
+ * the reads-in-flight limit: the endpoint fails (PROTOCOL), the target's
+ * queue stays bounded, and the context goes on serving. */
+static void test_read_flood_never_reading_fails_endpoint(void)
+{
+    raw_peer_t r;
+    raw_open(&r);
+    unsigned char region[64];
+    lm_mr_t *mr;
+    CHECK(lm_mr_register(r.ctx, region, sizeof(region), LM_ACCESS_REMOTE_READ, &mr) == LM_OK);
+    lm_rdesc_t rd;
+    lm_mr_descriptor(mr, &rd);
+    uint64_t sent = flood_until_blocked(r.fd, frame(LM_TCP_READ_REQ, 0, rd.key, 0, 64), 1, 1000000);
+    int err = wait_ep_error(r.ep);
+    if (err == 0)
+        fprintf(stderr, "read flood: %llu requests taken, endpoint still open\n", (unsigned long long)sent);
+    CHECK(err == LM_ERR_PROTOCOL);
+    pair_t p; /* the context still serves others */
+    pair_open(&p);
+    pair_close(&p);
+    raw_close(&r);
+}
+
+/* Defect 9: refused writes from a peer that never reads its NACKs: the
+ * target stops reading (the flood blocks) instead of queueing without bound,
+ * and once the peer reads, every NACK arrives (nothing lost). */
+static void test_refused_write_flood_blocks_then_recovers(void)
+{
+    raw_peer_t r;
+    raw_open(&r);
+    enum { MAX = 400000 };
+    uint64_t sent = flood_until_blocked(r.fd, frame(LM_TCP_WRITE, 0, 0xbad, 0, 0), 1, MAX);
+    if (sent >= MAX)
+        fprintf(stderr, "refused-write flood: all %d frames taken, nothing pushed back\n", MAX);
+    CHECK(sent < MAX);
+    CHECK(lm_ep_error(r.ep) == 0);
+    uint64_t nacks = 0;
+    lm_tcp_hdr_t h;
+    lm_completion_t c[256];
+    while (nacks < sent && recv_all(r.fd, &h, sizeof(h)) == 0) {
+        CHECK(h.type == LM_TCP_NACK || h.type == LM_TCP_ACK);
+        if (h.type == LM_TCP_NACK) {
+            CHECK(h.seq == nacks && h.status == LM_ERR_NO_KEY);
+            nacks++;
+        }
+        if ((nacks & 1023) == 0)
+            while (lm_cq_poll(r.ctx, c, 256) > 0) {
+            }
+    }
+    CHECK(nacks == sent);
+    raw_close(&r);
+}
+
+/* Defect 9: completions the application does not poll: past the CQ bound the
+ * target stops reading; polling resumes it and every completion arrives. */
+static void test_unpolled_completions_pause_receiving(void)
+{
+    raw_peer_t r;
+    raw_open(&r);
+    unsigned char dst[8];
+    lm_mr_t *md;
+    CHECK(lm_mr_register(r.ctx, dst, sizeof(dst), LM_ACCESS_REMOTE_WRITE, &md) == LM_OK);
+    lm_rdesc_t rd;
+    lm_mr_descriptor(md, &rd);
+    lm_tcp_hdr_t w = frame(LM_TCP_WRITE, 0, rd.key, 0, 0);
+    w.flags = LM_TCP_FLAG_IMM;
+    enum { MAX = 400000 };
+    uint64_t sent = flood_until_blocked(r.fd, w, 1, MAX);
+    CHECK(sent < MAX);
+    CHECK(sent >= 65536);
+    uint64_t got = 0;
+    lm_completion_t c[256];
+    for (int idle = 0; got < sent && idle < 100;) {
+        int n = lm_cq_wait(r.ctx, c, 256, 100);
+        idle = n > 0 ? 0 : idle + 1;
+        got += n > 0 ? (uint64_t)n : 0;
+    }
+    CHECK(got == sent);
+    CHECK(lm_ep_error(r.ep) == 0);
+    raw_close(&r);
+}
+
+/* Reads larger than a piece and more reads than the in-flight limit: all
+ * complete, in order, with the right bytes (library on both ends). */
+static void test_reads_in_pieces_and_beyond_the_read_limit(void)
+{
+    pair_t p;
+    pair_open(&p);
+    enum { N = (11 << 19) + 777, SMALL = 40 };
+    unsigned char *remote = malloc(N), *local = calloc(1, N), small[SMALL][64];
+    for (size_t i = 0; i < N; i++)
+        remote[i] = (unsigned char)(i * 13 + (i >> 20));
+    lm_mr_t *mr, *ml, *msm;
+    CHECK(lm_mr_register(p.b, remote, N, LM_ACCESS_REMOTE_READ, &mr) == LM_OK);
+    CHECK(lm_mr_register(p.a, local, N, LM_ACCESS_LOCAL_WRITE, &ml) == LM_OK);
+    CHECK(lm_mr_register(p.a, small, sizeof(small), LM_ACCESS_LOCAL_WRITE, &msm) == LM_OK);
+    lm_rdesc_t rd;
+    lm_mr_descriptor(mr, &rd);
+    CHECK(lm_ep_read(p.ea, ml, 0, N, &rd, 0, 1000) == LM_OK);
+    for (int i = 0; i < SMALL; i++)
+        CHECK(lm_ep_read(p.ea, msm, (uint64_t)i * 64, 64, &rd, (uint64_t)i * 1000, (uint64_t)i) == LM_OK);
+    CHECK(lm_ep_read(p.ea, ml, 0, 64, &rd, N - 32, 2000) == LM_OK); /* out of bounds */
+    lm_completion_t c = wait_one(p.a);
+    CHECK(c.opcode == LM_OP_READ && c.wr_id == 1000 && c.status == LM_OK && c.byte_len == N);
+    CHECK(memcmp(local, remote, N) == 0);
+    for (int i = 0; i < SMALL; i++) {
+        c = wait_one(p.a);
+        CHECK(c.wr_id == (uint64_t)i && c.status == LM_OK);
+        CHECK(memcmp(small[i], remote + i * 1000, 64) == 0);
+    }
+    c = wait_one(p.a);
+    CHECK(c.wr_id == 2000 && c.status == LM_ERR_OUT_OF_BOUNDS);
+    c = wait_one(p.b);
+    CHECK(c.opcode == LM_OP_REFUSED && c.status == LM_ERR_OUT_OF_BOUNDS);
+    CHECK(lm_ep_outstanding(p.ea) == 0);
+    pair_close(&p);
+    free(remote);
+    free(local);
+}
+
 static void test_bad_arguments(void)
 {
     CHECK(lm_context_create(NULL, NULL) == LM_ERR_INVALID);
@@ -249,6 +632,15 @@ int main(void)
     test_peer_loss_flushes_outstanding();
     test_deregister_with_writes_in_flight();
     test_garbage_closes_only_that_endpoint();
+    test_reads_in_pieces_and_beyond_the_read_limit();
+    test_burst_beyond_rx_budget_completes();
+    test_burst_library_both_ends();
+    test_read_answer_not_changed_by_later_write();
+    test_ack_for_unsent_write_fails_endpoint();
+    test_answer_to_unsent_read_fails_endpoint();
+    test_read_flood_never_reading_fails_endpoint();
+    test_refused_write_flood_blocks_then_recovers();
+    test_unpolled_completions_pause_receiving();
     if (failures) {
         fprintf(stderr, "%d check(s) failed\n", failures);
         return 1;

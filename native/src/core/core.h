@@ -48,16 +48,42 @@ void lm_mr_unref(lm_mr_t *mr);
 int lm_mr_check(const lm_mr_t *mr, uint64_t off, uint64_t len, uint32_t access);
 
 /* ---- completion queue ------------------------------------------------- */
+/* Receive-side back-pressure (like RDMA's receiver-not-ready): once this many
+ * completions wait unpolled, transports stop reading new frames from their
+ * peers (lm_cq_park_if_congested) until the application polls the queue below
+ * LM_CQ_RESUME_DEPTH. Completions of the application's own operations are
+ * still queued past it (they are bounded by what the application posted). */
+#define LM_CQ_PAUSE_DEPTH 65536u
+#define LM_CQ_RESUME_DEPTH (LM_CQ_PAUSE_DEPTH / 2)
+
+/* Queue a completion. Never drops one silently: if the ring cannot grow
+ * (out of memory) the loss is counted and every later lm_cq_poll/lm_cq_wait
+ * fails with LM_ERR_NO_MEMORY once the queue is empty. */
 void lm_cq_push(lm_context_t *ctx, const lm_completion_t *c);
+struct lm_io_handler;
+/* If the queue is at LM_CQ_PAUSE_DEPTH, park h (true): the progress engine
+ * re-runs it with LM_EV_RERUN once the application has polled the queue
+ * below LM_CQ_RESUME_DEPTH. Cheap when not congested (one atomic load). */
+bool lm_cq_park_if_congested(lm_context_t *ctx, struct lm_io_handler *h);
+/* Forget a parked handler (lm_progress_del calls it). */
+void lm_cq_unpark(lm_context_t *ctx, struct lm_io_handler *h);
 
 /* ---- progress engine --------------------------------------------------- */
 /* Callbacks run on whichever thread dispatches: the progress thread or an
  * application thread waiting in lm_cq_wait; one dispatcher at a time. */
 typedef void (*lm_io_cb)(void *arg, uint32_t events);
+/* Event bit (never reported by epoll) for a handler called again because it
+ * asked for it (lm_progress_rerun) or was unparked (lm_cq_park_if_congested). */
+#define LM_EV_RERUN (1u << 27)
 typedef struct lm_io_handler {
     int fd;
     lm_io_cb cb;
     void *arg;
+    /* Re-run and park lists (progress.c, cq.c); zero-initialised. */
+    struct lm_io_handler *rerun_next;
+    bool rerun_queued;
+    struct lm_io_handler *park_next;
+    bool parked;
 } lm_io_handler_t;
 
 int lm_progress_add(lm_context_t *ctx, lm_io_handler_t *h, uint32_t events);
@@ -70,6 +96,11 @@ void lm_progress_barrier(lm_context_t *ctx);
 void lm_progress_drive(lm_context_t *ctx, int timeout_ms);
 /* Wake drivers blocked in epoll_wait (no-op inside dispatch). */
 void lm_progress_kick(lm_context_t *ctx);
+/* Call h again with LM_EV_RERUN before any dispatcher sleeps, whatever its
+ * fd's readiness: for a handler that stopped with work left (a receive budget
+ * spent with frames already buffered) or that resumes after a pause. Any
+ * thread; a queued handler is queued once. lm_progress_del drops it. */
+void lm_progress_rerun(lm_context_t *ctx, lm_io_handler_t *h);
 uint64_t lm_now_ns(void);
 
 /* One-shot timers: armed from dispatch (callbacks) only; disarmed from any
@@ -105,6 +136,9 @@ typedef struct lm_cq {
     pthread_mutex_t lock;
     lm_completion_t *ring;
     size_t capacity, head, count;
+    atomic_bool congested;  /* count >= LM_CQ_PAUSE_DEPTH (read without the lock) */
+    lm_io_handler_t *parked; /* handlers waiting for the queue to drain */
+    uint64_t lost;          /* completions dropped for lack of memory (sticky error) */
     int event_fd;          /* readable while count > 0, once fd_wanted */
     atomic_bool fd_wanted; /* set by lm_context_fd: saves two syscalls per batch otherwise */
 } lm_cq_t;
@@ -122,6 +156,9 @@ typedef struct lm_progress {
     pthread_mutex_t drive_lock; /* held while dispatching */
     atomic_ullong del_epoch;
     lm_timer_t *timers;         /* guarded by drive_lock */
+    pthread_mutex_t rerun_lock; /* guards the re-run list */
+    lm_io_handler_t *rerun_head, *rerun_tail;
+    atomic_bool rerun_pending;  /* the list is non-empty: do not sleep */
     uint64_t driver_epoll_ns;   /* a driver last looked at epoll (drive_lock) */
     lm_io_handler_t wake_handler;
 } lm_progress_t;

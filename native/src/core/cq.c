@@ -1,6 +1,11 @@
 /* cq.c - the context's completion queue: a growable ring and an eventfd for
  * poll/epoll/asyncio. A blocking wait drives the progress engine itself
- * (progress.c) instead of sleeping on a condition variable. */
+ * (progress.c) instead of sleeping on a condition variable.
+ *
+ * Growth is bounded by back-pressure, not by dropping: at LM_CQ_PAUSE_DEPTH
+ * unpolled completions the transports park their receive sides here
+ * (lm_cq_park_if_congested) and stop reading their peers' frames; polling
+ * below LM_CQ_RESUME_DEPTH queues them for a re-run. */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,7 +39,7 @@ void lm_cq_fini(lm_cq_t *cq)
     free(cq->ring);
 }
 
-/* Doubling keeps pushes O(1) amortised; a completion is never dropped. */
+/* Doubling keeps pushes O(1) amortised. */
 static int cq_grow(lm_cq_t *cq)
 {
     size_t cap = cq->capacity * 2;
@@ -55,13 +60,18 @@ void lm_cq_push(lm_context_t *ctx, const lm_completion_t *c)
     lm_cq_t *cq = &ctx->cq;
     pthread_mutex_lock(&cq->lock);
     if (cq->count == cq->capacity && cq_grow(cq) != 0) {
-        /* Out of memory: overwrite nothing; the operation's owner will see
-         * the endpoint outstanding count never drop. Logged by errno only. */
+        /* Out of memory: overwrite nothing, but make the loss loud: polls
+         * fail with LM_ERR_NO_MEMORY from now on (see cq_lost_error). */
+        bool first = cq->lost++ == 0;
         pthread_mutex_unlock(&cq->lock);
+        if (first)
+            lm_progress_kick(ctx);
         return;
     }
     cq->ring[(cq->head + cq->count) % cq->capacity] = *c;
     bool was_empty = cq->count++ == 0;
+    if (cq->count == LM_CQ_PAUSE_DEPTH)
+        atomic_store(&cq->congested, true);
     if (was_empty && atomic_load(&cq->fd_wanted)) {
         uint64_t one = 1;
         ssize_t n = write(cq->event_fd, &one, sizeof(one));
@@ -72,14 +82,61 @@ void lm_cq_push(lm_context_t *ctx, const lm_completion_t *c)
         lm_progress_kick(ctx);
 }
 
-static int cq_take_locked(lm_cq_t *cq, lm_completion_t *out, int max)
+bool lm_cq_park_if_congested(lm_context_t *ctx, lm_io_handler_t *h)
 {
+    lm_cq_t *cq = &ctx->cq;
+    if (!atomic_load_explicit(&cq->congested, memory_order_relaxed))
+        return false;
+    pthread_mutex_lock(&cq->lock); /* decided under the lock a poll drains with */
+    bool park = atomic_load(&cq->congested);
+    if (park && !h->parked) {
+        h->parked = true;
+        h->park_next = cq->parked;
+        cq->parked = h;
+    }
+    pthread_mutex_unlock(&cq->lock);
+    return park;
+}
+
+void lm_cq_unpark(lm_context_t *ctx, lm_io_handler_t *h)
+{
+    lm_cq_t *cq = &ctx->cq;
+    pthread_mutex_lock(&cq->lock);
+    for (lm_io_handler_t **pp = &cq->parked; *pp; pp = &(*pp)->park_next) {
+        if (*pp == h) {
+            *pp = h->park_next;
+            break;
+        }
+    }
+    h->parked = false;
+    pthread_mutex_unlock(&cq->lock);
+}
+
+/* The queue drained below the resume depth: hand every parked receive side
+ * back to the progress engine (cq lock held; it nests the re-run lock). */
+static void cq_resume_parked_locked(lm_context_t *ctx)
+{
+    lm_cq_t *cq = &ctx->cq;
+    atomic_store(&cq->congested, false);
+    while (cq->parked) {
+        lm_io_handler_t *h = cq->parked;
+        cq->parked = h->park_next;
+        h->parked = false;
+        lm_progress_rerun(ctx, h);
+    }
+}
+
+static int cq_take_locked(lm_context_t *ctx, lm_completion_t *out, int max)
+{
+    lm_cq_t *cq = &ctx->cq;
     int n = 0;
     while (n < max && cq->count > 0) {
         out[n++] = cq->ring[cq->head];
         cq->head = (cq->head + 1) % cq->capacity;
         cq->count--;
     }
+    if (atomic_load(&cq->congested) && cq->count < LM_CQ_RESUME_DEPTH)
+        cq_resume_parked_locked(ctx);
     if (n > 0 && cq->count == 0 && atomic_load(&cq->fd_wanted)) {
         uint64_t drained;
         ssize_t r = read(cq->event_fd, &drained, sizeof(drained));
@@ -94,8 +151,12 @@ int lm_cq_poll(lm_context_t *ctx, lm_completion_t *out, int max)
         return lm_fail(LM_ERR_INVALID, "lm_cq_poll: bad arguments");
     lm_cq_t *cq = &ctx->cq;
     pthread_mutex_lock(&cq->lock);
-    int n = cq_take_locked(cq, out, max);
+    int n = cq_take_locked(ctx, out, max);
+    uint64_t lost = n == 0 ? cq->lost : 0;
     pthread_mutex_unlock(&cq->lock);
+    if (lost)
+        return lm_fail(LM_ERR_NO_MEMORY, "completion queue out of memory: %llu completion(s) lost",
+                       (unsigned long long)lost);
     return n;
 }
 
@@ -107,7 +168,7 @@ int lm_cq_wait(lm_context_t *ctx, lm_completion_t *out, int max, int timeout_ms)
     for (;;) {
         int n = lm_cq_poll(ctx, out, max);
         if (n != 0)
-            return n;
+            return n; /* completions, or the sticky out-of-memory error */
         uint64_t now = lm_now_ns();
         if (now >= deadline)
             return timeout_ms == 0 ? lm_cq_poll(ctx, out, max) : 0;

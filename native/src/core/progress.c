@@ -13,6 +13,13 @@
  * bumps an epoch; a dispatcher whose epoll batch predates the bump drops it
  * (level-triggered events come back), so a removed handler is never called
  * after lm_progress_barrier returns.
+ *
+ * Handlers can also ask to be called again without new readiness
+ * (lm_progress_rerun): a tcp endpoint that spent its receive budget with
+ * frames already pulled into its buffer has nothing left for epoll to report.
+ * Every dispatch round runs the handlers queued when it started, after the
+ * round's epoll events (so one busy endpoint cannot starve the others), and a
+ * dispatcher never sleeps while the queue is non-empty.
  */
 #include <errno.h>
 #include <stdint.h>
@@ -127,6 +134,88 @@ static int64_t timers_sweep(lm_progress_t *p, bool fire)
     return first <= now ? 0 : (int64_t)(first - now);
 }
 
+/* ---- re-run queue ------------------------------------------------------- */
+
+void lm_progress_rerun(lm_context_t *ctx, lm_io_handler_t *h)
+{
+    lm_progress_t *p = &ctx->progress;
+    pthread_mutex_lock(&p->rerun_lock);
+    if (!h->rerun_queued) {
+        h->rerun_queued = true;
+        h->rerun_next = NULL;
+        if (p->rerun_tail)
+            p->rerun_tail->rerun_next = h;
+        else
+            p->rerun_head = h;
+        p->rerun_tail = h;
+        atomic_store(&p->rerun_pending, true);
+    }
+    pthread_mutex_unlock(&p->rerun_lock);
+    if (!tls_dispatching)
+        wake(p); /* a dispatcher may sleep in epoll with nothing to report */
+}
+
+static lm_io_handler_t *rerun_pop(lm_progress_t *p)
+{
+    pthread_mutex_lock(&p->rerun_lock);
+    lm_io_handler_t *h = p->rerun_head;
+    if (h) {
+        p->rerun_head = h->rerun_next;
+        if (!p->rerun_head)
+            p->rerun_tail = NULL;
+        h->rerun_queued = false;
+    }
+    atomic_store(&p->rerun_pending, p->rerun_head != NULL);
+    pthread_mutex_unlock(&p->rerun_lock);
+    return h;
+}
+
+static void rerun_unlink(lm_progress_t *p, lm_io_handler_t *h)
+{
+    pthread_mutex_lock(&p->rerun_lock);
+    if (h->rerun_queued) {
+        lm_io_handler_t *prev = NULL;
+        for (lm_io_handler_t *it = p->rerun_head; it; prev = it, it = it->rerun_next) {
+            if (it != h)
+                continue;
+            if (prev)
+                prev->rerun_next = h->rerun_next;
+            else
+                p->rerun_head = h->rerun_next;
+            if (p->rerun_tail == h)
+                p->rerun_tail = prev;
+            break;
+        }
+        h->rerun_queued = false;
+        atomic_store(&p->rerun_pending, p->rerun_head != NULL);
+    }
+    pthread_mutex_unlock(&p->rerun_lock);
+}
+
+static size_t rerun_length(lm_progress_t *p)
+{
+    size_t n = 0;
+    pthread_mutex_lock(&p->rerun_lock);
+    for (lm_io_handler_t *it = p->rerun_head; it; it = it->rerun_next)
+        n++;
+    pthread_mutex_unlock(&p->rerun_lock);
+    return n;
+}
+
+/* Run the handlers queued so far (under drive_lock, as dispatch); those that
+ * queue themselves again wait for the next round. */
+static void rerun_dispatch(lm_progress_t *p)
+{
+    if (!atomic_load(&p->rerun_pending))
+        return;
+    for (size_t n = rerun_length(p); n > 0; n--) {
+        lm_io_handler_t *h = rerun_pop(p);
+        if (!h)
+            break;
+        h->cb(h->arg, LM_EV_RERUN);
+    }
+}
+
 /* ---- dispatch ----------------------------------------------------------- */
 
 /* Call every open transport's poll hook until one delivers or budget_ns has
@@ -181,6 +270,8 @@ static int poll_and_dispatch(lm_context_t *ctx, int timeout_ms)
         timer_ns = timers_sweep(p, false);
     }
     int64_t timeout_ns = timeout_ms < 0 ? -1 : (int64_t)timeout_ms * 1000000;
+    if (atomic_load(&p->rerun_pending))
+        timeout_ns = 0; /* queued work: look at epoll, do not sleep */
     if (timer_ns >= 0 && (timeout_ns < 0 || timer_ns < timeout_ns))
         timeout_ns = timer_ns;
     pthread_mutex_unlock(&p->drive_lock);
@@ -198,6 +289,7 @@ static int poll_and_dispatch(lm_context_t *ctx, int timeout_ms)
             h->cb(h->arg, events[i].events);
         }
     }
+    rerun_dispatch(p);
     timers_sweep(p, true);
     tls_dispatching = false;
     pthread_mutex_unlock(&p->drive_lock);
@@ -291,6 +383,7 @@ int lm_progress_start(lm_context_t *ctx)
     }
     pthread_mutex_init(&p->lock, NULL);
     pthread_mutex_init(&p->drive_lock, NULL);
+    pthread_mutex_init(&p->rerun_lock, NULL);
     pthread_condattr_t attr;
     pthread_condattr_init(&attr);
     pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
@@ -321,6 +414,7 @@ void lm_progress_stop(lm_context_t *ctx)
     pthread_cond_destroy(&p->cond);
     pthread_mutex_destroy(&p->lock);
     pthread_mutex_destroy(&p->drive_lock);
+    pthread_mutex_destroy(&p->rerun_lock);
 }
 
 int lm_progress_add(lm_context_t *ctx, lm_io_handler_t *h, uint32_t events)
@@ -343,6 +437,8 @@ void lm_progress_del(lm_context_t *ctx, lm_io_handler_t *h)
 {
     /* ENOENT/EBADF are fine: removal is idempotent. */
     epoll_ctl(ctx->progress.epoll_fd, EPOLL_CTL_DEL, h->fd, NULL);
+    lm_cq_unpark(ctx, h);
+    rerun_unlink(&ctx->progress, h);
     atomic_fetch_add(&ctx->progress.del_epoch, 1);
 }
 

@@ -9,14 +9,33 @@
  * read with their header (under 512 - 56 per frame) are copied once from
  * here; all other payload bytes are received straight into the region. */
 #define LM_TCP_RX_BUF 512
-/* Frames handled per wake-up before yielding to other endpoints. */
+/* Frames handled per wake-up before yielding to other endpoints; an endpoint
+ * that stops on the budget with work left is re-run by the progress engine
+ * in the same dispatch round (lm_progress_rerun), after the others. */
 #define LM_TCP_RX_BUDGET 64
+/* Reads in flight per endpoint and direction (like RDMA's ORD/IRD): the
+ * initiator sends a READ_REQ only while fewer of its reads are unanswered (the
+ * rest wait in order in its send queue); a peer that sends more READ_REQs
+ * while this many answers are still unsent fails the endpoint (PROTOCOL). */
+#define LM_TCP_MAX_READS 16u
+/* A read is asked for in pieces of at most this many bytes (one READ_REQ and
+ * one sequence number each), so a responder holds at most
+ * LM_TCP_MAX_READS * LM_TCP_READ_CHUNK bytes of unsent answers per endpoint:
+ * the bound on read snapshots (see snapshot_conflicting_reads). Larger
+ * READ_REQs are a protocol error. */
+#define LM_TCP_READ_CHUNK (1u << 20)
+/* Answers (NACK, READ_RESP) queued for a peer that does not read them: at this
+ * many the receive side stops reading that socket (TCP flow control pushes
+ * back on the peer) and resumes when half have left. */
+#define LM_TCP_MAX_QUEUED_REPLIES 1024u
 #define LM_TCP_MAX_IOV 64
 /* A bare ACK waits this long for reverse traffic to carry it, unless this
  * many frames or bytes are unacknowledged (the sender's window must move). */
 #define LM_TCP_ACK_DELAY_NS 200000ull
 #define LM_TCP_ACK_FRAMES 16
 #define LM_TCP_ACK_BYTES (256u * 1024u)
+/* READ_REQ flag: a later piece of the same read (see LM_TCP_READ_CHUNK). */
+#define LM_TCP_FLAG_READ_CONT 2u
 
 typedef struct lm_tcp_iface {
     lm_context_t *ctx;
@@ -33,17 +52,28 @@ typedef struct lm_tcp_pending {
     int32_t forced_status; /* != 0: complete with this whatever the target says */
     lm_mr_t *dest;       /* reads: where the data lands (holds a reference) */
     uint64_t dest_off;
-    uint64_t length;
+    uint64_t length;     /* the whole operation's bytes */
+    /* Reads: pieces answered so far (piece k has sequence seq + k) and the
+     * first refusal among them. */
+    uint32_t pieces, pieces_done;
+    int32_t read_status;
 } lm_tcp_pending_t;
 
-/* A frame queued for sending; payload is sent straight from `src`. */
+/* A frame queued for sending; payload is sent straight from `src`, or from
+ * `snap` once a READ_RESP's unsent part was copied away (snap_from: the
+ * payload offset snap[0] holds). */
 typedef struct lm_tcp_tx {
     struct lm_tcp_tx *next;
     lm_tcp_hdr_t hdr;
     lm_mr_t *src;        /* NULL for header-only frames (holds a reference) */
     uint64_t src_off;
+    uint8_t *snap;
+    uint64_t snap_from;
     uint64_t sent;       /* bytes of header + payload already written */
     lm_tcp_pending_t *op; /* initiator op for WRITE (to withdraw it) */
+    /* READ_REQ of a read in pieces: pieces still to send after this one. */
+    uint32_t pieces_left;
+    uint64_t read_left;  /* bytes of the read after this piece */
 } lm_tcp_tx_t;
 
 enum lm_tcp_rx_state { RX_HEADER, RX_PAYLOAD };
@@ -63,7 +93,15 @@ typedef struct lm_tcp_ep {
     lm_tcp_tx_t *tx_free;
     lm_tcp_pending_t *pend_free;
     bool out_armed;      /* EPOLLOUT requested */
+    bool in_armed;       /* EPOLLIN requested (false while receiving is paused) */
     bool closed;         /* socket shut down, lists flushed */
+    uint64_t sent_below; /* every frame with a sequence number below this left whole */
+    uint32_t reads_out;  /* our READ_REQs sent and not yet answered (<= LM_TCP_MAX_READS) */
+    atomic_uint reads_in; /* the peer's READ_REQs whose answer has not left (IRD) */
+    uint32_t replies_queued; /* NACK / READ_RESP frames not yet sent */
+    atomic_bool rx_backlogged; /* receiving paused until replies_queued halves */
+    lm_tcp_tx_t *bare_ack; /* a queued bare ACK not yet stamped, or NULL */
+    uint64_t snap_bytes; /* bytes held in READ_RESP snapshots (bounded, see tcp_rx.c) */
 
     /* Receive side: touched by the progress thread only. */
     uint8_t rxbuf[LM_TCP_RX_BUF];
@@ -77,6 +115,7 @@ typedef struct lm_tcp_ep {
     lm_tcp_pending_t *rx_op; /* read being answered into local memory */
     uint64_t rx_expect_seq;  /* next sequence number the peer must use */
     bool rx_drained;         /* the last recv came back short */
+    bool rx_read_refused;    /* a piece of the read being answered was refused */
     lm_timer_t ack_timer;
 
     /* Acknowledgement state: written by the receive path, read when any frame
@@ -105,6 +144,8 @@ void lm_tcp_tx_flush(lm_tcp_ep_t *ep);
 /* Fail the endpoint once: shut the socket and complete every queued and
  * pending operation with status (caller holds ep->lock). */
 void lm_tcp_fail_locked(lm_tcp_ep_t *ep, int status);
+/* Recompute the epoll interest from out_armed / in_armed (caller holds lock). */
+void lm_tcp_update_interest(lm_tcp_ep_t *ep);
 
 /* tcp_rx.c: the progress-thread callback. */
 void lm_tcp_ack_timer_init(lm_tcp_ep_t *ep);

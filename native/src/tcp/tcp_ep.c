@@ -70,6 +70,7 @@ int lm_tcp_ep_create(void *iface_ptr, uint64_t ep_id, int fd, lm_ep_t **out)
     pthread_mutex_init(&ep->lock, NULL);
     fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
     tune_socket(fd, iface->keepalive_ms);
+    ep->in_armed = true;
     ep->handler = (lm_io_handler_t){.fd = fd, .cb = lm_tcp_on_io, .arg = ep};
     lm_tcp_ack_timer_init(ep);
     int rc = lm_progress_add(iface->ctx, &ep->handler, EPOLLIN);
@@ -83,14 +84,22 @@ int lm_tcp_ep_create(void *iface_ptr, uint64_t ep_id, int fd, lm_ep_t **out)
     return LM_OK;
 }
 
-/* Assign a sequence number and remember the operation (caller holds lock). */
+/* How many READ_REQs (and sequence numbers) a read of length bytes takes. */
+static uint32_t read_pieces(uint64_t length)
+{
+    return length <= LM_TCP_READ_CHUNK ? 1u : (uint32_t)((length + LM_TCP_READ_CHUNK - 1) / LM_TCP_READ_CHUNK);
+}
+
+/* Assign sequence numbers and remember the operation (caller holds lock). */
 static lm_tcp_pending_t *track(lm_tcp_ep_t *ep, uint8_t type, uint64_t wr_id, uint64_t length)
 {
     lm_tcp_pending_t *op = lm_tcp_pending_alloc(ep);
     if (!op)
         return NULL;
     op->type = type;
-    op->seq = ep->next_seq++;
+    op->pieces = type == LM_TCP_READ_REQ ? read_pieces(length) : 1;
+    op->seq = ep->next_seq;
+    ep->next_seq += op->pieces;
     op->wr_id = wr_id;
     op->length = length;
     if (ep->pend_tail)
@@ -133,9 +142,12 @@ static int post(lm_tcp_ep_t *ep, uint8_t type, lm_mr_t *local, uint64_t local_of
         tx->src = local;
         tx->src_off = local_off;
         tx->op = op;
-    } else {
+    } else { /* sent in pieces of LM_TCP_READ_CHUNK (tcp_tx.c: next_read_piece) */
         op->dest = local;
         op->dest_off = local_off;
+        tx->hdr.length = length < LM_TCP_READ_CHUNK ? length : LM_TCP_READ_CHUNK;
+        tx->read_left = length - tx->hdr.length;
+        tx->pieces_left = op->pieces - 1;
     }
     lm_tcp_tx_queue(ep, tx);
     pthread_mutex_unlock(&ep->lock);

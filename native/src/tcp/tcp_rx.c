@@ -2,6 +2,7 @@
  * check it against the registry, then receive the payload straight into the
  * target region (or discard it when the target refuses). */
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
@@ -14,24 +15,53 @@ static uint64_t min_u64(uint64_t a, uint64_t b) { return a < b ? a : b; }
 
 /* ---- acknowledgements (caller holds ep->lock) ------------------------- */
 
-static void queue_control(lm_tcp_ep_t *ep, uint8_t type, uint64_t seq, int32_t status)
+/* An answer (NACK / READ_RESP) is about to be queued for the peer: count it,
+ * and stop receiving once LM_TCP_MAX_QUEUED_REPLIES wait unsent, so a peer
+ * that never reads cannot grow our send queue (tcp_tx.c resumes). */
+static void count_reply_locked(lm_tcp_ep_t *ep)
+{
+    if (++ep->replies_queued < LM_TCP_MAX_QUEUED_REPLIES || atomic_load(&ep->rx_backlogged))
+        return;
+    atomic_store(&ep->rx_backlogged, true);
+    ep->in_armed = false;
+    lm_tcp_update_interest(ep);
+}
+
+static lm_tcp_tx_t *new_control(lm_tcp_ep_t *ep, uint8_t type, uint64_t seq, int32_t status)
 {
     lm_tcp_tx_t *tx = lm_tcp_tx_alloc(ep);
     if (!tx) {
         lm_tcp_fail_locked(ep, LM_ERR_NO_MEMORY);
-        return;
+        return NULL;
     }
     tx->hdr.type = type;
     tx->hdr.seq = seq;
     tx->hdr.status = status;
+    return tx;
+}
+
+static void queue_nack(lm_tcp_ep_t *ep, uint64_t seq, int32_t status)
+{
+    lm_tcp_tx_t *tx = new_control(ep, LM_TCP_NACK, seq, status);
+    if (!tx)
+        return;
+    count_reply_locked(ep);
     lm_tcp_tx_queue(ep, tx);
 }
 
-/* Send a bare ACK if reverse traffic has not carried the acknowledgement. */
+/* Send a bare ACK if reverse traffic has not carried the acknowledgement. One
+ * that waits unsent is stamped when it leaves, so it is never doubled: a peer
+ * that does not read gets at most one bare ACK queued. */
 void lm_tcp_ack_now_locked(lm_tcp_ep_t *ep)
 {
-    if (ep->rx_accepted > ep->rx_acked)
-        queue_control(ep, LM_TCP_ACK, 0, LM_OK);
+    bool waiting = ep->bare_ack && ep->bare_ack->sent == 0;
+    if (ep->rx_accepted > ep->rx_acked && !waiting) {
+        lm_tcp_tx_t *tx = new_control(ep, LM_TCP_ACK, 0, LM_OK);
+        if (tx) {
+            ep->bare_ack = tx; /* before queueing: a send may release it at once */
+            lm_tcp_tx_queue(ep, tx);
+        }
+    }
     ep->rx_unacked_bytes = 0;
 }
 
@@ -112,20 +142,39 @@ static lm_tcp_pending_t *pop_expected(lm_tcp_ep_t *ep, uint8_t type, uint64_t se
     return op;
 }
 
+/* An answer may only name a frame that left us whole: a buggy or hostile peer
+ * acknowledging data still in our send queue would complete a write whose
+ * buffer the application then reuses (caller holds ep->lock). */
+static int check_answered_sent_locked(const lm_tcp_ep_t *ep, uint64_t seq_end, const char *what)
+{
+    if (seq_end <= ep->sent_below)
+        return LM_OK;
+    return lm_fail(LM_ERR_PROTOCOL, "%s for sequence %llu, but only frames below %llu were sent", what,
+                   (unsigned long long)(seq_end - 1), (unsigned long long)ep->sent_below);
+}
+
 /* Writes complete in posting order: an acknowledgement that reaches past a
  * read still in flight is remembered and applied once the read finishes. */
-static void take_ack(lm_tcp_ep_t *ep, uint64_t ack)
+static int take_ack(lm_tcp_ep_t *ep, uint64_t ack)
 {
     pthread_mutex_lock(&ep->lock);
-    if (ack > ep->peer_ack)
+    int rc = check_answered_sent_locked(ep, ack, "acknowledgement");
+    if (rc == LM_OK && ack > ep->peer_ack)
         ep->peer_ack = ack;
-    complete_writes_before(ep, ep->peer_ack);
+    if (rc == LM_OK)
+        complete_writes_before(ep, ep->peer_ack);
     pthread_mutex_unlock(&ep->lock);
+    return rc;
 }
 
 static int on_nack(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h)
 {
     pthread_mutex_lock(&ep->lock);
+    int rc = check_answered_sent_locked(ep, h->seq + 1, "NACK");
+    if (rc != LM_OK) {
+        pthread_mutex_unlock(&ep->lock);
+        return rc;
+    }
     complete_writes_before(ep, h->seq);
     lm_tcp_pending_t *op = pop_expected(ep, LM_TCP_WRITE, h->seq);
     if (op) {
@@ -136,12 +185,39 @@ static int on_nack(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h)
     return op ? LM_OK : lm_fail(LM_ERR_PROTOCOL, "NACK for an unknown operation");
 }
 
+/* Piece k of a read covers [k * LM_TCP_READ_CHUNK, +LM_TCP_READ_CHUNK). */
+static uint64_t piece_offset(const lm_tcp_pending_t *op)
+{
+    return (uint64_t)op->pieces_done * LM_TCP_READ_CHUNK;
+}
+
+static uint64_t piece_length(const lm_tcp_pending_t *op)
+{
+    return min_u64(op->length - piece_offset(op), LM_TCP_READ_CHUNK);
+}
+
+/* The read whose next piece this answers; taken off the pending list while
+ * its payload lands (back on it if more pieces follow: finish_read_piece). */
+static lm_tcp_pending_t *pop_read_piece(lm_tcp_ep_t *ep, uint64_t seq)
+{
+    lm_tcp_pending_t *op = ep->pend_head;
+    if (!op || op->type != LM_TCP_READ_REQ || op->seq + op->pieces_done != seq)
+        return NULL;
+    return pop_expected(ep, LM_TCP_READ_REQ, op->seq);
+}
+
 static int on_read_resp(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h)
 {
     pthread_mutex_lock(&ep->lock);
-    complete_writes_before(ep, h->seq);
-    lm_tcp_pending_t *op = pop_expected(ep, LM_TCP_READ_REQ, h->seq);
+    int rc = check_answered_sent_locked(ep, h->seq + 1, "read response");
+    lm_tcp_pending_t *op = NULL;
+    if (rc == LM_OK) {
+        complete_writes_before(ep, h->seq);
+        op = pop_read_piece(ep, h->seq);
+    }
     pthread_mutex_unlock(&ep->lock);
+    if (rc != LM_OK)
+        return rc;
     if (!op)
         return lm_fail(LM_ERR_PROTOCOL, "read response for an unknown operation");
     ep->rx_op = op;
@@ -149,14 +225,14 @@ static int on_read_resp(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h)
         ep->rx_status = remote_status(h->status);
         if (h->length != 0)
             return lm_fail(LM_ERR_PROTOCOL, "refused read response carries a payload");
-    } else if (h->length != op->length) {
+    } else if (h->length != piece_length(op)) {
         return lm_fail(LM_ERR_PROTOCOL, "read response of %llu bytes for a %llu-byte read",
-                       (unsigned long long)h->length, (unsigned long long)op->length);
+                       (unsigned long long)h->length, (unsigned long long)piece_length(op));
     } else {
         ep->rx_status = LM_OK;
         lm_mr_ref(op->dest);
         ep->rx_mr = op->dest;
-        ep->rx_off = op->dest_off;
+        ep->rx_off = op->dest_off + piece_offset(op);
     }
     ep->rx_left = h->length;
     ep->rx_state = RX_PAYLOAD;
@@ -190,6 +266,56 @@ static int lookup_target(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h, uint32_t access
     return st;
 }
 
+static bool ranges_overlap(const uint8_t *a, uint64_t alen, const uint8_t *b, uint64_t blen)
+{
+    return alen > 0 && blen > 0 && a < b + blen && b < a + alen;
+}
+
+/* Copy a READ_RESP's unsent payload out of the region (caller holds ep->lock
+ * and the registry read lock, and checked the region is alive). */
+static int snapshot_read_resp(lm_tcp_ep_t *ep, lm_tcp_tx_t *tx, uint64_t unsent_from)
+{
+    uint64_t n = tx->hdr.length - unsent_from;
+    uint8_t *copy = malloc(n);
+    if (!copy)
+        return lm_fail(LM_ERR_NO_MEMORY, "no memory to snapshot a %llu-byte read answer",
+                       (unsigned long long)n);
+    memcpy(copy, tx->src->addr + tx->src_off + unsent_from, n);
+    tx->snap = copy;
+    tx->snap_from = unsent_from;
+    ep->snap_bytes += n;
+    lm_mr_unref(tx->src);
+    tx->src = NULL;
+    return LM_OK;
+}
+
+/* Reads are executed in order (RDMA responder semantics): an answer shows
+ * the memory as it was when its READ_REQ was processed, so before a later
+ * write lands where an answer still waits unsent, that answer's unsent part
+ * is copied. At most LM_TCP_MAX_READS answers of LM_TCP_READ_CHUNK bytes are
+ * queued per endpoint, which bounds the copies; nothing waits for the peer
+ * to read, so two peers doing this to each other cannot deadlock. */
+static int snapshot_conflicting_reads(lm_tcp_ep_t *ep, const lm_mr_t *dest, const lm_tcp_hdr_t *h)
+{
+    if (atomic_load_explicit(&ep->reads_in, memory_order_relaxed) == 0)
+        return LM_OK; /* the common case: no answer queued */
+    const uint8_t *target = dest->addr + h->offset;
+    int rc = LM_OK;
+    pthread_mutex_lock(&ep->lock);
+    lm_registry_rdlock(ep->base.ctx);
+    for (lm_tcp_tx_t *tx = ep->tx_head; tx && rc == LM_OK; tx = tx->next) {
+        if (tx->hdr.type != LM_TCP_READ_RESP || !tx->src || !tx->src->alive)
+            continue;
+        uint64_t unsent_from = tx->sent > sizeof(tx->hdr) ? tx->sent - sizeof(tx->hdr) : 0;
+        const uint8_t *unsent = tx->src->addr + tx->src_off + unsent_from;
+        if (ranges_overlap(unsent, tx->hdr.length - unsent_from, target, h->length))
+            rc = snapshot_read_resp(ep, tx, unsent_from);
+    }
+    lm_registry_unlock(ep->base.ctx);
+    pthread_mutex_unlock(&ep->lock);
+    return rc;
+}
+
 static int on_write(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h)
 {
     int rc = check_sequence(ep, h);
@@ -201,33 +327,70 @@ static int on_write(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h)
     ep->rx_off = h->offset;
     ep->rx_left = h->length;
     ep->rx_state = RX_PAYLOAD;
+    if (ep->rx_status == LM_OK)
+        return snapshot_conflicting_reads(ep, ep->rx_mr, h);
     return LM_OK;
+}
+
+/* The responder's side of LM_TCP_MAX_READS and LM_TCP_READ_CHUNK. */
+static int check_read_limits(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h)
+{
+    if (h->flags & ~LM_TCP_FLAG_READ_CONT)
+        return lm_fail(LM_ERR_PROTOCOL, "unknown read flags 0x%x", h->flags);
+    if (h->length > LM_TCP_READ_CHUNK)
+        return lm_fail(LM_ERR_PROTOCOL, "read request for %llu bytes exceeds the %u-byte piece limit",
+                       (unsigned long long)h->length, LM_TCP_READ_CHUNK);
+    if (atomic_load(&ep->reads_in) >= LM_TCP_MAX_READS)
+        return lm_fail(LM_ERR_PROTOCOL, "peer exceeded %u reads in flight (it does not read our answers)",
+                       LM_TCP_MAX_READS);
+    return LM_OK;
+}
+
+static void queue_read_resp_locked(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h, int st, lm_mr_t *mr)
+{
+    lm_tcp_tx_t *tx = lm_tcp_tx_alloc(ep);
+    if (!tx) {
+        if (mr)
+            lm_mr_unref(mr);
+        lm_tcp_fail_locked(ep, LM_ERR_NO_MEMORY);
+        return;
+    }
+    tx->hdr.type = LM_TCP_READ_RESP;
+    tx->hdr.seq = h->seq;
+    tx->hdr.status = st;
+    tx->hdr.length = st == LM_OK ? h->length : 0;
+    tx->src = mr; /* reference moves to the frame */
+    tx->src_off = h->offset;
+    atomic_fetch_add(&ep->reads_in, 1);
+    count_reply_locked(ep);
+    lm_tcp_tx_queue(ep, tx);
+}
+
+/* One REFUSED completion per read, not per piece: later pieces of a read
+ * already refused stay quiet. */
+static bool first_refusal_of_read(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h, int st)
+{
+    bool continued = (h->flags & LM_TCP_FLAG_READ_CONT) && ep->rx_read_refused;
+    if (!(h->flags & LM_TCP_FLAG_READ_CONT))
+        ep->rx_read_refused = false;
+    if (st != LM_OK)
+        ep->rx_read_refused = true;
+    return st != LM_OK && !continued;
 }
 
 static int on_read_req(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h)
 {
     int rc = check_sequence(ep, h);
+    if (rc == LM_OK)
+        rc = check_read_limits(ep, h);
     if (rc != LM_OK)
         return rc;
     lm_mr_t *mr;
     int st = lookup_target(ep, h, LM_ACCESS_REMOTE_READ, &mr);
     pthread_mutex_lock(&ep->lock);
-    lm_tcp_tx_t *tx = lm_tcp_tx_alloc(ep);
-    if (tx) {
-        tx->hdr.type = LM_TCP_READ_RESP;
-        tx->hdr.seq = h->seq;
-        tx->hdr.status = st;
-        tx->hdr.length = st == LM_OK ? h->length : 0;
-        tx->src = mr; /* reference moves to the frame */
-        tx->src_off = h->offset;
-        lm_tcp_tx_queue(ep, tx);
-    } else {
-        if (mr)
-            lm_mr_unref(mr);
-        lm_tcp_fail_locked(ep, LM_ERR_NO_MEMORY);
-    }
+    queue_read_resp_locked(ep, h, st, mr);
     pthread_mutex_unlock(&ep->lock);
-    if (st != LM_OK)
+    if (first_refusal_of_read(ep, h, st))
         push_target_completion(ep, LM_OP_REFUSED, st, h);
     return LM_OK;
 }
@@ -264,11 +427,36 @@ static int on_header(lm_tcp_ep_t *ep)
     default: return lm_fail(LM_ERR_PROTOCOL, "unknown frame type %u", h->type);
     }
     if (rc == LM_OK && h->ack)
-        take_ack(ep, h->ack);
+        rc = take_ack(ep, h->ack);
     return rc;
 }
 
 /* ---- payload ----------------------------------------------------------- */
+
+/* A read's piece was answered: the read completes with its last piece (with
+ * the first refusal among them), else it goes back to the head of the
+ * pending list; a read held by the ORD limit may go now (caller holds lock). */
+static void finish_read_piece_locked(lm_tcp_ep_t *ep, lm_tcp_pending_t *op, int status)
+{
+    if (status != LM_OK && op->read_status == LM_OK)
+        op->read_status = status;
+    op->pieces_done++;
+    ep->reads_out--;
+    if (op->pieces_done < op->pieces && !ep->closed) {
+        op->next = ep->pend_head;
+        ep->pend_head = op;
+        if (!ep->pend_tail)
+            ep->pend_tail = op;
+    } else {
+        int err = atomic_load(&ep->base.error);
+        int final = ep->closed ? (err ? err : LM_ERR_CANCELED) : op->read_status;
+        lm_ep_complete(&ep->base, LM_OP_READ, op->wr_id, final, op->length);
+        lm_tcp_pending_free(ep, op);
+        complete_writes_before(ep, ep->peer_ack);
+    }
+    if (ep->tx_head && ep->tx_head->hdr.type == LM_TCP_READ_REQ && ep->reads_out + 1 == LM_TCP_MAX_READS)
+        lm_tcp_tx_flush(ep);
+}
 
 static void finish_payload(lm_tcp_ep_t *ep)
 {
@@ -278,13 +466,11 @@ static void finish_payload(lm_tcp_ep_t *ep)
         ep->rx_mr = NULL;
     }
     ep->rx_state = RX_HEADER;
-    if (ep->rx_op) { /* our read finished */
+    if (ep->rx_op) { /* a piece of our read finished */
         lm_tcp_pending_t *op = ep->rx_op;
         ep->rx_op = NULL;
         pthread_mutex_lock(&ep->lock);
-        lm_ep_complete(&ep->base, LM_OP_READ, op->wr_id, ep->rx_status, op->length);
-        lm_tcp_pending_free(ep, op);
-        complete_writes_before(ep, ep->peer_ack);
+        finish_read_piece_locked(ep, op, ep->rx_status);
         pthread_mutex_unlock(&ep->lock);
         return;
     }
@@ -297,7 +483,7 @@ static void finish_payload(lm_tcp_ep_t *ep)
     pthread_mutex_lock(&ep->lock);
     /* Stamped before the NACK's number is accepted: the NACK itself says
      * every write before it was accepted. */
-    queue_control(ep, LM_TCP_NACK, h->seq, ep->rx_status);
+    queue_nack(ep, h->seq, ep->rx_status);
     ep->rx_accepted = h->seq + 1;
     pthread_mutex_unlock(&ep->lock);
     push_target_completion(ep, LM_OP_REFUSED, ep->rx_status, h);
@@ -381,15 +567,35 @@ void lm_tcp_rx_cleanup(lm_tcp_ep_t *ep, int status)
     ep->rx_state = RX_HEADER;
 }
 
-static void rx_run(lm_tcp_ep_t *ep)
+/* Receiving pauses between frames while the peer's answers pile up unsent
+ * (rx_backlogged, see count_reply_locked) or the completion queue is full
+ * (parked there until the application polls). A hang-up is read regardless:
+ * what is left is bounded by the socket buffer, and must reach EOF. */
+static bool rx_should_pause(lm_tcp_ep_t *ep)
+{
+    if (atomic_load_explicit(&ep->rx_backlogged, memory_order_relaxed))
+        return true;
+    if (!lm_cq_park_if_congested(ep->base.ctx, &ep->handler))
+        return false;
+    pthread_mutex_lock(&ep->lock);
+    ep->in_armed = false;
+    lm_tcp_update_interest(ep);
+    pthread_mutex_unlock(&ep->lock);
+    return true;
+}
+
+static void rx_run(lm_tcp_ep_t *ep, bool hangup)
 {
     uint8_t *scratch = ep->iface->scratch;
     int rc = LM_OK;
+    int frames = 0;
     ep->rx_drained = false;
-    for (int frames = 0; frames < LM_TCP_RX_BUDGET;) {
+    for (; frames < LM_TCP_RX_BUDGET;) {
         if (ep->rx_state == RX_PAYLOAD) {
             rc = rx_payload(ep, scratch, sizeof(ep->iface->scratch));
             frames += ep->rx_state == RX_HEADER;
+        } else if (!hangup && rx_should_pause(ep)) {
+            break;
         } else if (ep->rx_end - ep->rx_start >= sizeof(lm_tcp_hdr_t)) {
             memcpy(&ep->rx_hdr, ep->rxbuf + ep->rx_start, sizeof(lm_tcp_hdr_t));
             ep->rx_start += sizeof(lm_tcp_hdr_t);
@@ -416,7 +622,23 @@ static void rx_run(lm_tcp_ep_t *ep)
     if (rc < 0) {
         lm_progress_del(ep->base.ctx, &ep->handler);
         lm_tcp_rx_cleanup(ep, atomic_load(&ep->base.error));
+    } else if (frames >= LM_TCP_RX_BUDGET) {
+        /* Out of budget, maybe with frames already in rxbuf that epoll will
+         * never report: run again after the other endpoints. */
+        lm_progress_rerun(ep->base.ctx, &ep->handler);
     }
+}
+
+/* Called again after a pause (or a spent budget): listen to the socket
+ * again unless the answers backlog still holds it. */
+static void rx_resume(lm_tcp_ep_t *ep)
+{
+    pthread_mutex_lock(&ep->lock);
+    if (!ep->in_armed && !atomic_load(&ep->rx_backlogged) && !ep->closed) {
+        ep->in_armed = true;
+        lm_tcp_update_interest(ep);
+    }
+    pthread_mutex_unlock(&ep->lock);
 }
 
 void lm_tcp_on_io(void *arg, uint32_t events)
@@ -427,6 +649,8 @@ void lm_tcp_on_io(void *arg, uint32_t events)
         lm_tcp_tx_flush(ep);
         pthread_mutex_unlock(&ep->lock);
     }
-    if (events & (EPOLLIN | EPOLLHUP | EPOLLERR))
-        rx_run(ep);
+    if (events & LM_EV_RERUN)
+        rx_resume(ep);
+    if (events & (EPOLLIN | EPOLLHUP | EPOLLERR | LM_EV_RERUN))
+        rx_run(ep, (events & (EPOLLHUP | EPOLLERR)) != 0);
 }

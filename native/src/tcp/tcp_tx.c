@@ -20,10 +20,21 @@ lm_tcp_tx_t *lm_tcp_tx_alloc(lm_tcp_ep_t *ep)
     return tx;
 }
 
+/* Drop a frame that left (or is flushed) and the per-peer counts it held. */
 static void tx_release(lm_tcp_ep_t *ep, lm_tcp_tx_t *tx)
 {
     if (tx->src)
         lm_mr_unref(tx->src);
+    if (tx->snap) {
+        ep->snap_bytes -= tx->hdr.length - tx->snap_from;
+        free(tx->snap);
+    }
+    if (tx->hdr.type == LM_TCP_READ_RESP)
+        ep->reads_in--;
+    if (tx->hdr.type == LM_TCP_READ_RESP || tx->hdr.type == LM_TCP_NACK)
+        ep->replies_queued--;
+    if (ep->bare_ack == tx)
+        ep->bare_ack = NULL;
     tx->next = ep->tx_free;
     ep->tx_free = tx;
 }
@@ -47,12 +58,31 @@ void lm_tcp_pending_free(lm_tcp_ep_t *ep, lm_tcp_pending_t *op)
     ep->pend_free = op;
 }
 
+void lm_tcp_update_interest(lm_tcp_ep_t *ep)
+{
+    if (ep->closed)
+        return;
+    lm_progress_mod(ep->base.ctx, &ep->handler,
+                    (ep->in_armed ? EPOLLIN : 0u) | (ep->out_armed ? EPOLLOUT : 0u));
+}
+
 static void set_out_interest(lm_tcp_ep_t *ep, bool want)
 {
     if (ep->out_armed == want || ep->closed)
         return;
     ep->out_armed = want;
-    lm_progress_mod(ep->base.ctx, &ep->handler, EPOLLIN | (want ? EPOLLOUT : 0));
+    lm_tcp_update_interest(ep);
+}
+
+/* The backlog of answers for the peer halved: receive from it again. */
+static void resume_after_backlog(lm_tcp_ep_t *ep)
+{
+    if (!ep->rx_backlogged || ep->closed || ep->replies_queued > LM_TCP_MAX_QUEUED_REPLIES / 2)
+        return;
+    ep->rx_backlogged = false;
+    ep->in_armed = true;
+    lm_tcp_update_interest(ep);
+    lm_progress_rerun(ep->base.ctx, &ep->handler); /* frames may wait in rxbuf */
 }
 
 void lm_tcp_tx_queue(lm_tcp_ep_t *ep, lm_tcp_tx_t *tx)
@@ -72,9 +102,51 @@ void lm_tcp_tx_queue(lm_tcp_ep_t *ep, lm_tcp_tx_t *tx)
         lm_tcp_tx_flush(ep);
 }
 
+static bool has_payload(const lm_tcp_tx_t *tx)
+{
+    return tx->src || tx->snap;
+}
+
 static uint64_t frame_size(const lm_tcp_tx_t *tx)
 {
-    return sizeof(tx->hdr) + (tx->src ? tx->hdr.length : 0);
+    return sizeof(tx->hdr) + (has_payload(tx) ? tx->hdr.length : 0);
+}
+
+static bool carries_sequence(uint8_t type)
+{
+    return type == LM_TCP_WRITE || type == LM_TCP_READ_REQ || type == LM_TCP_NOP;
+}
+
+static const uint8_t *payload_at(const lm_tcp_tx_t *tx, uint64_t off)
+{
+    if (tx->snap && off >= tx->snap_from)
+        return tx->snap + (off - tx->snap_from);
+    return tx->src->addr + tx->src_off + off;
+}
+
+/* A READ_REQ piece left: count it in flight, and turn the frame into the next
+ * piece of the same read if there is one (true: the frame stays queued). */
+static bool next_read_piece(lm_tcp_ep_t *ep, lm_tcp_tx_t *tx)
+{
+    ep->reads_out++;
+    if (tx->pieces_left == 0)
+        return false;
+    tx->pieces_left--;
+    tx->hdr.seq++;
+    tx->hdr.offset += tx->hdr.length;
+    tx->hdr.length = tx->read_left < LM_TCP_READ_CHUNK ? tx->read_left : LM_TCP_READ_CHUNK;
+    tx->read_left -= tx->hdr.length;
+    tx->hdr.flags |= LM_TCP_FLAG_READ_CONT;
+    tx->sent = 0;
+    return true;
+}
+
+/* Account for a frame that left whole; false if it stays queued. */
+static bool frame_left(lm_tcp_ep_t *ep, lm_tcp_tx_t *tx)
+{
+    if (carries_sequence(tx->hdr.type))
+        ep->sent_below = tx->hdr.seq + 1;
+    return !(tx->hdr.type == LM_TCP_READ_REQ && next_read_piece(ep, tx));
 }
 
 /* A region deregistered while its frame waited: withdraw the frame if no
@@ -105,10 +177,17 @@ void lm_tcp_tx_flush(lm_tcp_ep_t *ep)
     while (ep->tx_head && !ep->closed) {
         struct iovec iov[LM_TCP_MAX_IOV];
         int n = 0;
+        uint32_t reads_batched = 0;
         lm_registry_rdlock(ctx);
         for (lm_tcp_tx_t *tx = ep->tx_head; tx && n + 2 <= LM_TCP_MAX_IOV; tx = tx->next) {
             if (tx->src && !tx->src->alive && !withdraw_dead_source(ep, tx))
                 break;
+            if (tx->hdr.type == LM_TCP_READ_REQ) {
+                /* ORD: later frames wait behind a read that may not go yet. */
+                if (tx->sent == 0 && ep->reads_out + reads_batched >= LM_TCP_MAX_READS)
+                    break;
+                reads_batched++;
+            }
             uint64_t done = tx->sent;
             if (done == 0) { /* every frame carries the newest acknowledgement */
                 tx->hdr.ack = ep->rx_accepted;
@@ -121,11 +200,16 @@ void lm_tcp_tx_flush(lm_tcp_ep_t *ep)
                 iov[n++].iov_len = sizeof(tx->hdr) - done;
                 done = sizeof(tx->hdr);
             }
-            if (tx->src) {
+            if (has_payload(tx)) {
                 uint64_t off = done - sizeof(tx->hdr);
-                iov[n].iov_base = tx->src->addr + tx->src_off + off;
-                iov[n++].iov_len = tx->hdr.length - off;
+                uint64_t end = tx->snap && off < tx->snap_from ? tx->snap_from : tx->hdr.length;
+                iov[n].iov_base = (uint8_t *)payload_at(tx, off);
+                iov[n++].iov_len = end - off;
+                if (end < tx->hdr.length) /* the rest comes from the snapshot */
+                    break;
             }
+            if (tx->hdr.type == LM_TCP_READ_REQ && tx->pieces_left > 0)
+                break; /* its next piece (a new header) goes in a later call */
         }
         ssize_t sent = -1;
         if (!ep->closed && n > 0) {
@@ -136,6 +220,8 @@ void lm_tcp_tx_flush(lm_tcp_ep_t *ep)
         lm_registry_unlock(ctx);
         if (ep->closed)
             return;
+        if (n == 0)
+            break; /* the head waits (reads in flight at the ORD limit) */
         if (sent < 0) {
             if (err == EAGAIN || err == EWOULDBLOCK || err == EINTR)
                 break;
@@ -151,13 +237,21 @@ void lm_tcp_tx_flush(lm_tcp_ep_t *ep)
                 break;
             }
             left -= need;
+            tx->sent += need;
+            if (!frame_left(ep, tx))
+                break; /* the same frame, as the read's next piece */
             ep->tx_head = tx->next;
             if (!ep->tx_head)
                 ep->tx_tail = NULL;
             tx_release(ep, tx);
         }
     }
-    set_out_interest(ep, ep->tx_head != NULL);
+    resume_after_backlog(ep);
+    /* A head held by the ORD limit needs no EPOLLOUT: the read's answer
+     * flushes again (tcp_rx.c). */
+    bool held = ep->tx_head && ep->tx_head->hdr.type == LM_TCP_READ_REQ && ep->tx_head->sent == 0 &&
+                ep->reads_out >= LM_TCP_MAX_READS;
+    set_out_interest(ep, ep->tx_head != NULL && !held);
 }
 
 void lm_tcp_fail_locked(lm_tcp_ep_t *ep, int status)

@@ -1,0 +1,464 @@
+"""Hostile input at the model node's front door and scheduler (issue 9, defects 1, 5, 6, 11).
+
+Framing, backlog and JSON-depth tests run the front door over a stand-in
+service (no attention tier). Scheduler tests run a real model node over one
+attention process.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import select
+import socket
+import threading
+import time
+from typing import Any, Iterator, Optional
+
+import pytest
+import torch
+
+from lamina_comm.node.http_api import FrontDoor
+from lamina_comm.node.metrics import NodeMetrics
+from lamina_comm.node.model_node import ModelNode, RequestHandle
+from lamina_comm.node.sampling import SamplingParams
+from tests.node.test_disaggregated import address, attention_nodes, greedy, make_node, prompt_of, reference_tokens
+
+HANG_GUARD_S = 60.0  # bound on waits for things that take milliseconds when the code is right
+
+
+# ------------------------------------------------------------------ a raw HTTP/1.1 client
+
+
+class RawConnection:
+    """One kept-alive connection, bytes in and responses out, exactly as the server framed them."""
+
+    def __init__(self, front: tuple[str, int]):
+        self.sock = socket.create_connection(front, timeout=HANG_GUARD_S)
+        self.reader = self.sock.makefile("rb")
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def response(self) -> tuple[int, dict[str, str], bytes]:
+        """(status, headers with lower-case names, body) of the next response."""
+        status_line = self.reader.readline()
+        assert status_line, "the server closed the connection instead of answering"
+        status = int(status_line.split()[1])
+        headers: dict[str, str] = {}
+        while (line := self.reader.readline().decode()) not in ("\r\n", "\n", ""):
+            name, value = line.split(":", 1)
+            headers[name.strip().lower()] = value.strip()
+        body = self.reader.read(int(headers.get("content-length", "0")))
+        return status, headers, body
+
+    def closed_by_server(self) -> bool:
+        """True when the server has closed its side (EOF), False when it is still open and silent."""
+        self.sock.settimeout(1.0)
+        try:
+            return self.reader.read(1) == b""
+        except (TimeoutError, socket.timeout):
+            return False
+        except ConnectionResetError:
+            return True
+        finally:
+            self.sock.settimeout(HANG_GUARD_S)
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
+def http_request(method: str, path: str, body: bytes = b"", headers: Optional[dict[str, str]] = None,
+                 frame: bool = True) -> bytes:
+    """Request bytes; ``frame``: add the Content-Length of ``body`` (of a POST or a non-empty body)."""
+    lines = [f"{method} {path} HTTP/1.1", "Host: test"]
+    fields = {"Content-Length": str(len(body))} if frame and (body or method == "POST") else {}
+    fields.update(headers or {})
+    lines += [f"{name}: {value}" for name, value in fields.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def generate_body(max_tokens: int = 3, **fields: Any) -> bytes:
+    return json.dumps({"prompt": [1, 2, 3], "max_tokens": max_tokens, "temperature": 0, **fields}).encode()
+
+
+# ------------------------------------------------------------------ a stand-in service
+
+
+class RecordingService:
+    """Answers every request at once with tokens 0..max_tokens-1, and records what was submitted."""
+
+    def __init__(self) -> None:
+        self.metrics = NodeMetrics()
+        self.submitted: list[list[int]] = []
+        self._ids = 0
+
+    def unhealthy_reason(self) -> Optional[str]:
+        return None
+
+    @property
+    def healthy(self) -> bool:
+        return True
+
+    def status(self) -> dict[str, Any]:
+        return {"role": "model"}
+
+    def submit(self, prompt: list[int], params: SamplingParams) -> RequestHandle:
+        self.submitted.append(list(prompt))
+        self._ids += 1
+        handle = RequestHandle(self._ids, len(prompt))
+        handle._emit({"event": "admitted"})
+        for token in range(params.max_tokens):
+            handle._emit({"event": "token", "token": token})
+        handle._emit({"event": "finished", "finish_reason": "length"})
+        return handle
+
+
+@pytest.fixture
+def service() -> RecordingService:
+    return RecordingService()
+
+
+@pytest.fixture
+def front(service: RecordingService) -> Iterator[tuple[str, int]]:
+    door = FrontDoor(service, ("127.0.0.1", 0), request_timeout=HANG_GUARD_S)
+    door.start()
+    yield door.address
+    door.close()
+
+
+@pytest.fixture
+def conn(front: tuple[str, int]) -> Iterator[RawConnection]:
+    connection = RawConnection(front)
+    yield connection
+    connection.close()
+
+
+# ------------------------------------------------------------------ 6: request framing and smuggling
+
+
+def test_a_body_sent_to_a_405_is_not_run_as_the_next_request(service: RecordingService,
+                                                              conn: RawConnection) -> None:
+    smuggled = http_request("POST", "/generate", generate_body())
+    conn.send(http_request("POST", "/healthz", smuggled))
+    status, headers, _ = conn.response()
+    assert status == 405 and headers["allow"] == "GET"
+    conn.send(http_request("GET", "/healthz"))  # the connection is still in step: this is the next answer
+    status, _, body = conn.response()
+    assert (status, json.loads(body)) == (200, {"status": "ok"})
+    assert service.submitted == [], "the body of the refused request was run as a generation"
+
+
+def test_a_404_on_a_kept_alive_connection_is_followed_by_a_real_request(service: RecordingService,
+                                                                        conn: RawConnection) -> None:
+    conn.send(http_request("POST", "/nowhere", generate_body()))
+    assert conn.response()[0] == 404
+    conn.send(http_request("POST", "/generate", generate_body(max_tokens=4)))
+    status, _, body = conn.response()
+    assert status == 200 and json.loads(body)["tokens"] == [0, 1, 2, 3]
+    assert service.submitted == [[1, 2, 3]]
+
+
+def test_a_get_with_a_body_consumes_it(service: RecordingService, conn: RawConnection) -> None:
+    conn.send(http_request("GET", "/status", http_request("POST", "/generate", generate_body())))
+    assert conn.response()[0] == 200
+    conn.send(http_request("GET", "/healthz"))
+    assert conn.response()[0] == 200
+    assert service.submitted == []
+
+
+UNFRAMEABLE = [
+    ({"Transfer-Encoding": "chunked"}, 501, "Transfer-Encoding"),
+    ({"Content-Length": "20", "Transfer-Encoding": "chunked"}, 400, "ambiguous"),
+    ({"Content-Length": "+20"}, 400, "bad Content-Length"),
+    ({"Content-Length": "2_0"}, 400, "bad Content-Length"),
+    ({"Content-Length": "20, 21"}, 400, "bad Content-Length"),
+    ({"Content-Length": str(2 << 20)}, 413, "over the 1048576-byte limit"),
+    ({"Content-Length": "9" * 5000}, 413, "over the 1048576-byte limit"),
+]
+
+
+@pytest.mark.parametrize("path", ["/generate", "/healthz"])
+@pytest.mark.parametrize("headers,status,reason", UNFRAMEABLE, ids=[r for _, _, r in UNFRAMEABLE])
+def test_unframeable_bodies_are_refused_and_the_connection_closed(
+        service: RecordingService, conn: RawConnection, path: str, headers: dict[str, str], status: int,
+        reason: str) -> None:
+    smuggled = http_request("POST", "/generate", generate_body())
+    conn.send(http_request("POST", path, headers=headers, frame=False) + smuggled)
+    got, answer_headers, body = conn.response()
+    assert got == status and reason in json.loads(body)["error"]
+    assert answer_headers.get("connection") == "close"
+    assert conn.closed_by_server()
+    assert service.submitted == []
+
+
+def test_duplicate_equal_content_lengths_are_one_length(service: RecordingService, conn: RawConnection) -> None:
+    body = generate_body()
+    conn.send(f"POST /generate HTTP/1.1\r\nHost: t\r\nContent-Length: {len(body)}\r\n"
+              f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    assert conn.response()[0] == 200
+
+
+def test_a_generate_without_content_length_gets_411_and_a_close(service: RecordingService,
+                                                                conn: RawConnection) -> None:
+    conn.send(b"POST /generate HTTP/1.1\r\nHost: t\r\n\r\n" + http_request("POST", "/generate", generate_body()))
+    status, headers, _ = conn.response()
+    assert status == 411 and headers.get("connection") == "close"
+    assert conn.closed_by_server() and service.submitted == []
+
+
+def test_a_malformed_header_name_is_refused(service: RecordingService, conn: RawConnection) -> None:
+    # A proxy that reads this as Transfer-Encoding would frame the body differently from us.
+    body = http_request("POST", "/generate", generate_body())
+    conn.send(f"POST /healthz HTTP/1.1\r\nHost: t\r\nContent-Length: {len(body)}\r\n"
+              f"Transfer-Encoding\x0b: chunked\r\n\r\n".encode() + body)
+    status, _, answer = conn.response()
+    assert status == 400 and "malformed header section" in json.loads(answer)["error"]
+    assert conn.closed_by_server() and service.submitted == []
+
+
+# ------------------------------------------------------------------ 11: deep JSON
+
+
+@pytest.mark.parametrize("body", [
+    b"[" * 100_000 + b"]" * 100_000,
+    b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    b'{"a": ' * 50_000 + b"1" + b"}" * 50_000,
+], ids=["array", "prompt", "object"])
+def test_deeply_nested_json_is_a_400(service: RecordingService, conn: RawConnection, body: bytes) -> None:
+    conn.send(http_request("POST", "/generate", body))
+    status, _, answer = conn.response()
+    assert status == 400 and "nests JSON deeper than" in json.loads(answer)["error"]
+    conn.send(http_request("POST", "/generate", generate_body()))  # and the connection still serves
+    assert conn.response()[0] == 200
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting(conn: RawConnection) -> None:
+    conn.send(http_request("POST", "/generate", json.dumps({"prompt": [1], "bogus": "[" * 1000}).encode()))
+    status, _, answer = conn.response()
+    assert status == 400 and "unknown fields ['bogus']" in json.loads(answer)["error"]
+
+
+# ------------------------------------------------------------------ 1: sampling parameters at the door
+
+
+@pytest.mark.parametrize("field,text,reason", [
+    ("temperature", "1" + "0" * 400, "temperature must be finite and >= 0"),
+    ("top_p", "1" + "0" * 400, "top_p must be in (0, 1]"),
+    ("temperature", "1e999", "temperature must be finite and >= 0"),
+    ("top_p", "NaN", "top_p must be in (0, 1]"),
+    ("temperature", "-Infinity", "temperature must be finite and >= 0"),
+])
+def test_out_of_range_numbers_are_a_400_not_a_500(service: RecordingService, conn: RawConnection,
+                                                  field: str, text: str, reason: str) -> None:
+    conn.send(http_request("POST", "/generate", f'{{"prompt": [1], "{field}": {text}}}'.encode()))
+    status, _, answer = conn.response()
+    assert status == 400 and reason in json.loads(answer)["error"]
+    assert len(json.loads(answer)["error"]) < 200  # the value is shown cut short
+    assert service.submitted == []
+
+
+# ------------------------------------------------------------------ 5: listen backlog
+
+
+def test_a_burst_of_64_connections_is_queued_and_answered(service: RecordingService) -> None:
+    door = FrontDoor(service, ("127.0.0.1", 0), request_timeout=HANG_GUARD_S)
+    clients = [socket.socket() for _ in range(64)]
+    try:
+        # The accept loop is not running yet: every handshake must complete into the listen queue.
+        for client in clients:
+            client.setblocking(False)
+            client.connect_ex(door.address)
+        pending = set(clients)
+        deadline = time.monotonic() + 20.0
+        while pending and time.monotonic() < deadline:
+            _, writable, _ = select.select([], list(pending), [], 0.5)
+            pending -= set(writable)
+        assert not pending, f"{len(pending)} of 64 connections found no room in the listen queue"
+        assert all(c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0 for c in clients)
+        door.start()
+        for client in clients:
+            client.setblocking(True)
+            client.settimeout(HANG_GUARD_S)
+            client.sendall(http_request("GET", "/healthz", headers={"Connection": "close"}))
+        answers = [client.makefile("rb").readline() for client in clients]
+        assert all(answer.startswith(b"HTTP/1.1 200") for answer in answers), answers
+    finally:
+        for client in clients:
+            client.close()
+        door.close()
+
+
+def test_the_backlog_is_an_option(service: RecordingService) -> None:
+    door = FrontDoor(service, ("127.0.0.1", 0), listen_backlog=7)
+    try:
+        assert door.listen_backlog == 7
+    finally:
+        door.close()
+    with pytest.raises(ValueError, match="listen_backlog must be >= 1"):
+        FrontDoor(service, ("127.0.0.1", 0), listen_backlog=0)
+
+
+# ------------------------------------------------------------------ a real model node
+
+STALL_TIMEOUT_S = 1.0  # the stall test's bound: its deliberate stall is reported after this
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[tuple[tuple[str, int], ModelNode]]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    workers = attention_nodes(1, "--config", "tiny", "--blocks", "160")
+    node = make_node([address(w) for w in workers])
+    node.start()
+    door = FrontDoor(node, ("127.0.0.1", 0), request_timeout=HANG_GUARD_S)
+    door.start()
+    yield door.address, node
+    door.server.shutdown()
+    node.close()
+    door.close()
+    for worker in workers:
+        assert worker.stop() == 0, worker.log()
+        worker.close()
+    torch.set_num_threads(threads)
+
+
+def post(front: tuple[str, int], payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    connection = RawConnection(front)
+    try:
+        connection.send(http_request("POST", "/generate", json.dumps(payload).encode()))
+        status, _, body = connection.response()
+        return status, json.loads(body)
+    finally:
+        connection.close()
+
+
+def get(front: tuple[str, int], path: str) -> tuple[int, dict[str, Any]]:
+    connection = RawConnection(front)
+    try:
+        connection.send(http_request("GET", path))
+        status, _, body = connection.response()
+        return status, json.loads(body)
+    finally:
+        connection.close()
+
+
+def side_by_side(front: tuple[str, int], payloads: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
+    """The answers to requests sent at the same time."""
+    answers: dict[int, tuple[int, dict[str, Any]]] = {}
+    threads = [threading.Thread(target=lambda i=i: answers.__setitem__(i, post(front, payloads[i])))
+               for i in range(len(payloads))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(2 * HANG_GUARD_S)
+    return [answers.get(i, (0, {"error": "no answer"})) for i in range(len(payloads))]
+
+
+def wait_until_idle(node: ModelNode) -> None:
+    deadline = time.monotonic() + 2 * HANG_GUARD_S
+    while node.status()["running"] or node.status()["queued"] or node.status()["workers"][0]["blocks_used"]:
+        assert time.monotonic() < deadline, "the node did not go idle"
+        time.sleep(0.05)
+
+
+def test_a_tiny_temperature_beside_a_normal_request_both_answered(
+        cluster: tuple[tuple[str, int], ModelNode]) -> None:
+    front, node = cluster
+    normal = {"prompt": prompt_of(8), "max_tokens": 6, "temperature": 0}
+    tiny = {"prompt": prompt_of(8, 1), "max_tokens": 6, "temperature": 1e-300, "seed": 5}
+    (normal_status, normal_body), (tiny_status, tiny_body) = side_by_side(front, [normal, tiny])
+    assert normal_status == 200, normal_body
+    assert normal_body["tokens"] == reference_tokens([prompt_of(8)], [greedy(6)])[0]
+    # Documented semantics: a tiny positive temperature is computed safely and tends to greedy.
+    assert tiny_status == 200, tiny_body
+    assert tiny_body["tokens"] == reference_tokens([prompt_of(8, 1)], [greedy(6)])[0]
+    assert get(front, "/healthz") == (200, {"status": "ok"})
+
+
+def test_a_sampler_failure_fails_only_that_request(cluster: tuple[tuple[str, int], ModelNode],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    front, node = cluster
+    from lamina_comm.node import sampling
+
+    real_sample_row = sampling._sample_row
+
+    def failing_for_the_victim(logits: torch.Tensor, params: SamplingParams, generator: Any) -> torch.Tensor:
+        if params.temperature == 0.75:  # the victim's marker
+            raise RuntimeError("injected sampler failure")
+        return real_sample_row(logits, params, generator)
+
+    monkeypatch.setattr(sampling, "_sample_row", failing_for_the_victim)
+    normal = {"prompt": prompt_of(5), "max_tokens": 5, "temperature": 0}
+    victim = {"prompt": prompt_of(5, 3), "max_tokens": 5, "temperature": 0.75, "seed": 1}
+    (normal_status, normal_body), (victim_status, victim_body) = side_by_side(front, [normal, victim])
+    assert normal_status == 200 and normal_body["tokens"] == reference_tokens([prompt_of(5)], [greedy(5)])[0]
+    assert victim_status == 500 and "injected sampler failure" in victim_body["error"]
+    wait_until_idle(node)
+    monkeypatch.undo()
+    status, body = post(front, normal)  # and the scheduler goes on serving
+    assert status == 200 and body["tokens"] == normal_body["tokens"]
+    assert get(front, "/healthz") == (200, {"status": "ok"})
+
+
+def test_healthz_turns_503_when_the_scheduler_stalls(cluster: tuple[tuple[str, int], ModelNode],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    front, node = cluster
+    monkeypatch.setattr(node, "options", dataclasses.replace(node.options, stall_timeout=STALL_TIMEOUT_S))
+    release = threading.Event()
+    real_step = node._step
+
+    def stalled_step() -> None:
+        release.wait(2 * HANG_GUARD_S)
+        real_step()
+
+    monkeypatch.setattr(node, "_step", stalled_step)
+    answers: list[tuple[int, dict[str, Any]]] = []
+    client = threading.Thread(target=lambda: answers.append(
+        post(front, {"prompt": prompt_of(4), "max_tokens": 2, "temperature": 0})))
+    client.start()
+    try:
+        deadline = time.monotonic() + HANG_GUARD_S
+        while (health := get(front, "/healthz"))[0] == 200:
+            assert time.monotonic() < deadline, "/healthz kept saying ok while the scheduler was stuck"
+            time.sleep(0.1)
+        status, body = health
+        assert status == 503 and body["status"] == "degraded" and "no progress" in body["reason"]
+    finally:
+        release.set()
+        client.join(HANG_GUARD_S)
+    assert answers and answers[0][0] == 200
+    wait_until_idle(node)
+    assert get(front, "/healthz") == (200, {"status": "ok"})
+
+
+def test_healthz_turns_503_when_the_scheduler_thread_is_gone(cluster: tuple[tuple[str, int], ModelNode],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    front, node = cluster
+    dead = threading.Thread(target=lambda: None)
+    dead.start()
+    dead.join()
+    monkeypatch.setattr(node, "_thread", dead)
+    status, body = get(front, "/healthz")
+    assert status == 503 and "scheduler thread stopped" in body["reason"]
+
+
+def test_a_non_streaming_client_that_disconnects_is_cancelled(cluster: tuple[tuple[str, int], ModelNode]) -> None:
+    front, node = cluster
+    max_tokens = 1500
+    generated_before = node.metrics.generated_tokens.value()
+    cancelled_before = node.metrics.requests.value(outcome="cancelled")
+    connection = RawConnection(front)
+    try:
+        connection.send(http_request("POST", "/generate", json.dumps(
+            {"prompt": prompt_of(10), "max_tokens": max_tokens, "temperature": 0}).encode()))
+        deadline = time.monotonic() + HANG_GUARD_S
+        while node.metrics.generated_tokens.value() == generated_before:  # admitted and generating
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.02)
+    finally:
+        connection.close()
+    wait_until_idle(node)
+    generated = node.metrics.generated_tokens.value() - generated_before
+    assert generated < max_tokens // 2, f"{generated} of {max_tokens} tokens were generated for a gone client"
+    assert node.metrics.requests.value(outcome="cancelled") == cancelled_before + 1
