@@ -66,6 +66,10 @@ def _node_parser() -> argparse.ArgumentParser:
                             "a newly connecting model node takes over the session")
     model.add_argument("--rebuild-timeout", type=float, default=30.0,
                        help="seconds held requests wait for a replacement worker")
+    model.add_argument("--stall-timeout", type=float, default=60.0,
+                       help="seconds with work pending and no progress before /healthz says 503")
+    model.add_argument("--http-backlog", type=int, default=None,
+                       help="front door listen backlog (default 1024, capped by net.core.somaxconn)")
 
     attention = parser.add_argument_group("attention role")
     attention.add_argument("--listen", metavar="HOST:PORT", help="address to accept the model node on")
@@ -193,13 +197,15 @@ def _run_model(args: argparse.Namespace, stop: threading.Event) -> int:
         attention=attention, spares=_addresses(args.spare), microbatches=args.microbatches,
         max_step_tokens=args.max_step_tokens, max_queue=args.max_queue, device=args.device,
         secret=args.secret, transport=args.transport, connect_timeout=args.connect_timeout,
-        peer_timeout=args.peer_timeout, rebuild_timeout=args.rebuild_timeout)
+        peer_timeout=args.peer_timeout, rebuild_timeout=args.rebuild_timeout,
+        stall_timeout=args.stall_timeout)
     options.validate(config)  # before loading weights: fail fast on a bad worker count
     http_address = _split_host_port(args.http, "--http")
     node = ModelNode(config, load_weights(args, config), options)
     node.connect()
     try:
-        front = FrontDoor(node, http_address)
+        backlog = {} if args.http_backlog is None else {"listen_backlog": args.http_backlog}
+        front = FrontDoor(node, http_address, **backlog)
     except BaseException:
         node.close()
         raise

@@ -7,6 +7,7 @@
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <stdbool.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/time.h>
@@ -623,6 +624,39 @@ static void test_bad_arguments(void)
     lm_context_destroy(ctx);
 }
 
+/* Reads held back by the ORD limit must not hold back the answers we owe
+ * the peer: with both peers reading from each other past the limit, each
+ * side's answers queued behind its held read would wait for the other's. */
+static void test_answers_overtake_reads_held_by_ord(void)
+{
+    raw_peer_t r;
+    raw_open(&r);
+    unsigned char local[16], served[64];
+    memset(served, 0x5a, sizeof(served));
+    lm_mr_t *ml, *ms;
+    CHECK(lm_mr_register(r.ctx, local, sizeof(local), LM_ACCESS_LOCAL_WRITE, &ml) == LM_OK);
+    CHECK(lm_mr_register(r.ctx, served, sizeof(served), LM_ACCESS_REMOTE_READ, &ms) == LM_OK);
+    lm_rdesc_t theirs = {.key = 77, .length = 1 << 20}, ours;
+    lm_mr_descriptor(ms, &ours);
+    for (int i = 0; i <= 16; i++) /* 16 go out, the 17th waits for an answer */
+        CHECK(lm_ep_read(r.ep, ml, 0, sizeof(local), &theirs, 0, (uint64_t)i) == LM_OK);
+    lm_tcp_hdr_t h;
+    for (int i = 0; i < 16; i++)
+        CHECK(recv_all(r.fd, &h, sizeof(h)) == 0 && h.type == LM_TCP_READ_REQ);
+    lm_tcp_hdr_t req = frame(LM_TCP_READ_REQ, 0, ours.key, 0, sizeof(served));
+    CHECK(send_all(r.fd, &req, sizeof(req)) == 0);
+    bool answered = false;
+    for (int i = 0; i < 64 && !answered; i++) {
+        if (recv_all(r.fd, &h, sizeof(h)) != 0)
+            break; /* 30 s hang guard: the answer never came */
+        answered = h.type == LM_TCP_READ_RESP;
+    }
+    CHECK(answered && h.seq == 0 && h.status == LM_OK && h.length == sizeof(served));
+    unsigned char got[sizeof(served)];
+    CHECK(answered && recv_all(r.fd, got, sizeof(got)) == 0 && memcmp(got, served, sizeof(got)) == 0);
+    raw_close(&r);
+}
+
 int main(void)
 {
     test_bad_arguments();
@@ -641,6 +675,7 @@ int main(void)
     test_read_flood_never_reading_fails_endpoint();
     test_refused_write_flood_blocks_then_recovers();
     test_unpolled_completions_pause_receiving();
+    test_answers_overtake_reads_held_by_ord();
     if (failures) {
         fprintf(stderr, "%d check(s) failed\n", failures);
         return 1;

@@ -85,6 +85,19 @@ static void resume_after_backlog(lm_tcp_ep_t *ep)
     lm_progress_rerun(ep->base.ctx, &ep->handler); /* frames may wait in rxbuf */
 }
 
+static bool carries_sequence(uint8_t type)
+{
+    return type == LM_TCP_WRITE || type == LM_TCP_READ_REQ || type == LM_TCP_NOP;
+}
+
+/* The head is a read that the ORD limit holds back until our earlier reads
+ * are answered. */
+static bool head_held_by_ord(const lm_tcp_ep_t *ep)
+{
+    const lm_tcp_tx_t *h = ep->tx_head;
+    return h && h->hdr.type == LM_TCP_READ_REQ && h->sent == 0 && ep->reads_out >= LM_TCP_MAX_READS;
+}
+
 void lm_tcp_tx_queue(lm_tcp_ep_t *ep, lm_tcp_tx_t *tx)
 {
     tx->next = NULL;
@@ -98,8 +111,8 @@ void lm_tcp_tx_queue(lm_tcp_ep_t *ep, lm_tcp_tx_t *tx)
      * (Handing large frames to the progress thread instead was measured:
      * 4 MiB writes fell from 34-36 to 30-32 Gb/s, and the pipeline benchmark
      * gained nothing.) */
-    if (ep->tx_head == tx)
-        lm_tcp_tx_flush(ep);
+    if (ep->tx_head == tx || (!carries_sequence(tx->hdr.type) && head_held_by_ord(ep)))
+        lm_tcp_tx_flush(ep); /* (an answer overtakes a held read: no EPOLLOUT is armed) */
 }
 
 static bool has_payload(const lm_tcp_tx_t *tx)
@@ -112,10 +125,6 @@ static uint64_t frame_size(const lm_tcp_tx_t *tx)
     return sizeof(tx->hdr) + (has_payload(tx) ? tx->hdr.length : 0);
 }
 
-static bool carries_sequence(uint8_t type)
-{
-    return type == LM_TCP_WRITE || type == LM_TCP_READ_REQ || type == LM_TCP_NOP;
-}
 
 static const uint8_t *payload_at(const lm_tcp_tx_t *tx, uint64_t off)
 {
@@ -171,10 +180,43 @@ static bool withdraw_dead_source(lm_tcp_ep_t *ep, lm_tcp_tx_t *tx)
     return true;
 }
 
+/* Answers to the peer (READ_RESP, NACK, ACK) carry no sequence number of
+ * ours, so they may overtake our own held requests. They must: if both peers
+ * read from each other past the ORD limit, each one's answers queued behind
+ * its held read would wait for the other's, a deadlock. Moves them, in
+ * order, in front of the held head (which has sent nothing yet). */
+static void promote_answers_past_held_read(lm_tcp_ep_t *ep)
+{
+    lm_tcp_tx_t *held = ep->tx_head, *answers = NULL, *answers_last = NULL;
+    lm_tcp_tx_t *kept_last = held; /* last frame left in place after held */
+    for (lm_tcp_tx_t *tx = held->next, *next; tx; tx = next) {
+        next = tx->next;
+        if (carries_sequence(tx->hdr.type)) {
+            kept_last->next = tx;
+            kept_last = tx;
+            continue;
+        }
+        tx->next = NULL;
+        if (answers_last)
+            answers_last->next = tx;
+        else
+            answers = tx;
+        answers_last = tx;
+    }
+    kept_last->next = NULL;
+    ep->tx_tail = kept_last;
+    if (answers) {
+        answers_last->next = held;
+        ep->tx_head = answers;
+    }
+}
+
 void lm_tcp_tx_flush(lm_tcp_ep_t *ep)
 {
     lm_context_t *ctx = ep->base.ctx;
     while (ep->tx_head && !ep->closed) {
+        if (head_held_by_ord(ep))
+            promote_answers_past_held_read(ep);
         struct iovec iov[LM_TCP_MAX_IOV];
         int n = 0;
         uint32_t reads_batched = 0;
@@ -249,9 +291,7 @@ void lm_tcp_tx_flush(lm_tcp_ep_t *ep)
     resume_after_backlog(ep);
     /* A head held by the ORD limit needs no EPOLLOUT: the read's answer
      * flushes again (tcp_rx.c). */
-    bool held = ep->tx_head && ep->tx_head->hdr.type == LM_TCP_READ_REQ && ep->tx_head->sent == 0 &&
-                ep->reads_out >= LM_TCP_MAX_READS;
-    set_out_interest(ep, ep->tx_head != NULL && !held);
+    set_out_interest(ep, ep->tx_head != NULL && !head_held_by_ord(ep));
 }
 
 void lm_tcp_fail_locked(lm_tcp_ep_t *ep, int status)
