@@ -657,6 +657,38 @@ static void test_answers_overtake_reads_held_by_ord(void)
     raw_close(&r);
 }
 
+/* Completions in posting order: an acknowledgement riding on a read's answer
+ * must not complete a later write before the read itself completes. */
+static void test_ack_on_read_answer_keeps_completion_order(void)
+{
+    raw_peer_t r;
+    raw_open(&r);
+    unsigned char dest[16], src[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+    lm_mr_t *md, *ms;
+    CHECK(lm_mr_register(r.ctx, dest, sizeof(dest), LM_ACCESS_LOCAL_WRITE, &md) == LM_OK);
+    CHECK(lm_mr_register(r.ctx, src, sizeof(src), LM_ACCESS_LOCAL_WRITE, &ms) == LM_OK);
+    lm_rdesc_t theirs = {.key = 5, .length = 64};
+    CHECK(lm_ep_read(r.ep, md, 0, sizeof(dest), &theirs, 0, 1) == LM_OK);  /* seq 0 */
+    CHECK(lm_ep_write(r.ep, ms, 0, sizeof(src), &theirs, 0, 0, 0, 2) == LM_OK); /* seq 1 */
+    lm_tcp_hdr_t h;
+    unsigned char payload[sizeof(src)];
+    CHECK(recv_all(r.fd, &h, sizeof(h)) == 0 && h.type == LM_TCP_READ_REQ);
+    CHECK(recv_all(r.fd, &h, sizeof(h)) == 0 && h.type == LM_TCP_WRITE);
+    CHECK(recv_all(r.fd, payload, sizeof(payload)) == 0);
+    lm_tcp_hdr_t resp = frame(LM_TCP_READ_RESP, 0, 0, 0, sizeof(dest));
+    resp.ack = 2; /* the write (seq 1) was accepted */
+    CHECK(send_all(r.fd, &resp, sizeof(resp)) == 0);
+    usleep(100000); /* let the header be handled before its payload arrives */
+    unsigned char answer[sizeof(dest)];
+    memset(answer, 0xab, sizeof(answer));
+    CHECK(send_all(r.fd, answer, sizeof(answer)) == 0);
+    lm_completion_t first = wait_one(r.ctx), second = wait_one(r.ctx);
+    CHECK(first.opcode == LM_OP_READ && first.wr_id == 1 && first.status == LM_OK);
+    CHECK(second.opcode == LM_OP_WRITE && second.wr_id == 2 && second.status == LM_OK);
+    CHECK(memcmp(dest, answer, sizeof(dest)) == 0);
+    raw_close(&r);
+}
+
 int main(void)
 {
     test_bad_arguments();
@@ -676,6 +708,7 @@ int main(void)
     test_refused_write_flood_blocks_then_recovers();
     test_unpolled_completions_pause_receiving();
     test_answers_overtake_reads_held_by_ord();
+    test_ack_on_read_answer_keeps_completion_order();
     if (failures) {
         fprintf(stderr, "%d check(s) failed\n", failures);
         return 1;

@@ -161,7 +161,9 @@ static int take_ack(lm_tcp_ep_t *ep, uint64_t ack)
     int rc = check_answered_sent_locked(ep, ack, "acknowledgement");
     if (rc == LM_OK && ack > ep->peer_ack)
         ep->peer_ack = ack;
-    if (rc == LM_OK)
+    /* A read whose answer is landing (rx_op) was taken off the pending list:
+     * writes behind it complete when it does (finish_read_piece_locked). */
+    if (rc == LM_OK && !ep->rx_op)
         complete_writes_before(ep, ep->peer_ack);
     pthread_mutex_unlock(&ep->lock);
     return rc;
@@ -575,13 +577,18 @@ static bool rx_should_pause(lm_tcp_ep_t *ep)
 {
     if (atomic_load_explicit(&ep->rx_backlogged, memory_order_relaxed))
         return true;
-    if (!lm_cq_park_if_congested(ep->base.ctx, &ep->handler))
-        return false;
+    if (!atomic_load_explicit(&ep->base.ctx->cq.congested, memory_order_relaxed))
+        return false; /* the common case: no lock */
+    /* Parked only while open, decided under the lock destroy closes with: a
+     * handler parked after lm_progress_del would outlive its endpoint. */
     pthread_mutex_lock(&ep->lock);
-    ep->in_armed = false;
-    lm_tcp_update_interest(ep);
+    bool parked = !ep->closed && lm_cq_park_if_congested(ep->base.ctx, &ep->handler);
+    if (parked) {
+        ep->in_armed = false;
+        lm_tcp_update_interest(ep);
+    }
     pthread_mutex_unlock(&ep->lock);
-    return true;
+    return parked;
 }
 
 static void rx_run(lm_tcp_ep_t *ep, bool hangup)
@@ -618,14 +625,15 @@ static void rx_run(lm_tcp_ep_t *ep, bool hangup)
         lm_tcp_fail_locked(ep, rc);
     else
         schedule_ack_locked(ep);
+    /* Out of budget, maybe with frames already in rxbuf that epoll will never
+     * report: run again after the other endpoints. Only while open, decided
+     * under the lock (as for parking): destroy may be waiting to free ep. */
+    if (rc >= 0 && frames >= LM_TCP_RX_BUDGET && !ep->closed)
+        lm_progress_rerun(ep->base.ctx, &ep->handler);
     pthread_mutex_unlock(&ep->lock);
     if (rc < 0) {
         lm_progress_del(ep->base.ctx, &ep->handler);
         lm_tcp_rx_cleanup(ep, atomic_load(&ep->base.error));
-    } else if (frames >= LM_TCP_RX_BUDGET) {
-        /* Out of budget, maybe with frames already in rxbuf that epoll will
-         * never report: run again after the other endpoints. */
-        lm_progress_rerun(ep->base.ctx, &ep->handler);
     }
 }
 

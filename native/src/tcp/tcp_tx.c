@@ -100,6 +100,10 @@ static bool head_held_by_ord(const lm_tcp_ep_t *ep)
 
 void lm_tcp_tx_queue(lm_tcp_ep_t *ep, lm_tcp_tx_t *tx)
 {
+    if (ep->closed) { /* answers to frames still buffered after a failure: nobody sends them */
+        tx_release(ep, tx);
+        return;
+    }
     tx->next = NULL;
     if (ep->tx_tail)
         ep->tx_tail->next = tx;
