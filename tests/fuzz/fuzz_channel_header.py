@@ -16,7 +16,7 @@ Both must succeed or raise a LaminaError subclass; a tensor view outside the
 received slot, any other exception, or memory past -rss_limit_mb is a finding.
 The channel is real (real rings in a real Context) but its endpoint is closed,
 so the credits it returns go nowhere and no network is involved.
-check_one() is also what tests/test_bootstrap_hostile.py replays over the corpus.
+check_one() is also what tests/fuzz/test_fuzz_corpus.py replays over the corpus.
 """
 from __future__ import annotations
 
@@ -30,16 +30,10 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-try:
-    import atheris
-except ImportError:  # replaying the corpus (check_one) needs no atheris
-    atheris = None
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _fuzz_support  # noqa: E402
 
-if atheris is not None and __name__ == "__main__":
-    with atheris.instrument_imports(include=["lamina_comm.channel"]):
-        from lamina_comm import channel as ch
-else:
-    from lamina_comm import channel as ch
+ch = _fuzz_support.import_target("lamina_comm.channel", fuzzing=__name__ == "__main__")
 from lamina_comm.errors import LaminaError
 from lamina_comm.transport import Context, RemoteRegion
 
@@ -188,22 +182,5 @@ def seeds() -> dict[str, bytes]:
     }
 
 
-def write_seeds(directory: str) -> None:
-    os.makedirs(directory, exist_ok=True)
-    for name, data in seeds().items():
-        with open(os.path.join(directory, name), "wb") as f:
-            f.write(data)
-
-
-def main() -> None:
-    if sys.argv[1:2] == ["--write-seeds"]:
-        write_seeds(sys.argv[2])
-        return
-    if atheris is None:
-        sys.exit("atheris is not installed: pip install -e '.[test]'")
-    atheris.Setup(sys.argv, check_one)
-    atheris.Fuzz()
-
-
 if __name__ == "__main__":
-    main()
+    _fuzz_support.main(check_one, seeds)
