@@ -7,7 +7,6 @@ import time
 from typing import Any, Iterator
 
 import pytest
-import torch
 
 from lamina_comm.node.demo import NodeProcess, post_json, post_stream, start_attention
 from lamina_comm.node.http_api import FrontDoor
@@ -21,12 +20,8 @@ PARAMS = [greedy(14), greedy(10), greedy(12)]
 MESSAGES_PER_STEP = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The attention processes share the CPUs: torch's thread pool would spin against them.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ from typing import Any, Iterator
 
 import numpy as np
 import pytest
-import torch
 
 from lamina_comm.channel import Channel
 from lamina_comm.errors import LaminaError, PeerLostError
@@ -33,12 +32,8 @@ from tests.test_channel import open_pair
 HANG_GUARD_S = 60.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The attention processes share the CPUs: torch's thread pool would spin against them.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
