@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from lamina_comm.channel import Channel, ChannelSpec, Message
-from lamina_comm.errors import LaminaError, ProtocolError
+from lamina_comm.errors import LaminaError, ProtocolError, TimeoutError_
 from lamina_comm.node import protocol
 from lamina_comm.node.kvcache import HeadRange, slice_heads, split_kv_heads
 from lamina_comm.node.metrics import NodeMetrics
@@ -400,12 +400,20 @@ class AttentionCluster:
     def _connect_waiting_out_busy(self, index: int, address: str) -> AttentionPeer:
         """Connect within connect_timeout, asking again while the worker is busy with another model node."""
         deadline = time.monotonic() + self.options.connect_timeout
+        busy: Optional[protocol.ControlError] = None
         while True:
             try:
                 return self._connect(index, address, max(deadline - time.monotonic(), _REPLACE_ATTEMPT_S))
+            except TimeoutError_ as exc:
+                # A busy worker answers a knock only between its own waits, so the
+                # last try may run out of time: the cause is still that it is busy.
+                if busy is not None:
+                    raise busy from exc
+                raise
             except protocol.ControlError as exc:
                 if exc.code != "busy" or time.monotonic() + BUSY_RETRY_S > deadline:
                     raise
+                busy = exc
                 log.info("attention worker %d at %s: %s; asking again", index, address, exc)
                 time.sleep(BUSY_RETRY_S)
 
