@@ -15,6 +15,7 @@
 
 #include "lamina.h"
 #include "../../native/src/tcp/tcp_wire.h" /* hostile-peer tests speak the wire */
+#include "../../native/src/core/core.h"     /* progress-engine counters */
 
 static int failures;
 
@@ -689,6 +690,86 @@ static void test_ack_on_read_answer_keeps_completion_order(void)
     raw_close(&r);
 }
 
+/* Poll (never drive) until one completion of the given opcode shows, or 5 s. */
+static bool poll_for(lm_context_t *ctx, uint32_t opcode)
+{
+    for (int i = 0; i < 5000; i++) {
+        lm_completion_t c;
+        if (lm_cq_poll(ctx, &c, 1) == 1 && c.opcode == opcode)
+            return c.status == LM_OK;
+        usleep(1000);
+    }
+    return false;
+}
+
+/* The drivers' lease: an application that stopped waiting gets progress back
+ * from the progress thread (bounded, never lost); one that keeps posting
+ * without waiting is served by its own posts; a ping-pong of waits does not
+ * wake the progress thread per message. */
+static void test_progress_lease(void)
+{
+    pair_t p;
+    pair_open(&p);
+    enum { N = 1 << 16, ROUNDS = 2000 };
+    unsigned char *src = calloc(1, N), *dst = calloc(1, N);
+    lm_mr_t *ms, *md;
+    CHECK(lm_mr_register(p.a, src, N, LM_ACCESS_LOCAL_WRITE | LM_ACCESS_REMOTE_WRITE, &ms) == LM_OK);
+    CHECK(lm_mr_register(p.b, dst, N, LM_ACCESS_LOCAL_WRITE | LM_ACCESS_REMOTE_WRITE, &md) == LM_OK);
+    lm_rdesc_t ra, rb;
+    CHECK(lm_mr_descriptor(ms, &ra) == LM_OK);
+    CHECK(lm_mr_descriptor(md, &rb) == LM_OK);
+    lm_completion_t c;
+
+    /* b drives, then stops: its progress thread must take over (the write's
+     * acknowledgement and the arrival both need b's side to run). */
+    CHECK(lm_cq_wait(p.b, &c, 1, 20) == 0);
+    uint64_t ext0, resumes0;
+    lm_progress_stats(p.b, &ext0, &resumes0);
+    CHECK(lm_ep_write(p.ea, ms, 0, 4096, &rb, 0, 1, LM_WRITE_IMM, 1) == LM_OK);
+    CHECK(poll_for(p.a, LM_OP_WRITE));
+    CHECK(poll_for(p.b, LM_OP_RECV_IMM));
+    uint64_t ext1, resumes1;
+    lm_progress_stats(p.b, &ext1, &resumes1);
+    CHECK(resumes1 > resumes0);
+
+    /* a posts without ever waiting: its completions still come. */
+    for (int i = 0; i < 64; i++) {
+        CHECK(lm_ep_write(p.ea, ms, 0, N, &rb, 0, 0, 0, 100 + (uint64_t)i) == LM_OK);
+        usleep(200);
+    }
+    int done = 0;
+    for (int i = 0; i < 5000 && done < 64; i++) {
+        int n = lm_cq_poll(p.a, &c, 1);
+        done += n > 0 && c.opcode == LM_OP_WRITE && c.status == LM_OK;
+        if (n == 0)
+            usleep(1000);
+    }
+    CHECK(done == 64);
+
+    /* Ping-pong, each side waiting in turn: the progress threads stay parked. */
+    lm_progress_stats(p.a, &ext0, &resumes0);
+    for (int i = 0; i < ROUNDS; i++) {
+        CHECK(lm_ep_write(p.ea, ms, 0, 64, &rb, 0, 2, LM_WRITE_IMM, 2) == LM_OK);
+        do
+            CHECK(lm_cq_wait(p.b, &c, 1, 5000) == 1);
+        while (c.opcode != LM_OP_RECV_IMM);
+        CHECK(lm_ep_write(p.eb, md, 0, 64, &ra, 0, 3, LM_WRITE_IMM, 3) == LM_OK);
+        do
+            CHECK(lm_cq_wait(p.a, &c, 1, 5000) == 1);
+        while (c.opcode != LM_OP_RECV_IMM);
+    }
+    lm_progress_stats(p.a, &ext1, &resumes1);
+    /* Not a timing bound: a count. Per-message hand-offs would be ~ROUNDS;
+     * a descheduled moment here and there may resume the thread a few times. */
+    CHECK(resumes1 - resumes0 < ROUNDS / 10);
+    CHECK(ext1 - ext0 < ROUNDS);
+    lm_mr_deregister(ms);
+    lm_mr_deregister(md);
+    pair_close(&p);
+    free(src);
+    free(dst);
+}
+
 int main(void)
 {
     test_bad_arguments();
@@ -709,6 +790,7 @@ int main(void)
     test_unpolled_completions_pause_receiving();
     test_answers_overtake_reads_held_by_ord();
     test_ack_on_read_answer_keeps_completion_order();
+    test_progress_lease();
     if (failures) {
         fprintf(stderr, "%d check(s) failed\n", failures);
         return 1;

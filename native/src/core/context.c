@@ -254,6 +254,8 @@ int lm_ep_write(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t length
     rc = ep->ops->ep_write(ep, local, local_off, length, remote, remote_off, imm, flags, wr_id);
     if (rc != LM_OK)
         atomic_fetch_sub(&ep->outstanding, 1);
+    else
+        lm_progress_posted(ep->ctx);
     return rc;
 }
 
@@ -267,6 +269,8 @@ int lm_ep_read(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t length,
     rc = ep->ops->ep_read(ep, local, local_off, length, remote, remote_off, wr_id);
     if (rc != LM_OK)
         atomic_fetch_sub(&ep->outstanding, 1);
+    else
+        lm_progress_posted(ep->ctx);
     return rc;
 }
 

@@ -94,6 +94,20 @@ void lm_progress_del(lm_context_t *ctx, lm_io_handler_t *h);
 void lm_progress_barrier(lm_context_t *ctx);
 /* Run one epoll round in the calling thread (waiting up to timeout_ms). */
 void lm_progress_drive(lm_context_t *ctx, int timeout_ms);
+/* A waiting thread found completions without driving: it will be back (and
+ * drive once the queue is empty), so the progress thread stays parked. Only
+ * for waits, never for a bare poll: a thread spinning on lm_cq_poll would
+ * otherwise hold the lease without ever making progress. */
+void lm_progress_touch(lm_context_t *ctx);
+/* An application thread posted an operation. A thread that keeps posting is
+ * as good as a driver: at most once per half lease it runs one dispatch round
+ * without sleeping (which renews the lease), so a send stream keeps the
+ * progress thread parked (no lock contention with it on the endpoint) and
+ * still serves its receive side (acknowledgements, reads) meanwhile. */
+void lm_progress_posted(lm_context_t *ctx);
+/* Lease extensions (timerfd_settime calls by drivers) and progress-thread
+ * resumptions so far: how often the hand-off cost was paid (tests, benches). */
+void lm_progress_stats(lm_context_t *ctx, uint64_t *lease_extensions, uint64_t *thread_resumes);
 /* Wake drivers blocked in epoll_wait (no-op inside dispatch). */
 void lm_progress_kick(lm_context_t *ctx);
 /* Call h again with LM_EV_RERUN before any dispatcher sleeps, whatever its
@@ -148,11 +162,15 @@ typedef struct lm_progress {
     int wake_fd;
     pthread_t thread;
     atomic_bool stop;
-    pthread_mutex_t lock;       /* guards drivers, thread_in_epoll, last exit */
-    pthread_cond_t cond;
+    pthread_mutex_t lock;       /* guards drivers, thread_in_epoll, the lease */
     int drivers;                /* application threads inside lm_progress_drive */
     bool thread_in_epoll;
-    uint64_t last_driver_exit_ns;
+    /* The drivers' lease (progress.c): the progress thread stays parked until
+     * lease_until_ns while no driver is inside; timer_fd fires then. */
+    int timer_fd;
+    uint64_t lease_until_ns;
+    uint64_t lease_extensions; /* timerfd_settime calls made by drivers (stats) */
+    uint64_t thread_resumes;   /* times the thread left its park (stats) */
     pthread_mutex_t drive_lock; /* held while dispatching */
     atomic_ullong del_epoch;
     lm_timer_t *timers;         /* guarded by drive_lock */

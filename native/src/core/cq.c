@@ -165,8 +165,10 @@ int lm_cq_wait(lm_context_t *ctx, lm_completion_t *out, int max, int timeout_ms)
     if (!ctx || !out || max <= 0)
         return lm_fail(LM_ERR_INVALID, "lm_cq_wait: bad arguments");
     uint64_t deadline = timeout_ms < 0 ? UINT64_MAX : lm_now_ns() + (uint64_t)timeout_ms * 1000000ull;
-    for (;;) {
+    for (bool first = true;; first = false) {
         int n = lm_cq_poll(ctx, out, max);
+        if (n > 0 && first)
+            lm_progress_touch(ctx);
         if (n != 0)
             return n; /* completions, or the sticky out-of-memory error */
         uint64_t now = lm_now_ns();

@@ -5,9 +5,10 @@
  * Why both: the thread guarantees progress while the application computes
  * (one-sided reads are served, queued sends drain); letting the waiting
  * thread dispatch saves two thread hand-offs per message on the latency
- * path. While an application thread drives, the progress thread parks, and it
- * resumes once nobody has driven for LM_HANDOFF_NS, so a tight
- * request/response loop never bounces between the two.
+ * path. While application threads drive, the progress thread parks on the
+ * drivers' lease (below) and resumes within LM_LEASE_NS of the last driver
+ * leaving, so a tight request/response loop never bounces between the two
+ * and a stream of waits never wakes it.
  *
  * Dispatch runs under drive_lock, one dispatcher at a time. lm_progress_del
  * bumps an epoch; a dispatcher whose epoll batch predates the bump drops it
@@ -22,17 +23,21 @@
  * dispatcher never sleeps while the queue is non-empty.
  */
 #include <errno.h>
+#include <poll.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/timerfd.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "core.h"
 
 #define MAX_EVENTS 64
-#define LM_HANDOFF_NS 1000000ull /* 1 ms without a driver before the thread resumes */
+/* The progress thread resumes at most this long (at least half of it) after
+ * the last application thread stopped driving (the drivers' lease, below). */
+#define LM_LEASE_NS 1000000ull
 /* A driver spins this long on the transports' poll hooks (iface_poll) before
  * sleeping in epoll. A completion that lands within it skips the event path
  * (device interrupt -> completion channel -> epoll -> wake-up), which costs
@@ -296,27 +301,62 @@ static int poll_and_dispatch(lm_context_t *ctx, int timeout_ms)
     return n;
 }
 
-/* Park while an application thread drives, and for LM_HANDOFF_NS after.
- * Drivers never signal us: a signal per lm_cq_wait exit cost a context switch
- * per message (measured: the pipeline benchmark's transfer time went from
- * 19 ms to 93 ms per step); rechecking every LM_HANDOFF_NS is enough. */
+/* ---- the drivers' lease ----------------------------------------------
+ *
+ * The progress thread parks while application threads drive, so that it never
+ * competes with them for events (a completion it dispatched would have to be
+ * handed to the waiting thread: a wake-up and a context switch per message).
+ * It must come back when the application stops waiting (to compute), within a
+ * bound, without drivers paying for it on every wait:
+ *
+ * - each driver leaving lm_progress_drive extends a lease to now + LM_LEASE_NS,
+ *   but only when less than half of it is left, so a stream of waits costs one
+ *   timerfd_settime per LM_LEASE_NS / 2, never a wake-up or a lock hand-off;
+ * - the parked thread sleeps on that timerfd: while waits keep coming it never
+ *   fires, so nothing rechecks periodically while traffic flows;
+ * - when it fires with no driver inside, the thread resumes the epoll loop:
+ *   at most LM_LEASE_NS (at least half of it) after the last driver left.
+ *   If a driver is inside (a long blocking wait), the thread sleeps again and
+ *   that driver's exit arms the next lease.
+ * - a driver entering while the thread is in epoll wakes it once, to park it.
+ */
+static void lease_arm_locked(lm_progress_t *p, uint64_t until_ns)
+{
+    p->lease_until_ns = until_ns;
+    struct itimerspec its = {.it_value = {.tv_sec = (time_t)(until_ns / 1000000000ull),
+                                          .tv_nsec = (long)(until_ns % 1000000000ull)}};
+    timerfd_settime(p->timer_fd, TFD_TIMER_ABSTIME, &its, NULL);
+}
+
+static void lease_extend_locked(lm_progress_t *p, uint64_t now)
+{
+    if (p->lease_until_ns < now + LM_LEASE_NS / 2) {
+        p->lease_extensions++;
+        lease_arm_locked(p, now + LM_LEASE_NS);
+    }
+}
+
+/* Sleep until the lease timer fires (or stop pokes it). */
+static void lease_sleep(lm_progress_t *p)
+{
+    struct pollfd pfd = {.fd = p->timer_fd, .events = POLLIN};
+    if (poll(&pfd, 1, -1) > 0) {
+        uint64_t ticks;
+        ssize_t r = read(p->timer_fd, &ticks, sizeof(ticks)); /* EAGAIN if re-armed meanwhile */
+        (void)r;
+    }
+}
+
 static void park_while_driven(lm_progress_t *p)
 {
     pthread_mutex_lock(&p->lock);
-    for (;;) {
-        if (atomic_load(&p->stop))
-            break;
-        uint64_t now = lm_now_ns();
-        bool driven = p->drivers > 0 ||
-                      (p->last_driver_exit_ns != 0 && now - p->last_driver_exit_ns < LM_HANDOFF_NS);
-        if (!driven)
-            break;
-        uint64_t until = now + LM_HANDOFF_NS;
-        struct timespec ts = {.tv_sec = (time_t)(until / 1000000000ull),
-                              .tv_nsec = (long)(until % 1000000000ull)};
-        pthread_cond_timedwait(&p->cond, &p->lock, &ts);
+    while (!atomic_load(&p->stop) && (p->drivers > 0 || lm_now_ns() < p->lease_until_ns)) {
+        pthread_mutex_unlock(&p->lock);
+        lease_sleep(p);
+        pthread_mutex_lock(&p->lock);
     }
     p->thread_in_epoll = true;
+    p->thread_resumes++;
     pthread_mutex_unlock(&p->lock);
 }
 
@@ -342,20 +382,48 @@ void lm_progress_drive(lm_context_t *ctx, int timeout_ms)
     pthread_mutex_lock(&p->lock);
     p->drivers++;
     if (p->thread_in_epoll)
-        wake(p); /* move the thread out of epoll_wait and into park */
+        wake(p); /* move the thread out of epoll_wait and into its park */
     pthread_mutex_unlock(&p->lock);
     tls_driving = true;
     poll_and_dispatch(ctx, timeout_ms);
     tls_driving = false;
     pthread_mutex_lock(&p->lock);
     p->drivers--;
-    p->last_driver_exit_ns = lm_now_ns();
-    if (p->drivers == 0) {
-        /* epoll wakes one waiter per event, so the thread may have stayed in
-         * epoll_wait (with a stale timeout) while we drove: make it look again. */
-        if (p->thread_in_epoll)
-            wake(p);
-    }
+    lease_extend_locked(p, lm_now_ns());
+    /* epoll wakes one waiter per event, so a thread that had not parked yet
+     * may sit in epoll_wait with a stale timeout while we drove: look again. */
+    if (p->drivers == 0 && p->thread_in_epoll)
+        wake(p);
+    pthread_mutex_unlock(&p->lock);
+}
+
+void lm_progress_touch(lm_context_t *ctx)
+{
+    lm_progress_t *p = &ctx->progress;
+    pthread_mutex_lock(&p->lock);
+    lease_extend_locked(p, lm_now_ns());
+    pthread_mutex_unlock(&p->lock);
+}
+
+void lm_progress_posted(lm_context_t *ctx)
+{
+    lm_progress_t *p = &ctx->progress;
+    if (tls_dispatching || tls_driving)
+        return;
+    /* Racy read on purpose: at worst one extra or one late round. */
+    pthread_mutex_lock(&p->lock);
+    bool due = p->lease_until_ns < lm_now_ns() + LM_LEASE_NS / 2;
+    pthread_mutex_unlock(&p->lock);
+    if (due)
+        lm_progress_drive(ctx, 0); /* one round without sleeping; renews the lease */
+}
+
+void lm_progress_stats(lm_context_t *ctx, uint64_t *lease_extensions, uint64_t *thread_resumes)
+{
+    lm_progress_t *p = &ctx->progress;
+    pthread_mutex_lock(&p->lock);
+    *lease_extensions = p->lease_extensions;
+    *thread_resumes = p->thread_resumes;
     pthread_mutex_unlock(&p->lock);
 }
 
@@ -381,19 +449,21 @@ int lm_progress_start(lm_context_t *ctx)
         close(p->epoll_fd);
         return lm_fail(LM_ERR_IO, "eventfd: %s", strerror(errno));
     }
+    p->timer_fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    if (p->timer_fd < 0) {
+        close(p->wake_fd);
+        close(p->epoll_fd);
+        return lm_fail(LM_ERR_IO, "timerfd_create: %s", strerror(errno));
+    }
     pthread_mutex_init(&p->lock, NULL);
     pthread_mutex_init(&p->drive_lock, NULL);
     pthread_mutex_init(&p->rerun_lock, NULL);
-    pthread_condattr_t attr;
-    pthread_condattr_init(&attr);
-    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
-    pthread_cond_init(&p->cond, &attr);
-    pthread_condattr_destroy(&attr);
     p->wake_handler = (lm_io_handler_t){.fd = p->wake_fd, .cb = drain_wake, .arg = p};
     int rc = lm_progress_add(ctx, &p->wake_handler, EPOLLIN);
     if (rc == LM_OK && pthread_create(&p->thread, NULL, progress_main, ctx) != 0)
         rc = lm_fail(LM_ERR_NO_MEMORY, "cannot start the progress thread");
     if (rc != LM_OK) {
+        close(p->timer_fd);
         close(p->wake_fd);
         close(p->epoll_fd);
     }
@@ -405,13 +475,13 @@ void lm_progress_stop(lm_context_t *ctx)
     lm_progress_t *p = &ctx->progress;
     pthread_mutex_lock(&p->lock);
     atomic_store(&p->stop, true);
-    pthread_cond_broadcast(&p->cond);
+    lease_arm_locked(p, 1); /* already past: a parked thread wakes */
     pthread_mutex_unlock(&p->lock);
     wake(p);
     pthread_join(p->thread, NULL);
+    close(p->timer_fd);
     close(p->wake_fd);
     close(p->epoll_fd);
-    pthread_cond_destroy(&p->cond);
     pthread_mutex_destroy(&p->lock);
     pthread_mutex_destroy(&p->drive_lock);
     pthread_mutex_destroy(&p->rerun_lock);
