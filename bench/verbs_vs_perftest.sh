@@ -9,6 +9,10 @@
 # Server and client both run on rxe0 in the soft-RoCE guest; started outside
 # it, the script builds the extension and re-runs itself inside one. Absolute
 # numbers in the emulated guest mean little: read the ratios.
+# --progress poll|event: lamina-bench's progress mode on both ends (default:
+# event). perftest busy-polls its CQ; --progress poll is the like-for-like run.
+# The last line is one JSON object: {"progress", "bw_64k_ratio", "bw_1m_ratio",
+# "lat_ratio"} (lamina / perftest; null where either side gave no number).
 # Environment: BW_SIZES ("65536 1048576"), BW_ITERS ("500 200", one per size),
 # LAT_SIZE (64), LAT_ITERS (1000), RXE_VM_SCRIPT (path of run-in-rxe-vm.sh),
 # PYTHON (default: the project's .venv when there is one, else python3).
@@ -26,6 +30,16 @@ if [ -z "${RXE_DEV:-}" ]; then
   "$PYTHON" lamina_comm/_build.py >/dev/null
   exec bash "$vm" --timeout 900 -- bash bench/verbs_vs_perftest.sh "$@"
 fi
+
+PROGRESS=event
+while [ $# -gt 0 ]; do
+  case $1 in
+    --progress) PROGRESS=$2; shift 2;;
+    --progress=*) PROGRESS=${1#--progress=}; shift;;
+    *) echo "verbs_vs_perftest: unknown argument $1" >&2; exit 2;;
+  esac
+done
+case $PROGRESS in event|poll) ;; *) echo "verbs_vs_perftest: --progress event|poll" >&2; exit 2;; esac
 
 DEV=$RXE_DEV
 GID=${RXE_GID_INDEX:-1}
@@ -62,10 +76,11 @@ perftest() {
 lamina() {
   local mode=$1 size=$2 iters=$3; shift 3
   PORT=$((PORT + 1))
-  "${BENCH[@]}" "$mode" --transport verbs -d "$DEV" -x "$GID" -p "$PORT" --once --quiet \
+  "${BENCH[@]}" "$mode" --transport verbs --progress "$PROGRESS" -d "$DEV" -x "$GID" -p "$PORT" --once --quiet \
     > "$LOGS/lserver.log" 2>&1 &
   local server=$!
-  "${BENCH[@]}" "$mode" "$IP" --transport verbs -d "$DEV" -x "$GID" -p "$PORT" -s "$size" -n "$iters" \
+  "${BENCH[@]}" "$mode" "$IP" --transport verbs --progress "$PROGRESS" -d "$DEV" -x "$GID" -p "$PORT" \
+    -s "$size" -n "$iters" \
     --quiet --report_gbits --out_json "$LOGS/$mode-$size.json" "$@" > "$LOGS/lclient.log" 2>&1 ||
     { cat "$LOGS/lclient.log" "$LOGS/lserver.log" >&2; echo "verbs_vs_perftest: lamina-bench failed" >&2; exit 1; }
   wait $server || true
@@ -82,13 +97,15 @@ a, b = (float(x) if x.replace('.', '', 1).isdigit() else math.nan for x in sys.a
 print(f'{a / b:.2f}' if math.isfinite(a) and math.isfinite(b) and b > 0 else 'n/a')" "$@"
 }
 
-echo "verbs_vs_perftest on $DEV (GID index $GID, $(ibv_devinfo -d "$DEV" | awk '/active_mtu/ {print "active MTU " $2; exit}'))"
+echo "verbs_vs_perftest on $DEV, lamina progress=$PROGRESS (GID index $GID, $(ibv_devinfo -d "$DEV" | awk '/active_mtu/ {print "active MTU " $2; exit}'))"
 printf "\n%-10s %-8s %-18s %-18s %s\n" "bytes" "iters" "ib_write_bw Gb/s" "lamina Gb/s" "lamina/perftest"
 for i in "${!SIZES[@]}"; do
   size=${SIZES[$i]} iters=${ITERS[$i]:-${ITERS[-1]}}
   pt=$(perftest ib_write_bw "$size" "$iters" --report_gbits | awk '{print $4}')
   lm=$(json "$(lamina bandwidth "$size" "$iters")" bw_avg_gbps)
-  printf "%-10s %-8s %-18.3f %-18.3f %s\n" "$size" "$iters" "$pt" "$lm" "$(ratio "$lm" "$pt")"
+  r=$(ratio "$lm" "$pt")
+  printf "%-10s %-8s %-18.3f %-18.3f %s\n" "$size" "$iters" "$pt" "$lm" "$r"
+  case $size in 65536) BW64=$r;; 1048576) BW1M=$r;; esac
 done
 
 printf "\n%-10s %-8s %-22s %-22s %s\n" "bytes" "iters" "ib_write_lat t_typ/avg" "lamina t_typ/avg [us]" \
@@ -99,4 +116,7 @@ out=$(lamina latency "$LAT_SIZE" "$LAT_ITERS")
 lm_typ=$(json "$out" t_typical_us) lm_avg=$(json "$out" t_avg_us)
 printf "%-10s %-8s %-22s %-22s %s, %s\n" "$LAT_SIZE" "$LAT_ITERS" "$pt_typ / $pt_avg" \
   "$(printf '%.2f / %.2f' "$lm_typ" "$lm_avg")" "$(ratio "$lm_typ" "$pt_typ")" "$(ratio "$lm_avg" "$pt_avg")"
+LAT=$(ratio "$lm_typ" "$pt_typ")
+num() { [ "${1:-n/a}" = n/a ] && echo null || echo "$1"; }
+echo "{\"progress\": \"$PROGRESS\", \"bw_64k_ratio\": $(num "${BW64:-}"), \"bw_1m_ratio\": $(num "${BW1M:-}"), \"lat_ratio\": $(num "$LAT")}"
 rm -rf "$LOGS"

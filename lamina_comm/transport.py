@@ -368,18 +368,28 @@ def _parse_address(addr: str | tuple[str, int]) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+# Context(progress=...) -> LM_PROGRESS_*.
+PROGRESS_MODES = {"event": lib.LM_PROGRESS_EVENT, "poll": lib.LM_PROGRESS_POLL}
+
+
 class Context:
     """Registry, completion queue and progress thread; makes regions, listeners, endpoints.
 
     transport: "auto" (verbs where both peers have it, else tcp), "tcp" or "verbs".
     secret: shared secret for the handshake (default: $LAMINA_SECRET).
+    progress: how waiting threads make progress: "event" (sleep in epoll after a
+    short spin) or "poll" (busy-poll the transports, never sleep: for a core
+    dedicated to each waiting thread, as perftest and UCX run); default
+    $LAMINA_PROGRESS, else "event".
     """
 
     def __init__(self, transport: str = "auto", *, secret: str | bytes | None = None,
                  ib_device: str | None = None, gid_index: int | None = None,
-                 keepalive_ms: int | None = None):
+                 keepalive_ms: int | None = None, progress: str | None = None):
         if transport not in ("auto", "tcp", "verbs"):
             raise InvalidArgumentError(f"transport must be 'auto', 'tcp' or 'verbs', not {transport!r}")
+        if progress is not None and progress not in PROGRESS_MODES:
+            raise InvalidArgumentError(f"progress must be one of {sorted(PROGRESS_MODES)}, not {progress!r}")
         self.transport = transport
         self._secret = bootstrap.secret_from(secret)
         params = ffi.new("lm_context_params_t *")
@@ -396,6 +406,9 @@ class Context:
         if keepalive_ms is not None:
             params.keepalive_ms = keepalive_ms
             params.field_mask |= lib.LM_CTX_PARAM_KEEPALIVE_MS
+        if progress is not None:
+            params.progress = PROGRESS_MODES[progress]
+            params.field_mask |= lib.LM_CTX_PARAM_PROGRESS
         out = ffi.new("lm_context_t **")
         rc = lib.lm_context_create(params, out)
         check(rc, "context")
@@ -420,6 +433,12 @@ class Context:
         if self._ctx is None:
             raise ClosedError("context is closed")
         return self._ctx
+
+    @property
+    def progress(self) -> str:
+        """"event" or "poll" (see the class docstring)."""
+        mode = lib.lm_context_progress(self._handle())
+        return next(name for name, value in PROGRESS_MODES.items() if value == mode)
 
     @property
     def transports_mask(self) -> int:

@@ -29,11 +29,14 @@ def test_bandwidth_loopback_json(tmp_path):
     assert row["bw_avg_gbps"] > 0
 
 
-@pytest.mark.parametrize("loop", ["native", "python"])
-def test_latency_loopback(tmp_path, loop):
+@pytest.mark.parametrize("loop,progress", [("native", "event"), ("python", "event"), ("native", "poll")])
+def test_latency_loopback(tmp_path, loop, progress):
     out = tmp_path / "lat.json"
-    r = bench("latency", "--loopback", "-s", "64", "-n", "500", "--loop", loop, "--out_json", str(out))
+    r = bench("latency", "--loopback", "-s", "64", "-n", "500", "--loop", loop, "--progress", progress,
+              "--out_json", str(out))
     assert r.returncode == 0, r.stderr
+    assert f"progress={progress}" in r.stdout
+    assert json.loads(out.read_text())["progress"] == progress
     for column in ("t_min[usec]", "t_typical[usec]", "99% percentile[usec]", "99.9% percentile[usec]"):
         assert column in r.stdout
     (row,) = json.loads(out.read_text())["results"]

@@ -446,6 +446,7 @@ def add_arguments(p: argparse.ArgumentParser, mode: str) -> None:
     p.add_argument("-t", "--tx-depth", dest="depth", type=int, default=None,
                    help="writes in flight per connection (bandwidth default: 128, at most 16 MiB in flight)")
     p.add_argument("--transport", choices=["auto", "tcp", "verbs"], default="auto")
+    add_progress_argument(p)
     p.add_argument("-d", "--ib-dev", default=None, help="verbs device (as perftest -d)")
     p.add_argument("-x", "--gid-index", type=int, default=None)
     p.add_argument("--report_gbits", "--report-gbits", dest="report_gbits", action="store_true")
@@ -460,8 +461,14 @@ def add_arguments(p: argparse.ArgumentParser, mode: str) -> None:
                             "python: every write and wait goes through the Python API")
 
 
+def add_progress_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", choices=sorted(tr.PROGRESS_MODES), default=None,
+                   help="event: waiting threads sleep in epoll (default, or $LAMINA_PROGRESS); "
+                        "poll: they busy-poll and never sleep (a core per waiting thread)")
+
+
 def _context(args) -> tr.Context:
-    return tr.Context(args.transport, ib_device=args.ib_dev, gid_index=args.gid_index)
+    return tr.Context(args.transport, ib_device=args.ib_dev, gid_index=args.gid_index, progress=args.progress)
 
 
 def run(args: argparse.Namespace, mode: str) -> int:
@@ -496,6 +503,7 @@ def _run_client(args, mode: str, host: str, port: int) -> int:
     with _context(args) as ctx:
         client = Client(ctx, cfg, host, port)
         transport = client.endpoints[0].transport
+        progress_mode = ctx.progress
         progress = Progress(not args.quiet, len(cfg.sizes))
         try:
             rows = run_bandwidth(client, progress) if mode == "bandwidth" else run_latency(client, progress)
@@ -503,13 +511,13 @@ def _run_client(args, mode: str, host: str, port: int) -> int:
             client.close()
     depth = cfg.depth or "auto"
     loop = f" loop={cfg.loop}" if mode == "latency" else ""
-    header = (f" lamina-bench {mode}: transport={transport} streams={cfg.streams} depth={depth}{loop}"
-              f" host={host}:{port}")
+    header = (f" lamina-bench {mode}: transport={transport} progress={progress_mode} streams={cfg.streams}"
+              f" depth={depth}{loop} host={host}:{port}")
     print(header)
     print(format_bandwidth(rows, args.report_gbits) if mode == "bandwidth" else format_latency(rows))
     if args.out_json:
         with open(args.out_json, "w") as f:
-            json.dump({"test": mode, "transport": transport, "streams": cfg.streams, "depth": cfg.depth,
+            json.dump({"test": mode, "transport": transport, "progress": progress_mode, "streams": cfg.streams, "depth": cfg.depth,
                        "host": host, "results": rows, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, f, indent=1)
     if args.plot and mode == "bandwidth":
         plot_bandwidth(rows, args.plot)
@@ -519,8 +527,9 @@ def _run_client(args, mode: str, host: str, port: int) -> int:
 def _run_loopback(args, mode: str) -> int:
     """Server in a child process on a free port, client here."""
     cmd = [sys.executable, "-c",
-           "import sys; from lamina_comm.bench.perf import _loopback_server; _loopback_server(sys.argv[1])",
-           args.transport]
+           "import sys; from lamina_comm.bench.perf import _loopback_server; "
+           "_loopback_server(sys.argv[1], sys.argv[2] or None)",
+           args.transport, args.progress or ""]
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         line = server.stdout.readline()
@@ -535,8 +544,8 @@ def _run_loopback(args, mode: str) -> int:
             server.kill()
 
 
-def _loopback_server(transport: str) -> None:
+def _loopback_server(transport: str, progress: str | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    with tr.Context(transport) as ctx:
+    with tr.Context(transport, progress=progress) as ctx:
         serve(ctx, 0, once=True, host="127.0.0.1",
               ready=lambda port: print(f"PORT {port}", flush=True))

@@ -61,6 +61,8 @@ class AttentionOptions:
     config: Optional[LlamaConfig] = None
     secret: Optional[str] = None
     transport: str = "auto"
+    # "event" or "poll" (Context(progress=...)); None: $LAMINA_PROGRESS, else event.
+    progress: Optional[str] = None
     # Bound on every wait for the model node inside a session (handshakes,
     # setup, the rest of a fragmented control message); also the silence after
     # which a model node that connects takes over the session (--peer-timeout).
@@ -76,7 +78,7 @@ class AttentionServer:
         if options.num_blocks < 1 or options.block_size < 1:
             raise ValueError(f"--blocks and --block-size must be >= 1, got {options.num_blocks}, {options.block_size}")
         self.options = options
-        self.context = Context(options.transport, secret=options.secret)
+        self.context = Context(options.transport, secret=options.secret, progress=options.progress)
         try:
             self._listener = self.context.listen(options.listen)
         except BaseException:

@@ -50,6 +50,9 @@ def _node_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--secret", help="shared secret for the handshake (default: $LAMINA_SECRET)")
     parser.add_argument("--transport", choices=("auto", "tcp", "verbs"), default="auto")
+    parser.add_argument("--progress", choices=("event", "poll"), default=None,
+                        help="event: waiting threads sleep in epoll (default, or $LAMINA_PROGRESS); "
+                             "poll: they busy-poll and never sleep (a core per node)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
@@ -170,7 +173,7 @@ def _run_attention(args: argparse.Namespace, stop: threading.Event) -> int:
     options = AttentionOptions(
         listen=args.listen, num_blocks=args.blocks, block_size=args.block_size, device=args.device,
         config=load_config(args), secret=args.secret, transport=args.transport,
-        peer_timeout=args.peer_timeout, exit_after_messages=args.exit_after_messages)
+        progress=args.progress, peer_timeout=args.peer_timeout, exit_after_messages=args.exit_after_messages)
     server = AttentionServer(options)
     try:
         host, port = server.address
@@ -196,7 +199,8 @@ def _run_model(args: argparse.Namespace, stop: threading.Event) -> int:
     options = ModelNodeOptions(
         attention=attention, spares=_addresses(args.spare), microbatches=args.microbatches,
         max_step_tokens=args.max_step_tokens, max_queue=args.max_queue, device=args.device,
-        secret=args.secret, transport=args.transport, connect_timeout=args.connect_timeout,
+        secret=args.secret, transport=args.transport, progress=args.progress,
+        connect_timeout=args.connect_timeout,
         peer_timeout=args.peer_timeout, rebuild_timeout=args.rebuild_timeout,
         stall_timeout=args.stall_timeout)
     options.validate(config)  # before loading weights: fail fast on a bad worker count

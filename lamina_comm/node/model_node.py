@@ -130,6 +130,8 @@ class ModelNodeOptions:
     device: str = "cpu"
     secret: Optional[str] = None
     transport: str = "auto"
+    # "event" or "poll" (Context(progress=...)); None: $LAMINA_PROGRESS, else event.
+    progress: Optional[str] = None
     connect_timeout: float = 10.0
     # Bound on every wait for an attention worker (a reply, a slot credit).
     peer_timeout: float = 10.0
@@ -668,7 +670,7 @@ class ModelNode:
         self.options = options
         self.metrics = metrics or NodeMetrics()
         self.tier = ModelTier(config, weights, options.device)
-        self.context = Context(options.transport, secret=options.secret)
+        self.context = Context(options.transport, secret=options.secret, progress=options.progress)
         self.cluster = AttentionCluster(self.context, config, options)
         self.step_observer: Optional[StepObserver] = None
         self.steps_run = 0

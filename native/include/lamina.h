@@ -97,6 +97,11 @@ extern "C" {
 #define LM_CTX_PARAM_IB_DEVICE 2
 #define LM_CTX_PARAM_GID_INDEX 4
 #define LM_CTX_PARAM_KEEPALIVE_MS 8
+#define LM_CTX_PARAM_PROGRESS 16
+
+/* How threads waiting for completions (lm_cq_wait) make progress. */
+#define LM_PROGRESS_EVENT 0 /* sleep in epoll (after a short spin on poll hooks) */
+#define LM_PROGRESS_POLL 1  /* busy-poll the transports; never sleep (a core per waiting thread) */
 
 typedef struct lm_context lm_context_t;
 typedef struct lm_mr lm_mr_t;
@@ -128,6 +133,7 @@ typedef struct lm_context_params {
     const char *ib_device;  /* verbs device name; default: LAMINA_IB_DEVICE or first active */
     int32_t gid_index;      /* verbs GID index; default: LAMINA_IB_GID_INDEX or first RoCE v2 IPv4 */
     uint32_t keepalive_ms;  /* tcp: peer-loss detection bound; default 10000 */
+    uint32_t progress;      /* LM_PROGRESS_*; default: LAMINA_PROGRESS=poll|event, else EVENT */
 } lm_context_params_t;
 
 /* Text for a status code (static storage). */
@@ -143,6 +149,8 @@ int lm_context_create(const lm_context_params_t *params, lm_context_t **out);
 void lm_context_destroy(lm_context_t *ctx);
 /* LM_TRANSPORT_* bits that opened in this context. */
 uint32_t lm_context_transports(lm_context_t *ctx);
+/* The context's LM_PROGRESS_* mode. */
+uint32_t lm_context_progress(lm_context_t *ctx);
 /* A file descriptor that is readable while the completion queue is not empty
  * (for poll/epoll/asyncio). Do not read or close it. */
 int lm_context_fd(lm_context_t *ctx);
@@ -201,7 +209,10 @@ void lm_ep_destroy(lm_ep_t *ep);
  * LM_ERR_NO_MEMORY once the queue is empty (the loss is never silent). */
 int lm_cq_poll(lm_context_t *ctx, lm_completion_t *out, int max);
 /* Like lm_cq_poll but waits up to timeout_ms (-1: forever) for at least one;
- * returns 0 on timeout. */
+ * returns 0 on timeout. The waiting thread runs the progress engine itself:
+ * LM_PROGRESS_EVENT spins up to 50 us on the transports' poll hooks, then
+ * sleeps in epoll; LM_PROGRESS_POLL never sleeps (it busy-polls the poll
+ * hooks and, without waiting, epoll) until a completion or the timeout. */
 int lm_cq_wait(lm_context_t *ctx, lm_completion_t *out, int max, int timeout_ms);
 /* CDEF END */
 

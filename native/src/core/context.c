@@ -25,6 +25,25 @@ static int slot_of(uint32_t transport)
     return -1;
 }
 
+/* LM_CTX_PARAM_PROGRESS, else $LAMINA_PROGRESS ("poll" or "event"), else event. */
+static int progress_mode(const lm_context_params_t *p, uint32_t *mode)
+{
+    if (p->field_mask & LM_CTX_PARAM_PROGRESS) {
+        if (p->progress != LM_PROGRESS_EVENT && p->progress != LM_PROGRESS_POLL)
+            return lm_fail(LM_ERR_INVALID, "lm_context_create: unknown progress mode %u", p->progress);
+        *mode = p->progress;
+        return LM_OK;
+    }
+    const char *env = getenv("LAMINA_PROGRESS");
+    if (!env || !*env || strcmp(env, "event") == 0)
+        *mode = LM_PROGRESS_EVENT;
+    else if (strcmp(env, "poll") == 0)
+        *mode = LM_PROGRESS_POLL;
+    else
+        return lm_fail(LM_ERR_INVALID, "LAMINA_PROGRESS=%s: expected 'poll' or 'event'", env);
+    return LM_OK;
+}
+
 int lm_context_create(const lm_context_params_t *params, lm_context_t **out)
 {
     if (!out)
@@ -34,6 +53,10 @@ int lm_context_create(const lm_context_params_t *params, lm_context_t **out)
         p = *params;
     uint32_t wanted = (p.field_mask & LM_CTX_PARAM_TRANSPORTS) ? p.transports
                                                                : (LM_TRANSPORT_TCP | LM_TRANSPORT_VERBS);
+    uint32_t mode = LM_PROGRESS_EVENT;
+    int mode_rc = progress_mode(&p, &mode);
+    if (mode_rc != LM_OK)
+        return mode_rc;
     lm_context_t *ctx = calloc(1, sizeof(*ctx));
     if (!ctx)
         return lm_fail(LM_ERR_NO_MEMORY, "context allocation failed");
@@ -45,7 +68,7 @@ int lm_context_create(const lm_context_params_t *params, lm_context_t **out)
     rc = lm_registry_init(ctx);
     if (rc != LM_OK)
         goto fail_registry;
-    rc = lm_progress_start(ctx);
+    rc = lm_progress_start(ctx, mode);
     if (rc != LM_OK)
         goto fail_progress;
 
@@ -113,6 +136,11 @@ void lm_context_destroy(lm_context_t *ctx)
     lm_cq_fini(&ctx->cq);
     pthread_mutex_destroy(&ctx->ep_lock);
     free(ctx);
+}
+
+uint32_t lm_context_progress(lm_context_t *ctx)
+{
+    return ctx ? ctx->progress.mode : LM_PROGRESS_EVENT;
 }
 
 uint32_t lm_context_transports(lm_context_t *ctx)

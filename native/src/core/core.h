@@ -178,6 +178,7 @@ typedef struct lm_progress {
     lm_io_handler_t *rerun_head, *rerun_tail;
     atomic_bool rerun_pending;  /* the list is non-empty: do not sleep */
     uint64_t driver_epoll_ns;   /* a driver last looked at epoll (drive_lock) */
+    uint32_t mode;              /* LM_PROGRESS_* (set before the thread starts) */
     lm_io_handler_t wake_handler;
 } lm_progress_t;
 
@@ -198,7 +199,7 @@ struct lm_context {
 
 int lm_cq_init(lm_cq_t *cq);
 void lm_cq_fini(lm_cq_t *cq);
-int lm_progress_start(lm_context_t *ctx);
+int lm_progress_start(lm_context_t *ctx, uint32_t mode);
 void lm_progress_stop(lm_context_t *ctx);
 int lm_registry_init(lm_context_t *ctx);
 void lm_registry_fini(lm_context_t *ctx);

@@ -48,6 +48,10 @@
  * control sockets, async events): it looks there, without sleeping, at least
  * this often (the progress thread is parked meanwhile). */
 #define LM_DRIVE_FAIR_NS 100000ull
+/* Polling mode (LM_PROGRESS_POLL): a waiting thread spins on the poll hooks
+ * for up to LM_DRIVE_FAIR_NS per round, then looks at epoll without sleeping,
+ * round after round until lm_cq_wait's deadline: never a sleep, never a
+ * wake-up to pay for, a core busy per waiting thread. */
 
 static _Thread_local bool tls_dispatching;
 static _Thread_local bool tls_driving; /* an application thread inside lm_progress_drive */
@@ -257,7 +261,8 @@ static int poll_and_dispatch(lm_context_t *ctx, int timeout_ms)
     if (tls_driving) {
         /* An application thread waiting for completions: spin on the
          * transports first (not longer than the next timer), then sleep. */
-        uint64_t budget = timeout_ms == 0 ? 0 : LM_DRIVE_SPIN_NS;
+        bool polling = p->mode == LM_PROGRESS_POLL;
+        uint64_t budget = timeout_ms == 0 ? 0 : polling ? LM_DRIVE_FAIR_NS : LM_DRIVE_SPIN_NS;
         if (timer_ns >= 0 && (uint64_t)timer_ns < budget)
             budget = (uint64_t)timer_ns;
         tls_dispatching = true;
@@ -275,6 +280,8 @@ static int poll_and_dispatch(lm_context_t *ctx, int timeout_ms)
         timer_ns = timers_sweep(p, false);
     }
     int64_t timeout_ns = timeout_ms < 0 ? -1 : (int64_t)timeout_ms * 1000000;
+    if (tls_driving && p->mode == LM_PROGRESS_POLL)
+        timeout_ns = 0; /* polling mode: look at epoll, never sleep in it */
     if (atomic_load(&p->rerun_pending))
         timeout_ns = 0; /* queued work: look at epoll, do not sleep */
     if (timer_ns >= 0 && (timeout_ns < 0 || timer_ns < timeout_ns))
@@ -437,10 +444,11 @@ void lm_progress_kick(lm_context_t *ctx)
 
 /* ---- life cycle ---------------------------------------------------------- */
 
-int lm_progress_start(lm_context_t *ctx)
+int lm_progress_start(lm_context_t *ctx, uint32_t mode)
 {
     lm_progress_t *p = &ctx->progress;
     memset(p, 0, sizeof(*p));
+    p->mode = mode;
     p->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
     if (p->epoll_fd < 0)
         return lm_fail(LM_ERR_IO, "epoll_create1: %s", strerror(errno));
