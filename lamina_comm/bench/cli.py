@@ -2,6 +2,7 @@
 
   lamina-bench bandwidth [HOST] [-s SIZE | -a] [-n N | -D SEC] [-q STREAMS] [-t DEPTH] ...
   lamina-bench latency   [HOST] [-s SIZE | -a] [-n N] ...
+  lamina-bench channel   [--sizes 64,64K] [-n N] ...   channel round trip beside the transport's
   lamina-bench pipeline  ...   model worker + attention workers, ping-pong over channels
   lamina-bench plan      ...   bytes per layer, bandwidth needed, micro-batches to hide it
 """
@@ -29,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(mode, help=f"one-sided write {mode} (perftest-style flags and columns)")
         perf.add_arguments(p, mode)
         p.set_defaults(func=lambda args, m=mode: perf.run(args, m))
+    from . import channel_bench
+    p = sub.add_parser("channel", help="message round trip through channels beside the raw transport ping-pong")
+    channel_bench.add_arguments(p)
+    p.set_defaults(func=channel_bench.run)
     p = sub.add_parser("pipeline", help="ping-pong pipeline over model and attention worker processes")
     try:
         mod = _pipeline_module()

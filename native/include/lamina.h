@@ -17,6 +17,10 @@
  *    status is LM_OK or the reason the target refused it;
  *  - a remote LM_OP_RECV_IMM completion is raised only after every byte of that
  *    write, and of every earlier write on the same endpoint, is in place;
+ *  - an endpoint's own operations complete in posting order, writes and reads
+ *    alike (one send queue, as an RC queue pair's); RECV_IMM completions of an
+ *    endpoint come in the peer's posting order; completions of different
+ *    endpoints interleave in no promised order;
  *  - when an endpoint fails or is closed, every outstanding operation completes
  *    with an error status (LM_ERR_PEER_LOST or LM_ERR_CANCELED); nothing hangs.
  *
@@ -186,8 +190,12 @@ uint32_t lm_ep_transport(lm_ep_t *ep);
 uint32_t lm_ep_caps(lm_ep_t *ep);
 
 /* Post a one-sided write. Returns LM_OK when queued (the completion comes
- * later), or an error now for bad arguments or a failed endpoint. Never waits
- * for the peer: beyond the transport's queue depth it queues in host memory. */
+ * later), or now: LM_ERR_INVALID (NULL or foreign arguments, unknown flags, a
+ * local range outside the region, over 4 GiB) or the status that failed the
+ * endpoint earlier (LM_ERR_PEER_LOST, LM_ERR_PROTOCOL, ...). Remote bounds,
+ * key and access are checked by the target: a refusal comes back as the
+ * completion's status. Never waits for the peer: beyond the transport's queue
+ * depth it queues in host memory. */
 int lm_ep_write(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t length,
                 const lm_rdesc_t *remote, uint64_t remote_off, uint32_t imm,
                 uint32_t flags, uint64_t wr_id);
