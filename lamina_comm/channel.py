@@ -28,16 +28,17 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import struct
 import time
-from collections import deque
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .errors import (ClosedError, InvalidArgumentError, LaminaError, PeerLostError, ProtocolError, SequenceError,
+from .errors import (ClosedError, InvalidArgumentError, LaminaError, ProtocolError,
                      TimeoutError_)
-from .transport import Completion, Context, Endpoint, Listener, MemoryRegion, Op, RemoteRegion
+from ._bindings import check, ffi, lib
+from .transport import Context, Endpoint, Listener, MemoryRegion, Op, RemoteRegion
 
 MAGIC = 0x4843_4D4C  # b"LMCH" little-endian
 WIRE_VERSION = 1
@@ -361,17 +362,6 @@ def _copy_into(dst: np.ndarray, info: _TensorInfo) -> None:
         np.copyto(dst, info.obj, casting="no")
 
 
-@dataclasses.dataclass(frozen=True)
-class _Placement:
-    """Where an outgoing message's payload comes from."""
-
-    mode: str                     # "slot" | "region" | "staged"
-    offsets: list[int]            # per-tensor payload offsets as the receiver will see them
-    payload_bytes: int
-    source: MemoryRegion | None = None
-    source_offset: int = 0        # region mode: where the payload span starts in source
-
-
 # --------------------------------------------------------------------------
 # Messages
 
@@ -532,8 +522,15 @@ class _Rings:
 class Channel:
     """One model worker <-> one attention worker; see the module docstring.
 
+    The slot rings, headers, sequence numbers, credits and the demultiplexing
+    of arrivals run in native code (native/src/channel, lamina.h "channels"):
+    a send is one native call, a receive is one native call, and every wait
+    runs the progress engine in the waiting thread with the GIL released. This
+    class turns tensors into descriptors and slots into numpy views.
+
     A channel is driven by one thread at a time (or by one asyncio loop).
-    Several channels may share a Context: completions are routed per endpoint.
+    Several channels may share a Context. Its endpoint's completions belong to
+    it: do not wait on the endpoint itself.
 
     piggyback_credits=False (default): every release() writes its credit at
     once (one small write-with-immediate). True: credits ride in the header of
@@ -558,19 +555,40 @@ class Channel:
         self._mr = rings.mr
         self._buf = rings.buffer
         self._layout = rings.layout
-        self._peer_layout = RingLayout.for_role(spec, _other_role(role))
         self._peer = peer_region
         self._sources: list[MemoryRegion] = []
-        m, s = spec.microbatches, spec.slots_per_microbatch
-        self._send_seq = [0] * m
-        self._slot_free = [[True] * s for _ in range(m)]
-        self._slot_seq = [[-1] * s for _ in range(m)]   # seq last sent from each slot
-        self._recv_seq = [0] * m
-        self._arrived: deque[tuple[int, int]] = deque()  # (mb, slot) in arrival order
-        self._pending_credits: deque[tuple[int, int, int]] = deque()  # (mb, slot, seq) to piggyback
-        self._outstanding = 0
-        self._error: LaminaError | None = None
-        self._counters: dict[str, Any] = ChannelMetrics().as_dict()
+        self._python_staged = [0, 0]  # messages and bytes staged here (strided or device tensors)
+        params = ffi.new("lm_chan_params_t *", {
+            "microbatches": spec.microbatches, "slots": spec.slots_per_microbatch,
+            "recv_capacity": self._layout.recv_capacity, "send_capacity": self._layout.send_capacity,
+            "piggyback": int(piggyback_credits)})
+        out = ffi.new("lm_chan_t **")
+        check(lib.lm_chan_create(endpoint._handle(), self._mr._handle(), peer_region._native, params, out),
+              f"channel {self.name}")
+        self._ch = out[0]
+        endpoint._before_close.append(self._destroy_native)
+        # Arrivals the context routed to the endpoint before the channel took it
+        # over are older than anything the native side holds: they go first.
+        for c in endpoint._take(1 << 30):
+            if c.op == Op.RECV_IMM and c.imm is not None:
+                lib.lm_chan_inject_imm(self._ch, c.imm)
+        lib.lm_chan_progress(self._ch)
+        self._tensors = ffi.new("lm_chan_tensor_t[]", MAX_TENSORS)
+        self._msg = ffi.new("lm_chan_msg_t *")
+        self._seq = ffi.new("uint64_t *")
+        self._offset = ffi.new("uint64_t *")
+        self._stats = ffi.new("lm_chan_stats_t *")
+        self._fd: int | None = None
+
+    def _destroy_native(self) -> None:
+        ch, self._ch = self._ch, None
+        if ch is not None:
+            lib.lm_chan_destroy(ch)
+
+    def _handle(self):
+        if self._ch is None:
+            raise ClosedError(f"channel {self.name} is closed")
+        return self._ch
 
     # -- setup -------------------------------------------------------------
     @classmethod
@@ -609,11 +627,11 @@ class Channel:
                       name: str | None, timeout: float, piggyback_credits: bool) -> "Channel":
         try:
             peer_region = _check_peer(spec, role, _parse_hello(ep.peer_data))
+            return cls(ctx, ep, spec, role, rings, peer_region, name=name, timeout=timeout,
+                       piggyback_credits=piggyback_credits)
         except BaseException:
             ep.close()
             raise
-        return cls(ctx, ep, spec, role, rings, peer_region, name=name, timeout=timeout,
-                   piggyback_credits=piggyback_credits)
 
     def add_source_region(self, region: MemoryRegion) -> None:
         """Tensors lying packed inside this region are sent from it without a copy."""
@@ -626,14 +644,33 @@ class Channel:
 
     @property
     def metrics(self) -> ChannelMetrics:
-        return ChannelMetrics(**self._counters)
+        st = self._stats
+        lib.lm_chan_stats(self._handle(), st)
+        staged_messages, staged_bytes = self._python_staged
+        return ChannelMetrics(
+            messages=st.messages, bytes_sent=st.bytes_sent, staged_bytes=st.staged_bytes + staged_bytes,
+            slot_messages=st.slot_messages - staged_messages, region_messages=st.region_messages,
+            staged_messages=st.staged_messages + staged_messages, credit_waits=st.credit_waits,
+            credit_wait_seconds=st.credit_wait_ns / 1e9, messages_received=st.messages_received,
+            bytes_received=st.bytes_received, credits_returned=st.credits_returned,
+            credits_piggybacked=st.credits_piggybacked)
+
+    @property
+    def outstanding(self) -> int:
+        """Writes posted and not yet completed."""
+        lib.lm_chan_stats(self._handle(), self._stats)
+        return self._stats.outstanding
 
     # -- sending -------------------------------------------------------------
+    def _timeout_ms(self, timeout: float | None) -> int:
+        return max(0, int(self._timeout(timeout) * 1000))
+
     def send_slot(self, microbatch: int, timeout: float | None = None) -> np.ndarray:
         """The payload area (uint8) of the next send slot of a micro-batch, once it is free."""
-        slot = self._next_slot(microbatch)
-        self._wait_credit(microbatch, slot, timeout)
-        offset = self._layout.send_slot(microbatch, slot) + HEADER_BYTES
+        self._check_microbatch(microbatch)
+        check(lib.lm_chan_send_slot(self._handle(), microbatch, self._timeout_ms(timeout), self._offset),
+              f"channel {self.name}")
+        offset = self._offset[0]
         return self._buf[offset:offset + self._layout.send_capacity]
 
     def send_buffers(self, microbatch: int, shapes: Sequence[Sequence[int]], dtype: Any = None, *,
@@ -664,391 +701,158 @@ class Channel:
         region or add_source_region()); keep those unchanged until flush().
         Anything else is copied once into the send slot (metrics.staged_bytes).
         """
-        self._check_microbatch(microbatch)
-        seq = self._send_seq[microbatch]
-        self._send_with_seq(tensors, layer, microbatch, seq, timeout)
-        self._send_seq[microbatch] += 1
-        return seq
+        return self._send(tensors, layer, microbatch, 0, 0, timeout)
 
     async def asend(self, tensors: Any, *, layer: int, microbatch: int,
                     timeout: float | None = None) -> int:
         """send() that waits for the slot's credit without blocking the event loop."""
         self._check_microbatch(microbatch)
-        slot = self._next_slot(microbatch)
-        await self._await(lambda: self._slot_free[microbatch][slot], timeout,
-                          lambda: self._credit_timeout(microbatch, slot, timeout))
+        await self._await(lambda: lib.lm_chan_slot_free(self._handle(), microbatch) == 1, timeout,
+                          lambda: TimeoutError_(f"channel {self.name}: no credit for micro-batch {microbatch} "
+                                                f"within {self._timeout(timeout)} s; the receiver still holds "
+                                                "the slot"))
         return self.send(tensors, layer=layer, microbatch=microbatch, timeout=timeout)
 
     def _send_raw(self, tensors: Any, *, layer: int, microbatch: int, seq: int,
                   timeout: float | None = None) -> None:
         """Test hook: send with an arbitrary sequence number (the counter is not advanced)."""
-        self._send_with_seq(tensors, layer, microbatch, seq, timeout)
+        self._send(tensors, layer, microbatch, lib.LM_CHAN_SEND_RAW_SEQ, seq, timeout)
 
-    def _send_with_seq(self, tensors: Any, layer: int, microbatch: int, seq: int,
-                       timeout: float | None) -> None:
+    def _send(self, tensors: Any, layer: int, microbatch: int, flags: int, seq: int,
+              timeout: float | None) -> int:
         self._check_microbatch(microbatch)
         infos = [_describe(t) for t in _tensor_list(tensors)]
-        slot = seq % self.spec.slots_per_microbatch
-        self._wait_credit(microbatch, slot, timeout)
-        placement = self._place(infos, microbatch, slot)
-        credits = self._take_pending_credits()
-        self._write_header(infos, placement, layer, microbatch, slot, seq, credits)
-        self._post(placement, microbatch, slot)
-        self._slot_free[microbatch][slot] = False
-        self._slot_seq[microbatch][slot] = seq
-        self._count_sent(placement, infos)
+        if len(infos) > MAX_TENSORS:
+            raise InvalidArgumentError(f"a message carries at most {MAX_TENSORS} tensors, got {len(infos)}")
+        if any(info.address is None for info in infos):
+            infos = self._stage(infos, microbatch, timeout)
+        vec = self._tensors
+        for i, info in enumerate(infos):
+            t = vec[i]
+            t.addr = info.address
+            t.nbytes = info.nbytes
+            t.dtype = _DTYPES[info.dtype_name][0]
+            t.ndim = len(info.shape)
+            for d, size in enumerate(info.shape):
+                t.shape[d] = size
+        self._seq[0] = seq
+        source = self._source_for(infos)
+        check(lib.lm_chan_send(self._handle(), layer, microbatch, vec, len(infos),
+                               source._handle() if source is not None else ffi.NULL, flags,
+                               self._timeout_ms(timeout), self._seq), f"channel {self.name}")
+        return self._seq[0]
 
-    def _next_slot(self, microbatch: int) -> int:
-        self._check_microbatch(microbatch)
-        return self._send_seq[microbatch] % self.spec.slots_per_microbatch
+    def _stage(self, infos: list[_TensorInfo], microbatch: int, timeout: float | None) -> list[_TensorInfo]:
+        """Strided or device tensors: copied into the next send slot here (the one staging copy)."""
+        offsets = packed_offsets([i.nbytes for i in infos])
+        size = offsets[-1] + infos[-1].nbytes
+        if size > self._layout.send_capacity:
+            raise InvalidArgumentError(f"channel {self.name}: message of {size} B exceeds the "
+                                       f"{self._layout.send_capacity}-byte slot (see ChannelSpec)")
+        payload = self.send_slot(microbatch, timeout)
+        staged = []
+        for off, info in zip(offsets, infos):
+            storage = _DTYPES[info.dtype_name][1]
+            dst = payload[off:off + info.nbytes].view(storage).reshape(info.shape)
+            _copy_into(dst, info)
+            staged.append(_describe_numpy(_as_tensor_view(dst, info.dtype_name)))
+        self._python_staged[0] += 1
+        self._python_staged[1] += sum(i.nbytes for i in infos)
+        return staged
+
+    def _source_for(self, infos: list[_TensorInfo]) -> MemoryRegion | None:
+        if not infos or not self._sources:
+            return None
+        start = min(i.address for i in infos)
+        for region in self._sources:
+            if not region.closed and region.contains(start, 1):
+                return region
+        return None
 
     def _check_microbatch(self, microbatch: int) -> None:
         if not 0 <= microbatch < self.spec.microbatches:
             raise InvalidArgumentError(f"channel {self.name}: micro-batch {microbatch} outside "
                                        f"0..{self.spec.microbatches - 1}")
 
-    def _place(self, infos: list[_TensorInfo], mb: int, slot: int) -> _Placement:
-        if len(infos) > MAX_TENSORS:
-            raise InvalidArgumentError(f"a message carries at most {MAX_TENSORS} tensors, got {len(infos)}")
-        payload_address = self._mr.address + self._layout.send_slot(mb, slot) + HEADER_BYTES
-        capacity = self._layout.send_capacity
-        in_place = self._in_slot(infos, payload_address, capacity)
-        if in_place is not None:
-            return in_place
-        from_region = self._in_region(infos, capacity)
-        if from_region is not None:
-            return from_region
-        return self._stage(infos, payload_address - self._mr.address, capacity)
-
-    @staticmethod
-    def _in_slot(infos: list[_TensorInfo], payload_address: int, capacity: int) -> _Placement | None:
-        """All tensors already inside this send slot: header + payload in one write."""
-        if not infos or any(i.address is None for i in infos):
-            return None
-        offsets = [i.address - payload_address for i in infos]
-        if any(off < 0 or off + i.nbytes > capacity for off, i in zip(offsets, infos)):
-            return None
-        return _Placement("slot", offsets, max(off + i.nbytes for off, i in zip(offsets, infos)))
-
-    def _in_region(self, infos: list[_TensorInfo], capacity: int) -> _Placement | None:
-        """All tensors packed in one registered region: write the span from there."""
-        if not infos or any(i.address is None for i in infos):
-            return None
-        start = min(i.address for i in infos)
-        span = max(i.address + i.nbytes for i in infos) - start
-        # "Packed": gaps no larger than alignment padding, so we never ship much dead memory.
-        if span > capacity or span > sum(_align(i.nbytes) for i in infos):
-            return None
-        for region in (self._mr, *self._sources):
-            if not region.closed and region.contains(start, span):
-                offsets = [i.address - start for i in infos]
-                return _Placement("region", offsets, span, region, start - region.address)
-        return None
-
-    def _stage(self, infos: list[_TensorInfo], payload_offset: int, capacity: int) -> _Placement:
-        offsets = packed_offsets([i.nbytes for i in infos])
-        size = (offsets[-1] + infos[-1].nbytes) if infos else 0
-        if size > capacity:
-            raise InvalidArgumentError(f"channel {self.name}: message of {size} B exceeds the "
-                                       f"{capacity}-byte slot (see ChannelSpec)")
-        for off, info in zip(offsets, infos):
-            storage = _DTYPES[info.dtype_name][1]
-            start = payload_offset + off
-            _copy_into(self._buf[start:start + info.nbytes].view(storage).reshape(info.shape), info)
-        return _Placement("staged", offsets, size)
-
-    def _write_header(self, infos: list[_TensorInfo], placement: _Placement, layer: int, mb: int,
-                      slot: int, seq: int, credits: list[tuple[int, int, int]]) -> None:
-        base = self._layout.send_slot(mb, slot)
-        _HEADER.pack_into(self._buf, base, MAGIC, WIRE_VERSION, len(infos), len(credits), seq, layer, mb,
-                          slot, placement.payload_bytes)
-        for index, (info, off) in enumerate(zip(infos, placement.offsets)):
-            shape = list(info.shape) + [0] * (MAX_NDIM - len(info.shape))
-            _ENTRY.pack_into(self._buf, base + _HEADER.size + index * _ENTRY.size,
-                             _DTYPES[info.dtype_name][0], len(info.shape), 0, 0, off, *shape)
-        for index, (credit_mb, credit_slot, credit_seq) in enumerate(credits):
-            _PIGGYBACK.pack_into(self._buf, base + _PIGGYBACK_BASE + index * _PIGGYBACK.size,
-                                 credit_mb, credit_slot, credit_seq & 0xFFFF_FFFF)
-
-    def _post(self, placement: _Placement, mb: int, slot: int) -> None:
-        local = self._layout.send_slot(mb, slot)
-        remote = self._peer_layout.recv_slot(mb, slot)
-        imm = encode_imm(KIND_DATA, mb, slot)
-        if placement.mode == "region":
-            # Payload first, header last: the immediate fires after every earlier write landed.
-            self.endpoint.write(placement.source, self._peer, local_offset=placement.source_offset,
-                                remote_offset=remote + HEADER_BYTES, length=placement.payload_bytes)
-            self.endpoint.write(self._mr, self._peer, local_offset=local, remote_offset=remote,
-                                length=HEADER_BYTES, imm=imm)
-            self._outstanding += 2
-        else:
-            self.endpoint.write(self._mr, self._peer, local_offset=local, remote_offset=remote,
-                                length=HEADER_BYTES + placement.payload_bytes, imm=imm)
-            self._outstanding += 1
-
-    def _count_sent(self, placement: _Placement, infos: list[_TensorInfo]) -> None:
-        c = self._counters
-        c["messages"] += 1
-        c["bytes_sent"] += HEADER_BYTES + placement.payload_bytes
-        c[f"{placement.mode}_messages"] += 1
-        if placement.mode == "staged":
-            c["staged_bytes"] += sum(i.nbytes for i in infos)
-
-    # -- credits -------------------------------------------------------------
-    def _wait_credit(self, mb: int, slot: int, timeout: float | None) -> None:
-        self._raise_if_failed()
-        if not self._slot_free[mb][slot]:
-            self._poll_nowait()
-        if self._slot_free[mb][slot]:
-            return
-        started = time.perf_counter()
-        self._counters["credit_waits"] += 1
-        try:
-            if not self._block_until(lambda: self._slot_free[mb][slot], timeout):
-                raise self._credit_timeout(mb, slot, timeout)
-        finally:
-            self._counters["credit_wait_seconds"] += time.perf_counter() - started
-
-    def _credit_timeout(self, mb: int, slot: int, timeout: float | None) -> TimeoutError_:
-        return TimeoutError_(f"channel {self.name}: no credit for micro-batch {mb} (slot {slot}) within "
-                             f"{self._timeout(timeout)} s; the receiver still holds the slot")
-
-    def _on_credit_write(self, mb: int, slot: int) -> None:
-        released = int(np.frombuffer(self._buf, np.uint64, 1, self._layout.credit_in(mb, slot))[0])
-        self._credit_arrived(mb, slot, released, mask=2**64 - 1)
-
-    def _credit_arrived(self, mb: int, slot: int, released: int, mask: int) -> None:
-        """The receiver released (mb, slot); released is its seq (masked to the bits sent)."""
-        if mb >= self.spec.microbatches or slot >= self.spec.slots_per_microbatch:
-            self._fail(ProtocolError(f"channel {self.name}: credit names micro-batch {mb} slot {slot}"))
-        if self._slot_free[mb][slot]:
-            self._fail(ProtocolError(f"channel {self.name}: credit for micro-batch {mb} slot {slot}, "
-                                     "which is not in use"))
-        if released != self._slot_seq[mb][slot] & mask:
-            self._fail(ProtocolError(f"channel {self.name}: credit names seq {released}, slot {slot} of "
-                                     f"micro-batch {mb} holds seq {self._slot_seq[mb][slot]}"))
-        self._slot_free[mb][slot] = True
-
-    def _return_credit(self, mb: int, slot: int, seq: int) -> None:
-        if self.piggyback_credits:
-            self._pending_credits.append((mb, slot, seq))
-        else:
-            self._write_credit(mb, slot, seq)
-
-    def _take_pending_credits(self) -> list[tuple[int, int, int]]:
-        count = min(len(self._pending_credits), MAX_PIGGYBACK_CREDITS)
-        credits = [self._pending_credits.popleft() for _ in range(count)]
-        self._counters["credits_piggybacked"] += count
-        self._counters["credits_returned"] += count
-        return credits
-
-    def _write_pending_credits(self) -> None:
-        """Before the channel waits: the peer may be waiting for these credits."""
-        while self._pending_credits:
-            self._write_credit(*self._pending_credits.popleft())
-
-    def _write_credit(self, mb: int, slot: int, seq: int) -> None:
-        # A peer that is gone needs no credit; releasing a slot must not raise then.
-        if self.endpoint.closed or self.endpoint.error is not None:
-            return
-        offset = self._layout.credit_out(mb, slot)
-        struct.pack_into("<Q", self._buf, offset, seq & (2**64 - 1))
-        try:
-            self.endpoint.write(self._mr, self._peer, local_offset=offset,
-                                remote_offset=self._peer_layout.credit_in(mb, slot), length=_CREDIT_BYTES,
-                                imm=encode_imm(KIND_CREDIT, mb, slot))
-        except (PeerLostError, ClosedError):
-            return  # the peer died between the check and the write
-        self._outstanding += 1
-        self._counters["credits_returned"] += 1
-
     # -- receiving -----------------------------------------------------------
     def recv(self, microbatch: int | None = None, timeout: float | None = None) -> Message:
         """The next message (of one micro-batch, or any); others stay buffered in arrival order."""
         if microbatch is not None:
             self._check_microbatch(microbatch)
-        message = self._take_arrival(microbatch)
-        if message is None:
-            self._poll_nowait()
-            message = self._take_arrival(microbatch)
-        if message is not None:
-            return message
-        box: list[Message] = []
-        if not self._block_until(lambda: self._take_into(box, microbatch), timeout):
+        got = check(lib.lm_chan_recv(self._handle(), -1 if microbatch is None else microbatch, self._msg,
+                                     self._timeout_ms(timeout)), f"channel {self.name}")
+        if got == 0:
             raise self._recv_timeout(microbatch, timeout)
-        return box[0]
+        return self._message(self._msg)
 
     async def arecv(self, microbatch: int | None = None, timeout: float | None = None) -> Message:
-        """recv() for asyncio: waits on the Context's fd instead of blocking the loop."""
+        """recv() for asyncio: waits on the channel's event fd instead of blocking the loop."""
         if microbatch is not None:
             self._check_microbatch(microbatch)
-        box: list[Message] = []
-        await self._await(lambda: self._take_into(box, microbatch), timeout,
+        which = -1 if microbatch is None else microbatch
+        await self._await(lambda: lib.lm_chan_pending(self._handle(), which) > 0, timeout,
                           lambda: self._recv_timeout(microbatch, timeout))
-        return box[0]
+        return self.recv(microbatch, timeout=0)
 
     def _recv_timeout(self, microbatch: int | None, timeout: float | None) -> TimeoutError_:
         which = "any micro-batch" if microbatch is None else f"micro-batch {microbatch}"
         return TimeoutError_(f"channel {self.name}: no message for {which} within "
                              f"{self._timeout(timeout)} s")
 
-    def _take_into(self, box: list[Message], microbatch: int | None) -> bool:
-        message = self._take_arrival(microbatch)
-        if message is not None:
-            box.append(message)
-        return message is not None
+    def _message(self, msg: Any) -> Message:
+        tensors = []
+        buf = self._buf
+        for i in range(msg.ntensors):
+            t = msg.tensors[i]
+            name = _DTYPE_BY_CODE[t.dtype]
+            start = t.addr
+            shape = tuple(t.shape[d] for d in range(t.ndim))
+            view = buf[start:start + t.nbytes].view(_DTYPES[name][1]).reshape(shape)
+            tensors.append(_as_tensor_view(view, name))
+        return Message(self, msg.layer, msg.microbatch, msg.seq, msg.slot, tensors)
 
-    def _take_arrival(self, microbatch: int | None) -> Message | None:
-        for index, (mb, slot) in enumerate(self._arrived):
-            if microbatch is None or mb == microbatch:
-                del self._arrived[index]
-                return self._open(mb, slot)
-        return None
+    def _return_credit(self, mb: int, slot: int, seq: int) -> None:
+        if self._ch is not None:
+            check(lib.lm_chan_release(self._ch, mb, slot, seq), f"channel {self.name}")
 
-    def _open(self, mb: int, slot: int) -> Message:
-        """Parse and check a landed slot; on any error the slot goes back to the sender."""
-        base = self._layout.recv_slot(mb, slot)
-        magic, version, count, _, seq, layer, h_mb, h_slot, size = _HEADER.unpack_from(self._buf, base)
-        try:
-            self._check_header(magic, version, count, size, h_mb, h_slot, mb, slot)
-            self._check_sequence(mb, slot, seq)
-            tensors = [self._tensor_view(base, index) for index in range(count)]
-        except LaminaError:
-            self._return_credit(mb, slot, seq)
-            raise
-        self._recv_seq[mb] += 1
-        self._counters["messages_received"] += 1
-        self._counters["bytes_received"] += HEADER_BYTES + size
-        return Message(self, layer, mb, seq, slot, tensors)
-
-    def _check_header(self, magic: int, version: int, count: int, size: int, h_mb: int, h_slot: int,
-                      mb: int, slot: int) -> None:
-        if magic != MAGIC or version != WIRE_VERSION:
-            raise ProtocolError(f"channel {self.name}: bad header in micro-batch {mb} slot {slot} "
-                                f"(magic 0x{magic:08x}, version {version})")
-        if (h_mb, h_slot) != (mb, slot):
-            raise ProtocolError(f"channel {self.name}: header names micro-batch {h_mb} slot {h_slot}, "
-                                f"the immediate micro-batch {mb} slot {slot}")
-        if count > MAX_TENSORS or size > self._layout.recv_capacity:
-            raise ProtocolError(f"channel {self.name}: header claims {count} tensors, {size} B")
-
-    def _check_sequence(self, mb: int, slot: int, seq: int) -> None:
-        expected = self._recv_seq[mb]
-        if seq != expected:
-            what = "duplicate or reordered" if seq < expected else "gap (lost or reordered)"
-            raise SequenceError(f"channel {self.name}: micro-batch {mb} got seq {seq}, expected "
-                                f"{expected}: {what}")
-        if slot != seq % self.spec.slots_per_microbatch:
-            raise ProtocolError(f"channel {self.name}: seq {seq} arrived in slot {slot}")
-
-    def _tensor_view(self, base: int, index: int) -> TensorView:
-        code, ndim, _, _, offset, *dims = _ENTRY.unpack_from(self._buf, base + _HEADER.size + index * _ENTRY.size)
-        name = _DTYPE_BY_CODE.get(code)
-        if name is None or ndim > MAX_NDIM:
-            raise ProtocolError(f"channel {self.name}: tensor {index} has dtype code {code}, ndim {ndim}")
-        storage = _DTYPES[name][1]
-        shape = tuple(dims[:ndim])
-        nbytes = math.prod(shape) * storage.itemsize
-        # An empty tensor must still have a shape that fits: (0, 2**31, 2**31) is no tensor numpy can make.
-        extent = math.prod(max(d, 1) for d in shape) * storage.itemsize
-        if offset + nbytes > self._layout.recv_capacity or extent > self._layout.recv_capacity:
-            raise ProtocolError(f"channel {self.name}: tensor {index} (shape {list(shape)}, {nbytes} B at "
-                                f"{offset}) overruns the slot")
-        start = base + HEADER_BYTES + offset
-        return _as_tensor_view(self._buf[start:start + nbytes].view(storage).reshape(shape), name)
-
-    # -- completion machinery --------------------------------------------------
-    def _dispatch(self, completions: Iterable[Completion]) -> None:
-        for c in completions:
-            if c.op == Op.WRITE:
-                self._outstanding -= 1
-                if not c.ok:
-                    self._fail(c.error())
-            elif c.op == Op.RECV_IMM and c.imm is not None:
-                self._on_immediate(c.imm)
-            elif c.op == Op.REFUSED:
-                self._fail(ProtocolError(f"channel {self.name}: the peer's write here was refused "
-                                         f"(status {c.status})"))
-
-    def _on_immediate(self, imm: int) -> None:
-        kind, mb, slot = decode_imm(imm)
-        if mb >= self.spec.microbatches or slot >= self.spec.slots_per_microbatch:
-            self._fail(ProtocolError(f"channel {self.name}: immediate 0x{imm:08x} names no slot"))
-        if kind == KIND_DATA:
-            self._apply_piggybacked_credits(mb, slot)
-            self._arrived.append((mb, slot))
-        elif kind == KIND_CREDIT:
-            self._on_credit_write(mb, slot)
-        else:
-            self._fail(ProtocolError(f"channel {self.name}: immediate of unknown kind {kind}"))
-
-    def _apply_piggybacked_credits(self, mb: int, slot: int) -> None:
-        """Credits in a landed header count at once, even while the message waits in the buffer."""
-        base = self._layout.recv_slot(mb, slot)
-        magic, _, _, credits = struct.unpack_from("<IHBB", self._buf, base)
-        if magic != MAGIC:
-            return  # the bad header is reported when the message is opened
-        for index in range(min(credits, MAX_PIGGYBACK_CREDITS)):
-            credit = _PIGGYBACK.unpack_from(self._buf, base + _PIGGYBACK_BASE + index * _PIGGYBACK.size)
-            self._credit_arrived(*credit, mask=0xFFFF_FFFF)
-
-    def _fail(self, error: LaminaError | None) -> None:
-        self._error = self._error or error
-        self._raise_if_failed()
-
-    def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def _poll_nowait(self) -> None:
-        self._dispatch(self.endpoint.poll())
-
+    # -- waiting -------------------------------------------------------------
     def _timeout(self, timeout: float | None) -> float:
         return self.timeout if timeout is None else timeout
 
-    def _block_until(self, ready: Callable[[], bool], timeout: float | None) -> bool:
-        """Dispatch completions until ready() holds; False on timeout."""
-        deadline = time.monotonic() + self._timeout(timeout)
-        if not ready():
-            self._write_pending_credits()
-        while not ready():
-            self._raise_if_failed()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            got = self.endpoint.wait(min(left, _WAIT_SLICE_S))
-            if not got:
-                self._raise_if_endpoint_failed()
-            self._dispatch(got)
-        return True
+    def _raise_if_failed(self) -> None:
+        check(lib.lm_chan_error(self._handle()), f"channel {self.name}")
 
     async def _await(self, ready: Callable[[], bool], timeout: float | None,
                      on_timeout: Callable[[], LaminaError]) -> None:
-        """The asyncio twin of _block_until: sleeps on the Context's fd between polls."""
+        """Sleep on the channel's event fd (asyncio add_reader) until ready() holds."""
         deadline = time.monotonic() + self._timeout(timeout)
         loop = asyncio.get_running_loop()
+        if self._fd is None:
+            self._fd = check(lib.lm_chan_fd(self._handle()), f"channel {self.name}")
+        fd = self._fd
         while True:
-            self._poll_nowait()
+            _drain_eventfd(fd)  # before looking, so no change after the look is missed
+            lib.lm_chan_progress(self._handle())
             if ready():
                 return
-            self._write_pending_credits()
-            self._raise_if_endpoint_failed()
+            self._raise_if_failed()
+            if self.endpoint.error is not None:
+                raise self.endpoint.error
             left = deadline - time.monotonic()
             if left <= 0:
                 raise on_timeout()
-            await _ReadableWaiters.shared(loop, self.context, self.endpoint).wait(min(left, _WAIT_SLICE_S))
-
-    def _raise_if_endpoint_failed(self) -> None:
-        error = self.endpoint.error
-        if error is not None:
-            self._fail(error)
+            readable = loop.create_future()
+            loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
+            try:
+                await asyncio.wait_for(readable, min(left, _WAIT_SLICE_S))
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                loop.remove_reader(fd)
 
     def flush(self, timeout: float | None = None) -> None:
         """Write out pending credits, then wait until every posted write has completed."""
-        self._write_pending_credits()
-        if not self._block_until(lambda: self._outstanding == 0, timeout):
-            raise TimeoutError_(f"channel {self.name}: {self._outstanding} writes still outstanding "
-                                f"after {self._timeout(timeout)} s")
+        check(lib.lm_chan_flush(self._handle(), self._timeout_ms(timeout)), f"channel {self.name}")
 
     # -- life cycle ------------------------------------------------------------
     @property
@@ -1057,7 +861,7 @@ class Channel:
 
     def close(self) -> None:
         """Close the endpoint (outstanding writes are canceled) and deregister the region."""
-        self.endpoint.close()
+        self.endpoint.close()  # destroys the native channel first (Endpoint._before_close)
         self._rings.close()
 
     def __enter__(self) -> "Channel":
@@ -1068,6 +872,13 @@ class Channel:
 
     def __repr__(self) -> str:
         return f"<Channel {self.name} {self.spec.microbatches}x{self.spec.slots_per_microbatch} slots>"
+
+
+def _drain_eventfd(fd: int) -> None:
+    try:
+        os.read(fd, 8)
+    except BlockingIOError:
+        pass
 
 
 def _tensor_list(tensors: Any) -> list[Any]:
@@ -1104,60 +915,3 @@ class ChannelListener:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-# --------------------------------------------------------------------------
-# asyncio: one reader per (loop, context fd)
-
-
-class _ReadableWaiters:
-    """Shares one loop.add_reader per Context fd (asyncio allows one callback per fd).
-
-    The callback moves native completions into the per-endpoint queues (which
-    also drains the fd) and wakes every waiting channel; each then looks at its
-    own endpoint's queue.
-    """
-
-    _registry: dict[tuple[int, int], "_ReadableWaiters"] = {}
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, pump: Callable[[], Any]):
-        self._loop = loop
-        self._fd = fd
-        self._pump = pump
-        self._futures: set[asyncio.Future] = set()
-
-    @classmethod
-    def shared(cls, loop: asyncio.AbstractEventLoop, ctx: Context, endpoint: Endpoint) -> "_ReadableWaiters":
-        fd = ctx.fileno()
-        key = (id(loop), fd)
-        if key not in cls._registry:
-            # poll(0) routes every waiting completion to its endpoint and takes none.
-            cls._registry[key] = cls(loop, fd, lambda: endpoint.poll(0))
-        return cls._registry[key]
-
-    async def wait(self, timeout: float) -> None:
-        future = self._loop.create_future()
-        self._add(future)
-        try:
-            await asyncio.wait_for(future, timeout)
-        except asyncio.TimeoutError:
-            pass
-        finally:
-            self._discard(future)
-
-    def _add(self, future: asyncio.Future) -> None:
-        if not self._futures:
-            self._loop.add_reader(self._fd, self._on_readable)
-        self._futures.add(future)
-
-    def _discard(self, future: asyncio.Future) -> None:
-        self._futures.discard(future)
-        if not self._futures:
-            self._loop.remove_reader(self._fd)
-            self._registry.pop((id(self._loop), self._fd), None)
-
-    def _on_readable(self) -> None:
-        self._pump()
-        for future in list(self._futures):
-            if not future.done():
-                future.set_result(None)

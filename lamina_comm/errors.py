@@ -80,13 +80,14 @@ class AuthenticationError(LaminaError, PermissionError):
 
 class SequenceError(LaminaError):
     """A channel message arrived lost, duplicated or out of order."""
+    status = -15
 
 
 _BY_STATUS = {
     cls.status: cls
     for cls in (InvalidArgumentError, NoMemoryError, IOFailure, TimeoutError_, NoKeyError, OutOfBoundsError,
                 AccessDeniedError, PeerLostError, ProtocolError, UnsupportedError, ClosedError,
-                CanceledError, RemoteError, LocalRegionError)
+                CanceledError, RemoteError, LocalRegionError, SequenceError)
 }
 
 

@@ -198,6 +198,7 @@ class Endpoint:
         self._ep = handle
         self._completions: collections.deque[Completion] = collections.deque()
         self._wr_ids = itertools.count(1)
+        self._before_close: list[Callable[[], None]] = []
 
     def _handle(self):
         if self._ep is None:
@@ -274,6 +275,9 @@ class Endpoint:
         """Close; outstanding operations complete with CANCELED (still readable via poll)."""
         ep, self._ep = self._ep, None
         if ep is not None:
+            for hook in self._before_close:  # a channel owning this endpoint lets go of it first
+                hook()
+            self._before_close.clear()
             lib.lm_ep_destroy(ep)
             self.context._pump_nowait()
             self.context._endpoints.pop(self.id, None)

@@ -70,6 +70,7 @@ extern "C" {
 #define LM_ERR_CANCELED -12     /* operation flushed by a local close */
 #define LM_ERR_REMOTE -13       /* target refused for a reason the transport can't name */
 #define LM_ERR_LOCAL -14        /* local region problem (deregistered, bounds) */
+#define LM_ERR_SEQUENCE -15     /* channel: a message lost, duplicated or reordered */
 
 /* Region access flags, as in verbs. */
 #define LM_ACCESS_LOCAL_WRITE 1
@@ -222,6 +223,121 @@ int lm_cq_poll(lm_context_t *ctx, lm_completion_t *out, int max);
  * sleeps in epoll; LM_PROGRESS_POLL never sleeps (it busy-polls the poll
  * hooks and, without waiting, epoll) until a completion or the timeout. */
 int lm_cq_wait(lm_context_t *ctx, lm_completion_t *out, int max, int timeout_ms);
+
+/* ---- channels (native/src/channel; wire format in docs/channel.md) --------
+ *
+ * A channel joins one model worker and one attention worker over a connected
+ * endpoint and one registered region per side, laid out as
+ *   [recv slots | send slots | credit-in words | credit-out words],
+ * each ring indexed by (micro-batch, slot); a slot is a 256-byte header then
+ * the payload. A message is one write (header + payload from the send slot,
+ * or payload from a registered region then the header) whose immediate names
+ * (kind, micro-batch, slot); the receiver returns the slot with a credit,
+ * written on its own or piggybacked in the header of its next message.
+ *
+ * The channel owns its endpoint's completions: they never reach the context's
+ * completion queue. Arrivals are demultiplexed, checked and queued in native
+ * code by whichever thread dispatches; a send is one call, a receive is one
+ * call, and every wait runs the progress engine in the calling thread (the GIL
+ * is released by the bindings). One application thread at a time per channel.
+ */
+typedef struct lm_chan lm_chan_t;
+
+#define LM_CHAN_HEADER_BYTES 256
+#define LM_CHAN_MAX_TENSORS 6
+#define LM_CHAN_MAX_NDIM 4
+#define LM_CHAN_MAX_PIGGYBACK 4
+#define LM_CHAN_WIRE_VERSION 1
+/* lm_chan_send flags. */
+#define LM_CHAN_SEND_RAW_SEQ 1 /* tests: use *seq as given, do not advance the counter */
+
+typedef struct lm_chan_params {
+    uint32_t microbatches;    /* 1..4096 */
+    uint32_t slots;           /* per micro-batch, 1..65536 */
+    uint64_t recv_capacity;   /* payload bytes of one of our receive slots (multiple of 64) */
+    uint64_t send_capacity;   /* payload bytes of one of our send slots (the peer's receive slots) */
+    uint32_t piggyback;       /* 1: credits ride in our next message's header */
+} lm_chan_params_t;
+
+typedef struct lm_chan_tensor {
+    uint64_t addr;            /* send: host address; receive: offset in the region */
+    uint64_t nbytes;
+    uint32_t shape[4];
+    uint8_t dtype;            /* wire code (docs/channel.md) */
+    uint8_t ndim;
+} lm_chan_tensor_t;
+
+typedef struct lm_chan_msg {
+    uint64_t seq;
+    uint32_t layer;
+    uint32_t microbatch;
+    uint32_t slot;
+    uint32_t ntensors;
+    uint64_t payload_bytes;
+    lm_chan_tensor_t tensors[6];
+} lm_chan_msg_t;
+
+typedef struct lm_chan_stats {
+    uint64_t messages, bytes_sent, staged_bytes, slot_messages, region_messages, staged_messages;
+    uint64_t credit_waits, credit_wait_ns;
+    uint64_t messages_received, bytes_received, credits_returned, credits_piggybacked;
+    uint64_t outstanding;     /* writes posted and not completed */
+} lm_chan_stats_t;
+
+/* Bytes of the region one side registers for these params. */
+uint64_t lm_chan_region_bytes(const lm_chan_params_t *params);
+/* Create a channel over ep (which it then owns: its completions go to the
+ * channel, lm_chan_destroy destroys it), our region mr (at least
+ * lm_chan_region_bytes, zeroed) and the peer's region descriptor. LM_ERR_INVALID
+ * for bad params or a peer region smaller than its layout. */
+int lm_chan_create(lm_ep_t *ep, lm_mr_t *mr, const lm_rdesc_t *peer, const lm_chan_params_t *params,
+                   lm_chan_t **out);
+/* Close the endpoint (outstanding writes are canceled) and free; not the region. */
+void lm_chan_destroy(lm_chan_t *ch);
+/* Wait up to timeout_ms for the credit of the next send slot of a micro-batch;
+ * *payload_offset: where its payload starts in our region (fill it in place).
+ * LM_ERR_TIMEOUT when the receiver still holds the slot. */
+int lm_chan_send_slot(lm_chan_t *ch, uint32_t microbatch, int timeout_ms, uint64_t *payload_offset);
+/* Send one message of n tensors (n <= 6), each contiguous host memory:
+ * tensors already in the send slot go with the header in one write (no copy);
+ * tensors packed in `source` (or our own region) go from there (two writes,
+ * payload then header); anything else is copied into the slot first (counted
+ * in staged_bytes). Waits only for the slot's credit (timeout_ms). *seq: the
+ * message's sequence number (in with LM_CHAN_SEND_RAW_SEQ). Errors: TIMEOUT,
+ * INVALID (too many or too large tensors, bad micro-batch), the channel's
+ * sticky error. */
+int lm_chan_send(lm_chan_t *ch, uint32_t layer, uint32_t microbatch, const lm_chan_tensor_t *tensors,
+                 uint32_t n, lm_mr_t *source, uint32_t flags, int timeout_ms, uint64_t *seq);
+/* The next message (of micro-batch mb, or of any when mb < 0, in arrival
+ * order): 1 and *out (tensor addrs are offsets into our region, valid until
+ * released), 0 on timeout, or an error: LM_ERR_SEQUENCE (lost, duplicated,
+ * reordered: the slot is handed back, the channel goes on) or LM_ERR_PROTOCOL
+ * (a malformed header: the same), or the channel's sticky error. */
+int lm_chan_recv(lm_chan_t *ch, int32_t microbatch, lm_chan_msg_t *out, int timeout_ms);
+/* Hand a received slot back (a credit now, or in our next header). */
+int lm_chan_release(lm_chan_t *ch, uint32_t microbatch, uint32_t slot, uint64_t seq);
+/* Write out held credits, then wait until every posted write completed. */
+int lm_chan_flush(lm_chan_t *ch, int timeout_ms);
+/* Run completions without waiting (credits and arrivals are then visible). */
+int lm_chan_progress(lm_chan_t *ch);
+/* Whether the next send slot of mb is free (after lm_chan_progress). */
+int lm_chan_slot_free(lm_chan_t *ch, uint32_t microbatch);
+/* Arrivals waiting (of mb, or of any when mb < 0). */
+int lm_chan_pending(lm_chan_t *ch, int32_t microbatch);
+/* 0, or the status that failed the channel (its text in lm_last_error after
+ * any failing call). */
+int lm_chan_error(lm_chan_t *ch);
+/* Counters (a snapshot). */
+void lm_chan_stats(lm_chan_t *ch, lm_chan_stats_t *out);
+/* An eventfd readable after any change (arrival, credit, failure); drain it
+ * (read 8 bytes) before looking, as asyncio's add_reader callbacks do. */
+int lm_chan_fd(lm_chan_t *ch);
+/* Tests and fuzzing: process an immediate as if it had arrived (the header
+ * must already be in the slot). Returns the channel's error status or 0. */
+int lm_chan_inject_imm(lm_chan_t *ch, uint32_t imm);
+/* Tests and fuzzing: expect seq recv_seq next on every micro-batch, and mark
+ * every send slot in use by a message of seq slot_seq. */
+int lm_chan_test_state(lm_chan_t *ch, uint64_t recv_seq, uint64_t slot_seq);
 /* CDEF END */
 
 #ifdef __cplusplus

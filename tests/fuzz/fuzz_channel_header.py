@@ -14,8 +14,11 @@ An input is a mode byte, then:
 
 Both must succeed or raise a LaminaError subclass; a tensor view outside the
 received slot, any other exception, or memory past -rss_limit_mb is a finding.
-The channel is real (real rings in a real Context) but its endpoint is closed,
-so the credits it returns go nowhere and no network is involved.
+The channel is real: the native channel (native/src/channel) over a loopback
+endpoint, whose peer endpoint (in a second context, drained per input) takes
+the credits it returns. Each input gets a fresh native channel, its state set
+with lm_chan_test_state, and the immediate handed over with lm_chan_inject_imm,
+so the parsing under test is the one the channel runs on real arrivals.
 check_one() is also what tests/fuzz/test_fuzz_corpus.py replays over the corpus.
 """
 from __future__ import annotations
@@ -34,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _fuzz_support  # noqa: E402
 
 ch = _fuzz_support.import_target("lamina_comm.channel", fuzzing=__name__ == "__main__")
+from lamina_comm._bindings import check, ffi, lib
 from lamina_comm.errors import LaminaError
 from lamina_comm.transport import Context, RemoteRegion
 
@@ -44,32 +48,44 @@ _MESSAGE_PREFIX = struct.Struct("<IBB8s")
 MAX_SEED_PAYLOAD = 1024  # a seed claiming more carries only this much (the rest reads as zeros)
 
 
-class _ClosedEndpoint:
-    """What Channel needs of an endpoint on the receive path: a gone peer takes no credits."""
-
-    id = 0
-    closed = True
-    error = None
-
-
 class _Harness:
-    """One channel, reused across inputs (its state reset per input)."""
+    """A Python Channel over a loopback endpoint; its native channel is made anew per input."""
 
     def __init__(self) -> None:
-        self.context = Context("tcp")
-        rings = ch._Rings(self.context, SPEC, ROLE)
+        self.context, self.peer_context = Context("tcp"), Context("tcp")
         peer_layout = ch.RingLayout.for_role(SPEC, "attention")
-        peer = RemoteRegion(key=1, addr=0, length=peer_layout.total_bytes)
-        self.channel = ch.Channel(self.context, _ClosedEndpoint(), SPEC, ROLE, rings, peer)
+        self.peer_buffer = np.zeros(peer_layout.total_bytes, np.uint8)
+        peer_mr = self.peer_context.register(self.peer_buffer)
+        listener = self.peer_context.listen(("127.0.0.1", 0))
+        rings = ch._Rings(self.context, SPEC, ROLE)
+        box: dict = {}
+        import threading
+        accepting = threading.Thread(target=lambda: box.setdefault(
+            "ep", listener.accept(timeout=30, private_data=peer_mr.descriptor().to_bytes())))
+        accepting.start()
+        endpoint = self.context.connect(listener.address, timeout=30)
+        accepting.join(30)
+        self.peer_endpoint = box["ep"]
+        listener.close()
+        self.channel = ch.Channel(self.context, endpoint, SPEC, ROLE, rings, peer_mr.descriptor())
         self.layout = self.channel._layout
+        self.params = ffi.new("lm_chan_params_t *", {
+            "microbatches": SPEC.microbatches, "slots": SPEC.slots_per_microbatch,
+            "recv_capacity": self.layout.recv_capacity, "send_capacity": self.layout.send_capacity})
+        self.peer_descriptor = peer_mr.descriptor()
 
     def reset(self, recv_seq: int, slot_seq: int) -> None:
+        """A fresh native channel (a failed one stays failed) in the state the input asks for."""
         c = self.channel
-        c._error = None
-        c._arrived.clear()
-        c._recv_seq = [recv_seq] * SPEC.microbatches
-        c._slot_free = [[False] * SPEC.slots_per_microbatch for _ in range(SPEC.microbatches)]
-        c._slot_seq = [[slot_seq] * SPEC.slots_per_microbatch for _ in range(SPEC.microbatches)]
+        c._destroy_native()
+        self.context.poll()       # completions of the old channel's credit writes
+        self.peer_context.poll()  # the credits that reached the peer
+        out = ffi.new("lm_chan_t **")
+        check(lib.lm_chan_create(c.endpoint._handle(), c._mr._handle(), self.peer_descriptor._native, self.params,
+                                 out), "fuzz channel")
+        c._ch = out[0]
+        lib.lm_chan_progress(c._ch)
+        lib.lm_chan_test_state(c._ch, recv_seq, slot_seq)
 
     def land(self, imm: int, credit_word: bytes, slot_bytes: bytes) -> None:
         """Place the peer's bytes where its writes would land, then hand the channel the immediate."""
@@ -83,15 +99,15 @@ class _Harness:
             buf[base:base + len(data)] = data
             credit = self.layout.credit_in(mb, slot)
             buf[credit:credit + 8] = np.frombuffer(credit_word, np.uint8)
-        self.channel._on_immediate(imm)
+        lib.lm_chan_inject_imm(self.channel._ch, imm)
 
     def open_arrivals(self) -> None:
         c = self.channel
-        while c._arrived:
-            mb, slot = c._arrived[0]
-            message = c._take_arrival(None)
-            self._check_views(message, mb, slot)
+        while lib.lm_chan_pending(c._ch, -1) > 0:
+            message = c.recv(timeout=0)  # a refusal raises (its slot went back to the sender)
+            self._check_views(message, message.microbatch, message.slot)
             message.release()
+        c._raise_if_failed()
 
     def _check_views(self, message: ch.Message, mb: int, slot: int) -> None:
         start = self.channel._buf.ctypes.data + self.layout.recv_slot(mb, slot) + ch.HEADER_BYTES

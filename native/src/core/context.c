@@ -317,7 +317,21 @@ void lm_ep_complete(lm_ep_t *ep, uint32_t opcode, uint64_t wr_id, int status, ui
     lm_completion_t c = {.wr_id = wr_id, .ep_id = ep->id, .byte_len = status == LM_OK ? bytes : 0,
                          .status = status, .opcode = opcode};
     atomic_fetch_sub(&ep->outstanding, 1);
-    lm_cq_push(ep->ctx, &c);
+    lm_ep_push(ep, &c);
+}
+
+void lm_ep_push(lm_ep_t *ep, const lm_completion_t *c)
+{
+    lm_sink_fn sink = atomic_load_explicit(&ep->sink, memory_order_acquire);
+    if (sink)
+        sink(ep->sink_arg, c);
+    else
+        lm_cq_push(ep->ctx, c);
+}
+
+void lm_ep_set_sink(lm_ep_t *ep, lm_sink_fn sink, void *arg)
+{
+    lm_cq_take_endpoint(ep->ctx, ep, sink, arg);
 }
 
 void lm_ep_destroy(lm_ep_t *ep)

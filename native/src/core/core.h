@@ -65,6 +65,11 @@ struct lm_io_handler;
  * re-runs it with LM_EV_RERUN once the application has polled the queue
  * below LM_CQ_RESUME_DEPTH. Cheap when not congested (one atomic load). */
 bool lm_cq_park_if_congested(lm_context_t *ctx, struct lm_io_handler *h);
+/* Hand every queued completion of ep_id to sink (in order, under the queue
+ * lock) and install sink in *sink_slot meanwhile (lm_ep_set_sink). */
+struct lm_ep;
+void lm_cq_take_endpoint(lm_context_t *ctx, struct lm_ep *ep, void (*sink)(void *, const lm_completion_t *),
+                         void *arg);
 /* Forget a parked handler (lm_progress_del calls it). */
 void lm_cq_unpark(lm_context_t *ctx, struct lm_io_handler *h);
 
@@ -132,6 +137,7 @@ void lm_timer_disarm(lm_timer_t *t);
 void lm_timer_cancel(lm_context_t *ctx, lm_timer_t *t);
 
 /* ---- endpoints ---------------------------------------------------------- */
+typedef void (*lm_sink_fn)(void *arg, const lm_completion_t *c);
 struct lm_ep {
     lm_context_t *ctx;
     const lm_transport_ops_t *ops;
@@ -140,10 +146,22 @@ struct lm_ep {
     atomic_int error;        /* 0 or the LM_ERR_* that failed the endpoint */
     atomic_ullong outstanding;
     struct lm_ep *ctx_next;  /* context's list, guarded by ctx->ep_lock */
+    /* When set, the endpoint's completions go here instead of the context's
+     * completion queue (a channel owns them). Called from dispatch or from the
+     * posting thread, with transport locks held: it must not call back into
+     * the endpoint. */
+    _Atomic(lm_sink_fn) sink;
+    void *sink_arg;          /* written before sink (release), read after it */
 };
 
 /* Push a completion for an initiator operation and drop it from outstanding. */
 void lm_ep_complete(lm_ep_t *ep, uint32_t opcode, uint64_t wr_id, int status, uint64_t bytes);
+/* Deliver one completion of ep: to its sink, else to the context's queue. */
+void lm_ep_push(lm_ep_t *ep, const lm_completion_t *c);
+/* Route ep's completions to sink from now on; those of ep already queued in
+ * the context's completion queue are taken out and passed to `earlier` first
+ * (under the queue lock, so none is lost or reordered). */
+void lm_ep_set_sink(lm_ep_t *ep, lm_sink_fn sink, void *arg);
 
 /* ---- context ---------------------------------------------------------- */
 typedef struct lm_cq {

@@ -181,3 +181,29 @@ int lm_cq_wait(lm_context_t *ctx, lm_completion_t *out, int max, int timeout_ms)
             return lm_cq_poll(ctx, out, max);
     }
 }
+
+void lm_cq_take_endpoint(lm_context_t *ctx, lm_ep_t *ep, void (*sink)(void *, const lm_completion_t *),
+                         void *arg)
+{
+    lm_cq_t *cq = &ctx->cq;
+    pthread_mutex_lock(&cq->lock);
+    /* Installed under the queue lock: a push either queued before (taken out
+     * below, in order) or sees the sink. */
+    ep->sink_arg = arg;
+    atomic_store_explicit(&ep->sink, sink, memory_order_release);
+    size_t kept = 0;
+    for (size_t i = 0; i < cq->count; i++) {
+        lm_completion_t c = cq->ring[(cq->head + i) % cq->capacity];
+        if (c.ep_id == ep->id)
+            sink(arg, &c);
+        else
+            cq->ring[(cq->head + kept++) % cq->capacity] = c;
+    }
+    if (kept == 0 && cq->count > 0 && atomic_load(&cq->fd_wanted)) {
+        uint64_t drained;
+        ssize_t r = read(cq->event_fd, &drained, sizeof(drained));
+        (void)r;
+    }
+    cq->count = kept;
+    pthread_mutex_unlock(&cq->lock);
+}

@@ -24,6 +24,7 @@ const char *lm_status_str(int status)
     case LM_ERR_CANCELED: return "canceled";
     case LM_ERR_REMOTE: return "refused by the remote side";
     case LM_ERR_LOCAL: return "local region error";
+    case LM_ERR_SEQUENCE: return "channel sequence error";
     default: return "unknown status";
     }
 }

@@ -99,7 +99,7 @@ static void push_target_completion(lm_tcp_ep_t *ep, uint32_t opcode, int status,
     lm_completion_t c = {.ep_id = ep->base.id, .status = status, .opcode = opcode,
                          .byte_len = status == LM_OK ? h->length : 0,
                          .imm = imm ? h->imm : 0, .flags = imm ? LM_CF_IMM : 0};
-    lm_cq_push(ep->base.ctx, &c);
+    lm_ep_push(&ep->base, &c);
 }
 
 /* ---- initiator: answers to our operations ------------------------------ */

@@ -392,7 +392,7 @@ static bool on_recv(lm_verbs_ep_t *ep, const struct ibv_wc *wc)
     if (imm) {
         lm_completion_t c = {.ep_id = ep->base.id, .byte_len = wc->byte_len, .status = LM_OK,
                              .opcode = LM_OP_RECV_IMM, .imm = ntohl(wc->imm_data), .flags = LM_CF_IMM};
-        lm_cq_push(ep->base.ctx, &c);
+        lm_ep_push(&ep->base, &c);
     }
     if (!ep->dead && ep->rq_depth - ep->rq_posted >= LM_VERBS_RQ_BATCH &&
         post_receives(ep, ep->rq_depth - ep->rq_posted) != LM_OK)

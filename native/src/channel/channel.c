@@ -1,0 +1,913 @@
+/* channel.c - activation channels in native code: slot rings, headers,
+ * sequence numbers, credits and arrival demultiplexing (lamina.h, "channels";
+ * wire format in docs/channel.md).
+ *
+ * The channel takes its endpoint's completions through the endpoint's sink
+ * (lm_ep_set_sink), so an arrival is decoded where it is dispatched, without
+ * the context's completion queue and without Python. State is guarded by
+ * ch->lock; the sink runs on whichever thread dispatches (or on the posting
+ * thread when a post fails synchronously), so nothing here calls into the
+ * endpoint while holding ch->lock.
+ */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include "../core/core.h"
+
+#define CHAN_MAGIC 0x48434D4Cu /* "LMCH" little-endian */
+#define CHAN_ALIGN 64u
+#define CREDIT_BYTES 8u
+#define KIND_DATA 1u
+#define KIND_CREDIT 2u
+#define MAX_MICROBATCHES (1u << 12)
+#define MAX_SLOTS (1u << 16)
+/* Completions that arrive between lm_chan_create and the first call that
+ * starts the channel (a peer may send as soon as it has our descriptor). */
+#define HELD_MAX 4096u
+/* Waits are sliced so a failed endpoint is noticed without an event. */
+#define WAIT_SLICE_MS 100
+
+typedef struct {
+    uint32_t magic;
+    uint16_t version;
+    uint8_t ntensors;
+    uint8_t ncredits;
+    uint64_t seq;
+    uint32_t layer;
+    uint16_t microbatch;
+    uint16_t slot;
+    uint64_t payload_bytes;
+} chan_hdr_t;
+
+typedef struct {
+    uint8_t dtype;
+    uint8_t ndim;
+    uint16_t reserved0;
+    uint32_t reserved1;
+    uint64_t offset;
+    uint32_t shape[LM_CHAN_MAX_NDIM];
+} chan_entry_t;
+
+typedef struct {
+    uint16_t microbatch;
+    uint16_t slot;
+    uint32_t seq; /* low 32 bits of the released message's seq */
+} chan_credit_t;
+
+_Static_assert(sizeof(chan_hdr_t) == 32, "header layout");
+_Static_assert(sizeof(chan_entry_t) == 32, "entry layout");
+_Static_assert(sizeof(chan_credit_t) == 8, "credit layout");
+#define ENTRIES_AT sizeof(chan_hdr_t)
+#define CREDITS_AT (ENTRIES_AT + LM_CHAN_MAX_TENSORS * sizeof(chan_entry_t))
+_Static_assert(CREDITS_AT + LM_CHAN_MAX_PIGGYBACK * sizeof(chan_credit_t) <= LM_CHAN_HEADER_BYTES, "fits");
+
+struct lm_chan {
+    lm_context_t *ctx;
+    lm_ep_t *ep;
+    lm_mr_t *mr;
+    uint8_t *base;
+    lm_rdesc_t peer;
+    uint32_t mbs, slots, ring;
+    uint64_t recv_cap, send_cap;
+    uint64_t recv_stride, send_stride, send_base, credit_in_base, credit_out_base;
+    uint64_t peer_recv_stride, peer_credit_in_base;
+    bool piggyback;
+
+    pthread_mutex_t lock;
+    uint64_t *send_seq; /* [mbs] next seq to send */
+    uint8_t *busy;      /* [ring] send slot in use until its credit comes back */
+    uint64_t *slot_seq; /* [ring] seq last sent from the slot */
+    uint64_t *recv_seq; /* [mbs] next seq expected */
+    uint32_t *arrived;  /* ring of (mb << 16 | slot), arrival order */
+    size_t arr_head, arr_count;
+    uint32_t *credit_idx; /* held credits (piggyback), FIFO */
+    uint64_t *credit_seq;
+    size_t cr_head, cr_count;
+    lm_completion_t *held; /* completions before start */
+    size_t held_count;
+    bool started;
+    uint64_t outstanding;
+    uint64_t wr_ids;
+    int error;
+    char why[256];
+    lm_chan_stats_t st;
+    int event_fd;
+    atomic_bool fd_wanted;
+};
+
+static const uint8_t itemsize_of[] = {0, 2, 2, 4, 4, 8, 1, 1, 8}; /* by wire dtype code */
+
+static uint64_t align_up(uint64_t n)
+{
+    return (n + CHAN_ALIGN - 1) / CHAN_ALIGN * CHAN_ALIGN;
+}
+
+/* ---- layout ------------------------------------------------------------- */
+
+static uint64_t recv_slot_off(const lm_chan_t *ch, uint32_t mb, uint32_t slot)
+{
+    return ((uint64_t)mb * ch->slots + slot) * ch->recv_stride;
+}
+
+static uint64_t send_slot_off(const lm_chan_t *ch, uint32_t mb, uint32_t slot)
+{
+    return ch->send_base + ((uint64_t)mb * ch->slots + slot) * ch->send_stride;
+}
+
+static uint64_t peer_recv_slot_off(const lm_chan_t *ch, uint32_t mb, uint32_t slot)
+{
+    return ((uint64_t)mb * ch->slots + slot) * ch->peer_recv_stride;
+}
+
+static int check_params(const lm_chan_params_t *p)
+{
+    if (!p || p->microbatches < 1 || p->microbatches > MAX_MICROBATCHES || p->slots < 1 || p->slots > MAX_SLOTS)
+        return lm_fail(LM_ERR_INVALID, "channel: 1..%u micro-batches and 1..%u slots each", MAX_MICROBATCHES,
+                       MAX_SLOTS);
+    if (p->recv_capacity % CHAN_ALIGN || p->send_capacity % CHAN_ALIGN || p->recv_capacity >= (1ull << 32) ||
+        p->send_capacity >= (1ull << 32))
+        return lm_fail(LM_ERR_INVALID, "channel: slot capacities must be multiples of %u below 4 GiB", CHAN_ALIGN);
+    return LM_OK;
+}
+
+uint64_t lm_chan_region_bytes(const lm_chan_params_t *p)
+{
+    if (check_params(p) != LM_OK)
+        return 0;
+    uint64_t ring = (uint64_t)p->microbatches * p->slots;
+    return ring * (2 * LM_CHAN_HEADER_BYTES + p->recv_capacity + p->send_capacity + 2 * CREDIT_BYTES);
+}
+
+/* ---- failure and wake-ups ------------------------------------------------ */
+
+static void fail_locked(lm_chan_t *ch, int status, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void fail_locked(lm_chan_t *ch, int status, const char *fmt, ...)
+{
+    if (ch->error)
+        return; /* the first failure is the one reported */
+    ch->error = status;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(ch->why, sizeof(ch->why), fmt, ap);
+    va_end(ap);
+}
+
+static int sticky_error_locked(const lm_chan_t *ch)
+{
+    return lm_fail(ch->error, "%s", ch->why);
+}
+
+/* Something changed: an asyncio waiter on lm_chan_fd looks again; a thread
+ * asleep in epoll (another thread dispatched for it) wakes. */
+static void notify(lm_chan_t *ch)
+{
+    if (atomic_load_explicit(&ch->fd_wanted, memory_order_relaxed)) {
+        uint64_t one = 1;
+        ssize_t r = write(ch->event_fd, &one, sizeof(one));
+        (void)r;
+    }
+    lm_progress_kick(ch->ctx);
+}
+
+/* ---- arrivals and credits (ch->lock held) --------------------------------- */
+
+static void credit_arrived_locked(lm_chan_t *ch, uint32_t mb, uint32_t slot, uint64_t released, uint64_t mask)
+{
+    if (mb >= ch->mbs || slot >= ch->slots) {
+        fail_locked(ch, LM_ERR_PROTOCOL, "credit names micro-batch %u slot %u", mb, slot);
+        return;
+    }
+    uint32_t idx = mb * ch->slots + slot;
+    if (!ch->busy[idx]) {
+        fail_locked(ch, LM_ERR_PROTOCOL, "credit for micro-batch %u slot %u, which is not in use", mb, slot);
+        return;
+    }
+    if (released != (ch->slot_seq[idx] & mask)) {
+        fail_locked(ch, LM_ERR_PROTOCOL, "credit names seq %llu, slot %u of micro-batch %u holds seq %llu",
+                    (unsigned long long)released, slot, mb, (unsigned long long)ch->slot_seq[idx]);
+        return;
+    }
+    ch->busy[idx] = 0;
+}
+
+/* Credits in a landed header count at once, even while the message waits. */
+static void apply_piggybacked_locked(lm_chan_t *ch, uint32_t mb, uint32_t slot)
+{
+    const uint8_t *at = ch->base + recv_slot_off(ch, mb, slot);
+    chan_hdr_t h;
+    memcpy(&h, at, sizeof(h));
+    if (h.magic != CHAN_MAGIC)
+        return; /* reported when the message is opened */
+    uint32_t n = h.ncredits < LM_CHAN_MAX_PIGGYBACK ? h.ncredits : LM_CHAN_MAX_PIGGYBACK;
+    for (uint32_t i = 0; i < n && !ch->error; i++) {
+        chan_credit_t c;
+        memcpy(&c, at + CREDITS_AT + i * sizeof(c), sizeof(c));
+        credit_arrived_locked(ch, c.microbatch, c.slot, c.seq, 0xFFFFFFFFull);
+    }
+}
+
+static void on_imm_locked(lm_chan_t *ch, uint32_t imm)
+{
+    uint32_t kind = imm >> 28, mb = (imm >> 16) & 0xFFFu, slot = imm & 0xFFFFu;
+    if (mb >= ch->mbs || slot >= ch->slots) {
+        fail_locked(ch, LM_ERR_PROTOCOL, "immediate 0x%08x names no slot", imm);
+        return;
+    }
+    if (kind == KIND_DATA) {
+        apply_piggybacked_locked(ch, mb, slot);
+        if (ch->error)
+            return;
+        if (ch->arr_count == ch->ring) {
+            fail_locked(ch, LM_ERR_PROTOCOL, "more messages arrived than there are slots (%u)", ch->ring);
+            return;
+        }
+        ch->arrived[(ch->arr_head + ch->arr_count++) % ch->ring] = mb << 16 | slot;
+    } else if (kind == KIND_CREDIT) {
+        uint64_t released;
+        memcpy(&released, ch->base + ch->credit_in_base + ((uint64_t)mb * ch->slots + slot) * CREDIT_BYTES,
+               sizeof(released));
+        credit_arrived_locked(ch, mb, slot, released, UINT64_MAX);
+    } else {
+        fail_locked(ch, LM_ERR_PROTOCOL, "immediate of unknown kind %u", kind);
+    }
+}
+
+static void on_completion_locked(lm_chan_t *ch, const lm_completion_t *c)
+{
+    switch (c->opcode) {
+    case LM_OP_WRITE:
+        ch->outstanding--;
+        if (c->status != LM_OK)
+            fail_locked(ch, c->status, "a write failed: %s", lm_status_str(c->status));
+        break;
+    case LM_OP_RECV_IMM:
+        if (!ch->error && (c->flags & LM_CF_IMM))
+            on_imm_locked(ch, c->imm);
+        break;
+    case LM_OP_REFUSED:
+        fail_locked(ch, LM_ERR_PROTOCOL, "the peer's write here was refused (status %d)", c->status);
+        break;
+    default:
+        break;
+    }
+}
+
+static void sink(void *arg, const lm_completion_t *c)
+{
+    lm_chan_t *ch = arg;
+    pthread_mutex_lock(&ch->lock);
+    if (ch->started) {
+        on_completion_locked(ch, c);
+    } else if (ch->held_count < HELD_MAX) {
+        ch->held[ch->held_count++] = *c;
+    } else {
+        if (c->opcode == LM_OP_WRITE)
+            ch->outstanding--;
+        fail_locked(ch, LM_ERR_PROTOCOL, "more than %u completions before the channel started", HELD_MAX);
+    }
+    pthread_mutex_unlock(&ch->lock);
+    notify(ch);
+}
+
+static void start_locked(lm_chan_t *ch)
+{
+    if (ch->started)
+        return;
+    ch->started = true;
+    for (size_t i = 0; i < ch->held_count; i++)
+        on_completion_locked(ch, &ch->held[i]);
+    ch->held_count = 0;
+}
+
+/* ---- life cycle ------------------------------------------------------------ */
+
+int lm_chan_create(lm_ep_t *ep, lm_mr_t *mr, const lm_rdesc_t *peer, const lm_chan_params_t *p, lm_chan_t **out)
+{
+    if (!ep || !mr || !peer || !out)
+        return lm_fail(LM_ERR_INVALID, "lm_chan_create: NULL argument");
+    int rc = check_params(p);
+    if (rc != LM_OK)
+        return rc;
+    if (mr->ctx != ep->ctx)
+        return lm_fail(LM_ERR_INVALID, "lm_chan_create: region and endpoint belong to different contexts");
+    if (mr->length < lm_chan_region_bytes(p))
+        return lm_fail(LM_ERR_INVALID, "lm_chan_create: region has %llu B, the layout needs %llu",
+                       (unsigned long long)mr->length, (unsigned long long)lm_chan_region_bytes(p));
+    lm_chan_params_t mirrored = *p;
+    mirrored.recv_capacity = p->send_capacity;
+    mirrored.send_capacity = p->recv_capacity;
+    if (peer->length < lm_chan_region_bytes(&mirrored))
+        return lm_fail(LM_ERR_PROTOCOL, "peer's channel region has %llu B, its layout needs %llu",
+                       (unsigned long long)peer->length, (unsigned long long)lm_chan_region_bytes(&mirrored));
+    lm_chan_t *ch = calloc(1, sizeof(*ch));
+    if (!ch)
+        return lm_fail(LM_ERR_NO_MEMORY, "channel allocation failed");
+    ch->ctx = ep->ctx;
+    ch->ep = ep;
+    ch->mr = mr;
+    ch->base = mr->addr;
+    ch->peer = *peer;
+    ch->mbs = p->microbatches;
+    ch->slots = p->slots;
+    ch->ring = p->microbatches * p->slots;
+    ch->recv_cap = p->recv_capacity;
+    ch->send_cap = p->send_capacity;
+    ch->recv_stride = LM_CHAN_HEADER_BYTES + p->recv_capacity;
+    ch->send_stride = LM_CHAN_HEADER_BYTES + p->send_capacity;
+    ch->send_base = (uint64_t)ch->ring * ch->recv_stride;
+    ch->credit_in_base = ch->send_base + (uint64_t)ch->ring * ch->send_stride;
+    ch->credit_out_base = ch->credit_in_base + (uint64_t)ch->ring * CREDIT_BYTES;
+    ch->peer_recv_stride = LM_CHAN_HEADER_BYTES + p->send_capacity;
+    ch->peer_credit_in_base = (uint64_t)ch->ring * (2 * LM_CHAN_HEADER_BYTES + p->recv_capacity + p->send_capacity);
+    ch->piggyback = p->piggyback != 0;
+    ch->event_fd = -1;
+    ch->send_seq = calloc(ch->mbs, sizeof(uint64_t));
+    ch->recv_seq = calloc(ch->mbs, sizeof(uint64_t));
+    ch->busy = calloc(ch->ring, 1);
+    ch->slot_seq = calloc(ch->ring, sizeof(uint64_t));
+    ch->arrived = calloc(ch->ring, sizeof(uint32_t));
+    ch->credit_idx = calloc(ch->ring, sizeof(uint32_t));
+    ch->credit_seq = calloc(ch->ring, sizeof(uint64_t));
+    ch->held = calloc(HELD_MAX, sizeof(lm_completion_t));
+    if (!ch->send_seq || !ch->recv_seq || !ch->busy || !ch->slot_seq || !ch->arrived || !ch->credit_idx ||
+        !ch->credit_seq || !ch->held) {
+        ch->ep = NULL;
+        lm_chan_destroy(ch);
+        return lm_fail(LM_ERR_NO_MEMORY, "channel allocation failed");
+    }
+    pthread_mutex_init(&ch->lock, NULL);
+    /* Completions of ep already queued (a fast peer) come over in order. */
+    lm_ep_set_sink(ep, sink, ch);
+    *out = ch;
+    return LM_OK;
+}
+
+void lm_chan_destroy(lm_chan_t *ch)
+{
+    if (!ch)
+        return;
+    if (ch->ep) {
+        /* Later completions of the endpoint (its close cancels what is
+         * outstanding) go to the context's queue; no dispatch still runs ours. */
+        lm_ep_set_sink(ch->ep, NULL, NULL);
+        lm_progress_barrier(ch->ctx);
+        pthread_mutex_destroy(&ch->lock);
+    }
+    if (ch->event_fd >= 0)
+        close(ch->event_fd);
+    free(ch->send_seq);
+    free(ch->recv_seq);
+    free(ch->busy);
+    free(ch->slot_seq);
+    free(ch->arrived);
+    free(ch->credit_idx);
+    free(ch->credit_seq);
+    free(ch->held);
+    free(ch);
+}
+
+/* ---- waiting ----------------------------------------------------------------- */
+
+static uint64_t deadline_of(int timeout_ms)
+{
+    return timeout_ms < 0 ? UINT64_MAX : lm_now_ns() + (uint64_t)timeout_ms * 1000000ull;
+}
+
+/* One slice of progress in this thread; LM_ERR_TIMEOUT once the deadline passed. */
+static int wait_step(lm_chan_t *ch, uint64_t deadline)
+{
+    uint64_t now = lm_now_ns();
+    if (now >= deadline)
+        return LM_ERR_TIMEOUT;
+    uint64_t left_ms = deadline == UINT64_MAX ? WAIT_SLICE_MS : (deadline - now + 999999) / 1000000;
+    lm_progress_drive(ch->ctx, (int)(left_ms < WAIT_SLICE_MS ? left_ms : WAIT_SLICE_MS));
+    return LM_OK;
+}
+
+/* The endpoint failed with nothing of ours outstanding to tell us: fail too. */
+static void check_endpoint_locked(lm_chan_t *ch)
+{
+    int err = lm_ep_error(ch->ep);
+    if (err && !ch->error)
+        fail_locked(ch, err, "the endpoint failed: %s", lm_status_str(err));
+}
+
+/* ---- credits going out --------------------------------------------------------- */
+
+static int write_credit(lm_chan_t *ch, uint32_t mb, uint32_t slot, uint64_t seq)
+{
+    if (lm_ep_error(ch->ep))
+        return LM_OK; /* a peer that is gone needs no credit; releasing must not fail then */
+    uint64_t idx = (uint64_t)mb * ch->slots + slot;
+    memcpy(ch->base + ch->credit_out_base + idx * CREDIT_BYTES, &seq, sizeof(seq));
+    pthread_mutex_lock(&ch->lock);
+    ch->outstanding++;
+    uint64_t wr_id = ++ch->wr_ids;
+    pthread_mutex_unlock(&ch->lock);
+    int rc = lm_ep_write(ch->ep, ch->mr, ch->credit_out_base + idx * CREDIT_BYTES, CREDIT_BYTES, &ch->peer,
+                         ch->peer_credit_in_base + idx * CREDIT_BYTES, KIND_CREDIT << 28 | mb << 16 | slot,
+                         LM_WRITE_IMM, wr_id);
+    pthread_mutex_lock(&ch->lock);
+    if (rc != LM_OK)
+        ch->outstanding--;
+    else
+        ch->st.credits_returned++;
+    pthread_mutex_unlock(&ch->lock);
+    return rc == LM_ERR_PEER_LOST || rc == LM_ERR_CLOSED || rc == LM_ERR_CANCELED ? LM_OK : rc;
+}
+
+/* Before this thread waits: the peer may be waiting for the credits we hold. */
+static int write_held_credits(lm_chan_t *ch)
+{
+    for (;;) {
+        pthread_mutex_lock(&ch->lock);
+        if (ch->cr_count == 0) {
+            pthread_mutex_unlock(&ch->lock);
+            return LM_OK;
+        }
+        uint32_t idx = ch->credit_idx[ch->cr_head];
+        uint64_t seq = ch->credit_seq[ch->cr_head];
+        ch->cr_head = (ch->cr_head + 1) % ch->ring;
+        ch->cr_count--;
+        pthread_mutex_unlock(&ch->lock);
+        int rc = write_credit(ch, idx / ch->slots, idx % ch->slots, seq);
+        if (rc != LM_OK)
+            return rc;
+    }
+}
+
+int lm_chan_release(lm_chan_t *ch, uint32_t mb, uint32_t slot, uint64_t seq)
+{
+    if (!ch || mb >= ch->mbs || slot >= ch->slots)
+        return lm_fail(LM_ERR_INVALID, "lm_chan_release: no such slot");
+    if (!ch->piggyback)
+        return write_credit(ch, mb, slot, seq);
+    pthread_mutex_lock(&ch->lock);
+    int rc = LM_OK;
+    if (ch->cr_count == ch->ring) {
+        rc = lm_fail(LM_ERR_INVALID, "lm_chan_release: more releases than slots");
+    } else {
+        size_t at = (ch->cr_head + ch->cr_count++) % ch->ring;
+        ch->credit_idx[at] = mb * ch->slots + slot;
+        ch->credit_seq[at] = seq;
+    }
+    pthread_mutex_unlock(&ch->lock);
+    return rc;
+}
+
+/* ---- sending ----------------------------------------------------------------- */
+
+static int wait_credit(lm_chan_t *ch, uint32_t mb, uint32_t slot, int timeout_ms)
+{
+    uint64_t deadline = deadline_of(timeout_ms), started = 0;
+    uint32_t idx = mb * ch->slots + slot;
+    for (bool first = true;; first = false) {
+        pthread_mutex_lock(&ch->lock);
+        start_locked(ch);
+        if (!ch->busy[idx] || ch->error) {
+            int rc = ch->error ? sticky_error_locked(ch) : LM_OK;
+            if (started)
+                ch->st.credit_wait_ns += lm_now_ns() - started;
+            pthread_mutex_unlock(&ch->lock);
+            return rc;
+        }
+        if (!first)
+            check_endpoint_locked(ch);
+        pthread_mutex_unlock(&ch->lock);
+        if (first) {
+            lm_progress_drive(ch->ctx, 0); /* perhaps the credit is already here */
+            continue;
+        }
+        if (!started) {
+            started = lm_now_ns();
+            pthread_mutex_lock(&ch->lock);
+            ch->st.credit_waits++;
+            pthread_mutex_unlock(&ch->lock);
+            int rc = write_held_credits(ch);
+            if (rc != LM_OK)
+                return rc;
+        }
+        if (wait_step(ch, deadline) != LM_OK) {
+            pthread_mutex_lock(&ch->lock);
+            ch->st.credit_wait_ns += lm_now_ns() - started;
+            pthread_mutex_unlock(&ch->lock);
+            return lm_fail(LM_ERR_TIMEOUT, "no credit for micro-batch %u (slot %u) within %d ms; the receiver "
+                           "still holds the slot", mb, slot, timeout_ms);
+        }
+    }
+}
+
+int lm_chan_send_slot(lm_chan_t *ch, uint32_t mb, int timeout_ms, uint64_t *payload_offset)
+{
+    if (!ch || !payload_offset || mb >= ch->mbs)
+        return lm_fail(LM_ERR_INVALID, "lm_chan_send_slot: bad micro-batch or NULL argument");
+    uint32_t slot = (uint32_t)(ch->send_seq[mb] % ch->slots);
+    int rc = wait_credit(ch, mb, slot, timeout_ms);
+    if (rc == LM_OK)
+        *payload_offset = send_slot_off(ch, mb, slot) + LM_CHAN_HEADER_BYTES;
+    return rc;
+}
+
+typedef enum { FROM_SLOT, FROM_REGION, STAGED } placement_t;
+
+/* Where the payload comes from, and each tensor's offset in it. */
+static placement_t place(lm_chan_t *ch, const lm_chan_tensor_t *t, uint32_t n, lm_mr_t *source, uint64_t slot_payload,
+                         uint64_t *offsets, uint64_t *payload_bytes, lm_mr_t **region, uint64_t *region_off)
+{
+    uint64_t base = (uint64_t)(uintptr_t)ch->base;
+    uint64_t lo = UINT64_MAX, hi = 0, padded = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        if (t[i].addr < lo)
+            lo = t[i].addr;
+        if (t[i].addr + t[i].nbytes > hi)
+            hi = t[i].addr + t[i].nbytes;
+        padded += align_up(t[i].nbytes);
+    }
+    if (n > 0 && lo >= base + slot_payload && hi <= base + slot_payload + ch->send_cap) {
+        for (uint32_t i = 0; i < n; i++)
+            offsets[i] = t[i].addr - (base + slot_payload);
+        *payload_bytes = hi - (base + slot_payload);
+        return FROM_SLOT;
+    }
+    /* "Packed": gaps no larger than alignment padding, so no dead memory ships. */
+    if (n > 0 && hi - lo <= ch->send_cap && hi - lo <= padded) {
+        lm_mr_t *candidates[2] = {ch->mr, source};
+        for (int k = 0; k < 2; k++) {
+            lm_mr_t *mr = candidates[k];
+            uint64_t start = (uint64_t)(uintptr_t)(mr ? mr->addr : NULL);
+            if (mr && mr->ctx == ch->ctx && lo >= start && hi <= start + mr->length) {
+                for (uint32_t i = 0; i < n; i++)
+                    offsets[i] = t[i].addr - lo;
+                *payload_bytes = hi - lo;
+                *region = mr;
+                *region_off = lo - start;
+                return FROM_REGION;
+            }
+        }
+    }
+    uint64_t cursor = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        offsets[i] = cursor;
+        cursor = i + 1 < n ? align_up(cursor + t[i].nbytes) : cursor + t[i].nbytes;
+    }
+    *payload_bytes = cursor;
+    return STAGED;
+}
+
+static void write_header(lm_chan_t *ch, uint64_t at, const lm_chan_tensor_t *t, uint32_t n, const uint64_t *offsets,
+                         uint32_t layer, uint32_t mb, uint32_t slot, uint64_t seq, uint64_t payload_bytes,
+                         const chan_credit_t *credits, uint32_t ncredits)
+{
+    uint8_t *h = ch->base + at;
+    memset(h, 0, LM_CHAN_HEADER_BYTES);
+    chan_hdr_t hdr = {.magic = CHAN_MAGIC, .version = LM_CHAN_WIRE_VERSION, .ntensors = (uint8_t)n,
+                      .ncredits = (uint8_t)ncredits, .seq = seq, .layer = layer, .microbatch = (uint16_t)mb,
+                      .slot = (uint16_t)slot, .payload_bytes = payload_bytes};
+    memcpy(h, &hdr, sizeof(hdr));
+    for (uint32_t i = 0; i < n; i++) {
+        chan_entry_t e = {.dtype = t[i].dtype, .ndim = t[i].ndim, .offset = offsets[i]};
+        memcpy(e.shape, t[i].shape, sizeof(e.shape));
+        memcpy(h + ENTRIES_AT + i * sizeof(e), &e, sizeof(e));
+    }
+    memcpy(h + CREDITS_AT, credits, ncredits * sizeof(*credits));
+}
+
+int lm_chan_send(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_tensor_t *t, uint32_t n, lm_mr_t *source,
+                 uint32_t flags, int timeout_ms, uint64_t *seq_inout)
+{
+    if (!ch || (n && !t) || !seq_inout)
+        return lm_fail(LM_ERR_INVALID, "lm_chan_send: NULL argument");
+    if (mb >= ch->mbs)
+        return lm_fail(LM_ERR_INVALID, "micro-batch %u outside 0..%u", mb, ch->mbs - 1);
+    if (n > LM_CHAN_MAX_TENSORS)
+        return lm_fail(LM_ERR_INVALID, "a message carries at most %d tensors, got %u", LM_CHAN_MAX_TENSORS, n);
+    for (uint32_t i = 0; i < n; i++)
+        if (t[i].ndim > LM_CHAN_MAX_NDIM || t[i].dtype == 0 || t[i].dtype >= sizeof(itemsize_of))
+            return lm_fail(LM_ERR_INVALID, "tensor %u: dtype code %u, %u dimensions", i, t[i].dtype, t[i].ndim);
+    bool raw = flags & LM_CHAN_SEND_RAW_SEQ;
+    uint64_t seq = raw ? *seq_inout : ch->send_seq[mb];
+    uint32_t slot = (uint32_t)(seq % ch->slots), idx = mb * ch->slots + slot;
+    int rc = wait_credit(ch, mb, slot, timeout_ms);
+    if (rc != LM_OK)
+        return rc;
+
+    uint64_t hdr_at = send_slot_off(ch, mb, slot), offsets[LM_CHAN_MAX_TENSORS], payload = 0, region_off = 0;
+    lm_mr_t *region = NULL;
+    placement_t how = place(ch, t, n, source, hdr_at + LM_CHAN_HEADER_BYTES, offsets, &payload, &region, &region_off);
+    if (payload > ch->send_cap)
+        return lm_fail(LM_ERR_INVALID, "message of %llu B exceeds the %llu-byte slot",
+                       (unsigned long long)payload, (unsigned long long)ch->send_cap);
+    if (how == STAGED)
+        for (uint32_t i = 0; i < n; i++)
+            memmove(ch->base + hdr_at + LM_CHAN_HEADER_BYTES + offsets[i], (const void *)(uintptr_t)t[i].addr,
+                    t[i].nbytes);
+
+    /* Marked in use before posting: the peer's credit may come back before
+     * lm_ep_write returns (another thread dispatches it). */
+    chan_credit_t credits[LM_CHAN_MAX_PIGGYBACK];
+    uint32_t ncredits = 0;
+    uint32_t writes = how == FROM_REGION ? 2 : 1;
+    pthread_mutex_lock(&ch->lock);
+    while (ncredits < LM_CHAN_MAX_PIGGYBACK && ch->cr_count > 0) {
+        uint32_t c = ch->credit_idx[ch->cr_head];
+        credits[ncredits++] = (chan_credit_t){.microbatch = (uint16_t)(c / ch->slots),
+                                              .slot = (uint16_t)(c % ch->slots),
+                                              .seq = (uint32_t)ch->credit_seq[ch->cr_head]};
+        ch->cr_head = (ch->cr_head + 1) % ch->ring;
+        ch->cr_count--;
+    }
+    ch->busy[idx] = 1;
+    ch->slot_seq[idx] = seq;
+    ch->outstanding += writes;
+    uint64_t wr_id = (ch->wr_ids += writes);
+    pthread_mutex_unlock(&ch->lock);
+    write_header(ch, hdr_at, t, n, offsets, layer, mb, slot, seq, payload, credits, ncredits);
+
+    uint64_t remote = peer_recv_slot_off(ch, mb, slot);
+    uint32_t imm = KIND_DATA << 28 | mb << 16 | slot;
+    uint32_t posted = 0;
+    if (how == FROM_REGION) {
+        rc = lm_ep_write(ch->ep, region, region_off, payload, &ch->peer, remote + LM_CHAN_HEADER_BYTES, 0, 0,
+                         wr_id - 1);
+        posted += rc == LM_OK;
+    }
+    if (rc == LM_OK) {
+        /* Payload first, header last: the immediate fires after the payload landed. */
+        uint64_t length = LM_CHAN_HEADER_BYTES + (how == FROM_REGION ? 0 : payload);
+        rc = lm_ep_write(ch->ep, ch->mr, hdr_at, length, &ch->peer, remote, imm, LM_WRITE_IMM, wr_id);
+        posted += rc == LM_OK;
+    }
+    pthread_mutex_lock(&ch->lock);
+    ch->outstanding -= writes - posted;
+    if (rc != LM_OK) {
+        ch->busy[idx] = 0; /* nothing reached the peer in this slot */
+    } else {
+        if (!raw)
+            ch->send_seq[mb]++;
+        ch->st.messages++;
+        ch->st.bytes_sent += LM_CHAN_HEADER_BYTES + payload;
+        ch->st.credits_piggybacked += ncredits;
+        ch->st.credits_returned += ncredits;
+        if (how == FROM_SLOT)
+            ch->st.slot_messages++;
+        else if (how == FROM_REGION)
+            ch->st.region_messages++;
+        else {
+            ch->st.staged_messages++;
+            for (uint32_t i = 0; i < n; i++)
+                ch->st.staged_bytes += t[i].nbytes;
+        }
+    }
+    pthread_mutex_unlock(&ch->lock);
+    if (rc == LM_OK && !raw)
+        *seq_inout = seq;
+    return rc;
+}
+
+/* ---- receiving ------------------------------------------------------------- */
+
+static int mul_ok(uint64_t a, uint64_t b, uint64_t *out)
+{
+    return !__builtin_mul_overflow(a, b, out);
+}
+
+/* Parse and check a landed slot; any error hands the slot back (the caller). */
+static int open_locked(lm_chan_t *ch, uint32_t mb, uint32_t slot, lm_chan_msg_t *out, uint64_t *seq_seen)
+{
+    uint64_t at = recv_slot_off(ch, mb, slot);
+    const uint8_t *h = ch->base + at;
+    chan_hdr_t hdr;
+    memcpy(&hdr, h, sizeof(hdr));
+    *seq_seen = hdr.seq;
+    if (hdr.magic != CHAN_MAGIC || hdr.version != LM_CHAN_WIRE_VERSION)
+        return lm_fail(LM_ERR_PROTOCOL, "bad header in micro-batch %u slot %u (magic 0x%08x, version %u)", mb, slot,
+                       hdr.magic, hdr.version);
+    if (hdr.microbatch != mb || hdr.slot != slot)
+        return lm_fail(LM_ERR_PROTOCOL, "header names micro-batch %u slot %u, the immediate micro-batch %u slot %u",
+                       hdr.microbatch, hdr.slot, mb, slot);
+    if (hdr.ntensors > LM_CHAN_MAX_TENSORS || hdr.payload_bytes > ch->recv_cap)
+        return lm_fail(LM_ERR_PROTOCOL, "header claims %u tensors, %llu B", hdr.ntensors,
+                       (unsigned long long)hdr.payload_bytes);
+    uint64_t expected = ch->recv_seq[mb];
+    if (hdr.seq != expected)
+        return lm_fail(LM_ERR_SEQUENCE, "micro-batch %u got seq %llu, expected %llu: %s", mb,
+                       (unsigned long long)hdr.seq, (unsigned long long)expected,
+                       hdr.seq < expected ? "duplicate or reordered" : "gap (lost or reordered)");
+    if (slot != hdr.seq % ch->slots)
+        return lm_fail(LM_ERR_PROTOCOL, "seq %llu arrived in slot %u", (unsigned long long)hdr.seq, slot);
+    for (uint32_t i = 0; i < hdr.ntensors; i++) {
+        chan_entry_t e;
+        memcpy(&e, h + ENTRIES_AT + i * sizeof(e), sizeof(e));
+        if (e.dtype == 0 || e.dtype >= sizeof(itemsize_of) || e.ndim > LM_CHAN_MAX_NDIM)
+            return lm_fail(LM_ERR_PROTOCOL, "tensor %u has dtype code %u, ndim %u", i, e.dtype, e.ndim);
+        /* An empty tensor must still have a shape that fits: (0, 2^31, 2^31) is none. */
+        uint64_t nbytes = itemsize_of[e.dtype], extent = itemsize_of[e.dtype];
+        bool ok = true;
+        for (uint32_t d = 0; d < e.ndim; d++) {
+            ok = ok && mul_ok(nbytes, e.shape[d], &nbytes) && mul_ok(extent, e.shape[d] ? e.shape[d] : 1, &extent);
+            out->tensors[i].shape[d] = e.shape[d];
+        }
+        if (!ok || e.offset > ch->recv_cap || nbytes > ch->recv_cap - e.offset || extent > ch->recv_cap)
+            return lm_fail(LM_ERR_PROTOCOL, "tensor %u (%u dimensions, %llu B at %llu) overruns the slot", i, e.ndim,
+                           (unsigned long long)nbytes, (unsigned long long)e.offset);
+        out->tensors[i].addr = at + LM_CHAN_HEADER_BYTES + e.offset;
+        out->tensors[i].nbytes = nbytes;
+        out->tensors[i].dtype = e.dtype;
+        out->tensors[i].ndim = e.ndim;
+    }
+    out->seq = hdr.seq;
+    out->layer = hdr.layer;
+    out->microbatch = mb;
+    out->slot = slot;
+    out->ntensors = hdr.ntensors;
+    out->payload_bytes = hdr.payload_bytes;
+    ch->recv_seq[mb]++;
+    ch->st.messages_received++;
+    ch->st.bytes_received += LM_CHAN_HEADER_BYTES + hdr.payload_bytes;
+    return LM_OK;
+}
+
+/* Take the first arrival of mb (any when mb < 0) off the queue: 1, or 0. */
+static int take_arrival_locked(lm_chan_t *ch, int32_t mb, uint32_t *taken)
+{
+    for (size_t i = 0; i < ch->arr_count; i++) {
+        uint32_t a = ch->arrived[(ch->arr_head + i) % ch->ring];
+        if (mb >= 0 && (a >> 16) != (uint32_t)mb)
+            continue;
+        for (size_t j = i; j > 0; j--) /* keep the others in arrival order */
+            ch->arrived[(ch->arr_head + j) % ch->ring] = ch->arrived[(ch->arr_head + j - 1) % ch->ring];
+        ch->arr_head = (ch->arr_head + 1) % ch->ring;
+        ch->arr_count--;
+        *taken = a;
+        return 1;
+    }
+    return 0;
+}
+
+int lm_chan_recv(lm_chan_t *ch, int32_t mb, lm_chan_msg_t *out, int timeout_ms)
+{
+    if (!ch || !out || mb >= (int32_t)ch->mbs)
+        return lm_fail(LM_ERR_INVALID, "lm_chan_recv: bad micro-batch or NULL argument");
+    uint64_t deadline = deadline_of(timeout_ms);
+    for (int round = 0;; round++) {
+        pthread_mutex_lock(&ch->lock);
+        start_locked(ch);
+        uint32_t a;
+        if (take_arrival_locked(ch, mb, &a)) {
+            uint64_t seq = 0;
+            int rc = open_locked(ch, a >> 16, a & 0xFFFF, out, &seq);
+            pthread_mutex_unlock(&ch->lock);
+            if (rc != LM_OK) {
+                char why[256];
+                snprintf(why, sizeof(why), "%s", lm_last_error());
+                lm_chan_release(ch, a >> 16, a & 0xFFFF, seq); /* the sender gets its slot back */
+                return lm_fail(rc, "%s", why);
+            }
+            return 1;
+        }
+        if (ch->error) {
+            int rc = sticky_error_locked(ch);
+            pthread_mutex_unlock(&ch->lock);
+            return rc;
+        }
+        if (round > 1)
+            check_endpoint_locked(ch);
+        pthread_mutex_unlock(&ch->lock);
+        if (round == 0) {
+            lm_progress_drive(ch->ctx, 0); /* perhaps it is already in the socket */
+            continue;
+        }
+        if (round == 1) {
+            int rc = write_held_credits(ch);
+            if (rc != LM_OK)
+                return rc;
+        }
+        if (wait_step(ch, deadline) != LM_OK)
+            return 0;
+    }
+}
+
+int lm_chan_flush(lm_chan_t *ch, int timeout_ms)
+{
+    if (!ch)
+        return lm_fail(LM_ERR_INVALID, "lm_chan_flush: NULL channel");
+    int rc = write_held_credits(ch);
+    if (rc != LM_OK)
+        return rc;
+    uint64_t deadline = deadline_of(timeout_ms);
+    for (;;) {
+        pthread_mutex_lock(&ch->lock);
+        start_locked(ch);
+        uint64_t left = ch->outstanding;
+        rc = left == 0 ? LM_OK : ch->error ? sticky_error_locked(ch) : 1;
+        pthread_mutex_unlock(&ch->lock);
+        if (rc <= 0)
+            return rc;
+        if (wait_step(ch, deadline) != LM_OK)
+            return lm_fail(LM_ERR_TIMEOUT, "%llu writes still outstanding after %d ms", (unsigned long long)left,
+                           timeout_ms);
+    }
+}
+
+/* ---- small queries ----------------------------------------------------------- */
+
+int lm_chan_progress(lm_chan_t *ch)
+{
+    if (!ch)
+        return lm_fail(LM_ERR_INVALID, "lm_chan_progress: NULL channel");
+    lm_progress_drive(ch->ctx, 0);
+    pthread_mutex_lock(&ch->lock);
+    start_locked(ch);
+    pthread_mutex_unlock(&ch->lock);
+    return LM_OK;
+}
+
+int lm_chan_slot_free(lm_chan_t *ch, uint32_t mb)
+{
+    if (!ch || mb >= ch->mbs)
+        return lm_fail(LM_ERR_INVALID, "lm_chan_slot_free: bad micro-batch");
+    pthread_mutex_lock(&ch->lock);
+    int free_ = !ch->busy[mb * ch->slots + ch->send_seq[mb] % ch->slots];
+    pthread_mutex_unlock(&ch->lock);
+    return free_;
+}
+
+int lm_chan_pending(lm_chan_t *ch, int32_t mb)
+{
+    if (!ch)
+        return lm_fail(LM_ERR_INVALID, "lm_chan_pending: NULL channel");
+    pthread_mutex_lock(&ch->lock);
+    int n = 0;
+    for (size_t i = 0; i < ch->arr_count; i++)
+        n += mb < 0 || (ch->arrived[(ch->arr_head + i) % ch->ring] >> 16) == (uint32_t)mb;
+    pthread_mutex_unlock(&ch->lock);
+    return n;
+}
+
+int lm_chan_error(lm_chan_t *ch)
+{
+    if (!ch)
+        return LM_ERR_INVALID;
+    pthread_mutex_lock(&ch->lock);
+    int rc = ch->error ? sticky_error_locked(ch) : LM_OK;
+    pthread_mutex_unlock(&ch->lock);
+    return rc;
+}
+
+void lm_chan_stats(lm_chan_t *ch, lm_chan_stats_t *out)
+{
+    if (!ch || !out)
+        return;
+    pthread_mutex_lock(&ch->lock);
+    *out = ch->st;
+    out->outstanding = ch->outstanding;
+    pthread_mutex_unlock(&ch->lock);
+}
+
+int lm_chan_fd(lm_chan_t *ch)
+{
+    if (!ch)
+        return lm_fail(LM_ERR_INVALID, "lm_chan_fd: NULL channel");
+    pthread_mutex_lock(&ch->lock);
+    if (ch->event_fd < 0)
+        ch->event_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    int fd = ch->event_fd;
+    pthread_mutex_unlock(&ch->lock);
+    if (fd < 0)
+        return lm_fail(LM_ERR_IO, "eventfd failed");
+    atomic_store(&ch->fd_wanted, true);
+    return fd;
+}
+
+int lm_chan_inject_imm(lm_chan_t *ch, uint32_t imm)
+{
+    if (!ch)
+        return lm_fail(LM_ERR_INVALID, "lm_chan_inject_imm: NULL channel");
+    /* Not started here: completions held since lm_chan_create are newer than
+     * what a caller injects right after it (lm_chan_progress starts). */
+    pthread_mutex_lock(&ch->lock);
+    if (!ch->error)
+        on_imm_locked(ch, imm);
+    int rc = ch->error;
+    pthread_mutex_unlock(&ch->lock);
+    return rc;
+}
+
+int lm_chan_test_state(lm_chan_t *ch, uint64_t recv_seq, uint64_t slot_seq)
+{
+    if (!ch)
+        return lm_fail(LM_ERR_INVALID, "lm_chan_test_state: NULL channel");
+    pthread_mutex_lock(&ch->lock);
+    for (uint32_t mb = 0; mb < ch->mbs; mb++)
+        ch->recv_seq[mb] = recv_seq;
+    for (uint32_t i = 0; i < ch->ring; i++) {
+        ch->busy[i] = 1;
+        ch->slot_seq[i] = slot_seq;
+    }
+    pthread_mutex_unlock(&ch->lock);
+    return LM_OK;
+}
