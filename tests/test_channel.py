@@ -423,3 +423,29 @@ def test_spec_validation():
     with pytest.raises(lc.InvalidArgumentError):
         ChannelSpec(1, 8, 1, 1, 8, dtype="complex64")
     assert SPEC.digest() == ChannelSpec(**SPEC.to_dict()).digest()
+
+
+def test_a_thread_waiting_in_a_channel_receive_releases_the_gil(pair):
+    """recv is one native call that runs progress with the GIL released: while it waits,
+    this thread computes in Python and then sends the message that ends the wait."""
+    model, attention = pair
+    got: list = []
+    waiter = threading.Thread(target=lambda: got.append(attention.recv(microbatch=0, timeout=20)))
+    waiter.start()
+    total = sum(i * i for i in range(300_000))  # needs the GIL while the waiter waits
+    model.send([np.array([total], np.int64)], layer=1, microbatch=0)
+    waiter.join(30)
+    assert len(got) == 1 and int(got[0].tensors[0][0]) == total
+    got[0].release()
+
+
+def test_a_channel_receive_is_one_native_call_and_demultiplexes_natively(pair):
+    """The endpoint's completions go to the native channel, never to the Context's queue."""
+    model, attention = pair
+    for layer in range(4):  # two slots per micro-batch: all in flight at once
+        model.send([np.full(16, layer, np.float32)], layer=layer, microbatch=layer % 2)
+    model.flush()
+    assert attention.context.poll() == []  # nothing reached the shared queue or Python
+    for layer in range(4):
+        with attention.recv(microbatch=layer % 2, timeout=10) as message:
+            assert message.layer == layer and message.tensors[0][0] == layer
