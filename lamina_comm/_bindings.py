@@ -20,12 +20,16 @@ def last_error() -> str:
     return ffi.string(lib.lm_last_error()).decode()
 
 
+def error_of(rc: int, what: str) -> LaminaError:
+    """The typed exception for a negative status, with the native message (read it before other calls)."""
+    return error_for_status(rc, f"{what}: {last_error() or status_text(rc)}")
+
+
 def check(rc: int, what: str) -> int:
     """Raise the typed exception for a negative status, with the native message."""
     if rc >= 0:
         return rc
-    detail = last_error() or status_text(rc)
-    raise error_for_status(rc, f"{what}: {detail}")
+    raise error_of(rc, what)
 
 
-__all__ = ["ffi", "lib", "check", "status_text", "last_error", "LaminaError"]
+__all__ = ["ffi", "lib", "check", "error_of", "status_text", "last_error", "LaminaError"]

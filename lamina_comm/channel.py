@@ -37,7 +37,7 @@ import numpy as np
 
 from .errors import (ClosedError, InvalidArgumentError, LaminaError, ProtocolError,
                      TimeoutError_)
-from ._bindings import check, ffi, lib
+from ._bindings import check, error_of, ffi, lib
 from .transport import Context, Endpoint, Listener, MemoryRegion, Op, RemoteRegion
 
 MAGIC = 0x4843_4D4C  # b"LMCH" little-endian
@@ -395,8 +395,10 @@ class Message:
     """
 
     def __init__(self, channel: "Channel", layer: int, microbatch: int, seq: int, slot: int,
-                 tensors: list[TensorView]):
+                 tensors: list[TensorView], arrived_ns: int = 0):
         self.layer = layer
+        # When it was dispatched (CLOCK_MONOTONIC, as time.perf_counter_ns): arrival, not collection.
+        self.arrived_ns = arrived_ns
         self.microbatch = microbatch
         self.seq = seq
         self.slot = slot
@@ -720,27 +722,25 @@ class Channel:
 
     def _send(self, tensors: Any, layer: int, microbatch: int, flags: int, seq: int,
               timeout: float | None) -> int:
-        self._check_microbatch(microbatch)
-        infos = [_describe(t) for t in _tensor_list(tensors)]
-        if len(infos) > MAX_TENSORS:
-            raise InvalidArgumentError(f"a message carries at most {MAX_TENSORS} tensors, got {len(infos)}")
-        if any(info.address is None for info in infos):
-            infos = self._stage(infos, microbatch, timeout)
+        infos = self._describe_message(tensors, microbatch, timeout)
         vec = self._tensors
-        for i, info in enumerate(infos):
-            t = vec[i]
-            t.addr = info.address
-            t.nbytes = info.nbytes
-            t.dtype = _DTYPES[info.dtype_name][0]
-            t.ndim = len(info.shape)
-            for d, size in enumerate(info.shape):
-                t.shape[d] = size
+        _fill_tensors(vec, 0, infos)
         self._seq[0] = seq
         source = self._source_for(infos)
         check(lib.lm_chan_send(self._handle(), layer, microbatch, vec, len(infos),
                                source._handle() if source is not None else ffi.NULL, flags,
                                self._timeout_ms(timeout), self._seq), f"channel {self.name}")
         return self._seq[0]
+
+    def _describe_message(self, tensors: Any, microbatch: int, timeout: float | None) -> list[_TensorInfo]:
+        """Descriptors of one message's tensors, staged first where they are not contiguous host memory."""
+        self._check_microbatch(microbatch)
+        infos = [_describe(t) for t in _tensor_list(tensors)]
+        if len(infos) > MAX_TENSORS:
+            raise InvalidArgumentError(f"a message carries at most {MAX_TENSORS} tensors, got {len(infos)}")
+        if any(info.address is None for info in infos):
+            infos = self._stage(infos, microbatch, timeout)
+        return infos
 
     def _stage(self, infos: list[_TensorInfo], microbatch: int, timeout: float | None) -> list[_TensorInfo]:
         """Strided or device tensors: copied into the next send slot here (the one staging copy)."""
@@ -809,7 +809,7 @@ class Channel:
             shape = tuple(t.shape[d] for d in range(t.ndim))
             view = buf[start:start + t.nbytes].view(_DTYPES[name][1]).reshape(shape)
             tensors.append(_as_tensor_view(view, name))
-        return Message(self, msg.layer, msg.microbatch, msg.seq, msg.slot, tensors)
+        return Message(self, msg.layer, msg.microbatch, msg.seq, msg.slot, tensors, msg.arrived_ns)
 
     def _return_credit(self, mb: int, slot: int, seq: int) -> None:
         if self._ch is not None:
@@ -872,6 +872,82 @@ class Channel:
 
     def __repr__(self) -> str:
         return f"<Channel {self.name} {self.spec.microbatches}x{self.spec.slots_per_microbatch} slots>"
+
+
+class ChannelGroup:
+    """One model worker's channels to its attention workers, driven together.
+
+    ``send`` posts a layer's messages (one per channel) in one native call and
+    ``recv`` collects one reply from every channel in one native call, waiting
+    on the shared progress engine, with the GIL released throughout. The
+    channels keep their own API; a group only batches.
+    """
+
+    def __init__(self, channels: Sequence[Channel]):
+        if not channels:
+            raise InvalidArgumentError("a channel group needs at least one channel")
+        self.channels = list(channels)
+        n = len(self.channels)
+        self._chans = ffi.new("lm_chan_t *[]", n)
+        self._counts = ffi.new("uint32_t[]", n)
+        self._seqs = ffi.new("uint64_t[]", n)
+        self._msgs = ffi.new("lm_chan_msg_t[]", n)
+        self._tensors = ffi.new("lm_chan_tensor_t[]", n * MAX_TENSORS)
+        self._taken = ffi.new("uint32_t *")
+
+    def _handles(self) -> Any:
+        for i, channel in enumerate(self.channels):
+            self._chans[i] = channel._handle()
+        return self._chans
+
+    @property
+    def _timeout_ms(self) -> Callable[[float | None], int]:
+        return self.channels[0]._timeout_ms
+
+    def send(self, messages: Sequence[Any], *, layer: int, microbatch: int,
+             timeout: float | None = None) -> list[int]:
+        """Post messages[i] (a tensor or a sequence of them) on channel i; their sequence numbers."""
+        if len(messages) != len(self.channels):
+            raise InvalidArgumentError(f"{len(messages)} messages for {len(self.channels)} channels")
+        at, sources = 0, []
+        for i, (channel, tensors) in enumerate(zip(self.channels, messages)):
+            infos = channel._describe_message(tensors, microbatch, timeout)
+            _fill_tensors(self._tensors, at, infos)
+            self._counts[i] = len(infos)
+            at += len(infos)
+            sources.append(channel._source_for(infos))
+        source = next((region for region in sources if region is not None), None)
+        check(lib.lm_chan_send_group(self._handles(), len(self.channels), layer, microbatch, self._tensors,
+                                     self._counts, source._handle() if source is not None else ffi.NULL,
+                                     self._timeout_ms(timeout), self._seqs), "channel group")
+        return [self._seqs[i] for i in range(len(self.channels))]
+
+    def recv(self, microbatch: int | None = None, timeout: float | None = None) -> list[Message]:
+        """One message from every channel (of one micro-batch, or the oldest of any)."""
+        n = len(self.channels)
+        rc = lib.lm_chan_recv_group(self._handles(), n, -1 if microbatch is None else microbatch, self._msgs,
+                                    self._timeout_ms(timeout), self._taken)
+        if rc < 0:
+            error = error_of(rc, "channel group")
+            for i in range(self._taken[0]):  # taken before the failure: hand them back
+                self.channels[i]._message(self._msgs[i]).release()
+            raise error
+        if rc == 0:
+            which = "any micro-batch" if microbatch is None else f"micro-batch {microbatch}"
+            raise TimeoutError_(f"channel group: no message for {which} from every channel within "
+                                f"{self.channels[0]._timeout(timeout)} s")
+        return [channel._message(self._msgs[i]) for i, channel in enumerate(self.channels)]
+
+
+def _fill_tensors(vec: Any, start: int, infos: list[_TensorInfo]) -> None:
+    for i, info in enumerate(infos):
+        t = vec[start + i]
+        t.addr = info.address
+        t.nbytes = info.nbytes
+        t.dtype = _DTYPES[info.dtype_name][0]
+        t.ndim = len(info.shape)
+        for d, size in enumerate(info.shape):
+            t.shape[d] = size
 
 
 def _drain_eventfd(fd: int) -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import lamina_comm as lc
+import lamina_comm.channel as lc_channel
 from lamina_comm.channel import (HEADER_BYTES, Channel, ChannelListener, ChannelSpec, SpecMismatchError,
                                  as_bfloat16, to_torch)
 
@@ -449,3 +450,33 @@ def test_a_channel_receive_is_one_native_call_and_demultiplexes_natively(pair):
     for layer in range(4):
         with attention.recv(microbatch=layer % 2, timeout=10) as message:
             assert message.layer == layer and message.tensors[0][0] == layer
+
+
+def test_a_channel_group_sends_and_collects_a_layer_in_one_call_each(contexts):
+    """One model worker, two attention workers: q/k/v out to both, both replies back."""
+    model_ctx, attention_ctx = contexts
+    pairs = [open_pair(model_ctx, attention_ctx, piggyback=True) for _ in range(2)]
+    try:
+        group = lc_channel.ChannelGroup([model for model, _ in pairs])
+        for layer in range(6):
+            mb = layer % 2
+            seqs = group.send([[np.full(8, 10 * i + layer, np.float32)] for i in range(2)], layer=layer,
+                              microbatch=mb)
+            assert seqs == [layer // 2, layer // 2]
+            for i, (_, attention) in enumerate(pairs):
+                with attention.recv(microbatch=mb, timeout=10) as request:
+                    assert request.layer == layer and request.tensors[0][0] == 10 * i + layer
+                    out = attention.send_buffers(mb, [(4,)], "float32")
+                    out[0][:] = -request.tensors[0][0]
+                attention.send(out, layer=layer, microbatch=mb)
+            replies = group.recv(microbatch=mb, timeout=10)
+            assert [r.layer for r in replies] == [layer, layer]
+            assert [float(r.tensors[0][0]) for r in replies] == [-(10 * i + layer) for i in range(2)]
+            for reply in replies:
+                reply.release()
+        with pytest.raises(lc.TimeoutError, match="from every channel"):
+            group.recv(microbatch=0, timeout=0.05)  # nothing in flight: a timeout takes nothing
+    finally:
+        for model, attention in pairs:
+            model.close()
+            attention.close()

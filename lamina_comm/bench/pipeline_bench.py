@@ -37,7 +37,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ..channel import Channel, ChannelListener, ChannelSpec, Message
+from ..channel import Channel, ChannelGroup, ChannelListener, ChannelSpec, Message
 from ..errors import TimeoutError_
 from ..pipeline import run_step, serve_attention
 from ..transport import Context
@@ -246,6 +246,7 @@ class _ModelStage:
 
     def __init__(self, channels: Sequence[Channel], device: EmulatedDevice, shape: BenchShape, phase: Phase):
         self._channels = channels
+        self._group = ChannelGroup(channels)  # one native call per layer for all workers, each way
         self._device = device
         self._shape = shape
         self._phase = phase
@@ -263,11 +264,10 @@ class _ModelStage:
         return payload
 
     def send(self, layer: int, mb: int, payload: list[list[Any]]) -> None:
-        for channel, tensors in zip(self._channels, payload):
-            channel.send(tensors, layer=layer, microbatch=mb)
+        self._group.send(payload, layer=layer, microbatch=mb)
 
     def recv(self, layer: int, mb: int) -> list[Message]:
-        return [channel.recv(microbatch=mb) for channel in self._channels]
+        return self._group.recv(microbatch=mb)
 
     def post(self, layer: int, mb: int, replies: list[Message]) -> None:
         deadline = time.perf_counter() + self._half_model_s(mb)

@@ -168,8 +168,10 @@ class AttentionServer:
             os._exit(3)
 
     def accept_data(self, spec: Any) -> Channel:
+        # Credits ride on the replies (and are written out whenever this side waits).
         return Channel.accept(self._listener, spec, role="attention", name="data",
-                              accept_timeout=self.options.peer_timeout, timeout=self.options.peer_timeout)
+                              accept_timeout=self.options.peer_timeout, timeout=self.options.peer_timeout,
+                              piggyback_credits=True)
 
     def close(self) -> None:
         self._listener.close()

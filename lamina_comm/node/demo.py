@@ -240,13 +240,17 @@ def _transfer_table(metrics_text: str) -> list[str]:
     samples = parse_prometheus(metrics_text)
     round_trips = histogram_means(samples, "lamina_layer_round_trip_seconds")
     transfers = histogram_means(samples, "lamina_layer_transfer_seconds")
-    lines = ["  peer                   layer   messages   round trip   transfer (round trip - attention)"]
+    waits = histogram_means(samples, "lamina_layer_collect_wait_seconds")
+    lines = ["  peer                   layer   messages   round trip   transfer (round trip - attention)"
+             "   waited to be collected"]
     for labels in sorted(round_trips, key=lambda l: (l.split('peer="')[1], int(l.split('layer="')[1].split('"')[0]))):
         peer = labels.split('peer="')[1].split('"')[0]
         layer = labels.split('layer="')[1].split('"')[0]
         count, mean_rt = round_trips[labels]
         mean_transfer = transfers.get(labels, (0, 0.0))[1]
-        lines.append(f"  {peer:<22} {layer:>5} {count:>10} {mean_rt * 1e6:>9.0f} us {mean_transfer * 1e6:>9.0f} us")
+        mean_wait = waits.get(labels, (0, 0.0))[1]
+        lines.append(f"  {peer:<22} {layer:>5} {count:>10} {mean_rt * 1e6:>9.0f} us {mean_transfer * 1e6:>9.0f} us"
+                     f" {' ' * 22}{mean_wait * 1e6:>9.0f} us")
     return lines
 
 
@@ -315,6 +319,9 @@ def _report(workload: Workload, disaggregated: list[list[int]], wall: float, ref
     print(f"  monolithic, one process, same batch:              {mono_generated / reference['wall_s']:8.1f} tokens/s "
           f"end to end ({mono_generated} tokens in {reference['wall_s']:.2f} s), decode steps "
           f"{mono_decode_rate:8.1f} tokens/s")
+    print(f"  disaggregated / monolithic decode steps: {decode_rate / max(mono_decode_rate, 1e-9):.2f}")
+    staged = sum(value for key, value in samples.items() if key.startswith("lamina_channel_staged_bytes"))
+    print(f"  bytes staged (copied into send slots) on the model node: {int(staged)}")
     if efficiency[0]:
         print(f"  overlap efficiency (mean over {efficiency[0]} two-micro-batch steps): {efficiency[1]:.2f}")
     else:

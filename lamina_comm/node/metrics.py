@@ -205,16 +205,24 @@ class NodeMetrics:
             buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)))
         self.layer_round_trip = add(Histogram(
             "lamina_layer_round_trip_seconds",
-            "Per layer and attention peer: q/k/v send start to attention output in hand.", ["peer", "layer"]))
+            "Per layer and attention peer: q/k/v send start to the attention output's arrival (wire round "
+            "trip, including the peer's compute).", ["peer", "layer"]))
         self.layer_transfer = add(Histogram(
             "lamina_layer_transfer_seconds",
-            "Per layer and attention peer: round trip minus the peer's attention compute time "
-            "(network, queueing and waiting for the model tier to collect it).", ["peer", "layer"]))
+            "Per layer and attention peer: wire round trip minus the peer's attention compute time "
+            "(network and queueing).", ["peer", "layer"]))
+        self.layer_collect_wait = add(Histogram(
+            "lamina_layer_collect_wait_seconds",
+            "Per layer and attention peer: how long an arrived attention output waited for the model tier to "
+            "collect it (the other micro-batch's compute, with ping-pong).", ["peer", "layer"]))
         self.attention_compute = add(Histogram(
             "lamina_attention_compute_seconds", "Attention compute time reported by each peer.", ["peer"]))
         self.bytes_sent = add(Gauge("lamina_channel_bytes_sent", "Bytes sent on the data channel.", ["peer"]))
         self.bytes_received = add(Gauge(
             "lamina_channel_bytes_received", "Bytes received on the data channel.", ["peer"]))
+        self.staged_bytes = add(Gauge(
+            "lamina_channel_staged_bytes", "Bytes copied into send slots before sending (0 on the zero-copy "
+            "path).", ["peer"]))
         self.queue_depth = add(Gauge("lamina_queue_depth", "Requests waiting for admission."))
         self.running = add(Gauge("lamina_running_requests", "Requests admitted and generating."))
         self.held = add(Gauge("lamina_held_requests", "Requests held while an attention worker is rebuilt."))

@@ -305,8 +305,9 @@ class AttentionPeer:
         try:
             setup = protocol.ControlLink(setup_channel, peer_timeout)
             reply = setup.call(protocol.setup_message(config, index, num_workers, kv_heads, spec))
+            # Credits ride on the next layer's q/k/v (and are written out whenever this side waits).
             data = Channel.connect(context, address, spec, role="model", name=f"data-{index}",
-                                   connect_timeout=connect_timeout, timeout=peer_timeout)
+                                   connect_timeout=connect_timeout, timeout=peer_timeout, piggyback_credits=True)
         except BaseException:
             setup_channel.close()
             raise
@@ -628,7 +629,7 @@ class PipelinedStep:
             for peer in self.peers:
                 message = peer.recv(layer, mb)
                 messages.append(message)
-                self._observe_transfer(peer, layer, mb, int(message.tensors[1][0]))
+                self._observe_transfer(peer, layer, mb, int(message.tensors[1][0]), message.arrived_ns)
             parts = [message.torch()[0] for message in messages]
             # Concatenating copies out of the slots, so they can be released.
             out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0].clone()
@@ -645,11 +646,19 @@ class PipelinedStep:
         self.logits[mb] = self.tier.logits(hidden.index_select(0, self.inputs[mb].last_token_index))
         self.hidden[mb] = None
 
-    def _observe_transfer(self, peer: AttentionPeer, layer: int, mb: int, attention_ns: int) -> None:
-        round_trip = (time.perf_counter_ns() - self._sent_ns[(peer.index, mb)]) / 1e9
+    def _observe_transfer(self, peer: AttentionPeer, layer: int, mb: int, attention_ns: int,
+                          arrived_ns: int) -> None:
+        # The wire round trip ends when the reply arrived (the native channel stamps
+        # it, CLOCK_MONOTONIC like perf_counter_ns), not when this thread got to it:
+        # with two micro-batches the reply often waits for the other's compute.
+        collected_ns = time.perf_counter_ns()
+        arrived_ns = min(arrived_ns or collected_ns, collected_ns)
+        round_trip = max(0, arrived_ns - self._sent_ns[(peer.index, mb)]) / 1e9
         self.metrics.layer_round_trip.observe(round_trip, peer=peer.address, layer=layer)
         self.metrics.layer_transfer.observe(max(0.0, round_trip - attention_ns / 1e9), peer=peer.address,
                                             layer=layer)
+        self.metrics.layer_collect_wait.observe((collected_ns - arrived_ns) / 1e9, peer=peer.address,
+                                                layer=layer)
         self.metrics.attention_compute.observe(attention_ns / 1e9, peer=peer.address)
 
 
@@ -1041,6 +1050,7 @@ class ModelNode:
             channel = peer.data.metrics
             self.metrics.bytes_sent.set(channel.bytes_sent, peer=peer.address)
             self.metrics.bytes_received.set(channel.bytes_received, peer=peer.address)
+            self.metrics.staged_bytes.set(channel.staged_bytes, peer=peer.address)
 
     # -- progress and health (any thread) -----------------------------------
     def _note_progress(self) -> None:
@@ -1088,8 +1098,13 @@ class ModelNode:
                 "q_heads": [kv_heads[0] * config.group_size, kv_heads[1] * config.group_size],
             }
             if peer is not None:
+                channel = peer.data.metrics
                 worker.update(pid=peer.pid, device=peer.device, blocks_used=peer.blocks_used,
-                              blocks_total=peer.blocks_total, block_size=peer.block_size)
+                              blocks_total=peer.blocks_total, block_size=peer.block_size,
+                              channel={"messages": channel.messages, "bytes_sent": channel.bytes_sent,
+                                       "staged_bytes": channel.staged_bytes,
+                                       "staged_messages": channel.staged_messages,
+                                       "credits_piggybacked": channel.credits_piggybacked})
             elif index in self.cluster.lost:
                 worker["error"] = str(self.cluster.lost[index].cause)
             workers.append(worker)

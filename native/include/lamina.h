@@ -274,6 +274,7 @@ typedef struct lm_chan_msg {
     uint32_t slot;
     uint32_t ntensors;
     uint64_t payload_bytes;
+    uint64_t arrived_ns;      /* CLOCK_MONOTONIC when its immediate was dispatched */
     lm_chan_tensor_t tensors[6];
 } lm_chan_msg_t;
 
@@ -332,6 +333,20 @@ void lm_chan_stats(lm_chan_t *ch, lm_chan_stats_t *out);
 /* An eventfd readable after any change (arrival, credit, failure); drain it
  * (read 8 bytes) before looking, as asyncio's add_reader callbacks do. */
 int lm_chan_fd(lm_chan_t *ch);
+/* Channel groups: one model worker and its attention workers.
+ * lm_chan_send_group posts one message per channel (channel i gets counts[i]
+ * tensors, taken in order from `tensors`) for the same layer and
+ * micro-batch, in one call; seqs[i] gets each sequence number. It stops at
+ * the first failure (its status; earlier channels' messages are posted).
+ * lm_chan_recv_group waits until every channel has a message of mb (any when
+ * mb < 0) and takes one from each into out[i], in one call: n, 0 on timeout
+ * (nothing taken), or the first error (messages taken before it stay in
+ * out[] and must be released: *taken says how many). */
+int lm_chan_send_group(lm_chan_t **chans, uint32_t n, uint32_t layer, uint32_t microbatch,
+                       const lm_chan_tensor_t *tensors, const uint32_t *counts, lm_mr_t *source, int timeout_ms,
+                       uint64_t *seqs);
+int lm_chan_recv_group(lm_chan_t **chans, uint32_t n, int32_t microbatch, lm_chan_msg_t *out, int timeout_ms,
+                       uint32_t *taken);
 /* Tests and fuzzing: process an immediate as if it had arrived (the header
  * must already be in the slot). Returns the channel's error status or 0. */
 int lm_chan_inject_imm(lm_chan_t *ch, uint32_t imm);

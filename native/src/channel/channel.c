@@ -83,6 +83,7 @@ struct lm_chan {
     uint64_t *slot_seq; /* [ring] seq last sent from the slot */
     uint64_t *recv_seq; /* [mbs] next seq expected */
     uint32_t *arrived;  /* ring of (mb << 16 | slot), arrival order */
+    uint64_t *arrived_ns; /* the same ring: when each arrival was dispatched */
     size_t arr_head, arr_count;
     uint32_t *credit_idx; /* held credits (piggyback), FIFO */
     uint64_t *credit_seq;
@@ -225,7 +226,9 @@ static void on_imm_locked(lm_chan_t *ch, uint32_t imm)
             fail_locked(ch, LM_ERR_PROTOCOL, "more messages arrived than there are slots (%u)", ch->ring);
             return;
         }
-        ch->arrived[(ch->arr_head + ch->arr_count++) % ch->ring] = mb << 16 | slot;
+        size_t at = (ch->arr_head + ch->arr_count++) % ch->ring;
+        ch->arrived[at] = mb << 16 | slot;
+        ch->arrived_ns[at] = lm_now_ns();
     } else if (kind == KIND_CREDIT) {
         uint64_t released;
         memcpy(&released, ch->base + ch->credit_in_base + ((uint64_t)mb * ch->slots + slot) * CREDIT_BYTES,
@@ -330,10 +333,11 @@ int lm_chan_create(lm_ep_t *ep, lm_mr_t *mr, const lm_rdesc_t *peer, const lm_ch
     ch->busy = calloc(ch->ring, 1);
     ch->slot_seq = calloc(ch->ring, sizeof(uint64_t));
     ch->arrived = calloc(ch->ring, sizeof(uint32_t));
+    ch->arrived_ns = calloc(ch->ring, sizeof(uint64_t));
     ch->credit_idx = calloc(ch->ring, sizeof(uint32_t));
     ch->credit_seq = calloc(ch->ring, sizeof(uint64_t));
     ch->held = calloc(HELD_MAX, sizeof(lm_completion_t));
-    if (!ch->send_seq || !ch->recv_seq || !ch->busy || !ch->slot_seq || !ch->arrived || !ch->credit_idx ||
+    if (!ch->send_seq || !ch->recv_seq || !ch->busy || !ch->slot_seq || !ch->arrived || !ch->arrived_ns || !ch->credit_idx ||
         !ch->credit_seq || !ch->held) {
         ch->ep = NULL;
         lm_chan_destroy(ch);
@@ -364,6 +368,7 @@ void lm_chan_destroy(lm_chan_t *ch)
     free(ch->busy);
     free(ch->slot_seq);
     free(ch->arrived);
+    free(ch->arrived_ns);
     free(ch->credit_idx);
     free(ch->credit_seq);
     free(ch->held);
@@ -732,14 +737,18 @@ static int open_locked(lm_chan_t *ch, uint32_t mb, uint32_t slot, lm_chan_msg_t 
 }
 
 /* Take the first arrival of mb (any when mb < 0) off the queue: 1, or 0. */
-static int take_arrival_locked(lm_chan_t *ch, int32_t mb, uint32_t *taken)
+static int take_arrival_locked(lm_chan_t *ch, int32_t mb, uint32_t *taken, uint64_t *when)
 {
     for (size_t i = 0; i < ch->arr_count; i++) {
         uint32_t a = ch->arrived[(ch->arr_head + i) % ch->ring];
         if (mb >= 0 && (a >> 16) != (uint32_t)mb)
             continue;
-        for (size_t j = i; j > 0; j--) /* keep the others in arrival order */
-            ch->arrived[(ch->arr_head + j) % ch->ring] = ch->arrived[(ch->arr_head + j - 1) % ch->ring];
+        *when = ch->arrived_ns[(ch->arr_head + i) % ch->ring];
+        for (size_t j = i; j > 0; j--) { /* keep the others in arrival order */
+            size_t to = (ch->arr_head + j) % ch->ring, from = (ch->arr_head + j - 1) % ch->ring;
+            ch->arrived[to] = ch->arrived[from];
+            ch->arrived_ns[to] = ch->arrived_ns[from];
+        }
         ch->arr_head = (ch->arr_head + 1) % ch->ring;
         ch->arr_count--;
         *taken = a;
@@ -757,9 +766,11 @@ int lm_chan_recv(lm_chan_t *ch, int32_t mb, lm_chan_msg_t *out, int timeout_ms)
         pthread_mutex_lock(&ch->lock);
         start_locked(ch);
         uint32_t a;
-        if (take_arrival_locked(ch, mb, &a)) {
+        uint64_t when = 0;
+        if (take_arrival_locked(ch, mb, &a, &when)) {
             uint64_t seq = 0;
             int rc = open_locked(ch, a >> 16, a & 0xFFFF, out, &seq);
+            out->arrived_ns = when;
             pthread_mutex_unlock(&ch->lock);
             if (rc != LM_OK) {
                 char why[256];
@@ -910,4 +921,77 @@ int lm_chan_test_state(lm_chan_t *ch, uint64_t recv_seq, uint64_t slot_seq)
     }
     pthread_mutex_unlock(&ch->lock);
     return LM_OK;
+}
+
+/* ---- groups -------------------------------------------------------------------- */
+
+int lm_chan_send_group(lm_chan_t **chans, uint32_t n, uint32_t layer, uint32_t mb, const lm_chan_tensor_t *tensors,
+                       const uint32_t *counts, lm_mr_t *source, int timeout_ms, uint64_t *seqs)
+{
+    if (!chans || !counts || !seqs)
+        return lm_fail(LM_ERR_INVALID, "lm_chan_send_group: NULL argument");
+    uint64_t deadline = deadline_of(timeout_ms);
+    const lm_chan_tensor_t *next = tensors;
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t now = lm_now_ns();
+        int left_ms = timeout_ms < 0 ? -1 : now >= deadline ? 0 : (int)((deadline - now) / 1000000);
+        int rc = lm_chan_send(chans[i], layer, mb, next, counts[i], source, 0, left_ms, &seqs[i]);
+        if (rc != LM_OK)
+            return rc;
+        next += counts[i];
+    }
+    return LM_OK;
+}
+
+int lm_chan_recv_group(lm_chan_t **chans, uint32_t n, int32_t mb, lm_chan_msg_t *out, int timeout_ms,
+                       uint32_t *taken)
+{
+    if (!chans || !out || !taken || n == 0)
+        return lm_fail(LM_ERR_INVALID, "lm_chan_recv_group: bad arguments");
+    *taken = 0;
+    uint64_t deadline = deadline_of(timeout_ms);
+    for (int round = 0;; round++) {
+        /* Take only once every channel has one, so a timeout takes nothing. */
+        uint32_t ready = 0;
+        for (uint32_t i = 0; i < n; i++) {
+            int pending = lm_chan_pending(chans[i], mb);
+            int err = lm_chan_error(chans[i]);
+            if (pending <= 0 && err != LM_OK)
+                return err;
+            ready += pending > 0;
+        }
+        if (ready == n) {
+            for (uint32_t i = 0; i < n; i++) {
+                int rc = lm_chan_recv(chans[i], mb, &out[i], 0);
+                if (rc < 0)
+                    return rc;
+                if (rc == 0) /* taken meanwhile: impossible with one application thread */
+                    return lm_fail(LM_ERR_INVALID, "lm_chan_recv_group: a channel lost its arrival");
+                (*taken)++;
+            }
+            return (int)n;
+        }
+        if (round == 0) {
+            lm_progress_drive(chans[0]->ctx, 0);
+            continue;
+        }
+        if (round == 1)
+            for (uint32_t i = 0; i < n; i++) {
+                int rc = write_held_credits(chans[i]);
+                if (rc != LM_OK)
+                    return rc;
+            }
+        for (uint32_t i = 0; i < n; i++) {
+            pthread_mutex_lock(&chans[i]->lock);
+            check_endpoint_locked(chans[i]);
+            pthread_mutex_unlock(&chans[i]->lock);
+        }
+        /* Channels of one context share its progress engine; others are driven
+         * without waiting so none starves while we sleep on the first. */
+        for (uint32_t i = 1; i < n; i++)
+            if (chans[i]->ctx != chans[0]->ctx)
+                lm_progress_drive(chans[i]->ctx, 0);
+        if (wait_step(chans[0], deadline) != LM_OK)
+            return 0;
+    }
 }

@@ -191,6 +191,10 @@ void lm_cq_take_endpoint(lm_context_t *ctx, lm_ep_t *ep, void (*sink)(void *, co
      * below, in order) or sees the sink. */
     ep->sink_arg = arg;
     atomic_store_explicit(&ep->sink, sink, memory_order_release);
+    if (!sink) { /* uninstalled: what comes next is queued here again */
+        pthread_mutex_unlock(&cq->lock);
+        return;
+    }
     size_t kept = 0;
     for (size_t i = 0; i < cq->count; i++) {
         lm_completion_t c = cq->ring[(cq->head + i) % cq->capacity];
