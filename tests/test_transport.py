@@ -352,25 +352,30 @@ def test_concurrent_waiters_on_two_endpoints(contexts):
     assert got == {0: 100, 1: 101}
 
 
-def test_waiting_releases_the_gil(contexts):
-    """A thread blocked in the native wait must not hold the GIL: if it did, the main
-    thread could not post the write that wakes it, and the wait would time out empty."""
+@pytest.mark.parametrize("progress", ["event", "poll"])
+def test_waiting_releases_the_gil(progress):
+    """A thread blocked (or, polling, spinning) in the native wait must not hold the GIL: if it
+    did, the main thread could not post the write that wakes it, and the wait would time out."""
     from lamina_comm._bindings import ffi, lib
 
-    a, b = contexts
-    target = np.zeros(8, np.uint8)
-    mt = b.register(target)
-    ms = a.register(np.ones(8, np.uint8))
-    ca, cb = connect_pair(b, a, server_data=mt.descriptor().to_bytes())
-    out = ffi.new("lm_completion_t[]", 4)
-    got: list[int] = []
-    # One native call with a long timeout (Endpoint.wait slices its waits).
-    waiter = threading.Thread(target=lambda: got.append(lib.lm_cq_wait(b._handle(), out, 4, 20_000)))
-    waiter.start()
-    total = sum(i * i for i in range(200_000))  # Python work while the waiter blocks
-    ca.write(ms, desc_of(ca), imm=total & 0xFFFF)
-    waiter.join(30)
-    assert got == [1] and out[0].opcode == lc.Op.RECV_IMM and out[0].imm == total & 0xFFFF
+    with lc.Context("tcp", progress=progress) as a, lc.Context("tcp", progress=progress) as b:
+        assert (a.progress, b.progress) == (progress, progress)
+        target = np.zeros(1 << 16, np.uint8)
+        source = np.random.default_rng(3).integers(0, 256, 1 << 16, dtype=np.uint8)
+        mt, ms = b.register(target), a.register(source)
+        ca, cb = connect_pair(b, a, server_data=mt.descriptor().to_bytes())
+        out = ffi.new("lm_completion_t[]", 4)
+        assert lib.lm_cq_wait(b._handle(), out, 4, 50) == 0  # nothing came: the deadline ends the wait
+        got: list[int] = []
+        # One native call with a long timeout (Endpoint.wait slices its waits).
+        waiter = threading.Thread(target=lambda: got.append(lib.lm_cq_wait(b._handle(), out, 4, 20_000)))
+        waiter.start()
+        total = sum(i * i for i in range(200_000))  # Python work while the waiter waits
+        ca.write(ms, desc_of(ca), imm=total & 0xFFFF)
+        waiter.join(30)
+        assert got == [1] and out[0].opcode == lc.Op.RECV_IMM and out[0].imm == total & 0xFFFF
+        assert np.array_equal(target, source)
+        assert ca.wait_one(10).ok
 
 
 def test_every_native_status_has_its_python_class():
@@ -384,35 +389,6 @@ def test_every_native_status_has_its_python_class():
         err = error_for_status(code, name)
         assert type(err) is not LaminaError, f"{name} ({code}) has no class of its own"
         assert err.status == code
-
-
-@pytest.fixture
-def polling_contexts():
-    with lc.Context("tcp", progress="poll") as a, lc.Context("tcp", progress="poll") as b:
-        yield a, b
-
-
-def test_polling_mode_moves_data_and_releases_the_gil(polling_contexts):
-    """Polling mode spins in native code: with the GIL released, and bounded by the timeout."""
-    from lamina_comm._bindings import ffi, lib
-
-    a, b = polling_contexts
-    assert (a.progress, b.progress) == ("poll", "poll")
-    target = np.zeros(1 << 16, np.uint8)
-    source = np.random.default_rng(3).integers(0, 256, 1 << 16, dtype=np.uint8)
-    mt, ms = b.register(target), a.register(source)
-    ca, cb = connect_pair(b, a, server_data=mt.descriptor().to_bytes())
-    out = ffi.new("lm_completion_t[]", 4)
-    assert lib.lm_cq_wait(b._handle(), out, 4, 50) == 0  # nothing came: the deadline ends the spin
-    got: list[int] = []
-    waiter = threading.Thread(target=lambda: got.append(lib.lm_cq_wait(b._handle(), out, 4, 20_000)))
-    waiter.start()
-    total = sum(i * i for i in range(200_000))  # Python work while the waiter spins
-    ca.write(ms, desc_of(ca), imm=total & 0xFFFF)
-    waiter.join(30)
-    assert got == [1] and out[0].opcode == lc.Op.RECV_IMM and out[0].imm == total & 0xFFFF
-    assert np.array_equal(target, source)
-    assert ca.wait_one(10).ok
 
 
 def test_progress_mode_from_the_environment(monkeypatch):
