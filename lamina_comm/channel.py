@@ -53,6 +53,9 @@ _CREDIT_BYTES = 8
 _PAGE = 4096
 # Blocking waits are sliced so a dead peer is noticed and asyncio waiters re-check.
 _WAIT_SLICE_S = 0.5
+# Views kept per channel (send_buffers layouts, received tensor layouts); a
+# peer that keeps changing shapes only empties the cache, never grows it.
+_VIEW_CACHE_MAX = 256
 
 # magic, version, tensor count, piggybacked credit count, seq, layer, microbatch, slot, payload bytes
 _HEADER = struct.Struct("<IHBBQIHHQ")
@@ -328,6 +331,9 @@ class _TensorInfo:
 
 
 def _describe(obj: Any) -> _TensorInfo:
+    cached = getattr(obj, "_lamina_info", None)  # a send_buffers() view: described once
+    if cached is not None:
+        return cached
     if _is_torch(obj):
         info = _describe_torch(obj)
     else:
@@ -581,6 +587,8 @@ class Channel:
         self._offset = ffi.new("uint64_t *")
         self._stats = ffi.new("lm_chan_stats_t *")
         self._fd: int | None = None
+        self._send_views: dict[tuple, list[Any]] = {}
+        self._recv_views: dict[tuple, TensorView] = {}
 
     def _destroy_native(self) -> None:
         ch, self._ch = self._ch, None
@@ -682,17 +690,39 @@ class Channel:
         Fill them in place and pass them to send(): header and payload then go
         in one write with no copy. Waits for the slot's credit first.
         """
+        self._check_microbatch(microbatch)
+        check(lib.lm_chan_send_slot(self._handle(), microbatch, self._timeout_ms(timeout), self._offset),
+              f"channel {self.name}")
+        key = (self._offset[0], tuple(map(tuple, shapes)), dtype, as_torch)
+        views = self._send_views.get(key)
+        if views is None:
+            views = self._slot_views(key)
+        return list(views)
+
+    def _slot_views(self, key: tuple) -> list[Any]:
+        """Typed views at a payload offset; kept with their descriptors, since a layer's
+        messages keep their shapes (send() then needs no description of them)."""
+        payload_offset, shapes, dtype, as_torch = key
         wire = dtype_name(dtype if dtype is not None else self.spec.dtype)
         storage = _DTYPES[wire][1]
         counts = [math.prod(shape) for shape in shapes]
         offsets = packed_offsets([n * storage.itemsize for n in counts])
         needed = offsets[-1] + counts[-1] * storage.itemsize if shapes else 0
         if len(shapes) > MAX_TENSORS or needed > self._layout.send_capacity:
-            raise InvalidArgumentError(f"{len(shapes)} tensors of {shapes} do not fit a send slot")
-        payload = self.send_slot(microbatch, timeout)
+            raise InvalidArgumentError(f"{len(shapes)} tensors of {list(shapes)} do not fit a send slot")
+        if any(len(shape) > MAX_NDIM for shape in shapes):
+            raise InvalidArgumentError(f"tensors may have at most {MAX_NDIM} dimensions, got {list(shapes)}")
+        payload = self._buf[payload_offset:payload_offset + self._layout.send_capacity]
         views = [_as_tensor_view(payload[off:off + n * storage.itemsize].view(storage).reshape(shape), wire)
                  for off, n, shape in zip(offsets, counts, shapes)]
-        return [to_torch(v) for v in views] if as_torch else views
+        infos = [_describe_numpy(v) for v in views]
+        out = [to_torch(v) for v in views] if as_torch else views
+        for obj, info in zip(out, infos):
+            obj._lamina_info = info  # the descriptor send() takes as it is
+        if len(self._send_views) >= _VIEW_CACHE_MAX:
+            self._send_views.clear()
+        self._send_views[key] = out
+        return out
 
     def send(self, tensors: Any, *, layer: int, microbatch: int, timeout: float | None = None) -> int:
         """Post one message (a tensor or a sequence of them); returns its sequence number.
@@ -801,15 +831,27 @@ class Channel:
 
     def _message(self, msg: Any) -> Message:
         tensors = []
-        buf = self._buf
+        cache = self._recv_views
         for i in range(msg.ntensors):
             t = msg.tensors[i]
-            name = _DTYPE_BY_CODE[t.dtype]
-            start = t.addr
-            shape = tuple(t.shape[d] for d in range(t.ndim))
-            view = buf[start:start + t.nbytes].view(_DTYPES[name][1]).reshape(shape)
-            tensors.append(_as_tensor_view(view, name))
+            ndim = t.ndim
+            shape = tuple(t.shape)[:ndim]
+            key = (t.addr, t.dtype, shape)
+            view = cache.get(key)
+            if view is None:
+                view = self._recv_view(key, t.nbytes)
+            tensors.append(view)
         return Message(self, msg.layer, msg.microbatch, msg.seq, msg.slot, tensors, msg.arrived_ns)
+
+    def _recv_view(self, key: tuple, nbytes: int) -> TensorView:
+        """A view over received bytes; kept, since a layer's messages keep their layout."""
+        start, code, shape = key
+        name = _DTYPE_BY_CODE[code]
+        view = _as_tensor_view(self._buf[start:start + nbytes].view(_DTYPES[name][1]).reshape(shape), name)
+        if len(self._recv_views) >= _VIEW_CACHE_MAX:  # a peer that varies shapes cannot grow it
+            self._recv_views.clear()
+        self._recv_views[key] = view
+        return view
 
     def _return_credit(self, mb: int, slot: int, seq: int) -> None:
         if self._ch is not None:

@@ -480,3 +480,26 @@ def test_a_channel_group_sends_and_collects_a_layer_in_one_call_each(contexts):
         for model, attention in pairs:
             model.close()
             attention.close()
+
+
+def test_view_caches_stay_bounded_when_shapes_keep_changing(pair):
+    """Views are kept per layout (same shapes every layer); a peer varying shapes cannot grow them."""
+    model, attention = pair
+    for n in range(1, 301):
+        (buf,) = model.send_buffers(0, [(n,)], "uint8")
+        buf[:] = n % 251
+        model.send([buf], layer=n, microbatch=0)
+        with attention.recv(microbatch=0, timeout=10) as message:
+            assert message.tensors[0].shape == (n,) and int(message.tensors[0][-1]) == n % 251
+    assert len(attention._recv_views) <= lc_channel._VIEW_CACHE_MAX
+    assert len(model._send_views) <= lc_channel._VIEW_CACHE_MAX
+    # The same layout again is the same views, described once.
+    first = model.send_buffers(1, [(4, 8)], "float32")
+    model.send(first, layer=0, microbatch=1)
+    with attention.recv(microbatch=1, timeout=10):
+        pass
+    model.send(model.send_buffers(1, [(4, 8)], "float32"), layer=1, microbatch=1)
+    with attention.recv(microbatch=1, timeout=10):
+        pass
+    again = model.send_buffers(1, [(4, 8)], "float32")  # slot 0 of micro-batch 1 again
+    assert again[0] is first[0] and again[0]._lamina_info.address == first[0].ctypes.data
