@@ -688,11 +688,14 @@ class Channel:
         """Typed views in the next send slot, laid out as send() stages them.
 
         Fill them in place and pass them to send(): header and payload then go
-        in one write with no copy. Waits for the slot's credit first.
+        in one write with no copy. Waits for the slot's credit first. dtype:
+        one for all tensors (default: the spec's), or one per shape.
         """
         self._check_microbatch(microbatch)
         check(lib.lm_chan_send_slot(self._handle(), microbatch, self._timeout_ms(timeout), self._offset),
               f"channel {self.name}")
+        if isinstance(dtype, (list, tuple)):
+            dtype = tuple(dtype)
         key = (self._offset[0], tuple(map(tuple, shapes)), dtype, as_torch)
         views = self._send_views.get(key)
         if views is None:
@@ -703,18 +706,21 @@ class Channel:
         """Typed views at a payload offset; kept with their descriptors, since a layer's
         messages keep their shapes (send() then needs no description of them)."""
         payload_offset, shapes, dtype, as_torch = key
-        wire = dtype_name(dtype if dtype is not None else self.spec.dtype)
-        storage = _DTYPES[wire][1]
-        counts = [math.prod(shape) for shape in shapes]
-        offsets = packed_offsets([n * storage.itemsize for n in counts])
-        needed = offsets[-1] + counts[-1] * storage.itemsize if shapes else 0
+        dtypes = dtype if isinstance(dtype, tuple) else (dtype,) * len(shapes)
+        if len(dtypes) != len(shapes):
+            raise InvalidArgumentError(f"{len(dtypes)} dtypes for {len(shapes)} shapes")
+        wires = [dtype_name(d if d is not None else self.spec.dtype) for d in dtypes]
+        storages = [_DTYPES[wire][1] for wire in wires]
+        nbytes = [math.prod(shape) * storage.itemsize for shape, storage in zip(shapes, storages)]
+        offsets = packed_offsets(nbytes)
+        needed = offsets[-1] + nbytes[-1] if shapes else 0
         if len(shapes) > MAX_TENSORS or needed > self._layout.send_capacity:
             raise InvalidArgumentError(f"{len(shapes)} tensors of {list(shapes)} do not fit a send slot")
         if any(len(shape) > MAX_NDIM for shape in shapes):
             raise InvalidArgumentError(f"tensors may have at most {MAX_NDIM} dimensions, got {list(shapes)}")
         payload = self._buf[payload_offset:payload_offset + self._layout.send_capacity]
-        views = [_as_tensor_view(payload[off:off + n * storage.itemsize].view(storage).reshape(shape), wire)
-                 for off, n, shape in zip(offsets, counts, shapes)]
+        views = [_as_tensor_view(payload[off:off + n].view(storage).reshape(shape), wire)
+                 for off, n, shape, storage, wire in zip(offsets, nbytes, shapes, storages, wires)]
         infos = [_describe_numpy(v) for v in views]
         out = [to_torch(v) for v in views] if as_torch else views
         for obj, info in zip(out, infos):

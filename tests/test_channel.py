@@ -503,3 +503,18 @@ def test_view_caches_stay_bounded_when_shapes_keep_changing(pair):
         pass
     again = model.send_buffers(1, [(4, 8)], "float32")  # slot 0 of micro-batch 1 again
     assert again[0] is first[0] and again[0]._lamina_info.address == first[0].ctypes.data
+
+
+def test_send_buffers_with_one_dtype_per_tensor(pair):
+    model, attention = pair
+    out, stamp = model.send_buffers(0, [(2, 3), (1,)], ["float16", "int64"])
+    out[:] = np.arange(6, dtype=np.float16).reshape(2, 3)
+    stamp[0] = 1 << 40
+    model.send([out, stamp], layer=5, microbatch=0)
+    with attention.recv(microbatch=0, timeout=10) as message:
+        assert message.dtype_names == ["float16", "int64"]
+        assert np.array_equal(message.tensors[0], np.arange(6, dtype=np.float16).reshape(2, 3))
+        assert int(message.tensors[1][0]) == 1 << 40
+    assert model.metrics.staged_bytes == 0 and model.metrics.slot_messages == 1
+    with pytest.raises(lc.InvalidArgumentError, match="2 dtypes for 1 shapes"):
+        model.send_buffers(0, [(4,)], ["float16", "int64"])

@@ -318,6 +318,8 @@ class AttentionSession:
             self._control.reply(layer, result.answer)
         elif isinstance(result, str):
             self.data.send([protocol.encode_error(result)], layer=protocol.ERROR_LAYER, microbatch=microbatch)
+        elif isinstance(result, _SlotReply):
+            self.data.send(result.tensors, layer=layer, microbatch=microbatch)
         else:
             out, attention_ns = result
             self.data.send([out, np.array([attention_ns], dtype=np.int64)], layer=layer, microbatch=microbatch)
@@ -386,8 +388,7 @@ class AttentionSession:
     # -- attention ------------------------------------------------------------
     def _attend(self, layer: int, microbatch: int, message: Message) -> Any:
         """Attention output and its compute time, or the error text when the message cannot be served."""
-        assert self.cache is not None
-        started = time.perf_counter_ns()
+        assert self.cache is not None and self.data is not None
         with message:
             try:
                 tensors = message.torch()
@@ -398,12 +399,23 @@ class AttentionSession:
                 request_ids, positions = self._step_meta[microbatch]
                 device = self.cache.device
                 q, k, v = (t.to(device) for t in tensors[:3])
-                out = self.cache.attend(layer, request_ids, positions, q, k, v)
+                reply = None
+                if device.type == "cpu":
+                    # The output is written straight into the reply slot (no copy to send it).
+                    reply = self.data.send_buffers(microbatch, [tuple(q.shape), (1,)], [q.dtype, "int64"],
+                                                   as_torch=True)
+                started = time.perf_counter_ns()
+                out = self.cache.attend(layer, request_ids, positions, q, k, v,
+                                        out=reply[0] if reply is not None else None)
             except (ValueError, KeyError, LaminaError) as exc:
                 log.error("cannot serve layer %d micro-batch %d: %s", layer, microbatch, exc)
                 return str(exc)
         self.server.count_served()
-        return out, time.perf_counter_ns() - started
+        attention_ns = time.perf_counter_ns() - started
+        if reply is None:
+            return out, attention_ns
+        reply[1][0] = attention_ns
+        return _SlotReply(reply)
 
     # -- life cycle ---------------------------------------------------------
     def close(self) -> None:
@@ -416,6 +428,13 @@ class AttentionSession:
 @dataclass(frozen=True)
 class _ControlReply:
     answer: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _SlotReply:
+    """The attention output and its compute time, already in the reply slot."""
+
+    tensors: list[Any]
 
 
 def _peer_of(channel: Channel) -> str:

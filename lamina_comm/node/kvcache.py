@@ -196,12 +196,15 @@ class PagedKVCache:
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
+        out: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Store this step's K/V of ``layer`` and return causal attention output.
 
         q: [T, n_local_q_heads, head_dim]; k, v: [T, n_local_kv_heads, head_dim];
         returns [T, n_local_q_heads, head_dim] in q's dtype.  Every K/V of the
         step is written before any attention, so a prefill's tokens see each other.
+        ``out`` (q's shape, dtype and device): filled and returned instead of a
+        new tensor, e.g. a channel's reply slot, so the output needs no copy.
         """
         if not 0 <= layer < self.config.num_layers:
             raise ValueError(f"layer {layer} out of range [0, {self.config.num_layers})")
@@ -212,7 +215,11 @@ class PagedKVCache:
         for group in plan.groups:
             reservation = self._requests[group.request_id]
             reservation.filled[layer] = max(reservation.filled[layer], group.last_position + 1)
-        out = torch.empty_like(q)
+        if out is None:
+            out = torch.empty_like(q)
+        elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+            raise ValueError(f"out is {tuple(out.shape)} {out.dtype} on {out.device}, q is {tuple(q.shape)} "
+                             f"{q.dtype} on {q.device}")
         for batch in plan.batches:
             out.index_copy_(0, batch.token_index, self._attend_batch(layer, batch, q))
         return out

@@ -275,3 +275,19 @@ def test_attend_rejects_wrong_shapes_and_layers():
         full = make_cache()
         full.reserve("a", 4)
         full.attend(0, ["a"], torch.tensor([0, 1]), *random_qkv(CONFIG, 2, torch.Generator()))
+
+
+def test_attend_into_a_given_buffer_is_bit_equal_and_checks_its_layout():
+    """out= (a channel's reply slot) gets exactly what a fresh tensor would."""
+    fresh, into = make_cache(), make_cache()
+    for cache in (fresh, into):
+        for request in "abc":
+            cache.reserve(request, 16)
+    for request_ids, positions, q, k, v in ragged_steps(CONFIG, seed=5):
+        expected = fresh.attend(0, request_ids, positions, q, k, v)
+        buffer = torch.full_like(q, float("nan"))
+        got = into.attend(0, request_ids, positions, q, k, v, out=buffer)
+        assert got is buffer and torch.equal(buffer, expected)
+    with pytest.raises(ValueError, match="out is"):
+        into.attend(1, *next(ragged_steps(CONFIG))[:2], *random_qkv(CONFIG, 9, torch.Generator()),
+                    out=torch.empty(9, CONFIG.num_heads, CONFIG.head_dim, dtype=torch.float64))
