@@ -592,6 +592,7 @@ class Channel:
 
     def _destroy_native(self) -> None:
         ch, self._ch = self._ch, None
+        self._fd = None  # closed with the channel
         if ch is not None:
             lib.lm_chan_destroy(ch)
 
@@ -875,12 +876,13 @@ class Channel:
         """Sleep on the channel's event fd (asyncio add_reader) until ready() holds."""
         deadline = time.monotonic() + self._timeout(timeout)
         loop = asyncio.get_running_loop()
-        if self._fd is None:
-            self._fd = check(lib.lm_chan_fd(self._handle()), f"channel {self.name}")
-        fd = self._fd
         while True:
+            handle = self._handle()  # ClosedError once closed, before touching its fd
+            if self._fd is None:
+                self._fd = check(lib.lm_chan_fd(handle), f"channel {self.name}")
+            fd = self._fd
             _drain_eventfd(fd)  # before looking, so no change after the look is missed
-            lib.lm_chan_progress(self._handle())
+            check(lib.lm_chan_progress(handle), f"channel {self.name}")
             if ready():
                 return
             self._raise_if_failed()
@@ -972,13 +974,18 @@ class ChannelGroup:
 
     def recv(self, microbatch: int | None = None, timeout: float | None = None) -> list[Message]:
         """One message from every channel (of one micro-batch, or the oldest of any)."""
+        if microbatch is not None:
+            self.channels[0]._check_microbatch(microbatch)
         n = len(self.channels)
         rc = lib.lm_chan_recv_group(self._handles(), n, -1 if microbatch is None else microbatch, self._msgs,
                                     self._timeout_ms(timeout), self._taken)
         if rc < 0:
             error = error_of(rc, "channel group")
             for i in range(self._taken[0]):  # taken before the failure: hand them back
-                self.channels[i]._message(self._msgs[i]).release()
+                try:
+                    self.channels[i]._message(self._msgs[i]).release()
+                except LaminaError:
+                    pass  # the first error is the one to report
             raise error
         if rc == 0:
             which = "any micro-batch" if microbatch is None else f"micro-batch {microbatch}"

@@ -275,10 +275,12 @@ class Endpoint:
         """Close; outstanding operations complete with CANCELED (still readable via poll)."""
         ep, self._ep = self._ep, None
         if ep is not None:
-            for hook in self._before_close:  # a channel owning this endpoint lets go of it first
-                hook()
-            self._before_close.clear()
-            lib.lm_ep_destroy(ep)
+            try:
+                for hook in self._before_close:  # a channel using this endpoint lets go of it first
+                    hook()
+            finally:
+                self._before_close.clear()
+                lib.lm_ep_destroy(ep)
             self.context._pump_nowait()
             self.context._endpoints.pop(self.id, None)
 

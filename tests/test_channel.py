@@ -518,3 +518,32 @@ def test_send_buffers_with_one_dtype_per_tensor(pair):
     assert model.metrics.staged_bytes == 0 and model.metrics.slot_messages == 1
     with pytest.raises(lc.InvalidArgumentError, match="2 dtypes for 1 shapes"):
         model.send_buffers(0, [(4,)], ["float16", "int64"])
+
+
+def test_asyncio_waits_write_out_held_credits(contexts):
+    """A receiver that only awaits arecv must still hand its slots back when credits
+    ride on its (never coming) next message: the sender's asend would wait forever."""
+    model_ctx, attention_ctx = contexts
+    model, attention = open_pair(model_ctx, attention_ctx, piggyback=True)
+
+    async def send_all() -> None:
+        for layer in range(6):  # three times the two slots of micro-batch 0
+            await model.asend([np.full(4, layer, np.float32)], layer=layer, microbatch=0, timeout=10)
+
+    async def receive_all() -> list[int]:
+        layers = []
+        for _ in range(6):
+            message = await attention.arecv(microbatch=0, timeout=10)
+            layers.append(message.layer)
+            message.release()
+        return layers
+
+    async def both() -> list[int]:
+        _, layers = await asyncio.gather(send_all(), receive_all())
+        return layers
+
+    try:
+        assert asyncio.run(both()) == list(range(6))
+    finally:
+        model.close()
+        attention.close()

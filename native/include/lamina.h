@@ -287,13 +287,16 @@ typedef struct lm_chan_stats {
 
 /* Bytes of the region one side registers for these params. */
 uint64_t lm_chan_region_bytes(const lm_chan_params_t *params);
-/* Create a channel over ep (which it then owns: its completions go to the
- * channel, lm_chan_destroy destroys it), our region mr (at least
- * lm_chan_region_bytes, zeroed) and the peer's region descriptor. LM_ERR_INVALID
- * for bad params or a peer region smaller than its layout. */
+/* Create a channel over ep, our region mr (at least lm_chan_region_bytes,
+ * zeroed) and the peer's region descriptor. From then on ep's completions go
+ * to the channel (do not wait on ep yourself); the caller still owns ep and
+ * mr. LM_ERR_INVALID for bad params or a region too small, LM_ERR_PROTOCOL
+ * for a peer region smaller than its layout. */
 int lm_chan_create(lm_ep_t *ep, lm_mr_t *mr, const lm_rdesc_t *peer, const lm_chan_params_t *params,
                    lm_chan_t **out);
-/* Close the endpoint (outstanding writes are canceled) and free; not the region. */
+/* Let go of the endpoint (its later completions go to the context's queue
+ * again) and free the channel; then destroy ep and mr. Not while another
+ * thread is inside a call on this channel. */
 void lm_chan_destroy(lm_chan_t *ch);
 /* Wait up to timeout_ms for the credit of the next send slot of a micro-batch;
  * *payload_offset: where its payload starts in our region (fill it in place).
@@ -319,7 +322,9 @@ int lm_chan_recv(lm_chan_t *ch, int32_t microbatch, lm_chan_msg_t *out, int time
 int lm_chan_release(lm_chan_t *ch, uint32_t microbatch, uint32_t slot, uint64_t seq);
 /* Write out held credits, then wait until every posted write completed. */
 int lm_chan_flush(lm_chan_t *ch, int timeout_ms);
-/* Run completions without waiting (credits and arrivals are then visible). */
+/* Run completions without waiting (credits and arrivals are then visible),
+ * then write out held credits (a caller about to sleep, as asyncio's, must
+ * not keep the peer waiting for them). */
 int lm_chan_progress(lm_chan_t *ch);
 /* Whether the next send slot of mb is free (after lm_chan_progress). */
 int lm_chan_slot_free(lm_chan_t *ch, uint32_t microbatch);

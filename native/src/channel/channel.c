@@ -171,7 +171,7 @@ static void notify(lm_chan_t *ch)
         ssize_t r = write(ch->event_fd, &one, sizeof(one));
         (void)r;
     }
-    lm_progress_kick(ch->ctx);
+    lm_progress_notify(ch->ctx);
 }
 
 /* ---- arrivals and credits (ch->lock held) --------------------------------- */
@@ -425,6 +425,17 @@ static int write_credit(lm_chan_t *ch, uint32_t mb, uint32_t slot, uint64_t seq)
     return rc == LM_ERR_PEER_LOST || rc == LM_ERR_CLOSED || rc == LM_ERR_CANCELED ? LM_OK : rc;
 }
 
+/* Put credits taken off the queue back at its head (their write failed). */
+static void requeue_credits_locked(lm_chan_t *ch, const uint32_t *idx, const uint64_t *seq, uint32_t n)
+{
+    for (uint32_t i = n; i-- > 0 && ch->cr_count < ch->ring;) {
+        ch->cr_head = (ch->cr_head + ch->ring - 1) % ch->ring;
+        ch->cr_count++;
+        ch->credit_idx[ch->cr_head] = idx[i];
+        ch->credit_seq[ch->cr_head] = seq[i];
+    }
+}
+
 /* Before this thread waits: the peer may be waiting for the credits we hold. */
 static int write_held_credits(lm_chan_t *ch)
 {
@@ -440,8 +451,12 @@ static int write_held_credits(lm_chan_t *ch)
         ch->cr_count--;
         pthread_mutex_unlock(&ch->lock);
         int rc = write_credit(ch, idx / ch->slots, idx % ch->slots, seq);
-        if (rc != LM_OK)
+        if (rc != LM_OK) {
+            pthread_mutex_lock(&ch->lock);
+            requeue_credits_locked(ch, &idx, &seq, 1);
+            pthread_mutex_unlock(&ch->lock);
             return rc;
+        }
     }
 }
 
@@ -614,11 +629,15 @@ int lm_chan_send(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_tenso
     /* Marked in use before posting: the peer's credit may come back before
      * lm_ep_write returns (another thread dispatches it). */
     chan_credit_t credits[LM_CHAN_MAX_PIGGYBACK];
+    uint32_t credit_idx[LM_CHAN_MAX_PIGGYBACK];
+    uint64_t credit_seq[LM_CHAN_MAX_PIGGYBACK];
     uint32_t ncredits = 0;
     uint32_t writes = how == FROM_REGION ? 2 : 1;
     pthread_mutex_lock(&ch->lock);
     while (ncredits < LM_CHAN_MAX_PIGGYBACK && ch->cr_count > 0) {
         uint32_t c = ch->credit_idx[ch->cr_head];
+        credit_idx[ncredits] = c;
+        credit_seq[ncredits] = ch->credit_seq[ch->cr_head];
         credits[ncredits++] = (chan_credit_t){.microbatch = (uint16_t)(c / ch->slots),
                                               .slot = (uint16_t)(c % ch->slots),
                                               .seq = (uint32_t)ch->credit_seq[ch->cr_head]};
@@ -650,6 +669,8 @@ int lm_chan_send(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_tenso
     ch->outstanding -= writes - posted;
     if (rc != LM_OK) {
         ch->busy[idx] = 0; /* nothing reached the peer in this slot */
+        if (posted == 0) /* the header never left: its credits are still ours to send */
+            requeue_credits_locked(ch, credit_idx, credit_seq, ncredits);
     } else {
         if (!raw)
             ch->send_seq[mb]++;
@@ -834,7 +855,8 @@ int lm_chan_progress(lm_chan_t *ch)
     pthread_mutex_lock(&ch->lock);
     start_locked(ch);
     pthread_mutex_unlock(&ch->lock);
-    return LM_OK;
+    /* Its callers may sleep next (asyncio): the peer may wait for our credits. */
+    return write_held_credits(ch);
 }
 
 int lm_chan_slot_free(lm_chan_t *ch, uint32_t mb)
@@ -852,6 +874,7 @@ int lm_chan_pending(lm_chan_t *ch, int32_t mb)
     if (!ch)
         return lm_fail(LM_ERR_INVALID, "lm_chan_pending: NULL channel");
     pthread_mutex_lock(&ch->lock);
+    start_locked(ch);
     int n = 0;
     for (size_t i = 0; i < ch->arr_count; i++)
         n += mb < 0 || (ch->arrived[(ch->arr_head + i) % ch->ring] >> 16) == (uint32_t)mb;
@@ -988,10 +1011,17 @@ int lm_chan_recv_group(lm_chan_t **chans, uint32_t n, int32_t mb, lm_chan_msg_t 
         }
         /* Channels of one context share its progress engine; others are driven
          * without waiting so none starves while we sleep on the first. */
+        bool mixed = false;
         for (uint32_t i = 1; i < n; i++)
-            if (chans[i]->ctx != chans[0]->ctx)
+            if (chans[i]->ctx != chans[0]->ctx) {
+                mixed = true;
                 lm_progress_drive(chans[i]->ctx, 0);
-        if (wait_step(chans[0], deadline) != LM_OK)
+            }
+        /* Asleep on the first context, we would not hear another's arrivals:
+         * with several contexts, sleep 1 ms at a time. */
+        uint64_t now = lm_now_ns();
+        uint64_t until = mixed && deadline - now > 1000000ull ? now + 1000000ull : deadline;
+        if (wait_step(chans[0], until) != LM_OK && until == deadline)
             return 0;
     }
 }

@@ -326,7 +326,7 @@ void lm_ep_push(lm_ep_t *ep, const lm_completion_t *c)
     if (sink)
         sink(ep->sink_arg, c);
     else
-        lm_cq_push(ep->ctx, c);
+        lm_cq_push_unsunk(ep, c);
 }
 
 void lm_ep_set_sink(lm_ep_t *ep, lm_sink_fn sink, void *arg)

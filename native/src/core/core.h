@@ -68,6 +68,9 @@ bool lm_cq_park_if_congested(lm_context_t *ctx, struct lm_io_handler *h);
 /* Hand every queued completion of ep_id to sink (in order, under the queue
  * lock) and install sink in *sink_slot meanwhile (lm_ep_set_sink). */
 struct lm_ep;
+/* lm_cq_push for an endpoint that had no sink when the caller looked:
+ * re-checked under the queue lock (lm_ep_push). */
+void lm_cq_push_unsunk(struct lm_ep *ep, const lm_completion_t *c);
 void lm_cq_take_endpoint(lm_context_t *ctx, struct lm_ep *ep, void (*sink)(void *, const lm_completion_t *),
                          void *arg);
 /* Forget a parked handler (lm_progress_del calls it). */
@@ -113,6 +116,9 @@ void lm_progress_posted(lm_context_t *ctx);
 /* Lease extensions (timerfd_settime calls by drivers) and progress-thread
  * resumptions so far: how often the hand-off cost was paid (tests, benches). */
 void lm_progress_stats(lm_context_t *ctx, uint64_t *lease_extensions, uint64_t *thread_resumes);
+/* A sink changed state some waiting thread looks at (a channel arrival or
+ * credit): wake waiters, including other drivers, when the round ends. */
+void lm_progress_notify(lm_context_t *ctx);
 /* Wake drivers blocked in epoll_wait (no-op inside dispatch). */
 void lm_progress_kick(lm_context_t *ctx);
 /* Call h again with LM_EV_RERUN before any dispatcher sleeps, whatever its
@@ -197,6 +203,7 @@ typedef struct lm_progress {
     atomic_bool rerun_pending;  /* the list is non-empty: do not sleep */
     uint64_t driver_epoll_ns;   /* a driver last looked at epoll (drive_lock) */
     uint32_t mode;              /* LM_PROGRESS_* (set before the thread starts) */
+    atomic_bool notified;       /* a sink changed a waiter's state in this round */
     lm_io_handler_t wake_handler;
 } lm_progress_t;
 

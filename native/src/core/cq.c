@@ -55,10 +55,33 @@ static int cq_grow(lm_cq_t *cq)
     return 0;
 }
 
+static void cq_push_locked(lm_context_t *ctx, const lm_completion_t *c);
+
 void lm_cq_push(lm_context_t *ctx, const lm_completion_t *c)
 {
-    lm_cq_t *cq = &ctx->cq;
+    pthread_mutex_lock(&ctx->cq.lock);
+    cq_push_locked(ctx, c);
+}
+
+void lm_cq_push_unsunk(lm_ep_t *ep, const lm_completion_t *c)
+{
+    lm_cq_t *cq = &ep->ctx->cq;
     pthread_mutex_lock(&cq->lock);
+    /* A sink installed since the caller looked (lm_cq_take_endpoint holds this
+     * lock while installing) gets it: nothing slips into the queue behind it. */
+    lm_sink_fn sink = atomic_load_explicit(&ep->sink, memory_order_acquire);
+    if (sink) {
+        pthread_mutex_unlock(&cq->lock);
+        sink(ep->sink_arg, c);
+        return;
+    }
+    cq_push_locked(ep->ctx, c);
+}
+
+/* Called with the queue lock held; releases it. */
+static void cq_push_locked(lm_context_t *ctx, const lm_completion_t *c)
+{
+    lm_cq_t *cq = &ctx->cq;
     if (cq->count == cq->capacity && cq_grow(cq) != 0) {
         /* Out of memory: overwrite nothing, but make the loss loud: polls
          * fail with LM_ERR_NO_MEMORY from now on (see cq_lost_error). */
@@ -209,5 +232,7 @@ void lm_cq_take_endpoint(lm_context_t *ctx, lm_ep_t *ep, void (*sink)(void *, co
         (void)r;
     }
     cq->count = kept;
+    if (atomic_load(&cq->congested) && cq->count < LM_CQ_RESUME_DEPTH)
+        cq_resume_parked_locked(ctx);
     pthread_mutex_unlock(&cq->lock);
 }

@@ -56,6 +56,8 @@
 static _Thread_local bool tls_dispatching;
 static _Thread_local bool tls_driving; /* an application thread inside lm_progress_drive */
 
+static void wake_others_if_notified(lm_progress_t *p);
+
 uint64_t lm_now_ns(void)
 {
     struct timespec ts;
@@ -274,6 +276,7 @@ static int poll_and_dispatch(lm_context_t *ctx, int timeout_ms)
         if (got > 0) {
             if (lm_now_ns() - p->driver_epoll_ns < LM_DRIVE_FAIR_NS) {
                 timers_sweep(p, true);
+                wake_others_if_notified(p);
                 tls_dispatching = false;
                 pthread_mutex_unlock(&p->drive_lock);
                 return got;
@@ -307,6 +310,7 @@ static int poll_and_dispatch(lm_context_t *ctx, int timeout_ms)
     }
     rerun_dispatch(p);
     timers_sweep(p, true);
+    wake_others_if_notified(p);
     tls_dispatching = false;
     pthread_mutex_unlock(&p->drive_lock);
     return n;
@@ -436,6 +440,30 @@ void lm_progress_stats(lm_context_t *ctx, uint64_t *lease_extensions, uint64_t *
     *lease_extensions = p->lease_extensions;
     *thread_resumes = p->thread_resumes;
     pthread_mutex_unlock(&p->lock);
+}
+
+void lm_progress_notify(lm_context_t *ctx)
+{
+    lm_progress_t *p = &ctx->progress;
+    if (tls_dispatching)
+        atomic_store(&p->notified, true); /* the round's end wakes the other waiters */
+    else
+        wake(p);
+}
+
+/* End of a dispatch round (drive_lock held): a sink changed some waiter's
+ * state in it. That waiter may be another thread, asleep in epoll or queued
+ * on drive_lock, and the round may have drained the wake fd (drain_wake), so
+ * wake them now, after the drain. */
+static void wake_others_if_notified(lm_progress_t *p)
+{
+    if (!atomic_exchange(&p->notified, false))
+        return;
+    pthread_mutex_lock(&p->lock);
+    int others = p->drivers - (tls_driving ? 1 : 0);
+    pthread_mutex_unlock(&p->lock);
+    if (others > 0)
+        wake(p);
 }
 
 void lm_progress_kick(lm_context_t *ctx)
