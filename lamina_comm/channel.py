@@ -944,6 +944,7 @@ class ChannelGroup:
         self._msgs = ffi.new("lm_chan_msg_t[]", n)
         self._tensors = ffi.new("lm_chan_tensor_t[]", n * MAX_TENSORS)
         self._taken = ffi.new("uint32_t *")
+        self._failed = ffi.new("int32_t *")
 
     def _handles(self) -> Any:
         for i, channel in enumerate(self.channels):
@@ -961,16 +962,30 @@ class ChannelGroup:
             raise InvalidArgumentError(f"{len(messages)} messages for {len(self.channels)} channels")
         at, sources = 0, []
         for i, (channel, tensors) in enumerate(zip(self.channels, messages)):
-            infos = channel._describe_message(tensors, microbatch, timeout)
+            try:
+                infos = channel._describe_message(tensors, microbatch, timeout)  # may stage (a credit wait)
+            except LaminaError as exc:
+                exc.channel_index = i
+                raise
             _fill_tensors(self._tensors, at, infos)
             self._counts[i] = len(infos)
             at += len(infos)
             sources.append(channel._source_for(infos))
         source = next((region for region in sources if region is not None), None)
-        check(lib.lm_chan_send_group(self._handles(), len(self.channels), layer, microbatch, self._tensors,
-                                     self._counts, source._handle() if source is not None else ffi.NULL,
-                                     self._timeout_ms(timeout), self._seqs), "channel group")
+        rc = lib.lm_chan_send_group(self._handles(), len(self.channels), layer, microbatch, self._tensors,
+                                    self._counts, source._handle() if source is not None else ffi.NULL,
+                                    self._timeout_ms(timeout), self._seqs, self._failed)
+        if rc < 0:
+            raise self._error(rc)
         return [self._seqs[i] for i in range(len(self.channels))]
+
+    def _error(self, rc: int) -> LaminaError:
+        """The typed error of a group call; .channel_index names the channel it came from (or None)."""
+        index = self._failed[0]
+        where = f"channel {self.channels[index].name}" if index >= 0 else "channel group"
+        error = error_of(rc, where)
+        error.channel_index = index if index >= 0 else None
+        return error
 
     def recv(self, microbatch: int | None = None, timeout: float | None = None) -> list[Message]:
         """One message from every channel (of one micro-batch, or the oldest of any)."""
@@ -978,9 +993,9 @@ class ChannelGroup:
             self.channels[0]._check_microbatch(microbatch)
         n = len(self.channels)
         rc = lib.lm_chan_recv_group(self._handles(), n, -1 if microbatch is None else microbatch, self._msgs,
-                                    self._timeout_ms(timeout), self._taken)
+                                    self._timeout_ms(timeout), self._taken, self._failed)
         if rc < 0:
-            error = error_of(rc, "channel group")
+            error = self._error(rc)
             for i in range(self._taken[0]):  # taken before the failure: hand them back
                 try:
                     self.channels[i]._message(self._msgs[i]).release()
@@ -989,8 +1004,13 @@ class ChannelGroup:
             raise error
         if rc == 0:
             which = "any micro-batch" if microbatch is None else f"micro-batch {microbatch}"
-            raise TimeoutError_(f"channel group: no message for {which} from every channel within "
-                                f"{self.channels[0]._timeout(timeout)} s")
+            wanted = -1 if microbatch is None else microbatch
+            silent = [i for i, channel in enumerate(self.channels) if lib.lm_chan_pending(channel._ch, wanted) <= 0]
+            error = TimeoutError_(f"channel group: no message for {which} from "
+                                  f"{', '.join(self.channels[i].name for i in silent)} within "
+                                  f"{self.channels[0]._timeout(timeout)} s")
+            error.channel_index = silent[0] if silent else None
+            raise error
         return [channel._message(self._msgs[i]) for i, channel in enumerate(self.channels)]
 
 

@@ -474,7 +474,7 @@ def test_a_channel_group_sends_and_collects_a_layer_in_one_call_each(contexts):
             assert [float(r.tensors[0][0]) for r in replies] == [-(10 * i + layer) for i in range(2)]
             for reply in replies:
                 reply.release()
-        with pytest.raises(lc.TimeoutError, match="from every channel"):
+        with pytest.raises(lc.TimeoutError, match="no message for micro-batch 0 from model-ep"):
             group.recv(microbatch=0, timeout=0.05)  # nothing in flight: a timeout takes nothing
     finally:
         for model, attention in pairs:
@@ -547,3 +547,20 @@ def test_asyncio_waits_write_out_held_credits(contexts):
     finally:
         model.close()
         attention.close()
+
+
+def test_a_channel_group_error_names_the_channel_it_came_from(contexts):
+    model_ctx, attention_ctx = contexts
+    pairs = [open_pair(model_ctx, attention_ctx) for _ in range(3)]
+    try:
+        group = lc_channel.ChannelGroup([model for model, _ in pairs])
+        pairs[1][1].close()  # worker 1 goes away
+        with pytest.raises((lc.PeerLostError, lc.TimeoutError)) as failed:
+            group.send([[np.zeros(4, np.float32)]] * 3, layer=0, microbatch=0)
+            group.recv(microbatch=0, timeout=10)
+        assert failed.value.channel_index == 1
+        assert pairs[1][0].name in str(failed.value)
+    finally:
+        for model, attention in pairs:
+            model.close()
+            attention.close()

@@ -346,12 +346,13 @@ int lm_chan_fd(lm_chan_t *ch);
  * lm_chan_recv_group waits until every channel has a message of mb (any when
  * mb < 0) and takes one from each into out[i], in one call: n, 0 on timeout
  * (nothing taken), or the first error (messages taken before it stay in
- * out[] and must be released: *taken says how many). */
+ * out[] and must be released: *taken says how many). On an error, *failed
+ * is the index of the channel it came from (-1 when none did). */
 int lm_chan_send_group(lm_chan_t **chans, uint32_t n, uint32_t layer, uint32_t microbatch,
                        const lm_chan_tensor_t *tensors, const uint32_t *counts, lm_mr_t *source, int timeout_ms,
-                       uint64_t *seqs);
+                       uint64_t *seqs, int32_t *failed);
 int lm_chan_recv_group(lm_chan_t **chans, uint32_t n, int32_t microbatch, lm_chan_msg_t *out, int timeout_ms,
-                       uint32_t *taken);
+                       uint32_t *taken, int32_t *failed);
 /* Tests and fuzzing: process an immediate as if it had arrived (the header
  * must already be in the slot). Returns the channel's error status or 0. */
 int lm_chan_inject_imm(lm_chan_t *ch, uint32_t imm);

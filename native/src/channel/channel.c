@@ -949,29 +949,33 @@ int lm_chan_test_state(lm_chan_t *ch, uint64_t recv_seq, uint64_t slot_seq)
 /* ---- groups -------------------------------------------------------------------- */
 
 int lm_chan_send_group(lm_chan_t **chans, uint32_t n, uint32_t layer, uint32_t mb, const lm_chan_tensor_t *tensors,
-                       const uint32_t *counts, lm_mr_t *source, int timeout_ms, uint64_t *seqs)
+                       const uint32_t *counts, lm_mr_t *source, int timeout_ms, uint64_t *seqs, int32_t *failed)
 {
-    if (!chans || !counts || !seqs)
+    if (!chans || !counts || !seqs || !failed)
         return lm_fail(LM_ERR_INVALID, "lm_chan_send_group: NULL argument");
+    *failed = -1;
     uint64_t deadline = deadline_of(timeout_ms);
     const lm_chan_tensor_t *next = tensors;
     for (uint32_t i = 0; i < n; i++) {
         uint64_t now = lm_now_ns();
         int left_ms = timeout_ms < 0 ? -1 : now >= deadline ? 0 : (int)((deadline - now) / 1000000);
         int rc = lm_chan_send(chans[i], layer, mb, next, counts[i], source, 0, left_ms, &seqs[i]);
-        if (rc != LM_OK)
+        if (rc != LM_OK) {
+            *failed = (int32_t)i;
             return rc;
+        }
         next += counts[i];
     }
     return LM_OK;
 }
 
 int lm_chan_recv_group(lm_chan_t **chans, uint32_t n, int32_t mb, lm_chan_msg_t *out, int timeout_ms,
-                       uint32_t *taken)
+                       uint32_t *taken, int32_t *failed)
 {
-    if (!chans || !out || !taken || n == 0)
+    if (!chans || !out || !taken || !failed || n == 0)
         return lm_fail(LM_ERR_INVALID, "lm_chan_recv_group: bad arguments");
     *taken = 0;
+    *failed = -1;
     uint64_t deadline = deadline_of(timeout_ms);
     for (int round = 0;; round++) {
         /* Take only once every channel has one, so a timeout takes nothing. */
@@ -979,13 +983,17 @@ int lm_chan_recv_group(lm_chan_t **chans, uint32_t n, int32_t mb, lm_chan_msg_t 
         for (uint32_t i = 0; i < n; i++) {
             int pending = lm_chan_pending(chans[i], mb);
             int err = lm_chan_error(chans[i]);
-            if (pending <= 0 && err != LM_OK)
+            if (pending <= 0 && err != LM_OK) {
+                *failed = (int32_t)i;
                 return err;
+            }
             ready += pending > 0;
         }
         if (ready == n) {
             for (uint32_t i = 0; i < n; i++) {
                 int rc = lm_chan_recv(chans[i], mb, &out[i], 0);
+                if (rc <= 0)
+                    *failed = (int32_t)i;
                 if (rc < 0)
                     return rc;
                 if (rc == 0) /* taken meanwhile: impossible with one application thread */
@@ -1001,8 +1009,10 @@ int lm_chan_recv_group(lm_chan_t **chans, uint32_t n, int32_t mb, lm_chan_msg_t 
         if (round == 1)
             for (uint32_t i = 0; i < n; i++) {
                 int rc = write_held_credits(chans[i]);
-                if (rc != LM_OK)
+                if (rc != LM_OK) {
+                    *failed = (int32_t)i;
                     return rc;
+                }
             }
         for (uint32_t i = 0; i < n; i++) {
             pthread_mutex_lock(&chans[i]->lock);
