@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from lamina_comm.channel import Channel, ChannelGroup, ChannelSpec, Message
+from lamina_comm.channel import Channel, ChannelSpec, Message
 from lamina_comm.errors import LaminaError, ProtocolError, TimeoutError_
 from lamina_comm.node import protocol
 from lamina_comm.node.kvcache import HeadRange, slice_heads, split_kv_heads
@@ -325,24 +325,25 @@ class AttentionPeer:
         return reply
 
     # -- data -------------------------------------------------------------
+    def send(self, tensors: list[Any], layer: int, microbatch: int) -> None:
+        try:
+            self.data.send(tensors, layer=layer, microbatch=microbatch)
+        except LaminaError as exc:
+            raise WorkerLost(self.index, self.address, exc) from exc
+        self.outstanding[microbatch] += 1
+
     def recv(self, layer: int, microbatch: int) -> Message:
         """The attention output of (layer, microbatch); the caller releases it."""
         message = self._take(microbatch)
-        try:
-            self.check_reply(message, layer)
-        except BaseException:
-            message.release()
-            raise
-        return message
-
-    def check_reply(self, message: Message, layer: int) -> None:
-        """An error reply, or one for another layer, raises (the caller releases the message)."""
         if message.layer == protocol.ERROR_LAYER:
-            raise AttentionStepError(f"attention worker {self.index} at {self.address}: "
-                                     f"{protocol.decode_error(message)}")
+            text = protocol.decode_error(message)
+            message.release()
+            raise AttentionStepError(f"attention worker {self.index} at {self.address}: {text}")
         if message.layer != layer:
+            message.release()
             raise WorkerLost(self.index, self.address,
                              ProtocolError(f"reply for layer {message.layer}, expected {layer}"))
+        return message
 
     def _take(self, microbatch: int) -> Message:
         try:
@@ -605,9 +606,7 @@ class PipelinedStep:
                                              tier.config.vocab_size, tier.device) for entries in plan]
         self.hidden: list[Optional[torch.Tensor]] = [None] * len(plan)
         self.logits: list[Optional[torch.Tensor]] = [None] * len(plan)
-        self._sent_ns: dict[int, int] = {}  # micro-batch -> when its layer went out
-        # A layer goes to every worker in one native call and comes back in one.
-        self.group = ChannelGroup([peer.data for peer in self.peers])
+        self._sent_ns: dict[tuple[int, int], int] = {}
 
     def begin(self, mb: int) -> None:
         self.hidden[mb] = self.tier.embed(self.inputs[mb].token_ids)
@@ -619,33 +618,17 @@ class PipelinedStep:
         # The batch description rides with layer 0; workers keep it for the other layers.
         meta = ([protocol.encode_step_meta(self.inputs[mb].request_ids, self.inputs[mb].positions)]
                 if layer == 0 else [])
-        messages = [[*slice_heads(*qkv, peer.kv_heads, self.group_size), *meta] for peer in self.peers]
-        self._sent_ns[mb] = time.perf_counter_ns()
-        try:
-            self.group.send(messages, layer=layer, microbatch=mb)
-        except LaminaError as exc:
-            failed = self._worker_of(exc)
-            for peer in self.peers[:failed]:  # those went out before the failure
-                peer.outstanding[mb] += 1
-            raise WorkerLost(self.peers[failed].index, self.peers[failed].address, exc) from exc
         for peer in self.peers:
-            peer.outstanding[mb] += 1
-
-    def _worker_of(self, exc: LaminaError) -> int:
-        index = getattr(exc, "channel_index", None)
-        return index if index is not None else 0
+            q, k, v = slice_heads(*qkv, peer.kv_heads, self.group_size)
+            self._sent_ns[(peer.index, mb)] = time.perf_counter_ns()
+            peer.send([q, k, v, *meta], layer, mb)
 
     def recv(self, layer: int, mb: int) -> torch.Tensor:
+        messages: list[Message] = []
         try:
-            messages = self.group.recv(microbatch=mb)
-        except LaminaError as exc:
-            failed = self.peers[self._worker_of(exc)]
-            raise WorkerLost(failed.index, failed.address, exc) from exc
-        for peer in self.peers:
-            peer.outstanding[mb] -= 1
-        try:
-            for peer, message in zip(self.peers, messages):
-                peer.check_reply(message, layer)
+            for peer in self.peers:
+                message = peer.recv(layer, mb)
+                messages.append(message)
                 self._observe_transfer(peer, layer, mb, int(message.tensors[1][0]), message.arrived_ns)
             parts = [message.torch()[0] for message in messages]
             # Concatenating copies out of the slots, so they can be released.
@@ -670,7 +653,7 @@ class PipelinedStep:
         # with two micro-batches the reply often waits for the other's compute.
         collected_ns = time.perf_counter_ns()
         arrived_ns = min(arrived_ns or collected_ns, collected_ns)
-        round_trip = max(0, arrived_ns - self._sent_ns[mb]) / 1e9
+        round_trip = max(0, arrived_ns - self._sent_ns[(peer.index, mb)]) / 1e9
         self.metrics.layer_round_trip.observe(round_trip, peer=peer.address, layer=layer)
         self.metrics.layer_transfer.observe(max(0.0, round_trip - attention_ns / 1e9), peer=peer.address,
                                             layer=layer)
