@@ -66,6 +66,16 @@ def test_rounds_interleave_calibration_and_measurement(tmp_path, capsys):
     assert len(report["steps_ms"]) == 4 and len(report["calibration"]["steps_ms"]) == 2
 
 
+def test_repeat_reports_the_spread_of_step_over_max(tmp_path, capsys):
+    report, out = run_and_load(tmp_path, capsys, "--repeat", "3", "--microbatches", "2")
+    ratios = [run["step_over_max"] for run in report["repeats"]]
+    assert len(ratios) == 3 and out.count("--- run ") == 3
+    spread = report["step_over_max_spread"]
+    assert spread == {"min": min(ratios), "median": sorted(ratios)[1], "max": max(ratios)}
+    assert report["runs_meeting_target"] == sum(r <= pipeline_bench.TARGET_RATIO for r in ratios)
+    assert "step / max over 3 runs" in out
+
+
 def test_bad_shape_is_a_usage_error(tmp_path, capsys):
     args = bench_args(tmp_path, "--kv-heads", "3")
     assert pipeline_bench.run(args) == 2

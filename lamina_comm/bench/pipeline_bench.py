@@ -644,6 +644,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--trace", metavar="FILE.json", help="Chrome trace of the measured steps, all processes")
     out.add_argument("--plot", metavar="FILE.png", help="Gantt chart of the measured steps (matplotlib)")
     out.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    out.add_argument("--repeat", type=int, default=1, metavar="N",
+                     help="run the whole benchmark N times (fresh workers each) and report the spread of "
+                          "step / max (min / median / max); trace and plot show the last run")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -651,18 +654,47 @@ def run(args: argparse.Namespace) -> int:
     if args.link_rate is not None and (reason := netns.unavailable_reason()):
         print(f"pipeline: skipped: {reason}", file=sys.stderr)
         return EXIT_SKIPPED
-    try:
-        result = run_benchmark(args)
-    except ValueError as err:
-        print(f"pipeline: {err}", file=sys.stderr)
+    if args.repeat < 1:
+        print("pipeline: --repeat must be >= 1", file=sys.stderr)
         return 2
-    except netns.NetnsUnavailable as err:
-        print(f"pipeline: skipped: {err}", file=sys.stderr)
-        return EXIT_SKIPPED
-    report, timelines = result["report"], result["timelines"]
-    print(format_report(report))
+    reports = []
+    for run_index in range(args.repeat):
+        try:
+            result = run_benchmark(args)
+        except ValueError as err:
+            print(f"pipeline: {err}", file=sys.stderr)
+            return 2
+        except netns.NetnsUnavailable as err:
+            print(f"pipeline: skipped: {err}", file=sys.stderr)
+            return EXIT_SKIPPED
+        if args.repeat > 1:
+            print(f"--- run {run_index + 1} of {args.repeat}")
+        print(format_report(result["report"]))
+        reports.append(result["report"])
+    report, timelines = reports[-1], result["timelines"]
+    if args.repeat > 1:
+        report = {**report, **spread_of(reports)}
+        print(format_spread(report))
     _write_outputs(args, report, timelines)
     return 0
+
+
+def spread_of(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """step / max of repeated runs: each, and min / median / max; how many met the target."""
+    ratios = [r["step_over_max"] for r in reports]
+    return {"repeats": [{"step_over_max": r["step_over_max"], "step_ms": r["step_ms"],
+                         "transfer_ms": r["transfer_ms"], "overlap_efficiency": r["overlap_efficiency"]}
+                        for r in reports],
+            "step_over_max_spread": {"min": min(ratios), "median": statistics.median(ratios), "max": max(ratios)},
+            "runs_meeting_target": sum(ratio <= TARGET_RATIO for ratio in ratios)}
+
+
+def format_spread(report: dict[str, Any]) -> str:
+    spread, runs = report["step_over_max_spread"], report["repeats"]
+    each = ", ".join(f"{r['step_over_max']:.3f}" for r in runs)
+    return (f"step / max over {len(runs)} runs: min {spread['min']:.3f}, median {spread['median']:.3f}, "
+            f"max {spread['max']:.3f} ({each}); {report['runs_meeting_target']} of {len(runs)} at or below "
+            f"{TARGET_RATIO}")
 
 
 def _write_outputs(args: argparse.Namespace, report: dict[str, Any], timelines: list[Timeline]) -> None:
