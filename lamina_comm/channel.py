@@ -332,7 +332,7 @@ class _TensorInfo:
 
 def _describe(obj: Any) -> _TensorInfo:
     cached = getattr(obj, "_lamina_info", None)  # a send_buffers() view: described once
-    if cached is not None:
+    if cached is not None and cached.shape == tuple(obj.shape):  # (numpy lets a view be reshaped in place)
         return cached
     if _is_torch(obj):
         info = _describe_torch(obj)

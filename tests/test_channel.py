@@ -564,3 +564,14 @@ def test_a_channel_group_error_names_the_channel_it_came_from(contexts):
         for model, attention in pairs:
             model.close()
             attention.close()
+
+
+def test_a_send_buffers_view_reshaped_in_place_is_described_again(pair):
+    model, attention = pair
+    (view,) = model.send_buffers(0, [(4, 8)], "float32")
+    view[:] = np.arange(32, dtype=np.float32).reshape(4, 8)
+    view.shape = (8, 4)  # numpy allows this on a contiguous view
+    model.send([view], layer=0, microbatch=0)
+    with attention.recv(microbatch=0, timeout=10) as message:
+        assert message.tensors[0].shape == (8, 4)
+        assert np.array_equal(message.tensors[0], np.arange(32, dtype=np.float32).reshape(8, 4))
