@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -46,6 +48,21 @@ def open_pair(model_ctx: lc.Context, attention_ctx: lc.Context, spec: ChannelSpe
         model.close()
         raise box["err"]
     return model, box["ch"]
+
+
+@contextlib.contextmanager
+def open_pairs(contexts: tuple[lc.Context, lc.Context], count: int,
+               piggyback: bool = False) -> Iterator[list[tuple[Channel, Channel]]]:
+    """count (model side, attention side) pairs on the same two contexts; all closed at the end."""
+    pairs: list[tuple[Channel, Channel]] = []
+    try:
+        for _ in range(count):
+            pairs.append(open_pair(*contexts, piggyback=piggyback))
+        yield pairs
+    finally:
+        for model, attention in pairs:
+            model.close()
+            attention.close()
 
 
 @pytest.fixture
@@ -353,9 +370,6 @@ def test_arecv_waits_on_the_context_fd(pair):
 
 
 def test_channels_sharing_a_context_await_concurrently(contexts):
-    model_ctx, attention_ctx = contexts
-    pairs = [open_pair(model_ctx, attention_ctx) for _ in range(2)]
-
     async def serve(attention: Channel) -> None:
         with await attention.arecv(timeout=WAIT_S) as request:
             await attention.asend(request.tensors[0], layer=request.layer, microbatch=request.microbatch,
@@ -366,18 +380,14 @@ def test_channels_sharing_a_context_await_concurrently(contexts):
         with await model.arecv(microbatch=0, timeout=WAIT_S) as reply:
             return int(reply.tensors[0].flat[0])
 
-    async def main() -> list[int]:
+    async def main(pairs: list[tuple[Channel, Channel]]) -> list[int]:
         servers = [asyncio.create_task(serve(attention)) for _, attention in pairs]
         answers = await asyncio.gather(*(ask(model, 20 + i) for i, (model, _) in enumerate(pairs)))
         await asyncio.gather(*servers)
         return answers
 
-    try:
-        assert asyncio.run(main()) == [20, 21]
-    finally:
-        for model, attention in pairs:
-            model.close()
-            attention.close()
+    with open_pairs(contexts, 2) as pairs:
+        assert asyncio.run(main(pairs)) == [20, 21]
 
 
 def test_arecv_times_out(pair):
@@ -454,9 +464,7 @@ def test_a_channel_receive_is_one_native_call_and_demultiplexes_natively(pair):
 
 def test_a_channel_group_sends_and_collects_a_layer_in_one_call_each(contexts):
     """One model worker, two attention workers: q/k/v out to both, both replies back."""
-    model_ctx, attention_ctx = contexts
-    pairs = [open_pair(model_ctx, attention_ctx, piggyback=True) for _ in range(2)]
-    try:
+    with open_pairs(contexts, 2, piggyback=True) as pairs:
         group = lc_channel.ChannelGroup([model for model, _ in pairs])
         for layer in range(6):
             mb = layer % 2
@@ -476,10 +484,6 @@ def test_a_channel_group_sends_and_collects_a_layer_in_one_call_each(contexts):
                 reply.release()
         with pytest.raises(lc.TimeoutError, match="no message for micro-batch 0 from model-ep"):
             group.recv(microbatch=0, timeout=0.05)  # nothing in flight: a timeout takes nothing
-    finally:
-        for model, attention in pairs:
-            model.close()
-            attention.close()
 
 
 def test_view_caches_stay_bounded_when_shapes_keep_changing(pair):
@@ -550,9 +554,7 @@ def test_asyncio_waits_write_out_held_credits(contexts):
 
 
 def test_a_channel_group_error_names_the_channel_it_came_from(contexts):
-    model_ctx, attention_ctx = contexts
-    pairs = [open_pair(model_ctx, attention_ctx) for _ in range(3)]
-    try:
+    with open_pairs(contexts, 3) as pairs:
         group = lc_channel.ChannelGroup([model for model, _ in pairs])
         pairs[1][1].close()  # worker 1 goes away
         with pytest.raises((lc.PeerLostError, lc.TimeoutError)) as failed:
@@ -560,10 +562,6 @@ def test_a_channel_group_error_names_the_channel_it_came_from(contexts):
             group.recv(microbatch=0, timeout=10)
         assert failed.value.channel_index == 1
         assert pairs[1][0].name in str(failed.value)
-    finally:
-        for model, attention in pairs:
-            model.close()
-            attention.close()
 
 
 def test_a_send_buffers_view_reshaped_in_place_is_described_again(pair):
