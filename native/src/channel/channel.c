@@ -481,11 +481,34 @@ int lm_chan_release(lm_chan_t *ch, uint32_t mb, uint32_t slot, uint64_t seq)
 
 /* ---- sending ----------------------------------------------------------------- */
 
+/* One round of a wait whose condition was just found false (round counts
+ * from 0): first a progress round without sleeping (it may already be in the
+ * socket), then the held credits go out (the peer may be waiting for them),
+ * then a failed endpoint fails the channel (the caller looks again and sees
+ * it), else one slice of progress. LM_ERR_TIMEOUT past the deadline. */
+static int wait_round(lm_chan_t *ch, int round, uint64_t deadline)
+{
+    if (round == 0) {
+        lm_progress_drive(ch->ctx, 0);
+        return LM_OK;
+    }
+    if (round == 1) {
+        int rc = write_held_credits(ch);
+        if (rc != LM_OK)
+            return rc;
+    }
+    pthread_mutex_lock(&ch->lock);
+    check_endpoint_locked(ch);
+    bool failed = ch->error != 0;
+    pthread_mutex_unlock(&ch->lock);
+    return failed ? LM_OK : wait_step(ch, deadline);
+}
+
 static int wait_credit(lm_chan_t *ch, uint32_t mb, uint32_t slot, int timeout_ms)
 {
     uint64_t deadline = deadline_of(timeout_ms), started = 0;
     uint32_t idx = mb * ch->slots + slot;
-    for (bool first = true;; first = false) {
+    for (int round = 0;; round++) {
         pthread_mutex_lock(&ch->lock);
         start_locked(ch);
         if (!ch->busy[idx] || ch->error) {
@@ -495,29 +518,21 @@ static int wait_credit(lm_chan_t *ch, uint32_t mb, uint32_t slot, int timeout_ms
             pthread_mutex_unlock(&ch->lock);
             return rc;
         }
-        if (!first)
-            check_endpoint_locked(ch);
-        pthread_mutex_unlock(&ch->lock);
-        if (first) {
-            lm_progress_drive(ch->ctx, 0); /* perhaps the credit is already here */
-            continue;
-        }
-        if (!started) {
+        if (round == 1) {
             started = lm_now_ns();
-            pthread_mutex_lock(&ch->lock);
             ch->st.credit_waits++;
-            pthread_mutex_unlock(&ch->lock);
-            int rc = write_held_credits(ch);
-            if (rc != LM_OK)
-                return rc;
         }
-        if (wait_step(ch, deadline) != LM_OK) {
+        pthread_mutex_unlock(&ch->lock);
+        int rc = wait_round(ch, round, deadline);
+        if (rc == LM_ERR_TIMEOUT) {
             pthread_mutex_lock(&ch->lock);
             ch->st.credit_wait_ns += lm_now_ns() - started;
             pthread_mutex_unlock(&ch->lock);
             return lm_fail(LM_ERR_TIMEOUT, "no credit for micro-batch %u (slot %u) within %d ms; the receiver "
                            "still holds the slot", mb, slot, timeout_ms);
         }
+        if (rc != LM_OK)
+            return rc;
     }
 }
 
@@ -806,20 +821,12 @@ int lm_chan_recv(lm_chan_t *ch, int32_t mb, lm_chan_msg_t *out, int timeout_ms)
             pthread_mutex_unlock(&ch->lock);
             return rc;
         }
-        if (round > 1)
-            check_endpoint_locked(ch);
         pthread_mutex_unlock(&ch->lock);
-        if (round == 0) {
-            lm_progress_drive(ch->ctx, 0); /* perhaps it is already in the socket */
-            continue;
-        }
-        if (round == 1) {
-            int rc = write_held_credits(ch);
-            if (rc != LM_OK)
-                return rc;
-        }
-        if (wait_step(ch, deadline) != LM_OK)
+        int rc = wait_round(ch, round, deadline);
+        if (rc == LM_ERR_TIMEOUT)
             return 0;
+        if (rc != LM_OK)
+            return rc;
     }
 }
 

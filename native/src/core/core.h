@@ -65,12 +65,12 @@ struct lm_io_handler;
  * re-runs it with LM_EV_RERUN once the application has polled the queue
  * below LM_CQ_RESUME_DEPTH. Cheap when not congested (one atomic load). */
 bool lm_cq_park_if_congested(lm_context_t *ctx, struct lm_io_handler *h);
-/* Hand every queued completion of ep_id to sink (in order, under the queue
- * lock) and install sink in *sink_slot meanwhile (lm_ep_set_sink). */
 struct lm_ep;
 /* lm_cq_push for an endpoint that had no sink when the caller looked:
  * re-checked under the queue lock (lm_ep_push). */
 void lm_cq_push_unsunk(struct lm_ep *ep, const lm_completion_t *c);
+/* Install ep's sink under the queue lock, and hand it every completion of ep
+ * already queued, in order (lm_ep_set_sink); a NULL sink uninstalls. */
 void lm_cq_take_endpoint(lm_context_t *ctx, struct lm_ep *ep, void (*sink)(void *, const lm_completion_t *),
                          void *arg);
 /* Forget a parked handler (lm_progress_del calls it). */
@@ -165,8 +165,8 @@ void lm_ep_complete(lm_ep_t *ep, uint32_t opcode, uint64_t wr_id, int status, ui
 /* Deliver one completion of ep: to its sink, else to the context's queue. */
 void lm_ep_push(lm_ep_t *ep, const lm_completion_t *c);
 /* Route ep's completions to sink from now on; those of ep already queued in
- * the context's completion queue are taken out and passed to `earlier` first
- * (under the queue lock, so none is lost or reordered). */
+ * the context's completion queue are taken out and passed to it first (under
+ * the queue lock, so none is lost or reordered). NULL routes them back. */
 void lm_ep_set_sink(lm_ep_t *ep, lm_sink_fn sink, void *arg);
 
 /* ---- context ---------------------------------------------------------- */

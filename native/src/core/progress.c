@@ -425,7 +425,7 @@ void lm_progress_posted(lm_context_t *ctx)
     lm_progress_t *p = &ctx->progress;
     if (tls_dispatching || tls_driving)
         return;
-    /* Racy read on purpose: at worst one extra or one late round. */
+    /* The lease may move once the lock is dropped: at worst one extra or one late round. */
     pthread_mutex_lock(&p->lock);
     bool due = p->lease_until_ns < lm_now_ns() + LM_LEASE_NS / 2;
     pthread_mutex_unlock(&p->lock);
