@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from lamina_comm.errors import LaminaError
-from lamina_comm.node.kvcache import PagedKVCache, RequestId
+from lamina_comm.node.kvcache import HeadRange, PagedKVCache, RequestId
 from lamina_comm.node.sampling import SamplingParams, make_generator, sample
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -578,9 +578,27 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]; cos, sin: [T, head_dim] (HF rotate_half convention)."""
-    return x * cos[:, None, :] + _rotate_half(x) * sin[:, None, :]
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x: [T, heads, head_dim]; cos, sin: [T, head_dim] (HF rotate_half convention).
+
+    ``out`` receives the result (the same final add, so the same bits).
+    """
+    return torch.add(x * cos[:, None, :], _rotate_half(x) * sin[:, None, :], out=out)
+
+
+@dataclass(frozen=True)
+class HeadOutputs:
+    """Where ``ModelTier.pre_attention_into`` writes one attention worker's heads.
+
+    q [T, local q heads, head_dim], k and v [T, local kv heads, head_dim]:
+    typically views of that worker's send slot, so nothing is copied to send.
+    """
+
+    kv_heads: HeadRange
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
 
 
 # attend(layer, request_ids, positions, q, k, v) -> attention output [T, num_heads, head_dim]
@@ -676,6 +694,35 @@ class ModelTier:
         v = F.linear(normed, weights.v_proj, weights.v_bias).view(num_tokens, self.config.num_kv_heads, head_dim)
         cos, sin = self._rotary(positions, hidden.dtype)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    @torch.inference_mode()
+    def pre_attention_into(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor,
+                           destinations: Sequence[HeadOutputs]) -> None:
+        """``pre_attention`` with each worker's heads written straight into its buffers.
+
+        Bit for bit what ``pre_attention`` and ``slice_heads`` give: q and k are
+        projected whole and the rotary's last (elementwise) op writes each head
+        slice into place; v, which has no rotary, is projected per destination
+        from its weight rows with ``out=`` (each output element is the same dot
+        product; tests/node check the parity on every run).
+        """
+        weights = self._layer(layer)
+        config = self.config
+        num_tokens, head_dim, group = hidden.shape[0], config.head_dim, config.group_size
+        normed = rms_norm(hidden, weights.input_norm, config.rms_norm_eps)
+        q = F.linear(normed, weights.q_proj, weights.q_bias).view(num_tokens, config.num_heads, head_dim)
+        k = F.linear(normed, weights.k_proj, weights.k_bias).view(num_tokens, config.num_kv_heads, head_dim)
+        cos, sin = self._rotary(positions, hidden.dtype)
+        for dest in destinations:
+            start, end = dest.kv_heads
+            apply_rotary(q[:, start * group:end * group], cos, sin, out=dest.q)
+            apply_rotary(k[:, start:end], cos, sin, out=dest.k)
+            rows = slice(start * head_dim, end * head_dim)
+            v_out = dest.v.view(num_tokens, (end - start) * head_dim)
+            if weights.v_bias is None:
+                torch.mm(normed, weights.v_proj[rows].t(), out=v_out)
+            else:
+                torch.addmm(weights.v_bias[rows], normed, weights.v_proj[rows].t(), out=v_out)
 
     @torch.inference_mode()
     def post_attention(self, layer: int, hidden: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ from lamina_comm.errors import LaminaError, ProtocolError, TimeoutError_
 from lamina_comm.node import protocol
 from lamina_comm.node.kvcache import HeadRange, slice_heads, split_kv_heads
 from lamina_comm.node.metrics import NodeMetrics
-from lamina_comm.node.model import LlamaConfig, LlamaWeights, ModelTier, StepInputs
+from lamina_comm.node.model import HeadOutputs, LlamaConfig, LlamaWeights, ModelTier, StepInputs
 from lamina_comm.node.sampling import SamplingError, SamplingParams, make_generator, sample_each
 from lamina_comm.pipeline import run_step
 from lamina_comm.timeline import Timeline
@@ -325,6 +325,14 @@ class AttentionPeer:
         return reply
 
     # -- data -------------------------------------------------------------
+    def send_buffers(self, microbatch: int, shapes: list[tuple[tuple[int, ...], Any]]) -> list[torch.Tensor]:
+        """Views of the next send slot of ``microbatch`` (once its credit is back), for send()."""
+        try:
+            return self.data.send_buffers(microbatch, [shape for shape, _ in shapes],
+                                          [dtype for _, dtype in shapes], as_torch=True)
+        except LaminaError as exc:
+            raise WorkerLost(self.index, self.address, exc) from exc
+
     def send(self, tensors: list[Any], layer: int, microbatch: int) -> None:
         try:
             self.data.send(tensors, layer=layer, microbatch=microbatch)
@@ -607,21 +615,50 @@ class PipelinedStep:
         self.hidden: list[Optional[torch.Tensor]] = [None] * len(plan)
         self.logits: list[Optional[torch.Tensor]] = [None] * len(plan)
         self._sent_ns: dict[tuple[int, int], int] = {}
+        # Slots are host memory: a CPU tier computes into them.
+        self._zero_copy = tier.device.type == "cpu"
 
     def begin(self, mb: int) -> None:
         self.hidden[mb] = self.tier.embed(self.inputs[mb].token_ids)
 
-    def pre(self, layer: int, mb: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.tier.pre_attention(layer, self.hidden[mb], self.inputs[mb].positions)
+    def pre(self, layer: int, mb: int) -> list[list[torch.Tensor]]:
+        """Each worker's message: q, k, v (and on layer 0 the step metadata).
 
-    def send(self, layer: int, mb: int, qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
-        # The batch description rides with layer 0; workers keep it for the other layers.
-        meta = ([protocol.encode_step_meta(self.inputs[mb].request_ids, self.inputs[mb].positions)]
-                if layer == 0 else [])
-        for peer in self.peers:
-            q, k, v = slice_heads(*qkv, peer.kv_heads, self.group_size)
+        Computed straight into the workers' send slots where the slots live
+        where the tier computes (host memory for a CPU tier): nothing is
+        staged. Elsewhere (a CUDA tier with host slots) the channel stages.
+        """
+        inputs = self.inputs[mb]
+        hidden = self.hidden[mb]
+        num_tokens = hidden.shape[0]
+        if not self._zero_copy:
+            qkv = self.tier.pre_attention(layer, hidden, inputs.positions)
+            meta = [protocol.encode_step_meta(inputs.request_ids, inputs.positions)] if layer == 0 else []
+            return [[*slice_heads(*qkv, peer.kv_heads, self.group_size), *meta] for peer in self.peers]
+        messages = [peer.send_buffers(mb, self._shapes(peer, num_tokens, with_meta=layer == 0))
+                    for peer in self.peers]
+        self.tier.pre_attention_into(layer, hidden, inputs.positions,
+                                     [HeadOutputs(peer.kv_heads, *views[:3])
+                                      for peer, views in zip(self.peers, messages)])
+        if layer == 0:
+            # The batch description rides with layer 0; workers keep it for the other layers.
+            for views in messages:
+                protocol.encode_step_meta(inputs.request_ids, inputs.positions, out=views[3])
+        return messages
+
+    def _shapes(self, peer: AttentionPeer, num_tokens: int, with_meta: bool) -> list[tuple[tuple[int, ...], Any]]:
+        head_dim, dtype = self.tier.config.head_dim, self.tier.config.dtype
+        local_kv = peer.kv_heads[1] - peer.kv_heads[0]
+        shapes = [((num_tokens, local_kv * self.group_size, head_dim), dtype),
+                  ((num_tokens, local_kv, head_dim), dtype), ((num_tokens, local_kv, head_dim), dtype)]
+        if with_meta:
+            shapes.append((protocol.step_meta_shape(num_tokens), "int64"))
+        return shapes
+
+    def send(self, layer: int, mb: int, messages: list[list[torch.Tensor]]) -> None:
+        for peer, tensors in zip(self.peers, messages):
             self._sent_ns[(peer.index, mb)] = time.perf_counter_ns()
-            peer.send([q, k, v, *meta], layer, mb)
+            peer.send(tensors, layer, mb)
 
     def recv(self, layer: int, mb: int) -> torch.Tensor:
         messages: list[Message] = []

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -387,8 +387,13 @@ class ControlLink:
         self._send(number, data)
 
     def _send(self, number: int, data: bytes) -> None:
-        for fragment in encode_fragments(data):
-            self.channel.send(fragment, layer=number, microbatch=self.microbatch, timeout=self.timeout)
+        # Each fragment is encoded straight into its send slot (the channel stages nothing).
+        for header, chunk in encode_fragments(data):
+            views = self.channel.send_buffers(self.microbatch, [header.shape, chunk.shape],
+                                              [header.dtype, chunk.dtype], timeout=self.timeout)
+            views[0][...] = header
+            views[1][...] = chunk
+            self.channel.send(views, layer=number, microbatch=self.microbatch, timeout=self.timeout)
 
     def _recv(self) -> Message:
         return self.channel.recv(microbatch=self.microbatch, timeout=self.timeout)
@@ -429,9 +434,17 @@ def parse_request_ids(message: Mapping[str, Any]) -> list[int]:
 # Data channel payloads
 
 
-def encode_step_meta(request_ids: Sequence[int], positions: torch.Tensor) -> torch.Tensor:
-    """int64 [2, T]: the owner request and position of every token of a micro-batch."""
-    meta = torch.empty((_META_ROWS, len(request_ids)), dtype=torch.int64)
+def step_meta_shape(num_tokens: int) -> tuple[int, int]:
+    return (_META_ROWS, num_tokens)
+
+
+def encode_step_meta(request_ids: Sequence[int], positions: torch.Tensor,
+                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """int64 [2, T]: the owner request and position of every token of a micro-batch.
+
+    ``out`` (a send-slot view of that shape) receives it in place.
+    """
+    meta = torch.empty(step_meta_shape(len(request_ids)), dtype=torch.int64) if out is None else out
     meta[0] = torch.as_tensor(list(request_ids), dtype=torch.int64)
     meta[1] = positions.to(device="cpu", dtype=torch.int64)
     return meta

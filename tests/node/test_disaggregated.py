@@ -140,6 +140,10 @@ def test_requests_joining_at_different_steps_match_the_monolithic_model_exactly(
                   for h in handles}
     joined = [first_step[h.id] for h in handles]
     assert joined[0] == joined[1] < joined[2] == joined[3] < joined[4], f"join steps {joined}"
+    # A CPU tier computes q/k/v into the send slots and control messages are
+    # encoded into them: the channels copied nothing.
+    channels = [worker["channel"] for worker in node.status()["workers"]]
+    assert all(c["messages"] > 0 and c["staged_bytes"] == 0 and c["staged_messages"] == 0 for c in channels), channels
 
 
 def replay_on_monolithic(records: list[Record], capacity: dict[int, int]) -> None:

@@ -15,6 +15,7 @@ pytest.importorskip("safetensors")
 from lamina_comm.node.kvcache import KVCacheFull, PagedKVCache, slice_heads, split_kv_heads  # noqa: E402
 from lamina_comm.node.model import (  # noqa: E402
     CheckpointError,
+    HeadOutputs,
     LlamaConfig,
     LlamaWeights,
     ModelTier,
@@ -420,6 +421,35 @@ def test_model_tier_shapes():
 def test_model_tier_rejects_weights_of_another_config():
     with pytest.raises(ValueError, match="weights were built for config"):
         ModelTier(LlamaConfig.tiny(), LlamaWeights.random(LlamaConfig.tiny(num_layers=2), seed=0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("name", list(PARITY_CONFIGS))
+def test_pre_attention_into_writes_each_workers_heads_bit_for_bit(name, dtype, device):
+    """The zero-copy path (projections written into send slots) == pre_attention + slice_heads."""
+    config = dataclasses.replace(PARITY_CONFIGS[name], dtype=dtype)
+    tier = ModelTier(config, perturbed_weights(config, seed=3), device=device)
+    generator = torch.Generator().manual_seed(1)
+    for num_tokens in (1, 5, 33):
+        hidden = torch.randn(num_tokens, config.hidden_size, generator=generator).to(config.torch_dtype).to(device)
+        positions = torch.randint(0, 4096, (num_tokens,), generator=generator)
+        expected = tier.pre_attention(1, hidden, positions)
+        for num_workers in sorted({1, min(2, config.num_kv_heads), config.num_kv_heads}):
+            destinations = []
+            for kv_heads in split_kv_heads(config.num_kv_heads, num_workers):
+                local_kv = kv_heads[1] - kv_heads[0]
+                # Poisoned buffers: every element must be written.
+                q = torch.full((num_tokens, local_kv * config.group_size, config.head_dim), float("nan"),
+                               dtype=config.torch_dtype, device=device)
+                kv = [torch.full((num_tokens, local_kv, config.head_dim), float("nan"),
+                                 dtype=config.torch_dtype, device=device) for _ in range(2)]
+                destinations.append(HeadOutputs(kv_heads, q, *kv))
+            tier.pre_attention_into(1, hidden, positions, destinations)
+            for dest in destinations:
+                want = slice_heads(*expected, dest.kv_heads, config.group_size)
+                for got, exp, what in zip((dest.q, dest.k, dest.v), want, "qkv"):
+                    assert torch.equal(got, exp), f"{what} of heads {dest.kv_heads} ({num_workers} workers, T={num_tokens})"
 
 
 def test_post_attention_with_zero_attention_is_residual_plus_ffn():
