@@ -192,15 +192,18 @@ uint32_t lm_ep_caps(lm_ep_t *ep);
 
 /* Post a one-sided write. Returns LM_OK when queued (the completion comes
  * later), or now: LM_ERR_INVALID (NULL or foreign arguments, unknown flags, a
- * local range outside the region, over 4 GiB) or the status that failed the
- * endpoint earlier (LM_ERR_PEER_LOST, LM_ERR_PROTOCOL, ...). Remote bounds,
+ * local range outside the region, over 4 GiB), LM_ERR_NO_MEMORY (the
+ * completion queue cannot grow to hold this operation's completion: nothing
+ * was posted; poll and retry) or the status that failed the endpoint earlier
+ * (LM_ERR_PEER_LOST, LM_ERR_PROTOCOL, ...). Remote bounds,
  * key and access are checked by the target: a refusal comes back as the
  * completion's status. Never waits for the peer: beyond the transport's queue
  * depth it queues in host memory. */
 int lm_ep_write(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t length,
                 const lm_rdesc_t *remote, uint64_t remote_off, uint32_t imm,
                 uint32_t flags, uint64_t wr_id);
-/* Post a one-sided read into a region with LM_ACCESS_LOCAL_WRITE. */
+/* Post a one-sided read into a region with LM_ACCESS_LOCAL_WRITE; returns
+ * as lm_ep_write. */
 int lm_ep_read(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t length,
                const lm_rdesc_t *remote, uint64_t remote_off, uint64_t wr_id);
 /* Operations posted and not yet completed on this endpoint. */
@@ -214,7 +217,9 @@ void lm_ep_destroy(lm_ep_t *ep);
  * Back-pressure: while 65536 (LM_CQ_PAUSE_DEPTH) completions wait unpolled,
  * the context stops reading new frames from its peers (their sends block, as
  * with RDMA's receiver-not-ready) and resumes once polled below half that.
- * If a completion could not be queued for lack of memory, every call returns
+ * Out of memory loses nothing: a post that has no room for its completion
+ * is refused (LM_ERR_NO_MEMORY), and arrivals pause as above while the queue
+ * cannot grow. Should a transport still overrun it, every call returns
  * LM_ERR_NO_MEMORY once the queue is empty (the loss is never silent). */
 int lm_cq_poll(lm_context_t *ctx, lm_completion_t *out, int max);
 /* Like lm_cq_poll but waits up to timeout_ms (-1: forever) for at least one;

@@ -573,6 +573,65 @@ static void test_unpolled_completions_pause_receiving(void)
     raw_close(&r);
 }
 
+/* Out of memory (the ring held at its first size): arrivals pause receiving
+ * instead of being lost, and a post that has no room for its completion is
+ * refused before anything is sent; polling recovers both, and every
+ * completion of what was accepted arrives. */
+static void test_out_of_memory_loses_no_completion(void)
+{
+    raw_peer_t r;
+    raw_open(&r);
+    r.ctx->cq.max_capacity = r.ctx->cq.capacity;
+    unsigned char dst[8];
+    lm_mr_t *md;
+    CHECK(lm_mr_register(r.ctx, dst, sizeof(dst), LM_ACCESS_REMOTE_WRITE, &md) == LM_OK);
+    lm_rdesc_t rd;
+    lm_mr_descriptor(md, &rd);
+    lm_tcp_hdr_t w = frame(LM_TCP_WRITE, 0, rd.key, 0, 0);
+    w.flags = LM_TCP_FLAG_IMM;
+    enum { MAX = 400000 };
+    uint64_t sent = flood_until_blocked(r.fd, w, 1, MAX);
+    CHECK(sent < MAX);
+    pthread_mutex_lock(&r.ctx->cq.lock);
+    CHECK(r.ctx->cq.starved && r.ctx->cq.count < r.ctx->cq.capacity); /* paused, not full */
+    pthread_mutex_unlock(&r.ctx->cq.lock);
+    uint64_t got = 0;
+    lm_completion_t c[256];
+    for (int idle = 0; got < sent && idle < 50;) {
+        int n = lm_cq_wait(r.ctx, c, 256, 100);
+        CHECK(n >= 0);
+        idle = n > 0 ? 0 : idle + 1;
+        got += n > 0 ? (uint64_t)n : 0;
+    }
+    CHECK(got == sent);
+    CHECK(r.ctx->cq.lost == 0 && lm_ep_error(r.ep) == 0);
+    raw_close(&r);
+
+    pair_t p;
+    pair_open(&p);
+    p.a->cq.max_capacity = p.a->cq.capacity;
+    unsigned char src[8] = {0}, target[8];
+    lm_mr_t *ms, *mt;
+    CHECK(lm_mr_register(p.a, src, sizeof(src), 0, &ms) == LM_OK);
+    CHECK(lm_mr_register(p.b, target, sizeof(target), LM_ACCESS_REMOTE_WRITE, &mt) == LM_OK);
+    lm_mr_descriptor(mt, &rd);
+    uint64_t posted = 0;
+    int rc = LM_OK;
+    while (posted < 2 * p.a->cq.capacity && (rc = lm_ep_write(p.ea, ms, 0, 8, &rd, 0, 0, 0, posted)) == LM_OK)
+        posted++;
+    CHECK(rc == LM_ERR_NO_MEMORY);
+    CHECK(posted + LM_CQ_HEADROOM <= p.a->cq.capacity);
+    for (uint64_t i = 0; i < posted; i++) {
+        lm_completion_t one = wait_one(p.a);
+        CHECK(one.wr_id == i && one.status == LM_OK);
+    }
+    CHECK(lm_ep_write(p.ea, ms, 0, 8, &rd, 0, 0, 0, posted) == LM_OK); /* room again */
+    lm_completion_t last = wait_one(p.a);
+    CHECK(last.wr_id == posted && last.status == LM_OK);
+    CHECK(p.a->cq.lost == 0 && atomic_load(&p.a->cq.reserved) == 0);
+    pair_close(&p);
+}
+
 /* Reads larger than a piece and more reads than the in-flight limit: all
  * complete, in order, with the right bytes (library on both ends). */
 static void test_reads_in_pieces_and_beyond_the_read_limit(void)
@@ -788,6 +847,7 @@ int main(void)
     test_read_flood_never_reading_fails_endpoint();
     test_refused_write_flood_blocks_then_recovers();
     test_unpolled_completions_pause_receiving();
+    test_out_of_memory_loses_no_completion();
     test_answers_overtake_reads_held_by_ord();
     test_ack_on_read_answer_keeps_completion_order();
     test_progress_lease();

@@ -278,11 +278,14 @@ int lm_ep_write(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t length
         return rc;
     if (flags & ~(uint32_t)LM_WRITE_IMM)
         return lm_fail(LM_ERR_INVALID, "lm_ep_write: unknown flags 0x%x", flags);
+    if ((rc = lm_cq_reserve(ep->ctx)) != LM_OK)
+        return rc;
     atomic_fetch_add(&ep->outstanding, 1);
     rc = ep->ops->ep_write(ep, local, local_off, length, remote, remote_off, imm, flags, wr_id);
-    if (rc != LM_OK)
+    if (rc != LM_OK) {
         atomic_fetch_sub(&ep->outstanding, 1);
-    else
+        lm_cq_unreserve(ep->ctx);
+    } else
         lm_progress_posted(ep->ctx);
     return rc;
 }
@@ -293,11 +296,14 @@ int lm_ep_read(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t length,
     int rc = check_op(ep, local, local_off, length, remote, LM_ACCESS_LOCAL_WRITE, "lm_ep_read");
     if (rc != LM_OK)
         return rc;
+    if ((rc = lm_cq_reserve(ep->ctx)) != LM_OK)
+        return rc;
     atomic_fetch_add(&ep->outstanding, 1);
     rc = ep->ops->ep_read(ep, local, local_off, length, remote, remote_off, wr_id);
-    if (rc != LM_OK)
+    if (rc != LM_OK) {
         atomic_fetch_sub(&ep->outstanding, 1);
-    else
+        lm_cq_unreserve(ep->ctx);
+    } else
         lm_progress_posted(ep->ctx);
     return rc;
 }
@@ -318,6 +324,7 @@ void lm_ep_complete(lm_ep_t *ep, uint32_t opcode, uint64_t wr_id, int status, ui
                          .status = status, .opcode = opcode};
     atomic_fetch_sub(&ep->outstanding, 1);
     lm_ep_push(ep, &c);
+    lm_cq_unreserve(ep->ctx); /* its place was held until now (lm_cq_reserve) */
 }
 
 void lm_ep_push(lm_ep_t *ep, const lm_completion_t *c)

@@ -56,10 +56,24 @@ int lm_mr_check(const lm_mr_t *mr, uint64_t off, uint64_t len, uint32_t access);
 #define LM_CQ_PAUSE_DEPTH 65536u
 #define LM_CQ_RESUME_DEPTH (LM_CQ_PAUSE_DEPTH / 2)
 
-/* Queue a completion. Never drops one silently: if the ring cannot grow
- * (out of memory) the loss is counted and every later lm_cq_poll/lm_cq_wait
- * fails with LM_ERR_NO_MEMORY once the queue is empty. */
+/* Room kept free beyond the reservations, for arrivals (write-imm) that a
+ * transport pushes after its last lm_cq_park_if_congested check: the ring
+ * grows before it is used, and when it cannot grow the queue counts as
+ * congested, so receiving pauses instead of a completion being lost. */
+#define LM_CQ_HEADROOM 1024u
+
+/* Queue a completion. A posted operation's completion always has its
+ * reserved place (lm_cq_reserve); an arrival uses the headroom. Only if a
+ * transport overran the headroom would one be lost, and then loudly: the
+ * loss is counted and every later lm_cq_poll/lm_cq_wait fails with
+ * LM_ERR_NO_MEMORY once the queue is empty. */
 void lm_cq_push(lm_context_t *ctx, const lm_completion_t *c);
+/* Reserve the queue place of one operation's completion before it is posted
+ * (growing the ring if needed): LM_OK, or LM_ERR_NO_MEMORY and the operation
+ * must not be posted. lm_cq_unreserve gives it back once the completion was
+ * delivered (queued or handed to a sink), or when the post failed. */
+int lm_cq_reserve(lm_context_t *ctx);
+void lm_cq_unreserve(lm_context_t *ctx);
 struct lm_io_handler;
 /* If the queue is at LM_CQ_PAUSE_DEPTH, park h (true): the progress engine
  * re-runs it with LM_EV_RERUN once the application has polled the queue
@@ -174,9 +188,12 @@ typedef struct lm_cq {
     pthread_mutex_t lock;
     lm_completion_t *ring;
     size_t capacity, head, count;
-    atomic_bool congested;  /* count >= LM_CQ_PAUSE_DEPTH (read without the lock) */
+    atomic_bool congested;  /* count >= LM_CQ_PAUSE_DEPTH, or starved (read without the lock) */
+    bool starved;           /* the ring could not grow to keep LM_CQ_HEADROOM free */
+    atomic_size_t reserved; /* places held for posted operations' completions */
+    size_t max_capacity;    /* growth limit (SIZE_MAX; tests lower it to act out of memory) */
     lm_io_handler_t *parked; /* handlers waiting for the queue to drain */
-    uint64_t lost;          /* completions dropped for lack of memory (sticky error) */
+    uint64_t lost;          /* completions dropped: a transport overran the headroom (sticky error) */
     int event_fd;          /* readable while count > 0, once fd_wanted */
     atomic_bool fd_wanted; /* set by lm_context_fd: saves two syscalls per batch otherwise */
 } lm_cq_t;

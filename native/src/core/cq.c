@@ -5,7 +5,13 @@
  * Growth is bounded by back-pressure, not by dropping: at LM_CQ_PAUSE_DEPTH
  * unpolled completions the transports park their receive sides here
  * (lm_cq_park_if_congested) and stop reading their peers' frames; polling
- * below LM_CQ_RESUME_DEPTH queues them for a re-run. */
+ * below LM_CQ_RESUME_DEPTH queues them for a re-run.
+ *
+ * Memory running out loses nothing either: every posted operation reserves
+ * its completion's place before it is posted (a post that cannot fails with
+ * LM_ERR_NO_MEMORY), and arrivals find LM_CQ_HEADROOM places kept free; when
+ * the ring cannot grow to keep them, the queue counts as congested ("starved")
+ * and receiving pauses until polling makes room. */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,6 +29,7 @@ int lm_cq_init(lm_cq_t *cq)
     if (!cq->ring)
         return lm_fail(LM_ERR_NO_MEMORY, "completion queue allocation failed");
     cq->capacity = CQ_INITIAL_CAPACITY;
+    cq->max_capacity = SIZE_MAX;
     cq->event_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (cq->event_fd < 0) {
         free(cq->ring);
@@ -43,6 +50,8 @@ void lm_cq_fini(lm_cq_t *cq)
 static int cq_grow(lm_cq_t *cq)
 {
     size_t cap = cq->capacity * 2;
+    if (cap > cq->max_capacity || cap > SIZE_MAX / sizeof(lm_completion_t))
+        return -1;
     lm_completion_t *ring = malloc(cap * sizeof(*ring));
     if (!ring)
         return -1;
@@ -53,6 +62,36 @@ static int cq_grow(lm_cq_t *cq)
     cq->capacity = cap;
     cq->head = 0;
     return 0;
+}
+
+/* Grow until `want` places are free beyond the queued, the reserved and the
+ * headroom; false when the ring cannot grow (cq lock held). */
+static bool cq_make_room_locked(lm_cq_t *cq, size_t want)
+{
+    while (cq->capacity < cq->count + atomic_load(&cq->reserved) + want + LM_CQ_HEADROOM)
+        if (cq_grow(cq) != 0)
+            return false;
+    return true;
+}
+
+int lm_cq_reserve(lm_context_t *ctx)
+{
+    lm_cq_t *cq = &ctx->cq;
+    pthread_mutex_lock(&cq->lock);
+    bool room = cq_make_room_locked(cq, 1);
+    if (room)
+        atomic_fetch_add(&cq->reserved, 1);
+    size_t capacity = cq->capacity;
+    pthread_mutex_unlock(&cq->lock);
+    if (!room)
+        return lm_fail(LM_ERR_NO_MEMORY, "completion queue cannot grow past %zu entries (out of memory): "
+                       "operation not posted; poll completions and retry", capacity);
+    return LM_OK;
+}
+
+void lm_cq_unreserve(lm_context_t *ctx)
+{
+    atomic_fetch_sub(&ctx->cq.reserved, 1);
 }
 
 static void cq_push_locked(lm_context_t *ctx, const lm_completion_t *c);
@@ -83,8 +122,9 @@ static void cq_push_locked(lm_context_t *ctx, const lm_completion_t *c)
 {
     lm_cq_t *cq = &ctx->cq;
     if (cq->count == cq->capacity && cq_grow(cq) != 0) {
-        /* Out of memory: overwrite nothing, but make the loss loud: polls
-         * fail with LM_ERR_NO_MEMORY from now on (see cq_lost_error). */
+        /* Unreachable while transports honour congestion (the headroom and
+         * the reservations cover every push); if not, overwrite nothing and
+         * make the loss loud: polls fail with LM_ERR_NO_MEMORY from now on. */
         bool first = cq->lost++ == 0;
         pthread_mutex_unlock(&cq->lock);
         if (first)
@@ -95,6 +135,12 @@ static void cq_push_locked(lm_context_t *ctx, const lm_completion_t *c)
     bool was_empty = cq->count++ == 0;
     if (cq->count == LM_CQ_PAUSE_DEPTH)
         atomic_store(&cq->congested, true);
+    /* Grow ahead of need; when that fails, pause arrivals while the headroom
+     * still holds what transports may push before they see it. */
+    if (!cq->starved && !cq_make_room_locked(cq, 0)) {
+        cq->starved = true;
+        atomic_store(&cq->congested, true);
+    }
     if (was_empty && atomic_load(&cq->fd_wanted)) {
         uint64_t one = 1;
         ssize_t n = write(cq->event_fd, &one, sizeof(one));
@@ -149,6 +195,22 @@ static void cq_resume_parked_locked(lm_context_t *ctx)
     }
 }
 
+/* After the queue shrank: end a congestion once it is below the resume depth
+ * and, if it was starved, the headroom (twice over, so that it does not
+ * flap) is free again (cq lock held). */
+static void cq_settle_locked(lm_context_t *ctx)
+{
+    lm_cq_t *cq = &ctx->cq;
+    if (!atomic_load(&cq->congested) || cq->count >= LM_CQ_RESUME_DEPTH)
+        return;
+    if (cq->starved) {
+        if (!cq_make_room_locked(cq, LM_CQ_HEADROOM))
+            return;
+        cq->starved = false;
+    }
+    cq_resume_parked_locked(ctx);
+}
+
 static int cq_take_locked(lm_context_t *ctx, lm_completion_t *out, int max)
 {
     lm_cq_t *cq = &ctx->cq;
@@ -158,8 +220,7 @@ static int cq_take_locked(lm_context_t *ctx, lm_completion_t *out, int max)
         cq->head = (cq->head + 1) % cq->capacity;
         cq->count--;
     }
-    if (atomic_load(&cq->congested) && cq->count < LM_CQ_RESUME_DEPTH)
-        cq_resume_parked_locked(ctx);
+    cq_settle_locked(ctx);
     if (n > 0 && cq->count == 0 && atomic_load(&cq->fd_wanted)) {
         uint64_t drained;
         ssize_t r = read(cq->event_fd, &drained, sizeof(drained));
@@ -232,7 +293,6 @@ void lm_cq_take_endpoint(lm_context_t *ctx, lm_ep_t *ep, void (*sink)(void *, co
         (void)r;
     }
     cq->count = kept;
-    if (atomic_load(&cq->congested) && cq->count < LM_CQ_RESUME_DEPTH)
-        cq_resume_parked_locked(ctx);
+    cq_settle_locked(ctx);
     pthread_mutex_unlock(&cq->lock);
 }
