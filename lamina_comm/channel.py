@@ -73,15 +73,16 @@ _MAX_MICROBATCHES = 1 << 12
 _MAX_SLOTS = 1 << 16
 
 # Wire dtype name -> (code, numpy storage dtype). numpy has no bfloat16: stored as uint16.
+# Wire code (lamina.h LM_DTYPE_*) and numpy storage of each dtype name.
 _DTYPES: dict[str, tuple[int, np.dtype]] = {
-    "float16": (1, np.dtype(np.float16)),
-    "bfloat16": (2, np.dtype(np.uint16)),
-    "float32": (3, np.dtype(np.float32)),
-    "int32": (4, np.dtype(np.int32)),
-    "int64": (5, np.dtype(np.int64)),
-    "uint8": (6, np.dtype(np.uint8)),
-    "int8": (7, np.dtype(np.int8)),
-    "float64": (8, np.dtype(np.float64)),
+    "float16": (lib.LM_DTYPE_FLOAT16, np.dtype(np.float16)),
+    "bfloat16": (lib.LM_DTYPE_BFLOAT16, np.dtype(np.uint16)),  # numpy has none: raw 16-bit words
+    "float32": (lib.LM_DTYPE_FLOAT32, np.dtype(np.float32)),
+    "int32": (lib.LM_DTYPE_INT32, np.dtype(np.int32)),
+    "int64": (lib.LM_DTYPE_INT64, np.dtype(np.int64)),
+    "uint8": (lib.LM_DTYPE_UINT8, np.dtype(np.uint8)),
+    "int8": (lib.LM_DTYPE_INT8, np.dtype(np.int8)),
+    "float64": (lib.LM_DTYPE_FLOAT64, np.dtype(np.float64)),
 }
 _DTYPE_BY_CODE = {code: name for name, (code, _) in _DTYPES.items()}
 _NAME_BY_STORAGE = {storage: name for name, (_, storage) in _DTYPES.items() if name != "bfloat16"}

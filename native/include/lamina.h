@@ -253,6 +253,16 @@ typedef struct lm_chan lm_chan_t;
 #define LM_CHAN_MAX_NDIM 4
 #define LM_CHAN_MAX_PIGGYBACK 4
 #define LM_CHAN_WIRE_VERSION 1
+/* Wire dtype codes of lm_chan_tensor_t.dtype (the one table: the Python
+ * layer reads these; docs/channel.md). */
+#define LM_DTYPE_FLOAT16 1
+#define LM_DTYPE_BFLOAT16 2
+#define LM_DTYPE_FLOAT32 3
+#define LM_DTYPE_INT32 4
+#define LM_DTYPE_INT64 5
+#define LM_DTYPE_UINT8 6
+#define LM_DTYPE_INT8 7
+#define LM_DTYPE_FLOAT64 8
 /* lm_chan_send flags. */
 #define LM_CHAN_SEND_RAW_SEQ 1 /* tests: use *seq as given, do not advance the counter */
 

@@ -23,6 +23,14 @@ extern "C" {
  * status of a failed operation. */
 int lm_bench_pingpong(lm_context_t *ctx, lm_ep_t *ep, lm_mr_t *mr, const lm_rdesc_t *remote,
                       uint64_t size, uint32_t iters, int initiator, int timeout_ms, uint64_t *rtt_ns);
+/* The same exchange through a channel, as the Python loop of `lamina-bench
+ * channel` does it but with no interpreter: the initiator sends one uint8
+ * tensor of `size` bytes from its next send slot (region: the host address
+ * of the channel's registered region) on micro-batch 0, waits for the reply
+ * and releases it; the responder receives, releases, and replies the same
+ * way. Returns as lm_bench_pingpong, or a channel error. */
+int lm_bench_chan_pingpong(lm_chan_t *ch, void *region, uint64_t size, uint32_t iters, int initiator,
+                           int timeout_ms, uint64_t *rtt_ns);
 /* CDEF END */
 
 #ifdef __cplusplus

@@ -24,7 +24,7 @@ typedef struct lm_transport_ops {
     /* Optional (may be NULL): a nonblocking drain of the interface's
      * completion sources, without touching its fds' readiness (a verbs CQ
      * stays armed, or its channel event pending, so a later epoll sleep is
-     * still woken). Returns how many completions it delivered (lm_cq_push /
+     * still woken). Returns how many completions it delivered (lm_ep_push /
      * lm_ep_complete). Called with the dispatch lock held, like handlers: a
      * thread waiting in lm_cq_wait spins on it briefly before sleeping. */
     int (*iface_poll)(void *iface);

@@ -1,4 +1,5 @@
 /* pingpong.c - the latency loop of lamina-bench, in C (see lamina_bench.h). */
+#include <stdint.h>
 #include <time.h>
 
 #include "lamina_bench.h"
@@ -45,6 +46,52 @@ int lm_bench_pingpong(lm_context_t *ctx, lm_ep_t *ep, lm_mr_t *mr, const lm_rdes
             rc = await_imm(ctx, timeout_ms);
         if (rc == LM_OK && !initiator)
             rc = lm_ep_write(ep, mr, 0, size, remote, 0, i, LM_WRITE_IMM, i);
+        if (rc != LM_OK)
+            return rc;
+        if (initiator)
+            rtt_ns[i] = now_ns() - t0;
+    }
+    return LM_OK;
+}
+
+static int chan_send(lm_chan_t *ch, uint8_t *region, uint64_t size, uint32_t layer, int timeout_ms)
+{
+    uint64_t offset, seq;
+    int rc = lm_chan_send_slot(ch, 0, timeout_ms, &offset);
+    if (rc != LM_OK)
+        return rc;
+    lm_chan_tensor_t t = {.addr = (uint64_t)(uintptr_t)(region + offset), .nbytes = size,
+                          .shape = {(uint32_t)size}, .dtype = LM_DTYPE_UINT8, .ndim = 1};
+    return lm_chan_send(ch, layer, 0, &t, 1, NULL, 0, timeout_ms, &seq);
+}
+
+static int chan_take(lm_chan_t *ch, int timeout_ms, uint32_t *layer)
+{
+    lm_chan_msg_t msg;
+    int rc = lm_chan_recv(ch, 0, &msg, timeout_ms);
+    if (rc == 0)
+        return LM_ERR_TIMEOUT;
+    if (rc < 0)
+        return rc;
+    *layer = msg.layer;
+    return lm_chan_release(ch, msg.microbatch, msg.slot, msg.seq);
+}
+
+int lm_bench_chan_pingpong(lm_chan_t *ch, void *region, uint64_t size, uint32_t iters, int initiator,
+                           int timeout_ms, uint64_t *rtt_ns)
+{
+    if (!ch || !region || (initiator && !rtt_ns) || size > UINT32_MAX)
+        return LM_ERR_INVALID;
+    for (uint32_t i = 0; i < iters; i++) {
+        uint64_t t0 = now_ns();
+        uint32_t layer = i & 0xFFFF;
+        int rc = LM_OK;
+        if (initiator)
+            rc = chan_send(ch, region, size, layer, timeout_ms);
+        if (rc == LM_OK)
+            rc = chan_take(ch, timeout_ms, &layer);
+        if (rc == LM_OK && !initiator)
+            rc = chan_send(ch, region, size, layer, timeout_ms);
         if (rc != LM_OK)
             return rc;
         if (initiator)

@@ -100,7 +100,10 @@ struct lm_chan {
     atomic_bool fd_wanted;
 };
 
-static const uint8_t itemsize_of[] = {0, 2, 2, 4, 4, 8, 1, 1, 8}; /* by wire dtype code */
+static const uint8_t itemsize_of[] = { /* by wire dtype code; 0: not a code */
+    [LM_DTYPE_FLOAT16] = 2, [LM_DTYPE_BFLOAT16] = 2, [LM_DTYPE_FLOAT32] = 4, [LM_DTYPE_INT32] = 4,
+    [LM_DTYPE_INT64] = 8,   [LM_DTYPE_UINT8] = 1,    [LM_DTYPE_INT8] = 1,    [LM_DTYPE_FLOAT64] = 8,
+};
 
 static uint64_t align_up(uint64_t n)
 {

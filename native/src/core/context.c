@@ -318,22 +318,29 @@ int lm_ep_error(lm_ep_t *ep)
     return ep ? atomic_load(&ep->error) : LM_ERR_INVALID;
 }
 
+static void deliver(lm_ep_t *ep, const lm_completion_t *c, bool reserved)
+{
+    lm_sink_fn sink = atomic_load_explicit(&ep->sink, memory_order_acquire);
+    if (!sink) {
+        lm_cq_push_unsunk(ep, c, reserved);
+        return;
+    }
+    sink(ep->sink_arg, c);
+    if (reserved)
+        lm_cq_unreserve(ep->ctx);
+}
+
 void lm_ep_complete(lm_ep_t *ep, uint32_t opcode, uint64_t wr_id, int status, uint64_t bytes)
 {
     lm_completion_t c = {.wr_id = wr_id, .ep_id = ep->id, .byte_len = status == LM_OK ? bytes : 0,
                          .status = status, .opcode = opcode};
     atomic_fetch_sub(&ep->outstanding, 1);
-    lm_ep_push(ep, &c);
-    lm_cq_unreserve(ep->ctx); /* its place was held until now (lm_cq_reserve) */
+    deliver(ep, &c, true); /* into the place lm_cq_reserve held for it */
 }
 
 void lm_ep_push(lm_ep_t *ep, const lm_completion_t *c)
 {
-    lm_sink_fn sink = atomic_load_explicit(&ep->sink, memory_order_acquire);
-    if (sink)
-        sink(ep->sink_arg, c);
-    else
-        lm_cq_push_unsunk(ep, c);
+    deliver(ep, c, false);
 }
 
 void lm_ep_set_sink(lm_ep_t *ep, lm_sink_fn sink, void *arg)

@@ -62,16 +62,10 @@ int lm_mr_check(const lm_mr_t *mr, uint64_t off, uint64_t len, uint32_t access);
  * congested, so receiving pauses instead of a completion being lost. */
 #define LM_CQ_HEADROOM 1024u
 
-/* Queue a completion. A posted operation's completion always has its
- * reserved place (lm_cq_reserve); an arrival uses the headroom. Only if a
- * transport overran the headroom would one be lost, and then loudly: the
- * loss is counted and every later lm_cq_poll/lm_cq_wait fails with
- * LM_ERR_NO_MEMORY once the queue is empty. */
-void lm_cq_push(lm_context_t *ctx, const lm_completion_t *c);
 /* Reserve the queue place of one operation's completion before it is posted
  * (growing the ring if needed): LM_OK, or LM_ERR_NO_MEMORY and the operation
- * must not be posted. lm_cq_unreserve gives it back once the completion was
- * delivered (queued or handed to a sink), or when the post failed. */
+ * must not be posted. The completion's delivery uses it up (lm_ep_complete);
+ * lm_cq_unreserve gives it back when the post failed. */
 int lm_cq_reserve(lm_context_t *ctx);
 void lm_cq_unreserve(lm_context_t *ctx);
 struct lm_io_handler;
@@ -80,9 +74,13 @@ struct lm_io_handler;
  * below LM_CQ_RESUME_DEPTH. Cheap when not congested (one atomic load). */
 bool lm_cq_park_if_congested(lm_context_t *ctx, struct lm_io_handler *h);
 struct lm_ep;
-/* lm_cq_push for an endpoint that had no sink when the caller looked:
- * re-checked under the queue lock (lm_ep_push). */
-void lm_cq_push_unsunk(struct lm_ep *ep, const lm_completion_t *c);
+/* Queue a completion of an endpoint that had no sink when the caller looked
+ * (re-checked under the queue lock: lm_ep_push). A posted operation's
+ * completion (reserved) takes the place lm_cq_reserve held for it; an arrival
+ * uses the headroom. Only if a transport overran the headroom would one be
+ * lost, and then loudly: the loss is counted and every later
+ * lm_cq_poll/lm_cq_wait fails with LM_ERR_NO_MEMORY once the queue is empty. */
+void lm_cq_push_unsunk(struct lm_ep *ep, const lm_completion_t *c, bool reserved);
 /* Install ep's sink under the queue lock, and hand it every completion of ep
  * already queued, in order (lm_ep_set_sink); a NULL sink uninstalls. */
 void lm_cq_take_endpoint(lm_context_t *ctx, struct lm_ep *ep, void (*sink)(void *, const lm_completion_t *),

@@ -78,7 +78,11 @@ int lm_cq_reserve(lm_context_t *ctx)
 {
     lm_cq_t *cq = &ctx->cq;
     pthread_mutex_lock(&cq->lock);
-    bool room = cq_make_room_locked(cq, 1);
+    /* Reservations stop short of the arrivals' headroom twice over: a queue
+     * starved of it (arrivals paused, acknowledgements unread with them) then
+     * always recovers once the application polls what is queued, without
+     * waiting for reserved completions that cannot arrive meanwhile. */
+    bool room = cq_make_room_locked(cq, 1 + LM_CQ_HEADROOM);
     if (room)
         atomic_fetch_add(&cq->reserved, 1);
     size_t capacity = cq->capacity;
@@ -94,15 +98,9 @@ void lm_cq_unreserve(lm_context_t *ctx)
     atomic_fetch_sub(&ctx->cq.reserved, 1);
 }
 
-static void cq_push_locked(lm_context_t *ctx, const lm_completion_t *c);
+static void cq_push_locked(lm_context_t *ctx, const lm_completion_t *c, bool reserved);
 
-void lm_cq_push(lm_context_t *ctx, const lm_completion_t *c)
-{
-    pthread_mutex_lock(&ctx->cq.lock);
-    cq_push_locked(ctx, c);
-}
-
-void lm_cq_push_unsunk(lm_ep_t *ep, const lm_completion_t *c)
+void lm_cq_push_unsunk(lm_ep_t *ep, const lm_completion_t *c, bool reserved)
 {
     lm_cq_t *cq = &ep->ctx->cq;
     pthread_mutex_lock(&cq->lock);
@@ -112,13 +110,17 @@ void lm_cq_push_unsunk(lm_ep_t *ep, const lm_completion_t *c)
     if (sink) {
         pthread_mutex_unlock(&cq->lock);
         sink(ep->sink_arg, c);
+        if (reserved)
+            lm_cq_unreserve(ep->ctx);
         return;
     }
-    cq_push_locked(ep->ctx, c);
+    cq_push_locked(ep->ctx, c, reserved);
 }
 
-/* Called with the queue lock held; releases it. */
-static void cq_push_locked(lm_context_t *ctx, const lm_completion_t *c)
+/* Called with the queue lock held; releases it. A reserved completion takes
+ * the place held for it (the reservation becomes the entry, never counted
+ * twice). */
+static void cq_push_locked(lm_context_t *ctx, const lm_completion_t *c, bool reserved)
 {
     lm_cq_t *cq = &ctx->cq;
     if (cq->count == cq->capacity && cq_grow(cq) != 0) {
@@ -126,6 +128,8 @@ static void cq_push_locked(lm_context_t *ctx, const lm_completion_t *c)
          * the reservations cover every push); if not, overwrite nothing and
          * make the loss loud: polls fail with LM_ERR_NO_MEMORY from now on. */
         bool first = cq->lost++ == 0;
+        if (reserved)
+            atomic_fetch_sub(&cq->reserved, 1);
         pthread_mutex_unlock(&cq->lock);
         if (first)
             lm_progress_kick(ctx);
@@ -133,6 +137,8 @@ static void cq_push_locked(lm_context_t *ctx, const lm_completion_t *c)
     }
     cq->ring[(cq->head + cq->count) % cq->capacity] = *c;
     bool was_empty = cq->count++ == 0;
+    if (reserved)
+        atomic_fetch_sub(&cq->reserved, 1);
     if (cq->count == LM_CQ_PAUSE_DEPTH)
         atomic_store(&cq->congested, true);
     /* Grow ahead of need; when that fails, pause arrivals while the headroom
