@@ -75,11 +75,11 @@ def test_server_rejects_a_bad_request():
                                            "transport": "tcp"}).encode())
 
 
-def test_channel_bench_reports_both_round_trips(tmp_path):
+def test_channel_bench_reports_the_three_round_trips(tmp_path):
     out = tmp_path / "ch.json"
     r = bench("channel", "--sizes", "64,4K", "-n", "50", "--transport", "tcp", "--out_json", str(out))
     assert r.returncode == 0, r.stderr
-    assert "channel p50" in r.stdout and "transport p50" in r.stdout
+    assert "channel p50" in r.stdout and "transport p50" in r.stdout and "native p50" in r.stdout
     report = json.loads(out.read_text())
     assert report["test"] == "channel" and report["piggyback_credits"] is True
     assert [row["bytes"] for row in report["results"]] == [64, 4096]
@@ -88,3 +88,5 @@ def test_channel_bench_reports_both_round_trips(tmp_path):
         assert 0 < row["channel_rtt_min_us"] <= row["channel_rtt_p50_us"] <= row["channel_rtt_p99_us"]
         assert 0 < row["transport_rtt_min_us"] <= row["transport_rtt_p50_us"] <= row["transport_rtt_p99_us"]
         assert row["ratio_p50"] == pytest.approx(row["channel_rtt_p50_us"] / row["transport_rtt_p50_us"])
+        assert 0 < row["native_channel_rtt_p50_us"] <= row["native_channel_rtt_p99_us"]
+        assert row["native_ratio_p50"] == pytest.approx(row["native_channel_rtt_p50_us"] / row["transport_rtt_p50_us"])

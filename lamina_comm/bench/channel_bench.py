@@ -6,14 +6,18 @@ process serves, in one run and for the same sizes:
 
   transport  lm_bench_pingpong: a write-with-immediate of S bytes each way,
              the loop in C (the floor: what the transport itself costs);
+  native     lm_bench_chan_pingpong: the channel exchange below, the loop in
+             C (what the native channel adds to the transport);
   channel    Channel.send of one S-byte tensor from a send slot (zero copy),
              the peer's Channel.recv, its reply of S bytes the same way, and
-             the release of both slots (credits piggybacked by default).
+             the release of both slots (credits piggybacked by default);
+             channel - native is what the Python layer costs.
 
 Columns are round trips (not halves), perftest-style; --out_json writes
 {"results": [{"bytes", "channel_rtt_p50_us", "transport_rtt_p50_us",
-"channel_rtt_p99_us", "transport_rtt_p99_us", "ratio_p50", ...}]}. Target
-(issue 10): channel p50 <= 1.2 x transport p50 at 64 B and at 64 KiB.
+"native_channel_rtt_p50_us", "channel_rtt_p99_us", "transport_rtt_p99_us",
+"ratio_p50", "native_ratio_p50", ...}]}. Target (issue 10): channel p50 <=
+1.2 x transport p50 at 64 B and at 64 KiB.
 """
 from __future__ import annotations
 
@@ -57,6 +61,10 @@ def _responder(conn: Any, sizes: list[int], iters: int, transport: str, progress
             check(lib.lm_bench_pingpong(ctx._handle(), ep._handle(), mr._handle(), remote._native, size,
                                         iters + WARMUP, 0, _TIMEOUT_MS, ffi.NULL), "transport responder")
         with chans.accept(timeout=30) as ch:
+            region = ffi.cast("void *", ch._buf.ctypes.data)
+            for size in sizes:
+                check(lib.lm_bench_chan_pingpong(ch._handle(), region, size, iters + WARMUP, 0, _TIMEOUT_MS,
+                                                 ffi.NULL), "native channel responder")
             for size in sizes:
                 for _ in range(iters + WARMUP):
                     with ch.recv(microbatch=0) as request:
@@ -78,6 +86,13 @@ def _transport_rtts(ctx: tr.Context, ep: tr.Endpoint, mr: tr.MemoryRegion, remot
     return np.frombuffer(ffi.buffer(rtt), dtype=np.uint64)[WARMUP:].astype(np.int64)
 
 
+def _native_channel_rtts(ch: Channel, size: int, iters: int) -> np.ndarray:
+    rtt = ffi.new("uint64_t[]", iters + WARMUP)
+    check(lib.lm_bench_chan_pingpong(ch._handle(), ffi.cast("void *", ch._buf.ctypes.data), size, iters + WARMUP,
+                                     1, _TIMEOUT_MS, rtt), "native channel ping-pong")
+    return np.frombuffer(ffi.buffer(rtt), dtype=np.uint64)[WARMUP:].astype(np.int64)
+
+
 def _channel_rtts(ch: Channel, size: int, iters: int) -> np.ndarray:
     rtts = np.empty(iters, dtype=np.int64)
     for i in range(iters + WARMUP):
@@ -91,7 +106,8 @@ def _channel_rtts(ch: Channel, size: int, iters: int) -> np.ndarray:
     return rtts
 
 
-def _row(size: int, iters: int, channel_ns: np.ndarray, transport_ns: np.ndarray) -> dict[str, Any]:
+def _row(size: int, iters: int, channel_ns: np.ndarray, transport_ns: np.ndarray,
+         native_ns: np.ndarray) -> dict[str, Any]:
     def pct(a: np.ndarray, q: float) -> float:
         return float(np.percentile(a, q)) / 1e3
 
@@ -99,8 +115,10 @@ def _row(size: int, iters: int, channel_ns: np.ndarray, transport_ns: np.ndarray
            "channel_rtt_p50_us": pct(channel_ns, 50), "channel_rtt_p99_us": pct(channel_ns, 99),
            "channel_rtt_min_us": float(channel_ns.min()) / 1e3,
            "transport_rtt_p50_us": pct(transport_ns, 50), "transport_rtt_p99_us": pct(transport_ns, 99),
-           "transport_rtt_min_us": float(transport_ns.min()) / 1e3}
+           "transport_rtt_min_us": float(transport_ns.min()) / 1e3,
+           "native_channel_rtt_p50_us": pct(native_ns, 50), "native_channel_rtt_p99_us": pct(native_ns, 99)}
     row["ratio_p50"] = row["channel_rtt_p50_us"] / row["transport_rtt_p50_us"]
+    row["native_ratio_p50"] = row["native_channel_rtt_p50_us"] / row["transport_rtt_p50_us"]
     return row
 
 
@@ -126,8 +144,10 @@ def run_channel_bench(args: argparse.Namespace) -> dict[str, Any]:
             transport_ns = {size: _transport_rtts(ctx, ep, mr, remote, size, args.iters) for size in sizes}
             with Channel.connect(ctx, ("127.0.0.1", chan_port), _spec(max(sizes)),
                                  piggyback_credits=not args.no_piggyback) as ch:
+                native_ns = {size: _native_channel_rtts(ch, size, args.iters) for size in sizes}
                 for size in sizes:
-                    rows.append(_row(size, args.iters, _channel_rtts(ch, size, args.iters), transport_ns[size]))
+                    rows.append(_row(size, args.iters, _channel_rtts(ch, size, args.iters), transport_ns[size],
+                                     native_ns[size]))
                 ch.flush()
                 if not parent.poll(30):
                     raise SystemExit("lamina-bench channel: the responder did not finish")
@@ -144,15 +164,18 @@ def run_channel_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def format_report(report: dict[str, Any]) -> str:
-    line = "-" * 118
+    line = "-" * 140
     out = [f" lamina-bench channel: transport={report['transport']} progress={report['progress']} "
            f"piggyback_credits={report['piggyback_credits']} (round trips, usec)", line,
            f" {'#bytes':<10} {'#iterations':<12} {'channel p50':<13} {'channel p99':<13} {'channel min':<13} "
-           f"{'transport p50':<15} {'transport p99':<15} {'channel/transport p50'}"]
+           f"{'native p50':<12} {'transport p50':<15} {'transport p99':<15} {'channel/transport p50':<23}"
+           f"{'native/transport p50'}"]
     for r in report["results"]:
         out.append(f" {r['bytes']:<10} {r['iterations']:<12} {r['channel_rtt_p50_us']:<13.2f} "
                    f"{r['channel_rtt_p99_us']:<13.2f} {r['channel_rtt_min_us']:<13.2f} "
-                   f"{r['transport_rtt_p50_us']:<15.2f} {r['transport_rtt_p99_us']:<15.2f} {r['ratio_p50']:.2f}")
+                   f"{r['native_channel_rtt_p50_us']:<12.2f} "
+                   f"{r['transport_rtt_p50_us']:<15.2f} {r['transport_rtt_p99_us']:<15.2f} {r['ratio_p50']:<23.2f}"
+                   f"{r['native_ratio_p50']:.2f}")
     out.append(line)
     return "\n".join(out)
 
