@@ -254,21 +254,25 @@ int lm_cq_wait(lm_context_t *ctx, lm_completion_t *out, int max, int timeout_ms)
 {
     if (!ctx || !out || max <= 0)
         return lm_fail(LM_ERR_INVALID, "lm_cq_wait: bad arguments");
-    uint64_t deadline = timeout_ms < 0 ? UINT64_MAX : lm_now_ns() + (uint64_t)timeout_ms * 1000000ull;
+    uint64_t deadline = UINT64_MAX;
     for (bool first = true;; first = false) {
         int n = lm_cq_poll(ctx, out, max);
         if (n > 0 && first)
             lm_progress_touch(ctx);
         if (n != 0)
             return n; /* completions, or the sticky out-of-memory error */
-        uint64_t now = lm_now_ns();
-        if (now >= deadline)
-            return timeout_ms == 0 ? lm_cq_poll(ctx, out, max) : 0;
-        uint64_t left_ms = deadline == UINT64_MAX ? 100 : (deadline - now + 999999) / 1000000;
-        /* Bounded rounds so a deadline is never overshot by much. */
-        lm_progress_drive(ctx, timeout_ms == 0 ? 0 : (int)(left_ms < 100 ? left_ms : 100));
         if (timeout_ms == 0)
             return lm_cq_poll(ctx, out, max);
+        /* The clock only once there is something to wait for (where it is no
+         * vDSO read, as in an emulated guest, each read is a syscall). */
+        uint64_t now = lm_now_ns();
+        if (first && timeout_ms > 0)
+            deadline = now + (uint64_t)timeout_ms * 1000000ull;
+        if (now >= deadline)
+            return 0;
+        uint64_t left_ms = deadline == UINT64_MAX ? 100 : (deadline - now + 999999) / 1000000;
+        /* Bounded rounds so a deadline is never overshot by much. */
+        lm_progress_drive(ctx, (int)(left_ms < 100 ? left_ms : 100));
     }
 }
 

@@ -122,6 +122,8 @@ void lm_timer_cancel(lm_context_t *ctx, lm_timer_t *t)
  * asked, and return nanoseconds until the next (-1: none). */
 static int64_t timers_sweep(lm_progress_t *p, bool fire)
 {
+    if (!p->timers)
+        return -1; /* no clock read: where it is no vDSO read (an emulated guest's hpet) it is dear */
     uint64_t now = lm_now_ns(), first = UINT64_MAX;
     lm_timer_t **pp = &p->timers;
     while (*pp) {
@@ -234,14 +236,31 @@ static void rerun_dispatch(lm_progress_t *p)
  * drive_lock, tls_dispatching set. The hooks leave the fds' readiness alone
  * (a verbs CQ stays armed or its event pending), so the epoll sleep that may
  * follow is still woken by anything that arrives after the last pass. */
-static int drive_spin(lm_context_t *ctx, uint64_t budget_ns)
+/* Spin passes between two clock reads (a power of two), per thread: tuned so
+ * that reads come every SPIN_CLOCK_MIN_NS..2x apart. A pass on a NIC's CQ is
+ * tens of nanoseconds; where the clock is no vDSO read (an emulated guest's
+ * hpet: a syscall and an emulated device read, over a microsecond) a read
+ * every few passes would cost more than the polling, and slow the loop that
+ * should notice the next completion. */
+#define SPIN_CLOCK_MIN_NS 8000u
+static _Thread_local uint32_t tls_spin_stride = 16;
+
+static void adapt_spin_stride(uint64_t since_last_read_ns)
+{
+    if (since_last_read_ns < SPIN_CLOCK_MIN_NS && tls_spin_stride < (1u << 16))
+        tls_spin_stride <<= 1;
+    else if (since_last_read_ns > 4 * SPIN_CLOCK_MIN_NS && tls_spin_stride > 1)
+        tls_spin_stride >>= 1;
+}
+
+static int drive_spin(lm_context_t *ctx, uint64_t budget_ns, uint64_t *now)
 {
     bool any = false;
     for (int t = 0; t < LM_MAX_TRANSPORTS; t++)
         any |= ctx->transports[t] && ctx->transports[t]->iface_poll;
     if (!any)
         return 0;
-    uint64_t start = lm_now_ns();
+    uint64_t start = *now; /* *now: the latest clock read, kept current for the caller */
     int got = 0;
     for (uint32_t pass = 1;; pass++) {
         for (int t = 0; t < LM_MAX_TRANSPORTS; t++) {
@@ -251,14 +270,19 @@ static int drive_spin(lm_context_t *ctx, uint64_t budget_ns)
         }
         if (got > 0 || budget_ns == 0)
             return got;
-        /* The clock every 16 passes: where it is no vDSO read (an emulated
-         * guest's hpet), a read per pass costs more than the poll itself. */
-        if (pass % 16 == 0 && lm_now_ns() - start >= budget_ns)
-            return got;
+        if ((pass & (tls_spin_stride - 1)) == 0) {
+            uint64_t t = lm_now_ns();
+            adapt_spin_stride(t - *now);
+            *now = t;
+            if (t - start >= budget_ns)
+                return got;
+        }
     }
 }
 
-static int poll_and_dispatch(lm_context_t *ctx, int timeout_ms)
+/* One dispatch round. *now: the clock at entry, read once by a driver and
+ * kept current (within one clock stride of the spin) for the caller's lease. */
+static int poll_and_dispatch(lm_context_t *ctx, int timeout_ms, uint64_t *now)
 {
     lm_progress_t *p = &ctx->progress;
     struct epoll_event events[MAX_EVENTS];
@@ -272,9 +296,10 @@ static int poll_and_dispatch(lm_context_t *ctx, int timeout_ms)
         if (timer_ns >= 0 && (uint64_t)timer_ns < budget)
             budget = (uint64_t)timer_ns;
         tls_dispatching = true;
-        int got = drive_spin(ctx, budget);
+        *now = lm_now_ns();
+        int got = drive_spin(ctx, budget, now);
         if (got > 0) {
-            if (lm_now_ns() - p->driver_epoll_ns < LM_DRIVE_FAIR_NS) {
+            if (*now - p->driver_epoll_ns < LM_DRIVE_FAIR_NS) {
                 timers_sweep(p, true);
                 wake_others_if_notified(p);
                 tls_dispatching = false;
@@ -300,7 +325,7 @@ static int poll_and_dispatch(lm_context_t *ctx, int timeout_ms)
     int n = epoll_pwait2(p->epoll_fd, events, MAX_EVENTS, timeout_ns < 0 ? NULL : &ts, NULL);
     pthread_mutex_lock(&p->drive_lock);
     if (tls_driving)
-        p->driver_epoll_ns = lm_now_ns();
+        p->driver_epoll_ns = *now = lm_now_ns();
     tls_dispatching = true;
     if (n > 0 && atomic_load(&p->del_epoch) == epoch) {
         for (int i = 0; i < n; i++) {
@@ -383,7 +408,8 @@ static void *progress_main(void *arg)
         park_while_driven(p);
         if (atomic_load(&p->stop))
             break;
-        poll_and_dispatch(ctx, -1);
+        uint64_t unused;
+        poll_and_dispatch(ctx, -1, &unused);
         pthread_mutex_lock(&p->lock);
         p->thread_in_epoll = false;
         pthread_mutex_unlock(&p->lock);
@@ -400,11 +426,12 @@ void lm_progress_drive(lm_context_t *ctx, int timeout_ms)
         wake(p); /* move the thread out of epoll_wait and into its park */
     pthread_mutex_unlock(&p->lock);
     tls_driving = true;
-    poll_and_dispatch(ctx, timeout_ms);
+    uint64_t now = 0;
+    poll_and_dispatch(ctx, timeout_ms, &now);
     tls_driving = false;
     pthread_mutex_lock(&p->lock);
     p->drivers--;
-    lease_extend_locked(p, lm_now_ns());
+    lease_extend_locked(p, now ? now : lm_now_ns());
     /* epoll wakes one waiter per event, so a thread that had not parked yet
      * may sit in epoll_wait with a stale timeout while we drove: look again. */
     if (p->drivers == 0 && p->thread_in_epoll)
