@@ -1,10 +1,8 @@
 """The channel itself: Channel, its received Message, ChannelListener, and the registered rings."""
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import math
-import os
 import time
 from typing import Any, Callable, Sequence
 
@@ -20,8 +18,6 @@ from .views import TensorView, _as_tensor_view, _copy_into, _describe, _describe
 
 DEFAULT_TIMEOUT_S = 30.0
 _PAGE = 4096
-# Blocking waits are sliced so a dead peer is noticed and asyncio waiters re-check.
-_WAIT_SLICE_S = 0.5
 # Views kept per channel (send_buffers layouts, received tensor layouts); a
 # peer that keeps changing shapes only empties the cache, never grows it.
 _VIEW_CACHE_MAX = 256
@@ -460,32 +456,27 @@ class Channel:
 
     async def _await(self, ready: Callable[[], bool], timeout: float | None,
                      on_timeout: Callable[[], LaminaError]) -> None:
-        """Sleep on the channel's event fd (asyncio add_reader) until ready() holds."""
-        deadline = time.monotonic() + self._timeout(timeout)
-        loop = asyncio.get_running_loop()
-        while True:
-            handle = self._handle()  # ClosedError once closed, before touching its fd
-            if self._fd is None:
-                self._fd = check(lib.lm_chan_fd(handle), f"channel {self.name}")
-            fd = self._fd
-            _drain_eventfd(fd)  # before looking, so no change after the look is missed
-            check(lib.lm_chan_progress(handle), f"channel {self.name}")
-            if ready():
-                return
+        """Sleep on the channel's event fd (Context.await_fd) until ready() holds."""
+        def look() -> bool:
+            # A non-blocking round first: it also writes out held credits, which
+            # an asyncio receiver must not keep its sender waiting for.
+            check(lib.lm_chan_progress(self._handle()), f"channel {self.name}")
+            return ready()
+
+        def raise_if_failed() -> None:
             self._raise_if_failed()
             if self.endpoint.error is not None:
                 raise self.endpoint.error
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise on_timeout()
-            readable = loop.create_future()
-            loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
-            try:
-                await asyncio.wait_for(readable, min(left, _WAIT_SLICE_S))
-            except asyncio.TimeoutError:
-                pass
-            finally:
-                loop.remove_reader(fd)
+
+        await self.context.await_fd(self._event_fd, look, time.monotonic() + self._timeout(timeout),
+                                    raise_if_failed, on_timeout)
+
+    def _event_fd(self) -> int:
+        """The native channel's eventfd, made on first use; ClosedError once the channel is closed."""
+        handle = self._handle()  # before touching the fd: closing the channel closes it
+        if self._fd is None:
+            self._fd = check(lib.lm_chan_fd(handle), f"channel {self.name}")
+        return self._fd
 
     def flush(self, timeout: float | None = None) -> None:
         """Write out pending credits, then wait until every posted write has completed."""
@@ -520,13 +511,6 @@ def _fill_tensors(vec: Any, start: int, infos: list[_TensorInfo]) -> None:
         t.ndim = len(info.shape)
         for d, size in enumerate(info.shape):
             t.shape[d] = size
-
-
-def _drain_eventfd(fd: int) -> None:
-    try:
-        os.read(fd, 8)
-    except BlockingIOError:
-        pass
 
 
 def _tensor_list(tensors: Any) -> list[Any]:
