@@ -27,12 +27,13 @@ Modules: spec (wire constants, ChannelSpec, RingLayout, immediates), views
 """
 from __future__ import annotations
 
+from ..dtypes import canonical as dtype_name  # the channel's public name for it
 from .core import DEFAULT_TIMEOUT_S, Channel, ChannelListener, ChannelMetrics, Message
 from .group import ChannelGroup
 from .handshake import SpecMismatchError
 from .spec import (ALIGN, HEADER_BYTES, KIND_CREDIT, KIND_DATA, MAGIC, MAX_NDIM, MAX_PIGGYBACK_CREDITS,
-                   MAX_TENSORS, ROLES, WIRE_VERSION, ChannelSpec, RingLayout, decode_imm, dtype_name,
-                   encode_imm, packed_offsets)
+                   MAX_TENSORS, ROLES, WIRE_VERSION, ChannelSpec, RingLayout, decode_imm, encode_imm,
+                   packed_offsets)
 from .views import TensorView, as_bfloat16, to_torch
 
 __all__ = [

@@ -8,16 +8,18 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .. import dtypes
 from .._bindings import check, ffi, lib
 from ..errors import ClosedError, InvalidArgumentError, LaminaError, TimeoutError_
 from ..transport import Context, Endpoint, Listener, MemoryRegion, Op, RemoteRegion
 from .handshake import _check_peer, _hello, _parse_hello
-from .spec import (_DTYPE_BY_CODE, _DTYPES, MAX_NDIM, MAX_TENSORS, ChannelSpec, RingLayout, _other_role,
-                   dtype_name, packed_offsets)
+from .spec import MAX_NDIM, MAX_TENSORS, ChannelSpec, RingLayout, _other_role, packed_offsets
 from .views import TensorView, _as_tensor_view, _copy_into, _describe, _describe_numpy, _TensorInfo, to_torch
 
 DEFAULT_TIMEOUT_S = 30.0
 _PAGE = 4096
+# Looked up per tensor on every send: a plain dict, built once from lamina_comm.dtypes.
+_WIRE_CODE = {name: dtypes.wire_code(name) for name in dtypes.NAMES}
 # Views kept per channel (send_buffers layouts, received tensor layouts); a
 # peer that keeps changing shapes only empties the cache, never grows it.
 _VIEW_CACHE_MAX = 256
@@ -290,11 +292,11 @@ class Channel:
         """Typed views at a payload offset; kept with their descriptors, since a layer's
         messages keep their shapes (send() then needs no description of them)."""
         payload_offset, shapes, dtype, as_torch = key
-        dtypes = dtype if isinstance(dtype, tuple) else (dtype,) * len(shapes)
-        if len(dtypes) != len(shapes):
-            raise InvalidArgumentError(f"{len(dtypes)} dtypes for {len(shapes)} shapes")
-        wires = [dtype_name(d if d is not None else self.spec.dtype) for d in dtypes]
-        storages = [_DTYPES[wire][1] for wire in wires]
+        per_shape = dtype if isinstance(dtype, tuple) else (dtype,) * len(shapes)
+        if len(per_shape) != len(shapes):
+            raise InvalidArgumentError(f"{len(per_shape)} dtypes for {len(shapes)} shapes")
+        wires = [dtypes.canonical(d if d is not None else self.spec.dtype) for d in per_shape]
+        storages = [dtypes.numpy_storage(wire) for wire in wires]
         nbytes = [math.prod(shape) * storage.itemsize for shape, storage in zip(shapes, storages)]
         offsets = packed_offsets(nbytes)
         needed = offsets[-1] + nbytes[-1] if shapes else 0
@@ -372,7 +374,7 @@ class Channel:
         payload = self.send_slot(microbatch, timeout)
         staged = []
         for off, info in zip(offsets, infos):
-            storage = _DTYPES[info.dtype_name][1]
+            storage = dtypes.numpy_storage(info.dtype_name)
             dst = payload[off:off + info.nbytes].view(storage).reshape(info.shape)
             _copy_into(dst, info)
             staged.append(_describe_numpy(_as_tensor_view(dst, info.dtype_name)))
@@ -436,8 +438,8 @@ class Channel:
     def _recv_view(self, key: tuple, nbytes: int) -> TensorView:
         """A view over received bytes; kept, since a layer's messages keep their layout."""
         start, code, shape = key
-        name = _DTYPE_BY_CODE[code]
-        view = _as_tensor_view(self._buf[start:start + nbytes].view(_DTYPES[name][1]).reshape(shape), name)
+        name = dtypes.name_of_wire_code(code)
+        view = _as_tensor_view(self._buf[start:start + nbytes].view(dtypes.numpy_storage(name)).reshape(shape), name)
         if len(self._recv_views) >= _VIEW_CACHE_MAX:  # a peer that varies shapes cannot grow it
             self._recv_views.clear()
         self._recv_views[key] = view
@@ -507,7 +509,7 @@ def _fill_tensors(vec: Any, start: int, infos: list[_TensorInfo]) -> None:
         t = vec[start + i]
         t.addr = info.address
         t.nbytes = info.nbytes
-        t.dtype = _DTYPES[info.dtype_name][0]
+        t.dtype = _WIRE_CODE[info.dtype_name]
         t.ndim = len(info.shape)
         for d, size in enumerate(info.shape):
             t.shape[d] = size

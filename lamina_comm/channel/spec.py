@@ -12,9 +12,7 @@ import json
 import struct
 from typing import Any, Sequence
 
-import numpy as np
-
-from .._bindings import lib
+from .. import dtypes
 from ..errors import InvalidArgumentError
 
 MAGIC = 0x4843_4D4C  # b"LMCH" little-endian
@@ -40,37 +38,6 @@ KIND_DATA = 1
 KIND_CREDIT = 2
 _MAX_MICROBATCHES = 1 << 12
 _MAX_SLOTS = 1 << 16
-
-# Wire dtype name -> (code, numpy storage dtype). numpy has no bfloat16: stored as uint16.
-# Wire code (lamina.h LM_DTYPE_*) and numpy storage of each dtype name.
-_DTYPES: dict[str, tuple[int, np.dtype]] = {
-    "float16": (lib.LM_DTYPE_FLOAT16, np.dtype(np.float16)),
-    "bfloat16": (lib.LM_DTYPE_BFLOAT16, np.dtype(np.uint16)),  # numpy has none: raw 16-bit words
-    "float32": (lib.LM_DTYPE_FLOAT32, np.dtype(np.float32)),
-    "int32": (lib.LM_DTYPE_INT32, np.dtype(np.int32)),
-    "int64": (lib.LM_DTYPE_INT64, np.dtype(np.int64)),
-    "uint8": (lib.LM_DTYPE_UINT8, np.dtype(np.uint8)),
-    "int8": (lib.LM_DTYPE_INT8, np.dtype(np.int8)),
-    "float64": (lib.LM_DTYPE_FLOAT64, np.dtype(np.float64)),
-}
-_DTYPE_BY_CODE = {code: name for name, (code, _) in _DTYPES.items()}
-_NAME_BY_STORAGE = {storage: name for name, (_, storage) in _DTYPES.items() if name != "bfloat16"}
-_DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32",
-                  "float": "float32", "fp64": "float64", "double": "float64"}
-
-
-def dtype_name(dtype: Any) -> str:
-    """Canonical wire name of a dtype given as a name, alias, numpy or torch dtype."""
-    if isinstance(dtype, str):
-        name = dtype
-    elif str(dtype).startswith("torch."):
-        name = str(dtype).removeprefix("torch.")
-    else:
-        name = np.dtype(dtype).name
-    name = _DTYPE_ALIASES.get(name, name)
-    if name not in _DTYPES:
-        raise InvalidArgumentError(f"dtype {dtype!r} is not supported; choose from {sorted(_DTYPES)}")
-    return name
 
 
 def _align(n: int, to: int = ALIGN) -> int:
@@ -112,7 +79,7 @@ class ChannelSpec:
     extra_bytes: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "dtype", dtype_name(self.dtype))
+        object.__setattr__(self, "dtype", dtypes.canonical(self.dtype))
         for field in ("max_tokens", "hidden", "heads", "kv_heads", "head_dim", "microbatches",
                       "slots_per_microbatch"):
             if int(getattr(self, field)) < 1:
@@ -126,7 +93,7 @@ class ChannelSpec:
 
     @property
     def itemsize(self) -> int:
-        return _DTYPES[self.dtype][1].itemsize
+        return dtypes.itemsize(self.dtype)
 
     @property
     def request_bytes(self) -> int:

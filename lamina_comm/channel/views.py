@@ -12,8 +12,14 @@ from typing import Any
 
 import numpy as np
 
+from .. import dtypes
 from ..errors import InvalidArgumentError
-from .spec import _DTYPES, _NAME_BY_STORAGE, MAX_NDIM, dtype_name
+from .spec import MAX_NDIM
+
+# Looked up per tensor on the send path: plain dicts, built once from lamina_comm.dtypes.
+_STORAGE = {name: dtypes.numpy_storage(name) for name in dtypes.NAMES}
+# An unmarked uint16 array is not bfloat16: as_bfloat16() marks those.
+_NAME_BY_STORAGE = {storage: name for name, storage in _STORAGE.items() if name != "bfloat16"}
 
 
 class TensorView(np.ndarray):
@@ -93,7 +99,7 @@ def _describe(obj: Any) -> _TensorInfo:
 
 
 def _describe_torch(t: Any) -> _TensorInfo:
-    name = dtype_name(t.dtype)
+    name = dtypes.canonical(t.dtype)
     nbytes = t.numel() * t.element_size()
     host_contiguous = t.device.type == "cpu" and t.is_contiguous()
     return _TensorInfo(t, name, tuple(t.shape), nbytes, t.data_ptr() if host_contiguous else None)
@@ -101,8 +107,8 @@ def _describe_torch(t: Any) -> _TensorInfo:
 
 def _describe_numpy(obj: Any) -> _TensorInfo:
     arr = obj if isinstance(obj, np.ndarray) else np.asarray(obj)
-    name = getattr(arr, "_wire", None) or _NAME_BY_STORAGE.get(arr.dtype) or dtype_name(arr.dtype)
-    if _DTYPES[name][1] != arr.dtype:
+    name = getattr(arr, "_wire", None) or _NAME_BY_STORAGE.get(arr.dtype) or dtypes.canonical(arr.dtype)
+    if _STORAGE[name] != arr.dtype:
         raise InvalidArgumentError(f"array stored as {arr.dtype} cannot carry {name}")
     address = arr.__array_interface__["data"][0] if arr.flags.c_contiguous else None
     return _TensorInfo(arr, name, tuple(arr.shape), arr.nbytes, address)
