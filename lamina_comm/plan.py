@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+from . import dtypes
 
 # Roofline defaults used when --t-model / --t-attention are not given. They
 # describe a balanced Llama-3-70B deployment, aggregated over each tier:
@@ -301,10 +301,9 @@ def plan(
 
 
 def _element_bytes(dtype: str) -> int:
-    try:
-        return DTYPE_BYTES[dtype]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPE_BYTES)}") from None
+    if dtype not in dtypes.CLI_CHOICES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(dtypes.CLI_CHOICES)}")
+    return dtypes.itemsize(dtype)
 
 
 def _link_rate(
@@ -328,7 +327,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     shape.add_argument("--gqa", type=int, default=8,
                        help="GQA group G = num_heads / num_kv_heads")
     shape.add_argument("--batch", type=int, default=256, help="tokens per decode step B")
-    shape.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="fp16")
+    shape.add_argument("--dtype", choices=sorted(dtypes.CLI_CHOICES), default="fp16")
 
     timing = parser.add_argument_group(
         "step times (default: roofline estimate from the options below)")

@@ -12,6 +12,7 @@ import enum
 import functools
 import itertools
 import logging
+import os
 import socket
 import struct
 import threading
@@ -376,6 +377,8 @@ def _parse_address(addr: str | tuple[str, int]) -> tuple[str, int]:
 
 # Context(progress=...) -> LM_PROGRESS_*.
 PROGRESS_MODES = {"event": lib.LM_PROGRESS_EVENT, "poll": lib.LM_PROGRESS_POLL}
+# asyncio waits are sliced so a dead peer is noticed and the waiter re-checks.
+_AWAIT_SLICE_S = 0.5
 
 
 class Context:
@@ -591,6 +594,36 @@ class Context:
         self._wait_for(any_ready, timeout)
         return self.poll(max_entries)
 
+    async def await_fd(self, fd: Callable[[], int], ready: Callable[[], bool], deadline: float,
+                       raise_if_failed: Callable[[], None], on_timeout: Callable[[], LaminaError]) -> None:
+        """Sleep on an eventfd (asyncio add_reader) until ready() holds, without blocking the loop.
+
+        Each round asks fd() anew (it may raise once its owner is closed) and
+        drains the fd before ready() looks, so a change after the look still
+        wakes the loop. When not ready, raise_if_failed() raises its owner's
+        failure, on_timeout() is raised once time.monotonic() passes deadline,
+        and the sleep is sliced so those checks run every _AWAIT_SLICE_S.
+        """
+        import asyncio  # here, not at the top: only asyncio callers pay for importing it
+        loop = asyncio.get_running_loop()
+        while True:
+            fileno = fd()
+            _drain_eventfd(fileno)  # before looking, so no change after the look is missed
+            if ready():
+                return
+            raise_if_failed()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise on_timeout()
+            readable = loop.create_future()
+            loop.add_reader(fileno, lambda: readable.done() or readable.set_result(None))
+            try:
+                await asyncio.wait_for(readable, min(left, _AWAIT_SLICE_S))
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                loop.remove_reader(fileno)
+
     # -- life cycle ------------------------------------------------------------
     @property
     def closed(self) -> bool:
@@ -620,3 +653,9 @@ class Context:
         except Exception:  # interpreter shutdown: best effort
             pass
 
+
+def _drain_eventfd(fd: int) -> None:
+    try:
+        os.read(fd, 8)
+    except BlockingIOError:
+        pass

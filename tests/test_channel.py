@@ -14,6 +14,7 @@ import lamina_comm as lc
 import lamina_comm.channel as lc_channel
 from lamina_comm.channel import (HEADER_BYTES, Channel, ChannelListener, ChannelSpec, SpecMismatchError,
                                  as_bfloat16, to_torch)
+from lamina_comm.channel.core import _VIEW_CACHE_MAX
 
 # Every wait in these tests is bounded; a hang becomes a TimeoutError.
 WAIT_S = 10.0
@@ -495,8 +496,8 @@ def test_view_caches_stay_bounded_when_shapes_keep_changing(pair):
         model.send([buf], layer=n, microbatch=0)
         with attention.recv(microbatch=0, timeout=10) as message:
             assert message.tensors[0].shape == (n,) and int(message.tensors[0][-1]) == n % 251
-    assert len(attention._recv_views) <= lc_channel._VIEW_CACHE_MAX
-    assert len(model._send_views) <= lc_channel._VIEW_CACHE_MAX
+    assert len(attention._recv_views) <= _VIEW_CACHE_MAX
+    assert len(model._send_views) <= _VIEW_CACHE_MAX
     # The same layout again is the same views, described once.
     first = model.send_buffers(1, [(4, 8)], "float32")
     model.send(first, layer=0, microbatch=1)

@@ -37,6 +37,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from .. import dtypes
 from ..channel import Channel, ChannelGroup, ChannelListener, ChannelSpec, Message
 from ..errors import TimeoutError_
 from ..pipeline import run_step, serve_attention
@@ -44,7 +45,6 @@ from ..transport import Context
 from ..timeline import ATTENTION, COMPUTE, Span, Timeline, merge, overlap_efficiency, plot, write_trace
 from . import netns
 
-DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 EXIT_SKIPPED = 77  # automake's "skipped": the requested setup is unavailable here
 TARGET_RATIO = 1.1  # step <= 1.1 x max(compute, transfer) with the pipeline on
 _PR_SET_TIMERSLACK = 29
@@ -579,7 +579,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 def _shape_from_args(args: argparse.Namespace) -> BenchShape:
     return BenchShape(hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads, layers=args.layers,
-                      batch=args.batch, dtype=DTYPES[args.dtype], microbatches=args.microbatches,
+                      batch=args.batch, dtype=dtypes.canonical(args.dtype), microbatches=args.microbatches,
                       workers=args.attention_workers)
 
 
@@ -620,7 +620,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shape.add_argument("--kv-heads", type=int, default=8, help="KV heads")
     shape.add_argument("--layers", type=int, default=16)
     shape.add_argument("--batch", type=int, default=32, help="tokens per decode step")
-    shape.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
+    shape.add_argument("--dtype", choices=sorted(dtypes.CLI_CHOICES), default="fp16")
     run = parser.add_argument_group("pipeline")
     run.add_argument("--microbatches", type=int, default=2, help="ping-pong micro-batches (1 = pipeline off)")
     run.add_argument("--attention-workers", type=int, default=2)

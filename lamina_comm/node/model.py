@@ -28,15 +28,13 @@ from typing import Any, Callable, Hashable, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from lamina_comm import dtypes
 from lamina_comm.errors import LaminaError
 from lamina_comm.node.kvcache import HeadRange, PagedKVCache, RequestId
 from lamina_comm.node.sampling import SamplingParams, make_generator, sample
 
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+# The dtypes a model computes in (canonical names of lamina_comm.dtypes; aliases are not taken).
+_MODEL_DTYPES = ("float32", "float16", "bfloat16")
 
 _MODEL_TYPES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
@@ -102,8 +100,8 @@ class LlamaConfig:
             raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
         if not self.rope_theta > 0:
             raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in _MODEL_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_MODEL_DTYPES)}, got {self.dtype!r}")
 
     def _validate_architecture(self) -> None:
         if self.architecture not in _MODEL_TYPES:
@@ -124,7 +122,7 @@ class LlamaConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+        return dtypes.torch_dtype(self.dtype)
 
     @property
     def group_size(self) -> int:
@@ -240,8 +238,8 @@ def _reject_unsupported_features(d: Mapping[str, Any], architecture: str) -> Non
 
 def _dtype_name(d: Mapping[str, Any]) -> str:
     name = d.get("torch_dtype") or d.get("dtype") or "float32"
-    if name not in _DTYPES:
-        raise ValueError(f"config.json dtype {name!r} is not supported; use one of {sorted(_DTYPES)}")
+    if name not in _MODEL_DTYPES:
+        raise ValueError(f"config.json dtype {name!r} is not supported; use one of {sorted(_MODEL_DTYPES)}")
     return name
 
 

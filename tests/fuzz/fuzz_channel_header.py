@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _fuzz_support  # noqa: E402
 
 ch = _fuzz_support.import_target("lamina_comm.channel", fuzzing=__name__ == "__main__")
+from lamina_comm.channel import core, handshake, spec as wire  # the internals under test (instrumented above)
 from lamina_comm._bindings import check, ffi, lib
 from lamina_comm.errors import LaminaError
 from lamina_comm.transport import Context, RemoteRegion
@@ -57,7 +58,7 @@ class _Harness:
         self.peer_buffer = np.zeros(peer_layout.total_bytes, np.uint8)
         peer_mr = self.peer_context.register(self.peer_buffer)
         listener = self.peer_context.listen(("127.0.0.1", 0))
-        rings = ch._Rings(self.context, SPEC, ROLE)
+        rings = core._Rings(self.context, SPEC, ROLE)
         box: dict = {}
         import threading
         accepting = threading.Thread(target=lambda: box.setdefault(
@@ -136,7 +137,7 @@ def check_one(data: bytes) -> None:
     mode, body = data[0], data[1:]
     try:
         if mode % 2 == 0:
-            ch._check_peer(SPEC, ROLE, ch._parse_hello(body))
+            handshake._check_peer(SPEC, ROLE, handshake._parse_hello(body))
         else:
             _check_message(body)
     except LaminaError:
@@ -158,7 +159,7 @@ def peer_hello(**changes: object) -> bytes:
     layout = ch.RingLayout.for_role(SPEC, "attention")
     body = {"version": ch.WIRE_VERSION, "spec": SPEC.to_dict(), "digest": SPEC.digest(), "role": "attention",
             "region": RemoteRegion(key=7, addr=4096, length=layout.total_bytes).to_dict(), **changes}
-    return ch._HELLO_PREFIX + json.dumps(body, separators=(",", ":")).encode()
+    return handshake._HELLO_PREFIX + json.dumps(body, separators=(",", ":")).encode()
 
 
 def message(mb: int = 0, slot: int = 0, seq: int = 0, tensors: tuple = ((3, (4, 2, 16), 0),),
@@ -166,12 +167,13 @@ def message(mb: int = 0, slot: int = 0, seq: int = 0, tensors: tuple = ((3, (4, 
     """A landed message: dtype code, shape and payload offset per tensor; piggybacked credits."""
     header = bytearray(ch.HEADER_BYTES)
     size = sum(int(np.prod(shape)) * 4 for _, shape, _ in tensors)
-    ch._HEADER.pack_into(header, 0, magic, ch.WIRE_VERSION, len(tensors), len(credits), seq, 3, mb, slot, size)
+    wire._HEADER.pack_into(header, 0, magic, ch.WIRE_VERSION, len(tensors), len(credits), seq, 3, mb, slot, size)
     for index, (code, shape, offset) in enumerate(tensors):
         dims = list(shape) + [0] * (ch.MAX_NDIM - len(shape))
-        ch._ENTRY.pack_into(header, ch._HEADER.size + index * ch._ENTRY.size, code, len(shape), 0, 0, offset, *dims)
+        wire._ENTRY.pack_into(header, wire._HEADER.size + index * wire._ENTRY.size, code, len(shape), 0, 0, offset,
+                              *dims)
     for index, credit in enumerate(credits):
-        ch._PIGGYBACK.pack_into(header, ch._PIGGYBACK_BASE + index * ch._PIGGYBACK.size, *credit)
+        wire._PIGGYBACK.pack_into(header, wire._PIGGYBACK_BASE + index * wire._PIGGYBACK.size, *credit)
     prefix = _MESSAGE_PREFIX.pack(ch.encode_imm(kind, mb, slot), seq, 5, struct.pack("<Q", 5))
     return bytes([1]) + prefix + bytes(header) + bytes(min(size, MAX_SEED_PAYLOAD))
 
@@ -182,7 +184,7 @@ def seeds() -> dict[str, bytes]:
         "hello_same_role": bytes([0]) + peer_hello(role="model"),
         "hello_other_spec": bytes([0]) + peer_hello(digest="0" * 32),
         "hello_small_region": bytes([0]) + peer_hello(region={"key": 1, "addr": 0, "length": 16}),
-        "hello_not_json": bytes([0]) + ch._HELLO_PREFIX + b"{",
+        "hello_not_json": bytes([0]) + handshake._HELLO_PREFIX + b"{",
         "msg_valid": message(),
         "msg_two_tensors_slot1": message(slot=1, seq=1, tensors=((1, (4, 16), 0), (4, (4,), 128))),
         "msg_piggyback": message(credits=((1, 0, 5),)),
@@ -192,8 +194,8 @@ def seeds() -> dict[str, bytes]:
         # Findings of this fuzzer (issue 9), kept as seeds so every run replays them:
         "found_hello_region_missing_addr": bytes([0]) + peer_hello(region={"key": 1, "length": 1 << 20}),
         "found_hello_region_string": bytes([0]) + peer_hello(region={"key": "1", "addr": 0, "length": 1 << 20}),
-        "found_hello_not_an_object": bytes([0]) + ch._HELLO_PREFIX + b"[1]",
-        "found_hello_deep_nesting": bytes([0]) + ch._HELLO_PREFIX + b"[" * 10_000,
+        "found_hello_not_an_object": bytes([0]) + handshake._HELLO_PREFIX + b"[1]",
+        "found_hello_deep_nesting": bytes([0]) + handshake._HELLO_PREFIX + b"[" * 10_000,
         "found_msg_empty_tensor_huge_dims": message(tensors=((3, (768, 1 << 24, 2113999872, 0), 0),)),
     }
 

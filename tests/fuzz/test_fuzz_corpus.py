@@ -20,6 +20,7 @@ import fuzz_handshake  # noqa: E402
 
 import lamina_comm as lc  # noqa: E402
 from lamina_comm import bootstrap, channel  # noqa: E402
+from lamina_comm.channel import handshake  # noqa: E402
 
 HARNESSES = {"handshake": fuzz_handshake, "channel_header": fuzz_channel_header}
 
@@ -75,18 +76,18 @@ def peer_hello_with(**changes: object) -> bytes:
     peer_hello_with(region={"key": -1, "addr": 0, "length": 1 << 20}),
     peer_hello_with(region=[1, 2, 3]),                                      # not an object: was TypeError
     peer_hello_with(region=None),
-    channel._HELLO_PREFIX + b"[1]",                                         # was AttributeError
-    channel._HELLO_PREFIX + b"[" * 10_000,                                  # was RecursionError
+    handshake._HELLO_PREFIX + b"[1]",                                       # was AttributeError
+    handshake._HELLO_PREFIX + b"[" * 10_000,                                # was RecursionError
 ], ids=["missing", "string", "float", "too_wide", "negative", "list", "null", "not_object", "deep"])
 def test_a_malformed_channel_hello_is_a_protocol_error(hello: bytes) -> None:
     with pytest.raises(lc.ProtocolError):
-        channel._check_peer(fuzz_channel_header.SPEC, fuzz_channel_header.ROLE, channel._parse_hello(hello))
+        handshake._check_peer(fuzz_channel_header.SPEC, fuzz_channel_header.ROLE, handshake._parse_hello(hello))
 
 
 def test_a_spec_mismatch_with_a_malformed_spec_still_names_the_mismatch() -> None:
-    hello = channel._parse_hello(peer_hello_with(spec=[1], digest="0" * 32))
+    hello = handshake._parse_hello(peer_hello_with(spec=[1], digest="0" * 32))
     with pytest.raises(channel.SpecMismatchError, match="spec mismatch"):
-        channel._check_peer(fuzz_channel_header.SPEC, fuzz_channel_header.ROLE, hello)
+        handshake._check_peer(fuzz_channel_header.SPEC, fuzz_channel_header.ROLE, hello)
 
 
 # -- findings of fuzz_channel_header: a landed message ----------------------------

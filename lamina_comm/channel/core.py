@@ -1,376 +1,28 @@
-"""Activation channels: fixed slot rings between one model worker and one attention worker.
-
-A :class:`Channel` joins the two tiers over one :class:`~lamina_comm.transport.Endpoint`.
-At setup each side allocates and registers ONE region holding a ring of
-fixed-size slots per direction and per micro-batch (sized from a shared
-:class:`ChannelSpec`) plus two small credit arrays; the region descriptors
-travel in the handshake's private data, and nothing is registered or allocated
-per layer afterwards.
-
-A message is a 256-byte header plus payload, written into the peer's slot with
-one-sided writes; the last write carries an immediate naming (data,
-micro-batch, slot), so the payload is in place when the peer sees it. The
-receiver returns the slot with a small write-with-immediate (credit) once the
-message is released. Wire format and protocol: docs/channel.md.
-
-    spec = ChannelSpec(max_tokens=16, hidden=1024, heads=8, kv_heads=2, head_dim=128)
-    with Channel.connect(ctx, "10.0.0.2:7100", spec) as ch:          # model side
-        q, k, v = ch.send_buffers(0, [(16, 8, 128), (16, 2, 128), (16, 2, 128)])
-        ...fill q, k, v in place...
-        ch.send([q, k, v], layer=0, microbatch=0)                    # one write, no copy
-        with ch.recv(microbatch=0) as msg:                           # views over the slot
-            out = msg.tensors[0]
-"""
+"""The channel itself: Channel, its received Message, ChannelListener, and the registered rings."""
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import hashlib
-import json
 import math
-import os
-import struct
 import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .errors import (ClosedError, InvalidArgumentError, LaminaError, ProtocolError,
-                     TimeoutError_)
-from ._bindings import check, error_of, ffi, lib
-from .transport import Context, Endpoint, Listener, MemoryRegion, Op, RemoteRegion
+from .. import dtypes
+from .._bindings import check, ffi, lib
+from ..errors import ClosedError, InvalidArgumentError, LaminaError, TimeoutError_
+from ..transport import Context, Endpoint, Listener, MemoryRegion, Op, RemoteRegion
+from .handshake import _check_peer, _hello, _parse_hello
+from .spec import MAX_NDIM, MAX_TENSORS, ChannelSpec, RingLayout, _other_role, packed_offsets
+from .views import TensorView, _as_tensor_view, _copy_into, _describe, _describe_numpy, _TensorInfo, to_torch
 
-MAGIC = 0x4843_4D4C  # b"LMCH" little-endian
-WIRE_VERSION = 1
-HEADER_BYTES = 256
-ALIGN = 64  # payload tensors start on cache-line boundaries
-MAX_TENSORS = 6
-MAX_PIGGYBACK_CREDITS = 4
-MAX_NDIM = 4
 DEFAULT_TIMEOUT_S = 30.0
-_HELLO_PREFIX = b"LMCH1"
-_CREDIT_BYTES = 8
 _PAGE = 4096
-# Blocking waits are sliced so a dead peer is noticed and asyncio waiters re-check.
-_WAIT_SLICE_S = 0.5
+# Looked up per tensor on every send: a plain dict, built once from lamina_comm.dtypes.
+_WIRE_CODE = {name: dtypes.wire_code(name) for name in dtypes.NAMES}
 # Views kept per channel (send_buffers layouts, received tensor layouts); a
 # peer that keeps changing shapes only empties the cache, never grows it.
 _VIEW_CACHE_MAX = 256
-
-# magic, version, tensor count, piggybacked credit count, seq, layer, microbatch, slot, payload bytes
-_HEADER = struct.Struct("<IHBBQIHHQ")
-# dtype code, ndim, reserved, reserved, payload offset, shape[MAX_NDIM]
-_ENTRY = struct.Struct(f"<BBHIQ{MAX_NDIM}I")
-# A credit riding on a message: micro-batch, slot, low 32 bits of the released seq.
-_PIGGYBACK = struct.Struct("<HHI")
-_PIGGYBACK_BASE = _HEADER.size + MAX_TENSORS * _ENTRY.size
-assert _PIGGYBACK_BASE + MAX_PIGGYBACK_CREDITS * _PIGGYBACK.size <= HEADER_BYTES
-
-# Immediate: kind in bits 31..28, micro-batch in 27..16, slot in 15..0.
-KIND_DATA = 1
-KIND_CREDIT = 2
-_MAX_MICROBATCHES = 1 << 12
-_MAX_SLOTS = 1 << 16
-
-# Wire dtype name -> (code, numpy storage dtype). numpy has no bfloat16: stored as uint16.
-# Wire code (lamina.h LM_DTYPE_*) and numpy storage of each dtype name.
-_DTYPES: dict[str, tuple[int, np.dtype]] = {
-    "float16": (lib.LM_DTYPE_FLOAT16, np.dtype(np.float16)),
-    "bfloat16": (lib.LM_DTYPE_BFLOAT16, np.dtype(np.uint16)),  # numpy has none: raw 16-bit words
-    "float32": (lib.LM_DTYPE_FLOAT32, np.dtype(np.float32)),
-    "int32": (lib.LM_DTYPE_INT32, np.dtype(np.int32)),
-    "int64": (lib.LM_DTYPE_INT64, np.dtype(np.int64)),
-    "uint8": (lib.LM_DTYPE_UINT8, np.dtype(np.uint8)),
-    "int8": (lib.LM_DTYPE_INT8, np.dtype(np.int8)),
-    "float64": (lib.LM_DTYPE_FLOAT64, np.dtype(np.float64)),
-}
-_DTYPE_BY_CODE = {code: name for name, (code, _) in _DTYPES.items()}
-_NAME_BY_STORAGE = {storage: name for name, (_, storage) in _DTYPES.items() if name != "bfloat16"}
-_DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32",
-                  "float": "float32", "fp64": "float64", "double": "float64"}
-
-
-class SpecMismatchError(InvalidArgumentError):
-    """The two ends of a channel declared different specs or incompatible roles."""
-
-
-def dtype_name(dtype: Any) -> str:
-    """Canonical wire name of a dtype given as a name, alias, numpy or torch dtype."""
-    if isinstance(dtype, str):
-        name = dtype
-    elif str(dtype).startswith("torch."):
-        name = str(dtype).removeprefix("torch.")
-    else:
-        name = np.dtype(dtype).name
-    name = _DTYPE_ALIASES.get(name, name)
-    if name not in _DTYPES:
-        raise InvalidArgumentError(f"dtype {dtype!r} is not supported; choose from {sorted(_DTYPES)}")
-    return name
-
-
-def _align(n: int, to: int = ALIGN) -> int:
-    return (n + to - 1) // to * to
-
-
-def packed_offsets(nbytes: Sequence[int]) -> list[int]:
-    """Payload offsets of tensors laid out back to back, each aligned to ALIGN."""
-    offsets, cursor = [], 0
-    for n in nbytes:
-        offsets.append(cursor)
-        cursor = _align(cursor + n)
-    return offsets
-
-
-# --------------------------------------------------------------------------
-# Spec and ring layout
-
-
-@dataclasses.dataclass(frozen=True)
-class ChannelSpec:
-    """What both ends declare; slots are sized from it and it must match exactly.
-
-    Shapes describe the attention worker's share: ``heads`` query heads and
-    ``kv_heads`` KV heads of ``head_dim`` each, ``hidden`` the width of the
-    returned activation (at least heads * head_dim is reserved). ``max_tokens``
-    is per micro-batch. ``extra_bytes`` adds room to every slot for callers
-    that ship more than q/k/v and the attention output.
-    """
-
-    max_tokens: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    dtype: str = "float16"
-    microbatches: int = 2
-    slots_per_microbatch: int = 2
-    extra_bytes: int = 0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "dtype", dtype_name(self.dtype))
-        for field in ("max_tokens", "hidden", "heads", "kv_heads", "head_dim", "microbatches",
-                      "slots_per_microbatch"):
-            if int(getattr(self, field)) < 1:
-                raise InvalidArgumentError(f"ChannelSpec.{field} must be >= 1, got {getattr(self, field)}")
-        if self.extra_bytes < 0:
-            raise InvalidArgumentError(f"ChannelSpec.extra_bytes must be >= 0, got {self.extra_bytes}")
-        if self.microbatches > _MAX_MICROBATCHES or self.slots_per_microbatch > _MAX_SLOTS:
-            raise InvalidArgumentError("too many micro-batches or slots for the immediate encoding")
-        if max(self.request_bytes, self.response_bytes) >= 2**32:
-            raise InvalidArgumentError("a slot payload must stay below 4 GiB")
-
-    @property
-    def itemsize(self) -> int:
-        return _DTYPES[self.dtype][1].itemsize
-
-    @property
-    def request_bytes(self) -> int:
-        """Payload capacity model -> attention: q, k, v of max_tokens tokens."""
-        elements = self.max_tokens * (self.heads + 2 * self.kv_heads) * self.head_dim
-        return elements * self.itemsize + MAX_TENSORS * ALIGN + self.extra_bytes
-
-    @property
-    def response_bytes(self) -> int:
-        """Payload capacity attention -> model: the attention output of max_tokens tokens."""
-        width = max(self.hidden, self.heads * self.head_dim)
-        return self.max_tokens * width * self.itemsize + MAX_TENSORS * ALIGN + self.extra_bytes
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def digest(self) -> str:
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()[:32]
-
-
-ROLES = ("model", "attention")
-
-
-def _other_role(role: str) -> str:
-    if role not in ROLES:
-        raise InvalidArgumentError(f"role must be one of {ROLES}, not {role!r}")
-    return ROLES[1 - ROLES.index(role)]
-
-
-@dataclasses.dataclass(frozen=True)
-class RingLayout:
-    """Byte offsets inside one side's registered region.
-
-    [recv slots | send slots | credit-in words | credit-out words], each ring
-    indexed by (micro-batch, slot). A slot is the header then the payload.
-    """
-
-    microbatches: int
-    slots: int
-    recv_capacity: int
-    send_capacity: int
-
-    @classmethod
-    def for_role(cls, spec: ChannelSpec, role: str) -> "RingLayout":
-        _other_role(role)  # validates
-        inbound, outbound = ((spec.response_bytes, spec.request_bytes) if role == "model"
-                             else (spec.request_bytes, spec.response_bytes))
-        return cls(spec.microbatches, spec.slots_per_microbatch, _align(inbound), _align(outbound))
-
-    @property
-    def _ring_slots(self) -> int:
-        return self.microbatches * self.slots
-
-    @property
-    def recv_stride(self) -> int:
-        return HEADER_BYTES + self.recv_capacity
-
-    @property
-    def send_stride(self) -> int:
-        return HEADER_BYTES + self.send_capacity
-
-    @property
-    def send_base(self) -> int:
-        return self._ring_slots * self.recv_stride
-
-    @property
-    def credit_in_base(self) -> int:
-        return self.send_base + self._ring_slots * self.send_stride
-
-    @property
-    def credit_out_base(self) -> int:
-        return self.credit_in_base + self._ring_slots * _CREDIT_BYTES
-
-    @property
-    def total_bytes(self) -> int:
-        return self.credit_out_base + self._ring_slots * _CREDIT_BYTES
-
-    def _index(self, mb: int, slot: int) -> int:
-        return mb * self.slots + slot
-
-    def recv_slot(self, mb: int, slot: int) -> int:
-        return self._index(mb, slot) * self.recv_stride
-
-    def send_slot(self, mb: int, slot: int) -> int:
-        return self.send_base + self._index(mb, slot) * self.send_stride
-
-    def credit_in(self, mb: int, slot: int) -> int:
-        return self.credit_in_base + self._index(mb, slot) * _CREDIT_BYTES
-
-    def credit_out(self, mb: int, slot: int) -> int:
-        return self.credit_out_base + self._index(mb, slot) * _CREDIT_BYTES
-
-
-def encode_imm(kind: int, mb: int, slot: int) -> int:
-    return (kind << 28) | (mb << 16) | slot
-
-
-def decode_imm(imm: int) -> tuple[int, int, int]:
-    return imm >> 28, (imm >> 16) & 0xFFF, imm & 0xFFFF
-
-
-# --------------------------------------------------------------------------
-# Tensors in and out
-
-
-class TensorView(np.ndarray):
-    """A numpy view over slot memory that remembers the wire dtype.
-
-    numpy has no bfloat16, so bfloat16 tensors arrive as uint16 arrays with
-    ``dtype_name == "bfloat16"``; :func:`to_torch` turns them into real
-    torch.bfloat16 tensors without copying.
-    """
-
-    _wire: str | None = None
-
-    def __array_finalize__(self, parent: Any) -> None:
-        # Views keep the wire name only while they keep the storage dtype.
-        wire = getattr(parent, "_wire", None)
-        self._wire = wire if wire is not None and parent.dtype == self.dtype else None
-
-    @property
-    def dtype_name(self) -> str:
-        return self._wire or self.dtype.name
-
-
-def as_bfloat16(bits: np.ndarray) -> TensorView:
-    """Mark a uint16 array of raw bfloat16 bits so send() ships it as bfloat16."""
-    if bits.dtype != np.uint16:
-        raise InvalidArgumentError(f"bfloat16 bits must be a uint16 array, not {bits.dtype}")
-    return _as_tensor_view(bits, "bfloat16")
-
-
-def _as_tensor_view(arr: np.ndarray, wire_dtype: str) -> TensorView:
-    view = arr.view(TensorView)
-    view._wire = wire_dtype
-    return view
-
-
-def _torch():
-    import torch  # imported on demand: the channel works without torch
-    return torch
-
-
-def to_torch(arr: np.ndarray) -> Any:
-    """A torch tensor sharing memory with a (Tensor)View; bfloat16 metadata honoured."""
-    torch = _torch()
-    base = np.asarray(arr)
-    tensor = torch.from_numpy(base)
-    if getattr(arr, "dtype_name", None) == "bfloat16":
-        tensor = tensor.view(torch.bfloat16)
-    return tensor
-
-
-def _is_torch(obj: Any) -> bool:
-    return type(obj).__module__.startswith("torch") and hasattr(obj, "data_ptr")
-
-
-@dataclasses.dataclass(frozen=True)
-class _TensorInfo:
-    """What the sender needs to know about one outgoing tensor."""
-
-    obj: Any
-    dtype_name: str
-    shape: tuple[int, ...]
-    nbytes: int
-    address: int | None  # contiguous host memory, else None (must be staged)
-
-
-def _describe(obj: Any) -> _TensorInfo:
-    cached = getattr(obj, "_lamina_info", None)  # a send_buffers() view: described once
-    if cached is not None and cached.shape == tuple(obj.shape):  # (numpy lets a view be reshaped in place)
-        return cached
-    if _is_torch(obj):
-        info = _describe_torch(obj)
-    else:
-        info = _describe_numpy(obj)
-    if len(info.shape) > MAX_NDIM:
-        raise InvalidArgumentError(f"tensors may have at most {MAX_NDIM} dimensions, got {info.shape}")
-    return info
-
-
-def _describe_torch(t: Any) -> _TensorInfo:
-    name = dtype_name(t.dtype)
-    nbytes = t.numel() * t.element_size()
-    host_contiguous = t.device.type == "cpu" and t.is_contiguous()
-    return _TensorInfo(t, name, tuple(t.shape), nbytes, t.data_ptr() if host_contiguous else None)
-
-
-def _describe_numpy(obj: Any) -> _TensorInfo:
-    arr = obj if isinstance(obj, np.ndarray) else np.asarray(obj)
-    name = getattr(arr, "_wire", None) or _NAME_BY_STORAGE.get(arr.dtype) or dtype_name(arr.dtype)
-    if _DTYPES[name][1] != arr.dtype:
-        raise InvalidArgumentError(f"array stored as {arr.dtype} cannot carry {name}")
-    address = arr.__array_interface__["data"][0] if arr.flags.c_contiguous else None
-    return _TensorInfo(arr, name, tuple(arr.shape), arr.nbytes, address)
-
-
-def _copy_into(dst: np.ndarray, info: _TensorInfo) -> None:
-    """The one staging copy: source tensor into slot memory (dst has the storage dtype)."""
-    if _is_torch(info.obj):
-        target = to_torch(_as_tensor_view(dst, info.dtype_name))
-        target.copy_(info.obj)  # also takes strided or device tensors
-    else:
-        np.copyto(dst, info.obj, casting="no")
-
-
-# --------------------------------------------------------------------------
-# Messages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -441,74 +93,6 @@ class Message:
         return f"<Message layer={self.layer} mb={self.microbatch} seq={self.seq} [{shapes}]>"
 
 
-# --------------------------------------------------------------------------
-# Handshake
-
-
-def _hello(spec: ChannelSpec, role: str, region: RemoteRegion) -> bytes:
-    body = {"version": WIRE_VERSION, "spec": spec.to_dict(), "digest": spec.digest(), "role": role,
-            "region": region.to_dict()}
-    return _HELLO_PREFIX + json.dumps(body, separators=(",", ":")).encode()
-
-
-def _parse_hello(data: bytes) -> dict[str, Any]:
-    """The peer's channel hello as a JSON object; anything else is a ProtocolError."""
-    if not data.startswith(_HELLO_PREFIX):
-        raise ProtocolError("the peer is not a lamina channel (no channel hello in its private data)")
-    try:
-        hello = json.loads(data[len(_HELLO_PREFIX):])
-    except (ValueError, RecursionError) as exc:  # RecursionError: hostile nesting depth
-        raise ProtocolError(f"malformed channel hello: {exc}") from exc
-    if not isinstance(hello, dict):
-        raise ProtocolError(f"malformed channel hello: a JSON {type(hello).__name__}, not an object")
-    return hello
-
-
-def _spec_differences(mine: dict[str, Any], theirs: Any) -> str:
-    if not isinstance(theirs, dict):
-        theirs = {}
-    keys = sorted(set(mine) | set(theirs))
-    return ", ".join(f"{k}: ours={mine.get(k)!r} peer's={theirs.get(k)!r}"
-                     for k in keys if mine.get(k) != theirs.get(k))
-
-
-# Region descriptor fields a hello carries: wire width in bits, and whether the peer must send it.
-_REGION_FIELDS = {"key": (64, True), "addr": (64, True), "length": (64, True), "rkey": (32, False),
-                  "access": (32, False)}
-
-
-def _peer_region(fields: Any) -> RemoteRegion:
-    """The peer's region descriptor; every field an integer that fits its wire width."""
-    if not isinstance(fields, dict):
-        raise ProtocolError("channel hello carries no region descriptor")
-    values: dict[str, int] = {}
-    for name, (bits, required) in _REGION_FIELDS.items():
-        if name not in fields:
-            if required:
-                raise ProtocolError(f"channel hello's region has no {name!r}")
-            continue
-        value = fields[name]
-        if type(value) is not int or not 0 <= value < 1 << bits:
-            raise ProtocolError(f"channel hello's region {name!r} is {value!r}, not a {bits}-bit unsigned integer")
-        values[name] = value
-    return RemoteRegion(**values)
-
-
-def _check_peer(spec: ChannelSpec, role: str, hello: dict[str, Any]) -> RemoteRegion:
-    """The peer's region if it declared the same spec and the opposite role."""
-    if hello.get("version") != WIRE_VERSION:
-        raise ProtocolError(f"channel wire version {hello.get('version')!r} != {WIRE_VERSION}")
-    if hello.get("digest") != spec.digest():
-        diff = _spec_differences(spec.to_dict(), hello.get("spec")) or "digest only"
-        raise SpecMismatchError(f"channel spec mismatch with the peer ({diff})")
-    if hello.get("role") != _other_role(role):
-        raise SpecMismatchError(f"both ends of the channel declared role {role!r}")
-    region = _peer_region(hello.get("region"))
-    needed = RingLayout.for_role(spec, hello["role"]).total_bytes
-    if region.length < needed:
-        raise ProtocolError(f"peer's channel region has {region.length} B, its layout needs {needed}")
-    return region
-
 
 class _Rings:
     """The one registered region of a channel side, and its layout."""
@@ -529,7 +113,7 @@ class _Rings:
 
 
 class Channel:
-    """One model worker <-> one attention worker; see the module docstring.
+    """One model worker <-> one attention worker; see the lamina_comm.channel docstring.
 
     The slot rings, headers, sequence numbers, credits and the demultiplexing
     of arrivals run in native code (native/src/channel, lamina.h "channels"):
@@ -708,11 +292,11 @@ class Channel:
         """Typed views at a payload offset; kept with their descriptors, since a layer's
         messages keep their shapes (send() then needs no description of them)."""
         payload_offset, shapes, dtype, as_torch = key
-        dtypes = dtype if isinstance(dtype, tuple) else (dtype,) * len(shapes)
-        if len(dtypes) != len(shapes):
-            raise InvalidArgumentError(f"{len(dtypes)} dtypes for {len(shapes)} shapes")
-        wires = [dtype_name(d if d is not None else self.spec.dtype) for d in dtypes]
-        storages = [_DTYPES[wire][1] for wire in wires]
+        per_shape = dtype if isinstance(dtype, tuple) else (dtype,) * len(shapes)
+        if len(per_shape) != len(shapes):
+            raise InvalidArgumentError(f"{len(per_shape)} dtypes for {len(shapes)} shapes")
+        wires = [dtypes.canonical(d if d is not None else self.spec.dtype) for d in per_shape]
+        storages = [dtypes.numpy_storage(wire) for wire in wires]
         nbytes = [math.prod(shape) * storage.itemsize for shape, storage in zip(shapes, storages)]
         offsets = packed_offsets(nbytes)
         needed = offsets[-1] + nbytes[-1] if shapes else 0
@@ -790,7 +374,7 @@ class Channel:
         payload = self.send_slot(microbatch, timeout)
         staged = []
         for off, info in zip(offsets, infos):
-            storage = _DTYPES[info.dtype_name][1]
+            storage = dtypes.numpy_storage(info.dtype_name)
             dst = payload[off:off + info.nbytes].view(storage).reshape(info.shape)
             _copy_into(dst, info)
             staged.append(_describe_numpy(_as_tensor_view(dst, info.dtype_name)))
@@ -854,8 +438,8 @@ class Channel:
     def _recv_view(self, key: tuple, nbytes: int) -> TensorView:
         """A view over received bytes; kept, since a layer's messages keep their layout."""
         start, code, shape = key
-        name = _DTYPE_BY_CODE[code]
-        view = _as_tensor_view(self._buf[start:start + nbytes].view(_DTYPES[name][1]).reshape(shape), name)
+        name = dtypes.name_of_wire_code(code)
+        view = _as_tensor_view(self._buf[start:start + nbytes].view(dtypes.numpy_storage(name)).reshape(shape), name)
         if len(self._recv_views) >= _VIEW_CACHE_MAX:  # a peer that varies shapes cannot grow it
             self._recv_views.clear()
         self._recv_views[key] = view
@@ -874,32 +458,27 @@ class Channel:
 
     async def _await(self, ready: Callable[[], bool], timeout: float | None,
                      on_timeout: Callable[[], LaminaError]) -> None:
-        """Sleep on the channel's event fd (asyncio add_reader) until ready() holds."""
-        deadline = time.monotonic() + self._timeout(timeout)
-        loop = asyncio.get_running_loop()
-        while True:
-            handle = self._handle()  # ClosedError once closed, before touching its fd
-            if self._fd is None:
-                self._fd = check(lib.lm_chan_fd(handle), f"channel {self.name}")
-            fd = self._fd
-            _drain_eventfd(fd)  # before looking, so no change after the look is missed
-            check(lib.lm_chan_progress(handle), f"channel {self.name}")
-            if ready():
-                return
+        """Sleep on the channel's event fd (Context.await_fd) until ready() holds."""
+        def look() -> bool:
+            # A non-blocking round first: it also writes out held credits, which
+            # an asyncio receiver must not keep its sender waiting for.
+            check(lib.lm_chan_progress(self._handle()), f"channel {self.name}")
+            return ready()
+
+        def raise_if_failed() -> None:
             self._raise_if_failed()
             if self.endpoint.error is not None:
                 raise self.endpoint.error
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise on_timeout()
-            readable = loop.create_future()
-            loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
-            try:
-                await asyncio.wait_for(readable, min(left, _WAIT_SLICE_S))
-            except asyncio.TimeoutError:
-                pass
-            finally:
-                loop.remove_reader(fd)
+
+        await self.context.await_fd(self._event_fd, look, time.monotonic() + self._timeout(timeout),
+                                    raise_if_failed, on_timeout)
+
+    def _event_fd(self) -> int:
+        """The native channel's eventfd, made on first use; ClosedError once the channel is closed."""
+        handle = self._handle()  # before touching the fd: closing the channel closes it
+        if self._fd is None:
+            self._fd = check(lib.lm_chan_fd(handle), f"channel {self.name}")
+        return self._fd
 
     def flush(self, timeout: float | None = None) -> None:
         """Write out pending credits, then wait until every posted write has completed."""
@@ -925,112 +504,15 @@ class Channel:
         return f"<Channel {self.name} {self.spec.microbatches}x{self.spec.slots_per_microbatch} slots>"
 
 
-class ChannelGroup:
-    """One model worker's channels to its attention workers, driven together.
-
-    ``send`` posts a layer's messages (one per channel) in one native call and
-    ``recv`` collects one reply from every channel in one native call, waiting
-    on the shared progress engine, with the GIL released throughout. The
-    channels keep their own API; a group only batches.
-    """
-
-    def __init__(self, channels: Sequence[Channel]):
-        if not channels:
-            raise InvalidArgumentError("a channel group needs at least one channel")
-        self.channels = list(channels)
-        n = len(self.channels)
-        self._chans = ffi.new("lm_chan_t *[]", n)
-        self._counts = ffi.new("uint32_t[]", n)
-        self._seqs = ffi.new("uint64_t[]", n)
-        self._msgs = ffi.new("lm_chan_msg_t[]", n)
-        self._tensors = ffi.new("lm_chan_tensor_t[]", n * MAX_TENSORS)
-        self._taken = ffi.new("uint32_t *")
-        self._failed = ffi.new("int32_t *")
-
-    def _handles(self) -> Any:
-        for i, channel in enumerate(self.channels):
-            self._chans[i] = channel._handle()
-        return self._chans
-
-    @property
-    def _timeout_ms(self) -> Callable[[float | None], int]:
-        return self.channels[0]._timeout_ms
-
-    def send(self, messages: Sequence[Any], *, layer: int, microbatch: int,
-             timeout: float | None = None) -> list[int]:
-        """Post messages[i] (a tensor or a sequence of them) on channel i; their sequence numbers."""
-        if len(messages) != len(self.channels):
-            raise InvalidArgumentError(f"{len(messages)} messages for {len(self.channels)} channels")
-        at, sources = 0, []
-        for i, (channel, tensors) in enumerate(zip(self.channels, messages)):
-            try:
-                infos = channel._describe_message(tensors, microbatch, timeout)  # may stage (a credit wait)
-            except LaminaError as exc:
-                exc.channel_index = i
-                raise
-            _fill_tensors(self._tensors, at, infos)
-            self._counts[i] = len(infos)
-            at += len(infos)
-            sources.append(channel._source_for(infos))
-        source = next((region for region in sources if region is not None), None)
-        rc = lib.lm_chan_send_group(self._handles(), len(self.channels), layer, microbatch, self._tensors,
-                                    self._counts, source._handle() if source is not None else ffi.NULL,
-                                    self._timeout_ms(timeout), self._seqs, self._failed)
-        if rc < 0:
-            raise self._error(rc)
-        return [self._seqs[i] for i in range(len(self.channels))]
-
-    def _error(self, rc: int) -> LaminaError:
-        """The typed error of a group call; .channel_index names the channel it came from (or None)."""
-        index = self._failed[0]
-        where = f"channel {self.channels[index].name}" if index >= 0 else "channel group"
-        error = error_of(rc, where)
-        error.channel_index = index if index >= 0 else None
-        return error
-
-    def recv(self, microbatch: int | None = None, timeout: float | None = None) -> list[Message]:
-        """One message from every channel (of one micro-batch, or the oldest of any)."""
-        if microbatch is not None:
-            self.channels[0]._check_microbatch(microbatch)
-        n = len(self.channels)
-        rc = lib.lm_chan_recv_group(self._handles(), n, -1 if microbatch is None else microbatch, self._msgs,
-                                    self._timeout_ms(timeout), self._taken, self._failed)
-        if rc < 0:
-            error = self._error(rc)
-            for i in range(self._taken[0]):  # taken before the failure: hand them back
-                try:
-                    self.channels[i]._message(self._msgs[i]).release()
-                except LaminaError:
-                    pass  # the first error is the one to report
-            raise error
-        if rc == 0:
-            which = "any micro-batch" if microbatch is None else f"micro-batch {microbatch}"
-            wanted = -1 if microbatch is None else microbatch
-            silent = [i for i, channel in enumerate(self.channels) if lib.lm_chan_pending(channel._ch, wanted) <= 0]
-            error = TimeoutError_(f"channel group: no message for {which} from "
-                                  f"{', '.join(self.channels[i].name for i in silent)} within "
-                                  f"{self.channels[0]._timeout(timeout)} s")
-            error.channel_index = silent[0] if silent else None
-            raise error
-        return [channel._message(self._msgs[i]) for i, channel in enumerate(self.channels)]
-
-
 def _fill_tensors(vec: Any, start: int, infos: list[_TensorInfo]) -> None:
     for i, info in enumerate(infos):
         t = vec[start + i]
         t.addr = info.address
         t.nbytes = info.nbytes
-        t.dtype = _DTYPES[info.dtype_name][0]
+        t.dtype = _WIRE_CODE[info.dtype_name]
         t.ndim = len(info.shape)
         for d, size in enumerate(info.shape):
             t.shape[d] = size
-
-
-def _drain_eventfd(fd: int) -> None:
-    try:
-        os.read(fd, 8)
-    except BlockingIOError:
-        pass
 
 
 def _tensor_list(tensors: Any) -> list[Any]:

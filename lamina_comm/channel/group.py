@@ -1,0 +1,99 @@
+"""ChannelGroup: one model worker's channels to its attention workers, driven together."""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from .._bindings import error_of, ffi, lib
+from ..errors import InvalidArgumentError, LaminaError, TimeoutError_
+from .core import Channel, Message, _fill_tensors
+from .spec import MAX_TENSORS
+
+
+class ChannelGroup:
+    """One model worker's channels to its attention workers, driven together.
+
+    ``send`` posts a layer's messages (one per channel) in one native call and
+    ``recv`` collects one reply from every channel in one native call, waiting
+    on the shared progress engine, with the GIL released throughout. The
+    channels keep their own API; a group only batches.
+    """
+
+    def __init__(self, channels: Sequence[Channel]):
+        if not channels:
+            raise InvalidArgumentError("a channel group needs at least one channel")
+        self.channels = list(channels)
+        n = len(self.channels)
+        self._chans = ffi.new("lm_chan_t *[]", n)
+        self._counts = ffi.new("uint32_t[]", n)
+        self._seqs = ffi.new("uint64_t[]", n)
+        self._msgs = ffi.new("lm_chan_msg_t[]", n)
+        self._tensors = ffi.new("lm_chan_tensor_t[]", n * MAX_TENSORS)
+        self._taken = ffi.new("uint32_t *")
+        self._failed = ffi.new("int32_t *")
+
+    def _handles(self) -> Any:
+        for i, channel in enumerate(self.channels):
+            self._chans[i] = channel._handle()
+        return self._chans
+
+    @property
+    def _timeout_ms(self) -> Callable[[float | None], int]:
+        return self.channels[0]._timeout_ms
+
+    def send(self, messages: Sequence[Any], *, layer: int, microbatch: int,
+             timeout: float | None = None) -> list[int]:
+        """Post messages[i] (a tensor or a sequence of them) on channel i; their sequence numbers."""
+        if len(messages) != len(self.channels):
+            raise InvalidArgumentError(f"{len(messages)} messages for {len(self.channels)} channels")
+        at, sources = 0, []
+        for i, (channel, tensors) in enumerate(zip(self.channels, messages)):
+            try:
+                infos = channel._describe_message(tensors, microbatch, timeout)  # may stage (a credit wait)
+            except LaminaError as exc:
+                exc.channel_index = i
+                raise
+            _fill_tensors(self._tensors, at, infos)
+            self._counts[i] = len(infos)
+            at += len(infos)
+            sources.append(channel._source_for(infos))
+        source = next((region for region in sources if region is not None), None)
+        rc = lib.lm_chan_send_group(self._handles(), len(self.channels), layer, microbatch, self._tensors,
+                                    self._counts, source._handle() if source is not None else ffi.NULL,
+                                    self._timeout_ms(timeout), self._seqs, self._failed)
+        if rc < 0:
+            raise self._error(rc)
+        return [self._seqs[i] for i in range(len(self.channels))]
+
+    def _error(self, rc: int) -> LaminaError:
+        """The typed error of a group call; .channel_index names the channel it came from (or None)."""
+        index = self._failed[0]
+        where = f"channel {self.channels[index].name}" if index >= 0 else "channel group"
+        error = error_of(rc, where)
+        error.channel_index = index if index >= 0 else None
+        return error
+
+    def recv(self, microbatch: int | None = None, timeout: float | None = None) -> list[Message]:
+        """One message from every channel (of one micro-batch, or the oldest of any)."""
+        if microbatch is not None:
+            self.channels[0]._check_microbatch(microbatch)
+        n = len(self.channels)
+        rc = lib.lm_chan_recv_group(self._handles(), n, -1 if microbatch is None else microbatch, self._msgs,
+                                    self._timeout_ms(timeout), self._taken, self._failed)
+        if rc < 0:
+            error = self._error(rc)
+            for i in range(self._taken[0]):  # taken before the failure: hand them back
+                try:
+                    self.channels[i]._message(self._msgs[i]).release()
+                except LaminaError:
+                    pass  # the first error is the one to report
+            raise error
+        if rc == 0:
+            which = "any micro-batch" if microbatch is None else f"micro-batch {microbatch}"
+            wanted = -1 if microbatch is None else microbatch
+            silent = [i for i, channel in enumerate(self.channels) if lib.lm_chan_pending(channel._ch, wanted) <= 0]
+            error = TimeoutError_(f"channel group: no message for {which} from "
+                                  f"{', '.join(self.channels[i].name for i in silent)} within "
+                                  f"{self.channels[0]._timeout(timeout)} s")
+            error.channel_index = silent[0] if silent else None
+            raise error
+        return [channel._message(self._msgs[i]) for i, channel in enumerate(self.channels)]
