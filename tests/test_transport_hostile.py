@@ -10,7 +10,6 @@ serving the others.
 from __future__ import annotations
 
 import json
-import os
 import select
 import socket
 import struct
