@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .. import dtypes
-from .._bindings import check, ffi, lib
+from .._bindings import check, error_of, ffi, lib
 from ..errors import ClosedError, InvalidArgumentError, LaminaError, TimeoutError_
 from ..transport import Context, Endpoint, Listener, MemoryRegion, Op, RemoteRegion
 from .handshake import _check_peer, _hello, _parse_hello
@@ -44,6 +44,38 @@ class ChannelMetrics:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+_TENSOR_ENTRY_BYTES = ffi.sizeof("lm_chan_tensor_t")
+
+
+class _KeptLayout:
+    """send_buffers() views at one slot offset, kept with their tensor table filled once."""
+
+    __slots__ = ("views", "shapes", "vec", "count")
+
+    def __init__(self, views: list[Any], infos: list[_TensorInfo]):
+        self.views = tuple(views)
+        self.shapes = tuple(info.shape for info in infos)
+        self.count = len(infos)
+        self.vec = ffi.new("lm_chan_tensor_t[]", max(1, self.count))
+        _fill_tensors(self.vec, 0, infos)
+
+    def matches(self, tensors: list[Any]) -> bool:
+        """The same views, none reshaped in place since (numpy allows it)."""
+        views = self.views
+        if len(tensors) != len(views):
+            return False
+        for given, view, shape in zip(tensors, views, self.shapes):
+            if given is not view or tuple(given.shape) != shape:
+                return False
+        return True
+
+
+class _SlotTensors(list):
+    """What send_buffers() returns: a list of views that send() knows without describing them."""
+
+    __slots__ = ("_kept",)
 
 
 class Message:
@@ -172,8 +204,8 @@ class Channel:
         self._offset = ffi.new("uint64_t *")
         self._stats = ffi.new("lm_chan_stats_t *")
         self._fd: int | None = None
-        self._send_views: dict[tuple, list[Any]] = {}
-        self._recv_views: dict[tuple, TensorView] = {}
+        self._send_views: dict[tuple, _KeptLayout] = {}
+        self._recv_views: dict[bytes, tuple[TensorView, ...]] = {}
 
     def _destroy_native(self) -> None:
         ch, self._ch = self._ch, None
@@ -259,7 +291,7 @@ class Channel:
 
     # -- sending -------------------------------------------------------------
     def _timeout_ms(self, timeout: float | None) -> int:
-        return max(0, int(self._timeout(timeout) * 1000))
+        return max(0, int((self.timeout if timeout is None else timeout) * 1000))
 
     def send_slot(self, microbatch: int, timeout: float | None = None) -> np.ndarray:
         """The payload area (uint8) of the next send slot of a micro-batch, once it is free."""
@@ -278,17 +310,20 @@ class Channel:
         one for all tensors (default: the spec's), or one per shape.
         """
         self._check_microbatch(microbatch)
-        check(lib.lm_chan_send_slot(self._handle(), microbatch, self._timeout_ms(timeout), self._offset),
-              f"channel {self.name}")
+        rc = lib.lm_chan_send_slot(self._handle(), microbatch, self._timeout_ms(timeout), self._offset)
+        if rc < 0:
+            raise error_of(rc, f"channel {self.name}")
         if isinstance(dtype, (list, tuple)):
             dtype = tuple(dtype)
         key = (self._offset[0], tuple(map(tuple, shapes)), dtype, as_torch)
-        views = self._send_views.get(key)
-        if views is None:
-            views = self._slot_views(key)
-        return list(views)
+        kept = self._send_views.get(key)
+        if kept is None:
+            kept = self._slot_views(key)
+        out = _SlotTensors(kept.views)
+        out._kept = kept
+        return out
 
-    def _slot_views(self, key: tuple) -> list[Any]:
+    def _slot_views(self, key: tuple) -> "_KeptLayout":
         """Typed views at a payload offset; kept with their descriptors, since a layer's
         messages keep their shapes (send() then needs no description of them)."""
         payload_offset, shapes, dtype, as_torch = key
@@ -311,10 +346,11 @@ class Channel:
         out = [to_torch(v) for v in views] if as_torch else views
         for obj, info in zip(out, infos):
             obj._lamina_info = info  # the descriptor send() takes as it is
+        kept = _KeptLayout(out, infos)
         if len(self._send_views) >= _VIEW_CACHE_MAX:
             self._send_views.clear()
-        self._send_views[key] = out
-        return out
+        self._send_views[key] = kept
+        return kept
 
     def send(self, tensors: Any, *, layer: int, microbatch: int, timeout: float | None = None) -> int:
         """Post one message (a tensor or a sequence of them); returns its sequence number.
@@ -344,14 +380,22 @@ class Channel:
 
     def _send(self, tensors: Any, layer: int, microbatch: int, flags: int, seq: int,
               timeout: float | None) -> int:
-        infos = self._describe_message(tensors, microbatch, timeout)
-        vec = self._tensors
-        _fill_tensors(vec, 0, infos)
+        kept = tensors._kept if type(tensors) is _SlotTensors else None
+        if kept is not None and kept.matches(tensors):
+            # send_buffers() views as they were handed out: their table is filled already.
+            self._check_microbatch(microbatch)
+            vec, count, source = kept.vec, kept.count, ffi.NULL
+        else:
+            infos = self._describe_message(tensors, microbatch, timeout)
+            vec, count = self._tensors, len(infos)
+            _fill_tensors(vec, 0, infos)
+            region = self._source_for(infos)
+            source = region._handle() if region is not None else ffi.NULL
         self._seq[0] = seq
-        source = self._source_for(infos)
-        check(lib.lm_chan_send(self._handle(), layer, microbatch, vec, len(infos),
-                               source._handle() if source is not None else ffi.NULL, flags,
-                               self._timeout_ms(timeout), self._seq), f"channel {self.name}")
+        rc = lib.lm_chan_send(self._handle(), layer, microbatch, vec, count, source, flags,
+                              self._timeout_ms(timeout), self._seq)
+        if rc < 0:
+            raise error_of(rc, f"channel {self.name}")
         return self._seq[0]
 
     def _describe_message(self, tensors: Any, microbatch: int, timeout: float | None) -> list[_TensorInfo]:
@@ -401,9 +445,11 @@ class Channel:
         """The next message (of one micro-batch, or any); others stay buffered in arrival order."""
         if microbatch is not None:
             self._check_microbatch(microbatch)
-        got = check(lib.lm_chan_recv(self._handle(), -1 if microbatch is None else microbatch, self._msg,
-                                     self._timeout_ms(timeout)), f"channel {self.name}")
-        if got == 0:
+        got = lib.lm_chan_recv(self._handle(), -1 if microbatch is None else microbatch, self._msg,
+                               self._timeout_ms(timeout))
+        if got <= 0:
+            if got < 0:
+                raise error_of(got, f"channel {self.name}")
             raise self._recv_timeout(microbatch, timeout)
         return self._message(self._msg)
 
@@ -422,32 +468,34 @@ class Channel:
                              f"{self._timeout(timeout)} s")
 
     def _message(self, msg: Any) -> Message:
-        tensors = []
-        cache = self._recv_views
+        # The tensor table's bytes are the layout's key (channel.c zeroes the
+        # unused shape entries): a layer's messages keep their layout, so one
+        # lookup finds all its views.
+        layout = bytes(ffi.buffer(msg.tensors, msg.ntensors * _TENSOR_ENTRY_BYTES))
+        views = self._recv_views.get(layout)
+        if views is None:
+            views = self._recv_layout(msg, layout)
+        return Message(self, msg.layer, msg.microbatch, msg.seq, msg.slot, list(views), msg.arrived_ns)
+
+    def _recv_layout(self, msg: Any, layout: bytes) -> tuple[TensorView, ...]:
+        """Views over a received layout; kept, bounded (a peer that varies shapes only empties the cache)."""
+        views = []
         for i in range(msg.ntensors):
             t = msg.tensors[i]
-            ndim = t.ndim
-            shape = tuple(t.shape)[:ndim]
-            key = (t.addr, t.dtype, shape)
-            view = cache.get(key)
-            if view is None:
-                view = self._recv_view(key, t.nbytes)
-            tensors.append(view)
-        return Message(self, msg.layer, msg.microbatch, msg.seq, msg.slot, tensors, msg.arrived_ns)
-
-    def _recv_view(self, key: tuple, nbytes: int) -> TensorView:
-        """A view over received bytes; kept, since a layer's messages keep their layout."""
-        start, code, shape = key
-        name = dtypes.name_of_wire_code(code)
-        view = _as_tensor_view(self._buf[start:start + nbytes].view(dtypes.numpy_storage(name)).reshape(shape), name)
-        if len(self._recv_views) >= _VIEW_CACHE_MAX:  # a peer that varies shapes cannot grow it
+            name = dtypes.name_of_wire_code(t.dtype)
+            shape = tuple(t.shape)[:t.ndim]
+            views.append(_as_tensor_view(
+                self._buf[t.addr:t.addr + t.nbytes].view(dtypes.numpy_storage(name)).reshape(shape), name))
+        if len(self._recv_views) >= _VIEW_CACHE_MAX:
             self._recv_views.clear()
-        self._recv_views[key] = view
-        return view
+        self._recv_views[layout] = views = tuple(views)
+        return views
 
     def _return_credit(self, mb: int, slot: int, seq: int) -> None:
         if self._ch is not None:
-            check(lib.lm_chan_release(self._ch, mb, slot, seq), f"channel {self.name}")
+            rc = lib.lm_chan_release(self._ch, mb, slot, seq)
+            if rc < 0:
+                raise error_of(rc, f"channel {self.name}")
 
     # -- waiting -------------------------------------------------------------
     def _timeout(self, timeout: float | None) -> float:

@@ -758,6 +758,8 @@ static int open_locked(lm_chan_t *ch, uint32_t mb, uint32_t slot, lm_chan_msg_t 
         if (!ok || e.offset > ch->recv_cap || nbytes > ch->recv_cap - e.offset || extent > ch->recv_cap)
             return lm_fail(LM_ERR_PROTOCOL, "tensor %u (%u dimensions, %llu B at %llu) overruns the slot", i, e.ndim,
                            (unsigned long long)nbytes, (unsigned long long)e.offset);
+        for (uint32_t d = e.ndim; d < LM_CHAN_MAX_NDIM; d++)
+            out->tensors[i].shape[d] = 0; /* the entry is a byte-exact layout key (Python's view cache) */
         out->tensors[i].addr = at + LM_CHAN_HEADER_BYTES + e.offset;
         out->tensors[i].nbytes = nbytes;
         out->tensors[i].dtype = e.dtype;
