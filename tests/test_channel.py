@@ -574,3 +574,29 @@ def test_a_send_buffers_view_reshaped_in_place_is_described_again(pair):
     with attention.recv(microbatch=0, timeout=10) as message:
         assert message.tensors[0].shape == (8, 4)
         assert np.array_equal(message.tensors[0], np.arange(32, dtype=np.float32).reshape(8, 4))
+
+
+def test_close_from_another_thread_wakes_the_waiter(pair):
+    """A receive blocked in native code (GIL released) when another thread closes the
+    channel ends with ClosedError, promptly, and nothing is freed under it."""
+    model, attention = pair
+    outcome: dict[str, object] = {}
+
+    def wait() -> None:
+        started = time.monotonic()
+        try:
+            attention.recv(microbatch=0, timeout=20)
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = exc
+        outcome["waited"] = time.monotonic() - started
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(0.3)  # inside lm_chan_recv by now
+    attention.close()
+    waiter.join(10)
+    assert not waiter.is_alive(), "the waiter was not woken by close()"
+    assert isinstance(outcome.get("error"), lc.ClosedError), outcome
+    assert outcome["waited"] < 5
+    with pytest.raises(lc.ClosedError):
+        attention.recv(microbatch=0, timeout=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import weakref
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -211,7 +212,11 @@ class Channel:
         ch, self._ch = self._ch, None
         self._fd = None  # closed with the channel
         if ch is not None:
-            lib.lm_chan_destroy(ch)
+            # A thread inside a call (GIL released) is woken and gets ClosedError;
+            # one that read the handle just before is refused: the memory is
+            # freed only with this object, which such a thread still holds.
+            lib.lm_chan_close(ch)
+            weakref.finalize(self, lib.lm_chan_destroy, ch)
 
     def _handle(self):
         if self._ch is None:

@@ -244,7 +244,8 @@ int lm_cq_wait(lm_context_t *ctx, lm_completion_t *out, int max, int timeout_ms)
  * completion queue. Arrivals are demultiplexed, checked and queued in native
  * code by whichever thread dispatches; a send is one call, a receive is one
  * call, and every wait runs the progress engine in the calling thread (the GIL
- * is released by the bindings). One application thread at a time per channel.
+ * is released by the bindings). One application thread at a time per channel;
+ * another thread may close it (lm_chan_close) while that one is inside a call.
  */
 typedef struct lm_chan lm_chan_t;
 
@@ -309,9 +310,14 @@ uint64_t lm_chan_region_bytes(const lm_chan_params_t *params);
  * for a peer region smaller than its layout. */
 int lm_chan_create(lm_ep_t *ep, lm_mr_t *mr, const lm_rdesc_t *peer, const lm_chan_params_t *params,
                    lm_chan_t **out);
-/* Let go of the endpoint (its later completions go to the context's queue
- * again) and free the channel; then destroy ep and mr. Not while another
- * thread is inside a call on this channel. */
+/* Close: fail the channel with LM_ERR_CLOSED, wake and wait out any thread
+ * inside a call on it (each returns LM_ERR_CLOSED), then let go of the
+ * endpoint (its later completions go to the context's queue again). Calls
+ * after it return LM_ERR_CLOSED; the memory stays valid until
+ * lm_chan_destroy, so a thread that was about to call does not touch freed
+ * memory. Then ep and mr may be destroyed. Idempotent. */
+void lm_chan_close(lm_chan_t *ch);
+/* Close if not closed, and free. No call may be in progress or follow. */
 void lm_chan_destroy(lm_chan_t *ch);
 /* Wait up to timeout_ms for the credit of the next send slot of a micro-batch;
  * *payload_offset: where its payload starts in our region (fill it in place).

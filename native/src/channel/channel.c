@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "../core/core.h"
@@ -98,6 +99,11 @@ struct lm_chan {
     lm_chan_stats_t st;
     int event_fd;
     atomic_bool fd_wanted;
+    /* Closing while another thread is inside a call: calls count themselves
+     * in (users); lm_chan_close fails the channel, wakes them and waits until
+     * they are out. The memory stays until lm_chan_destroy. */
+    atomic_int users;
+    atomic_bool closed;
 };
 
 static const uint8_t itemsize_of[] = { /* by wire dtype code; 0: not a code */
@@ -357,15 +363,9 @@ void lm_chan_destroy(lm_chan_t *ch)
 {
     if (!ch)
         return;
-    if (ch->ep) {
-        /* Later completions of the endpoint (its close cancels what is
-         * outstanding) go to the context's queue; no dispatch still runs ours. */
-        lm_ep_set_sink(ch->ep, NULL, NULL);
-        lm_progress_barrier(ch->ctx);
+    lm_chan_close(ch);
+    if (ch->ep)
         pthread_mutex_destroy(&ch->lock);
-    }
-    if (ch->event_fd >= 0)
-        close(ch->event_fd);
     free(ch->send_seq);
     free(ch->recv_seq);
     free(ch->busy);
@@ -376,6 +376,57 @@ void lm_chan_destroy(lm_chan_t *ch)
     free(ch->credit_seq);
     free(ch->held);
     free(ch);
+}
+
+/* ---- calls and closing ------------------------------------------------------ */
+
+static bool chan_enter(lm_chan_t *ch)
+{
+    if (!ch)
+        return true; /* the call itself reports the NULL channel */
+    atomic_fetch_add(&ch->users, 1);
+    if (!atomic_load(&ch->closed))
+        return true;
+    atomic_fetch_sub(&ch->users, 1);
+    return false;
+}
+
+static void chan_leave(lm_chan_t *ch)
+{
+    if (ch)
+        atomic_fetch_sub(&ch->users, 1);
+}
+
+static int closed_error(const char *call)
+{
+    return lm_fail(LM_ERR_CLOSED, "%s: channel closed", call);
+}
+
+void lm_chan_close(lm_chan_t *ch)
+{
+    if (!ch || atomic_exchange(&ch->closed, true))
+        return;
+    if (ch->ep) {
+        pthread_mutex_lock(&ch->lock);
+        fail_locked(ch, LM_ERR_CLOSED, "channel closed");
+        pthread_mutex_unlock(&ch->lock);
+        notify(ch); /* an asyncio waiter looks again */
+        /* A thread inside a call sees the failure on its next look; one asleep
+         * in epoll is woken to look. */
+        struct timespec pause = {.tv_nsec = 50000};
+        while (atomic_load(&ch->users) > 0) {
+            lm_progress_kick(ch->ctx);
+            nanosleep(&pause, NULL);
+        }
+        /* Later completions of the endpoint (its close cancels what is
+         * outstanding) go to the context's queue; no dispatch still runs ours. */
+        lm_ep_set_sink(ch->ep, NULL, NULL);
+        lm_progress_barrier(ch->ctx);
+    }
+    if (ch->event_fd >= 0) {
+        close(ch->event_fd);
+        ch->event_fd = -1;
+    }
 }
 
 /* ---- waiting ----------------------------------------------------------------- */
@@ -463,7 +514,7 @@ static int write_held_credits(lm_chan_t *ch)
     }
 }
 
-int lm_chan_release(lm_chan_t *ch, uint32_t mb, uint32_t slot, uint64_t seq)
+static int chan_release(lm_chan_t *ch, uint32_t mb, uint32_t slot, uint64_t seq)
 {
     if (!ch || mb >= ch->mbs || slot >= ch->slots)
         return lm_fail(LM_ERR_INVALID, "lm_chan_release: no such slot");
@@ -539,7 +590,7 @@ static int wait_credit(lm_chan_t *ch, uint32_t mb, uint32_t slot, int timeout_ms
     }
 }
 
-int lm_chan_send_slot(lm_chan_t *ch, uint32_t mb, int timeout_ms, uint64_t *payload_offset)
+static int chan_send_slot(lm_chan_t *ch, uint32_t mb, int timeout_ms, uint64_t *payload_offset)
 {
     if (!ch || !payload_offset || mb >= ch->mbs)
         return lm_fail(LM_ERR_INVALID, "lm_chan_send_slot: bad micro-batch or NULL argument");
@@ -614,8 +665,8 @@ static void write_header(lm_chan_t *ch, uint64_t at, const lm_chan_tensor_t *t, 
     memcpy(h + CREDITS_AT, credits, ncredits * sizeof(*credits));
 }
 
-int lm_chan_send(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_tensor_t *t, uint32_t n, lm_mr_t *source,
-                 uint32_t flags, int timeout_ms, uint64_t *seq_inout)
+static int chan_send(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_tensor_t *t, uint32_t n,
+                     lm_mr_t *source, uint32_t flags, int timeout_ms, uint64_t *seq_inout)
 {
     if (!ch || (n && !t) || !seq_inout)
         return lm_fail(LM_ERR_INVALID, "lm_chan_send: NULL argument");
@@ -798,7 +849,7 @@ static int take_arrival_locked(lm_chan_t *ch, int32_t mb, uint32_t *taken, uint6
     return 0;
 }
 
-int lm_chan_recv(lm_chan_t *ch, int32_t mb, lm_chan_msg_t *out, int timeout_ms)
+static int chan_recv(lm_chan_t *ch, int32_t mb, lm_chan_msg_t *out, int timeout_ms)
 {
     if (!ch || !out || mb >= (int32_t)ch->mbs)
         return lm_fail(LM_ERR_INVALID, "lm_chan_recv: bad micro-batch or NULL argument");
@@ -835,7 +886,7 @@ int lm_chan_recv(lm_chan_t *ch, int32_t mb, lm_chan_msg_t *out, int timeout_ms)
     }
 }
 
-int lm_chan_flush(lm_chan_t *ch, int timeout_ms)
+static int chan_flush(lm_chan_t *ch, int timeout_ms)
 {
     if (!ch)
         return lm_fail(LM_ERR_INVALID, "lm_chan_flush: NULL channel");
@@ -859,7 +910,7 @@ int lm_chan_flush(lm_chan_t *ch, int timeout_ms)
 
 /* ---- small queries ----------------------------------------------------------- */
 
-int lm_chan_progress(lm_chan_t *ch)
+static int chan_progress(lm_chan_t *ch)
 {
     if (!ch)
         return lm_fail(LM_ERR_INVALID, "lm_chan_progress: NULL channel");
@@ -871,7 +922,7 @@ int lm_chan_progress(lm_chan_t *ch)
     return write_held_credits(ch);
 }
 
-int lm_chan_slot_free(lm_chan_t *ch, uint32_t mb)
+static int chan_slot_free(lm_chan_t *ch, uint32_t mb)
 {
     if (!ch || mb >= ch->mbs)
         return lm_fail(LM_ERR_INVALID, "lm_chan_slot_free: bad micro-batch");
@@ -881,7 +932,7 @@ int lm_chan_slot_free(lm_chan_t *ch, uint32_t mb)
     return free_;
 }
 
-int lm_chan_pending(lm_chan_t *ch, int32_t mb)
+static int chan_pending(lm_chan_t *ch, int32_t mb)
 {
     if (!ch)
         return lm_fail(LM_ERR_INVALID, "lm_chan_pending: NULL channel");
@@ -914,7 +965,7 @@ void lm_chan_stats(lm_chan_t *ch, lm_chan_stats_t *out)
     pthread_mutex_unlock(&ch->lock);
 }
 
-int lm_chan_fd(lm_chan_t *ch)
+static int chan_fd(lm_chan_t *ch)
 {
     if (!ch)
         return lm_fail(LM_ERR_INVALID, "lm_chan_fd: NULL channel");
@@ -929,7 +980,7 @@ int lm_chan_fd(lm_chan_t *ch)
     return fd;
 }
 
-int lm_chan_inject_imm(lm_chan_t *ch, uint32_t imm)
+static int chan_inject_imm(lm_chan_t *ch, uint32_t imm)
 {
     if (!ch)
         return lm_fail(LM_ERR_INVALID, "lm_chan_inject_imm: NULL channel");
@@ -943,7 +994,7 @@ int lm_chan_inject_imm(lm_chan_t *ch, uint32_t imm)
     return rc;
 }
 
-int lm_chan_test_state(lm_chan_t *ch, uint64_t recv_seq, uint64_t slot_seq)
+static int chan_test_state(lm_chan_t *ch, uint64_t recv_seq, uint64_t slot_seq)
 {
     if (!ch)
         return lm_fail(LM_ERR_INVALID, "lm_chan_test_state: NULL channel");
@@ -960,7 +1011,7 @@ int lm_chan_test_state(lm_chan_t *ch, uint64_t recv_seq, uint64_t slot_seq)
 
 /* ---- groups -------------------------------------------------------------------- */
 
-int lm_chan_send_group(lm_chan_t **chans, uint32_t n, uint32_t layer, uint32_t mb, const lm_chan_tensor_t *tensors,
+static int chan_send_group(lm_chan_t **chans, uint32_t n, uint32_t layer, uint32_t mb, const lm_chan_tensor_t *tensors,
                        const uint32_t *counts, lm_mr_t *source, int timeout_ms, uint64_t *seqs, int32_t *failed)
 {
     if (!chans || !counts || !seqs || !failed)
@@ -981,7 +1032,7 @@ int lm_chan_send_group(lm_chan_t **chans, uint32_t n, uint32_t layer, uint32_t m
     return LM_OK;
 }
 
-int lm_chan_recv_group(lm_chan_t **chans, uint32_t n, int32_t mb, lm_chan_msg_t *out, int timeout_ms,
+static int chan_recv_group(lm_chan_t **chans, uint32_t n, int32_t mb, lm_chan_msg_t *out, int timeout_ms,
                        uint32_t *taken, int32_t *failed)
 {
     if (!chans || !out || !taken || !failed || n == 0)
@@ -1046,4 +1097,149 @@ int lm_chan_recv_group(lm_chan_t **chans, uint32_t n, int32_t mb, lm_chan_msg_t 
         if (wait_step(chans[0], until) != LM_OK && until == deadline)
             return 0;
     }
+}
+
+/* ---- the public calls: counted in, refused once closed ------------------------ */
+
+int lm_chan_release(lm_chan_t *ch, uint32_t mb, uint32_t slot, uint64_t seq)
+{
+    if (!chan_enter(ch))
+        return closed_error("lm_chan_release");
+    int rc = chan_release(ch, mb, slot, seq);
+    chan_leave(ch);
+    return rc;
+}
+
+int lm_chan_send_slot(lm_chan_t *ch, uint32_t mb, int timeout_ms, uint64_t *payload_offset)
+{
+    if (!chan_enter(ch))
+        return closed_error("lm_chan_send_slot");
+    int rc = chan_send_slot(ch, mb, timeout_ms, payload_offset);
+    chan_leave(ch);
+    return rc;
+}
+
+int lm_chan_recv(lm_chan_t *ch, int32_t mb, lm_chan_msg_t *out, int timeout_ms)
+{
+    if (!chan_enter(ch))
+        return closed_error("lm_chan_recv");
+    int rc = chan_recv(ch, mb, out, timeout_ms);
+    chan_leave(ch);
+    return rc;
+}
+
+int lm_chan_flush(lm_chan_t *ch, int timeout_ms)
+{
+    if (!chan_enter(ch))
+        return closed_error("lm_chan_flush");
+    int rc = chan_flush(ch, timeout_ms);
+    chan_leave(ch);
+    return rc;
+}
+
+int lm_chan_progress(lm_chan_t *ch)
+{
+    if (!chan_enter(ch))
+        return closed_error("lm_chan_progress");
+    int rc = chan_progress(ch);
+    chan_leave(ch);
+    return rc;
+}
+
+int lm_chan_slot_free(lm_chan_t *ch, uint32_t mb)
+{
+    if (!chan_enter(ch))
+        return closed_error("lm_chan_slot_free");
+    int rc = chan_slot_free(ch, mb);
+    chan_leave(ch);
+    return rc;
+}
+
+int lm_chan_pending(lm_chan_t *ch, int32_t mb)
+{
+    if (!chan_enter(ch))
+        return closed_error("lm_chan_pending");
+    int rc = chan_pending(ch, mb);
+    chan_leave(ch);
+    return rc;
+}
+
+int lm_chan_fd(lm_chan_t *ch)
+{
+    if (!chan_enter(ch))
+        return closed_error("lm_chan_fd");
+    int rc = chan_fd(ch);
+    chan_leave(ch);
+    return rc;
+}
+
+int lm_chan_inject_imm(lm_chan_t *ch, uint32_t imm)
+{
+    if (!chan_enter(ch))
+        return closed_error("lm_chan_inject_imm");
+    int rc = chan_inject_imm(ch, imm);
+    chan_leave(ch);
+    return rc;
+}
+
+int lm_chan_test_state(lm_chan_t *ch, uint64_t recv_seq, uint64_t slot_seq)
+{
+    if (!chan_enter(ch))
+        return closed_error("lm_chan_test_state");
+    int rc = chan_test_state(ch, recv_seq, slot_seq);
+    chan_leave(ch);
+    return rc;
+}
+
+int lm_chan_send(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_tensor_t *t, uint32_t n, lm_mr_t *source,
+                 uint32_t flags, int timeout_ms, uint64_t *seq_inout)
+{
+    if (!chan_enter(ch))
+        return closed_error("lm_chan_send");
+    int rc = chan_send(ch, layer, mb, t, n, source, flags, timeout_ms, seq_inout);
+    chan_leave(ch);
+    return rc;
+}
+
+/* Every channel of a group is counted in for the whole call. */
+static bool enter_all(lm_chan_t **chans, uint32_t n, int32_t *failed)
+{
+    for (uint32_t i = 0; i < n; i++)
+        if (!chan_enter(chans[i])) {
+            *failed = (int32_t)i;
+            while (i-- > 0)
+                chan_leave(chans[i]);
+            return false;
+        }
+    return true;
+}
+
+static void leave_all(lm_chan_t **chans, uint32_t n)
+{
+    for (uint32_t i = 0; i < n; i++)
+        chan_leave(chans[i]);
+}
+
+int lm_chan_send_group(lm_chan_t **chans, uint32_t n, uint32_t layer, uint32_t mb, const lm_chan_tensor_t *tensors,
+                       const uint32_t *counts, lm_mr_t *source, int timeout_ms, uint64_t *seqs, int32_t *failed)
+{
+    if (!chans || !failed)
+        return lm_fail(LM_ERR_INVALID, "lm_chan_send_group: NULL argument");
+    if (!enter_all(chans, n, failed))
+        return closed_error("lm_chan_send_group");
+    int rc = chan_send_group(chans, n, layer, mb, tensors, counts, source, timeout_ms, seqs, failed);
+    leave_all(chans, n);
+    return rc;
+}
+
+int lm_chan_recv_group(lm_chan_t **chans, uint32_t n, int32_t mb, lm_chan_msg_t *out, int timeout_ms,
+                       uint32_t *taken, int32_t *failed)
+{
+    if (!chans || !failed)
+        return lm_fail(LM_ERR_INVALID, "lm_chan_recv_group: bad arguments");
+    if (!enter_all(chans, n, failed))
+        return closed_error("lm_chan_recv_group");
+    int rc = chan_recv_group(chans, n, mb, out, timeout_ms, taken, failed);
+    leave_all(chans, n);
+    return rc;
 }
