@@ -106,6 +106,76 @@ def sequential_schedule(num_layers: int, num_microbatches: int) -> Iterator[Sche
         yield ScheduledOp("end", None, mb)
 
 
+@dataclass(frozen=True)
+class Rotation:
+    """Rotational staggered pipelining (Lamina, arXiv:2405.01814): n micro-batches over R model replicas.
+
+    Number the units of work on the model tier k = mb + g·n, where g counts
+    layers across steps (g = step·L + layer) and a unit is finish(g - 1) +
+    start(g) of one micro-batch. Unit k runs on replica k mod R. Unit k
+    depends only on unit k − n (the same micro-batch one layer earlier), and
+    every replica runs its units in increasing k, so the order of k is a
+    topological order of all the work: no deadlock (docs/pipeline.md). The
+    micro-batch's next unit is on replica (r + n) mod R whatever the layer,
+    so each replica hands residuals to one fixed successor and takes them from
+    one fixed predecessor: a ring. R = 1 is the ping-pong schedule.
+    """
+
+    replicas: int
+    microbatches: int
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {self.replicas}")
+        if self.microbatches < 1:
+            raise ValueError(f"microbatches must be >= 1, got {self.microbatches}")
+
+    def replica_of(self, layer_index: int, mb: int) -> int:
+        """The replica that finishes layer_index − 1 and starts layer_index of mb (layers counted across steps)."""
+        return (mb + layer_index * self.microbatches) % self.replicas
+
+    def successor(self, replica: int) -> int:
+        """Where a micro-batch started on ``replica`` is finished: its residual and attention output go there."""
+        return (replica + self.microbatches) % self.replicas
+
+    def predecessor(self, replica: int) -> int:
+        """Whose residuals ``replica`` receives."""
+        return (replica - self.microbatches) % self.replicas
+
+    @property
+    def rotates(self) -> bool:
+        """Whether a micro-batch changes replica between layers (else residuals stay put)."""
+        return self.successor(0) != 0
+
+
+def rotation_schedule(num_layers: int, rotation: Rotation, replica: int, steps: int = 1) -> Iterator[ScheduledOp]:
+    """The ops of one replica for ``steps`` consecutive decode steps, in unit order.
+
+    A step boundary is one unit: finish the last layer, ``end`` (LM head and
+    sampling), ``begin`` (embedding) and start layer 0 of the next step, so
+    consecutive steps do not drain the pipeline in between. With one replica
+    and one step this is exactly :func:`step_schedule`.
+    """
+    _check_sizes(num_layers, rotation.microbatches)
+    if not 0 <= replica < rotation.replicas:
+        raise ValueError(f"replica must be in 0..{rotation.replicas - 1}, got {replica}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    total = steps * num_layers
+    for g in range(total + 1):
+        for mb in range(rotation.microbatches):
+            if rotation.replica_of(g, mb) != replica:
+                continue
+            if g > 0:
+                yield ScheduledOp("finish", (g - 1) % num_layers, mb)
+                if g % num_layers == 0:
+                    yield ScheduledOp("end", None, mb)
+            if g < total:
+                if g % num_layers == 0:
+                    yield ScheduledOp("begin", None, mb)
+                yield ScheduledOp("start", g % num_layers, mb)
+
+
 def _check_sizes(num_layers: int, num_microbatches: int) -> None:
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
@@ -135,6 +205,23 @@ def run_sequential(
 ) -> None:
     """Run the same callables one micro-batch at a time (the no-overlap reference)."""
     execute(sequential_schedule(num_layers, num_microbatches), stage, timeline)
+
+
+def run_replica(
+    num_layers: int,
+    rotation: Rotation,
+    replica: int,
+    stage: PipelineStage,
+    steps: int = 1,
+    timeline: Timeline | None = None,
+) -> None:
+    """Run one replica's share of ``steps`` decode steps under rotational staggered pipelining.
+
+    The stage's ``send`` must deliver the residual and have the attention
+    output delivered to ``rotation.successor(replica)``; its ``recv`` takes
+    both from ``rotation.predecessor(replica)``.
+    """
+    execute(rotation_schedule(num_layers, rotation, replica, steps), stage, timeline)
 
 
 def execute(

@@ -140,6 +140,67 @@ def megascale_min_microbatches(t_comm_s: float, t_compute_s: float) -> int:
 
 
 # --------------------------------------------------------------------------
+# Rotational staggered pipelining
+
+
+def rotation_period_s(t_model_s: float, t_attention_s: float, transfer_s: float, replicas: int,
+                      microbatches: int) -> float:
+    """Per-layer period of rotational staggered pipelining (docs/pipeline.md).
+
+    All per layer, whole batch: t_model_s one replica's compute, t_attention_s
+    the attention pool's, transfer_s the batch's q/k/v out plus output back.
+    A micro-batch carries 1/n of each. The attention pool serves all n
+    micro-batches per period, the R replicas share them, and one micro-batch's
+    own round (model, out, attention, back) must also fit:
+
+        P >= max(n·T_a, n·T_m / R, T_m + T_a + X)   (per micro-batch T_a, T_m, X)
+          = max(t_attention, t_model / R, (t_model + t_attention + transfer) / n)
+    """
+    if replicas < 1 or microbatches < 1:
+        raise ValueError("replicas and microbatches must be >= 1")
+    return max(t_attention_s, t_model_s / replicas, (t_model_s + t_attention_s + transfer_s) / microbatches)
+
+
+def rotation_choice(t_model_s: float, t_attention_s: float, transfer_s: float, replicas: int,
+                    max_microbatches: int = 64) -> dict[str, Any]:
+    """For R replicas: the fewest micro-batches (at least R + 1) that reach the compute bound, and its figures.
+
+    Times per layer, whole batch (see :func:`rotation_period_s`). When no n up
+    to ``max_microbatches`` reaches the bound (transfer too slow), the
+    largest is reported with ``transfer_bound`` set.
+    """
+    bound = max(t_attention_s, t_model_s / replicas)
+    needed = math.ceil((t_model_s + t_attention_s + transfer_s) / bound - 1e-9) if bound > 0 else 1
+    n = max(replicas + 1 if replicas > 1 else 2, needed)
+    transfer_bound = n > max_microbatches
+    n = min(n, max_microbatches)
+    period = rotation_period_s(t_model_s, t_attention_s, transfer_s, replicas, n)
+    return {"replicas": replicas, "microbatches": n, "period_s": period,
+            "model_busy": t_model_s / replicas / period if period else 0.0,
+            "attention_busy": t_attention_s / period if period else 0.0,
+            "transfer_bound": transfer_bound}
+
+
+def plan_rotation(t_model_s: float, t_attention_s: float, transfer_s: float, *, max_replicas: int = 8,
+                  replicas: int | None = None) -> dict[str, Any]:
+    """Pick R (and n): the replica count whose less busy tier is busiest, fewest replicas on a tie.
+
+    ``replicas`` forces R. Every candidate up to ``max_replicas`` is listed.
+    """
+    if max_replicas < 1:
+        raise ValueError(f"max_replicas must be >= 1, got {max_replicas}")
+    candidates = [rotation_choice(t_model_s, t_attention_s, transfer_s, r) for r in range(1, max_replicas + 1)]
+    if replicas is not None:
+        if replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {replicas}")
+        chosen = rotation_choice(t_model_s, t_attention_s, transfer_s, replicas)
+    else:
+        chosen = max(candidates, key=lambda c: (round(min(c["model_busy"], c["attention_busy"]), 9),
+                                                -c["replicas"]))
+    return {"chosen": chosen, "candidates": candidates}
+
+
+# --------------------------------------------------------------------------
 # Roofline estimates of the step times
 
 
@@ -248,6 +309,8 @@ def plan(
     microbatches: int = DEFAULT_MICROBATCHES,
     link_gbps: float = DEFAULT_LINK_GBPS,
     link_results: Sequence[LinkResult] | None = None,
+    replicas: int | None = None,
+    max_replicas: int = 8,
 ) -> dict[str, Any]:
     """Traffic, required bandwidth, transfer time and micro-batch count for one shape.
 
@@ -272,6 +335,14 @@ def plan(
     link_Bps = link["gbps"] * _GIGA / _BITS_PER_BYTE
     t_comm_s = total_step_bytes / link_Bps
     t_comm_one_way_s = send_per_layer * layers / link_Bps
+    rotation = plan_rotation(t_model_s / layers, t_attention_s / layers,
+                             (send_per_layer + return_per_layer) / link_Bps,
+                             max_replicas=max_replicas, replicas=replicas)
+    chosen = rotation["chosen"]
+    step_s = chosen["period_s"] * layers
+    # The residual stream (d elements per token) moves replica to replica every layer when micro-batches rotate.
+    rotates = chosen["replicas"] > 1 and chosen["microbatches"] % chosen["replicas"] != 0
+    residual_per_layer = hidden * element_bytes * batch if rotates else 0
     return {
         "model": {"hidden": hidden, "layers": layers, "gqa_group": gqa_group, "batch": batch,
                   "dtype": dtype, "element_bytes": element_bytes},
@@ -297,6 +368,16 @@ def plan(
         "link_suffices": link_Bps >= required_Bps,
         "link_margin": link_Bps / required_Bps,
         "link_headroom_gbps": (link_Bps - required_Bps) * _BITS_PER_BYTE / _GIGA,
+        "rotation": {
+            "replicas": chosen["replicas"], "microbatches": chosen["microbatches"],
+            "step_ms": step_s * 1e3, "tokens_per_s": batch / step_s if step_s else 0.0,
+            "tokens_per_s_per_replica": batch / step_s / chosen["replicas"] if step_s else 0.0,
+            "model_busy": chosen["model_busy"], "attention_busy": chosen["attention_busy"],
+            "transfer_bound": chosen["transfer_bound"],
+            "residual_bytes_per_layer": residual_per_layer,
+            "residual_bytes_per_step": residual_per_layer * layers,
+            "candidates": [{**c, "step_ms": c["period_s"] * layers * 1e3} for c in rotation["candidates"]],
+        },
     }
 
 
@@ -356,6 +437,10 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
                          help="nominal link rate, Gbit/s, when --link is not given")
     network.add_argument("--link", metavar="FILE.json",
                          help="bandwidth benchmark results (fields bytes, bw_avg_gbps)")
+    cluster = parser.add_argument_group("rotational staggered pipelining")
+    cluster.add_argument("--replicas", type=int, metavar="R",
+                         help="model replicas to plan for (default: the best of 1..--max-replicas)")
+    cluster.add_argument("--max-replicas", type=int, default=8, help="largest R considered")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
@@ -377,7 +462,7 @@ def _plan_from_args(args: argparse.Namespace) -> dict[str, Any]:
         hidden=args.hidden, layers=args.layers, gqa_group=args.gqa, batch=args.batch,
         dtype=args.dtype, t_model_s=t_model_s, t_attention_s=t_attention_s,
         slowdown=args.slowdown, microbatches=args.microbatches, link_gbps=args.link_gbps,
-        link_results=link_results,
+        link_results=link_results, replicas=args.replicas, max_replicas=args.max_replicas,
     )
     result["step_times_source"] = times_source
     if args.link:
@@ -436,8 +521,19 @@ def format_plan(result: dict[str, Any]) -> str:
         f"{result['microbatches_needed']}",
         f"link suffices: {verdict} (margin {result['link_margin']:.2f}x, "
         f"{result['link_headroom_gbps']:+.1f} Gbit/s)",
+        _format_rotation(result["rotation"]),
     ]
     return "\n".join(lines)
+
+
+def _format_rotation(rot: dict[str, Any]) -> str:
+    residual = (f"; residual {_binary(rot['residual_bytes_per_layer'])} per layer replica to replica"
+                if rot["residual_bytes_per_layer"] else "")
+    bound = " (transfer-bound)" if rot["transfer_bound"] else ""
+    return (f"rotational staggered pipelining: R={rot['replicas']} replicas, n={rot['microbatches']} "
+            f"micro-batches{bound}: step {rot['step_ms']:.3f} ms, {rot['tokens_per_s']:.0f} tokens/s "
+            f"({rot['tokens_per_s_per_replica']:.0f} per replica), busy model {rot['model_busy']:.2f} / "
+            f"attention {rot['attention_busy']:.2f}{residual}")
 
 
 def _binary(num_bytes: float) -> str:

@@ -14,6 +14,7 @@ import lamina_comm as lc
 import lamina_comm.channel as lc_channel
 from lamina_comm.channel import (HEADER_BYTES, Channel, ChannelListener, ChannelSpec, SpecMismatchError,
                                  as_bfloat16, to_torch)
+from lamina_comm._bindings import lib
 from lamina_comm.channel.core import _VIEW_CACHE_MAX
 
 # Every wait in these tests is bounded; a hang becomes a TimeoutError.
@@ -600,3 +601,53 @@ def test_close_from_another_thread_wakes_the_waiter(pair):
     assert outcome["waited"] < 5
     with pytest.raises(lc.ClosedError):
         attention.recv(microbatch=0, timeout=0)
+
+
+def wait_until_pending(channel: Channel, count: int) -> None:
+    """Drive progress until ``count`` messages are queued on the channel (bounded)."""
+    deadline = time.monotonic() + WAIT_S
+    while lib.lm_chan_pending(channel._ch, -1) < count:
+        assert time.monotonic() < deadline, f"{count} messages never arrived"
+        lib.lm_chan_progress(channel._ch)
+        time.sleep(0.001)
+
+
+def test_recv_any_takes_the_oldest_arrival_over_several_senders(contexts):
+    """One attention worker, several model nodes: requests come out in arrival order whichever
+    channel carried them, with the index of that channel; a timeout takes nothing."""
+    with open_pairs(contexts, 3) as pairs:
+        group = lc_channel.ChannelGroup([attention for _, attention in pairs])
+        order = [2, 0, 1, 0, 2]  # senders, in the order they send
+        for n, sender in enumerate(order):
+            model = pairs[sender][0]
+            model.send([np.full(4, 100 * sender + n, np.float32)], layer=n, microbatch=n % 2)
+            wait_until_pending(pairs[sender][1], order[:n + 1].count(sender))  # landed before the next goes
+        got = []
+        for _ in order:
+            index, message = group.recv_any(timeout=WAIT_S)
+            with message:
+                got.append((index, message.layer, float(message.tensors[0][0])))
+        assert got == [(s, n, 100 * s + n) for n, s in enumerate(order)]
+        with pytest.raises(lc.TimeoutError, match="no message for any micro-batch on any of 3 channels"):
+            group.recv_any(timeout=0.05)
+        # One micro-batch only: the others stay queued.
+        pairs[1][0].send([np.ones(4, np.float32)], layer=7, microbatch=1)
+        pairs[0][0].send([np.ones(4, np.float32)], layer=8, microbatch=0)
+        index, message = group.recv_any(microbatch=0, timeout=WAIT_S)
+        assert (index, message.layer) == (0, 8)
+        message.release()
+        index, message = group.recv_any(timeout=WAIT_S)
+        assert (index, message.layer) == (1, 7)
+        message.release()
+
+
+def test_recv_any_reports_the_channel_that_failed(contexts):
+    with open_pairs(contexts, 2) as pairs:
+        group = lc_channel.ChannelGroup([attention for _, attention in pairs])
+        pairs[1][0].close()  # model node 1 goes away
+        with pytest.raises((lc.PeerLostError, lc.ClosedError)) as failed:
+            group.recv_any(timeout=WAIT_S)
+        assert failed.value.channel_index == 1
+        pairs[1][1].close()
+        with pytest.raises(lc.ClosedError):
+            group.recv_any(timeout=0.05)

@@ -76,6 +76,35 @@ def test_repeat_reports_the_spread_of_step_over_max(tmp_path, capsys):
     assert "step / max over 3 runs" in out
 
 
+@pytest.mark.parametrize(("replicas", "microbatches"), [(2, 3), (3, 4)])
+def test_rotation_over_replicas_runs_and_reports_both_tiers(tmp_path, capsys, replicas, microbatches):
+    report, out = run_and_load(tmp_path, capsys, "--replicas", str(replicas), "--microbatches", str(microbatches),
+                               "--steps", "3")
+    c = report["config"]
+    assert (c["replicas"], c["microbatches"]) == (replicas, microbatches)
+    assert f"rotation over {replicas} model replicas" in out and "residual replica to replica" in out
+    # Residuals: d elements per token per layer, every layer, replica to replica.
+    assert report["layer_bytes"]["residual"] == 4 * 256 * 2
+    steps_run = (2 + 1) + (3 + 1)  # calibration + its warm-up, measured + warm-up
+    units = 3 * microbatches * steps_run  # (layer, micro-batch) pairs over all steps
+    assert report["channels"]["model"]["messages"] == 2 * units  # each unit: one request per attention worker
+    assert report["channels"]["attention"]["messages"] == 2 * units
+    assert report["channels"]["residual"]["messages"] == units
+    assert len(report["steps_ms"]) == 3
+    for tier in ("model", "attention"):
+        assert 0 < report[f"{tier}_busy_fraction"] and 0 < report[f"{tier}_span_fraction"]
+    assert report["tokens_per_s_per_replica"] == pytest.approx(report["tokens_per_s"] / replicas)
+    assert report["overlap_efficiency"] is None  # defined for one model thread only
+    with open(tmp_path / "trace.json", encoding="utf-8") as f:
+        events = json.load(f)["traceEvents"]
+    assert {e["pid"] for e in events if e["ph"] == "X"} == set(range(1, replicas + 3))  # replicas + 2 workers
+
+
+def test_one_replica_moves_no_residual(tmp_path, capsys):
+    report, _ = run_and_load(tmp_path, capsys, "--microbatches", "2")
+    assert report["layer_bytes"]["residual"] == 0 and report["channels"]["residual"] is None
+
+
 def test_bad_shape_is_a_usage_error(tmp_path, capsys):
     args = bench_args(tmp_path, "--kv-heads", "3")
     assert pipeline_bench.run(args) == 2

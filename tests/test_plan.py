@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import lamina_comm.plan as plan_module
 from lamina_comm.plan import (
     LinkResult,
     add_plan_arguments,
@@ -330,3 +331,53 @@ def test_main_entry_point(capsys: pytest.CaptureFixture[str]) -> None:
                  "--t-model", "10", "--t-attention", "10"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["bytes_per_token_per_layer"] == (2 + 2 / 4) * 2 * 4096
+
+
+# --------------------------------------------------------------------------
+# Rotational staggered pipelining
+
+
+def test_rotation_period_takes_the_slowest_of_three_bounds() -> None:
+    # Attention pool bound, model replicas bound, one micro-batch's own round.
+    assert plan_module.rotation_period_s(2.0, 1.0, 0.0, replicas=2, microbatches=3) == 1.0
+    assert plan_module.rotation_period_s(2.0, 1.0, 0.0, replicas=1, microbatches=2) == 2.0
+    assert plan_module.rotation_period_s(2.0, 1.0, 0.6, replicas=2, microbatches=3) == pytest.approx(3.6 / 3)
+
+
+def test_twice_as_slow_model_tier_picks_two_replicas_and_three_microbatches() -> None:
+    chosen = plan_module.plan_rotation(2.0, 1.0, 0.0)["chosen"]
+    assert (chosen["replicas"], chosen["microbatches"]) == (2, 3)
+    assert chosen["model_busy"] == chosen["attention_busy"] == 1.0
+
+
+def test_rotation_adds_microbatches_to_hide_a_slow_transfer() -> None:
+    choice = plan_module.rotation_choice(2.0, 1.0, 2.0, replicas=2)
+    assert choice["microbatches"] == 5 and choice["period_s"] == pytest.approx(1.0)  # (2 + 1 + 2) / 5
+    assert plan_module.rotation_choice(2.0, 1.0, 1e9, replicas=2, max_microbatches=8)["transfer_bound"]
+
+
+def test_uneven_ratio_keeps_the_less_busy_tier_busiest() -> None:
+    # T_model = 2.3 T_attention: R = 2 leaves attention 87 % busy, R = 3 leaves the model tier 77 %.
+    chosen = plan_module.plan_rotation(2.3, 1.0, 0.0)["chosen"]
+    assert chosen["replicas"] == 2 and chosen["attention_busy"] == pytest.approx(1 / 1.15)
+
+
+def test_forced_replicas_and_the_residual_bytes_in_the_plan() -> None:
+    result = plan_module.plan(hidden=8192, layers=80, gqa_group=8, batch=256, dtype="fp16", t_model_s=0.02,
+                              t_attention_s=0.01, replicas=2)
+    rotation = result["rotation"]
+    # Per layer: T_m 250 us, T_a 125 us, 9 MiB both ways at 400 Gbit/s 189 us: (250 + 125 + 189) / 125 -> 5.
+    assert (rotation["replicas"], rotation["microbatches"]) == (2, 5)
+    assert rotation["residual_bytes_per_layer"] == 8192 * 2 * 256  # d elements per token, replica to replica
+    assert rotation["residual_bytes_per_step"] == 80 * rotation["residual_bytes_per_layer"]
+    assert len(rotation["candidates"]) == 8
+    one = plan_module.plan(hidden=8192, layers=80, gqa_group=8, batch=256, dtype="fp16", t_model_s=0.02,
+                           t_attention_s=0.01, replicas=1)["rotation"]
+    assert one["residual_bytes_per_layer"] == 0 and one["attention_busy"] < 0.55
+
+
+def test_cli_prints_the_rotation_choice(capsys: pytest.CaptureFixture[str]) -> None:
+    assert plan_module.main(["--t-model", "20", "--t-attention", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "rotational staggered pipelining: R=2 replicas, n=5 micro-batches" in out
+    assert "busy model 1.00 / attention 1.00; residual 4.00 MiB per layer replica to replica" in out

@@ -1,12 +1,16 @@
-"""`lamina-bench pipeline`: the ping-pong decode pipeline over real channels between processes.
+"""`lamina-bench pipeline`: the decode pipeline over real channels between processes.
 
-One model worker and several attention workers run as separate processes
+R model replicas and W attention workers run as separate processes
 (multiprocessing, spawn) on loopback, or in network namespaces joined by
-rate-limited veth links (``--link-rate``; see lamina_comm.bench.netns). The
-model worker drives :func:`lamina_comm.pipeline.run_step`; each attention
-worker runs :func:`lamina_comm.pipeline.serve_attention` over one
-:class:`~lamina_comm.channel.Channel`. Per layer and micro-batch the model
-sends q, k, v of each worker's head share and gets the attention output back,
+rate-limited veth links (``--link-rate``; see lamina_comm.bench.netns). Each
+replica drives :func:`lamina_comm.pipeline.run_replica` (rotational staggered
+pipelining; one replica is the ping-pong schedule) over consecutive decode
+steps; each attention worker runs :func:`lamina_comm.pipeline.serve_attention`
+over one :class:`~lamina_comm.channel.Channel` per replica, taking requests in
+arrival order over all of them (``ChannelGroup.recv_any``) and answering to
+the replica that finishes the micro-batch. Per layer and micro-batch a replica
+sends q, k, v of each worker's head share, hands the residual stream to the
+next replica (when micro-batches rotate) and gets the attention output back,
 at the sizes the model shape implies.
 
 Device compute is emulated: the device is busy but the CPU is free, so each
@@ -31,6 +35,7 @@ import multiprocessing
 import multiprocessing.connection
 import statistics
 import sys
+import threading
 import time
 import traceback
 from typing import Any, Iterator, Sequence
@@ -40,7 +45,7 @@ import numpy as np
 from .. import dtypes
 from ..channel import Channel, ChannelGroup, ChannelListener, ChannelSpec, Message
 from ..errors import TimeoutError_
-from ..pipeline import run_step, serve_attention
+from ..pipeline import Rotation, run_replica, serve_attention
 from ..transport import Context
 from ..timeline import ATTENTION, COMPUTE, Span, Timeline, merge, overlap_efficiency, plot, write_trace
 from . import netns
@@ -69,6 +74,7 @@ class BenchShape:
     dtype: str
     microbatches: int
     workers: int
+    replicas: int = 1
 
     def __post_init__(self) -> None:
         if self.hidden % self.heads:
@@ -79,8 +85,12 @@ class BenchShape:
             raise ValueError(f"--attention-workers {self.workers} must divide --kv-heads {self.kv_heads}")
         if not 1 <= self.microbatches <= self.batch:
             raise ValueError(f"--microbatches must be in 1..batch ({self.batch})")
-        if self.layers < 1 or self.workers < 1:
-            raise ValueError("--layers and --attention-workers must be >= 1")
+        if self.layers < 1 or self.workers < 1 or self.replicas < 1:
+            raise ValueError("--layers, --attention-workers and --replicas must be >= 1")
+
+    @property
+    def rotation(self) -> Rotation:
+        return Rotation(self.replicas, self.microbatches)
 
     @property
     def head_dim(self) -> int:
@@ -110,12 +120,22 @@ class BenchShape:
                            heads=self.worker_heads, kv_heads=self.worker_kv_heads, head_dim=self.head_dim,
                            dtype=self.dtype, microbatches=self.microbatches)
 
+    def residual_spec(self) -> ChannelSpec:
+        """Replica to replica: one (tokens, hidden) residual per message (fits the full-width request slot)."""
+        return ChannelSpec(max_tokens=self.tokens(0), hidden=self.hidden, heads=self.heads, kv_heads=self.kv_heads,
+                           head_dim=self.head_dim, dtype=self.dtype, microbatches=self.microbatches)
+
     def layer_bytes(self) -> dict[str, int]:
-        """Bytes per layer, whole batch, all workers (Lamina's (2 + 2/G)·e·d per token)."""
+        """Bytes per layer, whole batch, all workers (Lamina's (2 + 2/G)·e·d per token).
+
+        With rotation the residual stream (d elements per token) also moves
+        to the next replica every layer: model tier to model tier.
+        """
         itemsize = self.channel_spec().itemsize
         out = self.batch * (self.heads + 2 * self.kv_heads) * self.head_dim * itemsize
         back = self.batch * self.heads * self.head_dim * itemsize
-        return {"send": out, "return": back, "total": out + back}
+        residual = self.batch * self.hidden * itemsize if self.rotation.rotates else 0
+        return {"send": out, "return": back, "residual": residual, "total": out + back + residual}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,44 +216,55 @@ def _attention_main(index: int, shape: BenchShape, host: str, namespace: str | N
     if namespace:
         netns.enter(namespace)
     device = EmulatedDevice()
-    with Context("tcp") as ctx, ChannelListener(ctx, (host, 0), shape.channel_spec(), timeout=timeout,
-                                                piggyback_credits=True) as listener:
-        conn.send(("ready", listener.address))
-        with listener.accept(timeout=timeout, name=f"attention-{index}") as channel:
-            conn.send(("connected", None))
-            for phase in _phases(conn):
-                spans = _serve_phase(channel, device, shape, phase, f"attention {index}")
-                conn.send(("done", {"spans": spans, "metrics": channel.metrics.as_dict()}))
+    with Context("tcp") as ctx, contextlib.ExitStack() as stack:
+        # One listener per replica, so each channel's replica is known without a handshake of our own.
+        listeners = [stack.enter_context(ChannelListener(ctx, (host, 0), shape.channel_spec(), timeout=timeout,
+                                                         piggyback_credits=True))
+                     for _ in range(shape.replicas)]
+        conn.send(("ready", [listener.address for listener in listeners]))
+        channels = [stack.enter_context(listener.accept(timeout=timeout, name=f"attention-{index}-replica-{r}"))
+                    for r, listener in enumerate(listeners)]
+        conn.send(("connected", None))
+        for phase in _phases(conn):
+            spans = _serve_phase(channels, device, shape, phase, f"attention {index}")
+            conn.send(("done", {"spans": spans, "metrics": _channel_totals([c.metrics.as_dict() for c in channels])}))
 
 
-def _serve_phase(channel: Channel, device: EmulatedDevice, shape: BenchShape, phase: Phase,
+def _serve_phase(channels: Sequence[Channel], device: EmulatedDevice, shape: BenchShape, phase: Phase,
                  name: str) -> tuple[Span, ...]:
+    """Serve every replica in arrival order; answer to the replica that finishes the micro-batch."""
     timeline = Timeline(name)
+    group = ChannelGroup(channels)
+    rotation = shape.rotation
     served = 0
     wanted = phase.requests(shape)
 
-    def recv_any() -> tuple[int, int, Message] | None:
+    def recv_any() -> tuple[int, int, tuple[int, Message]] | None:
         try:
-            message = channel.recv(timeout=_POLL_S)
+            index, message = group.recv_any(timeout=_POLL_S)
         except TimeoutError_:
             return None
-        return message.layer, message.microbatch, message
+        return message.layer, message.microbatch, (index, message)
 
-    def compute(layer: int, mb: int, request: Message) -> Any:
+    def compute(layer: int, mb: int, request: tuple[int, Message]) -> tuple[Channel, Any]:
         nonlocal served
+        index, message = request
         deadline = time.perf_counter() + _share_s(phase.t_attention_us, shape, mb)
-        (out,) = channel.send_buffers(mb, [shape.response_shape(mb)])  # the output lands in the slot
-        _marker_bytes(out)[:] = _marker_bytes(request.tensors[0])  # stands in for attention(q, k, v)
-        request.release()
+        reply_to = channels[rotation.successor(index)]
+        (out,) = reply_to.send_buffers(mb, [shape.response_shape(mb)])  # the output lands in the slot
+        _marker_bytes(out)[:] = _marker_bytes(message.tensors[0])  # stands in for attention(q, k, v)
+        message.release()
         device.busy_until(deadline)
         served += 1
-        return out
+        return reply_to, out
 
-    def send(layer: int, mb: int, out: Any) -> None:
+    def send(layer: int, mb: int, reply: tuple[Channel, Any]) -> None:
+        channel, out = reply
         channel.send(out, layer=layer, microbatch=mb)
 
     serve_attention(recv_any, compute, send, stop=lambda: served >= wanted, timeline=timeline)
-    channel.flush()
+    for channel in channels:
+        channel.flush()
     return timeline.spans
 
 
@@ -242,32 +273,55 @@ def _serve_phase(channel: Channel, device: EmulatedDevice, shape: BenchShape, ph
 
 
 class _ModelStage:
-    """PipelineStage of the model tier: emulated compute around real q/k/v and output transfers."""
+    """PipelineStage of one model replica: emulated compute around real q/k/v, residual and output transfers.
 
-    def __init__(self, channels: Sequence[Channel], device: EmulatedDevice, shape: BenchShape, phase: Phase):
+    With rotation, ``send`` also hands the micro-batch's residual stream to
+    the successor replica, and ``recv`` takes the one the predecessor handed
+    over; the attention workers answer to this replica for the micro-batches
+    it finishes.
+    """
+
+    def __init__(self, channels: Sequence[Channel], residual_out: Channel | None, residual_in: Channel | None,
+                 device: EmulatedDevice, shape: BenchShape, phase: Phase):
         self._channels = channels
         self._group = ChannelGroup(channels)  # one native call per layer for all workers, each way
+        self._residual_out, self._residual_in = residual_out, residual_in
         self._device = device
         self._shape = shape
         self._phase = phase
+        self.ends: list[tuple[int, int]] = []  # (mb, perf_counter_ns) at every end hook
 
     def _half_model_s(self, mb: int) -> float:
         # pre (norm, q/k/v projections) and post (o_proj, FFN) each take half.
         return _share_s(self._phase.t_model_us, self._shape, mb) / 2
 
-    def pre(self, layer: int, mb: int) -> list[list[Any]]:
+    def pre(self, layer: int, mb: int) -> tuple[list[list[Any]], Any]:
         deadline = time.perf_counter() + self._half_model_s(mb)
         payload = [ch.send_buffers(mb, self._shape.request_shapes(mb)) for ch in self._channels]
         for q, _, _ in payload:
             _write_marker(q, layer, mb)
+        residual = None
+        if self._residual_out is not None:
+            (residual,) = self._residual_out.send_buffers(mb, [(self._shape.tokens(mb), self._shape.hidden)])
+            _write_marker(residual, layer, mb)  # stands in for the hidden state
         self._device.busy_until(deadline)
-        return payload
+        return payload, residual
 
-    def send(self, layer: int, mb: int, payload: list[list[Any]]) -> None:
-        self._group.send(payload, layer=layer, microbatch=mb)
+    def send(self, layer: int, mb: int, payload: tuple[list[list[Any]], Any]) -> None:
+        requests, residual = payload
+        self._group.send(requests, layer=layer, microbatch=mb)
+        if residual is not None:
+            self._residual_out.send(residual, layer=layer, microbatch=mb)
 
     def recv(self, layer: int, mb: int) -> list[Message]:
-        return self._group.recv(microbatch=mb)
+        replies = self._group.recv(microbatch=mb)
+        if self._residual_in is not None:
+            residual = self._residual_in.recv(microbatch=mb)
+            got = (residual.layer, *_read_marker(residual.tensors[0]))
+            residual.release()
+            if got != (layer, layer, mb):
+                raise RuntimeError(f"residual for layer {layer} mb {mb} carries (layer, marker) {got}")
+        return replies
 
     def post(self, layer: int, mb: int, replies: list[Message]) -> None:
         deadline = time.perf_counter() + self._half_model_s(mb)
@@ -278,42 +332,76 @@ class _ModelStage:
             reply.release()
         self._device.busy_until(deadline)
 
-
-def _model_worker(addresses: list[tuple[str, int]], shape: BenchShape, namespace: str | None,
-                  conn: multiprocessing.connection.Connection, timeout: float) -> None:
-    _report_failures(conn, _model_main, addresses, shape, namespace, conn, timeout)
+    def end(self, mb: int) -> None:
+        self.ends.append((mb, time.perf_counter_ns()))  # stands in for the LM head and sampling
 
 
-def _model_main(addresses: list[tuple[str, int]], shape: BenchShape, namespace: str | None,
-                conn: multiprocessing.connection.Connection, timeout: float) -> None:
+def _model_worker(index: int, addresses: list[tuple[str, int]], shape: BenchShape, host: str,
+                  namespace: str | None, conn: multiprocessing.connection.Connection, timeout: float) -> None:
+    _report_failures(conn, _model_main, index, addresses, shape, host, namespace, conn, timeout)
+
+
+def _model_main(index: int, addresses: list[tuple[str, int]], shape: BenchShape, host: str,
+                namespace: str | None, conn: multiprocessing.connection.Connection, timeout: float) -> None:
     if namespace:
         netns.enter(namespace)
     device = EmulatedDevice()
     with Context("tcp") as ctx, contextlib.ExitStack() as stack:
         # Credits ride on the next request: every channel is revisited each layer.
-        channels = [stack.enter_context(Channel.connect(ctx, address, shape.channel_spec(), name=f"model-to-{i}",
-                                                        timeout=timeout, piggyback_credits=True))
+        channels = [stack.enter_context(Channel.connect(ctx, address, shape.channel_spec(),
+                                                        name=f"replica-{index}-to-{i}", timeout=timeout,
+                                                        piggyback_credits=True))
                     for i, address in enumerate(addresses)]
+        residual_out = residual_in = None
+        if shape.rotation.rotates:
+            residual_out, residual_in = _residual_ring(ctx, stack, index, shape, host, conn, timeout)
         conn.send(("ready", None))
         for phase in _phases(conn):
-            conn.send(("done", _run_model_phase(channels, device, shape, phase)))
+            conn.send(("done", _run_replica_phase(index, channels, residual_out, residual_in, device, shape, phase)))
 
 
-def _run_model_phase(channels: Sequence[Channel], device: EmulatedDevice, shape: BenchShape,
-                     phase: Phase) -> dict[str, Any]:
-    stage = _ModelStage(channels, device, shape, phase)
-    timeline = Timeline("model")
-    steps: list[tuple[int, int]] = []
-    for step in range(phase.warmup + phase.steps):
-        measured = step >= phase.warmup
-        start = time.perf_counter_ns()
-        run_step(shape.layers, shape.microbatches, stage, timeline if measured else None)
-        if measured:
-            steps.append((start, time.perf_counter_ns()))
-    for channel in channels:
+def _residual_ring(ctx: Context, stack: contextlib.ExitStack, index: int, shape: BenchShape, host: str,
+                   conn: multiprocessing.connection.Connection, timeout: float) -> tuple[Channel, Channel]:
+    """Residual channels: out to the successor replica, in from the predecessor (a ring).
+
+    One-way traffic with nothing coming back to carry credits: credits are
+    written on release (no piggybacking).
+    """
+    listener = stack.enter_context(ChannelListener(ctx, (host, 0), shape.residual_spec(), timeout=timeout))
+    conn.send(("listening", listener.address))
+    command, successor = conn.recv()
+    if command != "successor":
+        raise BenchError(f"replica {index}: expected the successor's address, got {command!r}")
+    accepted: dict[str, Any] = {}
+
+    def accept() -> None:
+        try:
+            accepted["channel"] = listener.accept(timeout=timeout, name=f"residual-into-{index}")
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            accepted["error"] = exc
+
+    acceptor = threading.Thread(target=accept, daemon=True)  # the predecessor connects while we connect on
+    acceptor.start()
+    out = stack.enter_context(Channel.connect(ctx, tuple(successor), shape.residual_spec(),
+                                              name=f"residual-from-{index}", timeout=timeout))
+    acceptor.join(timeout)
+    if "channel" not in accepted:
+        raise accepted.get("error") or BenchError(f"replica {index}: the predecessor never connected")
+    return out, stack.enter_context(accepted["channel"])
+
+
+def _run_replica_phase(index: int, channels: Sequence[Channel], residual_out: Channel | None,
+                       residual_in: Channel | None, device: EmulatedDevice, shape: BenchShape,
+                       phase: Phase) -> dict[str, Any]:
+    """warmup + steps consecutive decode steps (no drain in between); the end time of every step."""
+    stage = _ModelStage(channels, residual_out, residual_in, device, shape, phase)
+    timeline = Timeline(f"replica {index}")
+    run_replica(shape.layers, shape.rotation, index, stage, steps=phase.warmup + phase.steps, timeline=timeline)
+    for channel in (*channels, *(c for c in (residual_out, residual_in) if c is not None)):
         channel.flush()
-    return {"spans": timeline.spans, "steps": steps, "metrics": [ch.metrics.as_dict() for ch in channels],
-            "sleep_overshoot_us": device.overshoot_s * 1e6}
+    residual = [c.metrics.as_dict() for c in (residual_out,) if c is not None]
+    return {"spans": timeline.spans, "ends": stage.ends, "metrics": [ch.metrics.as_dict() for ch in channels],
+            "residual_metrics": residual, "sleep_overshoot_us": device.overshoot_s * 1e6}
 
 
 # --------------------------------------------------------------------------
@@ -364,17 +452,17 @@ class _Worker:
 
 
 class _Workers:
-    """Start the attention workers, then the model worker; stop them all on exit."""
+    """Start the attention workers, then the model replicas; stop them all on exit."""
 
     def __init__(self, shape: BenchShape, hosts: Sequence[str], namespaces: Sequence[str | None],
-                 model_namespace: str | None, timeout: float):
+                 model_namespace: str | None, model_host: str, timeout: float):
         self._shape = shape
         self._timeout = timeout
         self._mp = multiprocessing.get_context("spawn")
         self._attention: list[_Worker] = []
-        self._model: _Worker | None = None
+        self._models: list[_Worker] = []
         try:
-            self._start(hosts, namespaces, model_namespace)
+            self._start(hosts, namespaces, model_namespace, model_host)
         except BaseException:
             self.close()
             raise
@@ -386,26 +474,35 @@ class _Workers:
         child.close()
         return _Worker(name, process, parent)
 
-    def _start(self, hosts: Sequence[str], namespaces: Sequence[str | None], model_namespace: str | None) -> None:
+    def _start(self, hosts: Sequence[str], namespaces: Sequence[str | None], model_namespace: str | None,
+               model_host: str) -> None:
         for i, (host, namespace) in enumerate(zip(hosts, namespaces)):
             self._attention.append(self._spawn(f"attention worker {i}", _attention_worker, i, self._shape,
                                                host, namespace))
-        addresses = [tuple(w.expect("ready", self._timeout)) for w in self._attention]
-        self._model = self._spawn("model worker", _model_worker, addresses, self._shape, model_namespace)
+        addresses = [[tuple(a) for a in w.expect("ready", self._timeout)] for w in self._attention]
+        for r in range(self._shape.replicas):
+            name = "model worker" if self._shape.replicas == 1 else f"model replica {r}"
+            self._models.append(self._spawn(name, _model_worker, r, [worker[r] for worker in addresses],
+                                            self._shape, model_host, model_namespace))
+        if self._shape.rotation.rotates:  # wire the residual ring
+            rings = [tuple(m.expect("listening", self._timeout)) for m in self._models]
+            for r, model in enumerate(self._models):
+                model.conn.send(("successor", rings[self._shape.rotation.successor(r)]))
         for worker in self._attention:
             worker.expect("connected", self._timeout)
-        self._model.expect("ready", self._timeout)
+        for model in self._models:
+            model.expect("ready", self._timeout)
 
-    def run_phase(self, phase: Phase) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """Run one phase; returns the model's result and each attention worker's."""
-        for worker in (*self._attention, self._model):
+    def run_phase(self, phase: Phase) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Run one phase; returns each replica's result and each attention worker's."""
+        for worker in (*self._attention, *self._models):
             worker.conn.send(("phase", phase))
         budget = self._timeout + phase.requests(self._shape) * 0.05
-        model = self._model.expect("done", budget)
-        return model, [w.expect("done", budget) for w in self._attention]
+        models = [m.expect("done", budget) for m in self._models]
+        return models, [w.expect("done", budget) for w in self._attention]
 
     def close(self) -> None:
-        workers = [*self._attention, *([self._model] if self._model else [])]
+        workers = [*self._attention, *self._models]
         for worker in workers:
             with contextlib.suppress(OSError):
                 worker.conn.send(("quit", None))
@@ -431,80 +528,140 @@ def _placement(args: argparse.Namespace, workers: int) -> Iterator[dict[str, Any
     """Where workers run: loopback, or a namespace star with rate-limited links."""
     if args.link_rate is None:
         yield {"network": "loopback", "hosts": [args.host] * workers, "namespaces": [None] * workers,
-               "model_namespace": None}
+               "model_namespace": None, "model_host": args.host}
         return
     with netns.star(workers, args.link_rate) as topology:
+        # Replicas share the hub namespace: their residual ring runs on its loopback.
         yield {"network": f"netns veth, tbf {args.link_rate}", "hosts": list(topology.leaf_addresses),
-               "namespaces": list(topology.leaves), "model_namespace": topology.hub}
+               "namespaces": list(topology.leaves), "model_namespace": topology.hub, "model_host": "127.0.0.1"}
+
+
+def _steps_and_window(models: Sequence[dict[str, Any]], warmup: int) -> tuple[list[float], int, int]:
+    """Step times after warm-up and the window they span (ns).
+
+    Steps run back to back, so a step of micro-batch mb lasts from one of its
+    ``end`` hooks to the next (on whichever replicas they ran). Step i's time
+    is the mean over micro-batches of their i-th measured step; the window
+    runs from the earliest end that opens a measured step to the last end.
+    """
+    ends: dict[int, list[int]] = {}
+    for model in models:
+        for mb, ns in model["ends"]:
+            ends.setdefault(mb, []).append(ns)
+    per_mb, opens, closes = [], [], []
+    for times in ends.values():
+        times.sort()
+        measured = times[warmup - 1:]  # the last warm-up step's end opens the first measured step
+        per_mb.append([(b - a) / 1e6 for a, b in zip(measured, measured[1:])])
+        opens.append(measured[0])
+        closes.append(measured[-1])
+    steps = [statistics.fmean(column) for column in zip(*per_mb)]
+    return steps, min(opens), max(closes)
+
+
+@dataclasses.dataclass
+class _Round:
+    """One measured phase: every replica's and attention worker's result, its step times and window."""
+
+    models: list[dict[str, Any]]
+    attention: list[dict[str, Any]]
+    steps_ms: list[float]
+    window_ns: tuple[int, int]
 
 
 @dataclasses.dataclass
 class _Results:
-    """What the rounds collected: calibration step times and each measured round's worker results."""
+    """What the rounds collected: calibration step times and each measured round."""
 
     calibration_ms: list[float] = dataclasses.field(default_factory=list)
-    rounds: list[tuple[dict[str, Any], list[dict[str, Any]]]] = dataclasses.field(default_factory=list)
+    rounds: list[_Round] = dataclasses.field(default_factory=list)
 
     @property
     def step_ms(self) -> list[float]:
-        return [ms for model, _ in self.rounds for ms in _step_ms(model)]
+        return [ms for r in self.rounds for ms in r.steps_ms]
 
     @property
-    def last_model(self) -> dict[str, Any]:
-        return self.rounds[-1][0]
+    def window_ns(self) -> int:
+        return sum(end - start for r in self.rounds for start, end in (r.window_ns,))
 
     @property
-    def last_attention(self) -> list[dict[str, Any]]:
-        return self.rounds[-1][1]
+    def last(self) -> _Round:
+        return self.rounds[-1]
 
     def timelines(self) -> list[Timeline]:
-        """One timeline per process holding only the measured steps of every round."""
-        workers = len(self.last_attention)
-        timelines = [Timeline("model")] + [Timeline(f"attention {i}") for i in range(workers)]
-        for model, attention in self.rounds:
-            first, last = model["steps"][0][0], model["steps"][-1][1]
-            for timeline, result in zip(timelines, [model, *attention]):
-                _copy_spans(timeline, result["spans"], first, last)
+        """One timeline per process (replicas, then attention workers) clipped to the measured windows."""
+        replicas, workers = len(self.last.models), len(self.last.attention)
+        names = ["model"] if replicas == 1 else [f"model replica {r}" for r in range(replicas)]
+        timelines = [Timeline(n) for n in names] + [Timeline(f"attention {i}") for i in range(workers)]
+        for r in self.rounds:
+            for timeline, result in zip(timelines, [*r.models, *r.attention]):
+                _copy_spans(timeline, result["spans"], *r.window_ns)
         return timelines
 
 
 def _copy_spans(timeline: Timeline, spans: Sequence[Span], first_ns: int, last_ns: int) -> None:
+    """The spans' parts inside [first_ns, last_ns]."""
     for s in spans:
-        if s.start_ns >= first_ns and s.end_ns <= last_ns:
-            timeline.record(s.name, s.start_ns, s.end_ns, category=s.category, track=s.track, args=s.args)
+        start, end = max(s.start_ns, first_ns), min(s.end_ns, last_ns)
+        if start < end:
+            timeline.record(s.name, start, end, category=s.category, track=s.track, args=s.args)
 
 
 def _span_total_ms(timeline: Timeline, name: str) -> float:
     return sum(s.duration_ns for s in timeline.spans if s.name == name) / 1e6
 
 
-def _step_ms(model: dict[str, Any]) -> list[float]:
-    return [(end - start) / 1e6 for start, end in model["steps"]]
-
-
-def _measurement(shape: BenchShape, phase: Phase, transfer_ms: float, steps: list[float],
-                 timelines: list[Timeline]) -> dict[str, Any]:
+def _measurement(shape: BenchShape, phase: Phase, transfer_ms: float, results: _Results) -> dict[str, Any]:
     """The figures of the measured steps (times per step, ms).
 
     compute = the emulated device time asked for (model + attention per layer,
     times layers): what real devices would take. The measured compute spans
     (model_busy_ms, attention_busy_ms) also hold timer overshoot and wake-up
     delays when transfers keep the CPUs busy, so they are reported but not
-    used for the ratios.
+    used for the ratios. Busy fraction of a tier: the device time it was
+    asked for per step (per replica for the model tier) over the step time,
+    i.e. how busy real devices of that speed would be (1.0: never idle); the
+    span fractions are the same from the measured spans over the measured
+    window, overshoot included.
     """
+    steps = results.step_ms
+    timelines = results.timelines()
+    replicas = shape.replicas
     step_ms = statistics.median(steps)
     compute_ms = shape.layers * (phase.t_model_us + phase.t_attention_us) / 1e3
     biggest, total = max(compute_ms, transfer_ms), compute_ms + transfer_ms
+    model_busy = sum(_span_total_ms(t, COMPUTE) for t in timelines[:replicas])
+    attention_busy = [_span_total_ms(t, ATTENTION) for t in timelines[replicas:]]
+    window_ms = results.window_ns / 1e6
+    # Compute-bound period: the attention tier serves every micro-batch of a layer,
+    # the model tier's R replicas share them (docs/pipeline.md). The predicted
+    # period adds one micro-batch's own round: its compute plus the zero-compute
+    # cycle per layer (the calibration), which on a latency-bound link does not
+    # shrink with the micro-batch.
+    bound_ms = shape.layers * max(phase.t_attention_us, phase.t_model_us / replicas) / 1e3
+    cycle_ms = transfer_ms / shape.layers
+    own_round_ms = (phase.t_model_us + phase.t_attention_us) / 1e3 / shape.microbatches + cycle_ms
+    predicted_ms = max(bound_ms, shape.layers * own_round_ms)
     return {
         "step_ms": step_ms, "step_ms_mean": statistics.fmean(steps), "step_ms_min": min(steps),
         "steps_ms": steps,
         "compute_ms": compute_ms, "transfer_ms": transfer_ms,
-        "model_busy_ms": _span_total_ms(timelines[0], COMPUTE) / len(steps),
-        "attention_busy_ms": max(_span_total_ms(t, ATTENTION) for t in timelines[1:]) / len(steps),
+        "model_busy_ms": model_busy / replicas / len(steps),
+        "attention_busy_ms": max(attention_busy) / len(steps),
+        "model_busy_fraction": shape.layers * phase.t_model_us / 1e3 / replicas / step_ms,
+        "attention_busy_fraction": shape.layers * phase.t_attention_us / 1e3 / step_ms,
+        "model_span_fraction": model_busy / (replicas * window_ms),
+        "attention_span_fraction": sum(attention_busy) / (len(attention_busy) * window_ms),
+        "tokens_per_s": shape.batch / (step_ms / 1e3),
+        "tokens_per_s_per_replica": shape.batch / (step_ms / 1e3) / replicas,
+        "compute_bound_ms": bound_ms,
+        "step_over_compute_bound": step_ms / bound_ms if bound_ms else math.nan,
+        "predicted_step_ms": predicted_ms,
+        "step_over_predicted": step_ms / predicted_ms if predicted_ms else math.nan,
         "sum_ms": total, "max_ms": biggest,
         "step_over_max": step_ms / biggest if biggest else math.nan,
         "step_over_sum": step_ms / total if total else math.nan,
-        "overlap_efficiency": _overlap(timelines[0]),
+        "overlap_efficiency": _overlap(timelines[0]) if replicas == 1 else None,
         "t_model_us": phase.t_model_us, "t_attention_us": phase.t_attention_us,
     }
 
@@ -535,11 +692,13 @@ def _run_rounds(workers: _Workers, shape: BenchShape, args: argparse.Namespace) 
     phase: Phase | None = None
     for calibration_steps, measured_steps in zip(_split(args.calibration_steps, args.rounds),
                                                  _split(args.steps, args.rounds)):
-        model, _ = workers.run_phase(Phase("calibration", 0.0, 0.0, calibration_steps, 1))
-        results.calibration_ms += _step_ms(model)
+        models, _ = workers.run_phase(Phase("calibration", 0.0, 0.0, calibration_steps, 1))
+        results.calibration_ms += _steps_and_window(models, 1)[0]
         if phase is None:
             phase = _measured_phase(args, shape, statistics.median(results.calibration_ms))
-        results.rounds.append(workers.run_phase(dataclasses.replace(phase, steps=measured_steps)))
+        models, attention = workers.run_phase(dataclasses.replace(phase, steps=measured_steps))
+        steps_ms, start_ns, end_ns = _steps_and_window(models, phase.warmup)
+        results.rounds.append(_Round(models, attention, steps_ms, (start_ns, end_ns)))
     return phase, results
 
 
@@ -554,12 +713,15 @@ def _measured_phase(args: argparse.Namespace, shape: BenchShape, transfer_ms: fl
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Calibrate, (auto-)balance, measure; returns the report and the measured timelines."""
     shape = _shape_from_args(args)
-    if args.rounds < 1 or args.steps < 1 or args.calibration_steps < 1:
-        raise ValueError("--rounds, --steps and --calibration-steps must be >= 1")
+    if args.rounds < 1 or args.steps < 1 or args.calibration_steps < 1 or args.warmup < 1:
+        raise ValueError("--rounds, --steps, --calibration-steps and --warmup must be >= 1 (a measured step "
+                         "starts where a warm-up step ends)")
     with _placement(args, shape.workers) as where, \
-            _Workers(shape, where["hosts"], where["namespaces"], where["model_namespace"], args.timeout) as workers:
+            _Workers(shape, where["hosts"], where["namespaces"], where["model_namespace"], where["model_host"],
+                     args.timeout) as workers:
         phase, results = _run_rounds(workers, shape, args)
     timelines = results.timelines()
+    last = results.last
     transfer_ms = statistics.median(results.calibration_ms)
     report = {
         "config": {**dataclasses.asdict(shape), "head_dim": shape.head_dim, "network": where["network"],
@@ -568,10 +730,12 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "layer_bytes": shape.layer_bytes(),
         "calibration": {"transfer_ms": transfer_ms, "transfer_us_per_layer": transfer_ms * 1e3 / shape.layers,
                         "steps_ms": results.calibration_ms},
-        **_measurement(shape, phase, transfer_ms, results.step_ms, timelines),
-        "model_sleep_overshoot_us": results.last_model["sleep_overshoot_us"],
-        "channels": {"model": _channel_totals(results.last_model["metrics"]),
-                     "attention": _channel_totals([a["metrics"] for a in results.last_attention])},
+        **_measurement(shape, phase, transfer_ms, results),
+        "model_sleep_overshoot_us": statistics.fmean(m["sleep_overshoot_us"] for m in last.models),
+        "channels": {"model": _channel_totals([x for m in last.models for x in m["metrics"]]),
+                     "attention": _channel_totals([a["metrics"] for a in last.attention]),
+                     "residual": _channel_totals([x for m in last.models for x in m["residual_metrics"]])
+                     if shape.rotation.rotates else None},
     }
     report["target_met"] = report["step_over_max"] <= TARGET_RATIO
     return {"report": report, "timelines": timelines}
@@ -580,17 +744,20 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 def _shape_from_args(args: argparse.Namespace) -> BenchShape:
     return BenchShape(hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads, layers=args.layers,
                       batch=args.batch, dtype=dtypes.canonical(args.dtype), microbatches=args.microbatches,
-                      workers=args.attention_workers)
+                      workers=args.attention_workers, replicas=args.replicas)
 
 
 def format_report(r: dict[str, Any]) -> str:
     c, b = r["config"], r["layer_bytes"]
     eff = r["overlap_efficiency"]
+    replicas = c["replicas"]
+    schedule = "ping-pong" if replicas == 1 else f"rotation over {replicas} model replicas"
+    residual = f", {b['residual'] / 1024:.1f} KiB residual replica to replica" if b["residual"] else ""
     return "\n".join([
         f"pipeline: {c['workers']} attention workers over {c['network']}; d={c['hidden']} "
         f"heads={c['heads']}/{c['kv_heads']} L={c['layers']} B={c['batch']} {c['dtype']}, "
-        f"{c['microbatches']} micro-batch(es)",
-        f"per layer: {b['send'] / 1024:.1f} KiB q/k/v out, {b['return'] / 1024:.1f} KiB back",
+        f"{c['microbatches']} micro-batch(es), {schedule}",
+        f"per layer: {b['send'] / 1024:.1f} KiB q/k/v out, {b['return'] / 1024:.1f} KiB back{residual}",
         f"transfer alone (zero compute): {r['transfer_ms']:.3f} ms/step "
         f"({r['calibration']['transfer_us_per_layer']:.1f} us/layer)",
         f"emulated compute per layer: model {r['t_model_us']:.1f} us + attention {r['t_attention_us']:.1f} us"
@@ -602,6 +769,12 @@ def format_report(r: dict[str, Any]) -> str:
         f"sum {r['sum_ms']:.3f} ms, max {r['max_ms']:.3f} ms",
         f"step / max = {r['step_over_max']:.3f}, step / sum = {r['step_over_sum']:.3f} "
         f"(target with pipelining: step / max <= {TARGET_RATIO})",
+        f"busy (device time asked / step): model tier {r['model_busy_fraction']:.3f}, attention tier "
+        f"{r['attention_busy_fraction']:.3f} (measured spans: {r['model_span_fraction']:.3f}, "
+        f"{r['attention_span_fraction']:.3f}); {r['tokens_per_s']:.0f} tokens/s, "
+        f"{r['tokens_per_s_per_replica']:.0f} per replica",
+        f"compute-bound step {r['compute_bound_ms']:.3f} ms, predicted {r['predicted_step_ms']:.3f} ms "
+        f"(with one micro-batch's round); step / predicted {r['step_over_predicted']:.3f}",
         f"overlap efficiency: {'n/a' if eff is None else f'{eff:.3f}'}",
         f"model channels: staged {r['channels']['model']['staged_bytes']} B, credit waits "
         f"{r['channels']['model']['credit_waits']}",
@@ -622,7 +795,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shape.add_argument("--batch", type=int, default=32, help="tokens per decode step")
     shape.add_argument("--dtype", choices=sorted(dtypes.CLI_CHOICES), default="fp16")
     run = parser.add_argument_group("pipeline")
-    run.add_argument("--microbatches", type=int, default=2, help="ping-pong micro-batches (1 = pipeline off)")
+    run.add_argument("--microbatches", type=int, default=2,
+                     help="micro-batches in flight (1 = pipeline off; R + 1 for rotation over R replicas)")
+    run.add_argument("--replicas", type=int, default=1,
+                     help="model replicas; micro-batches rotate among them layer by layer (1 = ping-pong)")
     run.add_argument("--attention-workers", type=int, default=2)
     run.add_argument("--t-model-us", type=float, default=200.0,
                      help="emulated model-tier compute per layer, whole batch (us)")

@@ -97,3 +97,23 @@ class ChannelGroup:
             error.channel_index = silent[0] if silent else None
             raise error
         return [channel._message(self._msgs[i]) for i, channel in enumerate(self.channels)]
+
+    def recv_any(self, microbatch: int | None = None, timeout: float | None = None) -> tuple[int, Message]:
+        """The oldest message over all channels (of one micro-batch, or of any): (channel index, message).
+
+        For one receiver serving several senders (an attention worker shared
+        by several model nodes): requests are taken in the order they arrived,
+        whichever channel carried them, in one native call.
+        """
+        if microbatch is not None:
+            self.channels[0]._check_microbatch(microbatch)
+        rc = lib.lm_chan_recv_any(self._handles(), len(self.channels), -1 if microbatch is None else microbatch,
+                                  self._msgs, self._timeout_ms(timeout), self._failed)
+        if rc < 0:
+            raise self._error(rc)
+        if rc == 0:
+            which = "any micro-batch" if microbatch is None else f"micro-batch {microbatch}"
+            raise TimeoutError_(f"channel group: no message for {which} on any of {len(self.channels)} channels "
+                                f"within {self.channels[0]._timeout(timeout)} s")
+        index = self._failed[0]
+        return index, self.channels[index]._message(self._msgs[0])

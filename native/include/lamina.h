@@ -374,6 +374,13 @@ int lm_chan_send_group(lm_chan_t **chans, uint32_t n, uint32_t layer, uint32_t m
                        uint64_t *seqs, int32_t *failed);
 int lm_chan_recv_group(lm_chan_t **chans, uint32_t n, int32_t microbatch, lm_chan_msg_t *out, int timeout_ms,
                        uint32_t *taken, int32_t *failed);
+/* One receiver, several senders (an attention worker serving several model
+ * nodes): take the oldest arrival of mb (any when mb < 0) over all n
+ * channels, so requests are served in arrival order whichever channel
+ * carried them. 1 with *index naming the channel, 0 on timeout, or an error
+ * (*index names the failed channel, -1 when none). */
+int lm_chan_recv_any(lm_chan_t **chans, uint32_t n, int32_t microbatch, lm_chan_msg_t *out, int timeout_ms,
+                     int32_t *index);
 /* Tests and fuzzing: process an immediate as if it had arrived (the header
  * must already be in the slot). Returns the channel's error status or 0. */
 int lm_chan_inject_imm(lm_chan_t *ch, uint32_t imm);

@@ -1099,6 +1099,87 @@ static int chan_recv_group(lm_chan_t **chans, uint32_t n, int32_t mb, lm_chan_ms
     }
 }
 
+/* When the oldest arrival of mb (any when mb < 0) was dispatched: 1, or 0 if none. */
+static int oldest_arrival_locked(const lm_chan_t *ch, int32_t mb, uint64_t *when)
+{
+    for (size_t i = 0; i < ch->arr_count; i++) {
+        size_t at = (ch->arr_head + i) % ch->ring;
+        if (mb < 0 || (ch->arrived[at] >> 16) == (uint32_t)mb) {
+            *when = ch->arrived_ns[at];
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* One attention worker serving several model nodes: the oldest arrival over
+ * all channels, so requests are served in the order they came whichever
+ * channel carried them (the schedule's no-deadlock argument needs it). */
+static int chan_recv_any(lm_chan_t **chans, uint32_t n, int32_t mb, lm_chan_msg_t *out, int timeout_ms,
+                         int32_t *index)
+{
+    if (!chans || !out || !index || n == 0)
+        return lm_fail(LM_ERR_INVALID, "lm_chan_recv_any: bad arguments");
+    *index = -1;
+    for (uint32_t i = 0; i < n; i++)
+        if (!chans[i] || mb >= (int32_t)chans[i]->mbs)
+            return lm_fail(LM_ERR_INVALID, "lm_chan_recv_any: bad micro-batch or NULL channel");
+    uint64_t deadline = deadline_of(timeout_ms);
+    for (int round = 0;; round++) {
+        int32_t best = -1;
+        uint64_t best_ns = UINT64_MAX;
+        for (uint32_t i = 0; i < n; i++) {
+            lm_chan_t *ch = chans[i];
+            uint64_t when;
+            pthread_mutex_lock(&ch->lock);
+            start_locked(ch);
+            int pending = oldest_arrival_locked(ch, mb, &when);
+            int err = ch->error ? sticky_error_locked(ch) : LM_OK;
+            pthread_mutex_unlock(&ch->lock);
+            if (pending && when < best_ns) {
+                best = (int32_t)i;
+                best_ns = when;
+            } else if (!pending && err != LM_OK) {
+                *index = (int32_t)i; /* a failed channel is reported, not skipped for ever */
+                return err;
+            }
+        }
+        if (best >= 0) {
+            *index = best;
+            int rc = chan_recv(chans[best], mb, out, 0);
+            if (rc != 0)
+                return rc;
+            continue; /* taken meanwhile: impossible with one application thread */
+        }
+        if (round == 0) {
+            lm_progress_drive(chans[0]->ctx, 0);
+            continue;
+        }
+        if (round == 1)
+            for (uint32_t i = 0; i < n; i++) {
+                int rc = write_held_credits(chans[i]);
+                if (rc != LM_OK) {
+                    *index = (int32_t)i;
+                    return rc;
+                }
+            }
+        bool mixed = false;
+        for (uint32_t i = 0; i < n; i++) {
+            pthread_mutex_lock(&chans[i]->lock);
+            check_endpoint_locked(chans[i]);
+            pthread_mutex_unlock(&chans[i]->lock);
+            if (chans[i]->ctx != chans[0]->ctx) {
+                mixed = true;
+                lm_progress_drive(chans[i]->ctx, 0);
+            }
+        }
+        uint64_t now = lm_now_ns();
+        uint64_t until = mixed && deadline - now > 1000000ull ? now + 1000000ull : deadline;
+        if (wait_step(chans[0], until) != LM_OK && until == deadline)
+            return 0;
+    }
+}
+
 /* ---- the public calls: counted in, refused once closed ------------------------ */
 
 int lm_chan_release(lm_chan_t *ch, uint32_t mb, uint32_t slot, uint64_t seq)
@@ -1240,6 +1321,17 @@ int lm_chan_recv_group(lm_chan_t **chans, uint32_t n, int32_t mb, lm_chan_msg_t 
     if (!enter_all(chans, n, failed))
         return closed_error("lm_chan_recv_group");
     int rc = chan_recv_group(chans, n, mb, out, timeout_ms, taken, failed);
+    leave_all(chans, n);
+    return rc;
+}
+
+int lm_chan_recv_any(lm_chan_t **chans, uint32_t n, int32_t mb, lm_chan_msg_t *out, int timeout_ms, int32_t *index)
+{
+    if (!chans || !index)
+        return lm_fail(LM_ERR_INVALID, "lm_chan_recv_any: bad arguments");
+    if (!enter_all(chans, n, index))
+        return closed_error("lm_chan_recv_any");
+    int rc = chan_recv_any(chans, n, mb, out, timeout_ms, index);
     leave_all(chans, n);
     return rc;
 }
