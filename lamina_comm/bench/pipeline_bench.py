@@ -56,6 +56,8 @@ _PR_SET_TIMERSLACK = 29
 _POLL_S = 0.2      # attention workers re-check their stop condition this often
 _QUIT_WAIT_S = 10.0  # a worker told to quit gets this long before it is terminated
 _MARKER = np.dtype("<u2")
+_OVERSHOOT_GAIN = 0.25   # how fast the sleep-lateness estimate follows what it sees
+_OVERSHOOT_MAX_S = 0.002
 
 
 # --------------------------------------------------------------------------
@@ -161,9 +163,10 @@ def _share_s(total_us: float, shape: BenchShape, mb: int) -> float:
 class EmulatedDevice:
     """Device time as a timed sleep: the CPU stays free (progress threads move data) until a deadline.
 
-    A sleep overshoots by a roughly constant wake-up latency (tens of us in a
-    VM, even with 1 ns timer slack); it is measured once and subtracted, so
-    emulated compute matches the time asked for on average.
+    A sleep overshoots by a wake-up latency (tens of us in an idle VM, even
+    with 1 ns timer slack; more when the cores are busy); it is measured once,
+    then followed as a running estimate, and subtracted, so emulated compute
+    matches the time asked for on average.
     """
 
     def __init__(self, samples: int = 25, probe_s: float = 200e-6):
@@ -180,6 +183,10 @@ class EmulatedDevice:
         left = deadline - time.perf_counter() - self.overshoot_s
         if left > 0:
             time.sleep(left)
+            # Under load wake-ups come later than at start-up: follow the lateness
+            # (a running estimate), so emulated compute matches the time asked on average.
+            late = time.perf_counter() - deadline
+            self.overshoot_s = min(max(self.overshoot_s + _OVERSHOOT_GAIN * late, 0.0), _OVERSHOOT_MAX_S)
 
 
 def _tighten_timer_slack() -> None:
@@ -636,8 +643,9 @@ def _measurement(shape: BenchShape, phase: Phase, transfer_ms: float, results: _
     # Compute-bound period: the attention tier serves every micro-batch of a layer,
     # the model tier's R replicas share them (docs/pipeline.md). The predicted
     # period adds one micro-batch's own round: its compute plus the zero-compute
-    # cycle per layer (the calibration), which on a latency-bound link does not
-    # shrink with the micro-batch.
+    # cycle per layer (the calibration). That is right on a latency-bound link,
+    # where a micro-batch's transfers take the whole cycle; on a bandwidth-bound
+    # one they take about 1/n of it, so there it is an upper estimate.
     bound_ms = shape.layers * max(phase.t_attention_us, phase.t_model_us / replicas) / 1e3
     cycle_ms = transfer_ms / shape.layers
     own_round_ms = (phase.t_model_us + phase.t_attention_us) / 1e3 / shape.microbatches + cycle_ms
@@ -774,7 +782,7 @@ def format_report(r: dict[str, Any]) -> str:
         f"{r['attention_span_fraction']:.3f}); {r['tokens_per_s']:.0f} tokens/s, "
         f"{r['tokens_per_s_per_replica']:.0f} per replica",
         f"compute-bound step {r['compute_bound_ms']:.3f} ms, predicted {r['predicted_step_ms']:.3f} ms "
-        f"(with one micro-batch's round); step / predicted {r['step_over_predicted']:.3f}",
+        f"(one micro-batch's round on a latency-bound link); step / predicted {r['step_over_predicted']:.3f}",
         f"overlap efficiency: {'n/a' if eff is None else f'{eff:.3f}'}",
         f"model channels: staged {r['channels']['model']['staged_bytes']} B, credit waits "
         f"{r['channels']['model']['credit_waits']}",
