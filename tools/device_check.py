@@ -432,9 +432,8 @@ def decode_check(timeout: float) -> dict:
     from lamina_comm.node.cli import _node_parser
     if "--device" not in _node_parser().format_help():
         return {"skipped": "lamina_comm.node has no --device option"}
+    from lamina_comm.model import LlamaConfig, LlamaWeights, MonolithicModel, SamplingParams
     from lamina_comm.node.metrics import parse_prometheus
-    from lamina_comm.node.model import LlamaConfig, LlamaWeights, MonolithicModel
-    from lamina_comm.node.sampling import SamplingParams
     deadline = time.monotonic() + timeout
     nodes: list[Any] = []
     out: dict[str, Any] = {"note": "node tensors cross the wire from host memory (the nodes copy to/from cuda); "

@@ -1,8 +1,11 @@
-"""Model math for the two Lamina tiers.
+"""The lamina-node daemons: a model node and attention nodes serving disaggregated decoding.
 
-``model`` holds the weight-carrying model tier (embedding, projections, FFN,
-logits), ``kvcache`` the weight-free attention tier (paged KV cache and
-attention over a head-wise share of the KV heads), ``sampling`` token
-selection.  ``model.MonolithicModel`` runs both in one process and is the
-numerical reference for the disaggregated runtime.
+``cli`` is the ``lamina-node`` entry point. The model role is ``model_node``
+(the scheduler: admission, steps, recovery, status) with ``options``,
+``requests`` (request handles and events), ``cluster`` (the attention workers,
+their losses and replacements) and ``step`` (micro-batches and the pipelined
+step); ``http_api`` is its front door and ``metrics`` its Prometheus text.
+The attention role is ``attention_node``. ``protocol`` is what the two say to
+each other, ``demo`` runs a cluster on loopback (``make demo``). The model
+math both roles run is in ``lamina_comm.model``.
 """

@@ -33,9 +33,8 @@ import torch
 
 from lamina_comm.channel import Channel, Message
 from lamina_comm.errors import LaminaError, PeerLostError, TimeoutError_
+from lamina_comm.model import KVCacheFull, LlamaConfig, PagedKVCache
 from lamina_comm.node import protocol
-from lamina_comm.node.kvcache import KVCacheFull, PagedKVCache
-from lamina_comm.node.model import LlamaConfig
 from lamina_comm.pipeline import serve_attention
 from lamina_comm.transport import Context
 

@@ -99,7 +99,7 @@ def _split_host_port(text: str, option: str) -> tuple[str, int]:
 
 def load_config(args: argparse.Namespace) -> Optional[Any]:
     """The LlamaConfig named by --model / --config, or None when neither is given."""
-    from lamina_comm.node.model import LlamaConfig
+    from lamina_comm.model import LlamaConfig
 
     if args.model:
         return LlamaConfig.from_dir(args.model)
@@ -114,7 +114,7 @@ def load_config(args: argparse.Namespace) -> Optional[Any]:
 
 
 def load_weights(args: argparse.Namespace, config: Any) -> Any:
-    from lamina_comm.node.model import LlamaWeights
+    from lamina_comm.model import LlamaWeights
 
     if args.model:
         return LlamaWeights.load(args.model, device="cpu", config=config)
@@ -191,7 +191,8 @@ def _run_model(args: argparse.Namespace, stop: threading.Event) -> int:
     if not attention:
         raise ValueError("--role model needs --attention HOST:PORT[,HOST:PORT...]")
     from lamina_comm.node.http_api import FrontDoor
-    from lamina_comm.node.model_node import ModelNode, ModelNodeOptions
+    from lamina_comm.node.model_node import ModelNode
+    from lamina_comm.node.options import ModelNodeOptions
 
     config = load_config(args)
     if config is None:

@@ -193,8 +193,7 @@ def run_monolithic(seed: int, workload: Workload) -> dict[str, Any]:
     """The reference: each request alone (parity), then all batched as one job (throughput)."""
     import torch
 
-    from lamina_comm.node.model import LlamaConfig, LlamaWeights, MonolithicModel
-    from lamina_comm.node.sampling import SamplingParams
+    from lamina_comm.model import LlamaConfig, LlamaWeights, MonolithicModel, SamplingParams
 
     torch.set_num_threads(1)
     config = LlamaConfig.tiny()
@@ -275,7 +274,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"cluster up in {time.perf_counter() - started:.1f} s: model node http://{http}, "
               f"attention nodes {', '.join(addresses)}")
 
-        from lamina_comm.node.model import LlamaConfig
+        from lamina_comm.model import LlamaConfig
         workload = Workload.mixed(args.requests, args.seed, LlamaConfig.tiny().vocab_size)
         disaggregated, wall = run_disaggregated(http, workload)
         metrics_text = get_text(http, "/metrics")

@@ -30,9 +30,9 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional, Protocol
 
+from lamina_comm.model import SamplingParams
 from lamina_comm.node.metrics import NodeMetrics
-from lamina_comm.node.model_node import CLIENT_CLOSED, InvalidRequest, RequestHandle, RequestRejected
-from lamina_comm.node.sampling import SamplingParams
+from lamina_comm.node.requests import CLIENT_CLOSED, InvalidRequest, RequestHandle, RequestRejected
 
 log = logging.getLogger("lamina_comm.node.http")
 

@@ -31,8 +31,7 @@ import torch
 
 from lamina_comm.channel import Channel, ChannelSpec, Message
 from lamina_comm.errors import LaminaError, ProtocolError
-from lamina_comm.node.kvcache import HeadRange
-from lamina_comm.node.model import LlamaConfig
+from lamina_comm.model import HeadRange, LlamaConfig
 
 # 2: control messages are fragmented (a fragment header tensor, then the bytes).
 PROTOCOL_VERSION = 2

@@ -78,7 +78,12 @@ class _Harness:
     def reset(self, recv_seq: int, slot_seq: int) -> None:
         """A fresh native channel (a failed one stays failed) in the state the input asks for."""
         c = self.channel
-        c._destroy_native()
+        # Freed at once, not by _destroy_native's finalizer (which waits for the
+        # Python object, and this one lives for the whole run): one thread here.
+        old, c._ch = c._ch, None
+        if old is not None:
+            lib.lm_chan_close(old)
+            lib.lm_chan_destroy(old)
         self.context.poll()       # completions of the old channel's credit writes
         self.peer_context.poll()  # the credits that reached the peer
         out = ffi.new("lm_chan_t **")

@@ -19,11 +19,12 @@ import pytest
 import torch
 
 import lamina_comm as lc
+from lamina_comm.model import LlamaConfig, LlamaWeights, MonolithicModel, SamplingParams
 from lamina_comm.node.demo import NodeProcess, post_json, start_attention, start_model
-from lamina_comm.node.model import LlamaConfig, LlamaWeights, MonolithicModel
-from lamina_comm.node.model_node import (ModelNode, ModelNodeOptions, RequestHandle, RequestRejected)
+from lamina_comm.node.model_node import ModelNode
+from lamina_comm.node.options import ModelNodeOptions
 from lamina_comm.node.protocol import ControlError
-from lamina_comm.node.sampling import SamplingParams
+from lamina_comm.node.requests import RequestHandle, RequestRejected
 
 CONFIG = LlamaConfig.tiny()
 SEED = 0

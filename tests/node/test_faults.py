@@ -10,7 +10,8 @@ import pytest
 
 from lamina_comm.node.demo import NodeProcess, post_json, post_stream, start_attention
 from lamina_comm.node.http_api import FrontDoor
-from lamina_comm.node.model_node import ModelNode, RequestRejected
+from lamina_comm.node.model_node import ModelNode
+from lamina_comm.node.requests import RequestRejected
 from tests.node.test_disaggregated import (address, attention_nodes, greedy, make_node, prompt_of,
                                            reference_tokens, run_until_done)
 

@@ -17,10 +17,11 @@ from typing import Any, Iterator, Optional
 import pytest
 import torch
 
+from lamina_comm.model import SamplingParams
 from lamina_comm.node.http_api import FrontDoor
 from lamina_comm.node.metrics import NodeMetrics
-from lamina_comm.node.model_node import ModelNode, RequestHandle
-from lamina_comm.node.sampling import SamplingParams
+from lamina_comm.node.model_node import ModelNode
+from lamina_comm.node.requests import RequestHandle
 from tests.node.test_disaggregated import address, attention_nodes, greedy, make_node, prompt_of, reference_tokens
 
 HANG_GUARD_S = 60.0  # bound on waits for things that take milliseconds when the code is right
@@ -379,7 +380,7 @@ def test_a_tiny_temperature_beside_a_normal_request_both_answered(
 def test_a_sampler_failure_fails_only_that_request(cluster: tuple[tuple[str, int], ModelNode],
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     front, node = cluster
-    from lamina_comm.node import sampling
+    from lamina_comm.model import sampling
 
     real_sample_row = sampling._sample_row
 

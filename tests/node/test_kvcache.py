@@ -9,8 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from lamina_comm.errors import LaminaError  # noqa: E402
-from lamina_comm.node.kvcache import KVCacheFull, PagedKVCache, slice_heads, split_kv_heads  # noqa: E402
-from lamina_comm.node.model import LlamaConfig  # noqa: E402
+from lamina_comm.model import KVCacheFull, LlamaConfig, PagedKVCache, slice_heads, split_kv_heads  # noqa: E402
 
 CONFIG = LlamaConfig.tiny(num_layers=2)  # 8 query heads on 2 KV heads, head_dim 16
 

@@ -12,18 +12,21 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("safetensors")
 
-from lamina_comm.node.kvcache import KVCacheFull, PagedKVCache, slice_heads, split_kv_heads  # noqa: E402
-from lamina_comm.node.model import (  # noqa: E402
+from lamina_comm.model import (  # noqa: E402
     CheckpointError,
     HeadOutputs,
+    KVCacheFull,
     LlamaConfig,
     LlamaWeights,
     ModelTier,
     MonolithicModel,
+    PagedKVCache,
+    SamplingParams,
     StepInputs,
     rope_inv_freq,
+    slice_heads,
+    split_kv_heads,
 )
-from lamina_comm.node.sampling import SamplingParams  # noqa: E402
 
 # CUDA runs only where a GPU is present; the CPU run is the one CI always does.
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]

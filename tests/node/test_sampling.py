@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from lamina_comm.node.sampling import SamplingParams, make_generator, sample  # noqa: E402
+from lamina_comm.model import SamplingParams, make_generator, sample  # noqa: E402
 
 
 def random_logits(rows: int = 6, vocab: int = 50, seed: int = 0) -> torch.Tensor:

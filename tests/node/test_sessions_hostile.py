@@ -23,7 +23,9 @@ from lamina_comm.channel import Channel
 from lamina_comm.errors import LaminaError, PeerLostError
 from lamina_comm.node import protocol
 from lamina_comm.node.demo import NodeProcess, post_json, start_model
-from lamina_comm.node.model_node import AttentionPeer, ModelNode, RequestRejected, WorkerLost
+from lamina_comm.node.cluster import AttentionPeer, WorkerLost
+from lamina_comm.node.model_node import ModelNode
+from lamina_comm.node.requests import RequestRejected
 from lamina_comm.transport import Context
 from tests.node.test_disaggregated import (CONFIG, address, attention_nodes, greedy, make_node, prompt_of,
                                            reference_tokens, run_until_done)

@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Hashable, Optional, Sequence
+from typing import Hashable, Optional, Sequence
 
 import torch
 
 from lamina_comm.errors import LaminaError
-
-if TYPE_CHECKING:
-    from lamina_comm.node.model import LlamaConfig
+from lamina_comm.model.config import LlamaConfig
 
 RequestId = Hashable
 HeadRange = tuple[int, int]
@@ -105,7 +103,7 @@ class PagedKVCache:
 
     def __init__(
         self,
-        config: "LlamaConfig",
+        config: LlamaConfig,
         kv_head_start: int,
         kv_head_end: int,
         num_blocks: int,
