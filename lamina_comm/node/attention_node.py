@@ -1,22 +1,27 @@
 """Attention role: a weight-free worker holding the KV cache of a share of the KV heads.
 
-One model node at a time drives an attention node (a *session*): it connects
-a setup channel, sends ``setup`` (config, head share, data-channel spec), then
-connects the data channel, which carries q/k/v per layer and micro-batch and,
-on its control micro-batch, reserve/free requests. One thread serves every
-message strictly in arrival order (``pipeline.serve_attention``), which is
-what keeps the model tier's ping-pong schedule deadlock-free.
+Several model nodes (replicas) can share one attention node, up to
+``--max-model-nodes``. Each is a *session*: it connects a setup channel,
+sends ``setup`` (config, head share, data-channel spec), then connects its
+data channel, which carries q/k/v per layer and micro-batch and, on its
+control micro-batch, reserve/free requests. All sessions share one KV cache
+(the first setup makes it; later ones must bring the same model and head
+share) under the admission rule of ``kv_shares``. One thread serves every
+session's messages strictly in arrival order (``ChannelGroup.recv_any``
+feeding ``pipeline.serve_attention``), which is what keeps each model
+tier's schedule deadlock-free.
 
-When the model node goes away the session's cache is dropped and the node
-waits for the next model node, so a restarted model node (or one that lost a
-worker and picks this one as a replacement) can set it up afresh.
+When a model node goes away its session ends alone: its KV blocks are
+freed and the other sessions carry on. When the last one ends the cache is
+dropped, so the next model node may set it up afresh (another share).
 
-A model node that connects while a session runs is answered at once: if the
-session's model node has been silent for ``peer_timeout`` (hung, e.g.
-SIGSTOPped: its TCP connection stays up) the newcomer takes the session's
-place; otherwise it gets a ``busy`` refusal that names the current model
-node. A healthy model node is never silent that long: it sends a heartbeat
-(``status``) at least every ``peer_timeout / protocol.HEARTBEATS_PER_SILENCE``.
+A model node that connects while sessions run is set up beside them when
+there is room. A session whose model node has been silent for
+``peer_timeout`` (hung, e.g. SIGSTOPped: its TCP connection stays up) gives
+way to any model node that connects; when the worker is full the newcomer
+gets a ``busy`` refusal naming the model nodes it serves. A healthy model
+node is never silent that long: it sends a heartbeat (``status``) at least
+every ``peer_timeout / protocol.HEARTBEATS_PER_SILENCE``.
 """
 from __future__ import annotations
 
@@ -31,10 +36,11 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from lamina_comm.channel import Channel, Message
+from lamina_comm.channel import Channel, ChannelGroup, Message
 from lamina_comm.errors import LaminaError, PeerLostError, TimeoutError_
 from lamina_comm.model import KVCacheFull, LlamaConfig, PagedKVCache
 from lamina_comm.node import protocol
+from lamina_comm.node.kv_shares import KVShares
 from lamina_comm.pipeline import serve_attention
 from lamina_comm.transport import Context
 
@@ -66,16 +72,25 @@ class AttentionOptions:
     # setup, the rest of a fragmented control message); also the silence after
     # which a model node that connects takes over the session (--peer-timeout).
     peer_timeout: float = 10.0
+    # Model nodes served at once (--max-model-nodes); one more is refused "busy".
+    max_model_nodes: int = 4
     # Fault injection for tests: die abruptly after serving this many data messages.
     exit_after_messages: Optional[int] = None
 
 
 class AttentionServer:
-    """Listens on one address and serves model-node sessions one after another."""
+    """Listens on one address and serves every model node (replica) that shares this worker.
+
+    One thread serves all sessions' data channels in arrival order
+    (``ChannelGroup.recv_any``); a session that fails ends alone and frees
+    its KV blocks, the others carry on.
+    """
 
     def __init__(self, options: AttentionOptions):
         if options.num_blocks < 1 or options.block_size < 1:
             raise ValueError(f"--blocks and --block-size must be >= 1, got {options.num_blocks}, {options.block_size}")
+        if options.max_model_nodes < 1:
+            raise ValueError(f"--max-model-nodes must be >= 1, got {options.max_model_nodes}")
         self.options = options
         self.context = Context(options.transport, secret=options.secret, progress=options.progress)
         try:
@@ -86,36 +101,29 @@ class AttentionServer:
         self.address: tuple[str, int] = tuple(self._listener.address)
         self.sessions_served = 0
         self._messages_served = 0
-        self._session: Optional[AttentionSession] = None
+        self.sessions: list[AttentionSession] = []
+        # The cache every session shares; made by the first setup, dropped with the last session
+        # (so a later model node may bring another config or head share).
+        self.shares: Optional[KVShares] = None
+        self._shared_setup: Optional[protocol.Setup] = None
+        self._group: Optional[ChannelGroup] = None
+        self._next_session_id = 0
+        self._next_knock_check = 0.0
 
     def serve_forever(self, stop: threading.Event) -> None:
-        """Accept and run sessions until ``stop`` is set."""
-        newcomer: Optional[Newcomer] = None
-        while not stop.is_set():
-            newcomer = newcomer or self._wait_for_newcomer(stop)
-            if newcomer is not None:
-                newcomer = self._run_session(newcomer, stop)
-
-    def _run_session(self, newcomer: "Newcomer", stop: threading.Event) -> Optional["Newcomer"]:
-        """Serve one model node; returns the model node that took the session over, if one did."""
-        session = AttentionSession(self, newcomer)
-        self._session = session
-        peer = _peer_of(newcomer.channel)
+        """Accept and serve sessions until ``stop`` is set."""
         try:
-            session.run(stop)
-        except SessionTakenOver as taken:
-            log.warning("model node at %s was silent for %.1f s; model node at %s takes over", peer,
-                        taken.silent_s, _peer_of(taken.newcomer.channel))
-            return taken.newcomer
-        except PeerLostError:
-            log.info("model node at %s disconnected; session ended", peer)
-        except LaminaError as exc:
-            log.warning("session with %s ended: %s", peer, exc)
+            while not stop.is_set():
+                if not self.sessions:
+                    newcomer = self._wait_for_newcomer(stop)
+                    if newcomer is not None:
+                        self._admit(newcomer)
+                    continue
+                serve_attention(self._next_message, self._serve, self._send_result,
+                                lambda: stop.is_set() or not self.sessions)
         finally:
-            session.close()
-            self._session = None
-            self.sessions_served += 1
-        return None
+            for session in list(self.sessions):
+                self._end(session, "the attention node stops")
 
     def _wait_for_newcomer(self, stop: threading.Event) -> Optional["Newcomer"]:
         # Wait for a connection first, so that no channel rings are allocated per poll.
@@ -158,6 +166,155 @@ class AttentionServer:
             return None
         return Newcomer(channel, link, number, request)
 
+    # -- admission ------------------------------------------------------------
+    def _admit(self, newcomer: "Newcomer") -> None:
+        """Set a model node up as one more session, or refuse it with a reason."""
+        timeout = self.options.peer_timeout if not self.sessions else NEWCOMER_TIMEOUT_S
+        if newcomer.request.get("type") != "setup":
+            newcomer.refuse(protocol.error(f"expected setup first, got {newcomer.request.get('type')!r}", "state"),
+                            timeout)
+            return
+        try:
+            setup = protocol.Setup.parse(newcomer.request)
+            if self.options.config is not None:
+                protocol.check_same_config(self.options.config, setup.config)
+            self._end_silent_sessions(newcomer)
+            self._check_room(setup)
+            if self.shares is None:
+                self.shares = KVShares(PagedKVCache(setup.config, setup.kv_heads[0], setup.kv_heads[1],
+                                                    self.options.num_blocks, self.options.block_size,
+                                                    self.options.device))
+                self._shared_setup = setup
+        except protocol.ControlError as exc:
+            log.error("setup of model node at %s refused: %s", _peer_of(newcomer.channel), exc)
+            newcomer.refuse(protocol.error(str(exc), exc.code, **exc.details), timeout)
+            return
+        except (RuntimeError, ValueError) as exc:  # e.g. the pools do not fit device memory
+            log.error("setup failed: %s", exc)
+            newcomer.refuse(protocol.error(f"cannot create the KV cache: {exc}", "resources"), timeout)
+            return
+        session = AttentionSession(self, self._next_session_id, newcomer, setup)
+        self._next_session_id += 1
+        self.shares.add(session.id, session.name)
+        cache = self.shares.cache
+        log.info("worker %d/%d for %s: KV heads [%d, %d), %d blocks of %d tokens on %s, %d model node(s)",
+                 setup.worker, setup.num_workers, session.name, *setup.kv_heads, cache.blocks_total,
+                 cache.block_size, cache.device, self.shares.replicas)
+        try:
+            newcomer.link.reply(newcomer.number, protocol.ok(
+                **session.cache_figures(), pid=os.getpid(), device=str(cache.device),
+                kv_heads=list(setup.kv_heads), takeover_after_s=self.options.peer_timeout, replica=session.name))
+            session.attach(self.accept_data(setup.data_spec, timeout))
+        except LaminaError as exc:
+            log.warning("model node %s left during its setup: %s", session.name, exc)
+            self.sessions.append(session)
+            self._end(session, exc)
+            return
+        self.sessions.append(session)
+        self._regroup()
+
+    def _end_silent_sessions(self, newcomer: "Newcomer") -> None:
+        """Sessions silent past peer_timeout (a hung model node) give way to any model node that connects."""
+        now = time.monotonic()
+        for session in list(self.sessions):
+            silent = now - session.last_heard
+            if silent >= self.options.peer_timeout:
+                log.warning("model node %s was silent for %.1f s; model node at %s takes over", session.name,
+                            silent, _peer_of(newcomer.channel))
+                self._end(session, f"silent for {silent:.1f} s")
+
+    def _check_room(self, setup: protocol.Setup) -> None:
+        """ControlError when the newcomer cannot share this worker now."""
+        shared = self._shared_setup
+        if self.sessions and shared is not None and (
+                shared.config.fingerprint() != setup.config.fingerprint() or shared.kv_heads != setup.kv_heads):
+            raise protocol.ControlError(
+                f"this worker holds KV heads [{shared.kv_heads[0]}, {shared.kv_heads[1]}) of model "
+                f"{shared.config.fingerprint()[:12]} for {self._names()}; a model node asking for KV heads "
+                f"[{setup.kv_heads[0]}, {setup.kv_heads[1]}) of model {setup.config.fingerprint()[:12]} cannot "
+                f"share it (list the workers in the same order on every model node)", "conflict")
+        if len(self.sessions) < self.options.max_model_nodes:
+            return
+        now = time.monotonic()
+        heard = ", ".join(f"{s.name}, last heard from {now - s.last_heard:.1f} s ago" for s in self.sessions)
+        who = "another model node" if len(self.sessions) == 1 else f"{len(self.sessions)} model nodes"
+        retry = min(self.options.peer_timeout - (now - s.last_heard) for s in self.sessions)
+        raise protocol.ControlError(
+            f"busy with {who} (at {heard}; at most {self.options.max_model_nodes} share this worker, "
+            f"--max-model-nodes); a model node silent for {self.options.peer_timeout} s gives way to the next "
+            f"one that connects", "busy", retry_after_s=round(max(retry, 0.0), 3))
+
+    def _names(self) -> str:
+        return ", ".join(session.name for session in self.sessions)
+
+    def _answer_knocks(self) -> None:
+        """A model node connecting while sessions run is set up beside them, or refused."""
+        now = time.monotonic()
+        if now < self._next_knock_check:
+            return
+        self._next_knock_check = now + _POLL_S
+        if not self.knocking():
+            return
+        newcomer = self.greet(NEWCOMER_TIMEOUT_S)
+        if newcomer is not None:
+            self._admit(newcomer)
+
+    # -- serving ----------------------------------------------------------------
+    def _next_message(self) -> Optional[tuple[int, int, Any]]:
+        self._answer_knocks()
+        if self._group is None:
+            return None
+        try:
+            index, message = self._group.recv_any(timeout=_POLL_S)
+        except TimeoutError_:
+            return None
+        except LaminaError as exc:
+            index = getattr(exc, "channel_index", None)
+            if index is None:
+                raise
+            self._end(self.sessions[index], exc)
+            return None
+        session = self.sessions[index]
+        session.last_heard = time.monotonic()
+        return message.layer, message.microbatch, (session, message)
+
+    def _serve(self, layer: int, microbatch: int, payload: tuple["AttentionSession", Message]) -> Any:
+        session, message = payload
+        try:
+            return session, session.serve(layer, microbatch, message)
+        except LaminaError as exc:  # e.g. a control request whose fragments broke off
+            self._end(session, exc)
+            return session, None
+
+    def _send_result(self, layer: int, microbatch: int, result: tuple["AttentionSession", Any]) -> None:
+        session, answer = result
+        if answer is None or session not in self.sessions:
+            return
+        try:
+            session.send_result(layer, microbatch, answer)
+        except LaminaError as exc:
+            self._end(session, exc)
+
+    def _end(self, session: "AttentionSession", reason: Any) -> None:
+        """End one session: free its KV blocks, close its channels; the others go on."""
+        if session in self.sessions:
+            self.sessions.remove(session)
+        freed = self.shares.remove(session.id) if self.shares is not None else 0
+        session.close()
+        self.sessions_served += 1
+        if isinstance(reason, PeerLostError):
+            log.info("model node %s disconnected; session ended, %d KV blocks freed", session.name, freed)
+        else:
+            log.warning("session with model node %s ended (%d KV blocks freed): %s", session.name, freed, reason)
+        if not self.sessions:
+            self.shares, self._shared_setup = None, None
+        self._regroup()
+
+    def _regroup(self) -> None:
+        live = [session for session in self.sessions if session.data is not None]
+        self._group = ChannelGroup([session.data for session in live]) if live else None
+        self.sessions = live
+
     def count_served(self) -> None:
         """Called per served data message; implements the fault-injection exit."""
         self._messages_served += 1
@@ -166,11 +323,20 @@ class AttentionServer:
             log.error("fault injection: exiting after %d data messages", self._messages_served)
             os._exit(3)
 
-    def accept_data(self, spec: Any) -> Channel:
+    def accept_data(self, spec: Any, timeout: float) -> Channel:
         # Credits ride on the replies (and are written out whenever this side waits).
         return Channel.accept(self._listener, spec, role="attention", name="data",
-                              accept_timeout=self.options.peer_timeout, timeout=self.options.peer_timeout,
+                              accept_timeout=timeout, timeout=self.options.peer_timeout,
                               piggyback_credits=True)
+
+    def replicas(self) -> list[dict[str, Any]]:
+        """Every model node sharing this worker, with the KV blocks it holds."""
+        if self.shares is None:
+            return []
+        now = time.monotonic()
+        return [{"name": session.name, "blocks_held": self.shares.held(session.id),
+                 "requests": self.shares.requests(session.id), "last_heard_s": round(now - session.last_heard, 3)}
+                for session in self.sessions]
 
     def close(self) -> None:
         self._listener.close()
@@ -198,119 +364,45 @@ class Newcomer:
             self.channel.close()
 
 
-class SessionTakenOver(Exception):
-    """A model node connected while the session's model node was silent past peer_timeout."""
-
-    def __init__(self, newcomer: Newcomer, silent_s: float):
-        super().__init__(f"taken over after {silent_s:.1f} s of silence")
-        self.newcomer = newcomer
-        self.silent_s = silent_s
-
-
 class AttentionSession:
-    """One model node's use of this worker: setup, then one thread serving the data channel.
+    """One model node's use of this worker: its setup, data channel and requests in the shared cache.
 
     Control requests arrive on the data channel's control micro-batch, so they
     are served in the same arrival order as the attention work.
     """
 
-    def __init__(self, server: AttentionServer, newcomer: Newcomer):
+    def __init__(self, server: AttentionServer, session_id: int, newcomer: Newcomer, setup: protocol.Setup):
         self.server = server
+        self.id = session_id
         self.options = server.options
-        self.newcomer = newcomer
+        self.setup = setup
         self.setup_channel = newcomer.channel
-        self.cache: Optional[PagedKVCache] = None
-        self.setup: Optional[protocol.Setup] = None
+        self.name = setup.replica or _peer_of(newcomer.channel)
         self.data: Optional[Channel] = None
         self._control: Optional[protocol.ControlLink] = None
         self._control_mb = -1
-        self._step_meta: dict[int, tuple[list[int], torch.Tensor]] = {}
-        self._last_heard = time.monotonic()  # when the model node last sent anything
-        self._next_knock_check = 0.0
+        self._step_meta: dict[int, tuple[list[Any], torch.Tensor]] = {}
+        self.last_heard = time.monotonic()  # when the model node last sent anything
 
-    def run(self, stop: threading.Event) -> None:
-        """Set up, then serve until the model node leaves (PeerLostError) or ``stop`` is set.
+    @property
+    def shares(self) -> KVShares:
+        assert self.server.shares is not None
+        return self.server.shares
 
-        Raises SessionTakenOver when a model node connects while this one is silent.
-        """
-        if not self._setup():
-            return
-        assert self.data is not None
-        self._control_mb = protocol.control_microbatch(self.data.spec)
-        self._control = protocol.ControlLink(self.data, self.options.peer_timeout, self._control_mb)
-        self._last_heard = time.monotonic()
-        serve_attention(self._next_message, self._serve, self._send_result, stop.is_set)
-
-    # -- setup --------------------------------------------------------------
-    def _setup(self) -> bool:
-        number, message = self.newcomer.number, self.newcomer.request
-        if message.get("type") != "setup":
-            self._refuse(protocol.error(f"expected setup first, got {message.get('type')!r}", "state"))
-            return False
-        try:
-            setup = protocol.Setup.parse(message)
-            if self.options.config is not None:
-                protocol.check_same_config(self.options.config, setup.config)
-            cache = PagedKVCache(setup.config, setup.kv_heads[0], setup.kv_heads[1], self.options.num_blocks,
-                                 self.options.block_size, self.options.device)
-        except protocol.ControlError as exc:
-            log.error("setup refused: %s", exc)
-            self._refuse(protocol.error(str(exc), exc.code))
-            return False
-        except (RuntimeError, ValueError) as exc:  # e.g. the pools do not fit device memory
-            log.error("setup failed: %s", exc)
-            self._refuse(protocol.error(f"cannot create the KV cache: {exc}", "resources"))
-            return False
-        self.setup, self.cache = setup, cache
-        log.info("worker %d/%d: KV heads [%d, %d), %d blocks of %d tokens on %s", setup.worker,
-                 setup.num_workers, *setup.kv_heads, cache.blocks_total, cache.block_size, cache.device)
-        self.newcomer.link.reply(number, protocol.ok(
-            **self._cache_figures(), pid=os.getpid(), device=str(cache.device), kv_heads=list(setup.kv_heads),
-            takeover_after_s=self.options.peer_timeout))
-        self.data = self.server.accept_data(setup.data_spec)
-        return True
-
-    def _refuse(self, answer: dict[str, Any]) -> None:
-        self.newcomer.refuse(answer, self.options.peer_timeout)
+    def attach(self, data: Channel) -> None:
+        """The session's data channel, accepted after its setup was answered."""
+        self.data = data
+        self._control_mb = protocol.control_microbatch(data.spec)
+        self._control = protocol.ControlLink(data, self.options.peer_timeout, self._control_mb)
+        self.last_heard = time.monotonic()
 
     # -- serving --------------------------------------------------------------
-    def _next_message(self) -> Optional[tuple[int, int, Message]]:
-        assert self.data is not None
-        self._answer_knocks()
-        try:
-            message = self.data.recv(timeout=_POLL_S)
-        except TimeoutError_:
-            return None
-        self._last_heard = time.monotonic()
-        return message.layer, message.microbatch, message
-
-    def _answer_knocks(self) -> None:
-        """A model node connecting meanwhile takes over a silent session, or hears that we are busy."""
-        now = time.monotonic()
-        if now < self._next_knock_check:
-            return
-        self._next_knock_check = now + _POLL_S
-        if not self.server.knocking():
-            return
-        newcomer = self.server.greet(NEWCOMER_TIMEOUT_S)
-        if newcomer is None:
-            return
-        silent = time.monotonic() - self._last_heard
-        if silent >= self.options.peer_timeout:
-            raise SessionTakenOver(newcomer, silent)
-        log.warning("refused model node at %s: busy with the one at %s", _peer_of(newcomer.channel),
-                    _peer_of(self.setup_channel))
-        newcomer.refuse(protocol.error(
-            f"busy with another model node (at {_peer_of(self.setup_channel)}, last heard from {silent:.1f} s "
-            f"ago); a model node silent for {self.options.peer_timeout} s gives way to the next one that connects",
-            "busy", retry_after_s=round(self.options.peer_timeout - silent, 3)), NEWCOMER_TIMEOUT_S)
-
-    def _serve(self, layer: int, microbatch: int, message: Message) -> Any:
+    def serve(self, layer: int, microbatch: int, message: Message) -> Any:
         if microbatch == self._control_mb:
             return _ControlReply(self._handle_control(message))
         return self._attend(layer, microbatch, message)
 
-    def _send_result(self, layer: int, microbatch: int, result: Any) -> None:
+    def send_result(self, layer: int, microbatch: int, result: Any) -> None:
         assert self.data is not None
         if isinstance(result, _ControlReply):
             assert self._control is not None
@@ -334,14 +426,14 @@ class AttentionSession:
         try:
             _, request = self._control.read_request(first)
         except protocol.ControlError as exc:
-            log.warning("refused a control request: %s", exc)
+            log.warning("refused a control request of %s: %s", self.name, exc)
             return protocol.error(str(exc), exc.code)
         kind = request.get("type")
         handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "reserve": self._reserve,
             "rebuild": self._rebuild,
             "free": self._free,
-            "status": lambda _: protocol.ok(**self._cache_figures()),
+            "status": lambda _: protocol.ok(**self.cache_figures()),
         }
         handler = handlers.get(kind)
         if handler is None:
@@ -353,19 +445,18 @@ class AttentionSession:
 
     def _reserve(self, message: dict[str, Any], keep_existing: bool = False) -> dict[str, Any]:
         """Reserve each request independently; the reply lists the refused ones with the reason."""
-        assert self.cache is not None and self.setup is not None
         reserved: list[int] = []
         refused: list[list[Any]] = []
         for request_id, max_tokens in protocol.parse_reservations(message):
-            if keep_existing and self.cache.has_request(request_id):
+            if keep_existing and self.shares.has(self.id, request_id):
                 reserved.append(request_id)
                 continue
             try:
-                self.cache.reserve(request_id, max_tokens)
+                self.shares.reserve(self.id, request_id, max_tokens)
                 reserved.append(request_id)
             except (KVCacheFull, ValueError) as exc:
                 refused.append([request_id, f"attention worker {self.setup.worker}: {exc}"])
-        return protocol.ok(reserved=reserved, refused=refused, **self._cache_figures())
+        return protocol.ok(reserved=reserved, refused=refused, **self.cache_figures())
 
     def _rebuild(self, message: dict[str, Any]) -> dict[str, Any]:
         # Requests this worker still holds keep their blocks: the re-prefill
@@ -373,30 +464,32 @@ class AttentionSession:
         return self._reserve(message, keep_existing=True)
 
     def _free(self, message: dict[str, Any]) -> dict[str, Any]:
-        assert self.cache is not None
         for request_id in protocol.parse_request_ids(message):
-            if self.cache.has_request(request_id):
-                self.cache.free(request_id)
-        return protocol.ok(**self._cache_figures())
+            self.shares.free(self.id, request_id)
+        return protocol.ok(**self.cache_figures())
 
-    def _cache_figures(self) -> dict[str, int]:
-        assert self.cache is not None
-        return {"blocks_used": self.cache.blocks_used, "blocks_total": self.cache.blocks_total,
-                "block_size": self.cache.block_size}
+    def cache_figures(self) -> dict[str, Any]:
+        """The shared cache's figures, this replica's part of it, and every replica (on every answer)."""
+        cache = self.shares.cache
+        return {"blocks_used": cache.blocks_used, "blocks_total": cache.blocks_total,
+                "block_size": cache.block_size, "blocks_held": self.shares.held(self.id),
+                "blocks_share": self.shares.share, "replicas": self.server.replicas()}
 
     # -- attention ------------------------------------------------------------
     def _attend(self, layer: int, microbatch: int, message: Message) -> Any:
         """Attention output and its compute time, or the error text when the message cannot be served."""
-        assert self.cache is not None and self.data is not None
+        assert self.data is not None
+        cache = self.shares.cache
         with message:
             try:
                 tensors = message.torch()
                 if len(tensors) == 4:  # layer 0 of a step: new batch metadata
-                    self._step_meta[microbatch] = protocol.decode_step_meta(tensors[3])
+                    request_ids, positions = protocol.decode_step_meta(tensors[3])
+                    self._step_meta[microbatch] = ([self.shares.key(self.id, r) for r in request_ids], positions)
                 if microbatch not in self._step_meta or len(tensors) not in (3, 4):
                     raise ValueError(f"message for layer {layer} micro-batch {microbatch} has no step metadata")
-                request_ids, positions = self._step_meta[microbatch]
-                device = self.cache.device
+                keys, positions = self._step_meta[microbatch]
+                device = cache.device
                 q, k, v = (t.to(device) for t in tensors[:3])
                 reply = None
                 if device.type == "cpu":
@@ -404,10 +497,9 @@ class AttentionSession:
                     reply = self.data.send_buffers(microbatch, [tuple(q.shape), (1,)], [q.dtype, "int64"],
                                                    as_torch=True)
                 started = time.perf_counter_ns()
-                out = self.cache.attend(layer, request_ids, positions, q, k, v,
-                                        out=reply[0] if reply is not None else None)
+                out = cache.attend(layer, keys, positions, q, k, v, out=reply[0] if reply is not None else None)
             except (ValueError, KeyError, LaminaError) as exc:
-                log.error("cannot serve layer %d micro-batch %d: %s", layer, microbatch, exc)
+                log.error("cannot serve layer %d micro-batch %d of %s: %s", layer, microbatch, self.name, exc)
                 return str(exc)
         self.server.count_served()
         attention_ns = time.perf_counter_ns() - started
@@ -421,7 +513,6 @@ class AttentionSession:
         for channel in (self.data, self.setup_channel):
             if channel is not None:
                 channel.close()
-        self.cache = None
 
 
 @dataclass(frozen=True)

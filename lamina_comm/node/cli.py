@@ -60,6 +60,8 @@ def _node_parser() -> argparse.ArgumentParser:
     model.add_argument("--attention", metavar="HOST:PORT,...", help="attention workers, in head-share order")
     model.add_argument("--spare", metavar="HOST:PORT,...", default="", help="standby attention workers")
     model.add_argument("--http", metavar="HOST:PORT", default="127.0.0.1:8000", help="front door address")
+    model.add_argument("--name", help="this model node's name among replicas sharing the attention workers "
+                                      "(their logs, refusals and status; default: its address)")
     model.add_argument("--microbatches", type=int, default=2, help="ping-pong micro-batches per step")
     model.add_argument("--max-step-tokens", type=int, default=2048, help="token budget of one micro-batch")
     model.add_argument("--max-queue", type=int, default=256, help="requests waiting before 429")
@@ -78,6 +80,9 @@ def _node_parser() -> argparse.ArgumentParser:
     attention.add_argument("--listen", metavar="HOST:PORT", help="address to accept the model node on")
     attention.add_argument("--blocks", type=int, default=2048, help="KV cache blocks")
     attention.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    attention.add_argument("--max-model-nodes", type=int, default=4,
+                           help="model nodes (replicas) served at once, sharing the KV blocks; one more is "
+                                "refused busy")
     # Fault injection for tests: die abruptly after serving N data messages.
     attention.add_argument("--exit-after-messages", type=int, help=argparse.SUPPRESS)
     return parser
@@ -173,7 +178,8 @@ def _run_attention(args: argparse.Namespace, stop: threading.Event) -> int:
     options = AttentionOptions(
         listen=args.listen, num_blocks=args.blocks, block_size=args.block_size, device=args.device,
         config=load_config(args), secret=args.secret, transport=args.transport,
-        progress=args.progress, peer_timeout=args.peer_timeout, exit_after_messages=args.exit_after_messages)
+        progress=args.progress, peer_timeout=args.peer_timeout, max_model_nodes=args.max_model_nodes,
+        exit_after_messages=args.exit_after_messages)
     server = AttentionServer(options)
     try:
         host, port = server.address
@@ -203,7 +209,7 @@ def _run_model(args: argparse.Namespace, stop: threading.Event) -> int:
         secret=args.secret, transport=args.transport, progress=args.progress,
         connect_timeout=args.connect_timeout,
         peer_timeout=args.peer_timeout, rebuild_timeout=args.rebuild_timeout,
-        stall_timeout=args.stall_timeout)
+        stall_timeout=args.stall_timeout, name=args.name)
     options.validate(config)  # before loading weights: fail fast on a bad worker count
     http_address = _split_host_port(args.http, "--http")
     node = ModelNode(config, load_weights(args, config), options)

@@ -85,6 +85,8 @@ class AttentionPeer:
         self.pid = setup_reply.get("pid")
         self.device = setup_reply.get("device")
         self.blocks_used = int(setup_reply["blocks_used"])
+        self.blocks_held = 0  # of blocks_used, this model node's (the worker may serve other replicas)
+        self.replicas: list[dict[str, Any]] = []  # the worker's model nodes, from its last status answer
         self.blocks_total = int(setup_reply["blocks_total"])
         self.block_size = int(setup_reply["block_size"])
         # The worker lets a new model node take over after this long without a message from us.
@@ -101,14 +103,14 @@ class AttentionPeer:
     @classmethod
     def connect(cls, context: Context, index: int, address: str, config: LlamaConfig, num_workers: int,
                 kv_heads: HeadRange, spec: ChannelSpec, connect_timeout: float,
-                peer_timeout: float) -> "AttentionPeer":
+                peer_timeout: float, replica: Optional[str] = None) -> "AttentionPeer":
         """Connect, set the worker up and connect its data channel; raises on any failure."""
         setup_channel = Channel.connect(context, address, protocol.CONTROL_SPEC, role="model",
                                         name=f"setup-{index}", connect_timeout=connect_timeout,
                                         timeout=peer_timeout)
         try:
             setup = protocol.ControlLink(setup_channel, peer_timeout)
-            reply = setup.call(protocol.setup_message(config, index, num_workers, kv_heads, spec))
+            reply = setup.call(protocol.setup_message(config, index, num_workers, kv_heads, spec, replica))
             # Credits ride on the next layer's q/k/v (and are written out whenever this side waits).
             data = Channel.connect(context, address, spec, role="model", name=f"data-{index}",
                                    connect_timeout=connect_timeout, timeout=peer_timeout, piggyback_credits=True)
@@ -126,6 +128,9 @@ class AttentionPeer:
         except LaminaError as exc:
             raise WorkerLost(self.index, self.address, exc) from exc
         self.blocks_used = int(reply.get("blocks_used", self.blocks_used))
+        self.blocks_held = int(reply.get("blocks_held", self.blocks_held))
+        if isinstance(reply.get("replicas"), list):
+            self.replicas = [entry for entry in reply["replicas"][:64] if isinstance(entry, dict)]
         return reply
 
     # -- data -------------------------------------------------------------
@@ -235,7 +240,7 @@ class AttentionCluster:
     def _connect(self, index: int, address: str, timeout: float) -> AttentionPeer:
         peer = AttentionPeer.connect(self.context, index, address, self.config, len(self.addresses),
                                      self.head_ranges[index], self.data_spec(index), timeout,
-                                     self.options.peer_timeout)
+                                     self.options.peer_timeout, self.options.name)
         log.info("attention worker %d at %s (pid %s): KV heads [%d, %d), %d KV blocks", index, address,
                  peer.pid, *peer.kv_heads, peer.blocks_total)
         return peer

@@ -490,7 +490,8 @@ class ModelNode:
             if peer is not None:
                 channel = peer.data.metrics
                 worker.update(pid=peer.pid, device=peer.device, blocks_used=peer.blocks_used,
-                              blocks_total=peer.blocks_total, block_size=peer.block_size,
+                              blocks_held=peer.blocks_held, blocks_total=peer.blocks_total,
+                              block_size=peer.block_size, replicas=peer.replicas,
                               channel={"messages": channel.messages, "bytes_sent": channel.bytes_sent,
                                        "staged_bytes": channel.staged_bytes,
                                        "staged_messages": channel.staged_messages,
@@ -500,6 +501,7 @@ class ModelNode:
             workers.append(worker)
         return {
             "role": "model",
+            "name": self.options.name,
             "healthy": self.healthy,
             "model": {"fingerprint": config.fingerprint(), "architecture": config.architecture,
                       "layers": config.num_layers, "heads": config.num_heads,

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from lamina_comm.model import LlamaConfig, split_kv_heads
+from lamina_comm.node.protocol import ControlError, check_replica_name
 
 
 @dataclass(frozen=True)
@@ -35,11 +36,19 @@ class ModelNodeOptions:
     # and settled no request for this long (a hung or failing scheduler loop).
     stall_timeout: float = 60.0
     record_timeline: bool = True
+    # This model node's name among the replicas sharing the attention workers
+    # (--name): in their logs, refusals and status. None: its address.
+    name: Optional[str] = None
 
     def validate(self, config: LlamaConfig) -> None:
         if not self.attention:
             raise ValueError("at least one attention worker address is needed (--attention HOST:PORT,...)")
         split_kv_heads(config.num_kv_heads, len(self.attention))  # raises a clear ValueError
+        if self.name is not None:
+            try:
+                check_replica_name(self.name)
+            except ControlError as exc:
+                raise ValueError(f"--name: {exc}") from None
         for name in ("microbatches", "max_step_tokens", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

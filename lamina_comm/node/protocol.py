@@ -69,12 +69,16 @@ _TIMING_BYTES = 64
 class ControlError(LaminaError):
     """The peer answered a control request with an error.
 
-    ``code`` says which kind: ``config_mismatch``, ``bad_request``, ``state``.
+    ``code`` says which kind: ``config_mismatch``, ``bad_request``, ``state``,
+    ``busy`` (the worker serves as many model nodes as it may), ``conflict``
+    (it holds another head share or model for the model nodes it serves).
+    ``details`` are further fields of the answer (``retry_after_s``).
     """
 
-    def __init__(self, message: str, code: str = "error"):
+    def __init__(self, message: str, code: str = "error", **details: Any):
         super().__init__(message)
         self.code = code
+        self.details = details
 
 
 class ControlMessageTooLarge(ControlError):
@@ -157,9 +161,10 @@ def check_same_config(ours: LlamaConfig, theirs: LlamaConfig, our_role: str = "a
 
 
 def setup_message(
-    config: LlamaConfig, worker: int, num_workers: int, kv_heads: HeadRange, spec: ChannelSpec
+    config: LlamaConfig, worker: int, num_workers: int, kv_heads: HeadRange, spec: ChannelSpec,
+    replica: Optional[str] = None,
 ) -> dict[str, Any]:
-    return {
+    message = {
         "type": "setup",
         "protocol": PROTOCOL_VERSION,
         "config": config_to_wire(config),
@@ -169,6 +174,23 @@ def setup_message(
         "kv_heads": list(kv_heads),
         "data_spec": spec.to_dict(),
     }
+    if replica is not None:
+        message["replica"] = replica
+    return message
+
+
+# A replica's name is shown in logs, refusals and status: short, printable.
+MAX_REPLICA_NAME = 64
+
+
+def check_replica_name(name: Any) -> Optional[str]:
+    """The replica name of a setup (None when absent); ControlError when it is not a short printable text."""
+    if name is None:
+        return None
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_REPLICA_NAME or not name.isprintable():
+        raise ControlError(f"replica name must be 1 to {MAX_REPLICA_NAME} printable characters, got "
+                           f"{str(name)[:MAX_REPLICA_NAME]!r}", "bad_request")
+    return name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +202,7 @@ class Setup:
     num_workers: int
     kv_heads: HeadRange
     data_spec: ChannelSpec
+    replica: Optional[str] = None  # the model node's name (--name); None: it is named by its address
 
     @classmethod
     def parse(cls, message: Mapping[str, Any]) -> "Setup":
@@ -203,7 +226,7 @@ class Setup:
         expected = data_channel_spec(config, kv_heads, pipeline_microbatches(spec), spec.max_tokens)
         if spec != expected:
             raise ControlError(f"data channel spec {spec} does not fit KV heads {kv_heads}", "bad_request")
-        return cls(config, worker, num_workers, kv_heads, spec)
+        return cls(config, worker, num_workers, kv_heads, spec, check_replica_name(message.get("replica")))
 
 
 # --------------------------------------------------------------------------

@@ -249,7 +249,7 @@ TAKEOVER_S = "3"  # the attention node's --peer-timeout: silence after which a n
 
 
 def test_a_new_model_node_takes_over_from_a_hung_one(processes: list[NodeProcess]) -> None:
-    worker = start_workers(processes, 1, "--peer-timeout", TAKEOVER_S)[0]
+    worker = start_workers(processes, 1, "--peer-timeout", TAKEOVER_S, "--max-model-nodes", "1")[0]
     hung = start_model([address(worker)], "--config", "tiny", "--transport", "tcp")
     processes.append(hung)
     hung.wait_ready()
@@ -267,7 +267,7 @@ def test_a_new_model_node_takes_over_from_a_hung_one(processes: list[NodeProcess
 
 def test_an_idle_healthy_model_node_keeps_its_session_and_a_newcomer_hears_busy(
         processes: list[NodeProcess]) -> None:
-    worker = start_workers(processes, 1, "--peer-timeout", "2")[0]
+    worker = start_workers(processes, 1, "--peer-timeout", "2", "--max-model-nodes", "1")[0]
     node = make_node([address(worker)])
     node.start()  # the scheduler thread heartbeats while idle
     try:
