@@ -19,7 +19,8 @@ help:
 	@echo "make asan      native tests under ASan/UBSan, then the Python suite on an ASan build"
 	@echo "make test-rxe  verbs tests in a soft-RoCE qemu guest"
 	@echo "make bench     loopback benchmarks side by side with iperf3 / sockperf / ucx_perftest"
-	@echo "make demo      disaggregated decode on loopback (1 model node, 2 attention nodes)"
+	@echo "make demo      disaggregated decode on loopback (1 model node, 2 attention nodes;"
+	@echo "               DEMO_ARGS='--replicas 2': 2 model nodes sharing them)"
 	@echo "make fuzz      each fuzzer (tests/fuzz) for FUZZ_SECONDS (default 60) under ASan/UBSan"
 
 # Everything a fresh machine lacks (apt when root, then .venv); done once.
@@ -67,7 +68,7 @@ bench: build
 	PYTHON=$(PYTHON) bench/peers.sh
 
 demo: build
-	$(PYTHON) -m lamina_comm.node.demo
+	$(PYTHON) -m lamina_comm.node.demo $(DEMO_ARGS)
 
 # Coverage-guided fuzzers (libFuzzer on the tcp frame parser, atheris on the
 # Python parsers), each bounded by FUZZ_SECONDS; fails on any crash, sanitizer

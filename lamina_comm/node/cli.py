@@ -83,6 +83,10 @@ def _node_parser() -> argparse.ArgumentParser:
     attention.add_argument("--max-model-nodes", type=int, default=4,
                            help="model nodes (replicas) served at once, sharing the KV blocks; one more is "
                                 "refused busy")
+    attention.add_argument("--join", metavar="HOST:PORT,...", default="",
+                           help="model nodes' front doors to join at run time (as a spare; left on exit)")
+    attention.add_argument("--advertise", metavar="HOST:PORT",
+                           help="the address model nodes reach this node on (default: the --listen address)")
     # Fault injection for tests: die abruptly after serving N data messages.
     attention.add_argument("--exit-after-messages", type=int, help=argparse.SUPPRESS)
     return parser
@@ -174,19 +178,32 @@ def _run_attention(args: argparse.Namespace, stop: threading.Event) -> int:
         raise ValueError("--role attention needs --listen HOST:PORT")
     _split_host_port(args.listen, "--listen")
     from lamina_comm.node.attention_node import AttentionOptions, AttentionServer
+    from lamina_comm.node.membership import Announcer, parse_address
 
     options = AttentionOptions(
         listen=args.listen, num_blocks=args.blocks, block_size=args.block_size, device=args.device,
         config=load_config(args), secret=args.secret, transport=args.transport,
         progress=args.progress, peer_timeout=args.peer_timeout, max_model_nodes=args.max_model_nodes,
         exit_after_messages=args.exit_after_messages)
+    join = _addresses(args.join)
+    for http in join:
+        _split_host_port(http, "--join")
     server = AttentionServer(options)
+    announcer = None
     try:
         host, port = server.address
-        _ready(role="attention", address=f"{host}:{port}", pid=os.getpid(), blocks=args.blocks,
+        advertised = args.advertise or f"{host}:{port}"
+        if join:
+            if not args.advertise and host in ("0.0.0.0", "::"):
+                raise ValueError("--join with a wildcard --listen needs --advertise HOST:PORT")
+            announcer = Announcer(join, parse_address(advertised), secret=args.secret)
+            announcer.start()
+        _ready(role="attention", address=advertised, pid=os.getpid(), blocks=args.blocks,
                block_size=args.block_size)
         server.serve_forever(stop)
     finally:
+        if announcer is not None:
+            announcer.leave()
         server.close()
     log.info("attention node stopped")
     return 0
@@ -241,26 +258,36 @@ def _run_model(args: argparse.Namespace, stop: threading.Event) -> int:
 
 def status_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="lamina-node status", description="Print a running cluster.")
-    parser.add_argument("--http", metavar="HOST:PORT", required=True, help="the model node's front door")
-    parser.add_argument("--json", action="store_true", help="print the raw JSON")
+    parser.add_argument("--http", metavar="HOST:PORT,...", required=True,
+                        help="the model nodes' front doors (every replica of the cluster)")
+    parser.add_argument("--json", action="store_true", help="print the raw JSON (a list with several --http)")
     parser.add_argument("--timeout", type=float, default=5.0)
     args = parser.parse_args(argv)
-    url = f"http://{args.http}/status"
-    try:
-        with urllib.request.urlopen(url, timeout=args.timeout) as response:
-            status = json.loads(response.read())
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        print(f"lamina-node status: cannot read {url}: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    print(json.dumps(status, indent=2) if args.json else format_status(status, args.http))
-    return 0
+    statuses: list[tuple[str, dict[str, Any]]] = []
+    failed = False
+    for http in _addresses(args.http):
+        url = f"http://{http}/status"
+        try:
+            with urllib.request.urlopen(url, timeout=args.timeout) as response:
+                statuses.append((http, json.loads(response.read())))
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            print(f"lamina-node status: cannot read {url}: {exc}", file=sys.stderr)
+            failed = True
+    if args.json:
+        documents = [status for _, status in statuses]
+        print(json.dumps(documents[0] if len(documents) == 1 and not failed else documents, indent=2))
+    elif statuses:
+        print("\n\n".join([*(format_status(status, http) for http, status in statuses),
+                            *([format_pool(statuses)] if len(statuses) > 1 else [])]))
+    return EXIT_CONFIG if failed else 0
 
 
 def format_status(status: dict[str, Any], http: str) -> str:
     model = status["model"]
     efficiency = status.get("overlap_efficiency")
+    name = f"  ({status['name']})" if status.get("name") else ""
     lines = [
-        f"model node  http://{http}  {'healthy' if status['healthy'] else 'DEGRADED'}",
+        f"model node  http://{http}{name}  {'healthy' if status['healthy'] else 'DEGRADED'}",
         f"  model {model['fingerprint']} {model['architecture']}: {model['layers']} layers, {model['heads']} heads "
         f"/ {model['kv_heads']} KV heads x {model['head_dim']}, vocab {model['vocab_size']}, {model['dtype']} "
         f"on {model['device']}",
@@ -274,12 +301,29 @@ def format_status(status: dict[str, Any], http: str) -> str:
         line = (f"  #{worker['index']} {worker['address']:<21} {worker['state']:<4}  KV heads [{kv[0]}, {kv[1]})  "
                 f"q heads [{q[0]}, {q[1]})")
         if worker["state"] == "up":
-            line += (f"  KV blocks {worker['blocks_used']}/{worker['blocks_total']} (x{worker['block_size']} tokens)"
-                     f"  pid {worker['pid']} {worker['device']}")
+            line += (f"  KV blocks {worker['blocks_used']}/{worker['blocks_total']} (x{worker['block_size']} tokens"
+                     f", {worker.get('blocks_held', worker['blocks_used'])} ours)  pid {worker['pid']} "
+                     f"{worker['device']}")
         else:
             line += f"  error: {worker.get('error', '?')}"
         lines.append(line)
     lines.append(f"spares: {', '.join(status['spares']) or 'none'}")
+    return "\n".join(lines)
+
+
+def format_pool(statuses: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """Every worker once, with the replicas it serves (as its latest answer to any of them said)."""
+    workers: dict[str, dict[str, Any]] = {}
+    for _, status in statuses:
+        for worker in status["workers"]:
+            if worker["state"] == "up":
+                workers.setdefault(worker["address"], worker)
+    lines = [f"attention pool: {len(workers)} workers shared by {len(statuses)} model nodes"]
+    for address, worker in sorted(workers.items()):
+        replicas = ", ".join(f"{r.get('name')} {r.get('blocks_held')} blocks/{r.get('requests')} requests"
+                             for r in worker.get("replicas", []))
+        lines.append(f"  {address:<21} KV heads [{worker['kv_heads'][0]}, {worker['kv_heads'][1]})  KV blocks "
+                     f"{worker['blocks_used']}/{worker['blocks_total']}  replicas: {replicas or '-'}")
     return "\n".join(lines)
 
 

@@ -9,13 +9,14 @@ with a spare or its own address coming back.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any, Optional, Sequence
 
 import torch
 
 from lamina_comm.channel import Channel, ChannelSpec, Message
-from lamina_comm.errors import LaminaError, ProtocolError, TimeoutError_
+from lamina_comm.errors import LaminaError, PeerLostError, ProtocolError, TimeoutError_
 from lamina_comm.model import HeadRange, LlamaConfig, split_kv_heads
 from lamina_comm.node import protocol
 from lamina_comm.node.options import ModelNodeOptions
@@ -32,6 +33,9 @@ _REPLACE_ATTEMPT_S = 0.5
 # asked again this often until connect_timeout: a hung model node gives way
 # after the worker's takeover bound.
 BUSY_RETRY_S = 0.5
+
+# Spares that may stand by at once (joins past it are refused).
+MAX_SPARES = 64
 
 
 class WorkerLost(LaminaError):
@@ -194,6 +198,11 @@ class AttentionCluster:
         self.addresses = list(options.attention)
         self.head_ranges = split_kv_heads(config.num_kv_heads, len(self.addresses))
         self.spares = list(options.spares)
+        # Membership changes come from other threads (the front door's /cluster calls);
+        # the scheduler thread applies departures of active workers (take_departures).
+        self._membership = threading.Lock()
+        self._departing: set[int] = set()
+        self.departed: set[str] = set()  # addresses that left: never tried again unless they join anew
         self.peers: list[Optional[AttentionPeer]] = [None] * len(self.addresses)
         self.lost: dict[int, WorkerLost] = {}
         # Start of the current degraded period: set at the first loss, kept through
@@ -271,9 +280,11 @@ class AttentionCluster:
             self.losses_since = 0
 
     def try_replace(self, index: int) -> bool:
-        """Connect a replacement for a lost worker: a spare, else its own address again."""
+        """Connect a replacement for a lost worker: a spare, else its own address again (unless it left)."""
         original = self.addresses[index]
-        for candidate in [*self.spares, original]:
+        with self._membership:
+            candidates = [*self.spares] + ([] if original in self.departed else [original])
+        for candidate in candidates:
             try:
                 peer = self._connect(index, candidate, _REPLACE_ATTEMPT_S)
             except (LaminaError, OSError) as exc:
@@ -282,12 +293,50 @@ class AttentionCluster:
             self.peers[index] = peer
             del self.lost[index]
             if candidate != original:
-                self.spares.remove(candidate)
-                self.addresses[index] = candidate
-                self.spares.append(original)  # if it comes back, it can serve as a spare
+                with self._membership:
+                    if candidate in self.spares:
+                        self.spares.remove(candidate)
+                    self.addresses[index] = candidate
+                    if original not in self.departed and original not in self.spares:
+                        self.spares.append(original)  # if it comes back, it can serve as a spare
             log.warning("attention worker %d replaced by %s", index, candidate)
             return True
         return False
+
+    # -- run-time membership (any thread) ---------------------------------------
+    def join(self, address: str) -> str:
+        """A worker announcing itself at ``address``: it stands by as a spare. Says what became of it."""
+        with self._membership:
+            self.departed.discard(address)
+            if address in self.addresses:
+                return "worker"  # e.g. a lost worker back on its own address: the next retry finds it
+            if address in self.spares:
+                return "spare"
+            if len(self.spares) >= MAX_SPARES:
+                raise ValueError(f"{MAX_SPARES} spares already stand by; {address} was not added")
+            self.spares.append(address)
+        log.info("attention worker at %s joined as a spare", address)
+        return "spare"
+
+    def leave(self, address: str) -> str:
+        """A worker leaving: a spare is forgotten, an active worker is taken out and its requests rebuilt."""
+        with self._membership:
+            self.departed.add(address)
+            if address in self.spares:
+                self.spares.remove(address)
+                log.info("spare attention worker at %s left", address)
+                return "spare"
+            if address in self.addresses:
+                self._departing.add(self.addresses.index(address))
+                return "worker"
+        raise KeyError(f"{address} is neither a worker nor a spare of this model node")
+
+    def take_departures(self) -> list[WorkerLost]:
+        """Active workers that announced they leave (scheduler thread): each to be handled as a loss."""
+        with self._membership:
+            departing, self._departing = self._departing, set()
+        return [WorkerLost(index, self.addresses[index], PeerLostError("the worker left the cluster"))
+                for index in sorted(departing) if self.peers[index] is not None]
 
     def drain_survivors(self) -> None:
         """Empty the survivors' channels after an aborted step; a failing one is lost too."""

@@ -1,7 +1,8 @@
 """``python -m lamina_comm.node.demo`` (``make demo``): disaggregated decoding on loopback.
 
-Starts two attention nodes and one model node as separate ``lamina-node``
-processes with a tiny random model, sends concurrent requests of different
+Starts two attention nodes and one model node (``--replicas R``: R model
+nodes sharing the attention nodes, requests round-robin) as separate
+``lamina-node`` processes with a tiny random model, sends concurrent requests of different
 lengths over HTTP, checks every token against ``MonolithicModel`` with the
 same weights (greedy), prints throughput next to a monolithic run and the
 per-layer transfer figures from ``/metrics``, then stops everything with
@@ -168,10 +169,12 @@ class Workload:
         return cls(prompts, [16 + (8 * i) % 40 for i in range(count)])
 
 
-def run_disaggregated(http: str, workload: Workload) -> tuple[list[list[int]], float]:
-    """Send all requests at once (every other one streaming); returns tokens per request and wall time."""
+def run_disaggregated(https: Sequence[str], workload: Workload) -> tuple[list[list[int]], float]:
+    """Send all requests at once (every other one streaming), request i to model node i mod R;
+    returns tokens per request and wall time."""
 
     def one(index: int) -> list[int]:
+        http = https[index % len(https)]
         payload = {"prompt": workload.prompts[index], "max_tokens": workload.max_tokens[index], "temperature": 0}
         if index % 2:
             lines = post_stream(http, payload)
@@ -258,7 +261,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--requests", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--microbatches", type=int, default=2)
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="model nodes sharing the two attention nodes (requests go round-robin)")
     args = parser.parse_args(argv)
+    if args.replicas < 1:
+        parser.error("--replicas must be >= 1")
 
     nodes: list[NodeProcess] = []
     ok = False
@@ -267,22 +274,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         attention = [start_attention(f"attention node {i}", "--config", "tiny", "--blocks", "256") for i in range(2)]
         nodes += attention
         addresses = [node.wait_ready()["address"] for node in attention]
-        model = start_model(addresses, "--config", "tiny", "--seed", str(args.seed),
-                            "--microbatches", str(args.microbatches))
-        nodes.append(model)
-        http = model.wait_ready()["http"]
-        print(f"cluster up in {time.perf_counter() - started:.1f} s: model node http://{http}, "
-              f"attention nodes {', '.join(addresses)}")
+        models = [start_model(addresses, "--config", "tiny", "--seed", str(args.seed),
+                              "--microbatches", str(args.microbatches), "--name", f"replica-{i}")
+                  for i in range(args.replicas)]
+        nodes += models
+        https = [model.wait_ready()["http"] for model in models]
+        print(f"cluster up in {time.perf_counter() - started:.1f} s: model node(s) "
+              f"{', '.join(f'http://{http}' for http in https)}, attention nodes {', '.join(addresses)}")
 
         from lamina_comm.model import LlamaConfig
         workload = Workload.mixed(args.requests, args.seed, LlamaConfig.tiny().vocab_size)
-        disaggregated, wall = run_disaggregated(http, workload)
-        metrics_text = get_text(http, "/metrics")
-        status_text = subprocess.run([sys.executable, "-m", "lamina_comm.node.cli", "status", "--http", http],
-                                     capture_output=True, text=True, timeout=30,
+        disaggregated, wall = run_disaggregated(https, workload)
+        metrics_texts = [get_text(http, "/metrics") for http in https]
+        status_text = subprocess.run([sys.executable, "-m", "lamina_comm.node.cli", "status", "--http",
+                                      ",".join(https)], capture_output=True, text=True, timeout=30,
                                      env={**os.environ, "PYTHONPATH": _PACKAGE_ROOT}).stdout
         reference = run_monolithic(args.seed, workload)
-        ok = _report(workload, disaggregated, wall, reference, metrics_text, status_text)
+        ok = _report(workload, disaggregated, wall, reference, metrics_texts, status_text)
     finally:
         codes = stop_nodes(nodes)
         for code in codes:
@@ -294,7 +302,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _report(workload: Workload, disaggregated: list[list[int]], wall: float, reference: dict[str, Any],
-            metrics_text: str, status_text: str) -> bool:
+            metrics_texts: list[str], status_text: str) -> bool:
     from lamina_comm.node.metrics import histogram_means, parse_prometheus
 
     print(status_text.rstrip())
@@ -305,28 +313,32 @@ def _report(workload: Workload, disaggregated: list[list[int]], wall: float, ref
         parity &= same
         print(f"  #{index} prompt {len(prompt):>2} tokens -> {len(tokens):>2} new  "
               f"{'match' if same else f'MISMATCH: got {tokens}, expected {expected}'}")
-    samples = parse_prometheus(metrics_text)
+    replicas = [parse_prometheus(text) for text in metrics_texts]
+    samples = replicas[0]
     generated = sum(len(tokens) for tokens in disaggregated)
-    decode_rate = samples.get("lamina_decode_tokens_total", 0) / max(samples.get("lamina_decode_step_seconds_total", 0),
-                                                                        1e-9)
+    # Replicas decode side by side: the cluster's decode rate is the sum of theirs.
+    rates = [r.get("lamina_decode_tokens_total", 0) / max(r.get("lamina_decode_step_seconds_total", 0), 1e-9)
+             for r in replicas]
+    decode_rate = sum(rates)
     mono_decode_rate = reference["decode_tokens"] / max(reference["decode_s"], 1e-9)
     efficiency = histogram_means(samples, "lamina_step_overlap_efficiency").get("", (0, float("nan")))
     mono_generated = sum(len(tokens) for tokens in reference["batched_tokens"])
     print("\nthroughput (this machine, CPU):")
-    print(f"  disaggregated, 1 model + 2 attention processes: {generated / wall:8.1f} tokens/s end to end over HTTP "
-          f"({generated} tokens in {wall:.2f} s), decode steps {decode_rate:8.1f} tokens/s")
+    print(f"  disaggregated, {len(replicas)} model + 2 attention processes: {generated / wall:8.1f} tokens/s end to "
+          f"end over HTTP ({generated} tokens in {wall:.2f} s), decode steps {decode_rate:8.1f} tokens/s"
+          + (f" ({' + '.join(f'{rate:.1f}' for rate in rates)} per replica)" if len(rates) > 1 else ""))
     print(f"  monolithic, one process, same batch:              {mono_generated / reference['wall_s']:8.1f} tokens/s "
           f"end to end ({mono_generated} tokens in {reference['wall_s']:.2f} s), decode steps "
           f"{mono_decode_rate:8.1f} tokens/s")
     print(f"  disaggregated / monolithic decode steps: {decode_rate / max(mono_decode_rate, 1e-9):.2f}")
-    staged = sum(value for key, value in samples.items() if key.startswith("lamina_channel_staged_bytes"))
+    staged = sum(value for r in replicas for key, value in r.items() if key.startswith("lamina_channel_staged_bytes"))
     print(f"  bytes staged (copied into send slots) on the model node: {int(staged)}")
     if efficiency[0]:
         print(f"  overlap efficiency (mean over {efficiency[0]} two-micro-batch steps): {efficiency[1]:.2f}")
     else:
         print("  overlap efficiency: n/a (no step ran two micro-batches)")
-    print("\nper-layer transfer figures (means from /metrics):")
-    print("\n".join(_transfer_table(metrics_text)))
+    print(f"\nper-layer transfer figures (means from /metrics{' of replica-0' if len(replicas) > 1 else ''}):")
+    print("\n".join(_transfer_table(metrics_texts[0])))
     print(f"\nparity: {'OK, every token matches' if parity else 'FAILED'}")
     return parity
 

@@ -7,6 +7,9 @@
                      lost, the scheduler stopped or made no progress, shutting down)
     GET  /status     the cluster (roles, peers, head shares, KV blocks) as JSON
     GET  /metrics    Prometheus text
+    POST /cluster/join, /cluster/leave  {"address": "HOST:PORT", "time"}: an attention
+                     worker joins as a spare, or leaves (signed when the cluster has a
+                     secret; see lamina_comm.node.membership)
 
 Every refusal is a JSON object {"error": reason} with a 4xx/5xx status; a bad
 request never disturbs the others (each connection has its own thread).
@@ -28,9 +31,10 @@ import threading
 import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 from lamina_comm.model import SamplingParams
+from lamina_comm.node import membership
 from lamina_comm.node.metrics import NodeMetrics
 from lamina_comm.node.requests import CLIENT_CLOSED, InvalidRequest, RequestHandle, RequestRejected
 
@@ -60,6 +64,13 @@ class GenerationService(Protocol):
     def submit(self, prompt: list[int], params: SamplingParams) -> RequestHandle: ...
 
     def status(self) -> dict[str, Any]: ...
+
+    def join(self, address: str) -> dict[str, Any]: ...
+
+    def leave(self, address: str) -> dict[str, Any]: ...
+
+    @property
+    def membership_secret(self) -> Optional[bytes]: ...
 
 
 # ------------------------------------------------------------------ parsing
@@ -240,6 +251,8 @@ _ROUTES = {
     "/status": {"GET": "_status"},
     "/metrics": {"GET": "_metrics"},
     "/generate": {"POST": "_generate"},
+    "/cluster/join": {"POST": "_join"},
+    "/cluster/leave": {"POST": "_leave"},
 }
 
 
@@ -294,6 +307,29 @@ class _Handler(BaseHTTPRequestHandler):
     def _metrics(self) -> None:
         body = self.service.metrics.render().encode()
         self._send_bytes(HTTPStatus.OK, body, "text/plain; version=0.0.4; charset=utf-8")
+
+    # -- membership (lamina_comm.node.membership) ---------------------------------
+    def _join(self) -> None:
+        self._membership_call(self.service.join)
+
+    def _leave(self) -> None:
+        self._membership_call(self.service.leave)
+
+    def _membership_call(self, action: Callable[[str], dict[str, Any]]) -> None:
+        try:
+            address = membership.parse_call(self.body, self.headers.get(membership.SIGNATURE_HEADER),
+                                            self.service.membership_secret)
+            answer = action(address)
+        except membership.MembershipError as exc:
+            self._send_json(exc.http_status, {"error": str(exc)})
+            return
+        except KeyError as exc:
+            self._send_json(HTTPStatus.NOT_FOUND, {"error": str(exc.args[0])})
+            return
+        except ValueError as exc:
+            self._send_json(HTTPStatus.CONFLICT, {"error": str(exc)})
+            return
+        self._send_json(HTTPStatus.OK, answer)
 
     # -- generation ---------------------------------------------------------------
     def _generate(self) -> None:

@@ -37,6 +37,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from lamina_comm.bootstrap import secret_from
 from lamina_comm.model import (LlamaConfig, LlamaWeights, ModelTier, SamplingError, SamplingParams,
                                make_generator, sample_each)
 from lamina_comm.node import protocol
@@ -147,6 +148,26 @@ class ModelNode:
             self._wakeup.notify_all()
         return handle
 
+    # -- membership (any thread) ---------------------------------------------
+    def join(self, address: str) -> dict[str, Any]:
+        """An attention worker announcing itself (POST /cluster/join): it stands by as a spare."""
+        role = self.cluster.join(address)  # ValueError when the spares are full
+        with self._wakeup:
+            self._wakeup.notify_all()  # a degraded node retries its replacement at once
+        return {"ok": True, "address": address, "as": role}
+
+    def leave(self, address: str) -> dict[str, Any]:
+        """An attention worker leaving (POST /cluster/leave); KeyError when it is not a member."""
+        role = self.cluster.leave(address)
+        with self._wakeup:
+            self._wakeup.notify_all()
+        return {"ok": True, "address": address, "was": role}
+
+    @property
+    def membership_secret(self) -> Optional[bytes]:
+        """What join/leave calls are signed with (the cluster's shared secret), or None."""
+        return secret_from(self.options.secret)
+
     def _validate(self, prompt: Sequence[int], params: SamplingParams) -> None:
         if not isinstance(prompt, (list, tuple)) or not prompt:
             raise InvalidRequest("prompt must be a non-empty list of token ids")
@@ -174,6 +195,9 @@ class ModelNode:
 
     def _iterate(self, wait: float) -> bool:
         self._drop_cancelled()
+        for departed in self.cluster.take_departures():
+            log.warning("%s; holding %d running requests until it is replaced", departed, len(self._running))
+            self._hold_running(departed)
         if not self.cluster.healthy:
             return self._recover()
         admitted = self._admit()
@@ -352,6 +376,10 @@ class ModelNode:
     def _on_worker_lost(self, lost: WorkerLost) -> None:
         log.error("%s; holding %d running requests until it is replaced", lost, len(self._running))
         self.metrics.worker_failures.inc(peer=lost.address)
+        self._hold_running(lost)
+
+    def _hold_running(self, lost: WorkerLost) -> None:
+        """Take the worker out; the running requests wait for its replacement (rebuilt in _recover)."""
         self.cluster.mark_lost(lost)
         self.cluster.drain_survivors()
         self._held.extend(self._running)

@@ -12,6 +12,8 @@ is refused at once.
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import threading
 import time
 from typing import Iterator
@@ -225,3 +227,15 @@ def test_a_full_worker_refuses_one_more_replica_naming_those_it_serves(processes
     finally:
         a.close()
         b.close()
+
+
+def test_the_demo_runs_two_replicas_and_the_status_shows_every_replica_and_worker() -> None:
+    done = subprocess.run([sys.executable, "-m", "lamina_comm.node.demo", "--replicas", "2", "--requests", "4"],
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "parity: OK" in out and "nodes stopped cleanly" in out
+    assert "(replica-0)  healthy" in out and "(replica-1)  healthy" in out
+    assert "attention pool: 2 workers shared by 2 model nodes" in out
+    pool = out.split("attention pool:")[1].split("\n\n")[0]
+    assert pool.count("replica-0") == 2 and pool.count("replica-1") == 2, pool
