@@ -5,7 +5,9 @@
 ``requests`` (request handles and events), ``cluster`` (the attention workers,
 their losses and replacements) and ``step`` (micro-batches and the pipelined
 step); ``http_api`` is its front door and ``metrics`` its Prometheus text.
-The attention role is ``attention_node``. ``protocol`` is what the two say to
+The attention role is ``attention_node`` (sessions of several model nodes)
+with ``kv_shares`` (admission between them); ``membership`` is the run-time
+join and leave of workers. ``protocol`` is what the two say to
 each other, ``demo`` runs a cluster on loopback (``make demo``). The model
 math both roles run is in ``lamina_comm.model``.
 """
