@@ -288,6 +288,12 @@ class Channel:
             bytes_received=st.bytes_received, credits_returned=st.credits_returned,
             credits_piggybacked=st.credits_piggybacked)
 
+    def pending(self, microbatch: int | None = None) -> int:
+        """Arrivals waiting to be received (of one micro-batch, or of any), without waiting."""
+        handle = self._handle()
+        lib.lm_chan_progress(handle)
+        return max(0, lib.lm_chan_pending(handle, -1 if microbatch is None else microbatch))
+
     @property
     def outstanding(self) -> int:
         """Writes posted and not yet completed."""

@@ -36,13 +36,13 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from lamina_comm.channel import Channel, ChannelGroup, Message
+from lamina_comm.channel import Channel, ChannelGroup, Message, RingLayout
 from lamina_comm.errors import LaminaError, PeerLostError, TimeoutError_
 from lamina_comm.model import KVCacheFull, LlamaConfig, PagedKVCache
 from lamina_comm.node import protocol
 from lamina_comm.node.kv_shares import KVShares
 from lamina_comm.pipeline import serve_attention
-from lamina_comm.transport import Context
+from lamina_comm.transport import Context, Listener
 
 log = logging.getLogger("lamina_comm.node.attention")
 
@@ -74,6 +74,9 @@ class AttentionOptions:
     peer_timeout: float = 10.0
     # Model nodes served at once (--max-model-nodes); one more is refused "busy".
     max_model_nodes: int = 4
+    # Bound on the memory one session's data channel may take (its rings, both
+    # directions); a setup asking for more is refused "resources".
+    max_channel_bytes: int = 1 << 30
     # Fault injection for tests: die abruptly after serving this many data messages.
     exit_after_messages: Optional[int] = None
 
@@ -178,22 +181,17 @@ class AttentionServer:
             setup = protocol.Setup.parse(newcomer.request)
             if self.options.config is not None:
                 protocol.check_same_config(self.options.config, setup.config)
+            self._check_channel_size(setup)
             self._end_silent_sessions(newcomer)
             self._check_room(setup)
             if self.shares is None:
-                self.shares = KVShares(PagedKVCache(setup.config, setup.kv_heads[0], setup.kv_heads[1],
-                                                    self.options.num_blocks, self.options.block_size,
-                                                    self.options.device))
+                self.shares = KVShares(self._make_cache(setup))
                 self._shared_setup = setup
         except protocol.ControlError as exc:
             log.error("setup of model node at %s refused: %s", _peer_of(newcomer.channel), exc)
             newcomer.refuse(protocol.error(str(exc), exc.code, **exc.details), timeout)
             return
-        except (RuntimeError, ValueError) as exc:  # e.g. the pools do not fit device memory
-            log.error("setup failed: %s", exc)
-            newcomer.refuse(protocol.error(f"cannot create the KV cache: {exc}", "resources"), timeout)
-            return
-        session = AttentionSession(self, self._next_session_id, newcomer, setup)
+        session = AttentionSession(self, self._next_session_id, newcomer, setup, self._unique_name(setup, newcomer))
         self._next_session_id += 1
         self.shares.add(session.id, session.name)
         cache = self.shares.cache
@@ -201,24 +199,60 @@ class AttentionServer:
                  setup.worker, setup.num_workers, session.name, *setup.kv_heads, cache.blocks_total,
                  cache.block_size, cache.device, self.shares.replicas)
         try:
-            newcomer.link.reply(newcomer.number, protocol.ok(
-                **session.cache_figures(), pid=os.getpid(), device=str(cache.device),
-                kv_heads=list(setup.kv_heads), takeover_after_s=self.options.peer_timeout, replica=session.name))
-            session.attach(self.accept_data(setup.data_spec, timeout))
-        except LaminaError as exc:
-            log.warning("model node %s left during its setup: %s", session.name, exc)
+            # The data channel comes to a listener of its own: on the shared one, another
+            # model node's setup connection could be taken for it (and both would fail).
+            with self.context.listen((self.address[0], 0)) as data_listener:
+                newcomer.link.reply(newcomer.number, protocol.ok(
+                    **session.cache_figures(), pid=os.getpid(), device=str(cache.device),
+                    kv_heads=list(setup.kv_heads), takeover_after_s=self.options.peer_timeout,
+                    replica=session.name, data_port=data_listener.address[1]))
+                session.attach(self.accept_data(data_listener, setup.data_spec, timeout))
+        except (LaminaError, MemoryError) as exc:
+            log.warning("model node %s left during its setup: %r", session.name, exc)
             self.sessions.append(session)
             self._end(session, exc)
             return
         self.sessions.append(session)
         self._regroup()
 
+    def _make_cache(self, setup: protocol.Setup) -> PagedKVCache:
+        """The shared cache for the first session's head share; ControlError("resources") when it cannot be."""
+        config, (start, end) = setup.config, setup.kv_heads
+        pool_bytes = (2 * config.num_layers * self.options.num_blocks * self.options.block_size * (end - start)
+                      * config.head_dim * config.torch_dtype.itemsize)
+        if str(self.options.device) == "cpu" and pool_bytes > 0.9 * _physical_memory():
+            raise protocol.ControlError(
+                f"cannot create the KV cache: {pool_bytes} B of K/V pools for this model and head share "
+                f"exceed this machine's memory", "resources")
+        try:
+            return PagedKVCache(config, start, end, self.options.num_blocks, self.options.block_size,
+                                self.options.device)
+        except (RuntimeError, ValueError, MemoryError) as exc:  # e.g. the pools do not fit device memory
+            raise protocol.ControlError(f"cannot create the KV cache: {exc}", "resources") from exc
+
+    def _check_channel_size(self, setup: protocol.Setup) -> None:
+        needed = RingLayout.for_role(setup.data_spec, "attention").total_bytes
+        if needed > self.options.max_channel_bytes:
+            raise protocol.ControlError(
+                f"a data channel for {setup.data_spec.max_tokens} tokens per micro-batch and "
+                f"{setup.data_spec.microbatches} micro-batches needs {needed} B, over this worker's bound of "
+                f"{self.options.max_channel_bytes} B (lower --max-step-tokens)", "resources")
+
+    def _unique_name(self, setup: protocol.Setup, newcomer: "Newcomer") -> str:
+        name = setup.replica or _peer_of(newcomer.channel)
+        taken = {session.name for session in self.sessions}
+        return name if name not in taken else f"{name}#{self._next_session_id}"
+
     def _end_silent_sessions(self, newcomer: "Newcomer") -> None:
-        """Sessions silent past peer_timeout (a hung model node) give way to any model node that connects."""
+        """Sessions silent past peer_timeout (a hung model node) give way to any model node that connects.
+
+        A session with arrivals not yet served is not silent: the serving
+        thread was busy (another session's work), not its model node.
+        """
         now = time.monotonic()
         for session in list(self.sessions):
             silent = now - session.last_heard
-            if silent >= self.options.peer_timeout:
+            if silent >= self.options.peer_timeout and not session.has_arrivals():
                 log.warning("model node %s was silent for %.1f s; model node at %s takes over", session.name,
                             silent, _peer_of(newcomer.channel))
                 self._end(session, f"silent for {silent:.1f} s")
@@ -282,17 +316,20 @@ class AttentionServer:
         session, message = payload
         try:
             return session, session.serve(layer, microbatch, message)
-        except LaminaError as exc:  # e.g. a control request whose fragments broke off
+        except LaminaError as exc:  # e.g. a control message whose fragments are out of step
             self._end(session, exc)
-            return session, None
+        except Exception as exc:  # noqa: BLE001 - one session's request must not end the others
+            log.exception("serving model node %s failed", session.name)
+            self._end(session, exc)
+        return session, None
 
     def _send_result(self, layer: int, microbatch: int, result: tuple["AttentionSession", Any]) -> None:
         session, answer = result
         if answer is None or session not in self.sessions:
-            return
+            return  # an incomplete control message, or a session that ended serving it
         try:
             session.send_result(layer, microbatch, answer)
-        except LaminaError as exc:
+        except Exception as exc:  # noqa: BLE001 - a failed answer ends its own session only
             self._end(session, exc)
 
     def _end(self, session: "AttentionSession", reason: Any) -> None:
@@ -323,11 +360,10 @@ class AttentionServer:
             log.error("fault injection: exiting after %d data messages", self._messages_served)
             os._exit(3)
 
-    def accept_data(self, spec: Any, timeout: float) -> Channel:
+    def accept_data(self, listener: Listener, spec: Any, timeout: float) -> Channel:
         # Credits ride on the replies (and are written out whenever this side waits).
-        return Channel.accept(self._listener, spec, role="attention", name="data",
-                              accept_timeout=timeout, timeout=self.options.peer_timeout,
-                              piggyback_credits=True)
+        return Channel.accept(listener, spec, role="attention", name="data", accept_timeout=timeout,
+                              timeout=self.options.peer_timeout, piggyback_credits=True)
 
     def replicas(self) -> list[dict[str, Any]]:
         """Every model node sharing this worker, with the KV blocks it holds."""
@@ -371,16 +407,20 @@ class AttentionSession:
     are served in the same arrival order as the attention work.
     """
 
-    def __init__(self, server: AttentionServer, session_id: int, newcomer: Newcomer, setup: protocol.Setup):
+    def __init__(self, server: AttentionServer, session_id: int, newcomer: Newcomer, setup: protocol.Setup,
+                 name: str):
         self.server = server
         self.id = session_id
         self.options = server.options
         self.setup = setup
         self.setup_channel = newcomer.channel
-        self.name = setup.replica or _peer_of(newcomer.channel)
+        self.name = name
         self.data: Optional[Channel] = None
         self._control: Optional[protocol.ControlLink] = None
         self._control_mb = -1
+        # Control fragments are taken as they come: a model node that sends half a
+        # message and stops holds up nobody (the serving thread never waits for it).
+        self._fragments = protocol.FragmentAssembler()
         self._step_meta: dict[int, tuple[list[Any], torch.Tensor]] = {}
         self.last_heard = time.monotonic()  # when the model node last sent anything
 
@@ -396,10 +436,19 @@ class AttentionSession:
         self._control = protocol.ControlLink(data, self.options.peer_timeout, self._control_mb)
         self.last_heard = time.monotonic()
 
+    def has_arrivals(self) -> bool:
+        """Messages of this session wait to be served (so its model node is not silent)."""
+        try:
+            return self.data is not None and self.data.pending() > 0
+        except LaminaError:
+            return False
+
     # -- serving --------------------------------------------------------------
     def serve(self, layer: int, microbatch: int, message: Message) -> Any:
+        """The answer to one message; None while a control message is still incomplete."""
         if microbatch == self._control_mb:
-            return _ControlReply(self._handle_control(message))
+            answer = self._handle_control(message)
+            return None if answer is None else _ControlReply(answer)
         return self._attend(layer, microbatch, message)
 
     def send_result(self, layer: int, microbatch: int, result: Any) -> None:
@@ -416,15 +465,17 @@ class AttentionSession:
             self.data.send([out, np.array([attention_ns], dtype=np.int64)], layer=layer, microbatch=microbatch)
 
     # -- control ------------------------------------------------------------
-    def _handle_control(self, first: Message) -> dict[str, Any]:
-        """The answer to the control request starting with fragment ``first``.
+    def _handle_control(self, fragment: Message) -> Optional[dict[str, Any]]:
+        """The answer to the control request that ``fragment`` completes (None until one does).
 
         A malformed or oversized request gets an error answer; fragments that
         do not continue the request (ProtocolError) end the session.
         """
-        assert self._control is not None
         try:
-            _, request = self._control.read_request(first)
+            whole = self._fragments.feed(fragment)
+            if whole is None:
+                return None
+            request = protocol.decode_control_request(whole[1])
         except protocol.ControlError as exc:
             log.warning("refused a control request of %s: %s", self.name, exc)
             return protocol.error(str(exc), exc.code)
@@ -530,3 +581,10 @@ class _SlotReply:
 def _peer_of(channel: Channel) -> str:
     address = channel.endpoint.peer_address
     return f"{address[0]}:{address[1]}" if address else "model node"
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 1 << 62  # unknown: let the allocation decide

@@ -116,8 +116,9 @@ class AttentionPeer:
             setup = protocol.ControlLink(setup_channel, peer_timeout)
             reply = setup.call(protocol.setup_message(config, index, num_workers, kv_heads, spec, replica))
             # Credits ride on the next layer's q/k/v (and are written out whenever this side waits).
-            data = Channel.connect(context, address, spec, role="model", name=f"data-{index}",
-                                   connect_timeout=connect_timeout, timeout=peer_timeout, piggyback_credits=True)
+            data = Channel.connect(context, protocol.data_address(address, reply), spec, role="model",
+                                   name=f"data-{index}", connect_timeout=connect_timeout, timeout=peer_timeout,
+                                   piggyback_credits=True)
         except BaseException:
             setup_channel.close()
             raise
@@ -201,8 +202,9 @@ class AttentionCluster:
         # Membership changes come from other threads (the front door's /cluster calls);
         # the scheduler thread applies departures of active workers (take_departures).
         self._membership = threading.Lock()
-        self._departing: set[int] = set()
-        self.departed: set[str] = set()  # addresses that left: never tried again unless they join anew
+        self._departing: set[str] = set()  # addresses of active workers that announced they leave
+        # Active workers that left: not tried again as their own replacement (unless they join anew).
+        self.departed: set[str] = set()
         self.peers: list[Optional[AttentionPeer]] = [None] * len(self.addresses)
         self.lost: dict[int, WorkerLost] = {}
         # Start of the current degraded period: set at the first loss, kept through
@@ -287,8 +289,8 @@ class AttentionCluster:
         for candidate in candidates:
             try:
                 peer = self._connect(index, candidate, _REPLACE_ATTEMPT_S)
-            except (LaminaError, OSError) as exc:
-                log.debug("replacement %s for worker %d not available: %s", candidate, index, exc)
+            except Exception as exc:  # noqa: BLE001 - any candidate that fails is skipped, the next is tried
+                log.debug("replacement %s for worker %d not available: %r", candidate, index, exc)
                 continue
             self.peers[index] = peer
             del self.lost[index]
@@ -297,8 +299,10 @@ class AttentionCluster:
                     if candidate in self.spares:
                         self.spares.remove(candidate)
                     self.addresses[index] = candidate
-                    if original not in self.departed and original not in self.spares:
+                    if original not in self.departed and original not in self.spares \
+                            and len(self.spares) < MAX_SPARES:
                         self.spares.append(original)  # if it comes back, it can serve as a spare
+                    self.departed.discard(original)  # out of every list now: nothing to remember
             log.warning("attention worker %d replaced by %s", index, candidate)
             return True
         return False
@@ -321,13 +325,13 @@ class AttentionCluster:
     def leave(self, address: str) -> str:
         """A worker leaving: a spare is forgotten, an active worker is taken out and its requests rebuilt."""
         with self._membership:
-            self.departed.add(address)
             if address in self.spares:
                 self.spares.remove(address)
                 log.info("spare attention worker at %s left", address)
                 return "spare"
             if address in self.addresses:
-                self._departing.add(self.addresses.index(address))
+                self._departing.add(address)
+                self.departed.add(address)
                 return "worker"
         raise KeyError(f"{address} is neither a worker nor a spare of this model node")
 
@@ -335,8 +339,10 @@ class AttentionCluster:
         """Active workers that announced they leave (scheduler thread): each to be handled as a loss."""
         with self._membership:
             departing, self._departing = self._departing, set()
+            # By address: a slot already given to a replacement is not the one that left.
+            indices = [index for index, address in enumerate(self.addresses) if address in departing]
         return [WorkerLost(index, self.addresses[index], PeerLostError("the worker left the cluster"))
-                for index in sorted(departing) if self.peers[index] is not None]
+                for index in indices if self.peers[index] is not None]
 
     def drain_survivors(self) -> None:
         """Empty the survivors' channels after an aborted step; a failing one is lost too."""

@@ -72,6 +72,9 @@ class GenerationService(Protocol):
     @property
     def membership_secret(self) -> Optional[bytes]: ...
 
+    @property
+    def membership_replays(self) -> membership.ReplayGuard: ...
+
 
 # ------------------------------------------------------------------ parsing
 
@@ -318,7 +321,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _membership_call(self, action: Callable[[str], dict[str, Any]]) -> None:
         try:
             address = membership.parse_call(self.body, self.headers.get(membership.SIGNATURE_HEADER),
-                                            self.service.membership_secret)
+                                            self.service.membership_secret, seen=self.service.membership_replays)
             answer = action(address)
         except membership.MembershipError as exc:
             self._send_json(exc.http_status, {"error": str(exc)})

@@ -10,8 +10,9 @@ requests rebuilt on a spare as after a loss.
 When the cluster has a shared secret (``--secret`` / ``$LAMINA_SECRET``) the
 call must carry ``X-Lamina-Signature: hex(HMAC-SHA256(secret, body))`` and a
 ``time`` within ``MAX_CLOCK_SKEW_S``, so that nobody without the secret can
-point the model node at an address, and a recorded call cannot be replayed
-later. (A joined address is used only after the transport's own
+point the model node at an address; each signed call is taken once (a
+``ReplayGuard`` remembers the signatures of the window), so a recorded call
+cannot be replayed. (A joined address is used only after the transport's own
 secret handshake with it succeeds.)
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import threading
 import time
 import urllib.error
@@ -33,6 +35,7 @@ log = logging.getLogger("lamina_comm.node.membership")
 SIGNATURE_HEADER = "X-Lamina-Signature"
 MAX_CLOCK_SKEW_S = 60.0
 _MAX_HOST = 253
+_LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}")
 
 
 class MembershipError(ValueError):
@@ -48,12 +51,13 @@ def signature(secret: bytes, body: bytes) -> str:
 
 
 def parse_call(body: Optional[bytes], signature_header: Optional[str], secret: Optional[bytes],
-               now: Optional[float] = None) -> str:
-    """The announced address of a join/leave body, after the signature and freshness checks."""
+               now: Optional[float] = None, seen: Optional["ReplayGuard"] = None) -> str:
+    """The announced address of a join/leave body, after the signature, freshness and replay checks."""
     if body is None:
         raise MembershipError("a JSON body {\"address\": \"HOST:PORT\"} is required")
     if secret is not None:
-        if not signature_header or not hmac.compare_digest(signature(secret, body), signature_header.strip()):
+        given = (signature_header or "").strip().encode("utf-8", "replace")  # bytes: any header compares
+        if not given or not hmac.compare_digest(signature(secret, body).encode(), given):
             raise MembershipError(f"missing or wrong {SIGNATURE_HEADER} (HMAC-SHA256 of the body with the "
                                   f"cluster's secret)", 401)
     try:
@@ -62,22 +66,51 @@ def parse_call(body: Optional[bytes], signature_header: Optional[str], secret: O
         raise MembershipError(f"body is not JSON: {exc}") from None
     if not isinstance(message, dict):
         raise MembershipError("body must be a JSON object")
+    address = parse_address(message.get("address"))
     if secret is not None:
         sent = message.get("time")
-        if isinstance(sent, bool) or not isinstance(sent, (int, float)) or \
-                abs((time.time() if now is None else now) - sent) > MAX_CLOCK_SKEW_S:
+        now = time.time() if now is None else now
+        if isinstance(sent, bool) or not isinstance(sent, (int, float)) or not abs(now - sent) <= MAX_CLOCK_SKEW_S:
             raise MembershipError(f"a signed call needs a \"time\" within {MAX_CLOCK_SKEW_S:.0f} s of the model "
                                   f"node's clock", 401)
-    return parse_address(message.get("address"))
+        if seen is not None and not seen.first_use(given, now):
+            raise MembershipError("this signed call was already taken (a replay)", 401)
+    return address
+
+
+class ReplayGuard:
+    """Signatures of signed calls taken in the last 2 x MAX_CLOCK_SKEW_S: each is taken once.
+
+    Older ones need no memory: their ``time`` is out of the window anyway.
+    """
+
+    def __init__(self, capacity: int = 100_000):
+        self.capacity = capacity
+        self._seen: dict[bytes, float] = {}
+        self._lock = threading.Lock()
+
+    def first_use(self, signature_bytes: bytes, now: float) -> bool:
+        with self._lock:
+            if len(self._seen) >= self.capacity:
+                horizon = now - 2 * MAX_CLOCK_SKEW_S
+                self._seen = {sig: at for sig, at in self._seen.items() if at >= horizon}
+                if len(self._seen) >= self.capacity:
+                    raise MembershipError("too many signed calls in the last two minutes; try again later", 503)
+            if signature_bytes in self._seen:
+                return False
+            self._seen[signature_bytes] = now
+            return True
 
 
 def parse_address(value: Any) -> str:
-    """``HOST:PORT`` checked (a hostname or IPv4 literal, a port in 1..65535), returned as given."""
+    """``HOST:PORT`` checked (a DNS name or IPv4 literal: ASCII labels of 1 to 63 letters, digits,
+    ``-`` or ``_``; a port in 1..65535), returned as given."""
     if not isinstance(value, str):
         raise MembershipError("\"address\" must be a string HOST:PORT")
     host, sep, port = value.rpartition(":")
-    if not sep or not host or len(host) > _MAX_HOST or not port.isdigit() or not 0 < int(port) < 65536 \
-            or not all(c.isalnum() or c in ".-_" for c in host):
+    labels = host.split(".")
+    if not sep or not host or len(host) > _MAX_HOST or not (port.isascii() and port.isdigit()) \
+            or not 0 < int(port) < 65536 or not all(_LABEL.fullmatch(label) for label in labels):
         raise MembershipError(f"\"address\" must be HOST:PORT, got {value[:80]!r}")
     return value
 

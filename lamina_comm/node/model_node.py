@@ -42,6 +42,7 @@ from lamina_comm.model import (LlamaConfig, LlamaWeights, ModelTier, SamplingErr
                                make_generator, sample_each)
 from lamina_comm.node import protocol
 from lamina_comm.node.cluster import AttentionCluster, AttentionStepError, WorkerLost
+from lamina_comm.node.membership import ReplayGuard
 from lamina_comm.node.metrics import NodeMetrics
 from lamina_comm.node.options import ModelNodeOptions
 from lamina_comm.node.requests import InvalidRequest, RequestHandle, RequestRejected, RequestState
@@ -72,6 +73,7 @@ class ModelNode:
         self.tier = ModelTier(config, weights, options.device)
         self.context = Context(options.transport, secret=options.secret, progress=options.progress)
         self.cluster = AttentionCluster(self.context, config, options)
+        self._replays = ReplayGuard()
         self.step_observer: Optional[StepObserver] = None
         self.steps_run = 0
         self._queue: collections.deque[RequestState] = collections.deque()
@@ -167,6 +169,11 @@ class ModelNode:
     def membership_secret(self) -> Optional[bytes]:
         """What join/leave calls are signed with (the cluster's shared secret), or None."""
         return secret_from(self.options.secret)
+
+    @property
+    def membership_replays(self) -> ReplayGuard:
+        """Signed join/leave calls already taken."""
+        return self._replays
 
     def _validate(self, prompt: Sequence[int], params: SamplingParams) -> None:
         if not isinstance(prompt, (list, tuple)) or not prompt:

@@ -179,6 +179,15 @@ def setup_message(
     return message
 
 
+def data_address(worker_address: str, setup_reply: Mapping[str, Any]) -> str:
+    """Where the data channel connects: the worker's host at the ``data_port`` its setup reply names."""
+    port = setup_reply.get("data_port")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ProtocolError(f"setup reply names no data port (got {str(port)[:40]!r})")
+    host = worker_address.rpartition(":")[0]
+    return f"{host}:{port}"
+
+
 # A replica's name is shown in logs, refusals and status: short, printable.
 MAX_REPLICA_NAME = 64
 
@@ -206,17 +215,26 @@ class Setup:
 
     @classmethod
     def parse(cls, message: Mapping[str, Any]) -> "Setup":
+        """The checked setup; ControlError("bad_request") for anything malformed, whatever it holds."""
+        try:
+            return cls._parse(message)
+        except ControlError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a peer's bytes: no value of theirs may crash the node
+            raise ControlError(f"malformed setup message: {exc!r}"[:500], "bad_request") from exc
+
+    @classmethod
+    def _parse(cls, message: Mapping[str, Any]) -> "Setup":
         if message.get("protocol") != PROTOCOL_VERSION:
             raise ControlError(
                 f"node protocol version {message.get('protocol')} is not supported (this node speaks "
                 f"{PROTOCOL_VERSION})", "bad_request")
-        try:
-            config = config_from_wire(message["config"], message["fingerprint"])
-            kv_heads = (int(message["kv_heads"][0]), int(message["kv_heads"][1]))
-            spec = ChannelSpec(**message["data_spec"])
-            worker, num_workers = int(message["worker"]), int(message["num_workers"])
-        except (KeyError, IndexError, TypeError, ValueError) as exc:
-            raise ControlError(f"malformed setup message: {exc!r}", "bad_request") from exc
+        config = config_from_wire(message["config"], message["fingerprint"])
+        kv_heads = (int(message["kv_heads"][0]), int(message["kv_heads"][1]))
+        spec = ChannelSpec(**message["data_spec"])
+        worker, num_workers = int(message["worker"]), int(message["num_workers"])
+        if num_workers < 1 or not 0 <= worker < num_workers:
+            raise ControlError(f"worker {worker} of {num_workers} is not a worker index", "bad_request")
         if config.num_kv_heads % num_workers != 0:
             raise ControlError(
                 f"{num_workers} attention workers cannot split {config.num_kv_heads} KV heads evenly; "
@@ -260,8 +278,8 @@ def decode_json(data: bytes) -> dict[str, Any]:
     """The JSON object of a reassembled control message."""
     try:
         decoded = json.loads(data)
-    except ValueError as exc:
-        raise ProtocolError(f"control message is not JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested past the parser's depth
+        raise ProtocolError(f"control message is not JSON: {exc!r}"[:300]) from exc
     if not isinstance(decoded, dict):
         raise ProtocolError("control message is not a JSON object")
     return decoded
@@ -305,43 +323,87 @@ def _release_quietly(message: Message) -> None:
         pass
 
 
+def decode_control_request(data: bytes) -> dict[str, Any]:
+    """A request's JSON object; ControlError("bad_request") when it is not one (answer it, the link is fine)."""
+    try:
+        return decode_json(data)
+    except ProtocolError as exc:
+        raise ControlError(str(exc), "bad_request") from exc
+
+
+class FragmentAssembler:
+    """Puts a control message together from its fragments as they arrive, one at a time.
+
+    ``feed`` never waits, so a server that serves several peers on one thread
+    is not held up by a peer that sends half a message and stops. Only the
+    bound (CONTROL_MAX_MESSAGE_BYTES) is ever kept.
+    """
+
+    def __init__(self) -> None:
+        self._number: Optional[int] = None
+        self._expected = self._count = self._total = 0
+        self._parts: list[bytes] = []
+        self._keep = True
+
+    @property
+    def partial(self) -> bool:
+        """A message has begun and not ended."""
+        return self._number is not None
+
+    def feed(self, message: Message) -> Optional[tuple[int, bytes]]:
+        """Take one fragment (released here); (number, bytes) once the message is whole, else None.
+
+        ControlError("bad_request") when a message does not start with its
+        first fragment (answer it, the link is fine); ControlMessageTooLarge
+        after the last fragment of a message over the bound; ProtocolError
+        when a fragment does not continue the message begun (out of step).
+        """
+        try:
+            index, count, total, payload = _parse_fragment(message)
+            if self._number is None:
+                if index != 0:
+                    raise ControlError(f"malformed control message: a control message starts with fragment "
+                                       f"{index} of {count}", "bad_request")
+                self._number, self._expected, self._count, self._total = message.layer, 0, count, total
+                self._keep, self._parts = total <= CONTROL_MAX_MESSAGE_BYTES, []
+            elif (message.layer, index, count, total) != (self._number, self._expected, self._count, self._total):
+                raise ProtocolError(
+                    f"control message {self._number}: expected fragment {self._expected} of {self._count} "
+                    f"({self._total} B), got message {message.layer} fragment {index} of {count} ({total} B)")
+            if self._keep:
+                self._parts.append(payload.tobytes())
+        except ProtocolError as exc:
+            if self._number is None:
+                raise ControlError(f"malformed control message: {exc}", "bad_request") from exc
+            raise
+        finally:
+            _release_quietly(message)
+        self._expected += 1
+        if self._expected < self._count:
+            return None
+        number, data, keep = self._number, b"".join(self._parts), self._keep
+        self._number, self._parts = None, []
+        if not keep:
+            raise ControlMessageTooLarge(
+                f"control message {number} of {self._total} B exceeds the {CONTROL_MAX_MESSAGE_BYTES} B bound")
+        return number, data
+
+
 def read_fragments(first: Message, next_fragment: Callable[[], Message]) -> tuple[int, bytes]:
     """(number, bytes) of the control message starting with ``first``; every fragment is released.
 
     ``next_fragment()`` receives the next message of the same micro-batch.
-    Raises ControlError("bad_request") when ``first`` does not start a
-    message (nothing more is read), ControlMessageTooLarge after reading and
-    dropping the fragments of a message over the bound (only the bound is
-    ever kept), ProtocolError when a later fragment does not continue the
-    message (the link is out of step).
+    Raises as ``FragmentAssembler.feed``: ControlError("bad_request") when
+    ``first`` does not start a message (nothing more is read),
+    ControlMessageTooLarge after reading and dropping the fragments of a
+    message over the bound, ProtocolError when a later fragment does not
+    continue the message (the link is out of step).
     """
-    number = first.layer
-    try:
-        index, count, total, payload = _parse_fragment(first)
-        if index != 0:
-            raise ProtocolError(f"a control message starts with fragment {index} of {count}")
-    except ProtocolError as exc:
-        _release_quietly(first)
-        raise ControlError(f"malformed control message: {exc}", "bad_request") from exc
-    keep = total <= CONTROL_MAX_MESSAGE_BYTES
-    parts = [payload.tobytes()] if keep else []
-    _release_quietly(first)
-    for expected in range(1, count):
-        message = next_fragment()
-        try:
-            index, more_count, more_total, payload = _parse_fragment(message)
-            if (message.layer, index, more_count, more_total) != (number, expected, count, total):
-                raise ProtocolError(
-                    f"control message {number}: expected fragment {expected} of {count} ({total} B), got message "
-                    f"{message.layer} fragment {index} of {more_count} ({more_total} B)")
-            if keep:
-                parts.append(payload.tobytes())
-        finally:
-            _release_quietly(message)
-    if not keep:
-        raise ControlMessageTooLarge(
-            f"control message {number} of {total} B exceeds the {CONTROL_MAX_MESSAGE_BYTES} B bound")
-    return number, b"".join(parts)
+    assembler = FragmentAssembler()
+    whole = assembler.feed(first)
+    while whole is None:
+        whole = assembler.feed(next_fragment())
+    return whole
 
 
 class ControlLink:
@@ -395,10 +457,7 @@ class ControlLink:
         oversized request; ProtocolError when the link is out of step.
         """
         number, data = read_fragments(first, self._recv)
-        try:
-            return number, decode_json(data)
-        except ProtocolError as exc:
-            raise ControlError(str(exc), "bad_request") from exc
+        return number, decode_control_request(data)
 
     def reply(self, number: int, answer: Mapping[str, Any]) -> None:
         """Send ``answer``; one over the bound is replaced by a ``too_large`` error reply."""
@@ -441,14 +500,14 @@ def reservation_list(requests: Sequence[tuple[int, int]]) -> list[list[int]]:
 def parse_reservations(message: Mapping[str, Any]) -> list[tuple[int, int]]:
     try:
         return [(int(request_id), int(max_tokens)) for request_id, max_tokens in message["requests"]]
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise ControlError(f"malformed request list: {exc!r}", "bad_request") from exc
 
 
 def parse_request_ids(message: Mapping[str, Any]) -> list[int]:
     try:
         return [int(request_id) for request_id in message["requests"]]
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise ControlError(f"malformed request list: {exc!r}", "bad_request") from exc
 
 

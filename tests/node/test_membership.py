@@ -1,6 +1,7 @@
 """Run-time membership: workers join a running cluster (POST /cluster/join, lamina-node --join) and leave it."""
 from __future__ import annotations
 
+import http.client as http_client
 import json
 import time
 from typing import Iterator
@@ -50,10 +51,46 @@ def test_unsigned_stale_or_forged_calls_are_refused(body, signature, status, mat
 
 
 @pytest.mark.parametrize("value", [None, 5, "", "host", ":80", "host:0", "host:65536", "host:8o", "a b:1",
-                                   "h/../x:1", "x" * 300 + ":1", "[::1]:5"])
+                                   "h/../x:1", "x" * 300 + ":1", "[::1]:5", "a" * 64 + ":9000", "a..b:1",
+                                   "host:\u00b2", "h\u00e9:1", ".h:1"])
 def test_malformed_addresses_are_refused(value) -> None:
     with pytest.raises(membership.MembershipError, match="HOST:PORT"):
         membership.parse_call(json.dumps({"address": value}).encode(), None, None)
+
+
+def test_a_signed_call_is_taken_once() -> None:
+    guard = membership.ReplayGuard()
+    body, signature = signed({"address": "10.0.0.7:5000", "time": time.time()})
+    assert membership.parse_call(body, signature, SECRET, seen=guard) == "10.0.0.7:5000"
+    with pytest.raises(membership.MembershipError, match="replay") as replayed:
+        membership.parse_call(body, signature, SECRET, seen=guard)
+    assert replayed.value.http_status == 401
+
+
+def test_a_leave_racing_a_replacement_does_not_take_out_the_replacement() -> None:
+    from lamina_comm.errors import PeerLostError
+    from lamina_comm.model import LlamaConfig
+    from lamina_comm.node.cluster import AttentionCluster, WorkerLost
+    from lamina_comm.node.options import ModelNodeOptions
+    from lamina_comm.transport import Context
+
+    with Context("tcp") as ctx:
+        cluster = AttentionCluster(ctx, LlamaConfig.tiny(), ModelNodeOptions(
+            attention=("127.0.0.1:1",), spares=("127.0.0.1:2",), transport="tcp"))
+        cluster.mark_lost(WorkerLost(0, "127.0.0.1:1", PeerLostError("gone")))
+
+        class Connected:
+            def close(self) -> None:
+                pass
+
+        def connect(index: int, address: str, timeout: float) -> Connected:
+            cluster.leave("127.0.0.1:1")  # the HTTP thread: the lost worker says it leaves meanwhile
+            return Connected()
+
+        cluster._connect = connect  # type: ignore[method-assign]
+        assert cluster.try_replace(0) and cluster.addresses[0] == "127.0.0.1:2"
+        assert cluster.take_departures() == [], "the healthy replacement was taken out"
+        assert cluster.spares == [], "a worker that left came back as a spare"
 
 
 # ------------------------------------------------------------------ a cluster
@@ -151,6 +188,13 @@ def test_join_calls_are_checked_against_the_secret_and_the_spare_bound(processes
     try:
         status, body = post_json(http(front), "/cluster/join", {"address": "127.0.0.1:7", "time": time.time()})
         assert status == 401 and "X-Lamina-Signature" in body["error"]
+        connection = http_client.HTTPConnection(*front.address, timeout=GUARD_S)
+        payload = json.dumps({"address": "127.0.0.1:7", "time": time.time()}).encode()
+        connection.request("POST", "/cluster/join", body=payload, headers={
+            membership.SIGNATURE_HEADER: "\u00e9".encode("latin-1"), "Content-Length": str(len(payload))})
+        answer = connection.getresponse()
+        assert answer.status == 401, "a non-ASCII signature got no answer"
+        connection.close()
         with pytest.raises(membership.MembershipError, match="401"):
             membership.announce(http(front), "join", "127.0.0.1:7", secret="wrong")
         assert node.status()["spares"] == []

@@ -1,0 +1,170 @@
+"""A shared attention node under hostile or broken model nodes: one session's bad input ends that
+session at most, never the node or the other sessions (findings of a review of the replica work)."""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Iterator, Optional
+
+import pytest
+
+from lamina_comm.channel import Channel
+from lamina_comm.model import LlamaConfig
+from lamina_comm.node import protocol
+from lamina_comm.node.attention_node import AttentionOptions, AttentionServer
+from lamina_comm.transport import Context
+
+CONFIG = LlamaConfig.tiny()
+
+
+class Server:
+    """An attention node in a thread of this process; ``error`` is whatever ended its serving thread."""
+
+    def __init__(self, **options: Any):
+        self.server = AttentionServer(AttentionOptions(listen="127.0.0.1:0", num_blocks=64, transport="tcp",
+                                                       **options))
+        self.address = f"{self.server.address[0]}:{self.server.address[1]}"
+        self.stop = threading.Event()
+        self.error: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.server.serve_forever(self.stop)
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            self.error = exc
+
+    def names(self) -> list[str]:
+        return [replica["name"] for replica in self.server.replicas()]
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        self.server.close()
+
+
+class RawModelNode:
+    """The wire side of a model node: setup, data channel, control calls."""
+
+    def __init__(self, ctx: Context, address: str, name: str, timeout: float = 10.0,
+                 setup: Optional[dict[str, Any]] = None):
+        self.spec = protocol.data_channel_spec(CONFIG, (0, CONFIG.num_kv_heads), 1, 16)
+        self.setup = Channel.connect(ctx, address, protocol.CONTROL_SPEC, role="model", name="setup",
+                                     connect_timeout=timeout, timeout=timeout)
+        message = {**protocol.setup_message(CONFIG, 0, 1, (0, CONFIG.num_kv_heads), self.spec, name),
+                   **(setup or {})}
+        try:
+            reply = protocol.ControlLink(self.setup, timeout).call(message)
+        except BaseException:
+            self.setup.close()
+            raise
+        self.data = Channel.connect(ctx, protocol.data_address(address, reply), self.spec, role="model", name="data",
+                                    connect_timeout=timeout, timeout=timeout, piggyback_credits=True)
+        self.control = protocol.ControlLink(self.data, timeout, protocol.control_microbatch(self.spec))
+
+    def call(self, message: dict[str, Any]) -> dict[str, Any]:
+        return self.control.call(message)
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    running = Server(peer_timeout=3.0)
+    yield running
+    running.close()
+
+
+@pytest.mark.parametrize("setup", [{"worker": float("inf")}, {"num_workers": 0}, {"kv_heads": [0, 1e400]},
+                                   {"data_spec": "x"}, {"config": []}, {"replica": "\n" * 3}])
+def test_a_malformed_setup_is_refused_and_the_node_serves_on(server: Server, setup: dict[str, Any]) -> None:
+    with Context("tcp") as ctx:
+        honest = RawModelNode(ctx, server.address, "honest")
+        with pytest.raises(protocol.ControlError) as refused:
+            RawModelNode(ctx, server.address, "hostile", timeout=5.0, setup=setup)
+        assert refused.value.code == "bad_request"
+        assert server.error is None and honest.call({"type": "status"})["ok"]
+
+
+@pytest.mark.parametrize("requests", [[[1, float("inf")]], [[float("nan"), 16]], [[1e400, 16]], "xx", [[1]]])
+def test_a_malformed_reserve_is_answered_with_an_error_and_the_others_keep_their_blocks(
+        server: Server, requests: Any) -> None:
+    with Context("tcp") as ctx:
+        honest = RawModelNode(ctx, server.address, "honest")
+        hostile = RawModelNode(ctx, server.address, "hostile")
+        assert honest.call({"type": "reserve", "requests": [[1, 16]]})["reserved"] == [1]
+        with pytest.raises(protocol.ControlError, match="malformed request list"):
+            hostile.call({"type": "reserve", "requests": requests})
+        assert server.error is None
+        assert honest.call({"type": "status"})["blocks_held"] == 1
+        assert hostile.call({"type": "status"})["ok"]  # the session itself goes on
+
+
+def test_a_setup_asking_for_a_huge_data_channel_is_refused(server: Server) -> None:
+    with Context("tcp") as ctx:
+        honest = RawModelNode(ctx, server.address, "honest")
+        spec = protocol.data_channel_spec(CONFIG, (0, CONFIG.num_kv_heads), 1, 3 * 10**6)
+        with pytest.raises(protocol.ControlError, match="over this worker's bound") as refused:
+            RawModelNode(ctx, server.address, "hostile", timeout=5.0, setup={"data_spec": spec.to_dict()})
+        assert refused.value.code == "resources"
+        assert server.error is None and honest.call({"type": "status"})["ok"]
+
+
+def test_half_a_control_message_holds_up_nobody_and_gets_nobody_evicted(server: Server) -> None:
+    with Context("tcp") as ctx:
+        honest = RawModelNode(ctx, server.address, "honest", timeout=20.0)
+        hostile = RawModelNode(ctx, server.address, "hostile")
+        assert honest.call({"type": "reserve", "requests": [[7, 16]]})["reserved"] == [7]
+        # Fragment 0 of a two-fragment request, and nothing more.
+        first = protocol.encode_fragments(b"x" * (protocol.CONTROL_SLOT_BYTES + 10))[0]
+        hostile.data.send(first, layer=0, microbatch=protocol.control_microbatch(hostile.spec))
+        time.sleep(0.3)
+        started = time.monotonic()
+        assert honest.call({"type": "status"})["ok"]
+        assert time.monotonic() - started < 2.0, "the serving thread waited for the missing fragment"
+        # A newcomer after the takeover bound: the honest session heartbeats, so it stays.
+        deadline = time.monotonic() + 4.0
+        while time.monotonic() < deadline:
+            honest.call({"type": "status"})
+            time.sleep(0.5)
+        newcomer = RawModelNode(ctx, server.address, "newcomer")
+        assert newcomer.call({"type": "status"})["ok"]
+        assert sorted(server.names()) == ["honest", "newcomer"], "the silent half-message sender stays, or others went"
+        assert honest.call({"type": "status"})["blocks_held"] == 1
+
+
+def test_a_session_waiting_behind_a_busy_thread_is_not_taken_for_silent(server: Server) -> None:
+    with Context("tcp") as ctx:
+        quiet = RawModelNode(ctx, server.address, "quiet", timeout=20.0)
+        # The serving thread is held past the takeover bound (3 s) inside a newcomer's setup,
+        # just before it looks for silent sessions; quiet's heartbeat waits, unserved, meanwhile.
+        original = server.server._check_channel_size
+
+        def slow_check(setup: protocol.Setup) -> None:
+            time.sleep(3.5)
+            original(setup)
+
+        server.server._check_channel_size = slow_check  # type: ignore[method-assign]
+        box: dict[str, Any] = {}
+        knocking = threading.Thread(target=lambda: box.setdefault("a", _outcome(RawModelNode, ctx, server.address,
+                                                                                  "a", 20.0)))
+        knocking.start()
+        time.sleep(0.5)
+        box["beat"] = quiet.call({"type": "status"})  # answered once the thread is free
+        knocking.join(20)
+        assert isinstance(box["a"], RawModelNode) and box["a"].call({"type": "status"})["ok"], box
+        assert box["beat"]["ok"] and sorted(server.names()) == ["a", "quiet"], server.names()
+
+
+def _outcome(function: Any, *args: Any) -> Any:
+    try:
+        return function(*args)
+    except Exception as exc:  # noqa: BLE001 - reported by the assertion that looks at it
+        return exc
+
+
+def test_replica_names_stay_unique(server: Server) -> None:
+    with Context("tcp") as ctx:
+        kept = [RawModelNode(ctx, server.address, "same") for _ in range(2)]
+        assert all(node.call({"type": "status"})["ok"] for node in kept)
+        names = server.names()
+        assert len(set(names)) == 2 and names[0] == "same" and names[1].startswith("same#"), names
