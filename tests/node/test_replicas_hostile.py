@@ -138,8 +138,10 @@ def test_a_session_waiting_behind_a_busy_thread_is_not_taken_for_silent(server: 
         # The serving thread is held past the takeover bound (3 s) inside a newcomer's setup,
         # just before it looks for silent sessions; quiet's heartbeat waits, unserved, meanwhile.
         original = server.server._check_channel_size
+        stalled = threading.Event()
 
         def slow_check(setup: protocol.Setup) -> None:
+            stalled.set()
             time.sleep(3.5)
             original(setup)
 
@@ -148,8 +150,8 @@ def test_a_session_waiting_behind_a_busy_thread_is_not_taken_for_silent(server: 
         knocking = threading.Thread(target=lambda: box.setdefault("a", _outcome(RawModelNode, ctx, server.address,
                                                                                   "a", 20.0)))
         knocking.start()
-        time.sleep(0.5)
-        box["beat"] = quiet.call({"type": "status"})  # answered once the thread is free
+        assert stalled.wait(20), "the newcomer never reached its setup"
+        box["beat"] = quiet.call({"type": "status"})  # sent during the stall, answered after it
         knocking.join(20)
         assert isinstance(box["a"], RawModelNode) and box["a"].call({"type": "status"})["ok"], box
         assert box["beat"]["ok"] and sorted(server.names()) == ["a", "quiet"], server.names()
