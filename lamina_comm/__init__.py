@@ -18,17 +18,26 @@ __version__ = "0.1.0"
 
 _TRANSPORT_NAMES = ("Access", "Completion", "Context", "Endpoint", "Listener", "MemoryRegion", "Op",
                     "RemoteRegion")
+_CHANNEL_NAMES = ("Channel", "ChannelGroup", "ChannelListener", "ChannelSpec", "Message", "SpecMismatchError")
+# The engine API (lamina_comm.engine) needs torch: loaded on first use.
+_ENGINE_NAMES = ("AttentionService", "AttentionShape", "RemoteAttention", "RendezvousServer", "rendezvous")
 
 
 def __getattr__(name: str):
     if name in _TRANSPORT_NAMES:
         from . import transport
         return getattr(transport, name)
+    if name in _CHANNEL_NAMES:
+        from . import channel
+        return getattr(channel, name)
+    if name in _ENGINE_NAMES:
+        from . import engine
+        return getattr(engine, name)
     raise AttributeError(f"module 'lamina_comm' has no attribute {name!r}")
 
 
 __all__ = [
-    *_TRANSPORT_NAMES,
+    *_TRANSPORT_NAMES, *_CHANNEL_NAMES, *_ENGINE_NAMES,
     "LaminaError", "AccessDeniedError", "AuthenticationError", "CanceledError", "ClosedError",
     "InvalidArgumentError", "LocalRegionError", "NoKeyError", "NoMemoryError", "OutOfBoundsError", "PeerLostError",
     "ProtocolError", "RemoteAccessError", "SequenceError", "TimeoutError", "UnsupportedError",

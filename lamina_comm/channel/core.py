@@ -288,6 +288,26 @@ class Channel:
             bytes_received=st.bytes_received, credits_returned=st.credits_returned,
             credits_piggybacked=st.credits_piggybacked)
 
+    def send_token(self) -> int:
+        """A token for every message sent so far: ``sent(token)`` says when their writes completed.
+
+        A source sent straight from a registered region may be reused then
+        (slot views and staged tensors may be reused as soon as send() returns).
+        """
+        return int(lib.lm_chan_send_token(self._handle()))
+
+    def sent(self, token: int) -> bool:
+        """Whether every write up to ``token`` completed (never waits)."""
+        rc = lib.lm_chan_wait_sent(self._handle(), token, 0)
+        if rc == lib.LM_ERR_TIMEOUT:
+            return False
+        check(rc, f"channel {self.name}")
+        return True
+
+    def wait_sent(self, token: int, timeout: float | None = None) -> None:
+        """Wait until every write up to ``token`` completed (TimeoutError after ``timeout``)."""
+        check(lib.lm_chan_wait_sent(self._handle(), token, self._timeout_ms(timeout)), f"channel {self.name}")
+
     def pending(self, microbatch: int | None = None) -> int:
         """Arrivals waiting to be received (of one micro-batch, or of any), without waiting."""
         handle = self._handle()

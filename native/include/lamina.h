@@ -343,6 +343,14 @@ int lm_chan_recv(lm_chan_t *ch, int32_t microbatch, lm_chan_msg_t *out, int time
 int lm_chan_release(lm_chan_t *ch, uint32_t microbatch, uint32_t slot, uint64_t seq);
 /* Write out held credits, then wait until every posted write completed. */
 int lm_chan_flush(lm_chan_t *ch, int timeout_ms);
+/* The completion token of the last message this channel sent (0 before any).
+ * Once lm_chan_wait_sent(token) returns LM_OK every write of that message,
+ * and of every earlier one, has completed: its source memory may be reused.
+ * (An endpoint's writes complete in the order they were posted: RC and TCP.) */
+uint64_t lm_chan_send_token(lm_chan_t *ch);
+/* Wait up to timeout_ms (0: only look) until the writes up to token completed;
+ * LM_ERR_TIMEOUT when they have not, or the channel's sticky error. */
+int lm_chan_wait_sent(lm_chan_t *ch, uint64_t token, int timeout_ms);
 /* Run completions without waiting (credits and arrivals are then visible),
  * then write out held credits (a caller about to sleep, as asyncio's, must
  * not keep the peer waiting for them). */

@@ -94,6 +94,8 @@ struct lm_chan {
     bool started;
     uint64_t outstanding;
     uint64_t wr_ids;
+    uint64_t writes_done;   /* highest completed write id (writes complete in posting order) */
+    uint64_t last_send_wr;  /* the header write of the last message sent */
     int error;
     char why[256];
     lm_chan_stats_t st;
@@ -253,6 +255,8 @@ static void on_completion_locked(lm_chan_t *ch, const lm_completion_t *c)
     switch (c->opcode) {
     case LM_OP_WRITE:
         ch->outstanding--;
+        if (c->wr_id > ch->writes_done)
+            ch->writes_done = c->wr_id;
         if (c->status != LM_OK)
             fail_locked(ch, c->status, "a write failed: %s", lm_status_str(c->status));
         break;
@@ -743,6 +747,7 @@ static int chan_send(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_t
     } else {
         if (!raw)
             ch->send_seq[mb]++;
+        ch->last_send_wr = wr_id;
         ch->st.messages++;
         ch->st.bytes_sent += LM_CHAN_HEADER_BYTES + payload;
         ch->st.credits_piggybacked += ncredits;
@@ -905,6 +910,26 @@ static int chan_flush(lm_chan_t *ch, int timeout_ms)
         if (wait_step(ch, deadline) != LM_OK)
             return lm_fail(LM_ERR_TIMEOUT, "%llu writes still outstanding after %d ms", (unsigned long long)left,
                            timeout_ms);
+    }
+}
+
+static int chan_wait_sent(lm_chan_t *ch, uint64_t token, int timeout_ms)
+{
+    if (!ch)
+        return lm_fail(LM_ERR_INVALID, "lm_chan_wait_sent: NULL channel");
+    uint64_t deadline = deadline_of(timeout_ms);
+    for (;;) {
+        lm_progress_drive(ch->ctx, 0);
+        pthread_mutex_lock(&ch->lock);
+        start_locked(ch);
+        uint64_t done = ch->writes_done;
+        int rc = done >= token ? LM_OK : ch->error ? sticky_error_locked(ch) : 1;
+        pthread_mutex_unlock(&ch->lock);
+        if (rc <= 0)
+            return rc;
+        if (timeout_ms == 0 || wait_step(ch, deadline) != LM_OK)
+            return lm_fail(LM_ERR_TIMEOUT, "writes up to %llu not completed (done: %llu) after %d ms",
+                           (unsigned long long)token, (unsigned long long)done, timeout_ms);
     }
 }
 
@@ -1214,6 +1239,26 @@ int lm_chan_flush(lm_chan_t *ch, int timeout_ms)
     if (!chan_enter(ch))
         return closed_error("lm_chan_flush");
     int rc = chan_flush(ch, timeout_ms);
+    chan_leave(ch);
+    return rc;
+}
+
+uint64_t lm_chan_send_token(lm_chan_t *ch)
+{
+    if (!ch || !chan_enter(ch))
+        return 0;
+    pthread_mutex_lock(&ch->lock);
+    uint64_t token = ch->last_send_wr;
+    pthread_mutex_unlock(&ch->lock);
+    chan_leave(ch);
+    return token;
+}
+
+int lm_chan_wait_sent(lm_chan_t *ch, uint64_t token, int timeout_ms)
+{
+    if (!chan_enter(ch))
+        return closed_error("lm_chan_wait_sent");
+    int rc = chan_wait_sent(ch, token, timeout_ms);
     chan_leave(ch);
     return rc;
 }

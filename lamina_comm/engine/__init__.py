@@ -1,0 +1,32 @@
+"""The embeddable engine API: what a serving engine calls to put lamina-comm between its tiers.
+
+- ``rendezvous`` / ``RendezvousServer``: a world of model ranks and attention
+  ranks that find each other from one address and a shared secret.
+- ``RemoteAttention`` (model tier): per layer and micro-batch, ``send`` q/k/v
+  to every attention rank's head share (``SendHandle`` says when the sources
+  may be reused), ``recv_into`` the outputs gathered into the caller's tensor.
+- ``AttentionService`` (attention tier): ``recv`` a layer's q/k/v for this
+  rank's heads as tensors over slot memory, answer with the output written in
+  the reply slot.
+- ``AttentionShape``: the heads, the largest micro-batch, the depth.
+
+docs/engine.md has a two-process example and the contract.
+"""
+from .remote import LayerBuffers, RemoteAttention, SendHandle
+from .rendezvous import RendezvousError, RendezvousServer, RendezvousTimeout, World, rendezvous
+from .service import AttentionService, LayerRequest
+from .shape import AttentionShape
+
+__all__ = [
+    "AttentionService",
+    "AttentionShape",
+    "LayerBuffers",
+    "LayerRequest",
+    "RemoteAttention",
+    "RendezvousError",
+    "RendezvousServer",
+    "RendezvousTimeout",
+    "SendHandle",
+    "World",
+    "rendezvous",
+]

@@ -1,0 +1,114 @@
+"""``AttentionService``: an attention rank's side: one channel per model rank, requests in arrival order,
+the output written straight into the reply slot."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from lamina_comm.channel import Channel, ChannelGroup, Message
+from lamina_comm.errors import ClosedError, InvalidArgumentError, TimeoutError_
+from lamina_comm.transport import Context
+
+from .shape import AttentionShape
+
+
+class LayerRequest:
+    """One layer's q [T, h, D], k and v [T, kv, D] of this rank's heads, from model rank ``peer``.
+
+    The tensors are views over the receive slot. ``output()`` is the reply
+    slot's view [T, h, D]: compute into it, then ``respond()`` sends it (no
+    copy) and gives the request's slot back. ``respond(tensor)`` with any
+    other tensor copies it into the reply first.
+    """
+
+    def __init__(self, service: "AttentionService", peer: int, message: Message):
+        self._service, self._message = service, message
+        self.peer = peer
+        self.layer = message.layer
+        self.microbatch = message.microbatch
+        tensors = message.torch()
+        if len(tensors) != 3:
+            message.release()
+            raise InvalidArgumentError(f"a layer request holds q, k, v; model rank {peer} sent {len(tensors)} tensors")
+        self.q, self.k, self.v = tensors
+        self._output: Optional[Any] = None
+
+    @property
+    def channel(self) -> Channel:
+        return self._service.channels[self.peer]
+
+    def output(self, timeout: Optional[float] = None) -> Any:
+        """The reply slot as [T, h, D] (waits for its credit)."""
+        if self._output is None:
+            shape = tuple(self.q.shape)
+            self._output = self.channel.send_buffers(self.microbatch, [shape], self._service.shape.dtype,
+                                                     as_torch=True, timeout=timeout)[0]
+        return self._output
+
+    def respond(self, out: Any = None, timeout: Optional[float] = None) -> None:
+        """Send the output (``output()``'s view, or ``out`` copied into it) and release the request."""
+        if self._message is None:
+            raise ClosedError("this request was answered already")
+        view = self.output(timeout)
+        if out is not None and out is not view:
+            view.copy_(out.reshape(view.shape))
+        self.release()
+        self.channel.send([view], layer=self.layer, microbatch=self.microbatch, timeout=timeout)
+
+    def release(self) -> None:
+        """Give the request's slot back (``respond`` does it)."""
+        message, self._message = self._message, None
+        if message is not None:
+            message.release()
+
+
+class AttentionService:
+    """Attention rank ``rank`` of ``ranks``: listens, accepts one channel per model rank, serves them.
+
+    ``address`` is where the model ranks connect (pass it to the rendezvous
+    as this rank's address). ``accept(model_ranks)`` waits for them;
+    ``recv()`` then returns the oldest request over all of them.
+    """
+
+    def __init__(self, context: Context, shape: AttentionShape, rank: int, ranks: int,
+                 listen: str | tuple[str, int] = "127.0.0.1:0", *, timeout: float = 30.0):
+        self.shape, self.rank, self.ranks = shape, rank, ranks
+        self.spec = shape.channel_spec(rank, ranks)
+        self.kv_heads = shape.kv_heads(rank, ranks)
+        self.q_heads = shape.q_heads(rank, ranks)
+        self.timeout = timeout
+        self._listener = context.listen(listen)
+        host, port = self._listener.address
+        self.address = f"{host}:{port}"
+        self.channels: list[Channel] = []
+        self._group: Optional[ChannelGroup] = None
+
+    def accept(self, model_ranks: int, timeout: Optional[float] = None) -> None:
+        """Accept a channel from each of ``model_ranks`` model ranks (in the order they connect)."""
+        for index in range(model_ranks):
+            self.channels.append(Channel.accept(
+                self._listener, self.spec, role="attention", name=f"model-{index}",
+                accept_timeout=self.timeout if timeout is None else timeout, timeout=self.timeout,
+                piggyback_credits=True))
+        self._group = ChannelGroup(self.channels)
+
+    def recv(self, timeout: Optional[float] = None) -> LayerRequest:
+        """The oldest layer request of any model rank (TimeoutError when none comes within ``timeout``)."""
+        if self._group is None:
+            raise ClosedError("accept() the model ranks first")
+        index, message = self._group.recv_any(timeout=timeout)
+        return LayerRequest(self, index, message)
+
+    def close(self) -> None:
+        for channel in self.channels:
+            channel.close()
+        self.channels, self._group = [], None
+        self._listener.close()
+
+    def __enter__(self) -> "AttentionService":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+__all__ = ["AttentionService", "LayerRequest", "TimeoutError_"]

@@ -1,0 +1,213 @@
+"""The engine API (lamina_comm.engine): rendezvous, RemoteAttention, AttentionService, the docs example."""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import lamina_comm as lc  # noqa: E402
+from lamina_comm.engine import (AttentionService, AttentionShape, RemoteAttention, RendezvousError,  # noqa: E402
+                                RendezvousServer, RendezvousTimeout, rendezvous)
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPE = AttentionShape(num_heads=8, num_kv_heads=4, head_dim=16, max_tokens=32, dtype="float32")
+TIMEOUT_S = 30.0
+
+
+def free_address() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return "127.0.0.1:%d" % sock.getsockname()[1]
+
+
+# ------------------------------------------------------------------ rendezvous
+
+
+def test_the_world_is_found_from_one_address() -> None:
+    with RendezvousServer("127.0.0.1:0", model_ranks=2, attention_ranks=1, secret="k") as server:
+        worlds: dict[str, Any] = {}
+        ranks = [("model", 0, "m0"), ("model", 1, "m1"), ("attention", 0, "127.0.0.1:7001")]
+        threads = [threading.Thread(target=lambda r=r: worlds.setdefault(f"{r[0]}{r[1]}", rendezvous(
+            server.address, role=r[0], rank=r[1], world=(2, 1), advertise=r[2], secret="k", timeout=TIMEOUT_S)))
+            for r in ranks]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(TIMEOUT_S)
+    assert len(worlds) == 3 and len({(w.model, w.attention) for w in worlds.values()}) == 1
+    world = worlds["model0"]
+    assert world.model == ("m0", "m1") and world.attention == ("127.0.0.1:7001",) and world.sizes == (2, 1)
+
+
+def test_a_rendezvous_timeout_names_the_ranks_that_never_came() -> None:
+    with RendezvousServer("127.0.0.1:0", model_ranks=1, attention_ranks=3) as server:
+        threading.Thread(target=lambda: _quietly(rendezvous, server.address, role="attention", rank=1,
+                                                 world=(1, 3), advertise="127.0.0.1:7002", timeout=3.0),
+                         daemon=True).start()
+        with pytest.raises(RendezvousTimeout, match="never came: attention rank 0, attention rank 2") as late:
+            rendezvous(server.address, role="model", rank=0, world=(1, 3), timeout=1.5)
+        assert late.value.missing == [("attention", 0), ("attention", 2)]
+
+
+def test_a_wrong_secret_or_a_wrong_world_is_refused() -> None:
+    with RendezvousServer("127.0.0.1:0", model_ranks=1, attention_ranks=1, secret="right") as server:
+        with pytest.raises(RendezvousError, match="signature"):
+            rendezvous(server.address, role="model", rank=0, world=(1, 1), secret="wrong", timeout=5.0)
+        with pytest.raises(RendezvousError, match="1 model and 1 attention"):
+            rendezvous(server.address, role="model", rank=0, world=(2, 1), secret="right", timeout=5.0)
+        with pytest.raises(RendezvousError, match=r"rank must be in \[0, 1\)"):
+            rendezvous(server.address, role="attention", rank=5, world=(1, 1), advertise="h:1", secret="right",
+                       timeout=5.0)
+    with pytest.raises(RendezvousTimeout, match="unreachable"):
+        rendezvous(free_address(), role="model", rank=0, world=(1, 1), timeout=0.5)
+
+
+def _quietly(function: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return function(*args, **kwargs)
+    except lc.LaminaError as exc:
+        return exc
+
+
+# ------------------------------------------------------------------ layers out and back
+
+
+class Cluster:
+    """``ranks`` attention services in threads answering out = 2 * q + rank, and one RemoteAttention."""
+
+    def __init__(self, ranks: int):
+        self.ctx = lc.Context("tcp")
+        self.services = [AttentionService(self.ctx, SHAPE, rank=a, ranks=ranks) for a in range(ranks)]
+        self.errors: list[BaseException] = []
+        self.threads = [threading.Thread(target=self._serve, args=(s,), daemon=True) for s in self.services]
+        for thread in self.threads:
+            thread.start()
+        self.remote = RemoteAttention(self.ctx, [s.address for s in self.services], SHAPE)
+
+    def _serve(self, service: AttentionService) -> None:
+        try:
+            service.accept(1, timeout=TIMEOUT_S)
+            while True:
+                try:
+                    request = service.recv(timeout=0.2)
+                except lc.TimeoutError:
+                    continue
+                request.output().copy_(request.q * 2 + service.rank)
+                request.respond()
+        except lc.ClosedError:
+            pass
+        except lc.PeerLostError:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - reported by close()
+            self.errors.append(exc)
+
+    def expected(self, q: Any) -> Any:
+        out = q * 2
+        for rank in range(len(self.services)):
+            qs, qe = SHAPE.q_heads(rank, len(self.services))
+            out[:, qs:qe] += rank
+        return out
+
+    def staged_bytes(self) -> int:
+        return sum(channel.metrics.staged_bytes for channel in self.remote.channels)
+
+    def close(self) -> None:
+        self.remote.close()
+        for service in self.services:
+            service.close()
+        for thread in self.threads:
+            thread.join(TIMEOUT_S)
+        self.ctx.close()
+        if self.errors:
+            raise self.errors[0]
+
+
+@pytest.fixture
+def cluster() -> Any:
+    running = Cluster(ranks=2)
+    yield running
+    running.close()
+
+
+def test_recv_into_lands_every_ranks_heads_bit_for_bit(cluster: Cluster) -> None:
+    for layer in range(3):
+        for microbatch in range(SHAPE.microbatches):
+            q, k, v = torch.randn(7, 8, 16), torch.randn(7, 4, 16), torch.randn(7, 4, 16)
+            cluster.remote.send(q, k, v, layer=layer, microbatch=microbatch)
+            out = torch.full((7, 8 * 16), float("nan"))
+            assert cluster.remote.recv_into(out, layer=layer, microbatch=microbatch) is out
+            assert torch.equal(out.view(7, 8, 16), cluster.expected(q))
+
+
+def test_slot_buffers_go_without_a_copy_and_sliced_tensors_are_counted_as_staged(cluster: Cluster) -> None:
+    q, k, v = torch.randn(5, 8, 16), torch.randn(5, 4, 16), torch.randn(5, 4, 16)
+    buffers = cluster.remote.buffers(0, 5)
+    buffers.scatter(q, k, v)  # a real model tier computes into them instead
+    cluster.remote.send(buffers, layer=0, microbatch=0)
+    out = cluster.remote.recv_into(torch.empty(5, 8, 16), layer=0, microbatch=0)
+    assert torch.equal(out, cluster.expected(q)) and cluster.staged_bytes() == 0
+
+    cluster.remote.send(q, k, v, layer=1, microbatch=0)  # each rank's head share is a strided slice
+    cluster.remote.recv_into(out, layer=1, microbatch=0)
+    assert cluster.staged_bytes() == q.nbytes + k.nbytes + v.nbytes
+
+
+def test_a_send_handle_says_when_the_writes_completed(cluster: Cluster) -> None:
+    q, k, v = torch.randn(4, 8, 16), torch.randn(4, 4, 16), torch.randn(4, 4, 16)
+    handle = cluster.remote.send(q, k, v, layer=0, microbatch=1)
+    handle.wait(TIMEOUT_S)
+    assert handle.done
+    tokens = [channel.send_token() for channel in cluster.remote.channels]
+    assert all(token > 0 and channel.sent(token) for token, channel in zip(tokens, cluster.remote.channels))
+    cluster.remote.recv_into(torch.empty(4, 8, 16), layer=0, microbatch=1)
+    later = cluster.remote.send(q, k, v, layer=1, microbatch=1)
+    assert [channel.send_token() for channel in cluster.remote.channels] > tokens
+    later.wait(TIMEOUT_S)
+    cluster.remote.recv_into(torch.empty(4, 8, 16), layer=1, microbatch=1)
+
+
+def test_bad_shapes_are_refused(cluster: Cluster) -> None:
+    with pytest.raises(lc.InvalidArgumentError, match="1..32"):
+        cluster.remote.buffers(0, 33)
+    with pytest.raises(lc.InvalidArgumentError, match="needs all three"):
+        cluster.remote.send(torch.zeros(1, 8, 16), layer=0, microbatch=0)
+    with pytest.raises(ValueError, match="group evenly"):
+        AttentionShape(num_heads=6, num_kv_heads=4, head_dim=8, max_tokens=4)
+
+
+# ------------------------------------------------------------------ the docs example
+
+
+def _doc_blocks() -> dict[str, str]:
+    text = (ROOT / "docs" / "engine.md").read_text()
+    blocks = re.findall(r"`(\w+\.py)`[^`]*?\n\n```python\n(.*?)```", text, re.S)
+    return {name: code for name, code in blocks}
+
+
+def test_the_docs_example_runs_as_written(tmp_path: Path) -> None:
+    blocks = _doc_blocks()
+    assert set(blocks) == {"attention.py", "model.py"}, list(blocks)
+    for name, code in blocks.items():
+        assert len(code.splitlines()) < 40
+        (tmp_path / name).write_text(code)
+    env = {**os.environ, "LAMINA_RENDEZVOUS": free_address(), "PYTHONPATH": str(ROOT)}
+    attention = subprocess.Popen([sys.executable, "attention.py"], cwd=tmp_path, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        model = subprocess.run([sys.executable, "model.py"], cwd=tmp_path, env=env, capture_output=True,
+                               text=True, timeout=120)
+        assert model.returncode == 0, model.stdout + model.stderr
+        assert model.stdout.count("matches a local run") == 4, model.stdout
+        assert attention.wait(60) == 0, attention.stdout.read() if attention.stdout else ""
+    finally:
+        attention.kill()
+        attention.wait()
