@@ -90,3 +90,19 @@ def test_channel_bench_reports_the_three_round_trips(tmp_path):
         assert row["ratio_p50"] == pytest.approx(row["channel_rtt_p50_us"] / row["transport_rtt_p50_us"])
         assert 0 < row["native_channel_rtt_p50_us"] <= row["native_channel_rtt_p99_us"]
         assert row["native_ratio_p50"] == pytest.approx(row["native_channel_rtt_p50_us"] / row["transport_rtt_p50_us"])
+
+
+def test_engine_bench_reports_engine_beside_channel(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "engine.json"
+    r = bench("engine", "--tokens", "1,4", "-n", "30", "--rounds", "2", "--transport", "tcp", "--out_json", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "engine p50" in r.stdout and "channel p50" in r.stdout
+    report = json.loads(out.read_text())
+    assert report["test"] == "engine" and report["rounds"] == 2
+    assert [row["tokens"] for row in report["results"]] == [1, 4]
+    for row in report["results"]:
+        assert row["iterations"] == 60
+        assert row["request_bytes"] == row["tokens"] * (8 + 2) * 128 * 2
+        assert 0 < row["engine_rtt_p50_us"] <= row["engine_rtt_p99_us"]
+        assert row["ratio_p50"] == pytest.approx(row["engine_rtt_p50_us"] / row["channel_rtt_p50_us"])

@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("channel", help="message round trip through channels beside the raw transport ping-pong")
     channel_bench.add_arguments(p)
     p.set_defaults(func=channel_bench.run)
+    from . import engine_bench
+    p = sub.add_parser("engine", help="layer round trip through the engine API beside the bare channel")
+    engine_bench.add_arguments(p)
+    p.set_defaults(func=engine_bench.run)
     p = sub.add_parser("pipeline", help="ping-pong pipeline over model and attention worker processes")
     try:
         mod = _pipeline_module()

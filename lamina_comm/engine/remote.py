@@ -5,11 +5,19 @@ from __future__ import annotations
 import time
 from typing import Any, Optional, Sequence
 
+import numpy as np
+
 from lamina_comm.channel import Channel, ChannelGroup
 from lamina_comm.errors import InvalidArgumentError, ProtocolError, TimeoutError_
 from lamina_comm.transport import Context
 
 from .shape import AttentionShape
+
+
+def torch_storage_dtype(dtype: Any) -> Any:
+    """The torch dtype numpy can view ``dtype`` as (bfloat16 travels as its 16 bits)."""
+    import torch
+    return torch.int16 if dtype == torch.bfloat16 else dtype
 
 
 class SendHandle:
@@ -38,19 +46,30 @@ class SendHandle:
 class LayerBuffers:
     """Each attention rank's q, k, v send-slot views for one micro-batch: compute into them, no copy."""
 
+    __slots__ = ("views", "_q_heads", "_kv_heads")
+
     def __init__(self, views: list[list[Any]], q_heads: list[tuple[int, int]], kv_heads: list[tuple[int, int]]):
         self.views = views
-        self.q = [v[0] for v in views]
-        self.k = [v[1] for v in views]
-        self.v = [v[2] for v in views]
         self._q_heads, self._kv_heads = q_heads, kv_heads
+
+    @property
+    def q(self) -> list[Any]:
+        return [v[0] for v in self.views]
+
+    @property
+    def k(self) -> list[Any]:
+        return [v[1] for v in self.views]
+
+    @property
+    def v(self) -> list[Any]:
+        return [v[2] for v in self.views]
 
     def scatter(self, q: Any, k: Any, v: Any) -> None:
         """Copy full-head q [T, H, D], k and v [T, KV, D] into every rank's share."""
-        for rank, ((qs, qe), (ks, ke)) in enumerate(zip(self._q_heads, self._kv_heads)):
-            self.q[rank].copy_(q[:, qs:qe])
-            self.k[rank].copy_(k[:, ks:ke])
-            self.v[rank].copy_(v[:, ks:ke])
+        for views, (qs, qe), (ks, ke) in zip(self.views, self._q_heads, self._kv_heads):
+            views[0].copy_(q[:, qs:qe])
+            views[1].copy_(k[:, ks:ke])
+            views[2].copy_(v[:, ks:ke])
 
 
 class RemoteAttention:
@@ -79,18 +98,23 @@ class RemoteAttention:
             self.close()
             raise
         self._group = ChannelGroup(self.channels)
+        self._last_out: Optional[tuple[tuple, list[np.ndarray]]] = None
+        self._shapes: dict[int, list[list[tuple[int, int, int]]]] = {}
 
     # -- model tier -> attention tier ----------------------------------------------
     def buffers(self, microbatch: int, num_tokens: int, timeout: Optional[float] = None) -> LayerBuffers:
         """The next send slots of ``microbatch`` as q/k/v views per rank (waits for their credits)."""
         if not 0 < num_tokens <= self.shape.max_tokens:
             raise InvalidArgumentError(f"{num_tokens} tokens: a micro-batch holds 1..{self.shape.max_tokens}")
-        d, dtype = self.shape.head_dim, self.shape.dtype
-        views = []
-        for channel, (qs, qe), (ks, ke) in zip(self.channels, self.q_heads, self.kv_heads):
-            shapes = [(num_tokens, qe - qs, d), (num_tokens, ke - ks, d), (num_tokens, ke - ks, d)]
-            views.append(channel.send_buffers(microbatch, shapes, dtype, as_torch=True, timeout=timeout))
-        return LayerBuffers(views, self.q_heads, self.kv_heads)
+        shapes = self._shapes.get(num_tokens)
+        if shapes is None:
+            d = self.shape.head_dim
+            shapes = self._shapes[num_tokens] = [[(num_tokens, qe - qs, d), (num_tokens, ke - ks, d),
+                                                  (num_tokens, ke - ks, d)]
+                                                 for (qs, qe), (ks, ke) in zip(self.q_heads, self.kv_heads)]
+        dtype = self.shape.dtype
+        return LayerBuffers([channel.send_buffers(microbatch, rank_shapes, dtype, as_torch=True, timeout=timeout)
+                             for channel, rank_shapes in zip(self.channels, shapes)], self.q_heads, self.kv_heads)
 
     def send(self, q: Any, k: Any = None, v: Any = None, *, layer: int, microbatch: int,
              timeout: Optional[float] = None) -> SendHandle:
@@ -99,8 +123,11 @@ class RemoteAttention:
         Full-head tensors are sliced per rank; a slice that is not contiguous
         is copied once into the slot (the channels count it as staged).
         """
-        if isinstance(q, LayerBuffers):
-            messages = q.views
+        if type(q) is LayerBuffers:
+            # Slot views go by the tables send_buffers() filled: one native call per rank, no description.
+            for channel, views in zip(self.channels, q.views):
+                channel.send(views, layer=layer, microbatch=microbatch, timeout=timeout)
+            return SendHandle(self.channels, [channel.send_token() for channel in self.channels])
         else:
             if k is None or v is None:
                 raise InvalidArgumentError("send(q, k, v) needs all three, or one LayerBuffers")
@@ -116,23 +143,41 @@ class RemoteAttention:
         ``out`` is [T, H, D] or [T, H * D] (torch). The replies are copied
         out of the slots (one copy, bit for bit) and the slots released.
         """
-        tokens = out.shape[0]
-        heads_view = out.view(tokens, self.shape.num_heads, self.shape.head_dim)
-        messages = self._group.recv(microbatch, timeout)
+        destinations = self._destinations(out)
+        if len(self.channels) == 1:  # the single channel's own receive: fewer steps than the group's
+            messages = [self.channels[0].recv(microbatch, timeout)]
+        else:
+            messages = self._group.recv(microbatch, timeout)
         try:
-            for rank, message in enumerate(messages):
+            for rank, (message, destination) in enumerate(zip(messages, destinations)):
                 if message.layer != layer:
                     raise ProtocolError(f"attention rank {rank} answered layer {message.layer}, expected {layer}")
-                part = message.torch()[0]
-                qs, qe = self.q_heads[rank]
-                if tuple(part.shape) != (tokens, qe - qs, self.shape.head_dim):
+                part = message.tensors[0]
+                if len(message.tensors) != 1 or part.shape != destination.shape:
                     raise InvalidArgumentError(f"attention rank {rank} answered {list(part.shape)}, expected "
-                                               f"[{tokens}, {qe - qs}, {self.shape.head_dim}]")
-                heads_view[:, qs:qe].copy_(part)
+                                               f"{list(destination.shape)}")
+                np.copyto(destination, part.view(destination.dtype), casting="no")
         finally:
             for message in messages:
                 message.release()
         return out
+
+    def _destinations(self, out: Any) -> list[np.ndarray]:
+        """Each rank's heads of ``out`` as numpy views (torch ops cost microseconds each; kept per tensor)."""
+        key = (out.data_ptr(), tuple(out.shape), out.dtype, tuple(out.stride()))
+        if self._last_out is not None and self._last_out[0] == key:
+            return self._last_out[1]
+        tokens = out.shape[0]
+        if not out.is_contiguous() or out.device.type != "cpu" or out.numel() != tokens * self.shape.num_heads * \
+                self.shape.head_dim:
+            raise InvalidArgumentError(f"recv_into needs a contiguous host tensor of [T, {self.shape.num_heads}, "
+                                       f"{self.shape.head_dim}] or [T, {self.shape.num_heads * self.shape.head_dim}] "
+                                       f"elements, got {list(out.shape)} on {out.device}")
+        storage = out.view(torch_storage_dtype(out.dtype)).numpy().reshape(tokens, self.shape.num_heads,
+                                                                           self.shape.head_dim)
+        destinations = [storage[:, qs:qe] for qs, qe in self.q_heads]
+        self._last_out = (key, destinations)
+        return destinations
 
     # -- life cycle ----------------------------------------------------------------------
     def flush(self, timeout: Optional[float] = None) -> None:

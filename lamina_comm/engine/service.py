@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from lamina_comm.channel import Channel, ChannelGroup, Message
+from lamina_comm.channel import Channel, ChannelGroup, Message, to_torch
 from lamina_comm.errors import ClosedError, InvalidArgumentError, TimeoutError_
 from lamina_comm.transport import Context
 
@@ -25,12 +25,30 @@ class LayerRequest:
         self.peer = peer
         self.layer = message.layer
         self.microbatch = message.microbatch
-        tensors = message.torch()
-        if len(tensors) != 3:
+        if len(message.tensors) != 3:
             message.release()
-            raise InvalidArgumentError(f"a layer request holds q, k, v; model rank {peer} sent {len(tensors)} tensors")
-        self.q, self.k, self.v = tensors
+            raise InvalidArgumentError(f"a layer request holds q, k, v; model rank {peer} sent "
+                                       f"{len(message.tensors)} tensors")
+        self._views = message.tensors
+        self._torch: Optional[list[Any]] = None  # made on first use: a request answered blind needs none
         self._output: Optional[Any] = None
+
+    def _tensors(self) -> list[Any]:
+        if self._torch is None:
+            self._torch = [to_torch(view) for view in self._views]
+        return self._torch
+
+    @property
+    def q(self) -> Any:
+        return self._tensors()[0]
+
+    @property
+    def k(self) -> Any:
+        return self._tensors()[1]
+
+    @property
+    def v(self) -> Any:
+        return self._tensors()[2]
 
     @property
     def channel(self) -> Channel:
@@ -39,10 +57,11 @@ class LayerRequest:
     def output(self, timeout: Optional[float] = None) -> Any:
         """The reply slot as [T, h, D] (waits for its credit)."""
         if self._output is None:
-            shape = tuple(self.q.shape)
+            shape = tuple(self._views[0].shape)
+            # Kept as send_buffers() handed it out, so respond() sends it by its filled table.
             self._output = self.channel.send_buffers(self.microbatch, [shape], self._service.shape.dtype,
-                                                     as_torch=True, timeout=timeout)[0]
-        return self._output
+                                                     as_torch=True, timeout=timeout)
+        return self._output[0]
 
     def respond(self, out: Any = None, timeout: Optional[float] = None) -> None:
         """Send the output (``output()``'s view, or ``out`` copied into it) and release the request."""
@@ -52,7 +71,7 @@ class LayerRequest:
         if out is not None and out is not view:
             view.copy_(out.reshape(view.shape))
         self.release()
-        self.channel.send([view], layer=self.layer, microbatch=self.microbatch, timeout=timeout)
+        self.channel.send(self._output, layer=self.layer, microbatch=self.microbatch, timeout=timeout)
 
     def release(self) -> None:
         """Give the request's slot back (``respond`` does it)."""
@@ -95,6 +114,8 @@ class AttentionService:
         """The oldest layer request of any model rank (TimeoutError when none comes within ``timeout``)."""
         if self._group is None:
             raise ClosedError("accept() the model ranks first")
+        if len(self.channels) == 1:  # the single channel's own receive: fewer steps than recv_any
+            return LayerRequest(self, 0, self.channels[0].recv(timeout=timeout))
         index, message = self._group.recv_any(timeout=timeout)
         return LayerRequest(self, index, message)
 
