@@ -211,3 +211,27 @@ def test_the_docs_example_runs_as_written(tmp_path: Path) -> None:
     finally:
         attention.kill()
         attention.wait()
+
+
+# ------------------------------------------------------------------ torch.library custom ops
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_the_custom_ops_are_callable_from_a_compiled_function(cluster: Cluster, backend: str) -> None:
+    from lamina_comm.engine import ops
+
+    handle = ops.register(cluster.remote)
+    try:
+        wq, wk, wv = torch.randn(32, 128), torch.randn(32, 64), torch.randn(32, 64)
+
+        def layer(x: Any, step: int) -> Any:
+            q, k, v = (x @ wq).view(-1, 8, 16), (x @ wk).view(-1, 4, 16), (x @ wv).view(-1, 4, 16)
+            return ops.remote_attention(q, k, v, handle, layer=step, microbatch=0) * 0.5
+
+        compiled = torch.compile(layer, fullgraph=True, backend=backend)
+        for step in range(3):
+            x = torch.randn(6, 32)
+            got = compiled(x, step)
+            assert torch.equal(got, cluster.expected((x @ wq).view(-1, 8, 16)) * 0.5)
+    finally:
+        ops.unregister(handle)

@@ -9,6 +9,8 @@
   rank's heads as tensors over slot memory, answer with the output written in
   the reply slot.
 - ``AttentionShape``: the heads, the largest micro-batch, the depth.
+- ``lamina_comm.engine.ops`` (imported on its own): ``torch.library`` custom
+  ops over ``RemoteAttention`` that ``torch.compile`` traces through.
 
 docs/engine.md has a two-process example and the contract.
 """
