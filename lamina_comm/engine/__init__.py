@@ -11,6 +11,8 @@
 - ``AttentionShape``: the heads, the largest micro-batch, the depth.
 - ``lamina_comm.engine.ops`` (imported on its own): ``torch.library`` custom
   ops over ``RemoteAttention`` that ``torch.compile`` traces through.
+- ``lamina_comm.engine.afd.LaminaAFDConnector``: vLLM's attention-FFN
+  disaggregation connector contract over the same channels.
 
 docs/engine.md has a two-process example and the contract.
 """
