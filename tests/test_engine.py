@@ -235,3 +235,41 @@ def test_the_custom_ops_are_callable_from_a_compiled_function(cluster: Cluster, 
             assert torch.equal(got, cluster.expected((x @ wq).view(-1, 8, 16)) * 0.5)
     finally:
         ops.unregister(handle)
+
+
+def test_step_metadata_travels_on_its_own_micro_batch_and_rides_with_every_layer() -> None:
+    with lc.Context("tcp") as ctx:
+        services = [AttentionService(ctx, SHAPE, rank=a, ranks=2) for a in range(2)]
+        seen: list[tuple[int, int, Any, Any]] = []
+
+        def serve(service: AttentionService) -> None:
+            service.accept(1, timeout=TIMEOUT_S)
+            for _ in range(4):  # 2 layers x 2 micro-batches
+                request = service.recv(timeout=TIMEOUT_S)
+                seen.append((service.rank, request.microbatch, request.request_ids, request.positions))
+                request.respond(request.q)
+
+        threads = [threading.Thread(target=serve, args=(s,), daemon=True) for s in services]
+        for thread in threads:
+            thread.start()
+        with RemoteAttention(ctx, [s.address for s in services], SHAPE) as remote:
+            remote.send_metadata(0, [7, 7, 9], [0, 1, 0])
+            remote.send_metadata(1, [4], [12])
+            for layer in range(2):
+                for mb, tokens in ((0, 3), (1, 1)):
+                    q = torch.randn(tokens, 8, 16)
+                    remote.send(q, torch.randn(tokens, 4, 16), torch.randn(tokens, 4, 16), layer=layer,
+                                microbatch=mb)
+                    assert torch.equal(remote.recv_into(torch.empty(tokens, 8, 16), layer=layer, microbatch=mb), q)
+            with pytest.raises(lc.InvalidArgumentError, match="micro-batch 2"):
+                remote.send_metadata(2, [1], [0])
+            with pytest.raises(lc.InvalidArgumentError, match="1 request ids and 2 positions"):
+                remote.send_metadata(0, [1], [0, 1])
+        for thread in threads:
+            thread.join(TIMEOUT_S)
+        for service in services:
+            service.close()
+    assert len(seen) == 8
+    for rank, mb, ids, positions in seen:
+        expected = ([7, 7, 9], [0, 1, 0]) if mb == 0 else ([4], [12])
+        assert (ids.tolist(), positions.tolist()) == expected, (rank, mb)

@@ -106,6 +106,7 @@ class RemoteAttention:
         """The next send slots of ``microbatch`` as q/k/v views per rank (waits for their credits)."""
         if not 0 < num_tokens <= self.shape.max_tokens:
             raise InvalidArgumentError(f"{num_tokens} tokens: a micro-batch holds 1..{self.shape.max_tokens}")
+        self._check_microbatch(microbatch)
         shapes = self._shapes.get(num_tokens)
         if shapes is None:
             d = self.shape.head_dim
@@ -123,6 +124,7 @@ class RemoteAttention:
         Full-head tensors are sliced per rank; a slice that is not contiguous
         is copied once into the slot (the channels count it as staged).
         """
+        self._check_microbatch(microbatch)
         if type(q) is LayerBuffers:
             # Slot views go by the tables send_buffers() filled: one native call per rank, no description.
             for channel, views in zip(self.channels, q.views):
@@ -135,6 +137,28 @@ class RemoteAttention:
                         for (qs, qe), (ks, ke) in zip(self.q_heads, self.kv_heads)]
         self._group.send(messages, layer=layer, microbatch=microbatch, timeout=timeout)
         return SendHandle(self.channels, [channel.send_token() for channel in self.channels])
+
+    def send_metadata(self, microbatch: int, request_ids: Any, positions: Any,
+                      timeout: Optional[float] = None) -> None:
+        """The step's batch description for ``microbatch``: each token's request id and position.
+
+        Goes to every rank on a micro-batch of its own (not in the layer
+        field); send it before the step's first layer: the ranks keep it for
+        every layer of that micro-batch until the next one replaces it
+        (``LayerRequest.request_ids`` / ``.positions``).
+        """
+        ids = np.asarray(request_ids, dtype=np.int64).reshape(-1)
+        where = np.asarray(positions, dtype=np.int64).reshape(-1)
+        if ids.shape != where.shape or not 0 < ids.size <= self.shape.max_tokens:
+            raise InvalidArgumentError(f"metadata for {ids.size} request ids and {where.size} positions; a "
+                                       f"micro-batch holds 1..{self.shape.max_tokens} tokens")
+        self._check_microbatch(microbatch)
+        control = self.shape.metadata_microbatch
+        for channel in self.channels:
+            target, table = channel.send_buffers(control, [(1,), (2, ids.size)], "int64", timeout=timeout)
+            target[0] = microbatch
+            table[0], table[1] = ids, where
+            channel.send([target, table], layer=0, microbatch=control, timeout=timeout)
 
     # -- attention tier -> model tier --------------------------------------------------
     def recv_into(self, out: Any, *, layer: int, microbatch: int, timeout: Optional[float] = None) -> Any:
@@ -178,6 +202,10 @@ class RemoteAttention:
         destinations = [storage[:, qs:qe] for qs, qe in self.q_heads]
         self._last_out = (key, destinations)
         return destinations
+
+    def _check_microbatch(self, microbatch: int) -> None:
+        if not 0 <= microbatch < self.shape.microbatches:
+            raise InvalidArgumentError(f"micro-batch {microbatch} is not in [0, {self.shape.microbatches})")
 
     # -- life cycle ----------------------------------------------------------------------
     def flush(self, timeout: Optional[float] = None) -> None:

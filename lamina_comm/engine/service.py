@@ -2,7 +2,10 @@
 the output written straight into the reply slot."""
 from __future__ import annotations
 
+import time
 from typing import Any, Optional
+
+import numpy as np
 
 from lamina_comm.channel import Channel, ChannelGroup, Message, to_torch
 from lamina_comm.errors import ClosedError, InvalidArgumentError, TimeoutError_
@@ -20,8 +23,11 @@ class LayerRequest:
     other tensor copies it into the reply first.
     """
 
-    def __init__(self, service: "AttentionService", peer: int, message: Message):
+    def __init__(self, service: "AttentionService", peer: int, message: Message,
+                 metadata: Optional[tuple[np.ndarray, np.ndarray]] = None):
         self._service, self._message = service, message
+        # The step metadata its model rank sent for this micro-batch (RemoteAttention.send_metadata), if any.
+        self.request_ids, self.positions = metadata if metadata is not None else (None, None)
         self.peer = peer
         self.layer = message.layer
         self.microbatch = message.microbatch
@@ -100,6 +106,8 @@ class AttentionService:
         self.address = f"{host}:{port}"
         self.channels: list[Channel] = []
         self._group: Optional[ChannelGroup] = None
+        # (model rank, micro-batch) -> the request ids and positions of its current step.
+        self._metadata: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def accept(self, model_ranks: int, timeout: Optional[float] = None) -> None:
         """Accept a channel from each of ``model_ranks`` model ranks (in the order they connect)."""
@@ -114,10 +122,26 @@ class AttentionService:
         """The oldest layer request of any model rank (TimeoutError when none comes within ``timeout``)."""
         if self._group is None:
             raise ClosedError("accept() the model ranks first")
-        if len(self.channels) == 1:  # the single channel's own receive: fewer steps than recv_any
-            return LayerRequest(self, 0, self.channels[0].recv(timeout=timeout))
-        index, message = self._group.recv_any(timeout=timeout)
-        return LayerRequest(self, index, message)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if len(self.channels) == 1:  # the single channel's own receive: fewer steps than recv_any
+                index, message = 0, self.channels[0].recv(timeout=left)
+            else:
+                index, message = self._group.recv_any(timeout=left)
+            if message.microbatch != self.shape.metadata_microbatch:
+                return LayerRequest(self, index, message, self._metadata.get((index, message.microbatch)))
+            self._keep_metadata(index, message)
+
+    def _keep_metadata(self, peer: int, message: Message) -> None:
+        with message:
+            if len(message.tensors) != 2 or message.tensors[1].ndim != 2 or message.tensors[1].shape[0] != 2:
+                raise InvalidArgumentError(f"model rank {peer} sent malformed step metadata")
+            target = int(message.tensors[0][0])
+            if not 0 <= target < self.shape.microbatches:
+                raise InvalidArgumentError(f"model rank {peer} sent metadata for micro-batch {target}")
+            table = np.array(message.tensors[1], dtype=np.int64)  # copied: the slot goes back
+        self._metadata[(peer, target)] = (table[0], table[1])
 
     def close(self) -> None:
         for channel in self.channels:

@@ -43,11 +43,17 @@ class AttentionShape:
         start, end = self.kv_heads(rank, ranks)
         return start * self.group_size, end * self.group_size
 
+    @property
+    def metadata_microbatch(self) -> int:
+        """The channel micro-batch that carries per-step metadata (after the data micro-batches)."""
+        return self.microbatches
+
     def channel_spec(self, rank: int, ranks: int) -> ChannelSpec:
-        """The channel between a model rank and attention rank ``rank``: its share's q/k/v out, output back."""
+        """The channel between a model rank and attention rank ``rank``: its share's q/k/v out, output back,
+        and one more micro-batch for per-step metadata (request ids and positions, 16 B per token)."""
         start, end = self.kv_heads(rank, ranks)
         local_kv = end - start
         return ChannelSpec(max_tokens=self.max_tokens, hidden=local_kv * self.group_size * self.head_dim,
                            heads=local_kv * self.group_size, kv_heads=local_kv, head_dim=self.head_dim,
-                           dtype=self.dtype, microbatches=self.microbatches,
-                           slots_per_microbatch=self.slots_per_microbatch)
+                           dtype=self.dtype, microbatches=self.microbatches + 1,
+                           slots_per_microbatch=self.slots_per_microbatch, extra_bytes=16 * self.max_tokens + 64)
