@@ -120,7 +120,7 @@ def test_calls_before_init_and_bad_shapes_are_refused() -> None:
         connector.send_attn_output(torch.zeros(2, HIDDEN), Context(0, 0, 2))
     with pytest.raises(RuntimeError, match="before init_afd_connector"):
         connector.recv_ffn_output(torch.zeros(2, HIDDEN))
-    connector._channels = [object()]  # as if initialised: the checks before any transfer
+    connector._initialized = True  # as if initialised: the checks before any transfer
     with pytest.raises(RuntimeError, match="for ffn ranks"):
         connector.recv_attn_output()
     with pytest.raises(ValueError, match=r"must be \[tokens, 64\]"):
@@ -129,7 +129,7 @@ def test_calls_before_init_and_bad_shapes_are_refused() -> None:
         connector.send_attn_output(torch.zeros(17, HIDDEN), Context(0, 0, 17))
     with pytest.raises(ValueError, match="ubatch 2"):
         connector.send_attn_output(torch.zeros(2, HIDDEN), Context(0, 2, 2))
-    connector._channels = []
+    connector._initialized = False
 
 
 @pytest.mark.parametrize("raw, match", [

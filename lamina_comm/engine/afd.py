@@ -107,6 +107,7 @@ class LaminaAFDConnector:
         self._server: Optional[RendezvousServer] = None
         self._channels: list[Channel] = []  # attention: [its FFN rank]; FFN: its attention ranks in rank order
         self._peers: list[int] = []
+        self._initialized = False  # an FFN rank may serve no attention rank (more FFN than attention ranks)
 
     # -- configuration ------------------------------------------------------------------
     @classmethod
@@ -157,12 +158,13 @@ class LaminaAFDConnector:
     # -- life cycle -------------------------------------------------------------------------
     @property
     def is_initialized(self) -> bool:
-        return bool(self._channels)
+        return self._initialized
 
     def init_afd_connector(self) -> None:
         """Rendezvous with every rank and connect this rank's channels (FFN rank 0 serves the rendezvous)."""
-        if self.is_initialized:
+        if self._initialized:
             return
+        self.close()  # what a failed earlier attempt left
         c = self.config
         address = f"{self.host}:{self.port}"
         world = (self.num_attention_ranks, self.num_ffn_ranks)
@@ -175,6 +177,7 @@ class LaminaAFDConnector:
         except BaseException:
             self.close()
             raise
+        self._initialized = True
 
     def _init_ffn(self, address: str, world: tuple[int, int]) -> None:
         c = self.config
@@ -192,9 +195,13 @@ class LaminaAFDConnector:
                 channel = Channel.accept(listener, self._spec(), role="attention", accept_timeout=c.timeout_s,
                                          timeout=c.timeout_s, piggyback_credits=True)
                 with channel.recv(microbatch=0, timeout=c.timeout_s) as hello:
-                    rank = int(hello.tensors[0][0]) if hello.layer == _HELLO_LAYER else -1
+                    ok = hello.layer == _HELLO_LAYER and len(hello.tensors) == 1 and hello.tensors[0].size == 1 \
+                        and hello.tensors[0].dtype_name == "int64"
+                    rank = int(hello.tensors[0][0]) if ok else -1
                 if rank not in mine or rank in accepted:
                     channel.close()
+                    for other in accepted.values():
+                        other.close()
                     raise ValueError(f"FFN rank {self.role_rank}: a peer introduced itself as attention rank {rank}, "
                                      f"expected one of {mine}")
                 channel.name = f"attention-{rank}"
@@ -217,6 +224,7 @@ class LaminaAFDConnector:
         self._channels, self._peers = [channel], [ffn_rank]
 
     def close(self) -> None:
+        self._initialized = False
         for channel in self._channels:
             channel.close()
         self._channels = []
@@ -286,7 +294,7 @@ class LaminaAFDConnector:
         channel.send([slot], layer=layer, microbatch=ubatch)
 
     def _require(self, role: str, what: str) -> None:
-        if not self.is_initialized:
+        if not self._initialized:
             raise RuntimeError(f"{what} before init_afd_connector()")
         if self.role != role:
             raise RuntimeError(f"{what} is for {role} ranks; this is a {self.role} rank")

@@ -177,9 +177,11 @@ class RemoteAttention:
                 if message.layer != layer:
                     raise ProtocolError(f"attention rank {rank} answered layer {message.layer}, expected {layer}")
                 part = message.tensors[0]
-                if len(message.tensors) != 1 or part.shape != destination.shape:
-                    raise InvalidArgumentError(f"attention rank {rank} answered {list(part.shape)}, expected "
-                                               f"{list(destination.shape)}")
+                if len(message.tensors) != 1 or part.shape != destination.shape or \
+                        part.dtype_name != self.shape.dtype:
+                    raise InvalidArgumentError(f"attention rank {rank} answered {len(message.tensors)} tensor(s), "
+                                               f"{part.dtype_name}{list(part.shape)}; expected one "
+                                               f"{self.shape.dtype}{list(destination.shape)}")
                 np.copyto(destination, part.view(destination.dtype), casting="no")
         finally:
             for message in messages:
@@ -192,6 +194,9 @@ class RemoteAttention:
         if self._last_out is not None and self._last_out[0] == key:
             return self._last_out[1]
         tokens = out.shape[0]
+        if str(out.dtype) != f"torch.{self.shape.dtype}":
+            raise InvalidArgumentError(f"recv_into needs a {self.shape.dtype} tensor (the shape's dtype), got "
+                                       f"{out.dtype}")
         if not out.is_contiguous() or out.device.type != "cpu" or out.numel() != tokens * self.shape.num_heads * \
                 self.shape.head_dim:
             raise InvalidArgumentError(f"recv_into needs a contiguous host tensor of [T, {self.shape.num_heads}, "

@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import json
 import logging
+import secrets
 import socket
 import threading
 import time
@@ -32,6 +33,7 @@ log = logging.getLogger("lamina_comm.engine.rendezvous")
 ROLES = ("model", "attention")
 _MAX_LINE = 64 * 1024
 _MAX_RANKS = 4096
+_REQUEST_TIMEOUT_S = 5.0  # a connection must send its registration within this
 
 
 class RendezvousError(LaminaError):
@@ -125,6 +127,9 @@ class RendezvousServer:
         self._ranks: dict[tuple[str, int], str] = {}
         self._changed = threading.Condition()
         self._closed = False
+        # Each connection has a thread while it is served: at most this many (one more is closed at once).
+        self.max_connections = 2 * (model_ranks + attention_ranks) + 16
+        self._slots = threading.BoundedSemaphore(self.max_connections)
         self._thread = threading.Thread(target=self._accept_loop, name="rendezvous", daemon=True)
         self._thread.start()
 
@@ -137,29 +142,52 @@ class RendezvousServer:
         while not self._closed:
             try:
                 conn, _ = self._sock.accept()
-            except OSError:
+            except OSError as exc:
+                if self._closed:
+                    return
+                log.warning("rendezvous: accept failed (%s); going on", exc)  # e.g. out of descriptors
+                time.sleep(0.05)
+                continue
+            if self._closed:
+                conn.close()
                 return
-            threading.Thread(target=self._serve, args=(conn,), name="rendezvous-rank", daemon=True).start()
+            if not self._slots.acquire(blocking=False):
+                conn.close()  # over max_connections: refused at once, nobody waits for it
+                continue
+            try:
+                threading.Thread(target=self._serve, args=(conn,), name="rendezvous-rank", daemon=True).start()
+            except RuntimeError:  # no thread to be had
+                self._slots.release()
+                conn.close()
+                time.sleep(0.05)
 
     def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            try:
-                request = _Lines(conn, self.secret).read(time.monotonic() + 10.0)
-                key, address = self._check(request)
-            except (LaminaError, OSError) as exc:
-                try:
-                    _send(conn, self.secret, {"ok": False, "error": str(exc)})
-                except OSError:
-                    pass
-                return
-            with self._changed:
-                self._ranks[key] = address
-                self._changed.notify_all()
-            log.info("%s rank %d at %s joined", key[0], key[1], address)
-            try:
-                self._answer_when_complete(conn)
-            except OSError:
-                pass  # the rank went away; its entry stays for the others
+        try:
+            with conn:
+                self._serve_one(conn)
+        except OSError:
+            pass  # the rank went away; an entry it made stays for the others
+        finally:
+            self._slots.release()
+
+    def _serve_one(self, conn: socket.socket) -> None:
+        # A fresh nonce per connection, signed into every line after it: a recorded
+        # registration or answer is worth nothing on another connection.
+        nonce = secrets.token_hex(16)
+        _send(conn, self.secret, {"nonce": nonce})
+        try:
+            request = _Lines(conn, self.secret).read(time.monotonic() + _REQUEST_TIMEOUT_S)
+            if request.get("nonce") != nonce:
+                raise RendezvousError("rendezvous: a registration without this connection's nonce (a replay?)")
+            key, address = self._check(request)
+        except LaminaError as exc:
+            _send(conn, self.secret, {"ok": False, "error": str(exc), "nonce": nonce})
+            return
+        with self._changed:
+            self._ranks[key] = address
+            self._changed.notify_all()
+        log.info("%s rank %d at %s joined", key[0], key[1], address)
+        self._answer_when_complete(conn, nonce)
 
     def _check(self, request: dict[str, Any]) -> tuple[tuple[str, int], str]:
         role, rank, address, world = (request.get(k) for k in ("role", "rank", "address", "world"))
@@ -176,7 +204,7 @@ class RendezvousServer:
                                   f"any short text), got {str(address)[:40]!r}")
         return (role, rank), address
 
-    def _answer_when_complete(self, conn: socket.socket) -> None:
+    def _answer_when_complete(self, conn: socket.socket, nonce: str) -> None:
         last_missing: Optional[list[tuple[str, int]]] = None
         while True:
             with self._changed:
@@ -190,16 +218,22 @@ class RendezvousServer:
                 return
             if not missing:
                 world = {role: [table[(role, rank)] for rank in range(self.sizes[role])] for role in ROLES}
-                _send(conn, self.secret, {"ok": True, "world": world})
+                _send(conn, self.secret, {"ok": True, "world": world, "nonce": nonce})
                 return
-            _send(conn, self.secret, {"ok": True, "missing": [list(m) for m in missing]})
+            _send(conn, self.secret, {"ok": True, "missing": [list(m) for m in missing], "nonce": nonce})
             last_missing = missing
 
     def close(self) -> None:
+        """Stop: the port is released (a thread blocked in accept() is woken) and waiting ranks let go."""
         self._closed = True
         with self._changed:
             self._changed.notify_all()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self._sock.close()
+        self._thread.join(timeout=5)
 
     def __enter__(self) -> "RendezvousServer":
         return self
@@ -224,8 +258,14 @@ def rendezvous(address: str | tuple[str, int], *, role: str, rank: int, world: t
     sock = _connect_retrying(host, port, deadline)
     missing: list[tuple[str, int]] = []
     with sock:
-        _send(sock, key, {"role": role, "rank": rank, "address": advertise, "world": list(world)})
         lines = _Lines(sock, key)
+        try:
+            nonce = lines.read(deadline).get("nonce")
+        except TimeoutError_:
+            raise RendezvousTimeout(f"rendezvous at {host}:{port} said nothing within {timeout} s", []) from None
+        if not isinstance(nonce, str):
+            raise RendezvousError("rendezvous: the server opened without a nonce")
+        _send(sock, key, {"role": role, "rank": rank, "address": advertise, "world": list(world), "nonce": nonce})
         while True:
             try:
                 answer = lines.read(deadline)
@@ -233,6 +273,8 @@ def rendezvous(address: str | tuple[str, int], *, role: str, rank: int, world: t
                 names = ", ".join(f"{r} rank {n}" for r, n in missing) or "(unknown: no progress was heard)"
                 raise RendezvousTimeout(f"rendezvous at {host}:{port}: not every rank came within {timeout} s; "
                                         f"never came: {names}", missing) from None
+            if answer.get("nonce") != nonce:
+                raise RendezvousError("rendezvous: an answer signed for another connection (a replay?)")
             if not answer.get("ok"):
                 raise RendezvousError(str(answer.get("error", "rendezvous refused this rank")))
             if "world" in answer:

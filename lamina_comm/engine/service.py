@@ -135,7 +135,9 @@ class AttentionService:
 
     def _keep_metadata(self, peer: int, message: Message) -> None:
         with message:
-            if len(message.tensors) != 2 or message.tensors[1].ndim != 2 or message.tensors[1].shape[0] != 2:
+            tensors = message.tensors
+            if len(tensors) != 2 or tensors[0].size != 1 or tensors[1].ndim != 2 or tensors[1].shape[0] != 2 or \
+                    tensors[0].dtype_name != "int64" or tensors[1].dtype_name != "int64":
                 raise InvalidArgumentError(f"model rank {peer} sent malformed step metadata")
             target = int(message.tensors[0][0])
             if not 0 <= target < self.shape.microbatches:

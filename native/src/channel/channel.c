@@ -923,7 +923,8 @@ static int chan_wait_sent(lm_chan_t *ch, uint64_t token, int timeout_ms)
         pthread_mutex_lock(&ch->lock);
         start_locked(ch);
         uint64_t done = ch->writes_done;
-        int rc = done >= token ? LM_OK : ch->error ? sticky_error_locked(ch) : 1;
+        /* An error first: a failed write also advances writes_done. */
+        int rc = ch->error ? sticky_error_locked(ch) : done >= token ? LM_OK : 1;
         pthread_mutex_unlock(&ch->lock);
         if (rc <= 0)
             return rc;
