@@ -273,3 +273,35 @@ def test_step_metadata_travels_on_its_own_micro_batch_and_rides_with_every_layer
     for rank, mb, ids, positions in seen:
         expected = ([7, 7, 9], [0, 1, 0]) if mb == 0 else ([4], [12])
         assert (ids.tolist(), positions.tolist()) == expected, (rank, mb)
+
+
+def test_sources_in_a_registered_region_go_without_a_copy_and_the_handle_gates_their_reuse() -> None:
+    shape = AttentionShape(num_heads=8, num_kv_heads=4, head_dim=16, max_tokens=32, dtype="float32")
+    with lc.Context("tcp") as ctx, AttentionService(ctx, shape, rank=0, ranks=1) as service:
+        def serve() -> None:
+            service.accept(1, timeout=TIMEOUT_S)
+            for _ in range(3):
+                request = service.recv(timeout=TIMEOUT_S)
+                request.respond(request.q)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        with RemoteAttention(ctx, [service.address], shape) as remote:
+            tokens = 6
+            # A fused projection output: q, k, v back to back in one registered buffer.
+            fused = torch.zeros(tokens * (8 + 4 + 4) * 16)
+            remote.register_source(fused)
+            q = fused[:tokens * 128].view(tokens, 8, 16)
+            k = fused[tokens * 128:tokens * 192].view(tokens, 4, 16)
+            v = fused[tokens * 192:].view(tokens, 4, 16)
+            for layer in range(3):
+                fused.normal_()
+                sent_q = q.clone()
+                handle = remote.send(q, k, v, layer=layer, microbatch=0)
+                handle.wait(TIMEOUT_S)  # only now may the buffer be written again
+                assert handle.done
+                fused.zero_()
+                assert torch.equal(remote.recv_into(torch.empty(tokens, 8, 16), layer=layer, microbatch=0), sent_q)
+            channel = remote.channels[0]
+            assert channel.metrics.staged_bytes == 0 and channel.metrics.messages == 3
+        thread.join(TIMEOUT_S)

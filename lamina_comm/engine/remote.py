@@ -9,7 +9,7 @@ import numpy as np
 
 from lamina_comm.channel import Channel, ChannelGroup
 from lamina_comm.errors import InvalidArgumentError, ProtocolError, TimeoutError_
-from lamina_comm.transport import Context
+from lamina_comm.transport import Context, MemoryRegion
 
 from .shape import AttentionShape
 
@@ -85,6 +85,8 @@ class RemoteAttention:
         if not addresses:
             raise InvalidArgumentError("RemoteAttention needs at least one attention rank")
         self.shape = shape
+        self._context = context
+        self._sources: list[MemoryRegion] = []
         ranks = len(addresses)
         self.q_heads = [shape.q_heads(a, ranks) for a in range(ranks)]
         self.kv_heads = [shape.kv_heads(a, ranks) for a in range(ranks)]
@@ -160,6 +162,19 @@ class RemoteAttention:
             table[0], table[1] = ids, where
             channel.send([target, table], layer=0, microbatch=control, timeout=timeout)
 
+    def register_source(self, memory: Any) -> MemoryRegion:
+        """Register host memory the caller computes q/k/v into (a torch or numpy buffer).
+
+        A rank's share that lies contiguous in it (and packed with the others'
+        of the same message) is then written from there, with no copy: keep it
+        unchanged until the ``SendHandle`` is done.
+        """
+        region = self._context.register(memory)
+        self._sources.append(region)
+        for channel in self.channels:
+            channel.add_source_region(region)
+        return region
+
     # -- attention tier -> model tier --------------------------------------------------
     def recv_into(self, out: Any, *, layer: int, microbatch: int, timeout: Optional[float] = None) -> Any:
         """Every rank's attention output of (layer, microbatch), each in its heads of ``out``; returns ``out``.
@@ -223,6 +238,9 @@ class RemoteAttention:
         for channel in self.channels:
             channel.close()
         self.channels = []
+        for region in self._sources:
+            region.close()
+        self._sources = []
 
     def __enter__(self) -> "RemoteAttention":
         return self
