@@ -8,7 +8,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from lamina_comm.channel import Channel, ChannelGroup
-from lamina_comm.errors import InvalidArgumentError, ProtocolError, TimeoutError_
+from lamina_comm.errors import InvalidArgumentError, ProtocolError
 from lamina_comm.transport import Context, MemoryRegion
 
 from .shape import AttentionShape
@@ -249,4 +249,4 @@ class RemoteAttention:
         self.close()
 
 
-__all__ = ["LayerBuffers", "RemoteAttention", "SendHandle", "TimeoutError_"]
+__all__ = ["LayerBuffers", "RemoteAttention", "SendHandle"]

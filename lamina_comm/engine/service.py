@@ -8,7 +8,7 @@ from typing import Any, Optional
 import numpy as np
 
 from lamina_comm.channel import Channel, ChannelGroup, Message, to_torch
-from lamina_comm.errors import ClosedError, InvalidArgumentError, TimeoutError_
+from lamina_comm.errors import ClosedError, InvalidArgumentError
 from lamina_comm.transport import Context
 
 from .shape import AttentionShape
@@ -158,4 +158,4 @@ class AttentionService:
         self.close()
 
 
-__all__ = ["AttentionService", "LayerRequest", "TimeoutError_"]
+__all__ = ["AttentionService", "LayerRequest"]
