@@ -69,7 +69,7 @@ class ModelNode:
         options.validate(config)
         self.config = config
         self.options = options
-        self.metrics = metrics or NodeMetrics()
+        self.metrics = metrics or NodeMetrics(options.name or "")
         self.tier = ModelTier(config, weights, options.device)
         self.context = Context(options.transport, secret=options.secret, progress=options.progress)
         self.cluster = AttentionCluster(self.context, config, options)
@@ -275,6 +275,8 @@ class ModelNode:
             else:
                 self._running.append(request)
                 self.metrics.prompt_tokens.inc(len(request.prompt))
+                self.metrics.queue_time.observe(time.monotonic() - request.handle.submitted_at,
+                                                replica=self.metrics.replica)
                 request.handle._emit({"event": "admitted"})
         self._note_progress()
         return True
@@ -358,6 +360,12 @@ class ModelNode:
         """Record a sampled token; True when the request is finished."""
         request.generated.append(token)
         self.metrics.add_generated(1)
+        now = time.monotonic()
+        if len(request.generated) == 1:
+            self.metrics.time_to_first_token.observe(now - request.handle.submitted_at, replica=self.metrics.replica)
+        else:
+            self.metrics.inter_token_latency.observe(now - request.last_token_at, replica=self.metrics.replica)
+        request.last_token_at = now
         request.handle._emit({"event": "token", "token": token})
         if token in request.params.stop_token_ids:
             self._finish(request, "stop")
@@ -454,6 +462,7 @@ class ModelNode:
     # -- request outcomes ------------------------------------------------------
     def _finish(self, request: RequestState, reason: str) -> None:
         self.metrics.requests.inc(outcome="completed" if reason != "cancelled" else "cancelled")
+        self._observe_end(request)
         request.handle._emit({"event": "finished", "finish_reason": reason})
         self._note_progress()
 
@@ -461,8 +470,13 @@ class ModelNode:
         if request.handle.done:
             return
         self.metrics.requests.inc(outcome=outcome)
+        self._observe_end(request)
         request.handle._emit({"event": "error", "status": status, "error": message})
         self._note_progress()
+
+    def _observe_end(self, request: RequestState) -> None:
+        self.metrics.request_latency.observe(time.monotonic() - request.handle.submitted_at,
+                                             replica=self.metrics.replica)
 
     # -- observability (any thread) --------------------------------------------
     def _update_gauges(self) -> None:

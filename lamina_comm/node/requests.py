@@ -123,6 +123,7 @@ class RequestState:
     generated: list[int] = field(default_factory=list)
     pending: list[int] = field(default_factory=list)  # tokens not yet in the KV cache
     cached: int = 0  # positions 0 .. cached-1 are in the KV cache
+    last_token_at: float = 0.0  # time.monotonic() of its last token (inter-token latency)
 
     @property
     def capacity(self) -> int:

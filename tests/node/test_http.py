@@ -209,7 +209,18 @@ def test_metrics_are_prometheus_text_with_the_promised_series(http: str) -> None
     assert len(peers) == 2
     for peer in peers:
         for layer in range(4):
-            key = f'lamina_layer_round_trip_seconds_count{{peer="{peer}",layer="{layer}"}}'
+            key = f'lamina_layer_round_trip_seconds_count{{layer="{layer}",peer="{peer}"}}'
             assert samples[key] > 0
-            assert f'lamina_layer_transfer_seconds_bucket{{peer="{peer}",layer="{layer}",le="+Inf"}}' in samples
+            assert f'lamina_layer_transfer_seconds_bucket{{layer="{layer}",le="+Inf",peer="{peer}"}}' in samples
     assert "# TYPE lamina_layer_round_trip_seconds histogram" in text
+    # The request latencies users scrape from vLLM, per replica, parsed by prometheus_client's own parser.
+    from prometheus_client.parser import text_string_to_metric_families
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    for name in ("lamina_time_to_first_token_seconds", "lamina_inter_token_latency_seconds",
+                 "lamina_e2e_request_latency_seconds", "lamina_request_queue_time_seconds"):
+        assert families[name].type == "histogram", name
+        counts = [s.value for s in families[name].samples if s.name == f"{name}_count"]
+        assert counts and counts[0] >= 1, name
+    itl = [s.value for s in families["lamina_inter_token_latency_seconds"].samples
+           if s.name.endswith("_count")]
+    assert itl[0] >= 3  # 4 tokens: 3 gaps
