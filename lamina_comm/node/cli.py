@@ -106,6 +106,12 @@ def _split_host_port(text: str, option: str) -> tuple[str, int]:
 # ------------------------------------------------------------------ model source
 
 
+def served_model_name(args: argparse.Namespace) -> str:
+    """The model's name on the OpenAI endpoints: the checkpoint directory's or config file's name, or "tiny"."""
+    source = args.model or args.config or "lamina"
+    return os.path.basename(os.path.normpath(source)).removesuffix(".json") or "lamina"
+
+
 def load_config(args: argparse.Namespace) -> Optional[Any]:
     """The LlamaConfig named by --model / --config, or None when neither is given."""
     from lamina_comm.model import LlamaConfig
@@ -233,7 +239,7 @@ def _run_model(args: argparse.Namespace, stop: threading.Event) -> int:
     node.connect()
     try:
         backlog = {} if args.http_backlog is None else {"listen_backlog": args.http_backlog}
-        front = FrontDoor(node, http_address, **backlog)
+        front = FrontDoor(node, http_address, model_name=served_model_name(args), **backlog)
     except BaseException:
         node.close()
         raise

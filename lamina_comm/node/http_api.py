@@ -7,6 +7,8 @@
                      lost, the scheduler stopped or made no progress, shutting down)
     GET  /status     the cluster (roles, peers, head shares, KV blocks) as JSON
     GET  /metrics    Prometheus text
+    GET  /v1/models, POST /v1/completions   OpenAI-compatible (token-id prompts; see
+                     lamina_comm.node.openai_api)
     POST /cluster/join, /cluster/leave  {"address": "HOST:PORT", "time"}: an attention
                      worker joins as a spare, or leaves (signed when the cluster has a
                      secret; see lamina_comm.node.membership)
@@ -34,7 +36,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Optional, Protocol
 
 from lamina_comm.model import SamplingParams
-from lamina_comm.node import membership
+from lamina_comm.node import membership, openai_api
 from lamina_comm.node.metrics import NodeMetrics
 from lamina_comm.node.requests import CLIENT_CLOSED, InvalidRequest, RequestHandle, RequestRejected
 
@@ -219,10 +221,11 @@ class FrontDoor:
     """
 
     def __init__(self, service: GenerationService, address: tuple[str, int], request_timeout: float = 600.0,
-                 listen_backlog: int = DEFAULT_LISTEN_BACKLOG):
+                 listen_backlog: int = DEFAULT_LISTEN_BACKLOG, model_name: str = "lamina"):
         if listen_backlog < 1:
             raise ValueError(f"listen_backlog must be >= 1, got {listen_backlog}")
-        handler = type("BoundHandler", (_Handler,), {"service": service, "request_timeout": request_timeout})
+        handler = type("BoundHandler", (_Handler,), {"service": service, "request_timeout": request_timeout,
+                                                     "model_name": model_name, "created": int(time.time())})
         self.listen_backlog = effective_backlog(listen_backlog)
         self.server = ThreadingHTTPServer(address, handler, bind_and_activate=False)
         self.server.request_queue_size = self.listen_backlog  # what server_activate passes to listen()
@@ -254,6 +257,8 @@ _ROUTES = {
     "/status": {"GET": "_status"},
     "/metrics": {"GET": "_metrics"},
     "/generate": {"POST": "_generate"},
+    "/v1/models": {"GET": "_openai_models"},
+    "/v1/completions": {"POST": "_openai_completions"},
     "/cluster/join": {"POST": "_join"},
     "/cluster/leave": {"POST": "_leave"},
 }
@@ -265,6 +270,8 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = 30  # seconds a client may take to send its request
     service: GenerationService
     request_timeout: float
+    model_name: str  # what /v1/models lists and /v1/completions requests must name
+    created: int
     body: Optional[bytes] = None  # the current request's body; None: it framed none
 
     # -- routing --------------------------------------------------------------
@@ -310,6 +317,114 @@ class _Handler(BaseHTTPRequestHandler):
     def _metrics(self) -> None:
         body = self.service.metrics.render().encode()
         self._send_bytes(HTTPStatus.OK, body, "text/plain; version=0.0.4; charset=utf-8")
+
+    # -- OpenAI-compatible (lamina_comm.node.openai_api) -----------------------------
+    def _openai_models(self) -> None:
+        self._send_json(HTTPStatus.OK, openai_api.models_body(self.model_name, self.created))
+
+    def _openai_completions(self) -> None:
+        if self.body is None:
+            self._refuse_and_close(RequestRejected(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required"))
+            return
+        try:
+            try:
+                request = openai_api.parse_completion(parse_json(self.body), self.model_name)
+            except InvalidRequest as exc:  # not JSON, or nested too deep
+                raise openai_api.OpenAIError(HTTPStatus.BAD_REQUEST, str(exc)) from None
+            handles = self._submit_all(request)
+        except openai_api.OpenAIError as exc:
+            self._send_json(exc.status, exc.body())
+            return
+        completion_id = openai_api.new_id()
+        if request.stream:
+            self._openai_stream(completion_id, request, handles)
+            return
+        results = []
+        try:
+            for handle in handles:
+                results.append(handle.result(self.request_timeout, abandoned=self._client_gone))
+        except RequestRejected as exc:
+            for handle in handles:
+                handle.cancel()
+            if exc.http_status == CLIENT_CLOSED:
+                self.close_connection = True
+                return
+            self._send_json(exc.http_status, openai_api.error_body(exc.http_status, str(exc)))
+            return
+        self._send_json(HTTPStatus.OK, openai_api.completion_body(completion_id, self.model_name, request, results))
+
+    def _submit_all(self, request: "openai_api.CompletionRequest") -> list[RequestHandle]:
+        """One scheduler request per prompt and choice; a refusal cancels those already submitted."""
+        handles: list[RequestHandle] = []
+        try:
+            for index, params in enumerate(request.params):
+                handles.append(self.service.submit(request.prompts[index // request.n], params))
+        except RequestRejected as exc:
+            for handle in handles:
+                handle.cancel()
+            param = "prompt" if exc.http_status == HTTPStatus.BAD_REQUEST else None
+            kind = "invalid_request_error" if exc.http_status < 500 else "server_error"
+            raise openai_api.OpenAIError(exc.http_status, str(exc), param=param, kind=kind) from None
+        return handles
+
+    def _openai_stream(self, completion_id: str, request: "openai_api.CompletionRequest",
+                       handles: list[RequestHandle]) -> None:
+        """Server-sent events: a chunk per token per choice, a last chunk per choice, usage, [DONE]."""
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        open_choices = set(range(len(handles)))
+        try:
+            deadline = time.monotonic() + self.request_timeout
+            while open_choices:
+                progressed = False
+                for index in sorted(open_choices):  # whatever every choice has, in choice order
+                    while index in open_choices:
+                        event = handles[index].next_event(0)
+                        if event is None:
+                            break
+                        progressed = True
+                        self._openai_event(completion_id, index, event, open_choices)
+                if progressed or not open_choices:
+                    continue
+                if time.monotonic() > deadline or self._client_gone():
+                    raise BrokenPipeError("no progress in time, or the client went away")
+                first = min(open_choices)  # sleep on one choice's events (briefly: the others may move)
+                event = handles[first].next_event(0.02)
+                if event is not None:
+                    self._openai_event(completion_id, first, event, open_choices)
+            if request.include_usage:
+                completion = sum(len(h.tokens) for h in handles)
+                prompt = sum(len(p) for p in request.prompts)
+                self._sse(openai_api.usage_chunk(completion_id, self.model_name, prompt, completion))
+            self._sse_raw(b"data: [DONE]\n\n")
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            log.info("client of completion %s went away; cancelling it", completion_id)
+            for handle in handles:
+                handle.cancel()
+            self.close_connection = True
+
+    def _openai_event(self, completion_id: str, index: int, event: dict[str, Any], open_choices: set[int]) -> None:
+        kind = event["event"]
+        if kind == "token":
+            self._sse(openai_api.chunk_body(completion_id, self.model_name, index, [event["token"]], None))
+        elif kind == "finished":
+            self._sse(openai_api.chunk_body(completion_id, self.model_name, index, [], event["finish_reason"]))
+            open_choices.discard(index)
+        elif kind == "error":
+            self._sse(openai_api.error_body(event["status"], event["error"]))
+            open_choices.discard(index)
+
+    def _sse(self, payload: dict[str, Any]) -> None:
+        self._sse_raw(b"data: " + json.dumps(payload).encode() + b"\n\n")
+
+    def _sse_raw(self, data: bytes) -> None:
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
 
     # -- membership (lamina_comm.node.membership) ---------------------------------
     def _join(self) -> None:

@@ -1,0 +1,118 @@
+"""The OpenAI-compatible endpoints, driven by the official ``openai`` client (a test extra).
+
+Token-id prompts (the tiny model has no tokenizer): each choice carries
+``token_ids`` as vLLM returns them, and they must equal ``/generate``'s and a
+monolithic run's tokens; errors must arrive as OpenAI error objects that the
+client raises as its own typed exceptions.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import pytest
+import torch
+
+from lamina_comm.model import SamplingParams
+from lamina_comm.node.demo import post_json
+from lamina_comm.node.http_api import FrontDoor
+from lamina_comm.node.model_node import ModelNode
+from tests.node.test_disaggregated import (address, attention_nodes, greedy, make_node, prompt_of,
+                                           reference_tokens)
+
+openai = pytest.importorskip("openai")
+
+MODEL = "tiny"
+TIMEOUT_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[str, ModelNode]]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    workers = attention_nodes(2, "--config", "tiny", "--blocks", "160")
+    node = make_node([address(w) for w in workers])
+    node.start()
+    front = FrontDoor(node, ("127.0.0.1", 0), request_timeout=TIMEOUT_S, model_name=MODEL)
+    front.start()
+    host, port = front.address
+    yield f"{host}:{port}", node
+    front.server.shutdown()
+    node.close()
+    front.close()
+    for worker in workers:
+        assert worker.stop() == 0, worker.log()
+        worker.close()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def client(server: tuple[str, ModelNode]) -> Any:
+    return openai.OpenAI(base_url=f"http://{server[0]}/v1", api_key="none", timeout=TIMEOUT_S, max_retries=0)
+
+
+def token_ids(choice: Any) -> list[int]:
+    return choice.model_extra["token_ids"] if hasattr(choice, "model_extra") else choice.token_ids
+
+
+def test_the_model_is_listed(client: Any) -> None:
+    assert [model.id for model in client.models.list()] == [MODEL]
+
+
+def test_completions_give_the_tokens_of_generate_and_of_a_monolithic_run(client: Any,
+                                                                         server: tuple[str, ModelNode]) -> None:
+    prompt = prompt_of(7, 3)
+    answer = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0)
+    expected = reference_tokens([prompt], [greedy(6)])[0]
+    assert token_ids(answer.choices[0]) == expected and answer.choices[0].text == ""
+    assert answer.choices[0].finish_reason == "length"
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens, answer.usage.total_tokens) == (7, 6, 13)
+    status, body = post_json(server[0], "/generate", {"prompt": prompt, "max_tokens": 6, "temperature": 0})
+    assert status == 200 and body["tokens"] == expected
+
+
+def test_several_prompts_and_n_choices(client: Any) -> None:
+    prompts = [prompt_of(4, 1), prompt_of(9, 2)]
+    answer = client.completions.create(model=MODEL, prompt=prompts, max_tokens=5, temperature=0, n=2)
+    assert [choice.index for choice in answer.choices] == [0, 1, 2, 3]
+    expected = reference_tokens(prompts, [greedy(5)] * 2)
+    assert [token_ids(c) for c in answer.choices] == [expected[0], expected[0], expected[1], expected[1]]
+    assert answer.usage.completion_tokens == 20 and answer.usage.prompt_tokens == 13
+
+
+def test_seeded_sampling_matches_the_monolithic_model(client: Any) -> None:
+    prompt = prompt_of(5, 4)
+    answer = client.completions.create(model=MODEL, prompt=prompt, max_tokens=7, temperature=0.8, top_p=0.9,
+                                       seed=11)
+    params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=7, seed=11)
+    assert token_ids(answer.choices[0]) == reference_tokens([prompt], [params])[0]
+
+
+def test_a_streamed_completion_gives_the_same_tokens_then_usage(client: Any) -> None:
+    prompt = prompt_of(6, 5)
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    tokens = [t for chunk in chunks for choice in chunk.choices for t in token_ids(choice)]
+    assert tokens == reference_tokens([prompt], [greedy(8)])[0]
+    finishes = [choice.finish_reason for chunk in chunks for choice in chunk.choices if choice.finish_reason]
+    assert finishes == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+
+
+def test_errors_arrive_as_openai_error_objects(client: Any) -> None:
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.completions.create(model="gpt-9", prompt=[1, 2], max_tokens=2)
+    assert missing.value.code == "model_not_found" and "gpt-9" in missing.value.message
+    with pytest.raises(openai.BadRequestError) as text:
+        client.completions.create(model=MODEL, prompt="hello", max_tokens=2)
+    assert "tokenizer" in text.value.message and text.value.param == "prompt"
+    with pytest.raises(openai.BadRequestError) as hot:
+        client.completions.create(model=MODEL, prompt=[1, 2], max_tokens=2, temperature=-1)
+    assert "temperature" in hot.value.message and hot.value.param == "temperature"
+    with pytest.raises(openai.BadRequestError) as many:
+        client.completions.create(model=MODEL, prompt=[1, 2], max_tokens=2, n=99)
+    assert many.value.param == "n"
+    with pytest.raises(openai.BadRequestError) as long:
+        client.completions.create(model=MODEL, prompt=[1, 2], max_tokens=4000)
+    assert "positions" in long.value.message
+    answer = client.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=2, temperature=0)
+    assert len(token_ids(answer.choices[0])) == 2  # the server serves on
