@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -23,15 +23,6 @@ MESSAGES_PER_STEP = 8
 
 # The attention processes share the CPUs: torch's thread pool would spin against them.
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture
-def processes() -> Iterator[list[NodeProcess]]:
-    """Attention processes of one test; all are killed at the end."""
-    started: list[NodeProcess] = []
-    yield started
-    for process in started:
-        process.close()
 
 
 def start(processes: list[NodeProcess], count: int, *extra: str) -> list[NodeProcess]:

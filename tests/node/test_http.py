@@ -7,40 +7,17 @@ import json
 import threading
 import time
 import urllib.request
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
-import torch
 
 from lamina_comm.node import cli
 from lamina_comm.node.demo import get_text, post_json, post_stream
-from lamina_comm.node.http_api import FrontDoor
 from lamina_comm.node.metrics import parse_prometheus
 from lamina_comm.node.model_node import ModelNode
-from tests.node.test_disaggregated import (address, attention_nodes, greedy, make_node, prompt_of,
-                                           reference_tokens)
+from tests.node.test_disaggregated import greedy, prompt_of, reference_tokens
 
 HTTP_TIMEOUT = 60.0
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[tuple[str, ModelNode]]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    workers = attention_nodes(2, "--config", "tiny", "--blocks", "160")
-    node = make_node([address(w) for w in workers])
-    node.start()
-    front = FrontDoor(node, ("127.0.0.1", 0), request_timeout=HTTP_TIMEOUT)
-    front.start()
-    host, port = front.address
-    yield f"{host}:{port}", node
-    front.server.shutdown()
-    node.close()
-    front.close()
-    for worker in workers:
-        assert worker.stop() == 0, worker.log()
-        worker.close()
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 import http.client as http_client
 import json
 import time
-from typing import Iterator
 
 import pytest
 
@@ -12,8 +11,8 @@ from lamina_comm.node import membership
 from lamina_comm.node.demo import NodeProcess, post_json, start_attention
 from lamina_comm.node.http_api import FrontDoor
 from lamina_comm.node.model_node import ModelNode
-from tests.node.test_disaggregated import (address, attention_nodes, greedy, make_node, prompt_of,
-                                           reference_tokens)
+from tests.node.test_disaggregated import address, greedy, make_node, prompt_of, reference_tokens
+from tests.node.test_faults import start
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -94,20 +93,6 @@ def test_a_leave_racing_a_replacement_does_not_take_out_the_replacement() -> Non
 
 
 # ------------------------------------------------------------------ a cluster
-
-
-@pytest.fixture
-def processes() -> Iterator[list[NodeProcess]]:
-    started: list[NodeProcess] = []
-    yield started
-    for process in started:
-        process.close()
-
-
-def start(processes: list[NodeProcess], count: int, *extra: str) -> list[NodeProcess]:
-    nodes = attention_nodes(count, *extra)
-    processes.extend(nodes)
-    return nodes
 
 
 def serving(node: ModelNode) -> FrontDoor:

@@ -7,42 +7,19 @@ client raises as its own typed exceptions.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
-import torch
 
 from lamina_comm.model import SamplingParams
 from lamina_comm.node.demo import post_json
-from lamina_comm.node.http_api import FrontDoor
 from lamina_comm.node.model_node import ModelNode
-from tests.node.test_disaggregated import (address, attention_nodes, greedy, make_node, prompt_of,
-                                           reference_tokens)
+from tests.node.test_disaggregated import greedy, prompt_of, reference_tokens
 
 openai = pytest.importorskip("openai")
 
 MODEL = "tiny"
 TIMEOUT_S = 60.0
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[tuple[str, ModelNode]]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    workers = attention_nodes(2, "--config", "tiny", "--blocks", "160")
-    node = make_node([address(w) for w in workers])
-    node.start()
-    front = FrontDoor(node, ("127.0.0.1", 0), request_timeout=TIMEOUT_S, model_name=MODEL)
-    front.start()
-    host, port = front.address
-    yield f"{host}:{port}", node
-    front.server.shutdown()
-    node.close()
-    front.close()
-    for worker in workers:
-        assert worker.stop() == 0, worker.log()
-        worker.close()
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Iterator
 
 import pytest
 
@@ -24,26 +23,17 @@ from lamina_comm.node import protocol
 from lamina_comm.node.demo import NodeProcess, post_json, start_model
 from lamina_comm.node.model_node import ModelNode
 from lamina_comm.node.requests import RequestRejected
-from tests.node.test_disaggregated import (Record, address, attention_nodes, greedy, make_node, prompt_of,
-                                           reference_tokens, replay_on_monolithic, run_until_done)
+from tests.node.test_disaggregated import (Record, address, greedy, make_node, prompt_of, reference_tokens,
+                                           replay_on_monolithic, run_until_done)
+from tests.node.test_faults import start as start_attention_nodes
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 GUARD_S = 60.0  # bound on any wait in these tests
 
 
-@pytest.fixture
-def processes() -> Iterator[list[NodeProcess]]:
-    started: list[NodeProcess] = []
-    yield started
-    for process in started:
-        process.close()
-
-
 def start(processes: list[NodeProcess], count: int, *extra: str) -> list[NodeProcess]:
-    nodes = attention_nodes(count, "--config", "tiny", *extra)
-    processes.extend(nodes)
-    return nodes
+    return start_attention_nodes(processes, count, "--config", "tiny", *extra)
 
 
 def run_both_until_done(nodes: list[ModelNode], handles: list, limit: int = 500) -> None:

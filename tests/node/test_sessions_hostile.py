@@ -38,17 +38,6 @@ HANG_GUARD_S = 60.0
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture
-def processes() -> Iterator[list[NodeProcess]]:
-    """Node processes of one test; all are killed at the end (a stopped one too)."""
-    started: list[NodeProcess] = []
-    yield started
-    for process in started:
-        if process.proc.poll() is None:
-            process.proc.send_signal(signal.SIGCONT)
-        process.close()
-
-
 def start_workers(processes: list[NodeProcess], count: int, *extra: str) -> list[NodeProcess]:
     nodes = attention_nodes(count, *extra)
     processes.extend(nodes)
