@@ -22,7 +22,8 @@ from lamina_comm.model.kvcache import (
 from lamina_comm.model.layers import apply_rotary, rms_norm, rope_inv_freq
 from lamina_comm.model.model_tier import AttendFn, BatchEntry, HeadOutputs, ModelTier, StepInputs
 from lamina_comm.model.reference import MonolithicModel
-from lamina_comm.model.sampling import SamplingError, SamplingParams, make_generator, sample, sample_each
+from lamina_comm.model.sampling import (SamplingError, SamplingParams, make_generator, sample, sample_each,
+                                        token_logprobs)
 from lamina_comm.model.weights import CheckpointError, LayerWeights, LlamaWeights, expected_tensor_shapes
 
 __all__ = [
@@ -51,4 +52,5 @@ __all__ = [
     "sample_each",
     "slice_heads",
     "split_kv_heads",
+    "token_logprobs",
 ]

@@ -41,6 +41,10 @@ class SamplingParams:
     max_tokens: int = 16
     seed: Optional[int] = None
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    # Log-probabilities to return per generated token: None for none, k >= 0 for the
+    # chosen token's and the k most likely ones' (of the model's distribution, before
+    # temperature and top-p, as vLLM returns them by default).
+    logprobs: Optional[int] = None
 
     def __post_init__(self) -> None:
         # Accept any iterable of ids (lists from JSON) but store a tuple so the
@@ -70,6 +74,21 @@ class SamplingParams:
         for token in self.stop_token_ids:
             if not _is_int(token) or token < 0:
                 raise ValueError(f"stop_token_ids must be integers >= 0, got {_shown(token)}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {_shown(self.logprobs)}")
+
+
+MAX_LOGPROBS = 20
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of ``token`` under one row of logits [vocab], and the ``top`` most likely
+    tokens with theirs (float32 log-softmax of the raw logits)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    best = torch.topk(logp, min(top, logp.shape[-1])) if top > 0 else None
+    alternatives = [] if best is None else [(int(i), float(v)) for v, i in zip(best.values.tolist(),
+                                                                               best.indices.tolist())]
+    return float(logp[token]), alternatives
 
 
 def _is_int(value: object) -> bool:

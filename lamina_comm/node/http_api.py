@@ -342,7 +342,8 @@ class _Handler(BaseHTTPRequestHandler):
         results = []
         try:
             for handle in handles:
-                results.append(handle.result(self.request_timeout, abandoned=self._client_gone))
+                results.append({**handle.result(self.request_timeout, abandoned=self._client_gone),
+                                "logprobs": list(handle.logprobs)})
         except RequestRejected as exc:
             for handle in handles:
                 handle.cancel()
@@ -411,7 +412,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _openai_event(self, completion_id: str, index: int, event: dict[str, Any], open_choices: set[int]) -> None:
         kind = event["event"]
         if kind == "token":
-            self._sse(openai_api.chunk_body(completion_id, self.model_name, index, [event["token"]], None))
+            logprobs = [(event["logprob"], event["top_logprobs"])] if "logprob" in event else None
+            self._sse(openai_api.chunk_body(completion_id, self.model_name, index, [event["token"]], None,
+                                            logprobs))
         elif kind == "finished":
             self._sse(openai_api.chunk_body(completion_id, self.model_name, index, [], event["finish_reason"]))
             open_choices.discard(index)

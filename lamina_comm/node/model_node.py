@@ -39,7 +39,7 @@ import torch
 
 from lamina_comm.bootstrap import secret_from
 from lamina_comm.model import (LlamaConfig, LlamaWeights, ModelTier, SamplingError, SamplingParams,
-                               make_generator, sample_each)
+                               make_generator, sample_each, token_logprobs)
 from lamina_comm.node import protocol
 from lamina_comm.node.cluster import AttentionCluster, AttentionStepError, WorkerLost
 from lamina_comm.node.membership import ReplayGuard
@@ -339,25 +339,30 @@ class ModelNode:
             if not rows:
                 continue
             requests = [entries[row].request for row in rows]
-            outcomes = sample_each(mb_logits.index_select(0, torch.tensor(rows, device=mb_logits.device)),
-                                   [r.params for r in requests], [r.generator for r in requests])
-            for request, outcome in zip(requests, outcomes):
-                if self._take_sample(request, outcome):
+            row_logits = mb_logits.index_select(0, torch.tensor(rows, device=mb_logits.device))
+            outcomes = sample_each(row_logits, [r.params for r in requests], [r.generator for r in requests])
+            for index, (request, outcome) in enumerate(zip(requests, outcomes)):
+                logprobs = None
+                if request.params.logprobs is not None and isinstance(outcome, int):
+                    logprobs = token_logprobs(row_logits[index], outcome, request.params.logprobs)
+                if self._take_sample(request, outcome, logprobs):
                     ended.append(request)
         if ended:
             self._running = [r for r in self._running if r not in ended]
         return ended
 
-    def _take_sample(self, request: RequestState, outcome: int | SamplingError) -> bool:
+    def _take_sample(self, request: RequestState, outcome: int | SamplingError,
+                     logprobs: Optional[tuple[float, list[tuple[int, float]]]] = None) -> bool:
         """Apply one request's sampling outcome; True when the request has ended."""
         if isinstance(outcome, SamplingError):
             log.error("request %d: %s", request.id, outcome)
             self._fail(request, 500, f"sampling failed: {outcome}")
             return True
-        return self._append_token(request, outcome)
+        return self._append_token(request, outcome, logprobs)
 
-    def _append_token(self, request: RequestState, token: int) -> bool:
-        """Record a sampled token; True when the request is finished."""
+    def _append_token(self, request: RequestState, token: int,
+                      logprobs: Optional[tuple[float, list[tuple[int, float]]]] = None) -> bool:
+        """Record a sampled token (and its log-probabilities when asked); True when the request is finished."""
         request.generated.append(token)
         self.metrics.add_generated(1)
         now = time.monotonic()
@@ -366,7 +371,10 @@ class ModelNode:
         else:
             self.metrics.inter_token_latency.observe(now - request.last_token_at, replica=self.metrics.replica)
         request.last_token_at = now
-        request.handle._emit({"event": "token", "token": token})
+        event: dict[str, Any] = {"event": "token", "token": token}
+        if logprobs is not None:
+            event["logprob"], event["top_logprobs"] = logprobs
+        request.handle._emit(event)
         if token in request.params.stop_token_ids:
             self._finish(request, "stop")
             return True

@@ -4,7 +4,8 @@ Transport-free (the HTTP layer calls these), so the same code serves any
 server stack. Prompts are token ids (``prompt: [ids]`` or a list of them):
 without a tokenizer there is no text, so each choice carries ``token_ids``
 and ``text`` is empty (vLLM's ``return_token_ids``); a text prompt, or text
-``stop`` strings, get a 400 that says so.
+``stop`` strings, get a 400 that says so. Log-probabilities name tokens
+``token_id:N`` (vLLM's ``return_tokens_as_token_ids``).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from http import HTTPStatus
 from typing import Any, Optional
 
 from lamina_comm.model import SamplingParams
+from lamina_comm.model.sampling import MAX_LOGPROBS
 
 _COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "stop_token_ids",
                       "n", "logprobs", "stream", "stream_options", "return_token_ids", "user"}
@@ -81,8 +83,10 @@ def parse_completion(request: Any, model_name: str) -> CompletionRequest:
     n = request.get("n", 1)
     if not _is_int(n) or not 1 <= n <= MAX_N:
         raise OpenAIError(HTTPStatus.BAD_REQUEST, f"n must be an integer in 1..{MAX_N}", param="n")
-    if request.get("logprobs") is not None:
-        raise OpenAIError(HTTPStatus.BAD_REQUEST, "logprobs are not supported by this server yet", param="logprobs")
+    logprobs = request.get("logprobs")
+    if logprobs is not None and (not _is_int(logprobs) or not 0 <= logprobs <= MAX_LOGPROBS):
+        raise OpenAIError(HTTPStatus.BAD_REQUEST, f"logprobs must be an integer in 0..{MAX_LOGPROBS}",
+                          param="logprobs")
     stop = request.get("stop")
     if stop not in (None, [], ""):
         raise OpenAIError(HTTPStatus.BAD_REQUEST, "stop strings need a tokenizer; use stop_token_ids", param="stop")
@@ -112,7 +116,7 @@ def parse_completion(request: Any, model_name: str) -> CompletionRequest:
                     max_tokens=given("max_tokens", 16),
                     # n choices of one seeded request differ, and each is reproducible.
                     seed=None if seed is None else seed + choice,
-                    stop_token_ids=stop_ids))
+                    stop_token_ids=stop_ids, logprobs=logprobs))
             except (TypeError, ValueError) as exc:
                 field = str(exc).split(" ", 1)[0]
                 raise OpenAIError(HTTPStatus.BAD_REQUEST, str(exc),
@@ -129,13 +133,29 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def token_name(token: int) -> str:
+    """A token where OpenAI expects its text (no tokenizer): vLLM's ``return_tokens_as_token_ids`` form."""
+    return f"token_id:{token}"
+
+
+def logprobs_body(tokens: list[int], logprobs: list[tuple[float, list[tuple[int, float]]]]) -> Optional[dict]:
+    """OpenAI's completion logprobs object (None when the request asked for none)."""
+    if not logprobs:
+        return None
+    return {"tokens": [token_name(t) for t in tokens], "token_logprobs": [lp for lp, _ in logprobs],
+            "top_logprobs": [{token_name(t): v for t, v in top} for _, top in logprobs],
+            "text_offset": [0] * len(tokens)}
+
+
 def completion_body(completion_id: str, model: str, request: CompletionRequest,
                     results: list[dict[str, Any]]) -> dict[str, Any]:
-    """The non-streamed answer; ``results[i]`` is choice i's {"tokens", "finish_reason"} (prompt-major)."""
+    """The non-streamed answer; ``results[i]`` is choice i's {"tokens", "finish_reason", "logprobs"}
+    (prompt-major)."""
     choices = []
     for index, result in enumerate(results):
         prompt = request.prompts[index // request.n]
-        choices.append({"index": index, "text": "", "token_ids": list(result["tokens"]), "logprobs": None,
+        choices.append({"index": index, "text": "", "token_ids": list(result["tokens"]),
+                        "logprobs": logprobs_body(result["tokens"], result.get("logprobs") or []),
                         "finish_reason": result["finish_reason"], "prompt_token_ids": list(prompt)})
     prompt_tokens = sum(len(p) for p in request.prompts)
     completion_tokens = sum(len(r["tokens"]) for r in results)
@@ -144,11 +164,11 @@ def completion_body(completion_id: str, model: str, request: CompletionRequest,
 
 
 def chunk_body(completion_id: str, model: str, index: int, token_ids: list[int],
-               finish_reason: Optional[str]) -> dict[str, Any]:
+               finish_reason: Optional[str], logprobs: Optional[list] = None) -> dict[str, Any]:
     """One streamed chunk (Server-Sent Events ``data:`` line) of choice ``index``."""
     return {"id": completion_id, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": index, "text": "", "token_ids": token_ids, "logprobs": None,
-                         "finish_reason": finish_reason}]}
+            "choices": [{"index": index, "text": "", "token_ids": token_ids,
+                         "logprobs": logprobs_body(token_ids, logprobs or []), "finish_reason": finish_reason}]}
 
 
 def usage_chunk(completion_id: str, model: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:

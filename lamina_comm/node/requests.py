@@ -51,6 +51,8 @@ class RequestHandle:
         self.id = request_id
         self.prompt_tokens = prompt_tokens
         self.tokens: list[int] = []
+        # (logprob, [(token, logprob), ...]) per token, when the request asked for log-probabilities.
+        self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
         self._events: queue.Queue[dict[str, Any]] = queue.Queue()
         self._cancelled = threading.Event()
         self._done = threading.Event()
@@ -106,6 +108,8 @@ class RequestHandle:
     def _emit(self, event: dict[str, Any]) -> None:
         if event["event"] == "token":
             self.tokens.append(event["token"])
+            if "logprob" in event:
+                self.logprobs.append((event["logprob"], event["top_logprobs"]))
         if event["event"] in ("finished", "error"):
             self._done.set()
         self._events.put(event)

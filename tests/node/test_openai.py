@@ -93,3 +93,40 @@ def test_errors_arrive_as_openai_error_objects(client: Any) -> None:
     assert "positions" in long.value.message
     answer = client.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=2, temperature=0)
     assert len(token_ids(answer.choices[0])) == 2  # the server serves on
+
+
+def monolithic_logprobs(prompt: list[int], steps: int, top: int) -> list[tuple[int, float, list[tuple[int, float]]]]:
+    """Greedy tokens with their log-probabilities and the top alternatives, from the monolithic model."""
+    from lamina_comm.model import MonolithicModel, token_logprobs
+    from tests.node.test_disaggregated import CONFIG, tiny_weights
+
+    model = MonolithicModel(CONFIG, tiny_weights())
+    model.add_request("r", len(prompt) + steps)
+    out, entry = [], ("r", list(prompt), 0)
+    for _ in range(steps):
+        logits = model.step([entry])[0]
+        token = int(logits.argmax())
+        logprob, alternatives = token_logprobs(logits, token, top)
+        out.append((token, logprob, alternatives))
+        entry = ("r", [token], entry[2] + len(entry[1]))
+    return out
+
+
+def test_logprobs_are_the_monolithic_models_plain_and_streamed(client: Any) -> None:
+    prompt = prompt_of(5, 6)
+    expected = monolithic_logprobs(prompt, 4, 2)
+    answer = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, logprobs=2)
+    logprobs = answer.choices[0].logprobs
+    assert logprobs.tokens == [f"token_id:{t}" for t, _, _ in expected]
+    assert logprobs.token_logprobs == pytest.approx([lp for _, lp, _ in expected], abs=1e-6)
+    for got, (_, _, alternatives) in zip(logprobs.top_logprobs, expected):
+        assert list(got) == [f"token_id:{t}" for t, _ in alternatives]
+        assert list(got.values()) == pytest.approx([v for _, v in alternatives], abs=1e-6)
+    streamed = [choice.logprobs.token_logprobs[0]
+                for chunk in client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0,
+                                                       logprobs=0, stream=True)
+                for choice in chunk.choices if choice.logprobs]
+    assert streamed == pytest.approx([lp for _, lp, _ in expected], abs=1e-6)
+    with pytest.raises(openai.BadRequestError) as many:
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, logprobs=21)
+    assert many.value.param == "logprobs"
