@@ -209,8 +209,7 @@ class AttentionServer:
                 session.attach(self.accept_data(data_listener, setup.data_spec, timeout))
         except (LaminaError, MemoryError) as exc:
             log.warning("model node %s left during its setup: %r", session.name, exc)
-            self.sessions.append(session)
-            self._end(session, exc)
+            self._end(session, exc)  # frees what shares.add took; it was never in self.sessions
             return
         self.sessions.append(session)
         self._regroup()
@@ -348,9 +347,8 @@ class AttentionServer:
         self._regroup()
 
     def _regroup(self) -> None:
-        live = [session for session in self.sessions if session.data is not None]
-        self._group = ChannelGroup([session.data for session in live]) if live else None
-        self.sessions = live
+        # Every listed session has its data channel: it is listed only once attached.
+        self._group = ChannelGroup([session.data for session in self.sessions]) if self.sessions else None
 
     def count_served(self) -> None:
         """Called per served data message; implements the fault-injection exit."""
