@@ -79,6 +79,12 @@ class _SlotTensors(list):
     __slots__ = ("_kept",)
 
 
+def _kept_layout(tensors: Any) -> "_KeptLayout | None":
+    """The filled tensor table of send_buffers() views handed over as they were, else None."""
+    kept = tensors._kept if type(tensors) is _SlotTensors else None
+    return kept if kept is not None and kept.matches(tensors) else None
+
+
 class Message:
     """A received message: tensors are views over the slot, valid until release().
 
@@ -411,8 +417,8 @@ class Channel:
 
     def _send(self, tensors: Any, layer: int, microbatch: int, flags: int, seq: int,
               timeout: float | None) -> int:
-        kept = tensors._kept if type(tensors) is _SlotTensors else None
-        if kept is not None and kept.matches(tensors):
+        kept = _kept_layout(tensors)
+        if kept is not None:
             # send_buffers() views as they were handed out: their table is filled already.
             self._check_microbatch(microbatch)
             vec, count, source = kept.vec, kept.count, ffi.NULL

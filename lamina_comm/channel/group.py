@@ -5,7 +5,7 @@ from typing import Any, Callable, Sequence
 
 from .._bindings import error_of, ffi, lib
 from ..errors import InvalidArgumentError, LaminaError, TimeoutError_
-from .core import Channel, Message, _fill_tensors, _SlotTensors
+from .core import Channel, Message, _fill_tensors, _kept_layout
 from .spec import MAX_TENSORS
 
 
@@ -48,10 +48,12 @@ class ChannelGroup:
         """Post messages[i] (a tensor or a sequence of them) on channel i; their sequence numbers."""
         if len(messages) != len(self.channels):
             raise InvalidArgumentError(f"{len(messages)} messages for {len(self.channels)} channels")
+        if len(self.channels) == 1:
+            return [self._only(lambda c: c.send(messages[0], layer=layer, microbatch=microbatch, timeout=timeout))]
         at, sources = 0, []
         for i, (channel, tensors) in enumerate(zip(self.channels, messages)):
-            kept = tensors._kept if type(tensors) is _SlotTensors else None
-            if kept is not None and kept.matches(tensors):
+            kept = _kept_layout(tensors)
+            if kept is not None:
                 # send_buffers() views as handed out: their table is filled already.
                 ffi.memmove(self._tensors + at, kept.vec, kept.count * _TENSOR_BYTES)
                 self._counts[i] = kept.count
@@ -74,6 +76,15 @@ class ChannelGroup:
             raise self._error(rc)
         return [self._seqs[i] for i in range(len(self.channels))]
 
+    def _only(self, call: Callable[[Channel], Any]) -> Any:
+        """A group of one channel makes that channel's own call (fewer steps than the group's native
+        loop); its errors name the channel as the group's do."""
+        try:
+            return call(self.channels[0])
+        except LaminaError as exc:
+            exc.channel_index = 0
+            raise
+
     def _error(self, rc: int) -> LaminaError:
         """The typed error of a group call; .channel_index names the channel it came from (or None)."""
         index = self._failed[0]
@@ -87,6 +98,8 @@ class ChannelGroup:
         if microbatch is not None:
             self.channels[0]._check_microbatch(microbatch)
         n = len(self.channels)
+        if n == 1:
+            return [self._only(lambda c: c.recv(microbatch, timeout))]
         rc = lib.lm_chan_recv_group(self._handles(), n, -1 if microbatch is None else microbatch, self._msgs,
                                     self._timeout_ms(timeout), self._taken, self._failed)
         if rc < 0:
@@ -117,6 +130,8 @@ class ChannelGroup:
         """
         if microbatch is not None:
             self.channels[0]._check_microbatch(microbatch)
+        if len(self.channels) == 1:
+            return 0, self._only(lambda c: c.recv(microbatch, timeout))
         rc = lib.lm_chan_recv_any(self._handles(), len(self.channels), -1 if microbatch is None else microbatch,
                                   self._msgs, self._timeout_ms(timeout), self._failed)
         if rc < 0:

@@ -128,10 +128,7 @@ class RemoteAttention:
         """
         self._check_microbatch(microbatch)
         if type(q) is LayerBuffers:
-            # Slot views go by the tables send_buffers() filled: one native call per rank, no description.
-            for channel, views in zip(self.channels, q.views):
-                channel.send(views, layer=layer, microbatch=microbatch, timeout=timeout)
-            return SendHandle(self.channels, [channel.send_token() for channel in self.channels])
+            messages = q.views  # slot views go by the tables send_buffers() filled, without a description
         else:
             if k is None or v is None:
                 raise InvalidArgumentError("send(q, k, v) needs all three, or one LayerBuffers")
@@ -183,10 +180,7 @@ class RemoteAttention:
         out of the slots (one copy, bit for bit) and the slots released.
         """
         destinations = self._destinations(out)
-        if len(self.channels) == 1:  # the single channel's own receive: fewer steps than the group's
-            messages = [self.channels[0].recv(microbatch, timeout)]
-        else:
-            messages = self._group.recv(microbatch, timeout)
+        messages = self._group.recv(microbatch, timeout)
         try:
             for rank, (message, destination) in enumerate(zip(messages, destinations)):
                 if message.layer != layer:

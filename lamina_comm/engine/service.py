@@ -125,10 +125,7 @@ class AttentionService:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if len(self.channels) == 1:  # the single channel's own receive: fewer steps than recv_any
-                index, message = 0, self.channels[0].recv(timeout=left)
-            else:
-                index, message = self._group.recv_any(timeout=left)
+            index, message = self._group.recv_any(timeout=left)
             if message.microbatch != self.shape.metadata_microbatch:
                 return LayerRequest(self, index, message, self._metadata.get((index, message.microbatch)))
             self._keep_metadata(index, message)
