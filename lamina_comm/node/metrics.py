@@ -38,56 +38,55 @@ class _Metric:
         self._metric = self.kind(name, help_text, self.label_names, registry=registry, **options)
         self._lock = threading.Lock()
 
-    def _child(self, labels: Mapping[str, object]):  # noqa: ANN202 - a prometheus_client child
+    def _key(self, labels: Mapping[str, object]) -> LabelValues:
         if set(labels) != set(self.label_names):
             raise ValueError(f"{self.name} takes labels {self.label_names}, got {sorted(labels)}")
-        return self._metric.labels(**{k: str(v) for k, v in labels.items()}) if self.label_names else self._metric
+        return tuple(str(labels[name]) for name in self.label_names)
+
+    def _child(self, key: LabelValues):  # noqa: ANN202 - a prometheus_client child
+        return self._metric.labels(*key) if self.label_names else self._metric
 
 
-class Counter(_Metric):
-    kind = prometheus_client.Counter
-
-    def __init__(self, registry: CollectorRegistry, name: str, help_text: str, labels: Sequence[str] = ()):
-        # prometheus_client adds the _total suffix itself.
-        super().__init__(registry, name[:-len("_total")] if name.endswith("_total") else name, help_text, labels)
-        self._values: dict[LabelValues, float] = {}
-
-    def inc(self, amount: float = 1.0, **labels: object) -> None:
-        if amount < 0:
-            raise ValueError("a counter only goes up")
-        self._child(labels).inc(amount)
-        with self._lock:
-            key = tuple(str(labels[name]) for name in self.label_names)
-            self._values[key] = self._values.get(key, 0.0) + amount
-
-    def value(self, **labels: object) -> float:
-        self._child(labels)  # checks the label names
-        with self._lock:
-            return self._values.get(tuple(str(labels[name]) for name in self.label_names), 0.0)
-
-
-class Gauge(_Metric):
-    kind = prometheus_client.Gauge
+class _Valued(_Metric):
+    """A counter or gauge whose values are kept beside prometheus_client's, to be read back."""
 
     def __init__(self, registry: CollectorRegistry, name: str, help_text: str, labels: Sequence[str] = ()):
         super().__init__(registry, name, help_text, labels)
         self._values: dict[LabelValues, float] = {}
 
-    def set(self, value: float, **labels: object) -> None:
-        self._child(labels).set(value)
-        with self._lock:
-            self._values[tuple(str(labels[name]) for name in self.label_names)] = float(value)
-
     def inc(self, amount: float = 1.0, **labels: object) -> None:
-        self._child(labels).inc(amount)
+        key = self._key(labels)
+        self._child(key).inc(amount)
         with self._lock:
-            key = tuple(str(labels[name]) for name in self.label_names)
             self._values[key] = self._values.get(key, 0.0) + amount
 
     def value(self, **labels: object) -> float:
-        self._child(labels)
+        key = self._key(labels)
         with self._lock:
-            return self._values.get(tuple(str(labels[name]) for name in self.label_names), 0.0)
+            return self._values.get(key, 0.0)
+
+
+class Counter(_Valued):
+    kind = prometheus_client.Counter
+
+    def __init__(self, registry: CollectorRegistry, name: str, help_text: str, labels: Sequence[str] = ()):
+        # prometheus_client adds the _total suffix itself.
+        super().__init__(registry, name[:-len("_total")] if name.endswith("_total") else name, help_text, labels)
+
+    def inc(self, amount: float = 1.0, **labels: object) -> None:
+        if amount < 0:
+            raise ValueError("a counter only goes up")
+        super().inc(amount, **labels)
+
+
+class Gauge(_Valued):
+    kind = prometheus_client.Gauge
+
+    def set(self, value: float, **labels: object) -> None:
+        key = self._key(labels)
+        self._child(key).set(value)
+        with self._lock:
+            self._values[key] = float(value)
 
 
 class Histogram(_Metric):
@@ -99,16 +98,17 @@ class Histogram(_Metric):
         self._totals: dict[LabelValues, list[float]] = {}
 
     def observe(self, value: float, **labels: object) -> None:
-        self._child(labels).observe(value)
+        key = self._key(labels)
+        self._child(key).observe(value)
         with self._lock:
-            total = self._totals.setdefault(tuple(str(labels[name]) for name in self.label_names), [0, 0.0])
+            total = self._totals.setdefault(key, [0, 0.0])
             total[0] += 1
             total[1] += value
 
     def count_and_sum(self, **labels: object) -> tuple[int, float]:
-        self._child(labels)
+        key = self._key(labels)
         with self._lock:
-            count, total = self._totals.get(tuple(str(labels[name]) for name in self.label_names), [0, 0.0])
+            count, total = self._totals.get(key, [0, 0.0])
             return int(count), float(total)
 
 
