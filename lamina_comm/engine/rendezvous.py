@@ -135,8 +135,10 @@ class RendezvousServer:
 
     def missing(self) -> list[tuple[str, int]]:
         with self._changed:
-            return [(role, rank) for role in ROLES for rank in range(self.sizes[role])
-                    if (role, rank) not in self._ranks]
+            return self._missing_locked()
+
+    def _missing_locked(self) -> list[tuple[str, int]]:
+        return [(role, rank) for role in ROLES for rank in range(self.sizes[role]) if (role, rank) not in self._ranks]
 
     def _accept_loop(self) -> None:
         while not self._closed:
@@ -208,8 +210,7 @@ class RendezvousServer:
         last_missing: Optional[list[tuple[str, int]]] = None
         while True:
             with self._changed:
-                missing = [(role, rank) for role in ROLES for rank in range(self.sizes[role])
-                           if (role, rank) not in self._ranks]
+                missing = self._missing_locked()
                 if missing and missing == last_missing and not self._closed:
                     self._changed.wait(1.0)
                     continue
