@@ -175,20 +175,26 @@ class ReplicaCluster:
             self.errors.append(exc)
 
     def run(self) -> None:
-        attention = threading.Thread(target=self._attention, daemon=True)
-        replicas = [threading.Thread(target=self._replica, args=(r,), daemon=True)
-                    for r in range(self.rotation.replicas)]
-        attention.start()
-        for t in replicas:
-            t.start()
-        for t in replicas:
-            t.join(DEADLOCK_TIMEOUT_S * 3)
-        self.stop.set()
-        attention.join(DEADLOCK_TIMEOUT_S)
-        assert not any(t.is_alive() for t in replicas), "a replica never finished: deadlock"
-        assert not attention.is_alive()
-        if self.errors:
-            raise self.errors[0]
+        run_threaded(self, DEADLOCK_TIMEOUT_S)
+
+
+def run_threaded(cluster: Any, timeout_s: float) -> None:
+    """Run a harness's ``_attention`` thread and one ``_replica(r)`` thread per replica; a replica that
+    has not finished within 3 x ``timeout_s`` is a deadlock; the first error a replica hit is raised."""
+    attention = threading.Thread(target=cluster._attention, daemon=True)
+    replicas = [threading.Thread(target=cluster._replica, args=(r,), daemon=True)
+                for r in range(cluster.rotation.replicas)]
+    attention.start()
+    for t in replicas:
+        t.start()
+    for t in replicas:
+        t.join(timeout_s * 3)
+    cluster.stop.set()
+    attention.join(timeout_s)
+    assert not any(t.is_alive() for t in replicas), "a replica never finished: deadlock"
+    assert not attention.is_alive()
+    if cluster.errors:
+        raise cluster.errors[0]
 
 
 def sequential_finals(num_layers: int, microbatches: int, steps: int) -> list[list[np.ndarray]]:

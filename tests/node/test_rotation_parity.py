@@ -23,6 +23,7 @@ from lamina_comm.model import ModelTier, PagedKVCache, StepInputs, split_kv_head
 from lamina_comm.pipeline import Rotation, run_replica, serve_attention
 from tests.node.test_disaggregated import (CONFIG, Record, greedy, prompt_of, reference_tokens, replay_on_monolithic,
                                            tiny_weights)
+from tests.test_rotation import run_threaded
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -139,19 +140,7 @@ class RotatingCluster:
             self.errors.append(exc)
 
     def run(self) -> None:
-        attention = threading.Thread(target=self._attention, daemon=True)
-        replicas = [threading.Thread(target=self._replica, args=(r,), daemon=True)
-                    for r in range(self.rotation.replicas)]
-        attention.start()
-        for thread in replicas:
-            thread.start()
-        for thread in replicas:
-            thread.join(TIMEOUT_S * 4)
-        self.stop.set()
-        attention.join(TIMEOUT_S)
-        assert not any(t.is_alive() for t in replicas), "a replica never finished: deadlock"
-        if self.errors:
-            raise self.errors[0]
+        run_threaded(self, TIMEOUT_S)
 
 
 @pytest.mark.parametrize(("replicas", "microbatches"), [(2, 3), (2, 2), (1, 2)])
