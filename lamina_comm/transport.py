@@ -18,7 +18,7 @@ import struct
 import threading
 import time
 import weakref
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -218,13 +218,24 @@ class Endpoint:
         """Post a one-sided write; returns its wr_id. With imm, the peer gets a RECV_IMM completion."""
         length = local.nbytes - local_offset if length is None else length
         wr_id = next(self._wr_ids) if wr_id is None else wr_id
-        flags = 0
-        if imm is not None:
-            if not 0 <= imm < 2**32:
-                raise InvalidArgumentError(f"immediate {imm} does not fit 32 bits")
-            flags = lib.LM_WRITE_IMM
         check(lib.lm_ep_write(self._handle(), local._handle(), local_offset, length, remote._native,
-                              remote_offset, imm or 0, flags, wr_id), "write")
+                              remote_offset, imm or 0, _imm_flags(imm), wr_id), "write")
+        return wr_id
+
+    def writev(self, local: MemoryRegion, pieces: Sequence[tuple[int, int]], remote: RemoteRegion, *,
+               remote_offset: int = 0, imm: int | None = None, wr_id: int | None = None) -> int:
+        """Post a gather write: the (offset, length) pieces of local, concatenated, land at remote_offset.
+
+        One completion, like write(); no copy (tcp: one iovec list, verbs: scatter-gather entries).
+        """
+        if not pieces or len(pieces) > lib.LM_MAX_SEGS:
+            raise InvalidArgumentError(f"a gather write takes 1..{lib.LM_MAX_SEGS} pieces, got {len(pieces)}")
+        segs = ffi.new("lm_seg_t[]", len(pieces))
+        for seg, (offset, length) in zip(segs, pieces):
+            seg.offset, seg.length = offset, length
+        wr_id = next(self._wr_ids) if wr_id is None else wr_id
+        check(lib.lm_ep_writev(self._handle(), local._handle(), segs, len(pieces), remote._native, remote_offset,
+                               imm or 0, _imm_flags(imm), wr_id), "writev")
         return wr_id
 
     def read(self, local: MemoryRegion, remote: RemoteRegion, *, local_offset: int = 0,
@@ -364,6 +375,15 @@ class Listener:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _imm_flags(imm: int | None) -> int:
+    """LM_WRITE_IMM when an immediate is given (checked to fit 32 bits), else 0."""
+    if imm is None:
+        return 0
+    if not 0 <= imm < 2**32:
+        raise InvalidArgumentError(f"immediate {imm} does not fit 32 bits")
+    return lib.LM_WRITE_IMM
 
 
 def _parse_address(addr: str | tuple[str, int]) -> tuple[str, int]:

@@ -173,6 +173,109 @@ def test_non_contiguous_tensor_is_staged_once(pair):
         assert same_bits(msg.tensors[0], strided)
 
 
+def fused_qkv(contexts, tokens: int = 4, torch_tensors: bool = False):
+    """A registered fused qkv activation [tokens, (4 + 2 + 2) * 16] and its q, k, v column views."""
+    rng = np.random.default_rng(tokens)
+    backing = rng.standard_normal((tokens, 8 * 16)).astype(np.float16)
+    region = contexts[0].register(backing)
+    fused = backing
+    if torch_tensors:
+        torch = pytest.importorskip("torch")
+        fused = torch.from_numpy(backing)
+    q = fused[:, :64].reshape(tokens, 4, 16)
+    k = fused[:, 64:96].reshape(tokens, 2, 16)
+    v = fused[:, 96:].reshape(tokens, 2, 16)
+    return region, backing, (q, k, v)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_fused_qkv_split_is_gathered_without_a_copy(contexts, pair, kind):
+    model, attention = pair
+    region, backing, (q, k, v) = fused_qkv(contexts, torch_tensors=kind == "torch")
+    assert not (q.flags.c_contiguous if kind == "numpy" else q.is_contiguous())
+    model.add_source_region(region)
+    token = None
+    for layer in range(3):
+        model.send((q, k, v), layer=layer, microbatch=layer % 2)
+        token = model.send_token()
+    m = model.metrics
+    assert (m.gather_messages, m.staged_messages, m.staged_bytes) == (3, 0, 0), m
+    model.wait_sent(token, timeout=WAIT_S)
+    for layer in range(3):
+        with attention.recv(timeout=WAIT_S) as msg:
+            got = msg.tensors
+            assert msg.layer == layer and [t.shape for t in got] == [Q_SHAPE, KV_SHAPE, KV_SHAPE]
+            assert same_bits(got[0], backing[:, :64].reshape(Q_SHAPE))
+            assert same_bits(got[1], backing[:, 64:96].reshape(KV_SHAPE))
+            assert same_bits(got[2], backing[:, 96:].reshape(KV_SHAPE))
+
+
+def test_gather_keeps_alignment_between_odd_sized_tensors(contexts, pair):
+    model, attention = pair
+    backing = np.arange(4 * 400, dtype=np.uint32).astype(np.uint8).reshape(4, 400)
+    region = contexts[0].register(backing)
+    model.add_source_region(region)
+    a, b = backing[:, :65], backing[:, 200:270]  # 260 B then 280 B: a run ends at the padding after a
+    model.send((a, b), layer=0, microbatch=0)
+    assert model.metrics.gather_messages == 1 and model.metrics.staged_bytes == 0
+    with attention.recv(timeout=WAIT_S) as msg:
+        assert same_bits(msg.tensors[0], a) and same_bits(msg.tensors[1], b)
+
+
+def test_short_strided_rows_are_copied_rather_than_gathered(contexts, pair):
+    model, attention = pair
+    backing = np.arange(4 * 64, dtype=np.float16).reshape(4, 64)
+    model.add_source_region(contexts[0].register(backing))
+    narrow = backing[:, :16]  # 32-byte rows: a copy is cheaper than a gather entry each
+    model.send(narrow, layer=0, microbatch=0)
+    assert model.metrics.gather_messages == 0 and model.metrics.staged_bytes == narrow.nbytes
+    with attention.recv(timeout=WAIT_S) as msg:
+        assert same_bits(msg.tensors[0], narrow)
+
+
+def test_strided_view_outside_a_region_is_copied_in_rows(pair):
+    model, attention = pair
+    wide = np.arange(4 * 128, dtype=np.float16).reshape(4, 128)
+    q = wide[:, 32:96].reshape(Q_SHAPE)
+    model.send(q, layer=0, microbatch=0)
+    assert model.metrics.staged_bytes == q.nbytes and model.metrics.gather_messages == 0
+    with attention.recv(timeout=WAIT_S) as msg:
+        assert same_bits(msg.tensors[0], q)
+
+
+def test_more_rows_than_one_gather_list_holds_are_copied(contexts):
+    big = ChannelSpec(max_tokens=1100, hidden=64, heads=4, kv_heads=2, head_dim=16, dtype="float16",
+                      microbatches=1, slots_per_microbatch=1)
+    model, attention = open_pair(*contexts, spec=big)
+    with model, attention:
+        backing = np.arange(32 * (lib.LM_MAX_SEGS + 1), dtype=np.int32).reshape(-1, 32)
+        model.add_source_region(contexts[0].register(backing))
+        column = backing[:, :16]  # LM_MAX_SEGS + 1 rows of 64 B, 128 B apart
+        model.send(column, layer=0, microbatch=0)
+        assert model.metrics.gather_messages == 0 and model.metrics.staged_bytes == column.nbytes
+        with attention.recv(timeout=WAIT_S) as msg:
+            assert same_bits(msg.tensors[0], column)
+
+
+@pytest.mark.parametrize("make, rows", [
+    (lambda a: a[:, 16:48], (8, 128)),           # a column block: 8 rows, 128 B apart
+    (lambda a: a[2:6], (0, 0)),                  # contiguous rows
+    (lambda a: a.reshape(8, 4, 16)[:, 1:3], (8, 128)),  # heads 1..2 of every token
+    (lambda a: a[::2, :16], (4, 256)),           # every other token
+    (lambda a: a.T, None),                       # transposed: no row structure
+    (lambda a: a[:, ::2], (256, 4)),             # every other element: 2-byte rows
+    (lambda a: a[:, ::-1], None),                # reversed: no row structure
+])
+def test_views_are_described_as_rows(make, rows):
+    from lamina_comm.channel.views import _describe
+    view = make(np.zeros((8, 64), np.float16))
+    info = _describe(view)
+    if rows is None:
+        assert info.address is None
+    else:
+        assert (info.rows, info.row_stride) == rows and info.address is not None
+
+
 def test_message_larger_than_a_slot_is_refused(pair):
     model, _ = pair
     with pytest.raises(lc.InvalidArgumentError, match="exceeds"):

@@ -151,7 +151,7 @@ def test_recv_into_lands_every_ranks_heads_bit_for_bit(cluster: Cluster) -> None
             assert torch.equal(out.view(7, 8, 16), cluster.expected(q))
 
 
-def test_slot_buffers_go_without_a_copy_and_sliced_tensors_are_counted_as_staged(cluster: Cluster) -> None:
+def test_slot_buffers_go_without_a_copy_and_unregistered_slices_are_counted_as_staged(cluster: Cluster) -> None:
     q, k, v = torch.randn(5, 8, 16), torch.randn(5, 4, 16), torch.randn(5, 4, 16)
     buffers = cluster.remote.buffers(0, 5)
     buffers.scatter(q, k, v)  # a real model tier computes into them instead
@@ -159,9 +159,29 @@ def test_slot_buffers_go_without_a_copy_and_sliced_tensors_are_counted_as_staged
     out = cluster.remote.recv_into(torch.empty(5, 8, 16), layer=0, microbatch=0)
     assert torch.equal(out, cluster.expected(q)) and cluster.staged_bytes() == 0
 
-    cluster.remote.send(q, k, v, layer=1, microbatch=0)  # each rank's head share is a strided slice
+    cluster.remote.send(q, k, v, layer=1, microbatch=0)  # strided slices of unregistered memory: copied
     cluster.remote.recv_into(out, layer=1, microbatch=0)
     assert cluster.staged_bytes() == q.nbytes + k.nbytes + v.nbytes
+
+
+def test_a_fused_qkv_split_across_ranks_goes_without_a_copy(cluster: Cluster) -> None:
+    tokens = 6
+    # The projection's fused output, token by token q | k | v, registered once: every rank's head
+    # share of q, k and v is a strided column block of it, sent as a gather list of its rows.
+    fused = torch.zeros(tokens, (8 + 4 + 4) * 16)
+    cluster.remote.register_source(fused)
+    q, k, v = fused[:, :128].unflatten(1, (8, 16)), fused[:, 128:192].unflatten(1, (4, 16)), \
+        fused[:, 192:].unflatten(1, (4, 16))
+    for layer in range(3):
+        fused.normal_()
+        expected = cluster.expected(q.clone())
+        handle = cluster.remote.send(q, k, v, layer=layer, microbatch=layer % 2)
+        handle.wait(TIMEOUT_S)  # the transport has read the rows: the buffer may be written again
+        fused.zero_()
+        out = cluster.remote.recv_into(torch.empty(tokens, 8, 16), layer=layer, microbatch=layer % 2)
+        assert torch.equal(out, expected)
+    metrics = [channel.metrics for channel in cluster.remote.channels]
+    assert [(m.gather_messages, m.staged_bytes, m.staged_messages) for m in metrics] == [(3, 0, 0)] * 2
 
 
 def test_a_send_handle_says_when_the_writes_completed(cluster: Cluster) -> None:

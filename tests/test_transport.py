@@ -70,6 +70,64 @@ def test_multiprocess_writes_verified_by_hash(peer_factory):
     assert done["sha256"] == hashlib.sha256(shadow.tobytes()).hexdigest()
 
 
+def random_pieces(rng: np.random.Generator, size: int, count: int, max_len: int) -> list[tuple[int, int]]:
+    """count (offset, length) pieces of a size-byte region, some empty, in no particular order."""
+    lengths = rng.integers(0, max_len, count)
+    return [(int(rng.integers(0, size - n + 1)), int(n)) for n in lengths]
+
+
+def test_gather_writes_land_byte_for_byte(contexts):
+    a, b = contexts
+    rng = np.random.default_rng(7)
+    target = np.zeros(1 << 20, np.uint8)
+    source = rng.integers(0, 256, 1 << 20, dtype=np.uint8)
+    mt, ms = b.register(target), a.register(source)
+    ca, cb = connect_pair(b, a, server_data=mt.descriptor().to_bytes())
+    expected = np.zeros_like(target)
+    # 2 to 1000 pieces: beyond one sendmsg's iovec list, so partial sends resume mid-frame.
+    counts = [2, 3, 17, 64, 65, 200, 1000] + [int(c) for c in rng.integers(2, 300, 30)]
+    for i, count in enumerate(counts):
+        pieces = random_pieces(rng, source.size, count, 2048)
+        total = sum(n for _, n in pieces)
+        dst_off = int(rng.integers(0, target.size - total + 1))
+        ca.writev(ms, pieces, desc_of(ca), remote_offset=dst_off, imm=i)
+        expected[dst_off:dst_off + total] = np.concatenate([source[o:o + n] for o, n in pieces])
+    imms, done = [], []
+    while len(imms) < len(counts):
+        imms += [c.imm for c in cb.wait(timeout=10) if c.op == lc.Op.RECV_IMM]
+    while len(done) < len(counts):
+        done += ca.wait(timeout=10)
+    assert imms == list(range(len(counts))), "one immediate per gather write, in order"
+    assert all(c.ok and c.op == lc.Op.WRITE for c in done) and len(done) == len(counts)
+    assert np.array_equal(target, expected)
+
+
+def test_gather_write_checks_every_piece_locally(contexts):
+    a, b = contexts
+    target = np.zeros(4096, np.uint8)
+    source = np.ones(4096, np.uint8)
+    mt, ms = b.register(target), a.register(source)
+    ca, _ = connect_pair(b, a, server_data=mt.descriptor().to_bytes())
+    with pytest.raises(lc.InvalidArgumentError, match="local range"):
+        ca.writev(ms, [(0, 10), (4090, 10)], desc_of(ca))
+    with pytest.raises(lc.InvalidArgumentError, match="pieces"):
+        ca.writev(ms, [], desc_of(ca))
+    assert ca.outstanding == 0 and not target.any()
+
+
+def test_refused_gather_write_leaves_target_untouched(contexts):
+    a, b = contexts
+    target = np.zeros(4096, np.uint8)
+    source = np.full(4096, 0xAB, np.uint8)
+    mt, ms = b.register(target), a.register(source)
+    ca, cb = connect_pair(b, a)
+    ca.writev(ms, [(0, 100), (200, 100)], mt.descriptor(), remote_offset=3990, imm=1)
+    mine = ca.wait_one(timeout=10)
+    assert mine.op == lc.Op.WRITE and isinstance(mine.error(), lc.OutOfBoundsError)
+    theirs = cb.wait_one(timeout=10)
+    assert theirs.op == lc.Op.REFUSED and not target.any()
+
+
 @pytest.mark.parametrize("case", ["bad key", "out of range", "no remote write", "after deregistration"])
 def test_refused_writes_leave_target_untouched(contexts, case):
     a, b = contexts

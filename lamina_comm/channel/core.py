@@ -36,6 +36,7 @@ class ChannelMetrics:
     slot_messages: int = 0
     region_messages: int = 0
     staged_messages: int = 0
+    gather_messages: int = 0
     credit_waits: int = 0
     credit_wait_seconds: float = 0.0
     messages_received: int = 0
@@ -289,7 +290,8 @@ class Channel:
         return ChannelMetrics(
             messages=st.messages, bytes_sent=st.bytes_sent, staged_bytes=st.staged_bytes + staged_bytes,
             slot_messages=st.slot_messages - staged_messages, region_messages=st.region_messages,
-            staged_messages=st.staged_messages + staged_messages, credit_waits=st.credit_waits,
+            staged_messages=st.staged_messages + staged_messages, gather_messages=st.gather_messages,
+            credit_waits=st.credit_waits,
             credit_wait_seconds=st.credit_wait_ns / 1e9, messages_received=st.messages_received,
             bytes_received=st.bytes_received, credits_returned=st.credits_returned,
             credits_piggybacked=st.credits_piggybacked)
@@ -394,9 +396,12 @@ class Channel:
 
         Returns once the writes are posted; waits only for the slot's credit.
         Tensors from send_buffers()/send_slot() go without a copy, as do
-        tensors packed in a registered region known to the channel (its own
-        region or add_source_region()); keep those unchanged until flush().
-        Anything else is copied once into the send slot (metrics.staged_bytes).
+        tensors in a registered region known to the channel (its own region
+        or add_source_region()): packed ones in one write, strided views
+        (q, k, v split out of a fused qkv) and scattered ones as a gather list
+        of their rows (metrics.gather_messages); keep those unchanged until
+        sent(send_token()) or flush(). Anything else is copied once into the
+        send slot (metrics.staged_bytes).
         """
         return self._send(tensors, layer, microbatch, 0, 0, timeout)
 
@@ -594,6 +599,8 @@ def _fill_tensors(vec: Any, start: int, infos: list[_TensorInfo]) -> None:
         t = vec[start + i]
         t.addr = info.address
         t.nbytes = info.nbytes
+        t.rows = info.rows
+        t.row_stride = info.row_stride
         t.dtype = _WIRE_CODE[info.dtype_name]
         t.ndim = len(info.shape)
         for d, size in enumerate(info.shape):

@@ -2,8 +2,9 @@
 
 Received tensors are numpy views over slot memory that remember their wire
 dtype (numpy has no bfloat16); torch tensors share that memory; an outgoing
-tensor is described once (address, shape, dtype) and staged only when it is
-not contiguous host memory.
+tensor is described once (address, shape, dtype, and for a strided view its
+rows) and staged here only when it is not host memory in rows (device
+tensors, views with no row structure).
 """
 from __future__ import annotations
 
@@ -82,7 +83,39 @@ class _TensorInfo:
     dtype_name: str
     shape: tuple[int, ...]
     nbytes: int
-    address: int | None  # contiguous host memory, else None (must be staged)
+    address: int | None  # host memory, contiguous or in rows; else None (must be staged)
+    rows: int = 0  # > 1: a strided view of nbytes // rows bytes per row, row_stride apart
+    row_stride: int = 0
+
+
+_MAX_ROWS = 2**32 - 1
+
+
+def _rows(shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int) -> tuple[int, int] | None:
+    """(rows, row_stride) of a view made of equally spaced contiguous rows; (0, 0) if contiguous.
+
+    A column block of a wider tensor (q out of a fused qkv) is such a view:
+    the native side sends it as a gather list of its rows, without a copy.
+    None: no such structure (transposed, negative or overlapping strides).
+    """
+    dims = [(n, st) for n, st in zip(shape, strides) if n != 1]
+    contiguous_bytes, k = itemsize, len(dims)
+    while k > 0 and dims[k - 1][1] == contiguous_bytes:  # the contiguous tail is one row
+        contiguous_bytes *= dims[k - 1][0]
+        k -= 1
+    if k == 0 or contiguous_bytes == 0:
+        return 0, 0
+    step = dims[k - 1][1]
+    if step < contiguous_bytes:
+        return None
+    rows, expected = 1, step
+    for j in range(k - 1, -1, -1):  # the leading dimensions must flatten into one
+        n, st = dims[j]
+        if st != expected:
+            return None
+        rows *= n
+        expected *= n
+    return (rows, step) if rows <= _MAX_ROWS else None
 
 
 def _describe(obj: Any) -> _TensorInfo:
@@ -100,9 +133,17 @@ def _describe(obj: Any) -> _TensorInfo:
 
 def _describe_torch(t: Any) -> _TensorInfo:
     name = dtypes.canonical(t.dtype)
-    nbytes = t.numel() * t.element_size()
-    host_contiguous = t.device.type == "cpu" and t.is_contiguous()
-    return _TensorInfo(t, name, tuple(t.shape), nbytes, t.data_ptr() if host_contiguous else None)
+    size = t.element_size()
+    nbytes = t.numel() * size
+    shape = tuple(t.shape)
+    if t.device.type != "cpu":
+        return _TensorInfo(t, name, shape, nbytes, None)
+    if t.is_contiguous():
+        return _TensorInfo(t, name, shape, nbytes, t.data_ptr())
+    rows = _rows(shape, tuple(st * size for st in t.stride()), size)
+    if rows is None:
+        return _TensorInfo(t, name, shape, nbytes, None)
+    return _TensorInfo(t, name, shape, nbytes, t.data_ptr(), *rows)
 
 
 def _describe_numpy(obj: Any) -> _TensorInfo:
@@ -110,8 +151,13 @@ def _describe_numpy(obj: Any) -> _TensorInfo:
     name = getattr(arr, "_wire", None) or _NAME_BY_STORAGE.get(arr.dtype) or dtypes.canonical(arr.dtype)
     if _STORAGE[name] != arr.dtype:
         raise InvalidArgumentError(f"array stored as {arr.dtype} cannot carry {name}")
-    address = arr.__array_interface__["data"][0] if arr.flags.c_contiguous else None
-    return _TensorInfo(arr, name, tuple(arr.shape), arr.nbytes, address)
+    address = arr.__array_interface__["data"][0]
+    if arr.flags.c_contiguous:
+        return _TensorInfo(arr, name, tuple(arr.shape), arr.nbytes, address)
+    rows = _rows(arr.shape, arr.strides, arr.itemsize)
+    if rows is None:
+        return _TensorInfo(arr, name, tuple(arr.shape), arr.nbytes, None)
+    return _TensorInfo(arr, name, tuple(arr.shape), arr.nbytes, address, *rows)
 
 
 def _copy_into(dst: np.ndarray, info: _TensorInfo) -> None:

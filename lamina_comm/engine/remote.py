@@ -123,8 +123,11 @@ class RemoteAttention:
              timeout: Optional[float] = None) -> SendHandle:
         """Post a layer's q/k/v to every rank: ``LayerBuffers`` (no copy), or full-head q, k, v.
 
-        Full-head tensors are sliced per rank; a slice that is not contiguous
-        is copied once into the slot (the channels count it as staged).
+        Full-head tensors are sliced per rank. Slices of memory registered
+        with ``register_source`` (a fused qkv output, or q, k, v back to back)
+        go without a copy, strided ones as gather lists of their rows; slices
+        of unregistered memory are copied once into the slot (the channels
+        count them as staged).
         """
         self._check_microbatch(microbatch)
         if type(q) is LayerBuffers:
@@ -162,9 +165,10 @@ class RemoteAttention:
     def register_source(self, memory: Any) -> MemoryRegion:
         """Register host memory the caller computes q/k/v into (a torch or numpy buffer).
 
-        A rank's share that lies contiguous in it (and packed with the others'
-        of the same message) is then written from there, with no copy: keep it
-        unchanged until the ``SendHandle`` is done.
+        Every rank's share of q, k, v that lies in it is then written from
+        there with no copy (packed shares in one write, strided column blocks
+        of a fused tensor as a gather list of rows): keep it unchanged until
+        the ``SendHandle`` is done.
         """
         region = self._context.register(memory)
         self._sources.append(region)

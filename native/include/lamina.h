@@ -202,6 +202,24 @@ uint32_t lm_ep_caps(lm_ep_t *ep);
 int lm_ep_write(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t length,
                 const lm_rdesc_t *remote, uint64_t remote_off, uint32_t imm,
                 uint32_t flags, uint64_t wr_id);
+/* One piece of a gather write: [offset, +length) of the local region. */
+typedef struct lm_seg {
+    uint64_t offset;
+    uint64_t length;
+} lm_seg_t;
+#define LM_MAX_SEGS 4096
+/* A gather write: the concatenation of nsegs pieces of one local region
+ * (a strided view: rows of a fused tensor) lands as one contiguous write at
+ * remote_off, with the semantics of lm_ep_write (one completion; the
+ * immediate after every byte). No copy: tcp sends the pieces with one
+ * sendmsg iovec list, verbs posts them as scatter-gather lists (several per
+ * work request, up to the device's max_send_sge). The segment list is copied;
+ * the caller may reuse it at once. Errors as lm_ep_write, and
+ * LM_ERR_INVALID for nsegs outside 1..LM_MAX_SEGS or a piece outside the
+ * region. */
+int lm_ep_writev(lm_ep_t *ep, lm_mr_t *local, const lm_seg_t *segs, uint32_t nsegs,
+                 const lm_rdesc_t *remote, uint64_t remote_off, uint32_t imm, uint32_t flags,
+                 uint64_t wr_id);
 /* Post a one-sided read into a region with LM_ACCESS_LOCAL_WRITE; returns
  * as lm_ep_write. */
 int lm_ep_read(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t length,
@@ -281,6 +299,11 @@ typedef struct lm_chan_tensor {
     uint32_t shape[4];
     uint8_t dtype;            /* wire code (docs/channel.md) */
     uint8_t ndim;
+    /* Send only: rows > 1 describes a strided tensor, nbytes / rows bytes at
+     * addr + r * row_stride for r < rows (a column block of a fused qkv
+     * tensor); 0 or 1: contiguous. Received tensors are always contiguous. */
+    uint32_t rows;
+    uint64_t row_stride;
 } lm_chan_tensor_t;
 
 typedef struct lm_chan_msg {
@@ -295,7 +318,7 @@ typedef struct lm_chan_msg {
 } lm_chan_msg_t;
 
 typedef struct lm_chan_stats {
-    uint64_t messages, bytes_sent, staged_bytes, slot_messages, region_messages, staged_messages;
+    uint64_t messages, bytes_sent, staged_bytes, slot_messages, region_messages, staged_messages, gather_messages;
     uint64_t credit_waits, credit_wait_ns;
     uint64_t messages_received, bytes_received, credits_returned, credits_piggybacked;
     uint64_t outstanding;     /* writes posted and not completed */
@@ -323,11 +346,15 @@ void lm_chan_destroy(lm_chan_t *ch);
  * *payload_offset: where its payload starts in our region (fill it in place).
  * LM_ERR_TIMEOUT when the receiver still holds the slot. */
 int lm_chan_send_slot(lm_chan_t *ch, uint32_t microbatch, int timeout_ms, uint64_t *payload_offset);
-/* Send one message of n tensors (n <= 6), each contiguous host memory:
- * tensors already in the send slot go with the header in one write (no copy);
- * tensors packed in `source` (or our own region) go from there (two writes,
- * payload then header); anything else is copied into the slot first (counted
- * in staged_bytes). Waits only for the slot's credit (timeout_ms). *seq: the
+/* Send one message of n tensors (n <= 6) of host memory, each contiguous or
+ * strided (rows): tensors already in the send slot go with the header in one
+ * write (no copy); tensors packed in `source` (or our own region) go from
+ * there (two writes, payload then header); tensors that all lie in one of
+ * those regions but not packed (strided views, scattered tensors) go as
+ * gather writes from it (lm_ep_writev: one per run of tensors that need no
+ * alignment padding between them, then the header; counted in
+ * gather_messages; strided rows under 64 B are copied instead); anything
+ * else is copied into the slot first (counted in staged_bytes). Waits only for the slot's credit (timeout_ms). *seq: the
  * message's sequence number (in with LM_CHAN_SEND_RAW_SEQ). Errors: TIMEOUT,
  * INVALID (too many or too large tensors, bad micro-batch), the channel's
  * sticky error. */

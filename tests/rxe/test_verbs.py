@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import threading
 import time
 
 import numpy as np
@@ -203,6 +204,67 @@ def test_transfers_beyond_the_port_message_size_are_split():
         ini.read(a.register(back), lc.RemoteRegion.from_bytes(ini.peer_data))
         got = ini.wait_one(120)
         assert got.ok and got.byte_len == size and np.array_equal(back, source)
+
+
+def test_gather_writes_land_byte_for_byte(link):
+    # More pieces than one WR's scatter-gather list holds, so a gather spans several WRs.
+    rng = np.random.default_rng(12)
+    expected = np.zeros_like(link.target)
+    counts = [2, 15, 16, 17, 100, 500]
+    for i, count in enumerate(counts):
+        lengths = rng.integers(0, 1024, count)
+        pieces = [(int(rng.integers(0, MiB - n + 1)), int(n)) for n in lengths]
+        total = int(lengths.sum())
+        dst_off = int(rng.integers(0, MiB - total + 1))
+        link.ini.writev(link.src_mr, pieces, link.remote, remote_offset=dst_off, imm=i)
+        expected[dst_off:dst_off + total] = np.concatenate([link.source[o:o + n] for o, n in pieces])
+    done = collect(link.ini, len(counts))
+    assert all(c.ok and c.op == lc.Op.WRITE for c in done), [c for c in done if not c.ok]
+    got = collect(link.tgt, len(counts))
+    assert [c.imm for c in got] == list(range(len(counts)))
+    assert np.array_equal(link.target, expected)
+
+
+def test_a_gather_beyond_the_port_message_size_splits_inside_a_piece():
+    # rxe's max_msg_sz is 8 MiB: three 4 MiB pieces go as two WRs, the middle piece split.
+    rng = np.random.default_rng(13)
+    with lc.Context("verbs") as a, lc.Context("verbs") as b:
+        source = rng.integers(0, 256, 16 * MiB, dtype=np.uint8)
+        target = np.zeros(12 * MiB, np.uint8)
+        ms, mt = a.register(source), b.register(target)
+        ini, tgt = connect_pair(b, a, server_data=mt.descriptor().to_bytes())
+        pieces = [(12 * MiB, 4 * MiB), (0, 4 * MiB), (6 * MiB, 4 * MiB)]
+        ini.writev(ms, pieces, lc.RemoteRegion.from_bytes(ini.peer_data), imm=5)
+        done = ini.wait_one(120)
+        assert done.ok and done.byte_len == 12 * MiB
+        assert (tgt.wait_one(30).imm, tgt.poll()) == (5, [])
+        assert np.array_equal(target, np.concatenate([source[o:o + n] for o, n in pieces]))
+
+
+def test_a_fused_qkv_split_goes_over_verbs_without_a_copy():
+    from lamina_comm.channel import Channel, ChannelListener, ChannelSpec
+    spec = ChannelSpec(max_tokens=8, hidden=64, heads=4, kv_heads=2, head_dim=16, dtype="float16",
+                       microbatches=1, slots_per_microbatch=2)
+    with lc.Context("verbs") as a, lc.Context("verbs") as b:
+        listener = ChannelListener(b, f"{HOST}:0", spec, timeout=60)
+        box = {}
+        thread = threading.Thread(target=lambda: box.setdefault("ch", listener.accept(timeout=60)))
+        thread.start()
+        model = Channel.connect(a, listener.address, spec, timeout=60)
+        thread.join(60)
+        listener.close()
+        attention = box["ch"]
+        fused = np.random.default_rng(3).standard_normal((8, 128)).astype(np.float16)
+        model.add_source_region(a.register(fused))
+        q, k, v = fused[:, :64].reshape(8, 4, 16), fused[:, 64:96].reshape(8, 2, 16), fused[:, 96:].reshape(8, 2, 16)
+        model.send((q, k, v), layer=3, microbatch=0)
+        assert (model.metrics.gather_messages, model.metrics.staged_bytes) == (1, 0)
+        with attention.recv(timeout=60) as msg:
+            assert msg.layer == 3
+            for got, sent in zip(msg.tensors, (q, k, v)):
+                assert got.shape == sent.shape and got.tobytes() == np.ascontiguousarray(sent).tobytes()
+        model.close()
+        attention.close()
 
 
 def test_many_endpoints_share_one_completion_queue():

@@ -106,6 +106,9 @@ struct lm_chan {
      * they are out. The memory stays until lm_chan_destroy. */
     atomic_int users;
     atomic_bool closed;
+    /* Gather sends: the message's pieces (LM_MAX_SEGS, allocated at the first
+     * one; one application thread per channel, so one list suffices). */
+    lm_seg_t *segs;
 };
 
 static const uint8_t itemsize_of[] = { /* by wire dtype code; 0: not a code */
@@ -379,6 +382,7 @@ void lm_chan_destroy(lm_chan_t *ch)
     free(ch->credit_idx);
     free(ch->credit_seq);
     free(ch->held);
+    free(ch->segs);
     free(ch);
 }
 
@@ -605,7 +609,35 @@ static int chan_send_slot(lm_chan_t *ch, uint32_t mb, int timeout_ms, uint64_t *
     return rc;
 }
 
-typedef enum { FROM_SLOT, FROM_REGION, STAGED } placement_t;
+typedef enum { FROM_SLOT, FROM_REGION, GATHER, STAGED } placement_t;
+#define GATHER_MIN_ROW 64u /* bytes: shorter strided rows are copied into the slot */
+
+static uint64_t row_bytes(const lm_chan_tensor_t *t)
+{
+    return t->rows > 1 ? t->nbytes / t->rows : t->nbytes;
+}
+
+/* Rows with gaps between them (a column block of a wider tensor). */
+static bool is_strided(const lm_chan_tensor_t *t)
+{
+    return t->rows > 1 && t->row_stride != row_bytes(t);
+}
+
+/* One past the last byte the tensor's rows touch (checked not to overflow). */
+static uint64_t extent_end(const lm_chan_tensor_t *t)
+{
+    return is_strided(t) ? t->addr + (t->rows - 1) * t->row_stride + row_bytes(t) : t->addr + t->nbytes;
+}
+
+static bool valid_rows(const lm_chan_tensor_t *t)
+{
+    if (t->rows <= 1)
+        return t->addr + t->nbytes >= t->addr;
+    uint64_t span;
+    return t->nbytes % t->rows == 0 && t->row_stride >= row_bytes(t) &&
+           !__builtin_mul_overflow(t->rows - 1, t->row_stride, &span) &&
+           !__builtin_add_overflow(span, row_bytes(t), &span) && t->addr + span >= t->addr;
+}
 
 /* Where the payload comes from, and each tensor's offset in it. */
 static placement_t place(lm_chan_t *ch, const lm_chan_tensor_t *t, uint32_t n, lm_mr_t *source, uint64_t slot_payload,
@@ -613,22 +645,24 @@ static placement_t place(lm_chan_t *ch, const lm_chan_tensor_t *t, uint32_t n, l
 {
     uint64_t base = (uint64_t)(uintptr_t)ch->base;
     uint64_t lo = UINT64_MAX, hi = 0, padded = 0;
+    bool strided = false;
     for (uint32_t i = 0; i < n; i++) {
         if (t[i].addr < lo)
             lo = t[i].addr;
-        if (t[i].addr + t[i].nbytes > hi)
-            hi = t[i].addr + t[i].nbytes;
+        if (extent_end(&t[i]) > hi)
+            hi = extent_end(&t[i]);
         padded += align_up(t[i].nbytes);
+        strided |= is_strided(&t[i]);
     }
-    if (n > 0 && lo >= base + slot_payload && hi <= base + slot_payload + ch->send_cap) {
+    if (n > 0 && !strided && lo >= base + slot_payload && hi <= base + slot_payload + ch->send_cap) {
         for (uint32_t i = 0; i < n; i++)
             offsets[i] = t[i].addr - (base + slot_payload);
         *payload_bytes = hi - (base + slot_payload);
         return FROM_SLOT;
     }
+    lm_mr_t *candidates[2] = {ch->mr, source};
     /* "Packed": gaps no larger than alignment padding, so no dead memory ships. */
-    if (n > 0 && hi - lo <= ch->send_cap && hi - lo <= padded) {
-        lm_mr_t *candidates[2] = {ch->mr, source};
+    if (n > 0 && !strided && hi - lo <= ch->send_cap && hi - lo <= padded) {
         for (int k = 0; k < 2; k++) {
             lm_mr_t *mr = candidates[k];
             uint64_t start = (uint64_t)(uintptr_t)(mr ? mr->addr : NULL);
@@ -648,7 +682,72 @@ static placement_t place(lm_chan_t *ch, const lm_chan_tensor_t *t, uint32_t n, l
         cursor = i + 1 < n ? align_up(cursor + t[i].nbytes) : cursor + t[i].nbytes;
     }
     *payload_bytes = cursor;
+    /* Not packed but all in one registered region: gathered from there,
+     * unless rows are so short that copying them beats a list entry each. */
+    bool short_rows = false;
+    for (uint32_t i = 0; i < n; i++)
+        short_rows |= is_strided(&t[i]) && row_bytes(&t[i]) < GATHER_MIN_ROW;
+    for (int k = 0; k < 2 && n > 0 && !short_rows; k++) {
+        lm_mr_t *mr = candidates[k];
+        uint64_t start = (uint64_t)(uintptr_t)(mr ? mr->addr : NULL);
+        if (mr && mr->ctx == ch->ctx && lo >= start && hi <= start + mr->length) {
+            *region = mr;
+            *region_off = start; /* the region's address: pieces are offsets from it */
+            return GATHER;
+        }
+    }
     return STAGED;
+}
+
+/* A gather message's pieces, as runs of remote-contiguous bytes: a run ends
+ * where alignment padding separates two tensors (nothing of ours may fill
+ * it). Adjacent rows merge. False if the pieces do not fit ch->segs. */
+typedef struct {
+    uint32_t first, count;
+    uint64_t remote_off; /* in the payload */
+} gather_run_t;
+
+static bool plan_gather(lm_chan_t *ch, const lm_chan_tensor_t *t, uint32_t n, const uint64_t *offsets,
+                        uint64_t region_addr, gather_run_t *runs, uint32_t *nruns)
+{
+    if (!ch->segs && !(ch->segs = malloc(LM_MAX_SEGS * sizeof(*ch->segs))))
+        return false;
+    uint32_t count = 0;
+    *nruns = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        if (t[i].nbytes == 0)
+            continue;
+        bool joins = *nruns > 0 && i > 0 && offsets[i] == offsets[i - 1] + t[i - 1].nbytes;
+        if (!joins)
+            runs[(*nruns)++] = (gather_run_t){.first = count, .count = 0, .remote_off = offsets[i]};
+        gather_run_t *run = &runs[*nruns - 1];
+        uint32_t rows = t[i].rows > 1 ? t[i].rows : 1;
+        uint64_t stride = t[i].rows > 1 ? t[i].row_stride : 0, len = row_bytes(&t[i]);
+        for (uint32_t r = 0; r < rows; r++) {
+            uint64_t off = t[i].addr - region_addr + r * stride;
+            lm_seg_t *prev = run->count ? &ch->segs[count - 1] : NULL;
+            if (prev && prev->offset + prev->length == off) {
+                prev->length += len;
+                continue;
+            }
+            if (count == LM_MAX_SEGS)
+                return false;
+            ch->segs[count++] = (lm_seg_t){.offset = off, .length = len};
+            run->count++;
+        }
+    }
+    return true;
+}
+
+static void copy_rows(uint8_t *dst, const lm_chan_tensor_t *t)
+{
+    if (!is_strided(t)) {
+        memmove(dst, (const void *)(uintptr_t)t->addr, t->nbytes);
+        return;
+    }
+    uint64_t len = row_bytes(t);
+    for (uint32_t r = 0; r < t->rows; r++)
+        memmove(dst + r * len, (const void *)(uintptr_t)(t->addr + r * t->row_stride), len);
 }
 
 static void write_header(lm_chan_t *ch, uint64_t at, const lm_chan_tensor_t *t, uint32_t n, const uint64_t *offsets,
@@ -678,9 +777,13 @@ static int chan_send(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_t
         return lm_fail(LM_ERR_INVALID, "micro-batch %u outside 0..%u", mb, ch->mbs - 1);
     if (n > LM_CHAN_MAX_TENSORS)
         return lm_fail(LM_ERR_INVALID, "a message carries at most %d tensors, got %u", LM_CHAN_MAX_TENSORS, n);
-    for (uint32_t i = 0; i < n; i++)
+    for (uint32_t i = 0; i < n; i++) {
         if (t[i].ndim > LM_CHAN_MAX_NDIM || t[i].dtype == 0 || t[i].dtype >= sizeof(itemsize_of))
             return lm_fail(LM_ERR_INVALID, "tensor %u: dtype code %u, %u dimensions", i, t[i].dtype, t[i].ndim);
+        if (!valid_rows(&t[i]))
+            return lm_fail(LM_ERR_INVALID, "tensor %u: %llu B in %u rows %llu B apart do not describe memory", i,
+                           (unsigned long long)t[i].nbytes, t[i].rows, (unsigned long long)t[i].row_stride);
+    }
     bool raw = flags & LM_CHAN_SEND_RAW_SEQ;
     uint64_t seq = raw ? *seq_inout : ch->send_seq[mb];
     uint32_t slot = (uint32_t)(seq % ch->slots), idx = mb * ch->slots + slot;
@@ -694,10 +797,13 @@ static int chan_send(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_t
     if (payload > ch->send_cap)
         return lm_fail(LM_ERR_INVALID, "message of %llu B exceeds the %llu-byte slot",
                        (unsigned long long)payload, (unsigned long long)ch->send_cap);
+    gather_run_t runs[LM_CHAN_MAX_TENSORS];
+    uint32_t nruns = 0;
+    if (how == GATHER && !plan_gather(ch, t, n, offsets, region_off, runs, &nruns))
+        how = STAGED; /* more pieces than one list holds: copied instead (counted) */
     if (how == STAGED)
         for (uint32_t i = 0; i < n; i++)
-            memmove(ch->base + hdr_at + LM_CHAN_HEADER_BYTES + offsets[i], (const void *)(uintptr_t)t[i].addr,
-                    t[i].nbytes);
+            copy_rows(ch->base + hdr_at + LM_CHAN_HEADER_BYTES + offsets[i], &t[i]);
 
     /* Marked in use before posting: the peer's credit may come back before
      * lm_ep_write returns (another thread dispatches it). */
@@ -705,7 +811,7 @@ static int chan_send(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_t
     uint32_t credit_idx[LM_CHAN_MAX_PIGGYBACK];
     uint64_t credit_seq[LM_CHAN_MAX_PIGGYBACK];
     uint32_t ncredits = 0;
-    uint32_t writes = how == FROM_REGION ? 2 : 1;
+    uint32_t writes = how == FROM_REGION ? 2 : how == GATHER ? nruns + 1 : 1;
     pthread_mutex_lock(&ch->lock);
     while (ncredits < LM_CHAN_MAX_PIGGYBACK && ch->cr_count > 0) {
         uint32_t c = ch->credit_idx[ch->cr_head];
@@ -732,9 +838,15 @@ static int chan_send(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_t
                          wr_id - 1);
         posted += rc == LM_OK;
     }
+    for (uint32_t k = 0; how == GATHER && k < nruns && rc == LM_OK; k++) {
+        rc = lm_ep_writev(ch->ep, region, ch->segs + runs[k].first, runs[k].count, &ch->peer,
+                          remote + LM_CHAN_HEADER_BYTES + runs[k].remote_off, 0, 0, wr_id - nruns + k);
+        posted += rc == LM_OK;
+    }
     if (rc == LM_OK) {
         /* Payload first, header last: the immediate fires after the payload landed. */
-        uint64_t length = LM_CHAN_HEADER_BYTES + (how == FROM_REGION ? 0 : payload);
+        bool payload_apart = how == FROM_REGION || how == GATHER;
+        uint64_t length = LM_CHAN_HEADER_BYTES + (payload_apart ? 0 : payload);
         rc = lm_ep_write(ch->ep, ch->mr, hdr_at, length, &ch->peer, remote, imm, LM_WRITE_IMM, wr_id);
         posted += rc == LM_OK;
     }
@@ -742,8 +854,8 @@ static int chan_send(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_t
     ch->outstanding -= writes - posted;
     if (rc != LM_OK) {
         ch->busy[idx] = 0; /* nothing reached the peer in this slot */
-        if (posted == 0) /* the header never left: its credits are still ours to send */
-            requeue_credits_locked(ch, credit_idx, credit_seq, ncredits);
+        /* The header (posted last) never left: its credits are still ours to send. */
+        requeue_credits_locked(ch, credit_idx, credit_seq, ncredits);
     } else {
         if (!raw)
             ch->send_seq[mb]++;
@@ -756,6 +868,8 @@ static int chan_send(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_t
             ch->st.slot_messages++;
         else if (how == FROM_REGION)
             ch->st.region_messages++;
+        else if (how == GATHER)
+            ch->st.gather_messages++;
         else {
             ch->st.staged_messages++;
             for (uint32_t i = 0; i < n; i++)

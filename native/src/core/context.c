@@ -269,6 +269,26 @@ static int check_op(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t le
     return LM_OK;
 }
 
+/* Every post reserves its completion first (so it is never lost to OOM) and
+ * undoes the reservation if the transport refused it. */
+static int begin_post(lm_ep_t *ep)
+{
+    int rc = lm_cq_reserve(ep->ctx);
+    if (rc == LM_OK)
+        atomic_fetch_add(&ep->outstanding, 1);
+    return rc;
+}
+
+static int end_post(lm_ep_t *ep, int rc)
+{
+    if (rc != LM_OK) {
+        atomic_fetch_sub(&ep->outstanding, 1);
+        lm_cq_unreserve(ep->ctx);
+    } else
+        lm_progress_posted(ep->ctx);
+    return rc;
+}
+
 int lm_ep_write(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t length,
                 const lm_rdesc_t *remote, uint64_t remote_off, uint32_t imm, uint32_t flags,
                 uint64_t wr_id)
@@ -278,16 +298,34 @@ int lm_ep_write(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t length
         return rc;
     if (flags & ~(uint32_t)LM_WRITE_IMM)
         return lm_fail(LM_ERR_INVALID, "lm_ep_write: unknown flags 0x%x", flags);
-    if ((rc = lm_cq_reserve(ep->ctx)) != LM_OK)
+    if ((rc = begin_post(ep)) != LM_OK)
         return rc;
-    atomic_fetch_add(&ep->outstanding, 1);
-    rc = ep->ops->ep_write(ep, local, local_off, length, remote, remote_off, imm, flags, wr_id);
-    if (rc != LM_OK) {
-        atomic_fetch_sub(&ep->outstanding, 1);
-        lm_cq_unreserve(ep->ctx);
-    } else
-        lm_progress_posted(ep->ctx);
-    return rc;
+    return end_post(ep, ep->ops->ep_write(ep, local, local_off, length, remote, remote_off, imm, flags, wr_id));
+}
+
+int lm_ep_writev(lm_ep_t *ep, lm_mr_t *local, const lm_seg_t *segs, uint32_t nsegs,
+                 const lm_rdesc_t *remote, uint64_t remote_off, uint32_t imm, uint32_t flags, uint64_t wr_id)
+{
+    if (!segs || nsegs == 0 || nsegs > LM_MAX_SEGS)
+        return lm_fail(LM_ERR_INVALID, "lm_ep_writev: %u segments (1..%d)", nsegs, LM_MAX_SEGS);
+    uint64_t total = 0;
+    for (uint32_t i = 0; i < nsegs; i++) {
+        int rc = check_op(ep, local, segs[i].offset, segs[i].length, remote, 0, "lm_ep_writev");
+        if (rc != LM_OK)
+            return rc;
+        total += segs[i].length; /* each <= LM_MAX_MESSAGE, so no overflow for LM_MAX_SEGS of them */
+    }
+    if (total > LM_MAX_MESSAGE)
+        return lm_fail(LM_ERR_INVALID, "lm_ep_writev: %llu bytes exceeds the %llu-byte message limit",
+                       (unsigned long long)total, (unsigned long long)LM_MAX_MESSAGE);
+    if (flags & ~(uint32_t)LM_WRITE_IMM)
+        return lm_fail(LM_ERR_INVALID, "lm_ep_writev: unknown flags 0x%x", flags);
+    if (nsegs == 1)
+        return lm_ep_write(ep, local, segs[0].offset, segs[0].length, remote, remote_off, imm, flags, wr_id);
+    int rc = begin_post(ep);
+    if (rc != LM_OK)
+        return rc;
+    return end_post(ep, ep->ops->ep_writev(ep, local, segs, nsegs, total, remote, remote_off, imm, flags, wr_id));
 }
 
 int lm_ep_read(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t length,
@@ -296,16 +334,9 @@ int lm_ep_read(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t length,
     int rc = check_op(ep, local, local_off, length, remote, LM_ACCESS_LOCAL_WRITE, "lm_ep_read");
     if (rc != LM_OK)
         return rc;
-    if ((rc = lm_cq_reserve(ep->ctx)) != LM_OK)
+    if ((rc = begin_post(ep)) != LM_OK)
         return rc;
-    atomic_fetch_add(&ep->outstanding, 1);
-    rc = ep->ops->ep_read(ep, local, local_off, length, remote, remote_off, wr_id);
-    if (rc != LM_OK) {
-        atomic_fetch_sub(&ep->outstanding, 1);
-        lm_cq_unreserve(ep->ctx);
-    } else
-        lm_progress_posted(ep->ctx);
-    return rc;
+    return end_post(ep, ep->ops->ep_read(ep, local, local_off, length, remote, remote_off, wr_id));
 }
 
 uint64_t lm_ep_outstanding(lm_ep_t *ep)

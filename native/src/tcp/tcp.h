@@ -69,6 +69,12 @@ typedef struct lm_tcp_tx {
     uint64_t src_off;
     uint8_t *snap;
     uint64_t snap_from;
+    /* A gather WRITE (lm_ep_writev): the payload is these pieces of src, in
+     * order (owned copy); seg_at / seg_base: the piece the send has reached
+     * and its payload offset (the send only moves forward). */
+    lm_seg_t *segs;
+    uint32_t nsegs, seg_at;
+    uint64_t seg_base;
     uint64_t sent;       /* bytes of header + payload already written */
     lm_tcp_pending_t *op; /* initiator op for WRITE (to withdraw it) */
     /* READ_REQ of a read in pieces: pieces still to send after this one. */
@@ -129,6 +135,9 @@ int lm_tcp_ep_create(void *iface, uint64_t ep_id, int fd, lm_ep_t **out);
 int lm_tcp_ep_write(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t length,
                     const lm_rdesc_t *remote, uint64_t remote_off, uint32_t imm, uint32_t flags,
                     uint64_t wr_id);
+int lm_tcp_ep_writev(lm_ep_t *ep, lm_mr_t *local, const lm_seg_t *segs, uint32_t nsegs, uint64_t length,
+                     const lm_rdesc_t *remote, uint64_t remote_off, uint32_t imm, uint32_t flags,
+                     uint64_t wr_id);
 int lm_tcp_ep_read(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t length,
                    const lm_rdesc_t *remote, uint64_t remote_off, uint64_t wr_id);
 void lm_tcp_ep_destroy(lm_ep_t *ep);

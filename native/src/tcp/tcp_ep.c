@@ -112,12 +112,13 @@ static lm_tcp_pending_t *track(lm_tcp_ep_t *ep, uint8_t type, uint64_t wr_id, ui
 
 static int post(lm_tcp_ep_t *ep, uint8_t type, lm_mr_t *local, uint64_t local_off, uint64_t length,
                 const lm_rdesc_t *remote, uint64_t remote_off, uint32_t imm, uint8_t flags,
-                uint64_t wr_id)
+                uint64_t wr_id, lm_seg_t *segs, uint32_t nsegs)
 {
     pthread_mutex_lock(&ep->lock);
     if (ep->closed) {
         int err = atomic_load(&ep->base.error);
         pthread_mutex_unlock(&ep->lock);
+        free(segs);
         return lm_fail(err ? err : LM_ERR_CLOSED, "endpoint is closed: %s", lm_status_str(err));
     }
     lm_tcp_tx_t *tx = lm_tcp_tx_alloc(ep);
@@ -128,6 +129,7 @@ static int post(lm_tcp_ep_t *ep, uint8_t type, lm_mr_t *local, uint64_t local_of
             ep->tx_free = tx;
         }
         pthread_mutex_unlock(&ep->lock);
+        free(segs);
         return lm_fail(LM_ERR_NO_MEMORY, "no memory for another queued operation");
     }
     tx->hdr.type = type;
@@ -141,6 +143,8 @@ static int post(lm_tcp_ep_t *ep, uint8_t type, lm_mr_t *local, uint64_t local_of
     if (type == LM_TCP_WRITE) {
         tx->src = local;
         tx->src_off = local_off;
+        tx->segs = segs; /* the frame owns the list now */
+        tx->nsegs = nsegs;
         tx->op = op;
     } else { /* sent in pieces of LM_TCP_READ_CHUNK (tcp_tx.c: next_read_piece) */
         op->dest = local;
@@ -159,14 +163,28 @@ int lm_tcp_ep_write(lm_ep_t *base, lm_mr_t *local, uint64_t local_off, uint64_t 
                     uint64_t wr_id)
 {
     return post((lm_tcp_ep_t *)base, LM_TCP_WRITE, local, local_off, length, remote, remote_off, imm,
-                (flags & LM_WRITE_IMM) ? LM_TCP_FLAG_IMM : 0, wr_id);
+                (flags & LM_WRITE_IMM) ? LM_TCP_FLAG_IMM : 0, wr_id, NULL, 0);
+}
+
+/* One WRITE frame whose payload is gathered from the pieces at send time:
+ * the wire and the target see an ordinary write. */
+int lm_tcp_ep_writev(lm_ep_t *base, lm_mr_t *local, const lm_seg_t *segs, uint32_t nsegs, uint64_t length,
+                     const lm_rdesc_t *remote, uint64_t remote_off, uint32_t imm, uint32_t flags,
+                     uint64_t wr_id)
+{
+    lm_seg_t *copy = malloc(nsegs * sizeof(*copy));
+    if (!copy)
+        return lm_fail(LM_ERR_NO_MEMORY, "no memory for a %u-piece gather list", nsegs);
+    memcpy(copy, segs, nsegs * sizeof(*copy));
+    return post((lm_tcp_ep_t *)base, LM_TCP_WRITE, local, 0, length, remote, remote_off, imm,
+                (flags & LM_WRITE_IMM) ? LM_TCP_FLAG_IMM : 0, wr_id, copy, nsegs);
 }
 
 int lm_tcp_ep_read(lm_ep_t *base, lm_mr_t *local, uint64_t local_off, uint64_t length,
                    const lm_rdesc_t *remote, uint64_t remote_off, uint64_t wr_id)
 {
     return post((lm_tcp_ep_t *)base, LM_TCP_READ_REQ, local, local_off, length, remote, remote_off, 0, 0,
-                wr_id);
+                wr_id, NULL, 0);
 }
 
 static void free_list_tx(lm_tcp_tx_t *tx)
@@ -216,6 +234,7 @@ const lm_transport_ops_t lm_tcp_transport = {
     .iface_close = iface_close,
     .ep_create = lm_tcp_ep_create,
     .ep_write = lm_tcp_ep_write,
+    .ep_writev = lm_tcp_ep_writev,
     .ep_read = lm_tcp_ep_read,
     .ep_destroy = lm_tcp_ep_destroy,
 };

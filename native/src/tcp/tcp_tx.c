@@ -29,6 +29,7 @@ static void tx_release(lm_tcp_ep_t *ep, lm_tcp_tx_t *tx)
         ep->snap_bytes -= tx->hdr.length - tx->snap_from;
         free(tx->snap);
     }
+    free(tx->segs);
     if (tx->hdr.type == LM_TCP_READ_RESP)
         ep->reads_in--;
     if (tx->hdr.type == LM_TCP_READ_RESP || tx->hdr.type == LM_TCP_NACK)
@@ -137,6 +138,25 @@ static const uint8_t *payload_at(const lm_tcp_tx_t *tx, uint64_t off)
     return tx->src->addr + tx->src_off + off;
 }
 
+/* Append iovecs for a gather frame's payload from offset off on; false if
+ * the iovec array filled up before the frame's end. */
+static bool add_gather_iovs(lm_tcp_tx_t *tx, uint64_t off, struct iovec *iov, int *n)
+{
+    while (tx->seg_at < tx->nsegs && tx->seg_base + tx->segs[tx->seg_at].length <= off) {
+        tx->seg_base += tx->segs[tx->seg_at].length;
+        tx->seg_at++;
+    }
+    uint64_t base = tx->seg_base;
+    for (uint32_t k = tx->seg_at; k < tx->nsegs; base += tx->segs[k].length, k++) {
+        if (*n == LM_TCP_MAX_IOV)
+            return false;
+        uint64_t skip = off > base ? off - base : 0;
+        iov[*n].iov_base = tx->src->addr + tx->segs[k].offset + skip;
+        iov[(*n)++].iov_len = tx->segs[k].length - skip;
+    }
+    return true;
+}
+
 /* A READ_REQ piece left: count it in flight, and turn the frame into the next
  * piece of the same read if there is one (true: the frame stays queued). */
 static bool next_read_piece(lm_tcp_ep_t *ep, lm_tcp_tx_t *tx)
@@ -181,6 +201,8 @@ static bool withdraw_dead_source(lm_tcp_ep_t *ep, lm_tcp_tx_t *tx)
     tx->hdr.length = 0;
     lm_mr_unref(tx->src);
     tx->src = NULL;
+    free(tx->segs);
+    tx->segs = NULL;
     return true;
 }
 
@@ -246,7 +268,10 @@ void lm_tcp_tx_flush(lm_tcp_ep_t *ep)
                 iov[n++].iov_len = sizeof(tx->hdr) - done;
                 done = sizeof(tx->hdr);
             }
-            if (has_payload(tx)) {
+            if (tx->segs) {
+                if (!add_gather_iovs(tx, done - sizeof(tx->hdr), iov, &n))
+                    break; /* the rest goes in the next sendmsg */
+            } else if (has_payload(tx)) {
                 uint64_t off = done - sizeof(tx->hdr);
                 uint64_t end = tx->snap && off < tx->snap_from ? tx->snap_from : tx->hdr.length;
                 iov[n].iov_base = (uint8_t *)payload_at(tx, off);

@@ -17,6 +17,7 @@
 #define LM_VERBS_RQ_DEPTH 256      /* receive WRs per QP (write-with-imm targets) */
 #define LM_VERBS_RQ_BATCH 32       /* receives are re-posted this many at once */
 #define LM_VERBS_MAX_INLINE 128    /* inline size asked for; the device may grant less */
+#define LM_VERBS_MAX_SGE 16        /* gather entries per send WR asked for (lm_ep_writev) */
 #define LM_VERBS_POLL_BATCH 32
 #define LM_VERBS_SPIN_NS 50000     /* poll this long for a first completion before sleeping */
 #define LM_VERBS_CQ_INITIAL 4096
@@ -111,6 +112,11 @@ typedef struct lm_verbs_op {
     uint64_t remote_addr;
     uint32_t rkey;
     uint64_t posted_bytes;    /* bytes already handed to the device */
+    /* A gather write: pieces of local (owned copy, freed at completion);
+     * seg_at / seg_skip: where the next chunk starts. NULL otherwise. */
+    lm_seg_t *segs;
+    uint32_t nsegs, seg_at;
+    uint64_t seg_skip;
     uint32_t chunks_in_flight;
     int32_t status;           /* first failure among its chunks */
 } lm_verbs_op_t;
@@ -123,6 +129,7 @@ struct lm_verbs_ep {
     uint32_t serial;          /* high half of every wr_id: tells a reused QP number apart */
     uint32_t psn;
     uint32_t max_inline;
+    uint32_t max_sge;         /* gather entries per send WR the device granted */
     uint32_t sq_depth, rq_depth;
     lm_verbs_ep_t *table_next;
     int ctrl_fd;
@@ -164,6 +171,9 @@ int lm_verbs_ep_connect(lm_ep_t *ep, const void *peer, size_t len, int ctrl_fd);
 int lm_verbs_ep_write(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t length,
                       const lm_rdesc_t *remote, uint64_t remote_off, uint32_t imm, uint32_t flags,
                       uint64_t wr_id);
+int lm_verbs_ep_writev(lm_ep_t *ep, lm_mr_t *local, const lm_seg_t *segs, uint32_t nsegs, uint64_t length,
+                       const lm_rdesc_t *remote, uint64_t remote_off, uint32_t imm, uint32_t flags,
+                       uint64_t wr_id);
 int lm_verbs_ep_read(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t length,
                      const lm_rdesc_t *remote, uint64_t remote_off, uint64_t wr_id);
 void lm_verbs_ep_destroy(lm_ep_t *ep);

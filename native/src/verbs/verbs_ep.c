@@ -160,6 +160,8 @@ static bool finish_if_done(lm_verbs_ep_t *ep, lm_verbs_op_t *op)
         return false;
     lm_ep_complete(&ep->base, op->opcode, op->wr_id, op->status, op->length);
     lm_mr_unref(op->local);
+    free(op->segs);
+    op->segs = NULL;
     op->next = ep->op_free;
     ep->op_free = op;
     return true;
@@ -263,15 +265,51 @@ static bool claim_region(lm_verbs_ep_t *ep, lm_verbs_op_t *op)
     return alive;
 }
 
-/* Post the op's next chunk of len bytes into a free send-queue slot. */
-static int post_chunk(lm_verbs_ep_t *ep, lm_verbs_op_t *op, uint32_t len)
+/* Fill a scatter-gather list with a gather op's next pieces, up to max_len
+ * bytes and ep->max_sge entries; returns the bytes it covers and, in
+ * *at / *skip, where the chunk after it would start. */
+static uint32_t gather_sges(const lm_verbs_ep_t *ep, const lm_verbs_op_t *op, uint32_t max_len,
+                            struct ibv_sge *sges, int *nsge, uint32_t *at, uint64_t *skip)
+{
+    uint32_t lkey = op->vmr ? op->vmr->ibv->lkey : 0, len = 0;
+    *at = op->seg_at;
+    *skip = op->seg_skip;
+    *nsge = 0;
+    while (*at < op->nsegs && len < max_len && (uint32_t)*nsge < ep->max_sge) {
+        uint64_t piece = op->segs[*at].length - *skip;
+        if (piece > max_len - len)
+            piece = max_len - len;
+        if (piece > 0)
+            sges[(*nsge)++] = (struct ibv_sge){.addr = (uintptr_t)(op->local->addr + op->segs[*at].offset + *skip),
+                                               .length = (uint32_t)piece, .lkey = lkey};
+        len += (uint32_t)piece;
+        *skip += piece;
+        if (*skip == op->segs[*at].length) {
+            (*at)++;
+            *skip = 0;
+        }
+    }
+    return len;
+}
+
+/* Post the op's next chunk (at most max_len bytes) into a free send-queue slot. */
+static int post_chunk(lm_verbs_ep_t *ep, lm_verbs_op_t *op, uint32_t max_len)
 {
     uint32_t slot = ep->free_slots[ep->nfree - 1];
     uint64_t off = op->posted_bytes;
+    struct ibv_sge sges[LM_VERBS_MAX_SGE];
+    int nsge = 0;
+    uint32_t len = max_len, next_at = 0;
+    uint64_t next_skip = 0;
+    if (op->segs) {
+        len = gather_sges(ep, op, max_len, sges, &nsge, &next_at, &next_skip);
+    } else {
+        sges[0] = (struct ibv_sge){.addr = (uintptr_t)(op->local->addr + op->local_off + off), .length = len,
+                                   .lkey = op->vmr ? op->vmr->ibv->lkey : 0};
+        nsge = len > 0;
+    }
     bool last = off + len == op->length;
-    struct ibv_sge sge = {.addr = (uintptr_t)(op->local->addr + op->local_off + off), .length = len,
-                          .lkey = op->vmr ? op->vmr->ibv->lkey : 0};
-    struct ibv_send_wr wr = {.wr_id = wr_id_of(ep, slot), .sg_list = &sge, .num_sge = len > 0,
+    struct ibv_send_wr wr = {.wr_id = wr_id_of(ep, slot), .sg_list = sges, .num_sge = nsge,
                              .send_flags = IBV_SEND_SIGNALED};
     wr.wr.rdma.remote_addr = op->remote_addr + off;
     wr.wr.rdma.rkey = op->rkey;
@@ -293,6 +331,8 @@ static int post_chunk(lm_verbs_ep_t *ep, lm_verbs_op_t *op, uint32_t len)
     ep->slots[slot] = op;
     op->chunks_in_flight++;
     op->posted_bytes += len;
+    op->seg_at = next_at;
+    op->seg_skip = next_skip;
     return 0;
 }
 
@@ -367,6 +407,25 @@ int lm_verbs_ep_write(lm_ep_t *base, lm_mr_t *local, uint64_t local_off, uint64_
                         .imm = imm, .local = local, .local_off = local_off, .length = length,
                         .remote_addr = remote->addr + remote_off, .rkey = remote->rkey};
     return submit((lm_verbs_ep_t *)base, &op);
+}
+
+/* Posted as WRs of up to max_send_sge pieces each; only the last carries
+ * the immediate. */
+int lm_verbs_ep_writev(lm_ep_t *base, lm_mr_t *local, const lm_seg_t *segs, uint32_t nsegs, uint64_t length,
+                       const lm_rdesc_t *remote, uint64_t remote_off, uint32_t imm, uint32_t flags,
+                       uint64_t wr_id)
+{
+    lm_seg_t *copy = malloc(nsegs * sizeof(*copy));
+    if (!copy)
+        return lm_fail(LM_ERR_NO_MEMORY, "no memory for a %u-piece gather list", nsegs);
+    memcpy(copy, segs, nsegs * sizeof(*copy));
+    lm_verbs_op_t op = {.wr_id = wr_id, .opcode = LM_OP_WRITE, .with_imm = (flags & LM_WRITE_IMM) != 0,
+                        .imm = imm, .local = local, .length = length, .segs = copy, .nsegs = nsegs,
+                        .remote_addr = remote->addr + remote_off, .rkey = remote->rkey};
+    int rc = submit((lm_verbs_ep_t *)base, &op);
+    if (rc != LM_OK)
+        free(copy); /* never queued */
+    return rc;
 }
 
 int lm_verbs_ep_read(lm_ep_t *base, lm_mr_t *local, uint64_t local_off, uint64_t length,
@@ -496,7 +555,9 @@ static int create_qp(lm_verbs_ep_t *ep)
     ep->rq_depth = min_u32(LM_VERBS_RQ_DEPTH, max_wr);
     struct ibv_qp_init_attr attr = {
         .send_cq = iface->cq, .recv_cq = iface->cq, .qp_type = IBV_QPT_RC,
-        .cap = {.max_send_wr = ep->sq_depth, .max_recv_wr = ep->rq_depth, .max_send_sge = 1,
+        .cap = {.max_send_wr = ep->sq_depth, .max_recv_wr = ep->rq_depth,
+                .max_send_sge = (uint32_t)(iface->dev_attr.max_sge < LM_VERBS_MAX_SGE ? iface->dev_attr.max_sge
+                                                                                       : LM_VERBS_MAX_SGE),
                 .max_recv_sge = 1, .max_inline_data = LM_VERBS_MAX_INLINE},
     };
     ep->qp = ibv_create_qp(iface->pd, &attr);
@@ -507,6 +568,7 @@ static int create_qp(lm_verbs_ep_t *ep)
     if (!ep->qp)
         return lm_fail(LM_ERR_IO, "verbs: ibv_create_qp on %s: %s", iface->dev_name, strerror(errno));
     ep->max_inline = attr.cap.max_inline_data; /* what the device granted */
+    ep->max_sge = attr.cap.max_send_sge > 0 ? min_u32(attr.cap.max_send_sge, LM_VERBS_MAX_SGE) : 1;
     ep->qp_num = ep->qp->qp_num;
     struct ibv_qp_attr init = {.qp_state = IBV_QPS_INIT, .pkey_index = 0, .port_num = iface->port,
                                .qp_access_flags = IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE |

@@ -324,6 +324,7 @@ const lm_transport_ops_t lm_verbs_transport = {
     .ep_address = lm_verbs_ep_address,
     .ep_connect = lm_verbs_ep_connect,
     .ep_write = lm_verbs_ep_write,
+    .ep_writev = lm_verbs_ep_writev,
     .ep_read = lm_verbs_ep_read,
     .ep_destroy = lm_verbs_ep_destroy,
 };
