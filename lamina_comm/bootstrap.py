@@ -4,7 +4,8 @@ Over a fresh TCP connection (client first):
 
   HELLO   both ways: magic "LMNA", protocol version, flags (AUTH: this side
           holds a secret), transports it can run (LM_TRANSPORT_* bits), a
-          16-byte random nonce.
+          16-byte random nonce, and a 16-byte host identity (a digest of the
+          boot id and the PID and IPC namespaces: shm only between equals).
   AUTH    if either side holds a secret, both prove it: HMAC-SHA256 over the
           role and both nonces (mutual challenge-response). The client proves
           first; the server answers a verdict byte and, if accepted, its own
@@ -14,7 +15,9 @@ Over a fresh TCP connection (client first):
           its private data (up to 64 KiB, e.g. region descriptors).
   ACCEPT  server -> client: status (0, or an error with a reason) and the
           server's private data.
-  ADDRESS verbs only, both ways: the queue-pair address (QPN, PSN, GID, MTU).
+  ADDRESS verbs and shm, both ways: the queue-pair address (QPN, PSN, GID,
+          MTU), or the shared ring to open (pid, memfd, nonce, boot id and
+          namespaces, which the native side checks again).
 
 Every read has a deadline, and any byte sequence that is not this exchange
 raises ProtocolError (a reset connection PeerLostError), so a garbage-spewing
@@ -49,14 +52,15 @@ log = logging.getLogger("lamina_comm")
 MAGIC = b"LMNA"
 # 2: tcp wire rules (reads in pieces of <= 1 MiB, <= 16 in flight, answers only to
 # frames already sent); an older peer is refused by name instead of failing mid-stream.
-VERSION = 2
+# 3: the host identity in HELLO (shm transport).
+VERSION = 3
 FLAG_AUTH = 1
 MAX_PRIVATE_DATA = 64 * 1024
 MAX_ADDRESS = 1024
 MAX_REASON = 4096  # bytes of refusal text a client accepts in ACCEPT
 NONCE_BYTES = 16
 
-_HELLO = struct.Struct("<4sHHI16s")
+_HELLO = struct.Struct("<4sHHI16s16s")
 _CHOOSE = struct.Struct("<II")
 _ACCEPT = struct.Struct("<iII")  # status, private data length, reason length
 
@@ -67,6 +71,24 @@ class Hello:
     flags: int
     transports: int
     nonce: bytes
+    host: bytes = bytes(16)
+
+
+_HOST_IDENTITY: list[bytes] = []
+
+
+def host_identity() -> bytes:
+    """16 bytes equal for two processes exactly when shared memory can join them: same boot, same PID and
+    IPC namespaces (the native shm transport checks the same facts again at connect)."""
+    if not _HOST_IDENTITY:
+        try:
+            with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+                boot = f.read().strip()
+            parts = [boot] + [str(os.stat(f"/proc/self/ns/{ns}").st_ino).encode() for ns in ("pid", "ipc")]
+            _HOST_IDENTITY.append(hashlib.sha256(b"|".join(parts)).digest()[:16])
+        except OSError:
+            _HOST_IDENTITY.append(os.urandom(16))  # unknown: never equal to a peer's
+    return _HOST_IDENTITY[0]
 
 
 def _new_nonce() -> bytes:
@@ -115,16 +137,20 @@ def _send(sock: socket.socket, data: bytes, deadline: _Deadline) -> None:
 
 def _exchange_hello(sock: socket.socket, transports: int, secret: bytes | None,
                     deadline: _Deadline, client: bool) -> tuple[Hello, Hello]:
-    mine = Hello(VERSION, FLAG_AUTH if secret else 0, transports, _new_nonce())
-    packed = _HELLO.pack(MAGIC, mine.version, mine.flags, mine.transports, mine.nonce)
+    mine = Hello(VERSION, FLAG_AUTH if secret else 0, transports, _new_nonce(), host_identity())
+    packed = _HELLO.pack(MAGIC, mine.version, mine.flags, mine.transports, mine.nonce, mine.host)
 
     def receive() -> Hello:
-        magic, version, flags, peer_transports, nonce = _HELLO.unpack(recv_exact(sock, _HELLO.size, deadline))
+        # The version sits at the same place in every version's HELLO: an older peer is named as such.
+        head = recv_exact(sock, 6, deadline)
+        magic, version = struct.unpack("<4sH", head)
         if magic != MAGIC:
             raise ProtocolError(f"not a lamina-comm peer (magic {magic!r})")
         if version != VERSION:
             raise ProtocolError(f"protocol version {version} is not supported (this side speaks {VERSION})")
-        return Hello(version, flags, peer_transports, nonce)
+        _, _, flags, peer_transports, nonce, host = _HELLO.unpack(
+            head + recv_exact(sock, _HELLO.size - 6, deadline))
+        return Hello(version, flags, peer_transports, nonce, host)
 
     if client:
         _send(sock, packed, deadline)
@@ -169,15 +195,20 @@ class Negotiated:
     peer_data: bytes
 
 
-def pick_transport(requested: int, ours: int, theirs: int) -> int:
-    """The best transport both sides have among those requested (verbs first)."""
+def pick_transport(requested: int, ours: int, theirs: int, same_host: bool = False) -> int:
+    """The best transport both sides have among those requested: shm between processes of one host
+    (and namespaces), else verbs, else tcp."""
     from ._bindings import lib
     common = requested & ours & theirs
-    for candidate in (lib.LM_TRANSPORT_VERBS, lib.LM_TRANSPORT_TCP):
+    if not same_host:
+        common &= ~lib.LM_TRANSPORT_SHM
+    for candidate in (lib.LM_TRANSPORT_SHM, lib.LM_TRANSPORT_VERBS, lib.LM_TRANSPORT_TCP):
         if common & candidate:
             return candidate
+    why = " (shm needs both peers on one host, in the same PID and IPC namespaces)" \
+        if requested & ours & theirs & lib.LM_TRANSPORT_SHM else ""
     raise UnsupportedError(
-        f"no common transport (requested 0x{requested:x}, local 0x{ours:x}, peer 0x{theirs:x})")
+        f"no common transport (requested 0x{requested:x}, local 0x{ours:x}, peer 0x{theirs:x}){why}")
 
 
 def client_handshake(sock: socket.socket, transports: int, requested: int, secret: bytes | None,
@@ -187,7 +218,7 @@ def client_handshake(sock: socket.socket, transports: int, requested: int, secre
         raise InvalidArgumentError(f"private data is {len(private_data)} bytes; at most {MAX_PRIVATE_DATA}")
     mine, theirs = _exchange_hello(sock, transports, secret, deadline, client=True)
     _authenticate(sock, secret, mine, theirs, deadline, client=True)
-    transport = pick_transport(requested, transports, theirs.transports)
+    transport = pick_transport(requested, transports, theirs.transports, mine.host == theirs.host)
     _send(sock, _CHOOSE.pack(transport, len(private_data)) + private_data, deadline)
     status, data_len, reason_len = _ACCEPT.unpack(recv_exact(sock, _ACCEPT.size, deadline))
     if data_len > MAX_PRIVATE_DATA or reason_len > MAX_REASON:
@@ -216,8 +247,13 @@ def server_authenticate(sock: socket.socket, transports: int, allowed: int, secr
     if data_len > MAX_PRIVATE_DATA:
         raise ProtocolError(f"client offers {data_len} bytes of private data; at most {MAX_PRIVATE_DATA}")
     peer_data = recv_exact(sock, data_len, deadline)
-    if transport not in (1, 2) or not transport & transports & allowed:
+    from ._bindings import lib
+    known = (lib.LM_TRANSPORT_TCP, lib.LM_TRANSPORT_VERBS, lib.LM_TRANSPORT_SHM)
+    if transport not in known or not transport & transports & allowed or \
+            (transport == lib.LM_TRANSPORT_SHM and mine.host != theirs.host):
         reason = f"transport 0x{transport:x} is not available on this server".encode()
+        if transport == lib.LM_TRANSPORT_SHM and transport & transports & allowed:
+            reason = b"transport shm needs a peer on this host, in the same PID and IPC namespaces"
         _send(sock, _ACCEPT.pack(-10, 0, len(reason)) + reason, deadline)
         raise UnsupportedError(reason.decode())
     return Negotiated(transport, peer_data)

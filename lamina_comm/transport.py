@@ -53,7 +53,8 @@ _CF_IMM = lib.LM_CF_IMM
 _CAPS = {"zero_copy_send": lib.LM_CAP_ZERO_COPY_SEND, "zero_copy_recv": lib.LM_CAP_ZERO_COPY_RECV,
          "remote_ack": lib.LM_CAP_REMOTE_ACK, "hw_offload": lib.LM_CAP_HW_OFFLOAD}
 
-TRANSPORT_IDS = {"tcp": lib.LM_TRANSPORT_TCP, "verbs": lib.LM_TRANSPORT_VERBS}
+TRANSPORT_IDS = {"tcp": lib.LM_TRANSPORT_TCP, "verbs": lib.LM_TRANSPORT_VERBS, "shm": lib.LM_TRANSPORT_SHM}
+TRANSPORT_CHOICES = ("auto", *TRANSPORT_IDS)
 TRANSPORT_NAMES = {v: k for k, v in TRANSPORT_IDS.items()}
 
 
@@ -404,7 +405,8 @@ _AWAIT_SLICE_S = 0.5
 class Context:
     """Registry, completion queue and progress thread; makes regions, listeners, endpoints.
 
-    transport: "auto" (verbs where both peers have it, else tcp), "tcp" or "verbs".
+    transport: "auto" (shm between processes of one host, else verbs where both
+    peers have it, else tcp), or one of "tcp", "verbs", "shm".
     secret: shared secret for the handshake (default: $LAMINA_SECRET).
     progress: how waiting threads make progress: "event" (sleep in epoll after a
     short spin) or "poll" (busy-poll the transports, never sleep: for a core
@@ -415,8 +417,8 @@ class Context:
     def __init__(self, transport: str = "auto", *, secret: str | bytes | None = None,
                  ib_device: str | None = None, gid_index: int | None = None,
                  keepalive_ms: int | None = None, progress: str | None = None):
-        if transport not in ("auto", "tcp", "verbs"):
-            raise InvalidArgumentError(f"transport must be 'auto', 'tcp' or 'verbs', not {transport!r}")
+        if transport not in TRANSPORT_CHOICES:
+            raise InvalidArgumentError(f"transport must be one of {', '.join(TRANSPORT_CHOICES)}, not {transport!r}")
         if progress is not None and progress not in PROGRESS_MODES:
             raise InvalidArgumentError(f"progress must be one of {sorted(PROGRESS_MODES)}, not {progress!r}")
         self.transport = transport
@@ -456,7 +458,7 @@ class Context:
 
     @staticmethod
     def _requested_mask(transport: str) -> int:
-        return (lib.LM_TRANSPORT_TCP | lib.LM_TRANSPORT_VERBS) if transport == "auto" else TRANSPORT_IDS[transport]
+        return sum(TRANSPORT_IDS.values()) if transport == "auto" else TRANSPORT_IDS[transport]
 
     def _handle(self):
         if self._ctx is None:
@@ -527,13 +529,20 @@ class Context:
         if neg.transport == lib.LM_TRANSPORT_TCP:
             sock.setblocking(True)
             check(lib.lm_ep_create_tcp(self._handle(), sock.detach(), ep_id, out), "endpoint")
+        elif neg.transport == lib.LM_TRANSPORT_SHM:
+            # The endpoint keeps (a duplicate of) the bootstrap socket as doorbell and lifeline.
+            check(lib.lm_ep_create_shm(self._handle(), os.dup(sock.fileno()), ep_id, out), "shm endpoint")
+            try:
+                theirs = bootstrap.exchange_address(sock, self._native_address(out[0]), timeout, client)
+                check(lib.lm_ep_connect(out[0], theirs, len(theirs), -1), "shm connect")
+            except BaseException:
+                lib.lm_ep_destroy(out[0])
+                raise
+            sock.close()
         else:
             check(lib.lm_ep_create_verbs(self._handle(), ep_id, out), "verbs endpoint")
             try:
-                buf = ffi.new("char[]", bootstrap.MAX_ADDRESS)
-                size = ffi.new("size_t *", bootstrap.MAX_ADDRESS)
-                check(lib.lm_ep_address(out[0], buf, size), "verbs address")
-                theirs = bootstrap.exchange_address(sock, bytes(ffi.buffer(buf, size[0])), timeout, client)
+                theirs = bootstrap.exchange_address(sock, self._native_address(out[0]), timeout, client)
                 check(lib.lm_ep_connect(out[0], theirs, len(theirs), sock.detach()), "verbs connect")
             except BaseException:
                 lib.lm_ep_destroy(out[0])
@@ -542,6 +551,13 @@ class Context:
         self._endpoints[ep_id] = ep
         log.info("endpoint %d to %s over %s", ep_id, peer, ep.transport)
         return ep
+
+    @staticmethod
+    def _native_address(handle: Any) -> bytes:
+        buf = ffi.new("char[]", bootstrap.MAX_ADDRESS)
+        size = ffi.new("size_t *", bootstrap.MAX_ADDRESS)
+        check(lib.lm_ep_address(handle, buf, size), "endpoint address")
+        return bytes(ffi.buffer(buf, size[0]))
 
     # -- completions ---------------------------------------------------------
     def fileno(self) -> int:

@@ -40,9 +40,10 @@ def connect_pair(server: lc.Context, client: lc.Context, server_data: bytes = b"
     return client_ep, box["ep"]
 
 
-@pytest.fixture
-def contexts():
-    with lc.Context("tcp") as a, lc.Context("tcp") as b:
+@pytest.fixture(params=["tcp", "shm"])
+def contexts(request):
+    """Two contexts of one transport: the suites that take them run over tcp and over shm."""
+    with lc.Context(request.param) as a, lc.Context(request.param) as b:
         yield a, b
 
 

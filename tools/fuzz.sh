@@ -51,7 +51,7 @@ for src in tests/fuzz/fuzz_*.c; do
     bin="$OUT/fuzz_$name"
     if ! "$CLANG" -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -g -O1 \
             -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer \
-            -Inative/include -o "$bin" "$src" native/src/core/*.c native/src/tcp/*.c -lpthread; then
+            -Inative/include -o "$bin" "$src" native/src/core/*.c native/src/tcp/*.c native/src/shm/*.c -lpthread; then
         echo "fuzz: cannot build $src (needs clang-14 and libclang-rt-14-dev)" >&2
         failed=1
         continue

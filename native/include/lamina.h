@@ -28,9 +28,11 @@
  * order): a write posted after a read on the same endpoint is never visible in
  * the read's data.
  *
- * Memory: the library does not copy payloads in user space, with one bounded
- * exception (tcp: a read answer still unsent when a later write would land on
- * it is snapshotted first, at most 16 MiB per endpoint). The caller owns the
+ * Memory: the library does not copy payloads in user space, with two
+ * exceptions: shm moves bytes through its shared rings (one copy into the
+ * ring, one out of it into the region: the memcpy a socket's kernel would
+ * do), and tcp snapshots a read answer still unsent when a later write would
+ * land on it (at most 16 MiB per endpoint). The caller owns the
  * memory behind a region and must keep it alive until lm_mr_deregister returns;
  * after that no byte of it is read or written by the library.
  *
@@ -80,6 +82,7 @@ extern "C" {
 /* Transports (bit flags, so a context can report a set). */
 #define LM_TRANSPORT_TCP 1
 #define LM_TRANSPORT_VERBS 2
+#define LM_TRANSPORT_SHM 4 /* same host: the tcp frame protocol over shared-memory rings */
 
 /* Transport capabilities (lm_ep_caps): what the layer above may rely on. */
 #define LM_CAP_ZERO_COPY_SEND 1 /* payload leaves straight from the region */
@@ -178,6 +181,12 @@ int lm_ep_create_tcp(lm_context_t *ctx, int fd, uint64_t ep_id, lm_ep_t **out);
 /* Create a verbs endpoint: an RC queue pair in RESET->INIT. Its address
  * (QPN, PSN, GID, MTU) is in lm_ep_address; connect with the peer's. */
 int lm_ep_create_verbs(lm_context_t *ctx, uint64_t ep_id, lm_ep_t **out);
+/* Create a shared-memory endpoint for a peer on this host: its receive ring
+ * is in lm_ep_address; connect with the peer's (same boot, same PID and IPC
+ * namespaces, or LM_ERR_UNSUPPORTED). fd, the connected bootstrap socket,
+ * stays open as doorbell and lifeline; the endpoint owns it, also on
+ * failure. */
+int lm_ep_create_shm(lm_context_t *ctx, int fd, uint64_t ep_id, lm_ep_t **out);
 /* Copy the endpoint's transport address into buf (at most *len bytes); sets
  * *len to the size. tcp endpoints have an empty address. */
 int lm_ep_address(lm_ep_t *ep, void *buf, size_t *len);

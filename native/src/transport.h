@@ -54,6 +54,7 @@ typedef struct lm_transport_ops {
 } lm_transport_ops_t;
 
 extern const lm_transport_ops_t lm_tcp_transport;
+extern const lm_transport_ops_t lm_shm_transport;
 #ifdef LM_HAVE_VERBS
 extern const lm_transport_ops_t lm_verbs_transport;
 #endif

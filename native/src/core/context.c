@@ -14,6 +14,7 @@ static const lm_transport_ops_t *const all_transports[LM_MAX_TRANSPORTS] = {
 #else
     NULL,
 #endif
+    &lm_shm_transport,
     &lm_tcp_transport,
 };
 
@@ -52,7 +53,8 @@ int lm_context_create(const lm_context_params_t *params, lm_context_t **out)
     if (params)
         p = *params;
     uint32_t wanted = (p.field_mask & LM_CTX_PARAM_TRANSPORTS) ? p.transports
-                                                               : (LM_TRANSPORT_TCP | LM_TRANSPORT_VERBS);
+                                                               : (LM_TRANSPORT_TCP | LM_TRANSPORT_VERBS |
+                                                                  LM_TRANSPORT_SHM);
     uint32_t mode = LM_PROGRESS_EVENT;
     int mode_rc = progress_mode(&p, &mode);
     if (mode_rc != LM_OK)
@@ -211,6 +213,13 @@ int lm_ep_create_tcp(lm_context_t *ctx, int fd, uint64_t ep_id, lm_ep_t **out)
     if (fd < 0)
         return lm_fail(LM_ERR_INVALID, "lm_ep_create_tcp: bad socket");
     return ep_create(ctx, LM_TRANSPORT_TCP, fd, ep_id, out);
+}
+
+int lm_ep_create_shm(lm_context_t *ctx, int fd, uint64_t ep_id, lm_ep_t **out)
+{
+    if (fd < 0)
+        return lm_fail(LM_ERR_INVALID, "lm_ep_create_shm: bad socket");
+    return ep_create(ctx, LM_TRANSPORT_SHM, fd, ep_id, out);
 }
 
 int lm_ep_create_verbs(lm_context_t *ctx, uint64_t ep_id, lm_ep_t **out)

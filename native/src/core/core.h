@@ -12,7 +12,7 @@
 #include "lamina.h"
 #include "../transport.h"
 
-#define LM_MAX_TRANSPORTS 2
+#define LM_MAX_TRANSPORTS 3
 #define LM_MAX_MESSAGE (1ull << 32) /* largest single write or read: 4 GiB */
 
 /* ---- errors ---------------------------------------------------------- */

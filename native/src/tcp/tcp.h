@@ -84,10 +84,30 @@ typedef struct lm_tcp_tx {
 
 enum lm_tcp_rx_state { RX_HEADER, RX_PAYLOAD };
 
-typedef struct lm_tcp_ep {
+typedef struct lm_tcp_ep lm_tcp_ep_t;
+
+/* The byte stream under the frame protocol: a socket (tcp), or a pair of
+ * shared-memory rings with the socket as doorbell (shm/). */
+typedef struct lm_tcp_io {
+    /* As sendmsg(MSG_DONTWAIT): bytes taken, or -1 with errno (EAGAIN: full). */
+    ssize_t (*send)(lm_tcp_ep_t *ep, const struct iovec *iov, int n);
+    /* As recv(MSG_DONTWAIT): bytes read, 0 at the peer's end, -1 with errno.
+     * *drained: nothing more waits and a wake-up (EPOLLIN) is armed for more. */
+    ssize_t (*recv)(lm_tcp_ep_t *ep, void *buf, size_t len, bool *drained);
+    void (*shutdown)(lm_tcp_ep_t *ep);
+    /* Frees what the stream holds (after the endpoint left the progress engine). */
+    void (*release)(lm_tcp_ep_t *ep);
+    uint32_t out_event; /* epoll bit that says "send again" (0: the stream wakes EPOLLIN) */
+} lm_tcp_io_t;
+
+extern const lm_tcp_io_t lm_tcp_socket_io;
+
+struct lm_tcp_ep {
     struct lm_ep base;
     lm_tcp_iface_t *iface;
     int fd;
+    const lm_tcp_io_t *io;
+    void *io_priv;           /* the stream's own state (shm: the rings) */
     lm_io_handler_t handler;
 
     /* Initiator side, guarded by lock. */
@@ -129,9 +149,15 @@ typedef struct lm_tcp_ep {
     uint64_t rx_accepted;    /* highest WRITE seq accepted + 1 (0: none) */
     uint64_t rx_acked;       /* what we last told the peer, same encoding */
     uint64_t rx_unacked_bytes; /* payload accepted since the last acknowledgement */
-} lm_tcp_ep_t;
+};
 
 int lm_tcp_ep_create(void *iface, uint64_t ep_id, int fd, lm_ep_t **out);
+/* An endpoint over any stream: watched by the progress engine at once, or
+ * (watch false) once the stream is ready (lm_tcp_ep_watch). cb: the
+ * progress callback (lm_tcp_on_io, or a stream's wrapper of it). */
+int lm_tcp_ep_init(lm_tcp_iface_t *iface, uint64_t ep_id, int fd, const lm_tcp_io_t *io, void *io_priv,
+                   lm_io_cb cb, bool watch, lm_tcp_ep_t **out);
+int lm_tcp_ep_watch(lm_tcp_ep_t *ep);
 int lm_tcp_ep_write(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t length,
                     const lm_rdesc_t *remote, uint64_t remote_off, uint32_t imm, uint32_t flags,
                     uint64_t wr_id);

@@ -49,15 +49,38 @@ static void tune_socket(int fd, uint32_t keepalive_ms)
     setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &user_timeout, sizeof(user_timeout));
 }
 
-int lm_tcp_ep_create(void *iface_ptr, uint64_t ep_id, int fd, lm_ep_t **out)
+static ssize_t socket_send(lm_tcp_ep_t *ep, const struct iovec *iov, int n)
 {
-    lm_tcp_iface_t *iface = iface_ptr;
-    int type = 0;
-    socklen_t len = sizeof(type);
-    if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) != 0 || type != SOCK_STREAM) {
-        close(fd);
-        return lm_fail(LM_ERR_INVALID, "lm_ep_create_tcp: fd %d is not a stream socket", fd);
-    }
+    struct msghdr msg = {.msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)n};
+    return sendmsg(ep->fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+}
+
+static ssize_t socket_recv(lm_tcp_ep_t *ep, void *buf, size_t len, bool *drained)
+{
+    ssize_t n = recv(ep->fd, buf, len, MSG_DONTWAIT);
+    /* A short read emptied the socket; level-triggered epoll reports anything newer. */
+    *drained = n >= 0 && (size_t)n < len;
+    return n;
+}
+
+static void socket_shutdown(lm_tcp_ep_t *ep)
+{
+    shutdown(ep->fd, SHUT_RDWR);
+}
+
+static void socket_release(lm_tcp_ep_t *ep)
+{
+    (void)ep;
+}
+
+const lm_tcp_io_t lm_tcp_socket_io = {
+    .send = socket_send, .recv = socket_recv, .shutdown = socket_shutdown, .release = socket_release,
+    .out_event = EPOLLOUT,
+};
+
+int lm_tcp_ep_init(lm_tcp_iface_t *iface, uint64_t ep_id, int fd, const lm_tcp_io_t *io, void *io_priv,
+                   lm_io_cb cb, bool watch, lm_tcp_ep_t **out)
+{
     lm_tcp_ep_t *ep = calloc(1, sizeof(*ep));
     if (!ep) {
         close(fd);
@@ -65,23 +88,45 @@ int lm_tcp_ep_create(void *iface_ptr, uint64_t ep_id, int fd, lm_ep_t **out)
     }
     ep->iface = iface;
     ep->fd = fd;
+    ep->io = io;
+    ep->io_priv = io_priv;
     ep->base.ctx = iface->ctx;
     ep->base.id = ep_id;
     pthread_mutex_init(&ep->lock, NULL);
     fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
     tune_socket(fd, iface->keepalive_ms);
     ep->in_armed = true;
-    ep->handler = (lm_io_handler_t){.fd = fd, .cb = lm_tcp_on_io, .arg = ep};
+    ep->handler = (lm_io_handler_t){.fd = fd, .cb = cb, .arg = ep};
     lm_tcp_ack_timer_init(ep);
-    int rc = lm_progress_add(iface->ctx, &ep->handler, EPOLLIN);
+    int rc = watch ? lm_tcp_ep_watch(ep) : LM_OK;
     if (rc != LM_OK) {
         pthread_mutex_destroy(&ep->lock);
         close(fd);
         free(ep);
         return rc;
     }
-    *out = &ep->base;
+    *out = ep;
     return LM_OK;
+}
+
+int lm_tcp_ep_watch(lm_tcp_ep_t *ep)
+{
+    return lm_progress_add(ep->base.ctx, &ep->handler, EPOLLIN);
+}
+
+int lm_tcp_ep_create(void *iface_ptr, uint64_t ep_id, int fd, lm_ep_t **out)
+{
+    int type = 0;
+    socklen_t len = sizeof(type);
+    if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) != 0 || type != SOCK_STREAM) {
+        close(fd);
+        return lm_fail(LM_ERR_INVALID, "lm_ep_create_tcp: fd %d is not a stream socket", fd);
+    }
+    lm_tcp_ep_t *ep = NULL;
+    int rc = lm_tcp_ep_init(iface_ptr, ep_id, fd, &lm_tcp_socket_io, NULL, lm_tcp_on_io, true, &ep);
+    if (rc == LM_OK)
+        *out = &ep->base;
+    return rc;
 }
 
 /* How many READ_REQs (and sequence numbers) a read of length bytes takes. */
@@ -219,6 +264,7 @@ void lm_tcp_ep_destroy(lm_ep_t *base)
     lm_timer_cancel(ep->base.ctx, &ep->ack_timer);
     lm_progress_barrier(ep->base.ctx);
     lm_tcp_rx_cleanup(ep, atomic_load(&ep->base.error));
+    ep->io->release(ep);
     close(ep->fd);
     free_list_tx(ep->tx_free);
     free_list_pending(ep->pend_free);

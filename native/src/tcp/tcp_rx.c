@@ -515,11 +515,12 @@ static int rx_payload(lm_tcp_ep_t *ep, uint8_t *scratch, size_t scratch_len)
         ep->rx_left -= n;
     } else if (ep->rx_left > 0) {
         uint64_t want = dest ? min_u64(ep->rx_left, 1u << 30) : min_u64(ep->rx_left, scratch_len);
-        ssize_t n = recv(ep->fd, dest ? dest : scratch, want, MSG_DONTWAIT);
+        bool drained = false;
+        ssize_t n = ep->io->recv(ep, dest ? dest : scratch, want, &drained);
         if (n > 0) {
             ep->rx_off += (uint64_t)n;
             ep->rx_left -= (uint64_t)n;
-            ep->rx_drained = (uint64_t)n < want;
+            ep->rx_drained = drained;
         } else if (n == 0) {
             rc = LM_ERR_PEER_LOST;
         } else if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) {
@@ -542,10 +543,11 @@ static int rx_fill_header_buffer(lm_tcp_ep_t *ep)
         ep->rx_start = 0;
     }
     size_t want = sizeof(ep->rxbuf) - ep->rx_end;
-    ssize_t n = recv(ep->fd, ep->rxbuf + ep->rx_end, want, MSG_DONTWAIT);
+    bool drained = false;
+    ssize_t n = ep->io->recv(ep, ep->rxbuf + ep->rx_end, want, &drained);
     if (n > 0) {
         ep->rx_end += (size_t)n;
-        ep->rx_drained = (size_t)n < want;
+        ep->rx_drained = drained;
         return LM_OK;
     }
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))

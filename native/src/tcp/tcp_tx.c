@@ -64,7 +64,7 @@ void lm_tcp_update_interest(lm_tcp_ep_t *ep)
     if (ep->closed)
         return;
     lm_progress_mod(ep->base.ctx, &ep->handler,
-                    (ep->in_armed ? EPOLLIN : 0u) | (ep->out_armed ? EPOLLOUT : 0u));
+                    (ep->in_armed ? EPOLLIN : 0u) | (ep->out_armed ? ep->io->out_event : 0u));
 }
 
 static void set_out_interest(lm_tcp_ep_t *ep, bool want)
@@ -284,8 +284,7 @@ void lm_tcp_tx_flush(lm_tcp_ep_t *ep)
         }
         ssize_t sent = -1;
         if (!ep->closed && n > 0) {
-            struct msghdr msg = {.msg_iov = iov, .msg_iovlen = (size_t)n};
-            sent = sendmsg(ep->fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+            sent = ep->io->send(ep, iov, n);
         }
         int err = errno;
         lm_registry_unlock(ctx);
@@ -332,7 +331,7 @@ void lm_tcp_fail_locked(lm_tcp_ep_t *ep, int status)
     atomic_compare_exchange_strong(&ep->base.error, &expected, status);
     status = atomic_load(&ep->base.error);
     /* The progress thread sees EOF and releases the receive side. */
-    shutdown(ep->fd, SHUT_RDWR);
+    ep->io->shutdown(ep);
     while (ep->tx_head) {
         lm_tcp_tx_t *tx = ep->tx_head;
         ep->tx_head = tx->next;
