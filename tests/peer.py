@@ -10,6 +10,7 @@ Every line on stdout is JSON; the first reports the listening address.
 """
 import hashlib
 import json
+import os
 import sys
 import time
 
@@ -24,7 +25,7 @@ def say(**kw):
 
 def main() -> int:
     mode, nbytes = sys.argv[1], int(sys.argv[2])
-    with lc.Context("tcp") as ctx:
+    with lc.Context(os.environ.get("LAMINA_PEER_TRANSPORT", "tcp")) as ctx:
         buf = np.zeros(nbytes, np.uint8)
         mr = ctx.register(buf)
         listener = ctx.listen("127.0.0.1:0")

@@ -15,15 +15,16 @@ def bench(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
-def test_bandwidth_loopback_json(tmp_path):
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_bandwidth_loopback_json(tmp_path, transport):
     out = tmp_path / "bw.json"
     r = bench("bandwidth", "--loopback", "-s", "64K", "-n", "300", "-q", "2", "--report_gbits",
-              "--out_json", str(out), "--quiet")
+              "--transport", transport, "--out_json", str(out), "--quiet")
     assert r.returncode == 0, r.stderr
     assert "BW average[Gb/sec]" in r.stdout and "MsgRate[Mpps]" in r.stdout
     data = json.loads(out.read_text())
     (row,) = data["results"]
-    assert data["test"] == "bandwidth" and data["streams"] == 2 and data["transport"] == "tcp"
+    assert data["test"] == "bandwidth" and data["streams"] == 2 and data["transport"] == transport
     # Counted where the data landed: every write of both streams arrived.
     assert row["bytes"] == 65536 and row["iterations"] == 600
     assert row["bw_avg_gbps"] > 0

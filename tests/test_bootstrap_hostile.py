@@ -41,11 +41,11 @@ def listen(ctx: lc.Context, **limits: object) -> lc.Listener:
 
 def partial_hello() -> bytes:
     """The first half of a valid HELLO: the server waits for the rest."""
-    return struct.pack("<4sHHI16s", b"LMNA", bootstrap.VERSION, 0, 1, bytes(16))[:10]
+    return bootstrap._HELLO.pack(b"LMNA", bootstrap.VERSION, 0, 1, bytes(16), bytes(16))[:10]
 
 
 def full_hello(flags: int = 0) -> bytes:
-    return struct.pack("<4sHHI16s", b"LMNA", bootstrap.VERSION, flags, 1, bytes(16))
+    return bootstrap._HELLO.pack(b"LMNA", bootstrap.VERSION, flags, 1, bytes(16), bytes(16))
 
 
 def open_idle(address: tuple[str, int], source: str = HOST, send: bytes = b"") -> socket.socket:

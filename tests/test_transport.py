@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import socket
+import struct
 import threading
 import time
 
@@ -50,12 +51,16 @@ def test_random_writes_land_byte_for_byte(contexts):
     assert all(c.ok and c.op == lc.Op.WRITE for c in done)
 
 
-def test_multiprocess_writes_verified_by_hash(peer_factory):
-    peer = peer_factory("target", str(1 << 22), "64")
+TRANSPORTS = pytest.mark.parametrize("transport", ["tcp", "shm"])
+
+
+@TRANSPORTS
+def test_multiprocess_writes_verified_by_hash(peer_factory, transport):
+    peer = peer_factory("target", str(1 << 22), "64", env={"LAMINA_PEER_TRANSPORT": transport})
     port = peer.line()["port"]
     rng = np.random.default_rng(7)
     shadow = np.zeros(1 << 22, np.uint8)
-    with lc.Context("tcp") as ctx:
+    with lc.Context(transport) as ctx:
         src = rng.integers(0, 256, 1 << 22, dtype=np.uint8)
         mr = ctx.register(src)
         ep = ctx.connect(("127.0.0.1", port), timeout=10)
@@ -243,10 +248,11 @@ def test_zero_copy_receive(contexts):
     assert grown < 500 * 4096 // 4, f"heap grew by {grown} bytes over 500 messages"
 
 
-def test_peer_killed_mid_transfer_gives_errors(peer_factory):
-    peer = peer_factory("hold", str(64 << 20))
+@TRANSPORTS
+def test_peer_killed_mid_transfer_gives_errors(peer_factory, transport):
+    peer = peer_factory("hold", str(64 << 20), env={"LAMINA_PEER_TRANSPORT": transport})
     port = peer.line()["port"]
-    with lc.Context("tcp") as ctx:
+    with lc.Context(transport) as ctx:
         src = np.ones(64 << 20, np.uint8)
         mr = ctx.register(src)
         ep = ctx.connect(("127.0.0.1", port), timeout=10)
@@ -265,8 +271,9 @@ def test_peer_killed_mid_transfer_gives_errors(peer_factory):
             ep.write(mr, desc_of(ep), length=1)
 
 
-def test_wrong_secret_is_refused():
-    with lc.Context("tcp", secret="right") as server, lc.Context("tcp", secret="wrong") as client:
+@TRANSPORTS
+def test_wrong_secret_is_refused(transport):
+    with lc.Context(transport, secret="right") as server, lc.Context(transport, secret="wrong") as client:
         with pytest.raises(lc.AuthenticationError):
             connect_pair(server, client, timeout=3)
 
@@ -286,8 +293,9 @@ def test_matching_secret_connects(monkeypatch):
         assert ca.capabilities == {"zero_copy_send", "zero_copy_recv", "remote_ack"}
 
 
-def test_garbage_at_listener_leaves_server_serving(peer_factory):
-    peer = peer_factory("serve", "4096")
+@TRANSPORTS
+def test_garbage_at_listener_leaves_server_serving(peer_factory, transport):
+    peer = peer_factory("serve", "4096", env={"LAMINA_PEER_TRANSPORT": transport})
     port = peer.line()["port"]
     rng = random.Random(5)
     for size in (0, 3, 30, 4000):
@@ -301,14 +309,41 @@ def test_garbage_at_listener_leaves_server_serving(peer_factory):
                     pass
             except (ConnectionResetError, socket.timeout):
                 pass
-    with lc.Context("tcp") as ctx:
+    with lc.Context(transport) as ctx:
         src = np.ones(16, np.uint8)
         mr = ctx.register(src)
         ep = ctx.connect(("127.0.0.1", port), timeout=20)
+        assert ep.transport == transport
         ep.write(mr, desc_of(ep), imm=77)
         assert ep.wait_one(timeout=10).ok
         assert peer.line(timeout=20) == {"event": "write", "imm": 77, "status": 0}
     assert peer.proc.poll() is None, "the server survived"
+
+
+def test_auto_picks_shm_on_one_host_and_tcp_when_forced():
+    with lc.Context() as a, lc.Context() as b, lc.Context("tcp") as c:
+        assert a.transports == ["tcp", "shm"] or set(a.transports) >= {"tcp", "shm"}
+        ab, _ = connect_pair(b, a)
+        ac, _ = connect_pair(a, c)
+        assert (ab.transport, ac.transport) == ("shm", "tcp")
+        assert ab.capabilities == {"remote_ack"}  # the rings are copies (no zero-copy claim)
+
+
+def test_shm_only_between_processes_of_one_host():
+    from lamina_comm import bootstrap
+    from lamina_comm._bindings import lib
+    tcp, shm = lib.LM_TRANSPORT_TCP, lib.LM_TRANSPORT_SHM
+    assert bootstrap.pick_transport(tcp | shm, tcp | shm, tcp | shm, same_host=True) == shm
+    assert bootstrap.pick_transport(tcp | shm, tcp | shm, tcp | shm, same_host=False) == tcp
+    with pytest.raises(lc.UnsupportedError, match="one host"):
+        bootstrap.pick_transport(shm, shm, shm, same_host=False)
+    # A client claiming another host that asks for shm anyway is refused by the server, with the reason.
+    server, client = socket.socketpair()
+    with server, client:
+        client.sendall(bootstrap._HELLO.pack(bootstrap.MAGIC, bootstrap.VERSION, 0, tcp | shm, bytes(16),
+                                             b"\x01" * 16) + struct.pack("<II", shm, 0))
+        with pytest.raises(lc.UnsupportedError, match="same PID and IPC namespaces"):
+            bootstrap.server_handshake(server, tcp | shm, tcp | shm, None, b"", timeout=5)
 
 
 def test_connect_timeout_names_the_address():

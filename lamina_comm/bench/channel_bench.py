@@ -183,7 +183,7 @@ def format_report(report: dict[str, Any]) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", default=DEFAULT_SIZES, help="message sizes, comma-separated (K/M suffixes)")
     p.add_argument("-n", "--iters", type=int, default=5000, help="round trips per size (after 200 warm-up)")
-    p.add_argument("--transport", choices=["auto", "tcp", "verbs"], default="auto")
+    p.add_argument("--transport", choices=tr.TRANSPORT_CHOICES, default="auto")
     add_progress_argument(p)
     p.add_argument("--no-piggyback", action="store_true",
                    help="write every credit on its own instead of in the next message's header")

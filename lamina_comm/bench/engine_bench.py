@@ -170,7 +170,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float16")
     p.add_argument("-n", "--iters", type=int, default=2000, help="layer round trips per round (after 100 warm-up)")
     p.add_argument("--rounds", type=int, default=3, help="alternating engine/channel blocks")
-    p.add_argument("--transport", choices=["auto", "tcp", "verbs"], default="auto")
+    p.add_argument("--transport", choices=tr.TRANSPORT_CHOICES, default="auto")
     from .perf import add_progress_argument
     add_progress_argument(p)
     p.add_argument("--out_json", "--out-json", dest="out_json", default=None)

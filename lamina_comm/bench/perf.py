@@ -445,7 +445,7 @@ def add_arguments(p: argparse.ArgumentParser, mode: str) -> None:
                    help="parallel connections (perftest: QPs)")
     p.add_argument("-t", "--tx-depth", dest="depth", type=int, default=None,
                    help="writes in flight per connection (bandwidth default: 128, at most 16 MiB in flight)")
-    p.add_argument("--transport", choices=["auto", "tcp", "verbs"], default="auto")
+    p.add_argument("--transport", choices=tr.TRANSPORT_CHOICES, default="auto")
     add_progress_argument(p)
     p.add_argument("-d", "--ib-dev", default=None, help="verbs device (as perftest -d)")
     p.add_argument("-x", "--gid-index", type=int, default=None)

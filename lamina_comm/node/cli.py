@@ -49,7 +49,8 @@ def _node_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights with --config")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--secret", help="shared secret for the handshake (default: $LAMINA_SECRET)")
-    parser.add_argument("--transport", choices=("auto", "tcp", "verbs"), default="auto")
+    parser.add_argument("--transport", choices=("auto", "tcp", "verbs", "shm"), default="auto",
+                        help="auto: shm between processes of one host, else verbs, else tcp")
     parser.add_argument("--progress", choices=("event", "poll"), default=None,
                         help="event: waiting threads sleep in epoll (default, or $LAMINA_PROGRESS); "
                              "poll: they busy-poll and never sleep (a core per node)")

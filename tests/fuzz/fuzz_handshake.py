@@ -39,7 +39,8 @@ from lamina_comm.errors import LaminaError, TimeoutError_
 SECRET = b"fuzz secret"
 NONCE = bytes(range(16))          # the server's pinned nonce
 CLIENT_NONCE = b"\xaa" * 16
-TCP, VERBS = 1, 2
+TCP, VERBS, SHM = 1, 2, 4
+OTHER_HOST = b"\xbb" * 16         # a client's host identity: never this machine's
 DEADLINE_S = 5.0                  # the handshake's own deadline: a hang guard only
 OVERRUN_SLACK_S = 5.0             # a run this far past the deadline is a finding
 MAX_STREAM = 96 * 1024            # what fits a socketpair's buffer (private data is <= 64 KiB)
@@ -86,9 +87,9 @@ def pinned_nonce() -> Iterator[None]:
 
 def _serve(sock: socket.socket, setup: int) -> bootstrap.Negotiated:
     secret = SECRET if setup & SET_SECRET else None
-    allowed = TCP if setup & SET_TCP_ONLY else TCP | VERBS
+    allowed = TCP if setup & SET_TCP_ONLY else TCP | VERBS | SHM
     reply = (lambda peer: peer[:64]) if setup & SET_CALLABLE else b"server data"
-    negotiated = bootstrap.server_handshake(sock, TCP | VERBS, allowed, secret, reply, DEADLINE_S)
+    negotiated = bootstrap.server_handshake(sock, TCP | VERBS | SHM, allowed, secret, reply, DEADLINE_S)
     if setup & SET_ADDRESS:
         address = bootstrap.exchange_address(sock, b"qp address", DEADLINE_S, client=False)
         assert len(address) <= bootstrap.MAX_ADDRESS, len(address)
@@ -97,14 +98,15 @@ def _serve(sock: socket.socket, setup: int) -> bootstrap.Negotiated:
 
 def _check_negotiated(negotiated: bootstrap.Negotiated, setup: int) -> None:
     allowed = TCP if setup & SET_TCP_ONLY else TCP | VERBS
+    # shm only between processes of one host: a client from elsewhere never gets it.
     assert negotiated.transport in (TCP, VERBS) and negotiated.transport & allowed, negotiated
     assert len(negotiated.peer_data) <= bootstrap.MAX_PRIVATE_DATA
 
 
 # -- seeds -------------------------------------------------------------------
-def hello(flags: int = 0, transports: int = TCP | VERBS, version: int = bootstrap.VERSION,
+def hello(flags: int = 0, transports: int = TCP | VERBS | SHM, version: int = bootstrap.VERSION,
           magic: bytes = bootstrap.MAGIC) -> bytes:
-    return struct.pack("<4sHHI16s", magic, version, flags, transports, CLIENT_NONCE)
+    return struct.pack("<4sHHI16s16s", magic, version, flags, transports, CLIENT_NONCE, OTHER_HOST)
 
 
 def proof(secret: bytes = SECRET) -> bytes:
@@ -128,6 +130,7 @@ def seeds() -> dict[str, bytes]:
         "wrong_proof": bytes([SET_SECRET]) + auth + proof(b"other") + choose(),
         "client_demands_auth": bytes([0]) + auth + bytes(32) + choose(),
         "tcp_only_asked_verbs": bytes([SET_TCP_ONLY]) + plain + choose(VERBS),
+        "shm_from_another_host": bytes([0]) + plain + choose(SHM),
         "bad_version": bytes([0]) + hello(version=9) + choose(),
         "bad_magic": bytes([0]) + hello(magic=b"HTTP") + choose(),
         "oversized_data": bytes([0]) + plain + struct.pack("<II", TCP, 1 << 20),

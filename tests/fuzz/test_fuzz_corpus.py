@@ -108,7 +108,7 @@ def test_an_empty_tensor_with_a_sane_shape_is_still_received() -> None:
 def test_a_connection_lost_mid_handshake_is_a_peer_lost_error() -> None:
     server, client = socket.socketpair()
     with server:
-        client.sendall(struct.pack("<4sHHI16s", bootstrap.MAGIC, bootstrap.VERSION, 0, 1, bytes(16)))
+        client.sendall(struct.pack("<4sHHI16s16s", bootstrap.MAGIC, bootstrap.VERSION, 0, 1, bytes(16), bytes(16)))
         client.close()  # the server's HELLO then meets a closed peer (EPIPE): was BrokenPipeError
         with pytest.raises(lc.PeerLostError):
             bootstrap.server_handshake(server, 3, 3, None, b"", timeout=10)

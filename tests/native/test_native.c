@@ -16,6 +16,8 @@
 #include "lamina.h"
 #include "../../native/src/tcp/tcp_wire.h" /* hostile-peer tests speak the wire */
 #include "../../native/src/core/core.h"     /* progress-engine counters */
+#include "../../native/src/shm/shm.h"       /* hostile-ring tests reach into the rings */
+#include <pthread.h>
 
 static int failures;
 
@@ -246,6 +248,108 @@ static void test_gather_source_deregistered_while_queued(void)
     CHECK(ok < COUNT); /* the deregistration overtook some (withdrawn, or the endpoint failed mid-frame) */
     lm_mr_deregister(md);
     pair_close(&p);
+    free(dst);
+}
+
+/* ---- shm: two endpoints over a socketpair doorbell ---- */
+
+typedef struct shm_connect_arg {
+    lm_ep_t *ep;
+    uint8_t peer[sizeof(lm_shm_addr_t)];
+    int rc;
+} shm_connect_arg_t;
+
+static void *shm_connect_thread(void *p)
+{
+    shm_connect_arg_t *arg = p;
+    arg->rc = lm_ep_connect(arg->ep, arg->peer, sizeof(arg->peer), -1);
+    return NULL;
+}
+
+static void shm_pair_open(pair_t *p)
+{
+    lm_context_params_t params = {.field_mask = LM_CTX_PARAM_TRANSPORTS, .transports = LM_TRANSPORT_SHM};
+    int sv[2];
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
+    CHECK(lm_context_create(&params, &p->a) == LM_OK);
+    CHECK(lm_context_create(&params, &p->b) == LM_OK);
+    CHECK(lm_ep_create_shm(p->a, sv[0], 1, &p->ea) == LM_OK);
+    CHECK(lm_ep_create_shm(p->b, sv[1], 2, &p->eb) == LM_OK);
+    shm_connect_arg_t for_a = {.ep = p->ea}, for_b = {.ep = p->eb};
+    size_t len = sizeof(for_a.peer);
+    CHECK(lm_ep_address(p->eb, for_a.peer, &len) == LM_OK && len == sizeof(lm_shm_addr_t));
+    len = sizeof(for_b.peer);
+    CHECK(lm_ep_address(p->ea, for_b.peer, &len) == LM_OK);
+    pthread_t t; /* both sides wait for each other's "mapped" byte */
+    pthread_create(&t, NULL, shm_connect_thread, &for_a);
+    shm_connect_thread(&for_b);
+    pthread_join(t, NULL);
+    CHECK(for_a.rc == LM_OK && for_b.rc == LM_OK);
+}
+
+static lm_shm_stream_t *shm_stream(lm_ep_t *ep)
+{
+    return ((lm_tcp_ep_t *)ep)->io_priv;
+}
+
+/* Writes larger than a ring (wrapping, in pieces) land byte for byte; then a
+ * hostile producer's impossible tail fails the consumer, and a hostile
+ * consumer's impossible head fails the producer: neither reads or writes
+ * outside the ring, and no region is touched. */
+static void test_shm_rings_and_hostile_indexes(void)
+{
+    pair_t p;
+    shm_pair_open(&p);
+    enum { N = 3 * LM_SHM_RING_BYTES + 12345 };
+    unsigned char *src = malloc(N), *dst = calloc(1, N);
+    for (int i = 0; i < N; i++)
+        src[i] = (unsigned char)(i * 13 + 1);
+    lm_mr_t *ms, *md;
+    CHECK(lm_mr_register(p.a, src, N, 0, &ms) == LM_OK);
+    CHECK(lm_mr_register(p.b, dst, N, LM_ACCESS_REMOTE_WRITE, &md) == LM_OK);
+    lm_rdesc_t rd;
+    lm_mr_descriptor(md, &rd);
+    CHECK(lm_ep_write(p.ea, ms, 0, N, &rd, 0, 9, LM_WRITE_IMM, 1) == LM_OK);
+    lm_completion_t c = wait_one(p.a);
+    CHECK(c.opcode == LM_OP_WRITE && c.status == LM_OK);
+    c = wait_one(p.b);
+    CHECK(c.opcode == LM_OP_RECV_IMM && c.imm == 9 && memcmp(src, dst, N) == 0);
+
+    /* A producer's tail beyond what the ring holds: the consumer fails. */
+    memset(dst, 0, N);
+    lm_shm_stream_t *sb = shm_stream(p.eb);
+    atomic_store(&sb->rx->tail, sb->rx_head + 2 * sb->size);
+    static const uint8_t bell = 1;
+    CHECK(send(((lm_tcp_ep_t *)p.ea)->fd, &bell, 1, MSG_NOSIGNAL) == 1);
+    for (int i = 0; i < 500 && lm_ep_error(p.eb) == 0; i++)
+        usleep(10000);
+    CHECK(lm_ep_error(p.eb) != 0);
+
+    lm_mr_deregister(ms);
+    lm_mr_deregister(md);
+    pair_close(&p);
+
+    /* A consumer's head ahead of what was produced (a fresh pair): the
+     * producer fails on its own send path, before the peer hangs up. */
+    shm_pair_open(&p);
+    CHECK(lm_mr_register(p.a, src, N, 0, &ms) == LM_OK);
+    CHECK(lm_mr_register(p.b, dst, N, LM_ACCESS_REMOTE_WRITE, &md) == LM_OK);
+    lm_mr_descriptor(md, &rd);
+    lm_shm_stream_t *sa = shm_stream(p.ea);
+    atomic_store(&sa->tx->head, sa->tx_tail + 1);
+    CHECK(lm_ep_write(p.ea, ms, 0, 64, &rd, 0, 0, 0, 2) == LM_OK);
+    c = wait_one(p.a);
+    CHECK(c.opcode == LM_OP_WRITE && c.status != LM_OK);
+    CHECK(lm_ep_error(p.ea) != 0);
+    for (int i = 0; i < N; i++)
+        if (dst[i]) {
+            CHECK(!"a hostile ring index let bytes into the region");
+            break;
+        }
+    lm_mr_deregister(ms);
+    lm_mr_deregister(md);
+    pair_close(&p);
+    free(src);
     free(dst);
 }
 
@@ -879,6 +983,7 @@ int main(void)
     test_peer_loss_flushes_outstanding();
     test_deregister_with_writes_in_flight();
     test_gather_source_deregistered_while_queued();
+    test_shm_rings_and_hostile_indexes();
     test_garbage_closes_only_that_endpoint();
     test_reads_in_pieces_and_beyond_the_read_limit();
     test_burst_beyond_rx_budget_completes();
