@@ -222,6 +222,18 @@ def test_gather_keeps_alignment_between_odd_sized_tensors(contexts, pair):
         assert same_bits(msg.tensors[0], a) and same_bits(msg.tensors[1], b)
 
 
+def test_an_empty_tensor_does_not_join_two_runs_across_padding(contexts, pair):
+    model, attention = pair
+    backing = np.arange(4 * 400, dtype=np.uint32).astype(np.uint8).reshape(4, 400)
+    model.add_source_region(contexts[0].register(backing))
+    x, empty, y = backing[:, :65], backing[:0, :], backing[:, 200:270]  # 260 B, 0 B, 280 B (y at 320)
+    model.send((x, empty, y), layer=0, microbatch=0)
+    assert model.metrics.gather_messages == 1 and model.metrics.staged_bytes == 0
+    with attention.recv(timeout=WAIT_S) as msg:
+        got = msg.tensors
+        assert same_bits(got[0], x) and got[1].shape == (0, 400) and same_bits(got[2], y)
+
+
 def test_short_strided_rows_are_copied_rather_than_gathered(contexts, pair):
     model, attention = pair
     backing = np.arange(4 * 64, dtype=np.float16).reshape(4, 64)

@@ -286,6 +286,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         workload = Workload.mixed(args.requests, args.seed, LlamaConfig.tiny().vocab_size)
         disaggregated, wall = run_disaggregated(https, workload)
         metrics_texts = [get_text(http, "/metrics") for http in https]
+        workers = json.loads(get_text(https[0], "/status"))["workers"]
+        print("data channels over " + ", ".join(sorted({str(w.get("transport")) for w in workers})) +
+              " (auto: shm between processes of one host; --transport tcp in the nodes forces tcp)")
         status_text = subprocess.run([sys.executable, "-m", "lamina_comm.node.cli", "status", "--http",
                                       ",".join(https)], capture_output=True, text=True, timeout=30,
                                      env={**os.environ, "PYTHONPATH": _PACKAGE_ROOT}).stdout

@@ -4,6 +4,7 @@
  * joined by a socketpair, so the tests need no network set-up.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -351,6 +352,74 @@ static void test_shm_rings_and_hostile_indexes(void)
     pair_close(&p);
     free(src);
     free(dst);
+}
+
+/* The peer must not be able to resize a ring under our mapping (SIGBUS):
+ * rings are sealed at their size. */
+static void test_shm_rings_are_sealed(void)
+{
+    pair_t p;
+    shm_pair_open(&p);
+    lm_shm_stream_t *sa = shm_stream(p.ea);
+    char path[64];
+    snprintf(path, sizeof(path), "/proc/self/fd/%d", sa->memfd);
+    int fd = open(path, O_RDWR); /* as the peer opens it */
+    CHECK(fd >= 0);
+    CHECK(ftruncate(fd, 4096) != 0 && errno == EPERM);
+    CHECK(ftruncate(fd, (off_t)(LM_SHM_HEADER_BYTES + 2 * (uint64_t)LM_SHM_RING_BYTES)) != 0);
+    close(fd);
+    pair_close(&p);
+}
+
+/* The receiver stops reading (its application does not poll) while its own
+ * big write waits for room and the peer's writes to it are refused: 1100
+ * NACKs pile up, receiving pauses on that backlog. Once the application
+ * polls again everything drains: the big write completes, every refused
+ * write completes refused (never as accepted: acknowledgements stay below an
+ * unsent NACK), and neither endpoint fails. On shm the "room" doorbell must
+ * reach a paused receive side. */
+static void test_reply_backlog_drains(bool shm)
+{
+    pair_t p;
+    if (shm)
+        shm_pair_open(&p);
+    else
+        pair_open(&p);
+    enum { BIG = 8 << 20, NACKS = 1100 };
+    uint8_t *abuf = calloc(1, BIG), *bbuf = calloc(1, BIG);
+    lm_mr_t *ma, *mb;
+    lm_rdesc_t ra, rb;
+    CHECK(lm_mr_register(p.a, abuf, BIG, LM_ACCESS_REMOTE_WRITE, &ma) == LM_OK);
+    CHECK(lm_mr_register(p.b, bbuf, BIG, LM_ACCESS_REMOTE_WRITE, &mb) == LM_OK);
+    lm_mr_descriptor(mb, &rb);
+    lm_mr_descriptor(ma, &ra);
+    lm_rdesc_t bad = ra;
+    bad.key ^= 1;
+    atomic_store(&p.b->cq.congested, true); /* b's application stops polling: b parks its receive side */
+    CHECK(lm_ep_write(p.ea, ma, 0, BIG, &rb, 0, 0, 0, 42) == LM_OK);
+    usleep(200000);
+    for (int i = 0; i < NACKS; i++)
+        CHECK(lm_ep_write(p.eb, mb, 0, 16, &bad, 0, 0, 0, 1000 + (uint64_t)i) == LM_OK);
+    usleep(300000);
+    lm_completion_t cs[64];
+    int big_done = 0, refused_ok = 0, refused_bad = 0;
+    for (int round = 0; round < 1000 && (!big_done || refused_ok + refused_bad < NACKS); round++) {
+        int n = lm_cq_wait(p.a, cs, 64, 10);
+        for (int k = 0; k < n; k++)
+            big_done |= cs[k].opcode == LM_OP_WRITE && cs[k].wr_id == 42 && cs[k].status == LM_OK;
+        n = lm_cq_poll(p.b, cs, 64);
+        for (int k = 0; k < n; k++)
+            if (cs[k].opcode == LM_OP_WRITE && cs[k].wr_id >= 1000)
+                *(cs[k].status == LM_ERR_NO_KEY ? &refused_ok : &refused_bad) += 1;
+    }
+    CHECK(big_done);
+    CHECK(refused_ok == NACKS && refused_bad == 0);
+    CHECK(lm_ep_error(p.ea) == 0 && lm_ep_error(p.eb) == 0);
+    lm_mr_deregister(ma);
+    lm_mr_deregister(mb);
+    pair_close(&p);
+    free(abuf);
+    free(bbuf);
 }
 
 static void test_garbage_closes_only_that_endpoint(void)
@@ -984,6 +1053,9 @@ int main(void)
     test_deregister_with_writes_in_flight();
     test_gather_source_deregistered_while_queued();
     test_shm_rings_and_hostile_indexes();
+    test_shm_rings_are_sealed();
+    test_reply_backlog_drains(false);
+    test_reply_backlog_drains(true);
     test_garbage_closes_only_that_endpoint();
     test_reads_in_pieces_and_beyond_the_read_limit();
     test_burst_beyond_rx_budget_completes();

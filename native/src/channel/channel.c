@@ -713,13 +713,14 @@ static bool plan_gather(lm_chan_t *ch, const lm_chan_tensor_t *t, uint32_t n, co
     if (!ch->segs && !(ch->segs = malloc(LM_MAX_SEGS * sizeof(*ch->segs))))
         return false;
     uint32_t count = 0;
+    uint64_t run_end = 0; /* payload offset just past the current run */
     *nruns = 0;
     for (uint32_t i = 0; i < n; i++) {
         if (t[i].nbytes == 0)
             continue;
-        bool joins = *nruns > 0 && i > 0 && offsets[i] == offsets[i - 1] + t[i - 1].nbytes;
-        if (!joins)
+        if (*nruns == 0 || offsets[i] != run_end)
             runs[(*nruns)++] = (gather_run_t){.first = count, .count = 0, .remote_off = offsets[i]};
+        run_end = offsets[i] + t[i].nbytes;
         gather_run_t *run = &runs[*nruns - 1];
         uint32_t rows = t[i].rows > 1 ? t[i].rows : 1;
         uint64_t stride = t[i].rows > 1 ? t[i].row_stride : 0, len = row_bytes(&t[i]);

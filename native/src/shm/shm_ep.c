@@ -106,14 +106,16 @@ static void ring_doorbell(lm_tcp_ep_t *ep)
  * peer's index is impossible (more than the ring holds, or going back). */
 static bool ring_filled(const lm_shm_stream_t *s, uint64_t *filled)
 {
-    uint64_t tail = atomic_load_explicit(&s->rx->tail, memory_order_acquire);
+    /* seq_cst (not acquire): the re-check after raising a doorbell flag must
+     * be ordered after that store for both sides (the Dekker pattern). */
+    uint64_t tail = atomic_load(&s->rx->tail);
     *filled = tail - s->rx_head;
     return *filled <= s->size;
 }
 
 static bool ring_room(const lm_shm_stream_t *s, uint64_t *room)
 {
-    uint64_t head = atomic_load_explicit(&s->tx->head, memory_order_acquire);
+    uint64_t head = atomic_load(&s->tx->head); /* seq_cst: see ring_filled */
     uint64_t used = s->tx_tail - head;
     *room = s->size - used;
     return used <= s->size;
@@ -256,7 +258,17 @@ static void shm_on_io(void *arg, uint32_t events)
     lm_shm_stream_t *s = ep->io_priv;
     if (events & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
         drain_doorbell(ep);
-        events |= EPOLLOUT | EPOLLIN; /* a doorbell: data for us, or room in the peer's ring */
+        /* A doorbell: data for us, or room in the peer's ring. While our
+         * receive side is paused (in_armed false) only the send side runs:
+         * EPOLLIN stays watched for the room doorbell (lm_tcp_update_interest). */
+        pthread_mutex_lock(&ep->lock);
+        bool receiving = ep->in_armed;
+        pthread_mutex_unlock(&ep->lock);
+        events |= EPOLLOUT;
+        if (receiving)
+            events |= EPOLLIN;
+        else
+            events &= ~(uint32_t)EPOLLIN;
     }
     if (atomic_load(&s->peer_gone))
         events |= EPOLLHUP; /* read what is left, then fail the endpoint */
@@ -283,9 +295,12 @@ static int ep_create(void *iface_ptr, uint64_t ep_id, int fd, lm_ep_t **out)
         return lm_fail(LM_ERR_NO_MEMORY, "shm: endpoint allocation failed");
     }
     s->size = LM_SHM_RING_BYTES;
-    s->memfd = memfd_create("lamina-shm-ring", MFD_CLOEXEC);
+    s->memfd = memfd_create("lamina-shm-ring", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     int rc = LM_OK;
-    if (s->memfd < 0 || ftruncate(s->memfd, (off_t)(LM_SHM_HEADER_BYTES + s->size)) != 0)
+    /* Sealed at its size: the peer opens it read-write, and a ring shrunk
+     * under our mapping would turn our next access into SIGBUS. */
+    if (s->memfd < 0 || ftruncate(s->memfd, (off_t)(LM_SHM_HEADER_BYTES + s->size)) != 0 ||
+        fcntl(s->memfd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0)
         rc = lm_fail(LM_ERR_NO_MEMORY, "shm: cannot create a %llu-byte ring: %s", (unsigned long long)s->size,
                      strerror(errno));
     if (rc == LM_OK)
@@ -385,8 +400,11 @@ static int ep_connect(lm_ep_t *base, const void *peer, size_t len, int ctrl_fd)
         return lm_fail(LM_ERR_UNSUPPORTED, "shm: cannot open the peer's ring (%s): %s", path, strerror(errno));
     struct stat st;
     lm_shm_ring_hdr_t *tx = NULL;
+    int seals = fcntl(fd, F_GET_SEALS);
     if (fstat(fd, &st) != 0 || (uint64_t)st.st_size != LM_SHM_HEADER_BYTES + s->size)
         rc = lm_fail(LM_ERR_PROTOCOL, "shm: %s is not a ring of %llu bytes", path, (unsigned long long)s->size);
+    else if (seals < 0 || !(seals & F_SEAL_SHRINK))
+        rc = lm_fail(LM_ERR_PROTOCOL, "shm: %s is not sealed against shrinking", path);
     if (rc == LM_OK)
         rc = map_ring(fd, s->size, &tx);
     close(fd); /* the mapping keeps the memory */

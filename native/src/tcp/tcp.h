@@ -125,6 +125,8 @@ struct lm_tcp_ep {
     uint32_t reads_out;  /* our READ_REQs sent and not yet answered (<= LM_TCP_MAX_READS) */
     atomic_uint reads_in; /* the peer's READ_REQs whose answer has not left (IRD) */
     uint32_t replies_queued; /* NACK / READ_RESP frames not yet sent */
+    uint32_t nacks_unsent;   /* NACK frames queued and not sent whole */
+    uint64_t nack_floor;     /* the first of them's sequence number: the highest ack we may send */
     atomic_bool rx_backlogged; /* receiving paused until replies_queued halves */
     lm_tcp_tx_t *bare_ack; /* a queued bare ACK not yet stamped, or NULL */
     uint64_t snap_bytes; /* bytes held in READ_RESP snapshots (bounded, see tcp_rx.c) */

@@ -46,6 +46,8 @@ static void queue_nack(lm_tcp_ep_t *ep, uint64_t seq, int32_t status)
     if (!tx)
         return;
     count_reply_locked(ep);
+    if (ep->nacks_unsent++ == 0)
+        ep->nack_floor = seq; /* acknowledgements stay below it until it left */
     lm_tcp_tx_queue(ep, tx);
 }
 

@@ -20,6 +20,16 @@ lm_tcp_tx_t *lm_tcp_tx_alloc(lm_tcp_ep_t *ep)
     return tx;
 }
 
+/* The sequence number of the first NACK still queued (the frame being
+ * released was unlinked already; answers keep their order in the queue). */
+static uint64_t oldest_unsent_nack(const lm_tcp_ep_t *ep)
+{
+    for (const lm_tcp_tx_t *tx = ep->tx_head; tx; tx = tx->next)
+        if (tx->hdr.type == LM_TCP_NACK)
+            return tx->hdr.seq;
+    return UINT64_MAX;
+}
+
 /* Drop a frame that left (or is flushed) and the per-peer counts it held. */
 static void tx_release(lm_tcp_ep_t *ep, lm_tcp_tx_t *tx)
 {
@@ -34,6 +44,8 @@ static void tx_release(lm_tcp_ep_t *ep, lm_tcp_tx_t *tx)
         ep->reads_in--;
     if (tx->hdr.type == LM_TCP_READ_RESP || tx->hdr.type == LM_TCP_NACK)
         ep->replies_queued--;
+    if (tx->hdr.type == LM_TCP_NACK && --ep->nacks_unsent > 0)
+        ep->nack_floor = oldest_unsent_nack(ep);
     if (ep->bare_ack == tx)
         ep->bare_ack = NULL;
     tx->next = ep->tx_free;
@@ -63,8 +75,10 @@ void lm_tcp_update_interest(lm_tcp_ep_t *ep)
 {
     if (ep->closed)
         return;
-    lm_progress_mod(ep->base.ctx, &ep->handler,
-                    (ep->in_armed ? EPOLLIN : 0u) | (ep->out_armed ? ep->io->out_event : 0u));
+    /* A stream without its own "send again" event (shm) is woken through
+     * EPOLLIN: watched while sending waits, even with receiving paused. */
+    uint32_t out = ep->out_armed ? (ep->io->out_event ? ep->io->out_event : (uint32_t)EPOLLIN) : 0u;
+    lm_progress_mod(ep->base.ctx, &ep->handler, (ep->in_armed ? EPOLLIN : 0u) | out);
 }
 
 static void set_out_interest(lm_tcp_ep_t *ep, bool want)
@@ -258,8 +272,13 @@ void lm_tcp_tx_flush(lm_tcp_ep_t *ep)
             }
             uint64_t done = tx->sent;
             if (done == 0) { /* every frame carries the newest acknowledgement */
-                tx->hdr.ack = ep->rx_accepted;
-                ep->rx_acked = ep->rx_accepted;
+                /* ...but never one past a refused write whose NACK has not
+                 * left: the peer would complete that write as accepted. */
+                uint64_t ack = ep->rx_accepted;
+                if (ep->nacks_unsent > 0 && ep->nack_floor < ack)
+                    ack = ep->nack_floor;
+                tx->hdr.ack = ack;
+                ep->rx_acked = ack;
                 ep->rx_unacked_bytes = 0;
                 lm_timer_disarm(&ep->ack_timer);
             }
