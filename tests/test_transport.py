@@ -322,7 +322,7 @@ def test_garbage_at_listener_leaves_server_serving(peer_factory, transport):
 
 def test_auto_picks_shm_on_one_host_and_tcp_when_forced():
     with lc.Context() as a, lc.Context() as b, lc.Context("tcp") as c:
-        assert a.transports == ["tcp", "shm"] or set(a.transports) >= {"tcp", "shm"}
+        assert {"tcp", "shm"} <= set(a.transports)
         ab, _ = connect_pair(b, a)
         ac, _ = connect_pair(a, c)
         assert (ab.transport, ac.transport) == ("shm", "tcp")

@@ -103,14 +103,17 @@ def test_missing_device_is_reported_and_auto_falls_back_to_tcp():
     with pytest.raises(lc.UnsupportedError):
         lc.Context("verbs", ib_device="no_such_dev0")
     with lc.Context("auto", ib_device="no_such_dev0") as ctx:
-        assert ctx.transports == ["tcp"]
+        assert "verbs" not in ctx.transports and "tcp" in ctx.transports
         why = ctx.transport_status("verbs")
         assert "no_such_dev0" in why and RXE_DEV in why
 
 
 def test_endpoints_negotiate_verbs():
-    with lc.Context() as a, lc.Context() as b:
-        assert "verbs" in a.transports and "verbs" in b.transports
+    # auto on both sides of one host picks shm; against a verbs-only peer it picks verbs.
+    with lc.Context() as a, lc.Context() as same_host, lc.Context("verbs") as b:
+        assert "verbs" in a.transports and "shm" in a.transports
+        ab, _ = connect_pair(same_host, a)
+        assert ab.transport == "shm"
         target = np.zeros(4096, np.uint8)
         ini, tgt = connect_pair(b, a, server_data=b.register(target).descriptor().to_bytes())
         assert ini.transport == "verbs" and tgt.transport == "verbs"
