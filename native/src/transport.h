@@ -28,6 +28,11 @@ typedef struct lm_transport_ops {
      * lm_ep_complete). Called with the dispatch lock held, like handlers: a
      * thread waiting in lm_cq_wait spins on it briefly before sleeping. */
     int (*iface_poll)(void *iface);
+    /* Optional: the calling thread is about to sleep in epoll (called with
+     * the dispatch lock held, right before). Arm the wake-ups a peer raises
+     * only for sleepers (shm doorbells); nonzero if work arrived meanwhile:
+     * the caller then only looks at epoll, without sleeping. */
+    int (*iface_arm)(void *iface);
 
     /* Called for every region on every open transport (may be NULL). */
     int (*mr_register)(void *iface, lm_mr_t *mr);

@@ -280,6 +280,19 @@ static int drive_spin(lm_context_t *ctx, uint64_t budget_ns, uint64_t *now)
     }
 }
 
+/* Before any sleep in epoll: transports whose peers wake only sleepers
+ * (shm) arm those wake-ups; nonzero if one of them has work already. */
+static int arm_before_sleep(lm_context_t *ctx)
+{
+    int pending = 0;
+    for (int t = 0; t < LM_MAX_TRANSPORTS; t++) {
+        const lm_transport_ops_t *ops = ctx->transports[t];
+        if (ops && ops->iface_arm)
+            pending |= ops->iface_arm(ctx->ifaces[t]);
+    }
+    return pending;
+}
+
 /* One dispatch round. *now: the clock at entry, read once by a driver and
  * kept current (within one clock stride of the spin) for the caller's lease. */
 static int poll_and_dispatch(lm_context_t *ctx, int timeout_ms, uint64_t *now)
@@ -318,6 +331,15 @@ static int poll_and_dispatch(lm_context_t *ctx, int timeout_ms, uint64_t *now)
         timeout_ns = 0; /* queued work: look at epoll, do not sleep */
     if (timer_ns >= 0 && (timeout_ns < 0 || timer_ns < timeout_ns))
         timeout_ns = timer_ns;
+    if (timeout_ns != 0 && arm_before_sleep(ctx)) {
+        /* Work arrived that no fd reports (a frame in a shared ring whose
+         * producer saw no sleeper): take it now, then look at epoll. */
+        timeout_ns = 0;
+        tls_dispatching = true;
+        uint64_t t = lm_now_ns();
+        drive_spin(ctx, 0, &t);
+        tls_dispatching = false;
+    }
     pthread_mutex_unlock(&p->drive_lock);
     uint64_t epoch = atomic_load(&p->del_epoch);
     /* epoll_pwait2: timers (delayed acknowledgements) need sub-ms resolution. */

@@ -60,6 +60,7 @@ typedef struct lm_shm_stream {
     lm_shm_ring_hdr_t *rx;
     uint8_t *rx_data;
     uint64_t rx_head;            /* private: what we consumed */
+    _Atomic uint64_t rx_head_shared; /* the same, for iface_arm on another thread */
     /* The peer's receive ring (we produce), mapped at connect. */
     lm_shm_ring_hdr_t *tx;
     uint8_t *tx_data;
@@ -68,6 +69,15 @@ typedef struct lm_shm_stream {
     uint8_t nonce[16];
     atomic_bool peer_gone;       /* the doorbell socket reached its end */
 } lm_shm_stream_t;
+
+/* The transport's interface: the tcp one (scratch, keepalive) plus the
+ * connected endpoints, which a waiting thread polls (iface_poll). */
+typedef struct lm_shm_iface {
+    lm_tcp_iface_t tcp; /* first: endpoints point at it as their lm_tcp_iface_t */
+    pthread_mutex_t lock;
+    lm_tcp_ep_t **eps;
+    size_t count, cap;
+} lm_shm_iface_t;
 
 extern const lm_transport_ops_t lm_shm_transport;
 

@@ -77,20 +77,53 @@ static int iface_open(lm_context_t *ctx, const lm_context_params_t *params, void
         snprintf(why, why_len, "%s", lm_last_error());
         return LM_ERR_UNSUPPORTED;
     }
-    lm_tcp_iface_t *iface = calloc(1, sizeof(*iface));
+    lm_shm_iface_t *iface = calloc(1, sizeof(*iface));
     if (!iface) {
         snprintf(why, why_len, "shm: out of memory");
         return LM_ERR_NO_MEMORY;
     }
-    iface->ctx = ctx;
-    iface->keepalive_ms = ctx->keepalive_ms;
+    iface->tcp.ctx = ctx;
+    iface->tcp.keepalive_ms = ctx->keepalive_ms;
+    pthread_mutex_init(&iface->lock, NULL);
     *out = iface;
     return LM_OK;
 }
 
-static void iface_close(void *iface)
+static void iface_close(void *ptr)
 {
+    lm_shm_iface_t *iface = ptr;
+    pthread_mutex_destroy(&iface->lock);
+    free(iface->eps);
     free(iface);
+}
+
+static int iface_track(lm_shm_iface_t *iface, lm_tcp_ep_t *ep)
+{
+    pthread_mutex_lock(&iface->lock);
+    if (iface->count == iface->cap) {
+        size_t cap = iface->cap ? 2 * iface->cap : 16;
+        lm_tcp_ep_t **grown = realloc(iface->eps, cap * sizeof(*grown));
+        if (!grown) {
+            pthread_mutex_unlock(&iface->lock);
+            return lm_fail(LM_ERR_NO_MEMORY, "shm: no memory to track another endpoint");
+        }
+        iface->eps = grown;
+        iface->cap = cap;
+    }
+    iface->eps[iface->count++] = ep;
+    pthread_mutex_unlock(&iface->lock);
+    return LM_OK;
+}
+
+static void iface_untrack(lm_shm_iface_t *iface, lm_tcp_ep_t *ep)
+{
+    pthread_mutex_lock(&iface->lock);
+    for (size_t i = 0; i < iface->count; i++)
+        if (iface->eps[i] == ep) {
+            iface->eps[i] = iface->eps[--iface->count];
+            break;
+        }
+    pthread_mutex_unlock(&iface->lock);
 }
 
 /* ---- the ring stream -------------------------------------------------------------- */
@@ -172,33 +205,25 @@ static ssize_t ring_recv(lm_tcp_ep_t *ep, void *buf, size_t len, bool *drained)
     if (filled == 0) {
         if (atomic_load(&s->peer_gone))
             return 0; /* everything the peer wrote before it went is read: the end */
-        atomic_store(&s->rx->consumer_sleeping, 1);
-        if (!ring_filled(s, &filled))
-            goto corrupt;
-        if (filled == 0) {
-            *drained = true;
-            errno = EAGAIN;
-            return -1;
-        }
-        atomic_store(&s->rx->consumer_sleeping, 0);
+        /* Nothing to read. The doorbell is armed only by a thread about to
+         * sleep (iface_arm, before epoll), so a polling consumer costs the
+         * producer no syscall. */
+        *drained = true;
+        errno = EAGAIN;
+        return -1;
     }
+    if (atomic_load_explicit(&s->rx->consumer_sleeping, memory_order_relaxed))
+        atomic_store(&s->rx->consumer_sleeping, 0); /* awake: no more doorbells needed */
     uint64_t n = len < filled ? len : filled, mask = s->size - 1;
     uint64_t at = s->rx_head & mask, first = n < s->size - at ? n : s->size - at;
     memcpy(buf, s->rx_data + at, first);
     memcpy((uint8_t *)buf + first, s->rx_data, n - first);
+    atomic_store_explicit(&s->rx_head_shared, s->rx_head + n, memory_order_relaxed);
     s->rx_head += n;
     atomic_store(&s->rx->head, s->rx_head);
     if (atomic_load(&s->rx->producer_waiting) && atomic_exchange(&s->rx->producer_waiting, 0))
         ring_doorbell(ep);
-    if (n == filled) { /* emptied it: arm the doorbell unless more came meanwhile */
-        atomic_store(&s->rx->consumer_sleeping, 1);
-        if (!ring_filled(s, &filled))
-            goto corrupt;
-        if (filled == 0)
-            *drained = true;
-        else
-            atomic_store(&s->rx->consumer_sleeping, 0);
-    }
+    *drained = n == filled;
     return (ssize_t)n;
 corrupt:
     errno = EPROTO;
@@ -250,6 +275,58 @@ static void drain_doorbell(lm_tcp_ep_t *ep)
             continue;
         return;
     }
+}
+
+/* A thread waiting for completions spins here before it sleeps (and in
+ * polling mode instead of sleeping): rings that hold frames are read at
+ * once, without waiting for the doorbell to go through epoll. Called with
+ * the dispatch lock held, like handlers. */
+static int iface_poll(void *ptr)
+{
+    lm_shm_iface_t *iface = ptr;
+    int got = 0;
+    pthread_mutex_lock(&iface->lock);
+    for (size_t i = 0; i < iface->count; i++) {
+        lm_tcp_ep_t *ep = iface->eps[i];
+        lm_shm_stream_t *s = ep->io_priv;
+        if (atomic_load_explicit(&ep->base.error, memory_order_relaxed) != 0)
+            continue; /* failed: its handler has left the progress engine */
+        uint64_t tail = atomic_load_explicit(&s->rx->tail, memory_order_relaxed);
+        if (tail == s->rx_head)
+            continue;
+        pthread_mutex_lock(&ep->lock);
+        bool receiving = ep->in_armed; /* paused (backlog, congested queue): not from here */
+        pthread_mutex_unlock(&ep->lock);
+        if (receiving) {
+            lm_tcp_on_io(ep, EPOLLIN);
+            got++;
+        }
+    }
+    pthread_mutex_unlock(&iface->lock);
+    return got;
+}
+
+/* About to sleep: ask every producer for a doorbell, then look once more
+ * (seq_cst store, then load: a producer that published before seeing the
+ * flag is seen here). */
+static int iface_arm(void *ptr)
+{
+    lm_shm_iface_t *iface = ptr;
+    int pending = 0;
+    pthread_mutex_lock(&iface->lock);
+    for (size_t i = 0; i < iface->count; i++) {
+        lm_tcp_ep_t *ep = iface->eps[i];
+        lm_shm_stream_t *s = ep->io_priv;
+        atomic_store(&s->rx->consumer_sleeping, 1);
+        uint64_t head = atomic_load_explicit(&s->rx_head_shared, memory_order_relaxed);
+        if (atomic_load(&s->rx->tail) == head || atomic_load_explicit(&ep->base.error, memory_order_relaxed))
+            continue;
+        pthread_mutex_lock(&ep->lock);
+        pending |= ep->in_armed; /* a paused receive side waits for its resume, not for us */
+        pthread_mutex_unlock(&ep->lock);
+    }
+    pthread_mutex_unlock(&iface->lock);
+    return pending;
 }
 
 static void shm_on_io(void *arg, uint32_t events)
@@ -429,8 +506,17 @@ static int ep_connect(lm_ep_t *base, const void *peer, size_t len, int ctrl_fd)
     pthread_mutex_unlock(&ep->lock);
     rc = lm_tcp_ep_watch(ep);
     if (rc == LM_OK)
+        rc = iface_track((lm_shm_iface_t *)ep->iface, ep);
+    if (rc == LM_OK)
         lm_progress_rerun(ep->base.ctx, &ep->handler);
     return rc;
+}
+
+static void ep_destroy(lm_ep_t *base)
+{
+    lm_tcp_ep_t *ep = (lm_tcp_ep_t *)base;
+    iface_untrack((lm_shm_iface_t *)ep->iface, ep); /* no poll reaches it from here on */
+    lm_tcp_ep_destroy(base);
 }
 
 const lm_transport_ops_t lm_shm_transport = {
@@ -439,11 +525,13 @@ const lm_transport_ops_t lm_shm_transport = {
     .caps = LM_CAP_REMOTE_ACK,
     .iface_open = iface_open,
     .iface_close = iface_close,
+    .iface_poll = iface_poll,
+    .iface_arm = iface_arm,
     .ep_create = ep_create,
     .ep_address = ep_address,
     .ep_connect = ep_connect,
     .ep_write = lm_tcp_ep_write,
     .ep_writev = lm_tcp_ep_writev,
     .ep_read = lm_tcp_ep_read,
-    .ep_destroy = lm_tcp_ep_destroy,
+    .ep_destroy = ep_destroy,
 };
