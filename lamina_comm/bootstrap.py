@@ -193,6 +193,20 @@ def _authenticate(sock: socket.socket, secret: bytes | None, mine: Hello, theirs
 class Negotiated:
     transport: int
     peer_data: bytes
+    why_not_shm: str = ""  # set when both could have had shm and it was not chosen
+
+
+def _why_not_shm(transport: int, requested: int, ours: int, theirs: Hello, mine: Hello) -> str:
+    """Why this connection did not get shm although this side asked for it ("" if it did or did not ask)."""
+    from ._bindings import lib
+    shm = lib.LM_TRANSPORT_SHM
+    if transport == shm or not requested & ours & shm:
+        return ""
+    if not theirs.transports & shm:
+        return "the peer did not offer shm (its context does not have it, or it asked for another transport)"
+    if theirs.host != mine.host:
+        return "the peer is on another host, or in another PID or IPC namespace"
+    return "the other side asked for another transport"
 
 
 def pick_transport(requested: int, ours: int, theirs: int, same_host: bool = False) -> int:
@@ -227,7 +241,7 @@ def client_handshake(sock: socket.socket, transports: int, requested: int, secre
     peer_data = recv_exact(sock, data_len, deadline)
     if status != 0:
         raise UnsupportedError(f"server refused the connection: {reason}")
-    return Negotiated(transport, peer_data)
+    return Negotiated(transport, peer_data, _why_not_shm(transport, requested, transports, theirs, mine))
 
 
 ReplyData = Union[bytes, Callable[[bytes], bytes]]
@@ -256,7 +270,7 @@ def server_authenticate(sock: socket.socket, transports: int, allowed: int, secr
             reason = b"transport shm needs a peer on this host, in the same PID and IPC namespaces"
         _send(sock, _ACCEPT.pack(-10, 0, len(reason)) + reason, deadline)
         raise UnsupportedError(reason.decode())
-    return Negotiated(transport, peer_data)
+    return Negotiated(transport, peer_data, _why_not_shm(transport, allowed, transports, theirs, mine))
 
 
 def server_reply(sock: socket.socket, negotiated: Negotiated, reply_data: ReplyData,

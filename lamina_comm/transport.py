@@ -422,6 +422,7 @@ class Context:
         if progress is not None and progress not in PROGRESS_MODES:
             raise InvalidArgumentError(f"progress must be one of {sorted(PROGRESS_MODES)}, not {progress!r}")
         self.transport = transport
+        self._why_not_shm = ""  # transport_status("shm"): why the last connection went without it
         self._secret = bootstrap.secret_from(secret)
         params = ffi.new("lm_context_params_t *")
         params.field_mask = lib.LM_CTX_PARAM_TRANSPORTS
@@ -481,8 +482,12 @@ class Context:
         return [name for name, bit in TRANSPORT_IDS.items() if mask & bit]
 
     def transport_status(self, name: str) -> str:
-        """Why a transport is unavailable ("" when it is available)."""
-        return ffi.string(lib.lm_context_transport_status(self._handle(), TRANSPORT_IDS[name])).decode()
+        """Why a transport is unavailable ("" when it is available); for shm, once it is open, why the
+        last connection that could have used it did not ("" if none)."""
+        why = ffi.string(lib.lm_context_transport_status(self._handle(), TRANSPORT_IDS[name])).decode()
+        if not why and name == "shm":
+            why = self._why_not_shm
+        return why
 
     # -- regions -----------------------------------------------------------
     def register(self, obj: Any, access: Access = Access.ALL) -> MemoryRegion:
@@ -549,6 +554,9 @@ class Context:
                 raise
         ep = Endpoint(self, out[0], ep_id, neg.transport, neg.peer_data, peer)
         self._endpoints[ep_id] = ep
+        if neg.why_not_shm:
+            self._why_not_shm = f"connection to {peer}: {neg.why_not_shm}"
+            log.info("endpoint %d: no shm: %s", ep_id, neg.why_not_shm)
         log.info("endpoint %d to %s over %s", ep_id, peer, ep.transport)
         return ep
 

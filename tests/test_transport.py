@@ -327,6 +327,7 @@ def test_auto_picks_shm_on_one_host_and_tcp_when_forced():
         ac, _ = connect_pair(a, c)
         assert (ab.transport, ac.transport) == ("shm", "tcp")
         assert ab.capabilities == {"remote_ack"}  # the rings are copies (no zero-copy claim)
+        assert "did not offer shm" in a.transport_status("shm") and c.transport_status("shm")
 
 
 def test_shm_only_between_processes_of_one_host():

@@ -213,17 +213,17 @@ def _marker_bytes(t: np.ndarray) -> np.ndarray:
 # Attention worker process
 
 
-def _attention_worker(index: int, shape: BenchShape, host: str, namespace: str | None,
+def _attention_worker(index: int, shape: BenchShape, host: str, namespace: str | None, transport: str,
                       conn: multiprocessing.connection.Connection, timeout: float) -> None:
-    _report_failures(conn, _attention_main, index, shape, host, namespace, conn, timeout)
+    _report_failures(conn, _attention_main, index, shape, host, namespace, transport, conn, timeout)
 
 
-def _attention_main(index: int, shape: BenchShape, host: str, namespace: str | None,
+def _attention_main(index: int, shape: BenchShape, host: str, namespace: str | None, transport: str,
                     conn: multiprocessing.connection.Connection, timeout: float) -> None:
     if namespace:
         netns.enter(namespace)
     device = EmulatedDevice()
-    with Context("tcp") as ctx, contextlib.ExitStack() as stack:
+    with Context(transport) as ctx, contextlib.ExitStack() as stack:
         # One listener per replica, so each channel's replica is known without a handshake of our own.
         listeners = [stack.enter_context(ChannelListener(ctx, (host, 0), shape.channel_spec(), timeout=timeout,
                                                          piggyback_credits=True))
@@ -344,16 +344,18 @@ class _ModelStage:
 
 
 def _model_worker(index: int, addresses: list[tuple[str, int]], shape: BenchShape, host: str,
-                  namespace: str | None, conn: multiprocessing.connection.Connection, timeout: float) -> None:
-    _report_failures(conn, _model_main, index, addresses, shape, host, namespace, conn, timeout)
+                  namespace: str | None, transport: str, conn: multiprocessing.connection.Connection,
+                  timeout: float) -> None:
+    _report_failures(conn, _model_main, index, addresses, shape, host, namespace, transport, conn, timeout)
 
 
 def _model_main(index: int, addresses: list[tuple[str, int]], shape: BenchShape, host: str,
-                namespace: str | None, conn: multiprocessing.connection.Connection, timeout: float) -> None:
+                namespace: str | None, transport: str, conn: multiprocessing.connection.Connection,
+                timeout: float) -> None:
     if namespace:
         netns.enter(namespace)
     device = EmulatedDevice()
-    with Context("tcp") as ctx, contextlib.ExitStack() as stack:
+    with Context(transport) as ctx, contextlib.ExitStack() as stack:
         # Credits ride on the next request: every channel is revisited each layer.
         channels = [stack.enter_context(Channel.connect(ctx, address, shape.channel_spec(),
                                                         name=f"replica-{index}-to-{i}", timeout=timeout,
@@ -362,7 +364,7 @@ def _model_main(index: int, addresses: list[tuple[str, int]], shape: BenchShape,
         residual_out = residual_in = None
         if shape.rotation.rotates:
             residual_out, residual_in = _residual_ring(ctx, stack, index, shape, host, conn, timeout)
-        conn.send(("ready", None))
+        conn.send(("ready", sorted({channel.endpoint.transport for channel in channels})))
         for phase in _phases(conn):
             conn.send(("done", _run_replica_phase(index, channels, residual_out, residual_in, device, shape, phase)))
 
@@ -462,9 +464,11 @@ class _Workers:
     """Start the attention workers, then the model replicas; stop them all on exit."""
 
     def __init__(self, shape: BenchShape, hosts: Sequence[str], namespaces: Sequence[str | None],
-                 model_namespace: str | None, model_host: str, timeout: float):
+                 model_namespace: str | None, model_host: str, transport: str, timeout: float):
         self._shape = shape
         self._timeout = timeout
+        self._transport = transport
+        self.transports: set[str] = set()  # what the replicas' channels negotiated
         self._mp = multiprocessing.get_context("spawn")
         self._attention: list[_Worker] = []
         self._models: list[_Worker] = []
@@ -485,12 +489,12 @@ class _Workers:
                model_host: str) -> None:
         for i, (host, namespace) in enumerate(zip(hosts, namespaces)):
             self._attention.append(self._spawn(f"attention worker {i}", _attention_worker, i, self._shape,
-                                               host, namespace))
+                                               host, namespace, self._transport))
         addresses = [[tuple(a) for a in w.expect("ready", self._timeout)] for w in self._attention]
         for r in range(self._shape.replicas):
             name = "model worker" if self._shape.replicas == 1 else f"model replica {r}"
             self._models.append(self._spawn(name, _model_worker, r, [worker[r] for worker in addresses],
-                                            self._shape, model_host, model_namespace))
+                                            self._shape, model_host, model_namespace, self._transport))
         if self._shape.rotation.rotates:  # wire the residual ring
             rings = [tuple(m.expect("listening", self._timeout)) for m in self._models]
             for r, model in enumerate(self._models):
@@ -498,7 +502,7 @@ class _Workers:
         for worker in self._attention:
             worker.expect("connected", self._timeout)
         for model in self._models:
-            model.expect("ready", self._timeout)
+            self.transports.update(model.expect("ready", self._timeout))
 
     def run_phase(self, phase: Phase) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Run one phase; returns each replica's result and each attention worker's."""
@@ -535,12 +539,16 @@ def _placement(args: argparse.Namespace, workers: int) -> Iterator[dict[str, Any
     """Where workers run: loopback, or a namespace star with rate-limited links."""
     if args.link_rate is None:
         yield {"network": "loopback", "hosts": [args.host] * workers, "namespaces": [None] * workers,
-               "model_namespace": None, "model_host": args.host}
+               "model_namespace": None, "model_host": args.host, "transport": args.transport}
         return
+    if args.transport == "shm":
+        raise ValueError("--link-rate emulates a network link; shm would go around it (use --transport tcp)")
     with netns.star(workers, args.link_rate) as topology:
-        # Replicas share the hub namespace: their residual ring runs on its loopback.
+        # Replicas share the hub namespace: their residual ring runs on its loopback. The workers
+        # share one host, so auto would pick shm and skip the emulated link: tcp.
         yield {"network": f"netns veth, tbf {args.link_rate}", "hosts": list(topology.leaf_addresses),
-               "namespaces": list(topology.leaves), "model_namespace": topology.hub, "model_host": "127.0.0.1"}
+               "namespaces": list(topology.leaves), "model_namespace": topology.hub, "model_host": "127.0.0.1",
+               "transport": "tcp"}
 
 
 def _steps_and_window(models: Sequence[dict[str, Any]], warmup: int) -> tuple[list[float], int, int]:
@@ -726,13 +734,14 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                          "starts where a warm-up step ends)")
     with _placement(args, shape.workers) as where, \
             _Workers(shape, where["hosts"], where["namespaces"], where["model_namespace"], where["model_host"],
-                     args.timeout) as workers:
+                     where["transport"], args.timeout) as workers:
         phase, results = _run_rounds(workers, shape, args)
     timelines = results.timelines()
     last = results.last
     transfer_ms = statistics.median(results.calibration_ms)
     report = {
-        "config": {**dataclasses.asdict(shape), "head_dim": shape.head_dim, "network": where["network"],
+        "config": {**dataclasses.asdict(shape), "head_dim": shape.head_dim,
+                   "network": f"{where['network']} ({', '.join(sorted(workers.transports))})",
                    "auto_balance": args.auto_balance, "steps": len(results.step_ms), "warmup": args.warmup,
                    "calibration_steps": len(results.calibration_ms), "rounds": args.rounds},
         "layer_bytes": shape.layer_bytes(),
@@ -821,6 +830,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="interleave calibration and measured steps in this many rounds (load drift)")
     net = parser.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="loopback address the workers listen on")
+    net.add_argument("--transport", choices=("auto", "tcp", "shm"), default="auto",
+                     help="the channels' transport: auto picks shm between the processes of this host "
+                          "(tcp with --link-rate, whose link shm would go around)")
     net.add_argument("--link-rate", metavar="RATE",
                      help="run in network namespaces joined by veth with a tc tbf limit, e.g. 10gbit (root)")
     net.add_argument("--timeout", type=float, default=60.0, help="seconds before a silent worker is an error")

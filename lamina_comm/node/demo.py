@@ -263,6 +263,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--microbatches", type=int, default=2)
     parser.add_argument("--replicas", type=int, default=1,
                         help="model nodes sharing the two attention nodes (requests go round-robin)")
+    parser.add_argument("--transport", choices=("auto", "tcp", "shm"), default="auto",
+                        help="the nodes' transport (auto: shm between these processes of one host)")
     args = parser.parse_args(argv)
     if args.replicas < 1:
         parser.error("--replicas must be >= 1")
@@ -271,11 +273,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ok = False
     try:
         started = time.perf_counter()
-        attention = [start_attention(f"attention node {i}", "--config", "tiny", "--blocks", "256") for i in range(2)]
+        attention = [start_attention(f"attention node {i}", "--config", "tiny", "--blocks", "256",
+                                     "--transport", args.transport) for i in range(2)]
         nodes += attention
         addresses = [node.wait_ready()["address"] for node in attention]
         models = [start_model(addresses, "--config", "tiny", "--seed", str(args.seed),
-                              "--microbatches", str(args.microbatches), "--name", f"replica-{i}")
+                              "--microbatches", str(args.microbatches), "--name", f"replica-{i}",
+                              "--transport", args.transport)
                   for i in range(args.replicas)]
         nodes += models
         https = [model.wait_ready()["http"] for model in models]
@@ -288,7 +292,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         metrics_texts = [get_text(http, "/metrics") for http in https]
         workers = json.loads(get_text(https[0], "/status"))["workers"]
         print("data channels over " + ", ".join(sorted({str(w.get("transport")) for w in workers})) +
-              " (auto: shm between processes of one host; --transport tcp in the nodes forces tcp)")
+              " (auto: shm between processes of one host; --transport tcp forces tcp)")
         status_text = subprocess.run([sys.executable, "-m", "lamina_comm.node.cli", "status", "--http",
                                       ",".join(https)], capture_output=True, text=True, timeout=30,
                                      env={**os.environ, "PYTHONPATH": _PACKAGE_ROOT}).stdout

@@ -25,8 +25,10 @@ typedef struct lm_transport_ops {
      * completion sources, without touching its fds' readiness (a verbs CQ
      * stays armed, or its channel event pending, so a later epoll sleep is
      * still woken). Returns how many completions it delivered (lm_ep_push /
-     * lm_ep_complete). Called with the dispatch lock held, like handlers: a
-     * thread waiting in lm_cq_wait spins on it briefly before sleeping. */
+     * lm_ep_complete), or -1 when it has nothing to poll (no endpoint: the
+     * waiter then does not spin on it). Called with the dispatch lock held,
+     * like handlers: a thread waiting in lm_cq_wait spins on it briefly
+     * before sleeping. */
     int (*iface_poll)(void *iface);
     /* Optional: the calling thread is about to sleep in epoll (called with
      * the dispatch lock held, right before). Arm the wake-ups a peer raises

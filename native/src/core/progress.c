@@ -263,13 +263,15 @@ static int drive_spin(lm_context_t *ctx, uint64_t budget_ns, uint64_t *now)
     uint64_t start = *now; /* *now: the latest clock read, kept current for the caller */
     int got = 0;
     for (uint32_t pass = 1;; pass++) {
+        bool pollable = false;
         for (int t = 0; t < LM_MAX_TRANSPORTS; t++) {
             const lm_transport_ops_t *ops = ctx->transports[t];
-            if (ops && ops->iface_poll)
-                got += ops->iface_poll(ctx->ifaces[t]);
+            int n = ops && ops->iface_poll ? ops->iface_poll(ctx->ifaces[t]) : -1;
+            got += n > 0 ? n : 0;
+            pollable |= n >= 0;
         }
-        if (got > 0 || budget_ns == 0)
-            return got;
+        if (got > 0 || budget_ns == 0 || !pollable)
+            return got; /* (nothing to poll: no spin, e.g. shm open but no shm endpoint) */
         if ((pass & (tls_spin_stride - 1)) == 0) {
             uint64_t t = lm_now_ns();
             adapt_spin_stride(t - *now);

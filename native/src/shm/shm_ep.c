@@ -286,6 +286,10 @@ static int iface_poll(void *ptr)
     lm_shm_iface_t *iface = ptr;
     int got = 0;
     pthread_mutex_lock(&iface->lock);
+    if (iface->count == 0) {
+        pthread_mutex_unlock(&iface->lock);
+        return -1; /* nothing to spin on */
+    }
     for (size_t i = 0; i < iface->count; i++) {
         lm_tcp_ep_t *ep = iface->eps[i];
         lm_shm_stream_t *s = ep->io_priv;
