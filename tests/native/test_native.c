@@ -288,6 +288,30 @@ static void shm_pair_open(pair_t *p)
     CHECK(for_a.rc == LM_OK && for_b.rc == LM_OK);
 }
 
+/* Posting before lm_ep_connect is refused as a usage error; the endpoint
+ * stays usable. */
+static void test_shm_post_before_connect_is_refused(void)
+{
+    lm_context_params_t params = {.field_mask = LM_CTX_PARAM_TRANSPORTS, .transports = LM_TRANSPORT_SHM};
+    lm_context_t *ctx;
+    lm_ep_t *ep;
+    int sv[2];
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
+    CHECK(lm_context_create(&params, &ctx) == LM_OK);
+    CHECK(lm_ep_create_shm(ctx, sv[0], 1, &ep) == LM_OK);
+    uint8_t buf[64] = {0};
+    lm_mr_t *mr;
+    CHECK(lm_mr_register(ctx, buf, sizeof(buf), LM_ACCESS_LOCAL_WRITE, &mr) == LM_OK);
+    lm_rdesc_t rd;
+    lm_mr_descriptor(mr, &rd);
+    CHECK(lm_ep_write(ep, mr, 0, 8, &rd, 0, 0, 0, 1) == LM_ERR_INVALID);
+    CHECK(lm_ep_read(ep, mr, 0, 8, &rd, 0, 2) == LM_ERR_INVALID);
+    CHECK(lm_ep_error(ep) == 0 && lm_ep_outstanding(ep) == 0);
+    lm_mr_deregister(mr);
+    lm_context_destroy(ctx);
+    close(sv[1]);
+}
+
 static lm_shm_stream_t *shm_stream(lm_ep_t *ep)
 {
     return ((lm_tcp_ep_t *)ep)->io_priv;
@@ -420,6 +444,54 @@ static void test_reply_backlog_drains(bool shm)
     pair_close(&p);
     free(abuf);
     free(bbuf);
+}
+
+/* Two threads wait on one context; the frame that wakes the first spends
+ * the doorbell the second armed. The consumer that empties the ring while
+ * the second still sleeps must arm it again, or the next frame waits for
+ * the second's wait slice (100 ms) instead of waking it. */
+static lm_context_t *two_waiters_ctx;
+static atomic_int two_waiters_got;
+
+static void *two_waiters_wait(void *arg)
+{
+    (void)arg;
+    lm_completion_t c;
+    if (lm_cq_wait(two_waiters_ctx, &c, 1, 10000) == 1)
+        atomic_fetch_add(&two_waiters_got, 1);
+    return NULL;
+}
+
+static void test_shm_second_sleeper_keeps_its_doorbell(void)
+{
+    pair_t p;
+    shm_pair_open(&p);
+    static char src[64], dst[64];
+    lm_mr_t *ms, *md;
+    lm_rdesc_t rd;
+    CHECK(lm_mr_register(p.a, src, 64, 0, &ms) == LM_OK);
+    CHECK(lm_mr_register(p.b, dst, 64, LM_ACCESS_REMOTE_WRITE, &md) == LM_OK);
+    lm_mr_descriptor(md, &rd);
+    two_waiters_ctx = p.b;
+    atomic_store(&two_waiters_got, 0);
+    pthread_t w1, w2;
+    pthread_create(&w1, NULL, two_waiters_wait, NULL);
+    pthread_create(&w2, NULL, two_waiters_wait, NULL);
+    for (int i = 0; i < 500 && atomic_load(&p.b->progress.sleepers) < 2; i++)
+        usleep(1000);
+    CHECK(lm_ep_write(p.ea, ms, 0, 8, &rd, 0, 1, LM_WRITE_IMM, 1) == LM_OK);
+    for (int i = 0; i < 5000 && atomic_load(&two_waiters_got) < 1; i++)
+        usleep(1000);
+    lm_shm_stream_t *sb = shm_stream(p.eb);
+    if (atomic_load(&p.b->progress.sleepers) > 0) /* the second waiter still sleeps */
+        CHECK(atomic_load(&sb->rx->consumer_sleeping) == 1);
+    CHECK(lm_ep_write(p.ea, ms, 0, 8, &rd, 0, 2, LM_WRITE_IMM, 2) == LM_OK);
+    pthread_join(w1, NULL);
+    pthread_join(w2, NULL);
+    CHECK(atomic_load(&two_waiters_got) == 2);
+    lm_mr_deregister(ms);
+    lm_mr_deregister(md);
+    pair_close(&p);
 }
 
 static void test_garbage_closes_only_that_endpoint(void)
@@ -1054,6 +1126,8 @@ int main(void)
     test_gather_source_deregistered_while_queued();
     test_shm_rings_and_hostile_indexes();
     test_shm_rings_are_sealed();
+    test_shm_post_before_connect_is_refused();
+    test_shm_second_sleeper_keeps_its_doorbell();
     test_reply_backlog_drains(false);
     test_reply_backlog_drains(true);
     test_garbage_closes_only_that_endpoint();

@@ -219,6 +219,8 @@ typedef struct lm_progress {
     uint64_t driver_epoll_ns;   /* a driver last looked at epoll (drive_lock) */
     uint32_t mode;              /* LM_PROGRESS_* (set before the thread starts) */
     atomic_bool notified;       /* a sink changed a waiter's state in this round */
+    atomic_int sleepers;        /* threads inside a sleeping epoll wait (transports that wake only
+                                 * sleepers keep their wake-ups armed while there are any) */
     lm_io_handler_t wake_handler;
 } lm_progress_t;
 

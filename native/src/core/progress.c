@@ -346,7 +346,12 @@ static int poll_and_dispatch(lm_context_t *ctx, int timeout_ms, uint64_t *now)
     uint64_t epoch = atomic_load(&p->del_epoch);
     /* epoll_pwait2: timers (delayed acknowledgements) need sub-ms resolution. */
     struct timespec ts = {.tv_sec = timeout_ns / 1000000000, .tv_nsec = timeout_ns % 1000000000};
+    bool sleeping = timeout_ns != 0;
+    if (sleeping)
+        atomic_fetch_add(&p->sleepers, 1);
     int n = epoll_pwait2(p->epoll_fd, events, MAX_EVENTS, timeout_ns < 0 ? NULL : &ts, NULL);
+    if (sleeping)
+        atomic_fetch_sub(&p->sleepers, 1);
     pthread_mutex_lock(&p->drive_lock);
     if (tls_driving)
         p->driver_epoll_ns = *now = lm_now_ns();

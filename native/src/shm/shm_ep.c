@@ -224,6 +224,15 @@ static ssize_t ring_recv(lm_tcp_ep_t *ep, void *buf, size_t len, bool *drained)
     if (atomic_load(&s->rx->producer_waiting) && atomic_exchange(&s->rx->producer_waiting, 0))
         ring_doorbell(ep);
     *drained = n == filled;
+    if (*drained && atomic_load(&ep->base.ctx->progress.sleepers) > 0) {
+        /* Another thread sleeps in epoll (two waiters, or a waiter and the
+         * progress thread): it armed the doorbell before it slept, and this
+         * read may have spent that. Arm it again for the next frame. */
+        atomic_store(&s->rx->consumer_sleeping, 1);
+        if (!ring_filled(s, &filled))
+            goto corrupt;
+        *drained = filled == 0;
+    }
     return (ssize_t)n;
 corrupt:
     errno = EPROTO;
@@ -397,6 +406,7 @@ static int ep_create(void *iface_ptr, uint64_t ep_id, int fd, lm_ep_t **out)
         return rc;
     }
     s->rx_data = (uint8_t *)s->rx + LM_SHM_HEADER_BYTES;
+    s->rx->consumer_sleeping = 1; /* a sleeper that armed before this ring existed hears its first frame */
     s->rx->magic = LM_SHM_ADDR_MAGIC;
     s->rx->version = LM_SHM_ADDR_VERSION;
     s->rx->size = s->size;
@@ -516,6 +526,39 @@ static int ep_connect(lm_ep_t *base, const void *peer, size_t len, int ctrl_fd)
     return rc;
 }
 
+/* Posting before lm_ep_connect is a usage error (as on verbs), not a
+ * failure of the endpoint. */
+static int require_connected(lm_ep_t *base)
+{
+    lm_tcp_ep_t *ep = (lm_tcp_ep_t *)base;
+    pthread_mutex_lock(&ep->lock);
+    bool connected = ((lm_shm_stream_t *)ep->io_priv)->tx != NULL;
+    pthread_mutex_unlock(&ep->lock);
+    return connected ? LM_OK : lm_fail(LM_ERR_INVALID, "shm endpoint is not connected yet (lm_ep_connect)");
+}
+
+static int ep_write(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t length, const lm_rdesc_t *remote,
+                    uint64_t remote_off, uint32_t imm, uint32_t flags, uint64_t wr_id)
+{
+    int rc = require_connected(ep);
+    return rc != LM_OK ? rc : lm_tcp_ep_write(ep, local, local_off, length, remote, remote_off, imm, flags, wr_id);
+}
+
+static int ep_writev(lm_ep_t *ep, lm_mr_t *local, const lm_seg_t *segs, uint32_t nsegs, uint64_t length,
+                     const lm_rdesc_t *remote, uint64_t remote_off, uint32_t imm, uint32_t flags, uint64_t wr_id)
+{
+    int rc = require_connected(ep);
+    return rc != LM_OK ? rc
+                       : lm_tcp_ep_writev(ep, local, segs, nsegs, length, remote, remote_off, imm, flags, wr_id);
+}
+
+static int ep_read(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t length, const lm_rdesc_t *remote,
+                   uint64_t remote_off, uint64_t wr_id)
+{
+    int rc = require_connected(ep);
+    return rc != LM_OK ? rc : lm_tcp_ep_read(ep, local, local_off, length, remote, remote_off, wr_id);
+}
+
 static void ep_destroy(lm_ep_t *base)
 {
     lm_tcp_ep_t *ep = (lm_tcp_ep_t *)base;
@@ -534,8 +577,8 @@ const lm_transport_ops_t lm_shm_transport = {
     .ep_create = ep_create,
     .ep_address = ep_address,
     .ep_connect = ep_connect,
-    .ep_write = lm_tcp_ep_write,
-    .ep_writev = lm_tcp_ep_writev,
-    .ep_read = lm_tcp_ep_read,
+    .ep_write = ep_write,
+    .ep_writev = ep_writev,
+    .ep_read = ep_read,
     .ep_destroy = ep_destroy,
 };
