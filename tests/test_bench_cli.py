@@ -107,3 +107,18 @@ def test_engine_bench_reports_engine_beside_channel(tmp_path):
         assert row["request_bytes"] == row["tokens"] * (8 + 2) * 128 * 2
         assert 0 < row["engine_rtt_p50_us"] <= row["engine_rtt_p99_us"]
         assert row["ratio_p50"] == pytest.approx(row["engine_rtt_p50_us"] / row["channel_rtt_p50_us"])
+
+
+def test_progress_bars_show_only_on_a_terminal(monkeypatch):
+    from lamina_comm import progress_bar
+    assert progress_bar.bar(10).disable  # pytest's stderr is not a terminal
+    import io
+    fake = io.StringIO()
+    fake.isatty = lambda: True
+    monkeypatch.setattr("sys.stderr", fake)
+    shown = progress_bar.bar(3, desc="sizes", delay=0)
+    assert not shown.disable
+    shown.update(3)
+    shown.close()
+    assert "sizes" in fake.getvalue()
+    assert progress_bar.bar(3, enabled=False).disable  # --quiet

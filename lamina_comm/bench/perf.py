@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 
+from .. import progress_bar
 from .. import transport as tr
 from .._bindings import check, ffi, lib
 from ..errors import LaminaError, TimeoutError_
@@ -366,26 +367,22 @@ def _latency_row(size: int, half_us: np.ndarray) -> dict:
 # --------------------------------------------------------------------------- output
 
 class Progress:
-    """A one-line progress display on stderr for runs longer than two seconds."""
+    """The size sweep's progress bar (lamina_comm.progress: tqdm on a terminal, after two seconds)."""
 
     def __init__(self, enabled: bool, total_rows: int):
-        self.enabled = enabled and sys.stderr.isatty()
-        self.start = time.monotonic()
-        self.total_rows = total_rows
-        self.rows = 0
+        self.bar = progress_bar.bar(total_rows, desc="sizes", unit="size", enabled=enabled)
         self.last = 0.0
 
     def tick(self, count: int) -> None:
         now = time.monotonic()
-        if self.enabled and now - self.start > 2 and now - self.last > 0.5:
+        if now - self.last > 0.5:  # set_postfix is not free: at most twice a second
             self.last = now
-            print(f"\r  size {self.rows + 1}/{self.total_rows}: {count} messages, {now - self.start:.0f} s",
-                  end="", file=sys.stderr, flush=True)
+            self.bar.set_postfix(messages=count, refresh=False)
 
     def row_done(self) -> None:
-        self.rows += 1
-        if self.enabled and time.monotonic() - self.start > 2:
-            print("\r" + " " * 60 + "\r", end="", file=sys.stderr, flush=True)
+        self.bar.update(1)
+        if self.bar.n >= (self.bar.total or 0):
+            self.bar.close()
 
 
 def format_bandwidth(rows: list[dict], gbits: bool) -> str:

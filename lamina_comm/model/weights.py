@@ -13,6 +13,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 
+from lamina_comm import progress_bar
 from lamina_comm.errors import LaminaError
 from lamina_comm.model.config import LlamaConfig
 
@@ -204,10 +205,12 @@ class LlamaWeights:
         _check_tensor_shapes(config, shapes, f"checkpoint {path}")
         # Shapes are checked first so that nothing is read for a bad checkpoint.
         tensors = {}
-        for file, names in _group_by_file(locations, expected_tensor_shapes(config)).items():
-            with safe_open(str(file), framework="pt") as handle:
-                for name in names:
-                    tensors[name] = handle.get_tensor(name).to(device=device, dtype=config.torch_dtype)
+        with progress_bar.bar(len(locations), desc=f"loading {path.name}", unit="tensor") as shown:
+            for file, names in _group_by_file(locations, expected_tensor_shapes(config)).items():
+                with safe_open(str(file), framework="pt") as handle:
+                    for name in names:
+                        tensors[name] = handle.get_tensor(name).to(device=device, dtype=config.torch_dtype)
+                        shown.update(1)
         return cls.from_state_dict(config, tensors, source=f"checkpoint {path}")
 
     def save(self, path: Union[str, Path], num_shards: int = 1) -> None:
