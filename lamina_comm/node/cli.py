@@ -113,6 +113,19 @@ def served_model_name(args: argparse.Namespace) -> str:
     return os.path.basename(os.path.normpath(source)).removesuffix(".json") or "lamina"
 
 
+def load_text(args: argparse.Namespace) -> Optional[Any]:
+    """The checkpoint's tokenizer (text prompts, chat) when --model DIR has tokenizer.json, else None."""
+    if not args.model:
+        return None
+    try:
+        from lamina_comm.node.text import TextCodec
+        return TextCodec.from_dir(args.model)
+    except ImportError as exc:
+        log.warning("%s has a tokenizer, but text needs the 'text' extra (pip install lamina-comm[text]): %s",
+                    args.model, exc)
+        return None
+
+
 def load_config(args: argparse.Namespace) -> Optional[Any]:
     """The LlamaConfig named by --model / --config, or None when neither is given."""
     from lamina_comm.model import LlamaConfig
@@ -240,7 +253,8 @@ def _run_model(args: argparse.Namespace, stop: threading.Event) -> int:
     node.connect()
     try:
         backlog = {} if args.http_backlog is None else {"listen_backlog": args.http_backlog}
-        front = FrontDoor(node, http_address, model_name=served_model_name(args), **backlog)
+        front = FrontDoor(node, http_address, model_name=served_model_name(args), text=load_text(args),
+                          **backlog)
     except BaseException:
         node.close()
         raise

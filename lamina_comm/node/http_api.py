@@ -39,6 +39,7 @@ from lamina_comm.model import SamplingParams
 from lamina_comm.node import membership, openai_api
 from lamina_comm.node.metrics import NodeMetrics
 from lamina_comm.node.requests import CLIENT_CLOSED, InvalidRequest, RequestHandle, RequestRejected
+from lamina_comm.node.text import TextCodec, TextStream
 
 log = logging.getLogger("lamina_comm.node.http")
 
@@ -221,11 +222,14 @@ class FrontDoor:
     """
 
     def __init__(self, service: GenerationService, address: tuple[str, int], request_timeout: float = 600.0,
-                 listen_backlog: int = DEFAULT_LISTEN_BACKLOG, model_name: str = "lamina"):
+                 listen_backlog: int = DEFAULT_LISTEN_BACKLOG, model_name: str = "lamina",
+                 text: Optional[TextCodec] = None):
+        """``text``: the checkpoint's tokenizer (node/text.py), for text prompts and chat; None: token ids."""
         if listen_backlog < 1:
             raise ValueError(f"listen_backlog must be >= 1, got {listen_backlog}")
         handler = type("BoundHandler", (_Handler,), {"service": service, "request_timeout": request_timeout,
-                                                     "model_name": model_name, "created": int(time.time())})
+                                                     "model_name": model_name, "created": int(time.time()),
+                                                     "codec": text})
         self.listen_backlog = effective_backlog(listen_backlog)
         self.server = ThreadingHTTPServer(address, handler, bind_and_activate=False)
         self.server.request_queue_size = self.listen_backlog  # what server_activate passes to listen()
@@ -259,6 +263,7 @@ _ROUTES = {
     "/generate": {"POST": "_generate"},
     "/v1/models": {"GET": "_openai_models"},
     "/v1/completions": {"POST": "_openai_completions"},
+    "/v1/chat/completions": {"POST": "_openai_chat"},
     "/cluster/join": {"POST": "_join"},
     "/cluster/leave": {"POST": "_leave"},
 }
@@ -272,6 +277,7 @@ class _Handler(BaseHTTPRequestHandler):
     request_timeout: float
     model_name: str  # what /v1/models lists and /v1/completions requests must name
     created: int
+    codec: Optional[TextCodec] = None  # the checkpoint's tokenizer: text prompts, text answers, chat
     body: Optional[bytes] = None  # the current request's body; None: it framed none
 
     # -- routing --------------------------------------------------------------
@@ -323,12 +329,18 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(HTTPStatus.OK, openai_api.models_body(self.model_name, self.created))
 
     def _openai_completions(self) -> None:
+        self._openai_generate(openai_api.parse_completion)
+
+    def _openai_chat(self) -> None:
+        self._openai_generate(openai_api.parse_chat)
+
+    def _openai_generate(self, parse: Callable[..., "openai_api.CompletionRequest"]) -> None:
         if self.body is None:
             self._refuse_and_close(RequestRejected(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required"))
             return
         try:
             try:
-                request = openai_api.parse_completion(parse_json(self.body), self.model_name)
+                request = parse(parse_json(self.body), self.model_name, self.codec)
             except InvalidRequest as exc:  # not JSON, or nested too deep
                 raise openai_api.OpenAIError(HTTPStatus.BAD_REQUEST, str(exc)) from None
             handles = self._submit_all(request)
@@ -377,6 +389,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         open_choices = set(range(len(handles)))
+        texts = [TextStream(request.codec) if request.codec is not None else None for _ in handles]
+        started: set[int] = set()  # chat: choices whose first chunk (the role) went
         try:
             deadline = time.monotonic() + self.request_timeout
             while open_choices:
@@ -387,7 +401,7 @@ class _Handler(BaseHTTPRequestHandler):
                         if event is None:
                             break
                         progressed = True
-                        self._openai_event(completion_id, index, event, open_choices)
+                        self._openai_event(completion_id, request, index, event, open_choices, texts, started)
                 if progressed or not open_choices:
                     continue
                 if time.monotonic() > deadline or self._client_gone():
@@ -395,11 +409,11 @@ class _Handler(BaseHTTPRequestHandler):
                 first = min(open_choices)  # sleep on one choice's events (briefly: the others may move)
                 event = handles[first].next_event(0.02)
                 if event is not None:
-                    self._openai_event(completion_id, first, event, open_choices)
+                    self._openai_event(completion_id, request, first, event, open_choices, texts, started)
             if request.include_usage:
                 completion = sum(len(h.tokens) for h in handles)
                 prompt = sum(len(p) for p in request.prompts)
-                self._sse(openai_api.usage_chunk(completion_id, self.model_name, prompt, completion))
+                self._sse(openai_api.usage_chunk(completion_id, self.model_name, prompt, completion, request.chat))
             self._sse_raw(b"data: [DONE]\n\n")
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
@@ -409,14 +423,22 @@ class _Handler(BaseHTTPRequestHandler):
                 handle.cancel()
             self.close_connection = True
 
-    def _openai_event(self, completion_id: str, index: int, event: dict[str, Any], open_choices: set[int]) -> None:
+    def _openai_event(self, completion_id: str, request: "openai_api.CompletionRequest", index: int,
+                      event: dict[str, Any], open_choices: set[int], texts: list[Optional[TextStream]],
+                      started: set[int]) -> None:
         kind = event["event"]
+        stream = texts[index]
+        first = index not in started
+        started.add(index)
         if kind == "token":
             logprobs = [(event["logprob"], event["top_logprobs"])] if "logprob" in event else None
+            text = stream.push([event["token"]]) if stream is not None else ""
             self._sse(openai_api.chunk_body(completion_id, self.model_name, index, [event["token"]], None,
-                                            logprobs))
+                                            logprobs, request, text, first))
         elif kind == "finished":
-            self._sse(openai_api.chunk_body(completion_id, self.model_name, index, [], event["finish_reason"]))
+            text = stream.finish() if stream is not None else ""
+            self._sse(openai_api.chunk_body(completion_id, self.model_name, index, [], event["finish_reason"],
+                                            None, request, text, first))
             open_choices.discard(index)
         elif kind == "error":
             self._sse(openai_api.error_body(event["status"], event["error"]))

@@ -1,11 +1,15 @@
 """The OpenAI-compatible surface of the front door, as vLLM serves it: requests parsed, answers built.
 
 Transport-free (the HTTP layer calls these), so the same code serves any
-server stack. Prompts are token ids (``prompt: [ids]`` or a list of them):
-without a tokenizer there is no text, so each choice carries ``token_ids``
-and ``text`` is empty (vLLM's ``return_token_ids``); a text prompt, or text
-``stop`` strings, get a 400 that says so. Log-probabilities name tokens
-``token_id:N`` (vLLM's ``return_tokens_as_token_ids``).
+server stack. Prompts are token ids (``prompt: [ids]`` or a list of them),
+or text when the checkpoint has a tokenizer (``node/text.py``), which also
+enables ``/v1/chat/completions``. Without a tokenizer there is no text, so
+each choice carries ``token_ids`` and ``text`` is empty (vLLM's
+``return_token_ids``); a text prompt or a chat request gets a 400 that says
+so. With one, ``token_ids`` / ``prompt_token_ids`` come back when the request
+sets ``return_token_ids``. Text ``stop`` strings are not supported yet (use
+``stop_token_ids``). Log-probabilities name tokens ``token_id:N`` (vLLM's
+``return_tokens_as_token_ids``).
 """
 from __future__ import annotations
 
@@ -17,9 +21,12 @@ from typing import Any, Optional
 
 from lamina_comm.model import SamplingParams
 from lamina_comm.model.sampling import MAX_LOGPROBS
+from lamina_comm.node.text import TextCodec
 
 _COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "stop_token_ids",
                       "n", "logprobs", "stream", "stream_options", "return_token_ids", "user"}
+_CHAT_FIELDS = (_COMPLETION_FIELDS - {"prompt", "logprobs"}) | {"messages", "max_completion_tokens"}
+_ROLES = {"system", "user", "assistant", "tool", "developer"}
 MAX_N = 16  # choices per prompt
 
 
@@ -48,38 +55,88 @@ class CompletionRequest:
     n: int
     stream: bool
     include_usage: bool
+    codec: Optional[TextCodec] = None  # answers carry text
+    return_token_ids: bool = True      # choices carry token_ids, the answer prompt_token_ids
+    chat: bool = False                 # /v1/chat/completions: messages in, an assistant message out
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def parse_completion(request: Any, model_name: str) -> CompletionRequest:
-    """A /v1/completions body checked; OpenAIError (400/404) names the field."""
+def _check_common(request: Any, model_name: str, fields: set[str]) -> None:
     if not isinstance(request, dict):
         raise OpenAIError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
-    unknown = sorted(set(request) - _COMPLETION_FIELDS)
+    unknown = sorted(set(request) - fields)
     if unknown:
         raise OpenAIError(HTTPStatus.BAD_REQUEST, f"unknown fields {unknown}", param=unknown[0])
     model = request.get("model")
     if model != model_name:
         raise OpenAIError(HTTPStatus.NOT_FOUND, f"the model {str(model)[:80]!r} does not exist; this server has "
                           f"{model_name!r}", param="model", code="model_not_found")
-    prompt = request.get("prompt")
-    if isinstance(prompt, str) or (isinstance(prompt, list) and any(isinstance(p, str) for p in prompt)):
+
+
+def _text_prompts(prompt: Any, codec: Optional[TextCodec]) -> Optional[list[list[int]]]:
+    """Text prompts (a string, or a list of them) tokenized; None when the prompt is not text."""
+    texts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(texts, list) or not texts or not any(isinstance(p, str) for p in texts):
+        return None
+    if codec is None:
         raise OpenAIError(HTTPStatus.BAD_REQUEST, "text prompts need a tokenizer, and this model has none: send "
                           "token ids (prompt: [ids] or a list of them)", param="prompt")
-    if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+    if not all(isinstance(p, str) and p for p in texts):
+        raise OpenAIError(HTTPStatus.BAD_REQUEST, "prompt must be one text or a list of non-empty texts",
+                          param="prompt")
+    return [codec.encode(p) for p in texts]
+
+
+def parse_completion(request: Any, model_name: str, codec: Optional[TextCodec] = None) -> CompletionRequest:
+    """A /v1/completions body checked; OpenAIError (400/404) names the field."""
+    _check_common(request, model_name, _COMPLETION_FIELDS)
+    prompt = request.get("prompt")
+    prompts = _text_prompts(prompt, codec)
+    if prompts is None and isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
         prompts = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
+    elif prompts is None and isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
         prompts = prompt
-    else:
+    elif prompts is None:
         raise OpenAIError(HTTPStatus.BAD_REQUEST, "prompt must be a non-empty list of token ids, or a list of them",
                           param="prompt")
     for one in prompts:
         if not one or not all(_is_int(t) for t in one):
             raise OpenAIError(HTTPStatus.BAD_REQUEST, "every prompt must be a non-empty list of integer token ids",
                               param="prompt")
+    return _sampling(request, prompts, codec, chat=False)
+
+
+def parse_chat(request: Any, model_name: str, codec: Optional[TextCodec]) -> CompletionRequest:
+    """A /v1/chat/completions body checked: the messages rendered by the chat template, tokenized."""
+    _check_common(request, model_name, _CHAT_FIELDS)
+    if codec is None or not codec.has_chat_template:
+        raise OpenAIError(HTTPStatus.BAD_REQUEST, "chat needs a tokenizer with a chat template (tokenizer.json "
+                          "and tokenizer_config.json's chat_template in the checkpoint); this model has none: "
+                          "use /v1/completions with token ids", param="messages")
+    messages = request.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise OpenAIError(HTTPStatus.BAD_REQUEST, "messages must be a non-empty list", param="messages")
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") not in _ROLES or \
+                not isinstance(message.get("content"), str):
+            raise OpenAIError(HTTPStatus.BAD_REQUEST, "every message needs a role (system, user, assistant, ...) "
+                              "and text content", param="messages")
+    try:
+        text = codec.render_chat([{"role": m["role"], "content": m["content"]} for m in messages])
+    except Exception as exc:  # a template error (jinja2's raise_exception, a sandbox refusal): the client's doing
+        raise OpenAIError(HTTPStatus.BAD_REQUEST, f"the chat template refused these messages: {exc}",
+                          param="messages") from None
+    request = dict(request)
+    if request.get("max_completion_tokens") is not None:  # the newer name of max_tokens
+        request["max_tokens"] = request.pop("max_completion_tokens")
+    # The template writes the special tokens itself (bos_token): do not add them again.
+    return _sampling(request, [codec.encode(text, add_special_tokens=False)], codec, chat=True)
+
+
+def _sampling(request: dict, prompts: list[list[int]], codec: Optional[TextCodec], chat: bool) -> CompletionRequest:
     n = request.get("n", 1)
     if not _is_int(n) or not 1 <= n <= MAX_N:
         raise OpenAIError(HTTPStatus.BAD_REQUEST, f"n must be an integer in 1..{MAX_N}", param="n")
@@ -97,6 +154,9 @@ def parse_completion(request: Any, model_name: str) -> CompletionRequest:
     stream = request.get("stream", False)
     if not isinstance(stream, bool):
         raise OpenAIError(HTTPStatus.BAD_REQUEST, "stream must be true or false", param="stream")
+    return_ids = request.get("return_token_ids")
+    if return_ids is not None and not isinstance(return_ids, bool):
+        raise OpenAIError(HTTPStatus.BAD_REQUEST, "return_token_ids must be true or false", param="return_token_ids")
     options = request.get("stream_options") or {}
     if not isinstance(options, dict) or set(options) - {"include_usage"}:
         raise OpenAIError(HTTPStatus.BAD_REQUEST, "stream_options may hold include_usage only", param="stream_options")
@@ -121,7 +181,8 @@ def parse_completion(request: Any, model_name: str) -> CompletionRequest:
                 field = str(exc).split(" ", 1)[0]
                 raise OpenAIError(HTTPStatus.BAD_REQUEST, str(exc),
                                   param=field if field in _COMPLETION_FIELDS else None) from None
-    return CompletionRequest(prompts, params, n, stream, bool(options.get("include_usage", False)))
+    return CompletionRequest(prompts, params, n, stream, bool(options.get("include_usage", False)), codec,
+                             return_token_ids=codec is None or bool(return_ids), chat=chat)
 
 
 def new_id() -> str:
@@ -147,33 +208,65 @@ def logprobs_body(tokens: list[int], logprobs: list[tuple[float, list[tuple[int,
             "text_offset": [0] * len(tokens)}
 
 
+def _text(request: CompletionRequest, tokens: list[int]) -> str:
+    return request.codec.decode(tokens) if request.codec is not None else ""
+
+
 def completion_body(completion_id: str, model: str, request: CompletionRequest,
                     results: list[dict[str, Any]]) -> dict[str, Any]:
     """The non-streamed answer; ``results[i]`` is choice i's {"tokens", "finish_reason", "logprobs"}
     (prompt-major)."""
     choices = []
     for index, result in enumerate(results):
-        prompt = request.prompts[index // request.n]
-        choices.append({"index": index, "text": "", "token_ids": list(result["tokens"]),
-                        "logprobs": logprobs_body(result["tokens"], result.get("logprobs") or []),
-                        "finish_reason": result["finish_reason"], "prompt_token_ids": list(prompt)})
+        tokens = list(result["tokens"])
+        choice: dict[str, Any] = {"index": index, "finish_reason": result["finish_reason"]}
+        if request.chat:
+            choice["message"] = {"role": "assistant", "content": _text(request, tokens)}
+        else:
+            choice.update(text=_text(request, tokens),
+                          logprobs=logprobs_body(tokens, result.get("logprobs") or []))
+        if request.return_token_ids:
+            choice["token_ids"] = tokens
+            if not request.chat:
+                choice["prompt_token_ids"] = list(request.prompts[index // request.n])
+        choices.append(choice)
     prompt_tokens = sum(len(p) for p in request.prompts)
     completion_tokens = sum(len(r["tokens"]) for r in results)
-    return {"id": completion_id, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+    body = {"id": completion_id, "object": "chat.completion" if request.chat else "text_completion",
+            "created": int(time.time()), "model": model, "choices": choices,
+            "usage": usage(prompt_tokens, completion_tokens)}
+    if request.chat and request.return_token_ids:
+        body["prompt_token_ids"] = list(request.prompts[0])
+    return body
 
 
 def chunk_body(completion_id: str, model: str, index: int, token_ids: list[int],
-               finish_reason: Optional[str], logprobs: Optional[list] = None) -> dict[str, Any]:
-    """One streamed chunk (Server-Sent Events ``data:`` line) of choice ``index``."""
+               finish_reason: Optional[str], logprobs: Optional[list] = None,
+               request: Optional[CompletionRequest] = None, text: str = "", first: bool = False) -> dict[str, Any]:
+    """One streamed chunk (Server-Sent Events ``data:`` line) of choice ``index``: its new tokens and the
+    text they added (empty without a tokenizer)."""
+    if request is not None and request.chat:
+        delta: dict[str, Any] = {"role": "assistant"} if first else {}
+        if text or not first:
+            delta["content"] = text
+        choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish_reason}
+        if request.return_token_ids:
+            choice["token_ids"] = token_ids
+        return {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": model, "choices": [choice]}
+    choice = {"index": index, "text": text, "logprobs": logprobs_body(token_ids, logprobs or []),
+              "finish_reason": finish_reason}
+    if request is None or request.return_token_ids:
+        choice["token_ids"] = token_ids
     return {"id": completion_id, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": index, "text": "", "token_ids": token_ids,
-                         "logprobs": logprobs_body(token_ids, logprobs or []), "finish_reason": finish_reason}]}
+            "choices": [choice]}
 
 
-def usage_chunk(completion_id: str, model: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    return {"id": completion_id, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+def usage_chunk(completion_id: str, model: str, prompt_tokens: int, completion_tokens: int,
+                chat: bool = False) -> dict[str, Any]:
+    return {"id": completion_id, "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()), "model": model, "choices": [],
+            "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def models_body(model: str, created: int) -> dict[str, Any]:

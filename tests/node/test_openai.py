@@ -130,3 +130,96 @@ def test_logprobs_are_the_monolithic_models_plain_and_streamed(client: Any) -> N
     with pytest.raises(openai.BadRequestError) as many:
         client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, logprobs=21)
     assert many.value.param == "logprobs"
+
+
+# ------------------------------------------------------------------ text: a checkpoint's tokenizer
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}<s> assistant{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def text_codec(tmp_path_factory: Any) -> Any:
+    """A word-level tokenizer over the tiny vocabulary (w0 .. w249 and a few words), saved as a checkpoint's
+    tokenizer.json and tokenizer_config.json, loaded back the way lamina-node loads it."""
+    import json
+
+    tokenizers = pytest.importorskip("tokenizers")
+    pytest.importorskip("jinja2")
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    from lamina_comm.node.text import TextCodec
+
+    vocab = {f"w{i}": i for i in range(250)}
+    vocab.update({"<unk>": 250, "<s>": 251, "system": 252, "user": 253, "assistant": 254})
+    tokenizer = tokenizers.Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = WhitespaceSplit()
+    directory = tmp_path_factory.mktemp("checkpoint")
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE,
+                                                                 "bos_token": {"content": "<s>"}}))
+    return TextCodec.from_dir(directory)
+
+
+@pytest.fixture(scope="module")
+def text_client(server: tuple[str, ModelNode], text_codec: Any) -> Any:
+    """A second front door over the same model node, with the tokenizer."""
+    from lamina_comm.node.http_api import FrontDoor
+
+    front = FrontDoor(server[1], ("127.0.0.1", 0), request_timeout=TIMEOUT_S, model_name=MODEL, text=text_codec)
+    front.start()
+    host, port = front.address
+    yield openai.OpenAI(base_url=f"http://{host}:{port}/v1", api_key="none", timeout=TIMEOUT_S, max_retries=0)
+    front.close()
+
+
+def test_text_prompts_give_the_tokens_of_their_ids_and_text_answers(text_client: Any, text_codec: Any) -> None:
+    words = "w7 w3 w19 w200 w42"
+    ids = text_codec.encode(words)
+    assert ids == [7, 3, 19, 200, 42]
+    answer = text_client.completions.create(model=MODEL, prompt=words, max_tokens=6, temperature=0)
+    expected = reference_tokens([ids], [greedy(6)])[0]
+    choice = answer.choices[0]
+    assert choice.text == text_codec.decode(expected) and choice.text.startswith("w")
+    assert "token_ids" not in (choice.model_extra or {})  # with a tokenizer: only when asked for
+    asked = text_client.completions.create(model=MODEL, prompt=words, max_tokens=6, temperature=0,
+                                           extra_body={"return_token_ids": True})
+    assert token_ids(asked.choices[0]) == expected and asked.choices[0].model_extra["prompt_token_ids"] == ids
+
+
+def test_streamed_text_adds_up_to_the_answer(text_client: Any, text_codec: Any) -> None:
+    words = ["w1 w2 w3", "w90 w91"]
+    plain = text_client.completions.create(model=MODEL, prompt=words, max_tokens=5, temperature=0)
+    parts = {0: "", 1: ""}
+    for chunk in text_client.completions.create(model=MODEL, prompt=words, max_tokens=5, temperature=0,
+                                                stream=True):
+        for choice in chunk.choices:
+            parts[choice.index] += choice.text
+    assert [parts[0], parts[1]] == [c.text for c in plain.choices] and all(parts.values())
+
+
+def test_chat_renders_the_template_and_answers_a_message(text_client: Any, text_codec: Any) -> None:
+    messages = [{"role": "system", "content": "w5 w6"}, {"role": "user", "content": "w7 w8 w9"}]
+    prompt = text_codec.encode(text_codec.render_chat(messages), add_special_tokens=False)
+    assert prompt == [251, 252, 5, 6, 251, 253, 7, 8, 9, 251, 254]
+    answer = text_client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+    expected = reference_tokens([prompt], [greedy(4)])[0]
+    assert answer.object == "chat.completion" and answer.choices[0].message.role == "assistant"
+    assert answer.choices[0].message.content == text_codec.decode(expected)
+    assert answer.usage.prompt_tokens == len(prompt) and answer.usage.completion_tokens == 4
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in text_client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=4, temperature=0, stream=True) if chunk.choices)
+    assert streamed == answer.choices[0].message.content
+
+
+def test_chat_without_a_tokenizer_is_a_clear_400(client: Any) -> None:
+    with pytest.raises(openai.BadRequestError, match="chat needs a tokenizer"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+
+
+def test_bad_chat_messages_are_refused_by_field(text_client: Any) -> None:
+    for messages in ([], [{"role": "nobody", "content": "w1"}], [{"role": "user", "content": 5}]):
+        with pytest.raises(openai.BadRequestError) as raised:
+            text_client.chat.completions.create(model=MODEL, messages=messages)
+        assert raised.value.body["param"] == "messages"
