@@ -463,3 +463,40 @@ def test_a_non_streaming_client_that_disconnects_is_cancelled(cluster: tuple[tup
     generated = node.metrics.generated_tokens.value() - generated_before
     assert generated < max_tokens // 2, f"{generated} of {max_tokens} tokens were generated for a gone client"
     assert node.metrics.requests.value(outcome="cancelled") == cancelled_before + 1
+
+
+def test_a_streaming_client_that_disconnects_mid_stream_is_cancelled(
+        cluster: tuple[tuple[str, int], ModelNode]) -> None:
+    front, node = cluster
+    max_tokens = 1500
+    generated_before = node.metrics.generated_tokens.value()
+    cancelled_before = node.metrics.requests.value(outcome="cancelled")
+    connection = RawConnection(front)
+    try:
+        connection.send(http_request("POST", "/v1/completions", json.dumps(
+            {"model": "lamina", "prompt": prompt_of(10), "max_tokens": max_tokens, "temperature": 0,
+             "stream": True}).encode()))
+        status_line = connection.reader.readline()
+        assert b" 200 " in status_line
+        while b"data:" not in connection.reader.readline():  # headers, then the first token's event
+            pass
+    finally:
+        connection.close()
+    wait_until_idle(node)
+    generated = node.metrics.generated_tokens.value() - generated_before
+    assert generated < max_tokens // 2, f"{generated} of {max_tokens} tokens were generated for a gone client"
+    assert node.metrics.requests.value(outcome="cancelled") == cancelled_before + 1
+
+
+def test_200_idle_connections_do_not_keep_a_real_request_out(cluster: tuple[tuple[str, int], ModelNode]) -> None:
+    front, _ = cluster
+    idle = []
+    try:
+        for _ in range(200):  # connected, and silent: no request line
+            idle.append(socket.create_connection(front, timeout=HANG_GUARD_S))
+        status, body = post(front, {"prompt": prompt_of(5), "max_tokens": 3, "temperature": 0})
+        assert status == 200 and len(body["tokens"]) == 3
+        assert get(front, "/healthz")[0] == 200
+    finally:
+        for sock in idle:
+            sock.close()
