@@ -39,7 +39,7 @@ from lamina_comm.model import SamplingParams
 from lamina_comm.node import membership, openai_api
 from lamina_comm.node.metrics import NodeMetrics
 from lamina_comm.node.requests import CLIENT_CLOSED, InvalidRequest, RequestHandle, RequestRejected
-from lamina_comm.node.text import TextCodec, TextStream
+from lamina_comm.node.text import StopText, TextCodec, TextStream
 
 log = logging.getLogger("lamina_comm.node.http")
 
@@ -255,6 +255,14 @@ class FrontDoor:
         self.server.server_close()
 
 
+def _stops_at(watch: StopText) -> Callable[[int], bool]:
+    """RequestHandle.result's stop_at: feed each token's text to the watch; true once a stop string showed."""
+    def stop_at(token: int) -> bool:
+        watch.push([token])
+        return watch.hit
+    return stop_at
+
+
 # path -> {method: handler method name}
 _ROUTES = {
     "/healthz": {"GET": "_healthz"},
@@ -354,8 +362,16 @@ class _Handler(BaseHTTPRequestHandler):
         results = []
         try:
             for handle in handles:
-                results.append({**handle.result(self.request_timeout, abandoned=self._client_gone),
-                                "logprobs": list(handle.logprobs)})
+                watch = StopText(request.codec, request.stops) if request.stops else None
+                result = handle.result(self.request_timeout, abandoned=self._client_gone,
+                                       stop_at=_stops_at(watch) if watch is not None else None)
+                if watch is not None:
+                    watch.finish()
+                    result["text"] = watch.text
+                    if watch.hit:
+                        result["finish_reason"] = "stop"
+                result["logprobs"] = list(handle.logprobs)[:len(result["tokens"])]
+                results.append(result)
         except RequestRejected as exc:
             for handle in handles:
                 handle.cancel()
@@ -389,7 +405,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         open_choices = set(range(len(handles)))
-        texts = [TextStream(request.codec) if request.codec is not None else None for _ in handles]
+        texts = [None if request.codec is None else StopText(request.codec, request.stops) if request.stops
+                 else TextStream(request.codec) for _ in handles]
         started: set[int] = set()  # chat: choices whose first chunk (the role) went
         try:
             deadline = time.monotonic() + self.request_timeout
@@ -401,7 +418,8 @@ class _Handler(BaseHTTPRequestHandler):
                         if event is None:
                             break
                         progressed = True
-                        self._openai_event(completion_id, request, index, event, open_choices, texts, started)
+                        self._openai_event(completion_id, request, handles, index, event, open_choices, texts,
+                                           started)
                 if progressed or not open_choices:
                     continue
                 if time.monotonic() > deadline or self._client_gone():
@@ -409,7 +427,7 @@ class _Handler(BaseHTTPRequestHandler):
                 first = min(open_choices)  # sleep on one choice's events (briefly: the others may move)
                 event = handles[first].next_event(0.02)
                 if event is not None:
-                    self._openai_event(completion_id, request, first, event, open_choices, texts, started)
+                    self._openai_event(completion_id, request, handles, first, event, open_choices, texts, started)
             if request.include_usage:
                 completion = sum(len(h.tokens) for h in handles)
                 prompt = sum(len(p) for p in request.prompts)
@@ -423,9 +441,9 @@ class _Handler(BaseHTTPRequestHandler):
                 handle.cancel()
             self.close_connection = True
 
-    def _openai_event(self, completion_id: str, request: "openai_api.CompletionRequest", index: int,
-                      event: dict[str, Any], open_choices: set[int], texts: list[Optional[TextStream]],
-                      started: set[int]) -> None:
+    def _openai_event(self, completion_id: str, request: "openai_api.CompletionRequest",
+                      handles: list[RequestHandle], index: int, event: dict[str, Any], open_choices: set[int],
+                      texts: list[Any], started: set[int]) -> None:
         kind = event["event"]
         stream = texts[index]
         first = index not in started
@@ -435,10 +453,15 @@ class _Handler(BaseHTTPRequestHandler):
             text = stream.push([event["token"]]) if stream is not None else ""
             self._sse(openai_api.chunk_body(completion_id, self.model_name, index, [event["token"]], None,
                                             logprobs, request, text, first))
+            if getattr(stream, "hit", False):  # a stop string: this choice ends here
+                handles[index].cancel()
+                self._sse(openai_api.chunk_body(completion_id, self.model_name, index, [], "stop", None, request))
+                open_choices.discard(index)
         elif kind == "finished":
             text = stream.finish() if stream is not None else ""
-            self._sse(openai_api.chunk_body(completion_id, self.model_name, index, [], event["finish_reason"],
-                                            None, request, text, first))
+            reason = "stop" if getattr(stream, "hit", False) else event["finish_reason"]
+            self._sse(openai_api.chunk_body(completion_id, self.model_name, index, [], reason, None, request,
+                                            text, first))
             open_choices.discard(index)
         elif kind == "error":
             self._sse(openai_api.error_body(event["status"], event["error"]))

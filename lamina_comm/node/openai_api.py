@@ -7,8 +7,8 @@ enables ``/v1/chat/completions``. Without a tokenizer there is no text, so
 each choice carries ``token_ids`` and ``text`` is empty (vLLM's
 ``return_token_ids``); a text prompt or a chat request gets a 400 that says
 so. With one, ``token_ids`` / ``prompt_token_ids`` come back when the request
-sets ``return_token_ids``. Text ``stop`` strings are not supported yet (use
-``stop_token_ids``). Log-probabilities name tokens ``token_id:N`` (vLLM's
+sets ``return_token_ids``; text ``stop`` strings end a choice where its text
+first holds one (cut there, finish_reason "stop"). Log-probabilities name tokens ``token_id:N`` (vLLM's
 ``return_tokens_as_token_ids``).
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ _COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "
 _CHAT_FIELDS = (_COMPLETION_FIELDS - {"prompt", "logprobs"}) | {"messages", "max_completion_tokens"}
 _ROLES = {"system", "user", "assistant", "tool", "developer"}
 MAX_N = 16  # choices per prompt
+MAX_STOPS = 4  # stop strings per request, as OpenAI allows
 
 
 class OpenAIError(Exception):
@@ -56,6 +57,7 @@ class CompletionRequest:
     stream: bool
     include_usage: bool
     codec: Optional[TextCodec] = None  # answers carry text
+    stops: tuple[str, ...] = ()        # stop strings (need the codec)
     return_token_ids: bool = True      # choices carry token_ids, the answer prompt_token_ids
     chat: bool = False                 # /v1/chat/completions: messages in, an assistant message out
 
@@ -145,7 +147,12 @@ def _sampling(request: dict, prompts: list[list[int]], codec: Optional[TextCodec
         raise OpenAIError(HTTPStatus.BAD_REQUEST, f"logprobs must be an integer in 0..{MAX_LOGPROBS}",
                           param="logprobs")
     stop = request.get("stop")
-    if stop not in (None, [], ""):
+    stops = () if stop in (None, [], "") else (stop,) if isinstance(stop, str) else stop
+    if not isinstance(stops, (list, tuple)) or len(stops) > MAX_STOPS or \
+            not all(isinstance(s, str) and s for s in stops):
+        raise OpenAIError(HTTPStatus.BAD_REQUEST, f"stop must be a text or a list of at most {MAX_STOPS} "
+                          "non-empty texts", param="stop")
+    if stops and codec is None:
         raise OpenAIError(HTTPStatus.BAD_REQUEST, "stop strings need a tokenizer; use stop_token_ids", param="stop")
     stop_ids = request.get("stop_token_ids") or []
     if not isinstance(stop_ids, list) or not all(_is_int(t) for t in stop_ids):
@@ -182,7 +189,7 @@ def _sampling(request: dict, prompts: list[list[int]], codec: Optional[TextCodec
                 raise OpenAIError(HTTPStatus.BAD_REQUEST, str(exc),
                                   param=field if field in _COMPLETION_FIELDS else None) from None
     return CompletionRequest(prompts, params, n, stream, bool(options.get("include_usage", False)), codec,
-                             return_token_ids=codec is None or bool(return_ids), chat=chat)
+                             tuple(stops), return_token_ids=codec is None or bool(return_ids), chat=chat)
 
 
 def new_id() -> str:
@@ -208,7 +215,10 @@ def logprobs_body(tokens: list[int], logprobs: list[tuple[float, list[tuple[int,
             "text_offset": [0] * len(tokens)}
 
 
-def _text(request: CompletionRequest, tokens: list[int]) -> str:
+def _text(request: CompletionRequest, tokens: list[int], result: Optional[dict[str, Any]] = None) -> str:
+    """A choice's text: cut at its stop string when it hit one (``result["text"]``), else decoded."""
+    if result is not None and "text" in result:
+        return result["text"]
     return request.codec.decode(tokens) if request.codec is not None else ""
 
 
@@ -221,9 +231,9 @@ def completion_body(completion_id: str, model: str, request: CompletionRequest,
         tokens = list(result["tokens"])
         choice: dict[str, Any] = {"index": index, "finish_reason": result["finish_reason"]}
         if request.chat:
-            choice["message"] = {"role": "assistant", "content": _text(request, tokens)}
+            choice["message"] = {"role": "assistant", "content": _text(request, tokens, result)}
         else:
-            choice.update(text=_text(request, tokens),
+            choice.update(text=_text(request, tokens, result),
                           logprobs=logprobs_body(tokens, result.get("logprobs") or []))
         if request.return_token_ids:
             choice["token_ids"] = tokens

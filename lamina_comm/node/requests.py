@@ -65,8 +65,13 @@ class RequestHandle:
             return None
 
     def result(self, timeout: float, abandoned: Optional[Callable[[], bool]] = None,
-               check_every: float = ABANDON_CHECK_S) -> dict[str, Any]:
+               check_every: float = ABANDON_CHECK_S,
+               stop_at: Optional[Callable[[int], bool]] = None) -> dict[str, Any]:
         """Wait for the end; returns {"tokens", "finish_reason"} or raises RequestRejected.
+
+        ``stop_at(token)`` is asked for every token in order; when it says yes
+        the request is cancelled and ends there with finish_reason "stop"
+        (a stop string found in its text).
 
         ``abandoned`` (e.g. "the client closed its connection") is asked every
         ``check_every`` seconds while waiting; when it says yes the request is
@@ -75,6 +80,7 @@ class RequestHandle:
         """
         deadline = time.monotonic() + timeout
         next_check = time.monotonic() + check_every
+        seen = 0  # token events taken (self.tokens may already hold later ones)
         while True:
             now = time.monotonic()
             if abandoned is not None and now >= next_check:  # by the clock: token events never pause
@@ -88,6 +94,11 @@ class RequestHandle:
                 if time.monotonic() < deadline:
                     continue
                 raise RequestRejected(504, f"request {self.id} did not finish within {timeout} s")
+            if event["event"] == "token":
+                seen += 1
+                if stop_at is not None and stop_at(event["token"]):
+                    self.cancel()
+                    return {"tokens": list(self.tokens[:seen]), "finish_reason": "stop"}
             if event["event"] == "finished":
                 return {"tokens": list(self.tokens), "finish_reason": event["finish_reason"]}
             if event["event"] == "error":

@@ -101,4 +101,46 @@ class TextStream:
         return delta
 
 
-__all__ = ["TextCodec", "TextStream"]
+class StopText:
+    """A choice's text checked against stop strings (OpenAI's ``stop``).
+
+    ``push`` returns the text that may be sent now: up to the first stop
+    string, which is not sent (``hit`` turns true: the caller cancels the
+    request), and never a tail that could still grow into one. ``text`` is
+    everything sent.
+    """
+
+    def __init__(self, codec: TextCodec, stops: tuple[str, ...]):
+        self._stream = TextStream(codec)
+        self._stops = stops
+        self._hold = max(len(s) for s in stops) - 1
+        self._pending = ""
+        self.hit = False
+        self.text = ""
+
+    def push(self, ids: list[int]) -> str:
+        if self.hit:
+            return ""
+        self._pending += self._stream.push(ids)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        if self.hit:
+            return ""
+        self._pending += self._stream.finish()
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        found = [i for i in (self._pending.find(s) for s in self._stops) if i >= 0]
+        if found:
+            out, self._pending, self.hit = self._pending[:min(found)], "", True
+        elif final or len(self._pending) > self._hold:
+            keep = 0 if final else self._hold
+            out, self._pending = self._pending[:len(self._pending) - keep], self._pending[len(self._pending) - keep:]
+        else:
+            out = ""
+        self.text += out
+        return out
+
+
+__all__ = ["StopText", "TextCodec", "TextStream"]

@@ -223,3 +223,31 @@ def test_bad_chat_messages_are_refused_by_field(text_client: Any) -> None:
         with pytest.raises(openai.BadRequestError) as raised:
             text_client.chat.completions.create(model=MODEL, messages=messages)
         assert raised.value.body["param"] == "messages"
+
+
+def test_stop_strings_cut_the_text_and_end_the_choice(text_client: Any, text_codec: Any) -> None:
+    words = "w7 w3 w19 w200 w42"
+    full = text_client.completions.create(model=MODEL, prompt=words, max_tokens=8, temperature=0,
+                                          extra_body={"return_token_ids": True})
+    tokens = token_ids(full.choices[0])
+    stop = text_codec.decode(tokens[2:4])  # two generated words: "wA wB" (may occur earlier, too)
+    answer = text_client.completions.create(model=MODEL, prompt=words, max_tokens=8, temperature=0, stop=[stop],
+                                            extra_body={"return_token_ids": True})
+    choice = answer.choices[0]
+    expected_text = full.choices[0].text[:full.choices[0].text.index(stop)]
+    assert choice.text == expected_text and choice.finish_reason == "stop"
+    # Generation ended at the token whose text completed the stop string's first occurrence.
+    ended = next(k for k in range(1, len(tokens) + 1) if stop in text_codec.decode(tokens[:k]))
+    assert token_ids(choice) == tokens[:ended]
+    streamed, reasons = "", []
+    for chunk in text_client.completions.create(model=MODEL, prompt=words, max_tokens=8, temperature=0,
+                                                stop=stop, stream=True):
+        for c in chunk.choices:
+            streamed += c.text
+            reasons += [c.finish_reason] if c.finish_reason else []
+    assert streamed == expected_text and reasons == ["stop"]
+
+
+def test_stop_strings_without_a_tokenizer_are_a_400(client: Any) -> None:
+    with pytest.raises(openai.BadRequestError, match="stop strings need a tokenizer"):
+        client.completions.create(model=MODEL, prompt=[1, 2], stop=["x"])
