@@ -49,9 +49,10 @@ typedef struct lm_transport_ops {
                     const lm_rdesc_t *remote, uint64_t remote_off, uint32_t imm,
                     uint32_t flags, uint64_t wr_id);
     /* A gather write (lm_ep_writev): segs already checked against local's
-     * bounds, 2..LM_MAX_SEGS of them, their total in length; the transport
-     * copies the list if it keeps it. */
-    int (*ep_writev)(lm_ep_t *ep, lm_mr_t *local, const lm_seg_t *segs, uint32_t nsegs, uint64_t length,
+     * bounds, 2..LM_MAX_SEGS of them, their total in length. The list is a
+     * heap copy the transport owns from the call on: it frees it when the
+     * operation is done, and also when it refuses the post. */
+    int (*ep_writev)(lm_ep_t *ep, lm_mr_t *local, lm_seg_t *segs, uint32_t nsegs, uint64_t length,
                      const lm_rdesc_t *remote, uint64_t remote_off, uint32_t imm, uint32_t flags,
                      uint64_t wr_id);
     int (*ep_read)(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t length,

@@ -639,13 +639,26 @@ static bool valid_rows(const lm_chan_tensor_t *t)
            !__builtin_add_overflow(span, row_bytes(t), &span) && t->addr + span >= t->addr;
 }
 
+/* Our own region or source, whichever of this context holds [lo, hi); NULL if neither. */
+static lm_mr_t *region_holding(const lm_chan_t *ch, lm_mr_t *source, uint64_t lo, uint64_t hi)
+{
+    lm_mr_t *candidates[2] = {ch->mr, source};
+    for (int k = 0; k < 2; k++) {
+        lm_mr_t *mr = candidates[k];
+        uint64_t start = (uint64_t)(uintptr_t)(mr ? mr->addr : NULL);
+        if (mr && mr->ctx == ch->ctx && lo >= start && hi <= start + mr->length)
+            return mr;
+    }
+    return NULL;
+}
+
 /* Where the payload comes from, and each tensor's offset in it. */
 static placement_t place(lm_chan_t *ch, const lm_chan_tensor_t *t, uint32_t n, lm_mr_t *source, uint64_t slot_payload,
                          uint64_t *offsets, uint64_t *payload_bytes, lm_mr_t **region, uint64_t *region_off)
 {
     uint64_t base = (uint64_t)(uintptr_t)ch->base;
     uint64_t lo = UINT64_MAX, hi = 0, padded = 0;
-    bool strided = false;
+    bool strided = false, short_rows = false;
     for (uint32_t i = 0; i < n; i++) {
         if (t[i].addr < lo)
             lo = t[i].addr;
@@ -653,6 +666,7 @@ static placement_t place(lm_chan_t *ch, const lm_chan_tensor_t *t, uint32_t n, l
             hi = extent_end(&t[i]);
         padded += align_up(t[i].nbytes);
         strided |= is_strided(&t[i]);
+        short_rows |= is_strided(&t[i]) && row_bytes(&t[i]) < GATHER_MIN_ROW;
     }
     if (n > 0 && !strided && lo >= base + slot_payload && hi <= base + slot_payload + ch->send_cap) {
         for (uint32_t i = 0; i < n; i++)
@@ -660,21 +674,15 @@ static placement_t place(lm_chan_t *ch, const lm_chan_tensor_t *t, uint32_t n, l
         *payload_bytes = hi - (base + slot_payload);
         return FROM_SLOT;
     }
-    lm_mr_t *candidates[2] = {ch->mr, source};
+    lm_mr_t *holder = n > 0 ? region_holding(ch, source, lo, hi) : NULL;
     /* "Packed": gaps no larger than alignment padding, so no dead memory ships. */
-    if (n > 0 && !strided && hi - lo <= ch->send_cap && hi - lo <= padded) {
-        for (int k = 0; k < 2; k++) {
-            lm_mr_t *mr = candidates[k];
-            uint64_t start = (uint64_t)(uintptr_t)(mr ? mr->addr : NULL);
-            if (mr && mr->ctx == ch->ctx && lo >= start && hi <= start + mr->length) {
-                for (uint32_t i = 0; i < n; i++)
-                    offsets[i] = t[i].addr - lo;
-                *payload_bytes = hi - lo;
-                *region = mr;
-                *region_off = lo - start;
-                return FROM_REGION;
-            }
-        }
+    if (holder && !strided && hi - lo <= ch->send_cap && hi - lo <= padded) {
+        for (uint32_t i = 0; i < n; i++)
+            offsets[i] = t[i].addr - lo;
+        *payload_bytes = hi - lo;
+        *region = holder;
+        *region_off = lo - (uint64_t)(uintptr_t)holder->addr;
+        return FROM_REGION;
     }
     uint64_t cursor = 0;
     for (uint32_t i = 0; i < n; i++) {
@@ -684,17 +692,10 @@ static placement_t place(lm_chan_t *ch, const lm_chan_tensor_t *t, uint32_t n, l
     *payload_bytes = cursor;
     /* Not packed but all in one registered region: gathered from there,
      * unless rows are so short that copying them beats a list entry each. */
-    bool short_rows = false;
-    for (uint32_t i = 0; i < n; i++)
-        short_rows |= is_strided(&t[i]) && row_bytes(&t[i]) < GATHER_MIN_ROW;
-    for (int k = 0; k < 2 && n > 0 && !short_rows; k++) {
-        lm_mr_t *mr = candidates[k];
-        uint64_t start = (uint64_t)(uintptr_t)(mr ? mr->addr : NULL);
-        if (mr && mr->ctx == ch->ctx && lo >= start && hi <= start + mr->length) {
-            *region = mr;
-            *region_off = start; /* the region's address: pieces are offsets from it */
-            return GATHER;
-        }
+    if (holder && !short_rows) {
+        *region = holder;
+        *region_off = (uint64_t)(uintptr_t)holder->addr; /* pieces are offsets from the region's address */
+        return GATHER;
     }
     return STAGED;
 }

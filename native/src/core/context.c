@@ -331,10 +331,17 @@ int lm_ep_writev(lm_ep_t *ep, lm_mr_t *local, const lm_seg_t *segs, uint32_t nse
         return lm_fail(LM_ERR_INVALID, "lm_ep_writev: unknown flags 0x%x", flags);
     if (nsegs == 1)
         return lm_ep_write(ep, local, segs[0].offset, segs[0].length, remote, remote_off, imm, flags, wr_id);
+    /* The caller may reuse its list at once: the transport gets its own copy. */
+    lm_seg_t *copy = malloc(nsegs * sizeof(*copy));
+    if (!copy)
+        return lm_fail(LM_ERR_NO_MEMORY, "no memory for a %u-piece gather list", nsegs);
+    memcpy(copy, segs, nsegs * sizeof(*copy));
     int rc = begin_post(ep);
-    if (rc != LM_OK)
+    if (rc != LM_OK) {
+        free(copy);
         return rc;
-    return end_post(ep, ep->ops->ep_writev(ep, local, segs, nsegs, total, remote, remote_off, imm, flags, wr_id));
+    }
+    return end_post(ep, ep->ops->ep_writev(ep, local, copy, nsegs, total, remote, remote_off, imm, flags, wr_id));
 }
 
 int lm_ep_read(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t length,

@@ -544,12 +544,15 @@ static int ep_write(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t le
     return rc != LM_OK ? rc : lm_tcp_ep_write(ep, local, local_off, length, remote, remote_off, imm, flags, wr_id);
 }
 
-static int ep_writev(lm_ep_t *ep, lm_mr_t *local, const lm_seg_t *segs, uint32_t nsegs, uint64_t length,
+static int ep_writev(lm_ep_t *ep, lm_mr_t *local, lm_seg_t *segs, uint32_t nsegs, uint64_t length,
                      const lm_rdesc_t *remote, uint64_t remote_off, uint32_t imm, uint32_t flags, uint64_t wr_id)
 {
     int rc = require_connected(ep);
-    return rc != LM_OK ? rc
-                       : lm_tcp_ep_writev(ep, local, segs, nsegs, length, remote, remote_off, imm, flags, wr_id);
+    if (rc != LM_OK) {
+        free(segs); /* the list is ours from the call on (transport.h) */
+        return rc;
+    }
+    return lm_tcp_ep_writev(ep, local, segs, nsegs, length, remote, remote_off, imm, flags, wr_id);
 }
 
 static int ep_read(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t length, const lm_rdesc_t *remote,

@@ -213,16 +213,12 @@ int lm_tcp_ep_write(lm_ep_t *base, lm_mr_t *local, uint64_t local_off, uint64_t 
 
 /* One WRITE frame whose payload is gathered from the pieces at send time:
  * the wire and the target see an ordinary write. */
-int lm_tcp_ep_writev(lm_ep_t *base, lm_mr_t *local, const lm_seg_t *segs, uint32_t nsegs, uint64_t length,
+int lm_tcp_ep_writev(lm_ep_t *base, lm_mr_t *local, lm_seg_t *segs, uint32_t nsegs, uint64_t length,
                      const lm_rdesc_t *remote, uint64_t remote_off, uint32_t imm, uint32_t flags,
                      uint64_t wr_id)
 {
-    lm_seg_t *copy = malloc(nsegs * sizeof(*copy));
-    if (!copy)
-        return lm_fail(LM_ERR_NO_MEMORY, "no memory for a %u-piece gather list", nsegs);
-    memcpy(copy, segs, nsegs * sizeof(*copy));
     return post((lm_tcp_ep_t *)base, LM_TCP_WRITE, local, 0, length, remote, remote_off, imm,
-                (flags & LM_WRITE_IMM) ? LM_TCP_FLAG_IMM : 0, wr_id, copy, nsegs);
+                (flags & LM_WRITE_IMM) ? LM_TCP_FLAG_IMM : 0, wr_id, segs, nsegs);
 }
 
 int lm_tcp_ep_read(lm_ep_t *base, lm_mr_t *local, uint64_t local_off, uint64_t length,

@@ -171,7 +171,7 @@ int lm_verbs_ep_connect(lm_ep_t *ep, const void *peer, size_t len, int ctrl_fd);
 int lm_verbs_ep_write(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t length,
                       const lm_rdesc_t *remote, uint64_t remote_off, uint32_t imm, uint32_t flags,
                       uint64_t wr_id);
-int lm_verbs_ep_writev(lm_ep_t *ep, lm_mr_t *local, const lm_seg_t *segs, uint32_t nsegs, uint64_t length,
+int lm_verbs_ep_writev(lm_ep_t *ep, lm_mr_t *local, lm_seg_t *segs, uint32_t nsegs, uint64_t length,
                        const lm_rdesc_t *remote, uint64_t remote_off, uint32_t imm, uint32_t flags,
                        uint64_t wr_id);
 int lm_verbs_ep_read(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t length,

@@ -411,20 +411,16 @@ int lm_verbs_ep_write(lm_ep_t *base, lm_mr_t *local, uint64_t local_off, uint64_
 
 /* Posted as WRs of up to max_send_sge pieces each; only the last carries
  * the immediate. */
-int lm_verbs_ep_writev(lm_ep_t *base, lm_mr_t *local, const lm_seg_t *segs, uint32_t nsegs, uint64_t length,
+int lm_verbs_ep_writev(lm_ep_t *base, lm_mr_t *local, lm_seg_t *segs, uint32_t nsegs, uint64_t length,
                        const lm_rdesc_t *remote, uint64_t remote_off, uint32_t imm, uint32_t flags,
                        uint64_t wr_id)
 {
-    lm_seg_t *copy = malloc(nsegs * sizeof(*copy));
-    if (!copy)
-        return lm_fail(LM_ERR_NO_MEMORY, "no memory for a %u-piece gather list", nsegs);
-    memcpy(copy, segs, nsegs * sizeof(*copy));
     lm_verbs_op_t op = {.wr_id = wr_id, .opcode = LM_OP_WRITE, .with_imm = (flags & LM_WRITE_IMM) != 0,
-                        .imm = imm, .local = local, .length = length, .segs = copy, .nsegs = nsegs,
+                        .imm = imm, .local = local, .length = length, .segs = segs, .nsegs = nsegs,
                         .remote_addr = remote->addr + remote_off, .rkey = remote->rkey};
     int rc = submit((lm_verbs_ep_t *)base, &op);
     if (rc != LM_OK)
-        free(copy); /* never queued */
+        free(segs); /* never queued: the list is still ours (transport.h) */
     return rc;
 }
 
