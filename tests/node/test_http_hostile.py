@@ -6,6 +6,7 @@ attention process.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import select
@@ -444,48 +445,50 @@ def test_healthz_turns_503_when_the_scheduler_thread_is_gone(cluster: tuple[tupl
     assert status == 503 and "scheduler thread stopped" in body["reason"]
 
 
-def test_a_non_streaming_client_that_disconnects_is_cancelled(cluster: tuple[tuple[str, int], ModelNode]) -> None:
+GONE_CLIENT_MAX_TOKENS = 1500
+
+
+@contextlib.contextmanager
+def client_that_leaves(cluster: tuple[tuple[str, int], ModelNode]) -> Iterator[RawConnection]:
+    """A connection the body starts a long request on and that is then closed: the request must be
+    cancelled (counted) and stop generating long before its GONE_CLIENT_MAX_TOKENS."""
     front, node = cluster
-    max_tokens = 1500
     generated_before = node.metrics.generated_tokens.value()
     cancelled_before = node.metrics.requests.value(outcome="cancelled")
     connection = RawConnection(front)
     try:
-        connection.send(http_request("POST", "/generate", json.dumps(
-            {"prompt": prompt_of(10), "max_tokens": max_tokens, "temperature": 0}).encode()))
-        deadline = time.monotonic() + HANG_GUARD_S
-        while node.metrics.generated_tokens.value() == generated_before:  # admitted and generating
-            assert time.monotonic() < deadline, "the request never started"
-            time.sleep(0.02)
+        yield connection
     finally:
         connection.close()
     wait_until_idle(node)
     generated = node.metrics.generated_tokens.value() - generated_before
-    assert generated < max_tokens // 2, f"{generated} of {max_tokens} tokens were generated for a gone client"
+    assert generated < GONE_CLIENT_MAX_TOKENS // 2, \
+        f"{generated} of {GONE_CLIENT_MAX_TOKENS} tokens were generated for a gone client"
     assert node.metrics.requests.value(outcome="cancelled") == cancelled_before + 1
+
+
+def test_a_non_streaming_client_that_disconnects_is_cancelled(cluster: tuple[tuple[str, int], ModelNode]) -> None:
+    node = cluster[1]
+    with client_that_leaves(cluster) as connection:
+        generated_before = node.metrics.generated_tokens.value()
+        connection.send(http_request("POST", "/generate", json.dumps(
+            {"prompt": prompt_of(10), "max_tokens": GONE_CLIENT_MAX_TOKENS, "temperature": 0}).encode()))
+        deadline = time.monotonic() + HANG_GUARD_S
+        while node.metrics.generated_tokens.value() == generated_before:  # admitted and generating
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.02)
 
 
 def test_a_streaming_client_that_disconnects_mid_stream_is_cancelled(
         cluster: tuple[tuple[str, int], ModelNode]) -> None:
-    front, node = cluster
-    max_tokens = 1500
-    generated_before = node.metrics.generated_tokens.value()
-    cancelled_before = node.metrics.requests.value(outcome="cancelled")
-    connection = RawConnection(front)
-    try:
+    with client_that_leaves(cluster) as connection:
         connection.send(http_request("POST", "/v1/completions", json.dumps(
-            {"model": "lamina", "prompt": prompt_of(10), "max_tokens": max_tokens, "temperature": 0,
+            {"model": "lamina", "prompt": prompt_of(10), "max_tokens": GONE_CLIENT_MAX_TOKENS, "temperature": 0,
              "stream": True}).encode()))
         status_line = connection.reader.readline()
         assert b" 200 " in status_line
         while b"data:" not in connection.reader.readline():  # headers, then the first token's event
             pass
-    finally:
-        connection.close()
-    wait_until_idle(node)
-    generated = node.metrics.generated_tokens.value() - generated_before
-    assert generated < max_tokens // 2, f"{generated} of {max_tokens} tokens were generated for a gone client"
-    assert node.metrics.requests.value(outcome="cancelled") == cancelled_before + 1
 
 
 def test_200_idle_connections_do_not_keep_a_real_request_out(cluster: tuple[tuple[str, int], ModelNode]) -> None:
