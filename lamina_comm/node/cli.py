@@ -267,8 +267,7 @@ def _run_model(args: argparse.Namespace, stop: threading.Event) -> int:
         while not stop.wait(0.5):
             pass
     finally:
-        front.server.shutdown()  # no new connections; open ones get their answer below
-        node.close()
+        node.close()  # open requests get their answer (or "shutting down") before the door closes
         front.close()
     log.info("model node stopped")
     return 0

@@ -1,4 +1,4 @@
-"""The model node's front door: a small JSON-over-HTTP API on the standard library.
+"""The model node's front door: FastAPI routes on uvicorn (``http_server`` holds the server and its limits).
 
     POST /generate   {"prompt": [ids], "max_tokens", "temperature", "top_p", "seed",
                       "stop_token_ids", "stream"} -> {"tokens": [...], ...}
@@ -7,54 +7,50 @@
                      lost, the scheduler stopped or made no progress, shutting down)
     GET  /status     the cluster (roles, peers, head shares, KV blocks) as JSON
     GET  /metrics    Prometheus text
-    GET  /v1/models, POST /v1/completions   OpenAI-compatible (token-id prompts; see
-                     lamina_comm.node.openai_api)
+    GET  /v1/models, POST /v1/completions, POST /v1/chat/completions
+                     OpenAI-compatible, as vLLM serves them (lamina_comm.node.openai_api)
     POST /cluster/join, /cluster/leave  {"address": "HOST:PORT", "time"}: an attention
                      worker joins as a spare, or leaves (signed when the cluster has a
                      secret; see lamina_comm.node.membership)
+    GET  /docs, /openapi.json   the API, with the request schemas (node/schemas.py)
 
-Every refusal is a JSON object {"error": reason} with a 4xx/5xx status; a bad
-request never disturbs the others (each connection has its own thread).
+Why FastAPI on uvicorn: it is the stack vLLM's and SGLang's OpenAI servers
+run on, so its behaviour (SSE framing, error paths, disconnect handling) is
+what their clients are tested against; pydantic models give the request
+schemas and errors that name the field; and one event loop holds any number
+of idle or streaming connections without a thread each.
 
-Framing: every request's body is consumed, as framed by Content-Length, before
-any answer on a kept-alive connection, so no byte of one request is ever read
-as the next. Bodies whose framing is missing, ambiguous, unsupported
-(Transfer-Encoding) or over MAX_BODY_BYTES are answered and the connection is
-closed.
+Every refusal is JSON with a 4xx/5xx status: ``{"error": reason}``, and on
+/v1 OpenAI's error object ``{"error": {"message", "type", "param", "code"}}``.
+The scheduler runs in its own thread; a request's events reach the event loop
+through ``RequestHandle.add_waker``, so a waiting request costs no thread.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-import re
-import select
-import socket
-import threading
 import time
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, AsyncIterator, Callable, Optional, Protocol, Sequence
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lamina_comm.model import SamplingParams
-from lamina_comm.node import membership, openai_api
+from lamina_comm.node import membership, openai_api, schemas
+from lamina_comm.node.http_server import (BODY_TIMEOUT_S, DEFAULT_LISTEN_BACKLOG, DEFAULT_MAX_CONNECTIONS, HEADER_TIMEOUT_S,
+                                          MAX_BODY_BYTES, BufferedBody, HttpServer)
 from lamina_comm.node.metrics import NodeMetrics
-from lamina_comm.node.requests import CLIENT_CLOSED, InvalidRequest, RequestHandle, RequestRejected
+from lamina_comm.node.requests import (ABANDON_CHECK_S, CLIENT_CLOSED, RequestHandle, RequestRejected,
+                                       ResultCollector)
 from lamina_comm.node.text import StopText, TextCodec, TextStream
 
 log = logging.getLogger("lamina_comm.node.http")
 
-# Largest request body accepted; a larger Content-Length gets 413 and the
-# connection is closed without reading the body.
-MAX_BODY_BYTES = 1 << 20
-# Deepest JSON nesting accepted in a body (a /generate body needs 2); deeper
-# gets 400 before the parser recurses.
-MAX_JSON_DEPTH = 16
-# Listen backlog of the front door (the kernel caps it at net.core.somaxconn):
-# connections a burst of clients may open before the accept loop takes them.
-DEFAULT_LISTEN_BACKLOG = 1024
-_SOMAXCONN_PATH = "/proc/sys/net/core/somaxconn"
-_DEFAULTS = SamplingParams()
-_FIELDS = {"prompt", "max_tokens", "temperature", "top_p", "seed", "stop_token_ids", "stream"}
+__all__ = ["FrontDoor", "GenerationService", "build_app", "DEFAULT_LISTEN_BACKLOG", "MAX_BODY_BYTES"]
 
 
 class GenerationService(Protocol):
@@ -79,292 +75,297 @@ class GenerationService(Protocol):
     def membership_replays(self) -> membership.ReplayGuard: ...
 
 
-# ------------------------------------------------------------------ parsing
-
-
-def parse_generate(body: bytes) -> tuple[list[int], SamplingParams, bool]:
-    """(prompt, sampling params, stream) of a /generate body; InvalidRequest names the problem."""
-    request = parse_json(body)
-    if not isinstance(request, dict):
-        raise InvalidRequest("body must be a JSON object")
-    unknown = sorted(set(request) - _FIELDS)
-    if unknown:
-        raise InvalidRequest(f"unknown fields {unknown}; allowed: {sorted(_FIELDS)}")
-    prompt = request.get("prompt")
-    if not isinstance(prompt, list) or not all(_is_int(t) for t in prompt):
-        raise InvalidRequest("prompt must be a list of integer token ids")
-    if not prompt:
-        raise InvalidRequest("prompt must not be empty")
-    stream = request.get("stream", False)
-    if not isinstance(stream, bool):
-        raise InvalidRequest(f"stream must be true or false, got {stream!r}")
-    max_tokens = request.get("max_tokens", _DEFAULTS.max_tokens)
-    if not _is_int(max_tokens):
-        raise InvalidRequest(f"max_tokens must be an integer, got {max_tokens!r}")
-    seed = request.get("seed")
-    if seed is not None and not _is_int(seed):
-        raise InvalidRequest(f"seed must be an integer or null, got {seed!r}")
-    stop = request.get("stop_token_ids", [])
-    if not isinstance(stop, list) or not all(_is_int(t) for t in stop):
-        raise InvalidRequest("stop_token_ids must be a list of integer token ids")
-    try:
-        # SamplingParams checks the numbers (types, finiteness, ranges) itself.
-        params = SamplingParams(
-            temperature=request.get("temperature", _DEFAULTS.temperature),
-            top_p=request.get("top_p", _DEFAULTS.top_p),
-            max_tokens=max_tokens,
-            seed=seed,
-            stop_token_ids=stop,
-        )
-    except ValueError as exc:
-        raise InvalidRequest(str(exc)) from exc
-    return prompt, params, stream
-
-
-def parse_json(body: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """The JSON value of ``body``; InvalidRequest when it is not JSON or nests deeper than ``max_depth``."""
-    if json_nesting_exceeds(body, max_depth):
-        raise InvalidRequest(f"body nests JSON deeper than {max_depth} levels")
-    try:
-        return json.loads(body)
-    except RecursionError:  # cannot happen under the depth bound; kept so a parser change stays a 400
-        raise InvalidRequest("body nests JSON deeper than the parser allows") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"body is not valid JSON: {exc}") from exc
-
-
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
-
-
-def json_nesting_exceeds(body: bytes, limit: int) -> bool:
-    """True when the arrays and objects of ``body`` nest deeper than ``limit``.
-
-    Brackets inside strings do not count. Invalid JSON may be misjudged; the
-    parser rejects it anyway.
-    """
-    brackets = _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
-    if len(brackets) <= limit:  # the common case: a handful of brackets
-        return False
-    depth = 0
-    for byte in brackets:
-        depth += 1 if byte in b"[{" else -1
-        if depth > limit:
-            return True
-    return False
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-# ------------------------------------------------------------------ framing
-
-_DIGITS = re.compile(r"[0-9]+")
-
-
-def request_body_size(headers: Any) -> Optional[int]:
-    """Bytes of body the request's headers frame, None when they frame none.
-
-    RequestRejected when the framing is unusable: then the connection must be
-    closed, since where the next request starts is unknown.
-    """
-    # The header parser stops at the first malformed line and drops the rest
-    # silently; a peer that read them (a proxy) would frame the body otherwise.
-    if getattr(headers, "defects", None):
-        raise RequestRejected(HTTPStatus.BAD_REQUEST, f"malformed header section: {headers.defects[0]!r}")
-    encodings = headers.get_all("Transfer-Encoding") or []
-    lengths = headers.get_all("Content-Length") or []
-    if encodings and lengths:
-        raise RequestRejected(HTTPStatus.BAD_REQUEST,
-                              "both Transfer-Encoding and Content-Length: the body's framing is ambiguous")
-    if encodings:
-        raise RequestRejected(HTTPStatus.NOT_IMPLEMENTED,
-                              f"Transfer-Encoding {', '.join(encodings)!r} is not supported; send Content-Length")
-    if not lengths:
-        return None
-    return _content_length(lengths)
-
-
-def _content_length(headers: list[str]) -> int:
-    """The one length that every Content-Length header (and list element) states."""
-    values = {value.strip() for header in headers for value in header.split(",")}
-    if len(values) != 1 or not _DIGITS.fullmatch(next(iter(values))):
-        shown = ", ".join(sorted(values))[:80]
-        raise RequestRejected(HTTPStatus.BAD_REQUEST, f"bad Content-Length {shown!r}")
-    digits = values.pop().lstrip("0") or "0"
-    # Compare lengths first: int() of a 65 KB header would itself fail.
-    if len(digits) > len(str(MAX_BODY_BYTES)) or int(digits) > MAX_BODY_BYTES:
-        raise RequestRejected(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                              f"body of {digits[:20]} bytes is over the {MAX_BODY_BYTES}-byte limit")
-    return int(digits)
-
-
-def effective_backlog(requested: int) -> int:
-    """``requested`` capped at net.core.somaxconn, as the kernel would cap it silently."""
-    try:
-        with open(_SOMAXCONN_PATH) as file:
-            limit = int(file.read())
-    except (OSError, ValueError):
-        return requested
-    return min(requested, limit)
-
-
-# ------------------------------------------------------------------ server
-
-
 class FrontDoor:
-    """ThreadingHTTPServer bound to ``address`` serving a GenerationService.
+    """The front door of ``service`` on ``address``: ``start()``, then ``close()``.
 
-    ``listen_backlog`` (default DEFAULT_LISTEN_BACKLOG) is how many connections
-    the kernel queues before the accept loop takes them; beyond it a burst of
-    clients sees resets. ``self.listen_backlog`` is the value in effect.
+    ``listen_backlog``: connections the kernel queues before the server takes
+    them (``self.listen_backlog`` is the value in effect); ``header_timeout``,
+    ``body_timeout`` and ``max_connections``: see ``http_server``; ``text``: the checkpoint's
+    tokenizer (node/text.py) for text prompts and chat, None for token ids only.
     """
 
     def __init__(self, service: GenerationService, address: tuple[str, int], request_timeout: float = 600.0,
                  listen_backlog: int = DEFAULT_LISTEN_BACKLOG, model_name: str = "lamina",
-                 text: Optional[TextCodec] = None):
-        """``text``: the checkpoint's tokenizer (node/text.py), for text prompts and chat; None: token ids."""
-        if listen_backlog < 1:
-            raise ValueError(f"listen_backlog must be >= 1, got {listen_backlog}")
-        handler = type("BoundHandler", (_Handler,), {"service": service, "request_timeout": request_timeout,
-                                                     "model_name": model_name, "created": int(time.time()),
-                                                     "codec": text})
-        self.listen_backlog = effective_backlog(listen_backlog)
-        self.server = ThreadingHTTPServer(address, handler, bind_and_activate=False)
-        self.server.request_queue_size = self.listen_backlog  # what server_activate passes to listen()
-        try:
-            self.server.server_bind()
-            self.server.server_activate()
-        except BaseException:
-            self.server.server_close()
-            raise
-        self.server.daemon_threads = True
-        self.address: tuple[str, int] = self.server.server_address[:2]
-        self._thread: Optional[threading.Thread] = None
+                 text: Optional[TextCodec] = None, header_timeout: float = HEADER_TIMEOUT_S,
+                 body_timeout: float = BODY_TIMEOUT_S, max_connections: int = DEFAULT_MAX_CONNECTIONS):
+        app = build_app(service, model_name=model_name, request_timeout=request_timeout, text=text)
+        self._http = HttpServer(BufferedBody(app, error_body, timeout_s=body_timeout), address,
+                                listen_backlog=listen_backlog,
+                                header_timeout=header_timeout, max_connections=max_connections)
+        self.address = self._http.address
+        self.listen_backlog = self._http.listen_backlog
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="http", daemon=True)
-        self._thread.start()
+        self._http.start()
 
     def close(self) -> None:
-        if self._thread is not None:
-            self.server.shutdown()
-            self._thread.join(timeout=5)
-        self.server.server_close()
+        self._http.close()
+
+    def __enter__(self) -> "FrontDoor":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def error_body(path: str, status: int, message: str) -> dict[str, Any]:
+    """A refusal in the shape the path's clients expect: OpenAI's error object on /v1, else {"error"}."""
+    if path.startswith("/v1/"):
+        return openai_api.error_body(status, message)
+    return {"error": message}
+
+
+def _json(status: int, payload: dict[str, Any], headers: Optional[dict[str, str]] = None) -> JSONResponse:
+    return JSONResponse(payload, status_code=int(status), headers=headers)
+
+
+def _schema(model: type) -> dict[str, Any]:
+    """OpenAPI description of a body the route parses itself (so /docs shows it)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
+class _ClientGone(Exception):
+    """The client closed its connection: its requests are cancelled, nobody is answered."""
+
+
+class _EventFeed:
+    """The events of one or more RequestHandles, awaited on the event loop.
+
+    The scheduler thread calls the waker after each event; the loop wakes,
+    takes what is queued with ``next_event(0)``, and sleeps again. The flag
+    is cleared before looking, so an event that lands in between still wakes
+    the next wait.
+    """
+
+    def __init__(self, handles: Sequence[RequestHandle], request: Request):
+        self.handles, self.request = list(handles), request
+        self._ready = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def wake() -> None:
+            try:
+                loop.call_soon_threadsafe(self._ready.set)
+            except RuntimeError:  # the loop closed: nobody waits any more
+                pass
+
+        for handle in self.handles:
+            handle.add_waker(wake)
+
+    async def next(self, deadline: float, among: Optional[Sequence[int]] = None) -> Optional[tuple[int, dict]]:
+        """(index, event) of the first handle (in ``among``, in order) with one; None past ``deadline``
+        (time.monotonic()); _ClientGone when the client left (looked at every ABANDON_CHECK_S)."""
+        indices = range(len(self.handles)) if among is None else among
+        while True:
+            self._ready.clear()
+            for index in indices:
+                event = self.handles[index].next_event(0)
+                if event is not None:
+                    return index, event
+            if await self.request.is_disconnected():
+                raise _ClientGone()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            try:
+                await asyncio.wait_for(self._ready.wait(), min(remaining, ABANDON_CHECK_S))
+            except asyncio.TimeoutError:
+                pass
+
+    def cancel_all(self) -> None:
+        for handle in self.handles:
+            handle.cancel()
 
 
 def _stops_at(watch: StopText) -> Callable[[int], bool]:
-    """RequestHandle.result's stop_at: feed each token's text to the watch; true once a stop string showed."""
+    """ResultCollector's stop_at: feed each token's text to the watch; true once a stop string showed."""
     def stop_at(token: int) -> bool:
         watch.push([token])
         return watch.hit
     return stop_at
 
 
-# path -> {method: handler method name}
-_ROUTES = {
-    "/healthz": {"GET": "_healthz"},
-    "/status": {"GET": "_status"},
-    "/metrics": {"GET": "_metrics"},
-    "/generate": {"POST": "_generate"},
-    "/v1/models": {"GET": "_openai_models"},
-    "/v1/completions": {"POST": "_openai_completions"},
-    "/v1/chat/completions": {"POST": "_openai_chat"},
-    "/cluster/join": {"POST": "_join"},
-    "/cluster/leave": {"POST": "_leave"},
-}
+def build_app(service: GenerationService, model_name: str = "lamina", request_timeout: float = 600.0,
+              text: Optional[TextCodec] = None) -> FastAPI:
+    """The front door's routes over ``service`` (an ASGI app; ``FrontDoor`` serves it with its limits)."""
+    app = FastAPI(title="lamina-node", summary="Model-attention disaggregated decoding (Lamina)",
+                  openapi_url="/openapi.json", docs_url="/docs", redoc_url=None)
+    routes = _Routes(service, model_name, request_timeout, text)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = f"no such endpoint {request.url.path}" if exc.status_code == 404 else \
+            f"{request.method} is not allowed on {request.url.path}" if exc.status_code == 405 else str(exc.detail)
+        return _json(exc.status_code, error_body(request.url.path, exc.status_code, message), exc.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:  # a bug: say so, keep serving
+        log.exception("%s %s failed", request.method, request.url.path)
+        return _json(500, error_body(request.url.path, 500, f"internal error: {exc}"))
+
+    app.add_api_route("/healthz", routes.healthz, methods=["GET"])
+    app.add_api_route("/status", routes.status, methods=["GET"])
+    app.add_api_route("/metrics", routes.metrics, methods=["GET"])
+    app.add_api_route("/generate", routes.generate, methods=["POST"], openapi_extra=_schema(schemas.GenerateBody))
+    app.add_api_route("/v1/models", routes.models, methods=["GET"])
+    app.add_api_route("/v1/completions", routes.completions, methods=["POST"],
+                      openapi_extra=_schema(schemas.CompletionBody))
+    app.add_api_route("/v1/chat/completions", routes.chat, methods=["POST"], openapi_extra=_schema(schemas.ChatBody))
+    app.add_api_route("/cluster/join", routes.join, methods=["POST"])
+    app.add_api_route("/cluster/leave", routes.leave, methods=["POST"])
+    return app
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # chunked streaming needs 1.1
-    server_version = "lamina-node"
-    timeout = 30  # seconds a client may take to send its request
-    service: GenerationService
-    request_timeout: float
-    model_name: str  # what /v1/models lists and /v1/completions requests must name
-    created: int
-    codec: Optional[TextCodec] = None  # the checkpoint's tokenizer: text prompts, text answers, chat
-    body: Optional[bytes] = None  # the current request's body; None: it framed none
-
-    # -- routing --------------------------------------------------------------
-    def _dispatch(self) -> None:
-        """Every method: consume the body as framed, then route; so nothing of it is read as a request."""
-        try:
-            self.body = self._read_framed_body()
-        except RequestRejected as exc:
-            self._refuse_and_close(exc)
-            return
-        path = self.path.split("?", 1)[0]
-        methods = _ROUTES.get(path)
-        if methods is None:
-            self._send_json(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint {path}"})
-        elif self.command not in methods:
-            self._send_json(HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"{self.command} is not allowed on {path}"},
-                            extra_headers={"Allow": ", ".join(methods)})
-        else:
-            getattr(self, methods[self.command])()
-
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _dispatch  # noqa: N815 - http.server naming
-
-    def _read_framed_body(self) -> Optional[bytes]:
-        size = request_body_size(self.headers)
-        if size is None:
-            return None
-        body = self.rfile.read(size)
-        if len(body) < size:
-            raise RequestRejected(HTTPStatus.BAD_REQUEST, f"body ended after {len(body)} of {size} bytes")
-        return body
+class _Routes:
+    def __init__(self, service: GenerationService, model_name: str, request_timeout: float,
+                 codec: Optional[TextCodec]):
+        self.service, self.model_name, self.request_timeout, self.codec = service, model_name, request_timeout, codec
+        self.created = int(time.time())
 
     # -- GET endpoints ----------------------------------------------------------
-    def _healthz(self) -> None:
-        reason = self.service.unhealthy_reason()
+    async def healthz(self) -> JSONResponse:
+        reason = await run_in_threadpool(self.service.unhealthy_reason)
         if reason is None:
-            self._send_json(HTTPStatus.OK, {"status": "ok"})
-        else:
-            self._send_json(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "degraded", "reason": reason})
+            return _json(HTTPStatus.OK, {"status": "ok"})
+        return _json(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "degraded", "reason": reason})
 
-    def _status(self) -> None:
-        self._send_json(HTTPStatus.OK, self.service.status())
+    async def status(self) -> JSONResponse:
+        return _json(HTTPStatus.OK, await run_in_threadpool(self.service.status))
 
-    def _metrics(self) -> None:
-        body = self.service.metrics.render().encode()
-        self._send_bytes(HTTPStatus.OK, body, "text/plain; version=0.0.4; charset=utf-8")
+    async def metrics(self) -> Response:
+        return Response(self.service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def models(self) -> JSONResponse:
+        return _json(HTTPStatus.OK, openai_api.models_body(self.model_name, self.created))
+
+    # -- /generate ------------------------------------------------------------------
+    async def generate(self, request: Request) -> Response:
+        try:
+            body = schemas.validate_body(schemas.GenerateBody, await request.body())
+        except schemas.BodyError as exc:
+            return _json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+        try:
+            params = SamplingParams(temperature=body.temperature, top_p=body.top_p, max_tokens=body.max_tokens,
+                                    seed=body.seed, stop_token_ids=body.stop_token_ids)
+        except ValueError as exc:  # SamplingParams checks ranges and finiteness, naming the field
+            return _json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+        try:
+            handle = await run_in_threadpool(self.service.submit, body.prompt, params)
+        except RequestRejected as exc:
+            return _json(exc.http_status, {"error": str(exc)})
+        feed = _EventFeed([handle], request)
+        deadline = time.monotonic() + self.request_timeout
+        if body.stream:
+            return await self._generate_stream(handle, feed, deadline)
+        try:
+            result = await self._result(feed, 0, deadline, ResultCollector(handle))
+        except _ClientGone:
+            log.info("client of request %d went away; cancelled it", handle.id)
+            return Response(status_code=CLIENT_CLOSED)
+        except RequestRejected as exc:
+            handle.cancel()
+            return _json(exc.http_status, {"id": handle.id, "error": str(exc)})
+        return _json(HTTPStatus.OK, {
+            "id": handle.id, "tokens": result["tokens"], "finish_reason": result["finish_reason"],
+            "prompt_tokens": handle.prompt_tokens, "completion_tokens": len(result["tokens"]),
+            "time_s": round(time.monotonic() - handle.submitted_at, 6)})
+
+    async def _result(self, feed: _EventFeed, index: int, deadline: float,
+                      collector: ResultCollector) -> dict[str, Any]:
+        """Handle ``index``'s result; _ClientGone (its request cancelled) or RequestRejected (504 past deadline)."""
+        handle = feed.handles[index]
+        while True:
+            try:
+                got = await feed.next(deadline, (index,))
+            except _ClientGone:
+                handle.cancel()
+                raise
+            if got is None:
+                raise RequestRejected(HTTPStatus.GATEWAY_TIMEOUT,
+                                      f"request {handle.id} did not finish within {self.request_timeout} s")
+            result = collector.take(got[1])
+            if result is not None:
+                return result
+
+    async def _generate_stream(self, handle: RequestHandle, feed: _EventFeed, deadline: float) -> Response:
+        """Chunked NDJSON: one {"token"} line per token, then a final {"done": true} line. The first event
+        comes before the answer's status, so a request refused at admission gets its own status."""
+        try:
+            first = await feed.next(deadline)
+        except _ClientGone:
+            handle.cancel()
+            return Response(status_code=CLIENT_CLOSED)
+        if first is None or first[1]["event"] == "error":
+            handle.cancel()
+            status, reason = ((first[1]["status"], first[1]["error"]) if first
+                              else (HTTPStatus.GATEWAY_TIMEOUT, "request was not admitted in time"))
+            return _json(status, {"id": handle.id, "error": reason})
+
+        async def lines() -> AsyncIterator[bytes]:
+            event: Optional[dict] = first[1]
+            index = 0
+            finished = False
+            try:
+                while True:
+                    if event is None:
+                        yield _line({"id": handle.id, "done": True, "status": int(HTTPStatus.GATEWAY_TIMEOUT),
+                                     "error": f"no progress within {self.request_timeout} s"})
+                        return
+                    kind = event["event"]
+                    if kind == "token":
+                        yield _line({"id": handle.id, "index": index, "token": event["token"]})
+                        index += 1
+                    elif kind == "finished":
+                        finished = True
+                        yield _line({"id": handle.id, "done": True, "finish_reason": event["finish_reason"],
+                                     "tokens": list(handle.tokens)})
+                        return
+                    elif kind == "error":
+                        finished = True
+                        yield _line({"id": handle.id, "done": True, "status": event["status"],
+                                     "error": event["error"]})
+                        return
+                    got = await feed.next(deadline)
+                    event = None if got is None else got[1]
+            except _ClientGone:
+                pass
+            finally:  # the client left, the stream was cancelled, or it timed out: stop generating
+                if not finished:
+                    log.info("stream of request %d ended early; cancelling it", handle.id)
+                    handle.cancel()
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
 
     # -- OpenAI-compatible (lamina_comm.node.openai_api) -----------------------------
-    def _openai_models(self) -> None:
-        self._send_json(HTTPStatus.OK, openai_api.models_body(self.model_name, self.created))
+    async def completions(self, request: Request) -> Response:
+        return await self._openai(request, schemas.CompletionBody, openai_api.parse_completion)
 
-    def _openai_completions(self) -> None:
-        self._openai_generate(openai_api.parse_completion)
+    async def chat(self, request: Request) -> Response:
+        return await self._openai(request, schemas.ChatBody, openai_api.parse_chat)
 
-    def _openai_chat(self) -> None:
-        self._openai_generate(openai_api.parse_chat)
-
-    def _openai_generate(self, parse: Callable[..., "openai_api.CompletionRequest"]) -> None:
-        if self.body is None:
-            self._refuse_and_close(RequestRejected(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required"))
-            return
+    async def _openai(self, request: Request, model: type, parse: Callable[..., openai_api.CompletionRequest]) \
+            -> Response:
         try:
             try:
-                request = parse(parse_json(self.body), self.model_name, self.codec)
-            except InvalidRequest as exc:  # not JSON, or nested too deep
-                raise openai_api.OpenAIError(HTTPStatus.BAD_REQUEST, str(exc)) from None
-            handles = self._submit_all(request)
+                body = schemas.validate_body(model, await request.body())
+            except schemas.BodyError as exc:
+                raise openai_api.OpenAIError(HTTPStatus.BAD_REQUEST, str(exc), param=exc.field) from None
+            parsed = parse(body, self.model_name, self.codec)
+            handles = await run_in_threadpool(self._submit_all, parsed)
         except openai_api.OpenAIError as exc:
-            self._send_json(exc.status, exc.body())
-            return
+            return _json(exc.status, exc.body())
+        feed = _EventFeed(handles, request)
         completion_id = openai_api.new_id()
-        if request.stream:
-            self._openai_stream(completion_id, request, handles)
-            return
+        deadline = time.monotonic() + self.request_timeout
+        if parsed.stream:
+            return StreamingResponse(self._openai_events(completion_id, parsed, feed, deadline),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         results = []
         try:
-            for handle in handles:
-                watch = StopText(request.codec, request.stops) if request.stops else None
-                result = handle.result(self.request_timeout, abandoned=self._client_gone,
-                                       stop_at=_stops_at(watch) if watch is not None else None)
+            for index, handle in enumerate(handles):
+                watch = StopText(parsed.codec, parsed.stops) if parsed.stops else None
+                collector = ResultCollector(handle, _stops_at(watch) if watch is not None else None)
+                result = await self._result(feed, index, deadline, collector)
                 if watch is not None:
                     watch.finish()
                     result["text"] = watch.text
@@ -372,17 +373,15 @@ class _Handler(BaseHTTPRequestHandler):
                         result["finish_reason"] = "stop"
                 result["logprobs"] = list(handle.logprobs)[:len(result["tokens"])]
                 results.append(result)
+        except _ClientGone:
+            feed.cancel_all()
+            return Response(status_code=CLIENT_CLOSED)
         except RequestRejected as exc:
-            for handle in handles:
-                handle.cancel()
-            if exc.http_status == CLIENT_CLOSED:
-                self.close_connection = True
-                return
-            self._send_json(exc.http_status, openai_api.error_body(exc.http_status, str(exc)))
-            return
-        self._send_json(HTTPStatus.OK, openai_api.completion_body(completion_id, self.model_name, request, results))
+            feed.cancel_all()
+            return _json(exc.http_status, openai_api.error_body(exc.http_status, str(exc)))
+        return _json(HTTPStatus.OK, openai_api.completion_body(completion_id, self.model_name, parsed, results))
 
-    def _submit_all(self, request: "openai_api.CompletionRequest") -> list[RequestHandle]:
+    def _submit_all(self, request: openai_api.CompletionRequest) -> list[RequestHandle]:
         """One scheduler request per prompt and choice; a refusal cancels those already submitted."""
         handles: list[RequestHandle] = []
         try:
@@ -396,230 +395,86 @@ class _Handler(BaseHTTPRequestHandler):
             raise openai_api.OpenAIError(exc.http_status, str(exc), param=param, kind=kind) from None
         return handles
 
-    def _openai_stream(self, completion_id: str, request: "openai_api.CompletionRequest",
-                       handles: list[RequestHandle]) -> None:
+    async def _openai_events(self, completion_id: str, request: openai_api.CompletionRequest, feed: _EventFeed,
+                             deadline: float) -> AsyncIterator[bytes]:
         """Server-sent events: a chunk per token per choice, a last chunk per choice, usage, [DONE]."""
-        self.send_response(HTTPStatus.OK)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
+        handles = feed.handles
         open_choices = set(range(len(handles)))
         texts = [None if request.codec is None else StopText(request.codec, request.stops) if request.stops
                  else TextStream(request.codec) for _ in handles]
         started: set[int] = set()  # chat: choices whose first chunk (the role) went
         try:
-            deadline = time.monotonic() + self.request_timeout
             while open_choices:
-                progressed = False
-                for index in sorted(open_choices):  # whatever every choice has, in choice order
-                    while index in open_choices:
-                        event = handles[index].next_event(0)
-                        if event is None:
-                            break
-                        progressed = True
-                        self._openai_event(completion_id, request, handles, index, event, open_choices, texts,
-                                           started)
-                if progressed or not open_choices:
-                    continue
-                if time.monotonic() > deadline or self._client_gone():
-                    raise BrokenPipeError("no progress in time, or the client went away")
-                first = min(open_choices)  # sleep on one choice's events (briefly: the others may move)
-                event = handles[first].next_event(0.02)
-                if event is not None:
-                    self._openai_event(completion_id, request, handles, first, event, open_choices, texts, started)
+                got = await feed.next(deadline, sorted(open_choices))
+                if got is None:
+                    yield _sse(openai_api.error_body(504, f"no progress within {self.request_timeout} s"))
+                    return
+                index, event = got
+                for chunk in self._openai_chunks(completion_id, request, index, event, texts[index],
+                                                 index not in started):
+                    yield chunk
+                started.add(index)
+                if event["event"] in ("finished", "error") or getattr(texts[index], "hit", False):
+                    handles[index].cancel()  # a stop string: this choice ends here (no-op when it ended)
+                    open_choices.discard(index)
             if request.include_usage:
                 completion = sum(len(h.tokens) for h in handles)
                 prompt = sum(len(p) for p in request.prompts)
-                self._sse(openai_api.usage_chunk(completion_id, self.model_name, prompt, completion, request.chat))
-            self._sse_raw(b"data: [DONE]\n\n")
-            self.wfile.write(b"0\r\n\r\n")
-            self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
-            log.info("client of completion %s went away; cancelling it", completion_id)
-            for handle in handles:
-                handle.cancel()
-            self.close_connection = True
+                yield _sse(openai_api.usage_chunk(completion_id, self.model_name, prompt, completion, request.chat))
+            yield b"data: [DONE]\n\n"
+        except _ClientGone:
+            pass
+        finally:
+            if open_choices:  # the client left, or the stream was cancelled: stop generating
+                log.info("stream of completion %s ended early; cancelling it", completion_id)
+                feed.cancel_all()
 
-    def _openai_event(self, completion_id: str, request: "openai_api.CompletionRequest",
-                      handles: list[RequestHandle], index: int, event: dict[str, Any], open_choices: set[int],
-                      texts: list[Any], started: set[int]) -> None:
+    def _openai_chunks(self, completion_id: str, request: openai_api.CompletionRequest, index: int,
+                       event: dict[str, Any], stream: Any, first: bool) -> list[bytes]:
         kind = event["event"]
-        stream = texts[index]
-        first = index not in started
-        started.add(index)
         if kind == "token":
             logprobs = [(event["logprob"], event["top_logprobs"])] if "logprob" in event else None
             text = stream.push([event["token"]]) if stream is not None else ""
-            self._sse(openai_api.chunk_body(completion_id, self.model_name, index, [event["token"]], None,
-                                            logprobs, request, text, first))
-            if getattr(stream, "hit", False):  # a stop string: this choice ends here
-                handles[index].cancel()
-                self._sse(openai_api.chunk_body(completion_id, self.model_name, index, [], "stop", None, request))
-                open_choices.discard(index)
-        elif kind == "finished":
+            chunks = [_sse(openai_api.chunk_body(completion_id, self.model_name, index, [event["token"]], None,
+                                                 logprobs, request, text, first))]
+            if getattr(stream, "hit", False):
+                chunks.append(_sse(openai_api.chunk_body(completion_id, self.model_name, index, [], "stop", None,
+                                                         request)))
+            return chunks
+        if kind == "finished":
             text = stream.finish() if stream is not None else ""
             reason = "stop" if getattr(stream, "hit", False) else event["finish_reason"]
-            self._sse(openai_api.chunk_body(completion_id, self.model_name, index, [], reason, None, request,
-                                            text, first))
-            open_choices.discard(index)
-        elif kind == "error":
-            self._sse(openai_api.error_body(event["status"], event["error"]))
-            open_choices.discard(index)
-
-    def _sse(self, payload: dict[str, Any]) -> None:
-        self._sse_raw(b"data: " + json.dumps(payload).encode() + b"\n\n")
-
-    def _sse_raw(self, data: bytes) -> None:
-        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-        self.wfile.flush()
+            return [_sse(openai_api.chunk_body(completion_id, self.model_name, index, [], reason, None, request,
+                                               text, first))]
+        if kind == "error":
+            return [_sse(openai_api.error_body(event["status"], event["error"]))]
+        return []  # admitted
 
     # -- membership (lamina_comm.node.membership) ---------------------------------
-    def _join(self) -> None:
-        self._membership_call(self.service.join)
+    async def join(self, request: Request) -> JSONResponse:
+        return await self._membership_call(request, self.service.join)
 
-    def _leave(self) -> None:
-        self._membership_call(self.service.leave)
+    async def leave(self, request: Request) -> JSONResponse:
+        return await self._membership_call(request, self.service.leave)
 
-    def _membership_call(self, action: Callable[[str], dict[str, Any]]) -> None:
+    async def _membership_call(self, request: Request, action: Callable[[str], dict[str, Any]]) -> JSONResponse:
+        body = await request.body()
         try:
-            address = membership.parse_call(self.body, self.headers.get(membership.SIGNATURE_HEADER),
+            address = membership.parse_call(body or None, request.headers.get(membership.SIGNATURE_HEADER),
                                             self.service.membership_secret, seen=self.service.membership_replays)
-            answer = action(address)
+            answer = await run_in_threadpool(action, address)
         except membership.MembershipError as exc:
-            self._send_json(exc.http_status, {"error": str(exc)})
-            return
+            return _json(exc.http_status, {"error": str(exc)})
         except KeyError as exc:
-            self._send_json(HTTPStatus.NOT_FOUND, {"error": str(exc.args[0])})
-            return
+            return _json(HTTPStatus.NOT_FOUND, {"error": str(exc.args[0])})
         except ValueError as exc:
-            self._send_json(HTTPStatus.CONFLICT, {"error": str(exc)})
-            return
-        self._send_json(HTTPStatus.OK, answer)
+            return _json(HTTPStatus.CONFLICT, {"error": str(exc)})
+        return _json(HTTPStatus.OK, answer)
 
-    # -- generation ---------------------------------------------------------------
-    def _generate(self) -> None:
-        if self.body is None:
-            # Without a length the client's intended framing is unknown: do not read on.
-            self._refuse_and_close(RequestRejected(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required"))
-            return
-        try:
-            prompt, params, stream = parse_generate(self.body)
-            handle = self.service.submit(prompt, params)
-        except RequestRejected as exc:
-            self._send_json(exc.http_status, {"error": str(exc)})
-            return
-        except Exception as exc:  # noqa: BLE001 - a bug must not look like a dropped connection
-            log.exception("submitting a request failed")
-            self._send_json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {exc}"})
-            return
-        if stream:
-            self._stream(handle)
-        else:
-            self._complete(handle)
 
-    def _complete(self, handle: RequestHandle) -> None:
-        try:
-            result = handle.result(self.request_timeout, abandoned=self._client_gone)
-        except RequestRejected as exc:
-            handle.cancel()
-            if exc.http_status == CLIENT_CLOSED:
-                log.info("client of request %d went away; cancelled it", handle.id)
-                self.close_connection = True
-                return
-            self._send_json(exc.http_status, {"id": handle.id, "error": str(exc)})
-            return
-        self._send_json(HTTPStatus.OK, {
-            "id": handle.id,
-            "tokens": result["tokens"],
-            "finish_reason": result["finish_reason"],
-            "prompt_tokens": handle.prompt_tokens,
-            "completion_tokens": len(result["tokens"]),
-            "time_s": round(time.monotonic() - handle.submitted_at, 6),
-        })
+def _line(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload).encode() + b"\n"
 
-    def _client_gone(self) -> bool:
-        """True when the client closed its connection (EOF or reset); bytes it sent ahead do not count.
 
-        A client that half-closes (shutdown(SHUT_WR)) after its request is
-        taken as gone too: an HTTP/1.1 client keeps its side open until it
-        has the answer.
-        """
-        try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            if not readable:
-                return False
-            return self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-        except BlockingIOError:
-            return False
-        except OSError:
-            return True
-
-    def _stream(self, handle: RequestHandle) -> None:
-        """Chunked NDJSON: one {"token"} line per token, then a final {"done": true} line."""
-        first = handle.next_event(self.request_timeout)
-        if first is None or first["event"] == "error":
-            handle.cancel()
-            status, reason = ((first["status"], first["error"]) if first
-                              else (HTTPStatus.GATEWAY_TIMEOUT, "request was not admitted in time"))
-            self._send_json(status, {"id": handle.id, "error": reason})
-            return
-        self.send_response(HTTPStatus.OK)
-        self.send_header("Content-Type", "application/x-ndjson")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        try:
-            self._stream_events(handle, first)
-            self.wfile.write(b"0\r\n\r\n")
-            self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
-            log.info("client of request %d went away; cancelling it", handle.id)
-            handle.cancel()
-            self.close_connection = True
-
-    def _stream_events(self, handle: RequestHandle, event: Optional[dict[str, Any]]) -> None:
-        index = 0
-        while True:
-            if event is None:
-                handle.cancel()
-                self._chunk({"id": handle.id, "done": True, "status": int(HTTPStatus.GATEWAY_TIMEOUT),
-                             "error": f"no progress within {self.request_timeout} s"})
-                return
-            kind = event["event"]
-            if kind == "token":
-                self._chunk({"id": handle.id, "index": index, "token": event["token"]})
-                index += 1
-            elif kind == "finished":
-                self._chunk({"id": handle.id, "done": True, "finish_reason": event["finish_reason"],
-                             "tokens": list(handle.tokens)})
-                return
-            elif kind == "error":
-                self._chunk({"id": handle.id, "done": True, "status": event["status"], "error": event["error"]})
-                return
-            event = handle.next_event(self.request_timeout)
-
-    def _chunk(self, payload: dict[str, Any]) -> None:
-        line = json.dumps(payload).encode() + b"\n"
-        self.wfile.write(f"{len(line):x}\r\n".encode() + line + b"\r\n")
-        self.wfile.flush()
-
-    # -- plumbing -----------------------------------------------------------------
-    def _refuse_and_close(self, exc: RequestRejected) -> None:
-        self._send_json(exc.http_status, {"error": str(exc)}, extra_headers={"Connection": "close"})
-
-    def _send_json(self, status: int, payload: dict[str, Any],
-                   extra_headers: Optional[dict[str, str]] = None) -> None:
-        self._send_bytes(status, json.dumps(payload).encode() + b"\n", "application/json", extra_headers)
-
-    def _send_bytes(self, status: int, body: bytes, content_type: str,
-                    extra_headers: Optional[dict[str, str]] = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in (extra_headers or {}).items():
-            self.send_header(name, value)  # "Connection: close" also sets close_connection
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server signature
-        log.debug("%s %s", self.address_string(), format % args)
+def _sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"

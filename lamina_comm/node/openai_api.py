@@ -21,12 +21,9 @@ from typing import Any, Optional
 
 from lamina_comm.model import SamplingParams
 from lamina_comm.model.sampling import MAX_LOGPROBS
+from lamina_comm.node.schemas import ChatBody, CompletionBody, SamplingFields
 from lamina_comm.node.text import TextCodec
 
-_COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "stop_token_ids",
-                      "n", "logprobs", "stream", "stream_options", "return_token_ids", "user"}
-_CHAT_FIELDS = (_COMPLETION_FIELDS - {"prompt", "logprobs"}) | {"messages", "max_completion_tokens"}
-_ROLES = {"system", "user", "assistant", "tool", "developer"}
 MAX_N = 16  # choices per prompt
 MAX_STOPS = 4  # stop strings per request, as OpenAI allows
 
@@ -62,19 +59,9 @@ class CompletionRequest:
     chat: bool = False                 # /v1/chat/completions: messages in, an assistant message out
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_common(request: Any, model_name: str, fields: set[str]) -> None:
-    if not isinstance(request, dict):
-        raise OpenAIError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
-    unknown = sorted(set(request) - fields)
-    if unknown:
-        raise OpenAIError(HTTPStatus.BAD_REQUEST, f"unknown fields {unknown}", param=unknown[0])
-    model = request.get("model")
-    if model != model_name:
-        raise OpenAIError(HTTPStatus.NOT_FOUND, f"the model {str(model)[:80]!r} does not exist; this server has "
+def _check_model(body: SamplingFields, model_name: str) -> None:
+    if body.model != model_name:
+        raise OpenAIError(HTTPStatus.NOT_FOUND, f"the model {body.model[:80]!r} does not exist; this server has "
                           f"{model_name!r}", param="model", code="model_not_found")
 
 
@@ -92,104 +79,87 @@ def _text_prompts(prompt: Any, codec: Optional[TextCodec]) -> Optional[list[list
     return [codec.encode(p) for p in texts]
 
 
-def parse_completion(request: Any, model_name: str, codec: Optional[TextCodec] = None) -> CompletionRequest:
-    """A /v1/completions body checked; OpenAIError (400/404) names the field."""
-    _check_common(request, model_name, _COMPLETION_FIELDS)
-    prompt = request.get("prompt")
-    prompts = _text_prompts(prompt, codec)
-    if prompts is None and isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
-        prompts = [prompt]
-    elif prompts is None and isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
+def parse_completion(body: CompletionBody, model_name: str, codec: Optional[TextCodec] = None) -> CompletionRequest:
+    """A /v1/completions body (its types checked by the schema) checked; OpenAIError (400/404) names the field."""
+    _check_model(body, model_name)
+    prompt = body.prompt
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], str)):
+        prompts = _text_prompts(prompt, codec)
+    elif prompt and isinstance(prompt[0], list):
         prompts = prompt
-    elif prompts is None:
-        raise OpenAIError(HTTPStatus.BAD_REQUEST, "prompt must be a non-empty list of token ids, or a list of them",
+    else:
+        prompts = [prompt]
+    if not prompts or not all(prompts):
+        raise OpenAIError(HTTPStatus.BAD_REQUEST, "prompt must be non-empty, and so must every prompt in it",
                           param="prompt")
-    for one in prompts:
-        if not one or not all(_is_int(t) for t in one):
-            raise OpenAIError(HTTPStatus.BAD_REQUEST, "every prompt must be a non-empty list of integer token ids",
-                              param="prompt")
-    return _sampling(request, prompts, codec, chat=False)
+    return _sampling(body, prompts, codec, chat=False, logprobs=body.logprobs, max_tokens=body.max_tokens)
 
 
-def parse_chat(request: Any, model_name: str, codec: Optional[TextCodec]) -> CompletionRequest:
+def _text_prompts(prompt: Any, codec: Optional[TextCodec]) -> list[list[int]]:
+    """Text prompts (a string, or a list of them) tokenized."""
+    if codec is None:
+        raise OpenAIError(HTTPStatus.BAD_REQUEST, "text prompts need a tokenizer, and this model has none: send "
+                          "token ids (prompt: [ids] or a list of them)", param="prompt")
+    texts = [prompt] if isinstance(prompt, str) else prompt
+    if not all(texts):
+        raise OpenAIError(HTTPStatus.BAD_REQUEST, "prompt must be one text or a list of non-empty texts",
+                          param="prompt")
+    return [codec.encode(p) for p in texts]
+
+
+def parse_chat(body: ChatBody, model_name: str, codec: Optional[TextCodec]) -> CompletionRequest:
     """A /v1/chat/completions body checked: the messages rendered by the chat template, tokenized."""
-    _check_common(request, model_name, _CHAT_FIELDS)
+    _check_model(body, model_name)
     if codec is None or not codec.has_chat_template:
         raise OpenAIError(HTTPStatus.BAD_REQUEST, "chat needs a tokenizer with a chat template (tokenizer.json "
                           "and tokenizer_config.json's chat_template in the checkpoint); this model has none: "
                           "use /v1/completions with token ids", param="messages")
-    messages = request.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise OpenAIError(HTTPStatus.BAD_REQUEST, "messages must be a non-empty list", param="messages")
-    for message in messages:
-        if not isinstance(message, dict) or message.get("role") not in _ROLES or \
-                not isinstance(message.get("content"), str):
-            raise OpenAIError(HTTPStatus.BAD_REQUEST, "every message needs a role (system, user, assistant, ...) "
-                              "and text content", param="messages")
     try:
-        text = codec.render_chat([{"role": m["role"], "content": m["content"]} for m in messages])
+        text = codec.render_chat([{"role": m.role, "content": m.content} for m in body.messages])
     except Exception as exc:  # a template error (jinja2's raise_exception, a sandbox refusal): the client's doing
         raise OpenAIError(HTTPStatus.BAD_REQUEST, f"the chat template refused these messages: {exc}",
                           param="messages") from None
-    request = dict(request)
-    if request.get("max_completion_tokens") is not None:  # the newer name of max_tokens
-        request["max_tokens"] = request.pop("max_completion_tokens")
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     # The template writes the special tokens itself (bos_token): do not add them again.
-    return _sampling(request, [codec.encode(text, add_special_tokens=False)], codec, chat=True)
+    return _sampling(body, [codec.encode(text, add_special_tokens=False)], codec, chat=True, logprobs=None,
+                     max_tokens=max_tokens)
 
 
-def _sampling(request: dict, prompts: list[list[int]], codec: Optional[TextCodec], chat: bool) -> CompletionRequest:
-    n = request.get("n", 1)
-    if not _is_int(n) or not 1 <= n <= MAX_N:
+def _sampling(body: SamplingFields, prompts: list[list[int]], codec: Optional[TextCodec], chat: bool,
+              logprobs: Optional[int], max_tokens: Optional[int]) -> CompletionRequest:
+    if not 1 <= body.n <= MAX_N:
         raise OpenAIError(HTTPStatus.BAD_REQUEST, f"n must be an integer in 1..{MAX_N}", param="n")
-    logprobs = request.get("logprobs")
-    if logprobs is not None and (not _is_int(logprobs) or not 0 <= logprobs <= MAX_LOGPROBS):
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise OpenAIError(HTTPStatus.BAD_REQUEST, f"logprobs must be an integer in 0..{MAX_LOGPROBS}",
                           param="logprobs")
-    stop = request.get("stop")
-    stops = () if stop in (None, [], "") else (stop,) if isinstance(stop, str) else stop
-    if not isinstance(stops, (list, tuple)) or len(stops) > MAX_STOPS or \
-            not all(isinstance(s, str) and s for s in stops):
+    stops = () if body.stop in (None, [], "") else (body.stop,) if isinstance(body.stop, str) else tuple(body.stop)
+    if len(stops) > MAX_STOPS or not all(stops):
         raise OpenAIError(HTTPStatus.BAD_REQUEST, f"stop must be a text or a list of at most {MAX_STOPS} "
                           "non-empty texts", param="stop")
     if stops and codec is None:
         raise OpenAIError(HTTPStatus.BAD_REQUEST, "stop strings need a tokenizer; use stop_token_ids", param="stop")
-    stop_ids = request.get("stop_token_ids") or []
-    if not isinstance(stop_ids, list) or not all(_is_int(t) for t in stop_ids):
-        raise OpenAIError(HTTPStatus.BAD_REQUEST, "stop_token_ids must be a list of integer token ids",
-                          param="stop_token_ids")
-    stream = request.get("stream", False)
-    if not isinstance(stream, bool):
-        raise OpenAIError(HTTPStatus.BAD_REQUEST, "stream must be true or false", param="stream")
-    return_ids = request.get("return_token_ids")
-    if return_ids is not None and not isinstance(return_ids, bool):
-        raise OpenAIError(HTTPStatus.BAD_REQUEST, "return_token_ids must be true or false", param="return_token_ids")
-    options = request.get("stream_options") or {}
-    if not isinstance(options, dict) or set(options) - {"include_usage"}:
-        raise OpenAIError(HTTPStatus.BAD_REQUEST, "stream_options may hold include_usage only", param="stream_options")
-    seed = request.get("seed")
-    if seed is not None and not _is_int(seed):
-        raise OpenAIError(HTTPStatus.BAD_REQUEST, "seed must be an integer", param="seed")
-    def given(name: str, default: Any) -> Any:  # OpenAI clients send null for "not set"
-        value = request.get(name)
-        return default if value is None else value
-
     params = []
     for _ in prompts:
-        for choice in range(n):
+        for choice in range(body.n):
             try:
                 params.append(SamplingParams(
-                    temperature=given("temperature", 1.0), top_p=given("top_p", 1.0),
-                    max_tokens=given("max_tokens", 16),
+                    temperature=_given(body.temperature, 1.0), top_p=_given(body.top_p, 1.0),
+                    max_tokens=_given(max_tokens, 16),
                     # n choices of one seeded request differ, and each is reproducible.
-                    seed=None if seed is None else seed + choice,
-                    stop_token_ids=stop_ids, logprobs=logprobs))
+                    seed=None if body.seed is None else body.seed + choice,
+                    stop_token_ids=body.stop_token_ids or (), logprobs=logprobs))
             except (TypeError, ValueError) as exc:
                 field = str(exc).split(" ", 1)[0]
                 raise OpenAIError(HTTPStatus.BAD_REQUEST, str(exc),
-                                  param=field if field in _COMPLETION_FIELDS else None) from None
-    return CompletionRequest(prompts, params, n, stream, bool(options.get("include_usage", False)), codec,
-                             tuple(stops), return_token_ids=codec is None or bool(return_ids), chat=chat)
+                                  param=field if field in ChatBody.model_fields or field == "logprobs" else None) \
+                    from None
+    options = body.stream_options
+    return CompletionRequest(prompts, params, body.n, body.stream, options is not None and options.include_usage,
+                             codec, stops, return_token_ids=codec is None or bool(body.return_token_ids), chat=chat)
+
+
+def _given(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 def new_id() -> str:

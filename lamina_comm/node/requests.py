@@ -56,7 +56,17 @@ class RequestHandle:
         self._events: queue.Queue[dict[str, Any]] = queue.Queue()
         self._cancelled = threading.Event()
         self._done = threading.Event()
+        self._wakers: list[Callable[[], None]] = []
+        self._wakers_lock = threading.Lock()
         self.submitted_at = time.monotonic()
+
+    def add_waker(self, waker: Callable[[], None]) -> None:
+        """Call ``waker()`` after every event from now on (from the scheduler's thread): how an event
+        loop learns that ``next_event(0)`` has something, without a thread blocked per request."""
+        with self._wakers_lock:
+            self._wakers.append(waker)
+        if not self._events.empty():  # an event that came before the waker was added
+            waker()
 
     def next_event(self, timeout: Optional[float] = None) -> Optional[dict[str, Any]]:
         try:
@@ -80,7 +90,7 @@ class RequestHandle:
         """
         deadline = time.monotonic() + timeout
         next_check = time.monotonic() + check_every
-        seen = 0  # token events taken (self.tokens may already hold later ones)
+        collector = ResultCollector(self, stop_at)
         while True:
             now = time.monotonic()
             if abandoned is not None and now >= next_check:  # by the clock: token events never pause
@@ -94,15 +104,9 @@ class RequestHandle:
                 if time.monotonic() < deadline:
                     continue
                 raise RequestRejected(504, f"request {self.id} did not finish within {timeout} s")
-            if event["event"] == "token":
-                seen += 1
-                if stop_at is not None and stop_at(event["token"]):
-                    self.cancel()
-                    return {"tokens": list(self.tokens[:seen]), "finish_reason": "stop"}
-            if event["event"] == "finished":
-                return {"tokens": list(self.tokens), "finish_reason": event["finish_reason"]}
-            if event["event"] == "error":
-                raise RequestRejected(event["status"], event["error"])
+            result = collector.take(event)
+            if result is not None:
+                return result
 
     def cancel(self) -> None:
         """Stop generating (e.g. the client went away); takes effect between steps."""
@@ -124,6 +128,32 @@ class RequestHandle:
         if event["event"] in ("finished", "error"):
             self._done.set()
         self._events.put(event)
+        with self._wakers_lock:
+            wakers = list(self._wakers)
+        for waker in wakers:
+            waker()
+
+
+class ResultCollector:
+    """A request's events folded into its result: what ``RequestHandle.result`` and the async front door share."""
+
+    def __init__(self, handle: RequestHandle, stop_at: Optional[Callable[[int], bool]] = None):
+        self.handle, self.stop_at = handle, stop_at
+        self.seen = 0  # token events taken (handle.tokens may already hold later ones)
+
+    def take(self, event: dict[str, Any]) -> Optional[dict[str, Any]]:
+        """{"tokens", "finish_reason"} when ``event`` ends the request, else None; RequestRejected on an error."""
+        kind = event["event"]
+        if kind == "token":
+            self.seen += 1
+            if self.stop_at is not None and self.stop_at(event["token"]):
+                self.handle.cancel()
+                return {"tokens": list(self.handle.tokens[:self.seen]), "finish_reason": "stop"}
+        elif kind == "finished":
+            return {"tokens": list(self.handle.tokens), "finish_reason": event["finish_reason"]}
+        elif kind == "error":
+            raise RequestRejected(event["status"], event["error"])
+        return None
 
 
 @dataclass(eq=False)

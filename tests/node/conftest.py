@@ -48,7 +48,6 @@ def server() -> Iterator[tuple[str, ModelNode]]:
     front.start()
     host, port = front.address
     yield f"{host}:{port}", node
-    front.server.shutdown()
     node.close()
     front.close()
     for worker in workers:

@@ -172,6 +172,5 @@ def test_http_clients_see_an_uninterrupted_answer_across_a_worker_loss(processes
         assert [line["token"] for line in lines[:-1]] == expected[1]
         assert dying.proc.wait(10) == 3 and node.metrics.rebuilds.value() == 1
     finally:
-        front.server.shutdown()
         node.close()
         front.close()

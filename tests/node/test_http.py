@@ -99,12 +99,12 @@ BAD_BODIES = [
     (b"{not json", "not valid JSON"),
     (b"[1, 2, 3]", "JSON object"),
     (b'"prompt"', "JSON object"),
-    (json.dumps({"max_tokens": 3}).encode(), "prompt must be a list"),
+    (json.dumps({"max_tokens": 3}).encode(), "prompt is required"),
     (json.dumps({"prompt": []}).encode(), "must not be empty"),
     (json.dumps({"prompt": "1 2 3"}).encode(), "prompt must be a list"),
-    (json.dumps({"prompt": [1, "2"]}).encode(), "prompt must be a list"),
-    (json.dumps({"prompt": [1, 2.5]}).encode(), "prompt must be a list"),
-    (json.dumps({"prompt": [True]}).encode(), "prompt must be a list"),
+    (json.dumps({"prompt": [1, "2"]}).encode(), "prompt[1] must be an integer"),
+    (json.dumps({"prompt": [1, 2.5]}).encode(), "prompt[1] must be an integer"),
+    (json.dumps({"prompt": [True]}).encode(), "prompt[0] must be an integer"),
     (json.dumps({"prompt": [1, 256]}).encode(), "outside [0, 256)"),
     (json.dumps({"prompt": [-3]}).encode(), "outside [0, 256)"),
     (json.dumps({"prompt": [1] * 2049}).encode(), "exceeds the model's 2048 positions"),
@@ -140,11 +140,11 @@ def test_protocol_errors_get_4xx(http: str) -> None:
     assert raw_request(http, "POST", "/generate", b"{}", headers={"Content-Length": str(2 << 20)})[0] == 413
     host, port = http.rsplit(":", 1)
     connection = HTTPConnection(host, int(port), timeout=HTTP_TIMEOUT)
-    try:  # no Content-Length at all
+    try:  # no Content-Length at all: an empty body
         connection.putrequest("POST", "/generate")
         connection.endheaders()
         response = connection.getresponse()
-        assert response.status == 411 and "Content-Length" in json.loads(response.read())["error"]
+        assert response.status == 400 and "a JSON body is required" in json.loads(response.read())["error"]
     finally:
         connection.close()
 
