@@ -2,7 +2,8 @@
 # One-time set-up on a fresh Debian 12 machine: system packages (when root),
 # then a virtual environment in .venv with lamina-comm installed editable.
 # torch is pinned to 2.13.0, whose CPU build pip finds on this project's
-# machines; a bare `torch` would pull several GB of CUDA build.
+# machines; a bare `torch` would pull several GB of CUDA build. The ray extra
+# (about 240 MB) lets `make test` run the Ray deployment test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +25,6 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e '.[test,plot]' safetensors
+.venv/bin/python -m pip install -q -e '.[test,plot,ray]' safetensors
 transports=$(.venv/bin/python -c 'import lamina_comm as lc; c = lc.Context(); print(", ".join(c.transports)); c.close()')
 echo "setup: done (transports here: $transports)"

@@ -166,10 +166,15 @@ class Announcer:
                 log.info("joined the model node at %s as a %s", http, self.joined[http])
             self._stop.wait(self.retry_s)
 
+    def stop(self) -> None:
+        """Stop joining, without telling anyone (the model nodes are going away too)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
     def leave(self) -> None:
         """Stop joining; tell the model nodes that took us that we leave (best effort, bounded)."""
-        self._stop.set()
-        self._thread.join(timeout=5)
+        self.stop()
         for http in list(self.joined):
             try:
                 announce(http, "leave", self.address, self.secret, timeout=2.0)
