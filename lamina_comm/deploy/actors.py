@@ -31,7 +31,9 @@ def _bind_host(config: DeploymentConfig) -> str:
     return ray.util.get_node_ip_address()
 
 
-def _secret(config: DeploymentConfig) -> Optional[str]:
+def cluster_secret(config: DeploymentConfig) -> Optional[str]:
+    """The cluster's secret: `lamina-ray up` puts it in the supervisor's runtime_env, which every actor
+    inherits."""
     return os.environ.get(config.network.secret_env) if config.network.secret_env else None
 
 
@@ -56,13 +58,14 @@ class AttentionActor:
         config = DeploymentConfig.model_validate(deployment)
         _set_up_process(config.attention.threads)
         host = _bind_host(config)
-        secret = _secret(config)
+        secret = cluster_secret(config)
         self._server = AttentionServer(AttentionOptions(
             listen=f"{host}:0", num_blocks=config.attention.blocks, block_size=config.attention.block_size,
             config=load_config(_model_source(config.model)), secret=secret, transport=config.network.transport,
             peer_timeout=config.model.peer_timeout))
         self.address = f"{host}:{self._server.address[1]}"
         self._stop = threading.Event()
+        self._stopped = threading.Event()
         self._announcer: Optional[Announcer] = None
         if join:
             self._announcer = Announcer(join, self.address, secret=secret)
@@ -80,10 +83,13 @@ class AttentionActor:
             if self._announcer is not None:
                 self._announcer.stop()
             self._server.close()
+            self._stopped.set()
         return "stopped"
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
+        """End ``serve()`` (its sessions closed, the listener too) and wait for it, bounded."""
         self._stop.set()
+        self._stopped.wait(timeout)
 
 
 class ModelActor:
@@ -102,7 +108,7 @@ class ModelActor:
         model_config = load_config(source)
         options = ModelNodeOptions(
             attention=tuple(attention), spares=tuple(spares), microbatches=section.microbatches,
-            max_step_tokens=section.max_step_tokens, max_queue=section.max_queue, secret=_secret(config),
+            max_step_tokens=section.max_step_tokens, max_queue=section.max_queue, secret=cluster_secret(config),
             transport=config.network.transport, peer_timeout=section.peer_timeout,
             rebuild_timeout=section.rebuild_timeout, name=f"{config.name}-model-{index}")
         options.validate(model_config)

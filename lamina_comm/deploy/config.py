@@ -51,6 +51,8 @@ class ModelSection(_Table):
     def _one_source(self) -> "ModelSection":
         if (self.config is None) == (self.checkpoint is None):
             raise ValueError("give exactly one of model.config (\"tiny\" or a config.json) and model.checkpoint")
+        if self.http_port and self.http_port + self.replicas - 1 > 65535:
+            raise ValueError(f"http_port {self.http_port} + {self.replicas} replicas runs past port 65535")
         return self
 
 
@@ -127,7 +129,22 @@ def load_config(path: str | Path) -> DeploymentConfig:
             data = _toml().loads(text)
     except ValueError as exc:  # json.JSONDecodeError and tomllib.TOMLDecodeError are ValueErrors
         raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}") from None
-    return parse_config(data, str(path))
+    return _resolve_model_paths(parse_config(data, str(path)), path)
+
+
+def _resolve_model_paths(config: DeploymentConfig, path: Path) -> DeploymentConfig:
+    """Model paths relative to the config file (actors run elsewhere), checked to exist before anything starts."""
+    model = config.model
+    updates = {}
+    for key, value in (("config", model.config), ("checkpoint", model.checkpoint)):
+        if value is None or (key == "config" and value == "tiny"):
+            continue
+        resolved = (path.parent / value).resolve()
+        if not (resolved.is_dir() if key == "checkpoint" else resolved.is_file()):
+            raise ConfigError(f"{path}: model.{key}: {value!r} is not a {'directory' if key == 'checkpoint' else 'file'}"
+                              f" (relative paths are taken from the config file's directory)")
+        updates[key] = str(resolved)
+    return config.model_copy(update={"model": model.model_copy(update=updates)}) if updates else config
 
 
 def _toml() -> Any:

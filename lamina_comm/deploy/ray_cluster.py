@@ -4,10 +4,12 @@
 bound to 127.0.0.1 in a session of its own, creates the detached supervisor
 (``lamina_comm.deploy.supervisor``) and drives its stages; the driver may then
 exit, and the deployment lives on. A state file (``~/.cache/lamina-comm/
-ray-NAME.json``) remembers the address, the front doors and the head this
-command started, so that ``down`` stops exactly what ``up`` started: the
-supervisor's actors, the placement group, and that head's processes (found by
-session id; any other Ray on the machine is left alone).
+ray-NAME.json``) remembers the address, the front doors, the deployment's id
+and the head this command started, so that ``down`` stops exactly what ``up``
+started: the supervisor whose id matches (never another deployment that took
+the name), its actors and placement group, and that head's processes (found by
+session id, after checking by boot id and start time that the session leader
+is still the head: a reused pid is never signalled).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -28,11 +31,10 @@ from typing import Any, Callable, Optional
 from lamina_comm.deploy.config import DeploymentConfig
 
 INSTALL_HINT = "Ray is an optional extra: pip install 'lamina-comm[ray]'"
-# Ray's token authentication (the token lives in ~/.ray/auth_token): on for a head we start.
-_AUTH_ENV = {"RAY_AUTH_MODE": "token"}
 _QUIET_ENV = {"RAY_USAGE_STATS_ENABLED": "0"}
 HEAD_START_TIMEOUT_S = 60.0
 HEAD_STOP_TIMEOUT_S = 5.0
+CALL_TIMEOUT_S = 300.0  # bound on one bring-up stage or status/shutdown call
 
 
 class RayUnavailable(RuntimeError):
@@ -43,12 +45,15 @@ class DeploymentError(RuntimeError):
     """A deployment that cannot be brought up, reached or taken down; the message says why."""
 
 
+class NoSuchDeployment(DeploymentError):
+    """No supervisor of that name runs on the cluster."""
+
+
 def require_ray(local_head: bool = False) -> Any:
-    """Import Ray; ``local_head``: the cluster is a head this module starts (token authentication on,
-    which Ray reads from the environment when it is imported)."""
+    """Import Ray. ``local_head``: the cluster is a head this module starts, with Ray's token
+    authentication unless the environment says otherwise (Ray reads the mode when it is imported)."""
     if local_head:
-        for key, value in _AUTH_ENV.items():
-            os.environ.setdefault(key, value)
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     try:
         import ray
     except ImportError as exc:
@@ -63,17 +68,32 @@ def default_state_path(name: str) -> Path:
 
 @dataclass
 class DeploymentState:
-    """What ``down`` needs: where the cluster is, the deployment's name, and the head ``up`` started."""
+    """What ``down`` needs: where the cluster is, which deployment, and the head ``up`` started."""
 
     name: str
     address: str
+    deployment_id: str
     http: list[str] = field(default_factory=list)
     head_pid: Optional[int] = None  # the `ray start --block` process; its session holds every head process
+    head_started: Optional[int] = None  # its start time (clock ticks since boot, /proc/PID/stat field 22)
+    head_boot_id: Optional[str] = None
     head_temp_dir: Optional[str] = None
 
-    def save(self, path: Path) -> None:
+    def create(self, path: Path) -> None:
+        """Write a new state file; refuses if one exists (another deployment of that name is recorded)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise DeploymentError(f"{path} records a deployment already up; take it down first "
+                                  f"(lamina-ray down --state {path})") from None
+        with os.fdopen(descriptor, "w") as out:
+            out.write(json.dumps(asdict(self), indent=2) + "\n")
+
+    def save(self, path: Path) -> None:
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        temporary.replace(path)
 
     @classmethod
     def load(cls, path: Path) -> "DeploymentState":
@@ -88,6 +108,24 @@ class DeploymentState:
 # ------------------------------------------------------------------ a one-host head
 
 
+def _boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def _proc_stat(pid: int) -> Optional[list[str]]:
+    """/proc/PID/stat fields after "(comm)": state, ppid, pgrp, session, ...; None if no such process."""
+    try:
+        stat = Path("/proc", str(pid), "stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rfind(")") + 2:].split()
+
+
+def _start_time(pid: int) -> Optional[int]:
+    fields = _proc_stat(pid)
+    return int(fields[19]) if fields else None  # field 22 of the whole line
+
+
 class LocalHead:
     """A Ray head on this machine, bound to 127.0.0.1, in a session of its own (so it can be stopped
     exactly: every Ray process it starts inherits the session)."""
@@ -96,24 +134,34 @@ class LocalHead:
         self.pid = pid
         self.address = address
         self.temp_dir = temp_dir
+        self.started = _start_time(pid)
+        self.boot_id = _boot_id()
 
     @classmethod
     def start(cls, num_cpus: int) -> "LocalHead":
         ray_command = shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray")
         if ray_command is None:
             raise RayUnavailable(f"the `ray` command is not on PATH; {INSTALL_HINT}")
+        env = {**os.environ, **_QUIET_ENV}
+        if env.get("RAY_AUTH_MODE") == "token":
+            # Ray refuses to start a token-authenticated head without a token; make one (~/.ray/auth_token).
+            made = subprocess.run([ray_command, "get-auth-token", "--generate"], capture_output=True, text=True,
+                                  env=env, timeout=60)
+            if made.returncode != 0:
+                raise DeploymentError(f"cannot create Ray's authentication token: {made.stderr.strip()[-500:]}")
         port = _free_port()
         # Short: Ray's unix socket paths must fit in 107 bytes.
         temp_dir = tempfile.mkdtemp(prefix="lray-")
         command = [ray_command, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
                    "--num-cpus", str(num_cpus), "--include-dashboard", "false", "--disable-usage-stats",
                    "--temp-dir", temp_dir]
-        log_file = open(os.path.join(temp_dir, "lamina-head.log"), "wb")
         try:
-            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                       start_new_session=True, env={**os.environ, **_AUTH_ENV, **_QUIET_ENV})
-        finally:
-            log_file.close()
+            with open(os.path.join(temp_dir, "lamina-head.log"), "wb") as log_file:
+                process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file,
+                                           stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        except OSError:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            raise
         return cls(process.pid, f"127.0.0.1:{port}", temp_dir)
 
     def log_tail(self, lines: int = 20) -> str:
@@ -123,9 +171,19 @@ class LocalHead:
             return ""
 
     @staticmethod
+    def ours(state: DeploymentState) -> bool:
+        """Whether the processes of session ``state.head_pid`` are still the head ``up`` started: same boot,
+        and the session leader either the same process (start time) or gone (then the session id cannot have
+        been reused: Linux keeps a pid while a session of that id has members)."""
+        if state.head_pid is None or state.head_boot_id != _boot_id():
+            return False
+        started = _start_time(state.head_pid)
+        return started is None or started == state.head_started
+
+    @staticmethod
     def stop(pid: int, temp_dir: Optional[str] = None, timeout: float = HEAD_STOP_TIMEOUT_S) -> list[int]:
-        """SIGTERM every process of the head's session, SIGKILL what is left after ``timeout``;
-        returns the pids that were signalled."""
+        """SIGTERM every process of session ``pid``, SIGKILL what is left after ``timeout``; the pids
+        signalled. The caller checked that the session is the head's (``ours``)."""
         members = session_members(pid)
         for member in members:
             _signal(member, signal.SIGTERM)
@@ -147,24 +205,16 @@ def session_members(session_id: int) -> list[int]:
     """Pids of the live processes in session ``session_id`` (from /proc)."""
     members = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path("/proc", entry, "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()  # after "(comm)": state, ppid, pgrp, session, ...
-        if int(fields[3]) == session_id and fields[0] != "Z":
-            members.append(int(entry))
+        if entry.isdigit():
+            fields = _proc_stat(int(entry))
+            if fields and int(fields[3]) == session_id and fields[0] != "Z":
+                members.append(int(entry))
     return members
 
 
 def _alive(pid: int) -> bool:
-    try:
-        state = Path("/proc", str(pid), "stat").read_text()
-    except OSError:
-        return False
-    return state[state.rfind(")") + 2] != "Z"
+    fields = _proc_stat(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 def _signal(pid: int, signum: int) -> None:
@@ -190,6 +240,15 @@ def _free_port() -> int:
 # ------------------------------------------------------------------ up, status, down
 
 
+def _one_line(exc: BaseException) -> str:
+    """A Ray error as one line: the cause a remote call raised, not Ray's wrapping and traceback."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException) and cause is not exc:
+        return _one_line(cause)
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1] if text else ''}"
+
+
 def _connect(ray: Any, address: str, namespace: str, timeout: float = HEAD_START_TIMEOUT_S,
              head: Optional[LocalHead] = None) -> None:
     """ray.init on ``address``, retried while a head we started comes up."""
@@ -198,11 +257,19 @@ def _connect(ray: Any, address: str, namespace: str, timeout: float = HEAD_START
         try:
             ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level="warning")
             return
-        except (ConnectionError, RuntimeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - ConnectionError, Ray's AuthenticationError, ...: one line
             if head is None or time.monotonic() > deadline or not _alive(head.pid):
                 tail = f"\n{head.log_tail()}" if head is not None else ""
-                raise DeploymentError(f"cannot connect to Ray at {address}: {exc}{tail}") from None
+                raise DeploymentError(f"cannot connect to Ray at {address}: {_one_line(exc)}{tail}") from None
             time.sleep(0.5)
+
+
+def _call(ray: Any, what: str, reference: Any, timeout: float = CALL_TIMEOUT_S) -> Any:
+    """ray.get of a supervisor call; a failure is a DeploymentError saying what failed and why."""
+    try:
+        return ray.get(reference, timeout=timeout)
+    except Exception as exc:  # noqa: BLE001 - RayTaskError, RayActorError, GetTimeoutError: one line
+        raise DeploymentError(f"{what} failed: {_one_line(exc)}") from None
 
 
 def supervisor_name(name: str) -> str:
@@ -211,36 +278,45 @@ def supervisor_name(name: str) -> str:
 
 def up(config: DeploymentConfig, address: Optional[str] = None, state_path: Optional[Path] = None,
        progress: Optional[Callable[[str], None]] = None) -> DeploymentState:
-    """Bring the deployment up; returns its state (saved at ``state_path``). ``progress`` is told each stage."""
+    """Bring the deployment up; returns its state (saved at ``state_path``). ``progress`` is told each
+    stage. On failure, what this call started (and only that) is stopped again."""
     ray = require_ray(local_head=address is None)
     step = progress or (lambda _stage: None)
     state_path = state_path or default_state_path(config.name)
-    if state_path.exists():
-        raise DeploymentError(f"{state_path} records a deployment already up; take it down first "
-                              f"(lamina-ray down --state {state_path})")
-    head = None
-    if address is None:
-        step("starting a Ray head on 127.0.0.1")
-        head = LocalHead.start(num_cpus=max(os.cpu_count() or 1, math.ceil(config.cpus_needed)))
-        address = head.address
-    state = DeploymentState(config.name, address, head_pid=head.pid if head else None,
-                            head_temp_dir=head.temp_dir if head else None)
+    state = DeploymentState(config.name, address or "", deployment_id=uuid.uuid4().hex)
+    state.create(state_path)  # claims the name locally first (O_EXCL): two `up`s cannot both proceed
+    created_supervisor = False
     try:
-        step(f"connecting to Ray at {address}")
-        _connect(ray, address, config.name, head=head)
+        head = None
+        if address is None:
+            step("starting a Ray head on 127.0.0.1")
+            head = LocalHead.start(num_cpus=max(os.cpu_count() or 1, math.ceil(config.cpus_needed)))
+            state.address = head.address
+            state.head_pid, state.head_started, state.head_boot_id = head.pid, head.started, head.boot_id
+            state.head_temp_dir = head.temp_dir
+            state.save(state_path)  # from here on, `down` can stop the head
+        step(f"connecting to Ray at {state.address}")
+        _connect(ray, state.address, config.name, head=head)
         try:
-            state.save(state_path)  # from here on, `down` can undo whatever this call started
-            state.http = _start_supervisor(ray, config, step)
+            supervisor = _create_supervisor(ray, config, state.deployment_id)
+            created_supervisor = True
+            state.http = _bring_up(ray, supervisor, config, step)
             state.save(state_path)
         finally:
             ray.shutdown()
     except BaseException:
-        _down(state, state_path)
+        _down(state, state_path, supervisor_created=created_supervisor)
         raise
     return state
 
 
-def _start_supervisor(ray: Any, config: DeploymentConfig, step: Callable[[str], None]) -> list[str]:
+def _secret_env(config: DeploymentConfig) -> dict[str, str]:
+    """The cluster's secret, read here (the user's shell), for the actors' environment."""
+    name = config.network.secret_env
+    return {name: os.environ[name]} if name and os.environ.get(name) else {}
+
+
+def _create_supervisor(ray: Any, config: DeploymentConfig, deployment_id: str) -> Any:
     from lamina_comm.deploy.supervisor import Supervisor
 
     try:
@@ -249,15 +325,37 @@ def _start_supervisor(ray: Any, config: DeploymentConfig, step: Callable[[str], 
         pass
     else:
         raise DeploymentError(f"a deployment named {config.name!r} already runs on this Ray cluster")
-    supervisor = ray.remote(Supervisor).options(
-        name=supervisor_name(config.name), namespace=config.name, lifetime="detached", num_cpus=0,
-        max_concurrency=8).remote(config.model_dump())
+    try:
+        # The actors it starts inherit its runtime_env, the secret with it.
+        return ray.remote(Supervisor).options(
+            name=supervisor_name(config.name), namespace=config.name, lifetime="detached", num_cpus=0,
+            max_concurrency=8, runtime_env={"env_vars": _secret_env(config)},
+        ).remote(config.model_dump(), deployment_id)
+    except ValueError as exc:  # the name was taken between the check and here
+        raise DeploymentError(f"cannot create the supervisor: {exc}") from None
+
+
+def _bring_up(ray: Any, supervisor: Any, config: DeploymentConfig, step: Callable[[str], None]) -> list[str]:
     step(f"placing {len(config.bundles)} actors ({config.cpus_needed:g} CPUs, {config.placement.strategy})")
-    ray.get(supervisor.place.remote())
+    _call(ray, "placing the actors", supervisor.place.remote())
     step(f"starting {config.attention.workers} attention workers and {config.attention.spares} spares")
-    ray.get(supervisor.start_attention.remote())
+    _call(ray, "starting the attention workers", supervisor.start_attention.remote())
     step(f"starting {config.model.replicas} model node(s)")
-    return ray.get(supervisor.start_model_nodes.remote())
+    return _call(ray, "starting the model nodes", supervisor.start_model_nodes.remote())
+
+
+def _supervisor(ray: Any, state: DeploymentState) -> Any:
+    """This deployment's supervisor (its id checked), or DeploymentError."""
+    try:
+        supervisor = ray.get_actor(supervisor_name(state.name), namespace=state.name)
+    except ValueError:
+        raise NoSuchDeployment(f"no deployment named {state.name!r} runs on the Ray cluster at {state.address}") \
+            from None
+    running = _call(ray, "asking the supervisor who it is", supervisor.deployment_id.remote(), timeout=30)
+    if running != state.deployment_id:
+        raise DeploymentError(f"the deployment named {state.name!r} on {state.address} is not the one recorded "
+                              f"in this state file (id {running}, recorded {state.deployment_id}); not touching it")
+    return supervisor
 
 
 def status(state_path: Path) -> dict[str, Any]:
@@ -265,17 +363,9 @@ def status(state_path: Path) -> dict[str, Any]:
     ray = require_ray(local_head=state.head_pid is not None)
     _connect(ray, state.address, state.name)
     try:
-        return ray.get(_supervisor(ray, state).status.remote(), timeout=30)
+        return _call(ray, "status", _supervisor(ray, state).status.remote(), timeout=30)
     finally:
         ray.shutdown()
-
-
-def _supervisor(ray: Any, state: DeploymentState) -> Any:
-    try:
-        return ray.get_actor(supervisor_name(state.name), namespace=state.name)
-    except ValueError:
-        raise DeploymentError(f"no deployment named {state.name!r} runs on the Ray cluster at {state.address}") \
-            from None
 
 
 def down(state_path: Path) -> dict[str, Any]:
@@ -283,27 +373,38 @@ def down(state_path: Path) -> dict[str, Any]:
     return _down(DeploymentState.load(state_path), state_path)
 
 
-def _down(state: DeploymentState, state_path: Path) -> dict[str, Any]:
-    ray = require_ray(local_head=state.head_pid is not None)
+def _down(state: DeploymentState, state_path: Path, supervisor_created: bool = True) -> dict[str, Any]:
+    """Stop what the state records. The state file goes only once nothing of it can be left running."""
     summary: dict[str, Any] = {"name": state.name, "address": state.address}
-    problems = []
-    head_alive = state.head_pid is not None and _alive(state.head_pid)
-    if state.head_pid is None or head_alive:
+    problems: list[str] = []
+    ours = LocalHead.ours(state)
+    if state.head_pid is not None and not ours:
+        summary["note"] = (f"the head recorded (pid {state.head_pid}) stopped before (another boot, or that pid "
+                           f"now belongs to another process): nothing signalled")
+    gone = False  # nothing of the deployment can still run
+    if supervisor_created and state.address and (state.head_pid is None or (ours and _alive(state.head_pid))):
+        ray = require_ray(local_head=state.head_pid is not None)
         try:
             _connect(ray, state.address, state.name, timeout=10)
             try:
                 supervisor = _supervisor(ray, state)
-                summary["stopped"] = ray.get(supervisor.shutdown.remote(), timeout=120)
+                summary["stopped"] = _call(ray, "shutdown", supervisor.shutdown.remote())
                 ray.kill(supervisor, no_restart=True)
-            except DeploymentError as exc:
-                problems.append(str(exc))
+                gone = True
             finally:
                 ray.shutdown()
+        except NoSuchDeployment as exc:
+            summary["note"] = str(exc)
+            gone = True
         except DeploymentError as exc:
             problems.append(str(exc))
-    if state.head_pid is not None:
+    if state.head_pid is not None and ours:
         summary["head_processes"] = LocalHead.stop(state.head_pid, state.head_temp_dir)
-    state_path.unlink(missing_ok=True)
+        gone = True
+    if gone or not supervisor_created or state.head_pid is not None:
+        state_path.unlink(missing_ok=True)
+    else:
+        problems.append(f"kept {state_path}: the deployment may still run; try again")
     if problems:
         summary["problems"] = problems
     return summary

@@ -26,8 +26,9 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from lamina_comm.deploy.actors import AttentionActor, ModelActor
+from lamina_comm.deploy.actors import AttentionActor, ModelActor, cluster_secret as _cluster_secret
 from lamina_comm.deploy.config import DeploymentConfig, parse_config
+from lamina_comm.node.membership import MembershipError, announce
 
 log = logging.getLogger("lamina_comm.deploy")
 
@@ -35,10 +36,15 @@ log = logging.getLogger("lamina_comm.deploy")
 _ACTOR_CONCURRENCY = 4
 # Time a stopping actor gets before it is killed.
 _STOP_TIMEOUT_S = 30.0
-# Pause between two tries to start a replacement that failed to start.
+# Pause between two tries to start a replacement that failed to start: doubled per failure, up to the cap.
 _REPLACE_RETRY_S = 1.0
+_REPLACE_RETRY_MAX_S = 30.0
 _WATCH_TICK_S = 0.5
 _MAX_EVENTS = 200
+
+
+class _Stopping(Exception):
+    """Shutdown began: whatever was being started is abandoned."""
 
 
 @dataclass
@@ -58,16 +64,21 @@ class Supervisor:
     """Brings a deployment up in stages (``place``, ``start_attention``, ``start_model_nodes``), then
     watches it until ``shutdown``."""
 
-    def __init__(self, deployment: dict[str, Any]):
+    def __init__(self, deployment: dict[str, Any], deployment_id: str):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
         self.config: DeploymentConfig = parse_config(deployment)
         self._deployment = deployment
+        self._id = deployment_id  # `down` checks it: a state file only ever stops its own deployment
+        self._watch_error: Optional[str] = None
         self._placement: Optional[Any] = None
         self._members: dict[int, Member] = {}  # by bundle
         self._events: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._watcher: Optional[threading.Thread] = None
+
+    def deployment_id(self) -> str:
+        return self._id
 
     # -- bring-up -----------------------------------------------------------
     def place(self) -> list[dict[str, float]]:
@@ -114,8 +125,13 @@ class Supervisor:
 
     def _launch_attention(self, bundle: int, generation: int, join: list[str]) -> Member:
         name = f"{self.config.name}-attention-{bundle}" + (f".{generation}" if generation else "")
-        handle = self._actor(AttentionActor, bundle, name, self.config.attention.cpus).remote(self._deployment, join)
-        return self._record(Member("attention", bundle, generation, name, handle))
+        with self._lock:  # under the lock: shutdown() either sees this actor or stops it being made
+            if self._stopping.is_set():
+                raise _Stopping()
+            handle = self._actor(AttentionActor, bundle, name, self.config.attention.cpus).remote(
+                self._deployment, join)
+            member = self._members[bundle] = Member("attention", bundle, generation, name, handle)
+        return member
 
     def _record(self, member: Member) -> Member:
         with self._lock:
@@ -123,28 +139,45 @@ class Supervisor:
         return member
 
     def _describe(self, members: list[Member]) -> None:
-        """Wait until each actor is constructed (serving), then start its serve() call."""
-        infos = ray.get([member.handle.describe.remote() for member in members],
-                        timeout=self.config.placement.ready_timeout)
-        for member, info in zip(members, infos):
+        """Wait until each actor is constructed (serving), then start its serve() call. Gives up early
+        (``_Stopping``) when shutdown begins."""
+        pending = [member.handle.describe.remote() for member in members]
+        deadline = time.monotonic() + self.config.placement.ready_timeout
+        while True:
+            done, _ = ray.wait(pending, num_returns=len(pending), timeout=_WATCH_TICK_S)
+            if len(done) == len(pending):
+                break
+            if self._stopping.is_set():
+                raise _Stopping()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(pending) - len(done)} actors did not start within "
+                                   f"{self.config.placement.ready_timeout:g} s")
+        for member, info in zip(members, ray.get(pending)):
             member.info = info
             member.serving = member.handle.serve.remote()
 
     # -- watching -----------------------------------------------------------
     def _watch(self) -> None:
-        while not self._stopping.is_set():
-            with self._lock:
-                serving = {member.serving: member for member in self._members.values() if member.serving is not None}
-            if not serving:
-                self._stopping.wait(_WATCH_TICK_S)
-                continue
-            ended, _ = ray.wait(list(serving), num_returns=1, timeout=_WATCH_TICK_S)
-            for reference in ended:
-                if self._stopping.is_set():
-                    return
-                member = serving[reference]
-                member.serving = None
-                self._ended(member, reference)
+        try:
+            while not self._stopping.is_set():
+                with self._lock:
+                    serving = {member.serving: member for member in self._members.values()
+                               if member.serving is not None}
+                if not serving:
+                    self._stopping.wait(_WATCH_TICK_S)
+                    continue
+                ended, _ = ray.wait(list(serving), num_returns=1, timeout=_WATCH_TICK_S)
+                for reference in ended:
+                    if self._stopping.is_set():
+                        return
+                    member = serving[reference]
+                    member.serving = None
+                    self._ended(member, reference)
+        except _Stopping:
+            pass
+        except Exception as exc:  # noqa: BLE001 - supervision ends; status says so instead of going quiet
+            log.exception("the supervisor's watch failed")
+            self._watch_error = f"{type(exc).__name__}: {exc}"
 
     def _ended(self, member: Member, reference: Any) -> None:
         try:
@@ -158,21 +191,41 @@ class Supervisor:
         self._event("lost", member, cause=cause)
         ray.kill(member.handle, no_restart=True)  # frees the bundle if the process is still there
         if member.kind == "attention":
+            self._forget(member)
             self._replace(member)
+
+    def _fronts(self) -> list[str]:
+        with self._lock:
+            return [member.info["http"] for member in self._members.values()
+                    if member.kind == "model" and member.serving is not None]
+
+    def _forget(self, lost: Member) -> None:
+        """Tell every model node the lost address is gone for good (a replacement comes on a new port):
+        it leaves their spare lists instead of being probed at every later failover."""
+        address = lost.info.get("address")
+        for http in self._fronts() if address else []:
+            try:
+                announce(http, "leave", address, _cluster_secret(self.config))
+            except (MembershipError, OSError) as exc:  # 404: the model node forgot it already
+                log.info("leave of %s at %s: %s", address, http, exc)
 
     def _replace(self, lost: Member) -> None:
         """A new attention actor in the lost one's bundle, joining every model node as a spare."""
-        fronts = [member.info["http"] for member in self._members.values() if member.kind == "model"]
         generation = lost.generation + 1
+        retry_s = _REPLACE_RETRY_S
         while not self._stopping.is_set():
-            member = self._launch_attention(lost.bundle, generation, join=fronts)
+            member = self._launch_attention(lost.bundle, generation, join=self._fronts())
             try:
                 self._describe([member])
+            except _Stopping:
+                raise
             except Exception as exc:  # noqa: BLE001 - a start that fails is retried: the bundle may still be held
-                log.warning("replacement %s did not start: %s; trying again", member.name, exc)
+                log.warning("replacement %s did not start: %s; trying again in %g s", member.name, exc, retry_s)
+                self._event("replacement failed", member, error=str(exc)[:500])
                 ray.kill(member.handle, no_restart=True)
                 generation += 1
-                self._stopping.wait(_REPLACE_RETRY_S)
+                self._stopping.wait(retry_s)
+                retry_s = min(retry_s * 2, _REPLACE_RETRY_MAX_S)
                 continue
             log.warning("attention actor %s replaced by %s at %s", lost.name, member.name, member.info["address"])
             self._event("replaced", member, replaces=lost.name, previous=lost.info.get("address"))
@@ -196,23 +249,28 @@ class Supervisor:
                             "generation": member.generation, "serving": member.serving is not None,
                             **member.info} for member in members],
                 "events": list(self._events),
+                "watching": self._watcher is not None and self._watcher.is_alive(),
+                "watch_error": self._watch_error,
             }
 
     def shutdown(self) -> dict[str, Any]:
-        """Stop every actor (model nodes first), kill them and release the placement group."""
-        self._stopping.set()
+        """Stop every actor (model nodes first, so open requests get their answer), kill them and release
+        the placement group. No actor is started once this has begun (``_launch_attention``)."""
+        with self._lock:
+            self._stopping.set()
+            members = list(self._members.values())
         if self._watcher is not None:
             self._watcher.join(timeout=_WATCH_TICK_S * 4)
-        with self._lock:
-            members = list(self._members.values())
         final = self.status()
         for kind in ("model", "attention"):
             group = [member for member in members if member.kind == kind]
-            stopping = [member.handle.stop.remote() for member in group]
-            try:
-                ray.get(stopping, timeout=_STOP_TIMEOUT_S)
-            except Exception as exc:  # noqa: BLE001 - a dead or stuck actor is killed below anyway
-                log.warning("stopping the %s actors: %s", kind, exc)
+            # Actors known dead are not asked; the others are given _STOP_TIMEOUT_S together.
+            stopping = [member.handle.stop.remote() for member in group if member.serving is not None]
+            if stopping:
+                _, late = ray.wait(stopping, num_returns=len(stopping), timeout=_STOP_TIMEOUT_S)
+                if late:
+                    log.warning("%d %s actors did not stop within %g s; killing them", len(late), kind,
+                                _STOP_TIMEOUT_S)
             for member in group:
                 ray.kill(member.handle, no_restart=True)
         if self._placement is not None:

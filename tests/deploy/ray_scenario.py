@@ -113,6 +113,15 @@ def wait_until(predicate: Any, what: str) -> None:
     raise AssertionError(f"timed out waiting until {what}")
 
 
+def rebuilds(http: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{http}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples if sample.name == "lamina_rebuilds_total")
+
+
 def actor_at(status: dict[str, Any], address: str) -> dict[str, Any]:
     matches = [actor for actor in status["actors"] if actor.get("address") == address]
     assert len(matches) == 1, f"no single actor at {address}: {status['actors']}"
@@ -126,11 +135,15 @@ def kill_worker_mid_request(ray: Any, http: str, supervisor: Any, share: int, pr
     expected = reference(prompt, max_tokens)
     before = get_json(http, "/status")
     victim = actor_at(ray.get(supervisor.status.remote()), before["workers"][share]["address"])
+    rebuilt_before = rebuilds(http)
     request = StreamedRequest(http, prompt, max_tokens)
     request.wait_for_tokens(5)
     ray.kill(ray.get_actor(victim["name"]), no_restart=True)
+    at_kill = len(request.tokens)
     tokens = request.result()
+    assert at_kill < max_tokens, "the request was over before the kill"
     assert tokens == expected, f"tokens after killing {victim['name']} differ:\n{tokens}\n{expected}"
+    assert rebuilds(http) == rebuilt_before + 1, "the model node did not rebuild on another worker"
 
     def replaced() -> bool:
         events = ray.get(supervisor.status.remote())["events"]
@@ -145,8 +158,9 @@ def kill_worker_mid_request(ray: Any, http: str, supervisor: Any, share: int, pr
     after = get_json(http, "/status")
     assert after["healthy"], after
     assert after["workers"][share]["address"] != victim["address"]
+    assert victim["address"] not in after["spares"], "the lost address is still a spare"
     return {"killed": victim["name"], "pid": victim["pid"], "replacement": replacement["actor"],
-            "replacement_address": replacement["address"], "tokens": len(tokens)}
+            "replacement_address": replacement["address"], "tokens_at_kill": at_kill}
 
 
 def session_processes(head_pid: int) -> list[int]:
@@ -184,6 +198,14 @@ def main() -> None:
             f"http://{http}/generate", data=json.dumps({"prompt": prompt, "max_tokens": 16, "temperature": 0.0}).encode(),
             headers={"Content-Type": "application/json"}), timeout=60).read())
         assert code_and_body["tokens"] == reference(prompt, 16), code_and_body
+
+        # The name is taken on that cluster: a second `up` is refused and leaves the first one alone.
+        again = lamina_ray("up", "--config", str(config), "--state", str(work / "second.json"),
+                           "--address", ready["ray"])
+        assert again.returncode == 2 and "already runs on this Ray cluster" in again.stderr, again.stderr
+        assert "Traceback" not in again.stderr and not (work / "second.json").exists()
+        shown = lamina_ray("status", "--state", str(state_path))
+        assert shown.returncode == 0 and json.loads(shown.stdout)["watching"] is True
 
         import ray
         ray.init(address=ready["ray"], namespace=ready["name"], log_to_driver=False, logging_level="warning")

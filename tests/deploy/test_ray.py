@@ -89,11 +89,45 @@ def _scenario_unavailable() -> str | None:
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_a_ray_deployment_survives_killed_attention_actors_and_leaves_nothing_behind() -> None:
+def test_a_ray_deployment_survives_killed_attention_actors_and_leaves_nothing_behind(tmp_path: Path) -> None:
     reason = _scenario_unavailable()
     if reason:
         pytest.skip(reason)
+    # A HOME of its own: no Ray token there (lamina-ray must make one, as on a fresh machine), and a
+    # secret, so that the replacements' joins and the supervisor's leaves are signed.
+    env = {**os.environ, "HOME": str(tmp_path), "LAMINA_SECRET": "ray-scenario-secret"}
+    env.pop("RAY_AUTH_MODE", None)
     done = subprocess.run(["unshare", "-n", sys.executable, str(SCENARIO)], capture_output=True, text=True,
-                          timeout=540, cwd=Path(__file__).parents[2])
+                          timeout=540, cwd=Path(__file__).parents[2], env=env)
     output = done.stdout + done.stderr
     assert done.returncode == 0 and "SCENARIO OK" in done.stdout, output[-12000:]
+
+
+def test_down_signals_the_recorded_head_session_only_while_it_is_the_same_process(tmp_path: Path) -> None:
+    """A state file outlives its head; a pid that now names another process (another start time or boot)
+    is never signalled, while the head itself (and everything in its session) is stopped."""
+    from lamina_comm.deploy.ray_cluster import DeploymentState, LocalHead, _boot_id, _down, _start_time
+
+    stranger = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        state_path = tmp_path / "state.json"
+        for boot_id, started in ((_boot_id(), _start_time(stranger.pid) + 1), ("another-boot", None)):
+            state = DeploymentState("x", "127.0.0.1:1", "id", head_pid=stranger.pid, head_boot_id=boot_id,
+                                    head_started=started or _start_time(stranger.pid))
+            state.create(state_path)
+            assert not LocalHead.ours(state)
+            summary = _down(state, state_path)
+            assert "nothing signalled" in summary["note"] and stranger.poll() is None
+            assert not state_path.exists()
+        head = DeploymentState("x", "127.0.0.1:1", "id", head_pid=stranger.pid, head_boot_id=_boot_id(),
+                               head_started=_start_time(stranger.pid))
+        head.create(state_path)
+        assert LocalHead.ours(head)
+        with pytest.raises(Exception, match="records a deployment already up"):
+            head.create(state_path)
+        summary = _down(head, state_path, supervisor_created=False)
+        assert stranger.pid in summary["head_processes"]
+        assert stranger.wait(timeout=10) is not None and not state_path.exists()
+    finally:
+        stranger.kill()
+        stranger.wait()
