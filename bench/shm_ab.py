@@ -4,6 +4,7 @@
 Each repetition runs, in turn:
 
   memcpy S          one thread copying S bytes between two buffers (numpy copyto), GB/s: the ceiling
+  memcpy-window S   the same over lamina-bench's 8 MiB window of slots (out of cache, as the benchmark is)
   shm S / tcp S     lamina-bench bandwidth --loopback -s S --transport shm|tcp (one stream)
   latency           lamina-bench latency --loopback -s 64 --transport shm|tcp, event and poll progress: p50
 
@@ -39,6 +40,20 @@ def memcpy_gbps(size: int, seconds: float) -> float:
     return copies * size * 8 / (time.perf_counter() - start) / 1e9
 
 
+def memcpy_window_gbps(size: int, seconds: float, window: int = 8 << 20) -> float:
+    """The same copies over the working set lamina-bench bandwidth uses (its 8 MiB window of slots,
+    source and target): what one copying core does once the data no longer stays in cache."""
+    slots = max(1, window // size)
+    src = np.random.default_rng(0).integers(0, 256, (slots, size), dtype=np.uint8)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    copies, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        np.copyto(dst[copies % slots], src[copies % slots])
+        copies += 1
+    return copies * size * 8 / (time.perf_counter() - start) / 1e9
+
+
 def _bench(mode: str, args: list[str]) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         out = subprocess.run([sys.executable, "-m", "lamina_comm.bench.cli", mode, "--loopback", "--quiet", *args,
@@ -68,6 +83,7 @@ def main() -> int:
     for rep in range(args.reps):
         for size in sizes:
             for name, measure in ((f"memcpy {size}", lambda: memcpy_gbps(size, args.seconds)),
+                                  (f"memcpy-window {size}", lambda: memcpy_window_gbps(size, args.seconds)),
                                   (f"shm {size}", lambda: bandwidth_gbps("shm", size, args.seconds)),
                                   (f"tcp {size}", lambda: bandwidth_gbps("tcp", size, args.seconds))):
                 runs.setdefault(name, []).append(measure())
@@ -83,6 +99,7 @@ def main() -> int:
     print()
     for size in sizes:
         print(f"bandwidth {size:>8d} B: shm / memcpy {med[f'shm {size}'] / med[f'memcpy {size}']:.2f}, "
+              f"shm / memcpy over the window {med[f'shm {size}'] / med[f'memcpy-window {size}']:.2f}, "
               f"shm / tcp {med[f'shm {size}'] / med[f'tcp {size}']:.2f}")
     for progress in ("event", "poll"):
         print(f"64 B round trip ({progress}): shm / tcp "

@@ -17,7 +17,7 @@ from .errors import (AccessDeniedError, AuthenticationError, CanceledError, Clos
 __version__ = "0.1.0"
 
 _TRANSPORT_NAMES = ("Access", "Completion", "Context", "Endpoint", "Listener", "MemoryRegion", "Op",
-                    "RemoteRegion")
+                    "RemoteRegion", "SharedMemory")
 _CHANNEL_NAMES = ("Channel", "ChannelGroup", "ChannelListener", "ChannelSpec", "Message", "SpecMismatchError")
 # The engine API (lamina_comm.engine) needs torch: loaded on first use.
 _ENGINE_NAMES = ("AttentionService", "AttentionShape", "RemoteAttention", "RendezvousServer", "rendezvous")

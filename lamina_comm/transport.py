@@ -120,24 +120,53 @@ class Completion(NamedTuple):
         return self
 
 
+class SharedMemory:
+    """Host memory a peer on this host may map: shm writes into a region over it take one copy (the
+    writer copies straight into these pages) instead of two through the ring. Whole pages of a sealed
+    memfd; freed once nothing uses it (its arrays, the regions over it). ``Context.alloc`` makes one
+    and registers it."""
+
+    def __init__(self, nbytes: int):
+        if nbytes <= 0:
+            raise InvalidArgumentError(f"SharedMemory needs a positive size, got {nbytes}")
+        out = ffi.new("lm_shmem_t **")
+        check(lib.lm_shmem_alloc(nbytes, out), "shared memory")
+        self._shmem = ffi.gc(out[0], lib.lm_shmem_free)
+        self.address = int(ffi.cast("uintptr_t", lib.lm_shmem_addr(self._shmem)))
+        self.nbytes = int(lib.lm_shmem_length(self._shmem))
+
+    def array(self, dtype: Any = "uint8", shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """A numpy array over the memory (it keeps the memory alive)."""
+        nbytes = self.nbytes if shape is None else int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if nbytes > self.nbytes:
+            raise InvalidArgumentError(f"{shape} of {dtype} needs {nbytes} bytes; the memory has {self.nbytes}")
+        return numpy_view(self.address, nbytes, dtype, shape, owner=self)
+
+    def __repr__(self) -> str:
+        return f"<SharedMemory {self.nbytes} B at 0x{self.address:x}>"
+
+
 class MemoryRegion:
     """Registered memory. It keeps the object it was made from alive until close()
     (or the context's close): dropping the last Python reference does not
     deregister it."""
 
     def __init__(self, ctx: "Context", obj: Any, access: Access):
-        buf = host_buffer(obj)
-        if access & (Access.LOCAL_WRITE | Access.REMOTE_WRITE) and not buf.writable:
-            raise InvalidArgumentError("read-only memory can only be registered with Access.REMOTE_READ")
         self.context = ctx
-        self.address = buf.address
-        self.nbytes = buf.nbytes
         self.access = access
-        self.path = "host"
-        self._owner = buf.owner
         out = ffi.new("lm_mr_t **")
-        check(lib.lm_mr_register(ctx._handle(), ffi.cast("void *", buf.address), buf.nbytes, int(access), out),
-              "register")
+        if isinstance(obj, SharedMemory):  # the whole allocation, mappable by shm peers
+            self.address, self.nbytes, self.path, self._owner = obj.address, obj.nbytes, "shared", obj
+            self._shared = obj  # views keep the memory itself alive, also past close()
+            check(lib.lm_mr_register_shmem(ctx._handle(), obj._shmem, int(access), out), "register")
+        else:
+            buf = host_buffer(obj)
+            if access & (Access.LOCAL_WRITE | Access.REMOTE_WRITE) and not buf.writable:
+                raise InvalidArgumentError("read-only memory can only be registered with Access.REMOTE_READ")
+            self.address, self.nbytes, self.path, self._owner = buf.address, buf.nbytes, "host", buf.owner
+            self._shared = None
+            check(lib.lm_mr_register(ctx._handle(), ffi.cast("void *", buf.address), buf.nbytes, int(access),
+                                     out), "register")
         self._mr = out[0]
         desc = ffi.new("lm_rdesc_t *")
         check(lib.lm_mr_descriptor(self._mr, desc), "descriptor")
@@ -162,7 +191,7 @@ class MemoryRegion:
                       else int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
         if offset < 0 or nbytes < 0 or offset + nbytes > self.nbytes:
             raise InvalidArgumentError(f"view [{offset}, +{nbytes}) outside a {self.nbytes}-byte region")
-        return numpy_view(self.address + offset, nbytes, dtype, shape, owner=self)
+        return numpy_view(self.address + offset, nbytes, dtype, shape, owner=self._shared or self)
 
     @property
     def closed(self) -> bool:
@@ -171,10 +200,11 @@ class MemoryRegion:
     def close(self) -> None:
         """Deregister; returns once no transport touches the memory any more."""
         mr, self._mr = self._mr, None
+        self._owner = None
         if mr is not None:
             self.context._regions.discard(self)
-            lib.lm_mr_deregister(mr)
-        self._owner = None
+            # Deregistered whatever it says; an error means a peer's mapping could not be revoked.
+            check(lib.lm_mr_deregister(mr), "deregister")
 
     def __enter__(self) -> "MemoryRegion":
         return self
@@ -251,6 +281,11 @@ class Endpoint:
     @property
     def outstanding(self) -> int:
         return 0 if self._ep is None else lib.lm_ep_outstanding(self._ep)
+
+    @property
+    def mapped_writes(self) -> int:
+        """Writes sent straight into the peer's memory (shm, into its ``Context.alloc`` regions)."""
+        return 0 if self._ep is None else int(lib.lm_ep_mapped_writes(self._ep))
 
     @property
     def error(self) -> LaminaError | None:
@@ -494,6 +529,11 @@ class Context:
         mr = MemoryRegion(self, obj, Access(access))
         self._regions.add(mr)
         return mr
+
+    def alloc(self, nbytes: int, access: Access = Access.ALL) -> MemoryRegion:
+        """New memory (``SharedMemory``, whole pages), registered: the buffer to receive into when the
+        peer may be on this host, since shm writes into it take one copy instead of two. ``view()`` it."""
+        return self.register(SharedMemory(nbytes), access)
 
     # -- connections ---------------------------------------------------------
     def listen(self, address: str | tuple[str, int], backlog: int = 64, *,

@@ -102,8 +102,8 @@ class _Session:
 
     def __init__(self, ctx: tr.Context, cfg: Config):
         self.cfg = cfg
-        self.buf = np.zeros(_recv_buffer_bytes(cfg), np.uint8)
-        self.mr = ctx.register(self.buf)
+        # Context.alloc: shm writes into it take one copy (the peer maps it), as a receiver would set it up.
+        self.mr = ctx.alloc(_recv_buffer_bytes(cfg))
         self.result = np.zeros(RESULT.size, np.uint8)
         self.result_mr = ctx.register(self.result, tr.Access.LOCAL_WRITE)
         self.endpoints: list[tr.Endpoint] = []
@@ -233,8 +233,7 @@ class Client:
         self.src = np.random.default_rng(0).integers(0, 256, _recv_buffer_bytes(self.cfg), dtype=np.uint8)
         self.src_mr = self.ctx.register(self.src)
         # The server writes results (bandwidth) or pongs (latency) here.
-        self.inbox = np.zeros(max(RESULT.size, max(self.cfg.sizes)), np.uint8)
-        self.inbox_mr = self.ctx.register(self.inbox)
+        self.inbox_mr = self.ctx.alloc(max(RESULT.size, max(self.cfg.sizes)))
         hello = self.inbox_mr.descriptor().to_bytes() + self.cfg.to_bytes()
         self.endpoints = [self.ctx.connect((self.host, self.port), private_data=hello, timeout=15)
                           for _ in range(self.cfg.streams)]
@@ -305,7 +304,7 @@ def _await_result(client: Client, idx: int) -> tuple:
     while time.monotonic() < deadline:
         for c in ep.wait(timeout=1):
             if c.op == tr.Op.RECV_IMM and c.imm == DONE_FLAG | idx:
-                return RESULT.unpack(client.inbox[:RESULT.size].tobytes())
+                return RESULT.unpack(client.inbox_mr.view()[:RESULT.size].tobytes())
             c.raise_for_status()
     raise TimeoutError_("server did not report the result")
 

@@ -18,7 +18,6 @@ from .spec import MAX_NDIM, MAX_TENSORS, ChannelSpec, RingLayout, _other_role, p
 from .views import TensorView, _as_tensor_view, _copy_into, _describe, _describe_numpy, _TensorInfo, to_torch
 
 DEFAULT_TIMEOUT_S = 30.0
-_PAGE = 4096
 # Looked up per tensor on every send: a plain dict, built once from lamina_comm.dtypes.
 _WIRE_CODE = {name: dtypes.wire_code(name) for name in dtypes.NAMES}
 # Views kept per channel (send_buffers layouts, received tensor layouts); a
@@ -139,10 +138,9 @@ class _Rings:
 
     def __init__(self, ctx: Context, spec: ChannelSpec, role: str):
         self.layout = RingLayout.for_role(spec, role)
-        raw = np.zeros(self.layout.total_bytes + _PAGE, dtype=np.uint8)
-        start = (-raw.__array_interface__["data"][0]) % _PAGE  # page-align the slots
-        self.buffer = raw[start:start + self.layout.total_bytes]
-        self.mr = ctx.register(self.buffer)
+        # Page-aligned shared memory: a peer on this host (shm) writes its messages straight into the slots.
+        self.mr = ctx.alloc(self.layout.total_bytes)
+        self.buffer = self.mr.view(nbytes=self.layout.total_bytes)
 
     def close(self) -> None:
         self.mr.close()

@@ -175,6 +175,21 @@ int lm_mr_descriptor(lm_mr_t *mr, lm_rdesc_t *out);
  * and the call returns once no transport touches the memory any more. */
 int lm_mr_deregister(lm_mr_t *mr);
 
+/* Host memory a peer on the same host may map (a sealed memfd, whole pages):
+ * a region registered over it with LM_ACCESS_REMOTE_WRITE takes shm writes
+ * with one copy (the writer copies into the pages, the frame carries only the
+ * header) instead of two through the ring. Deregistration revokes every
+ * mapping a peer was given (the owner's range moves to a fresh copy at the
+ * same addresses), so remote writes after it land nowhere, as on verbs. */
+typedef struct lm_shmem lm_shmem_t;
+int lm_shmem_alloc(uint64_t length, lm_shmem_t **out); /* length rounded up to pages */
+void *lm_shmem_addr(const lm_shmem_t *m);
+uint64_t lm_shmem_length(const lm_shmem_t *m);
+/* Unmap and free; LM_ERR_INVALID while a region is registered over it. */
+int lm_shmem_free(lm_shmem_t *m);
+/* Register the whole allocation (one live region per allocation at a time). */
+int lm_mr_register_shmem(lm_context_t *ctx, lm_shmem_t *m, uint32_t access, lm_mr_t **out);
+
 /* Create a tcp endpoint over a connected stream socket (the bootstrap's);
  * the endpoint owns fd from then on, also on failure. */
 int lm_ep_create_tcp(lm_context_t *ctx, int fd, uint64_t ep_id, lm_ep_t **out);
@@ -198,6 +213,9 @@ int lm_ep_connect(lm_ep_t *ep, const void *peer_addr, size_t len, int ctrl_fd);
 uint32_t lm_ep_transport(lm_ep_t *ep);
 /* LM_CAP_* of this endpoint's transport. */
 uint32_t lm_ep_caps(lm_ep_t *ep);
+/* Writes this endpoint sent straight into the peer's memory (shm, into
+ * lm_shmem regions the peer granted); 0 on other transports. */
+uint64_t lm_ep_mapped_writes(lm_ep_t *ep);
 
 /* Post a one-sided write. Returns LM_OK when queued (the completion comes
  * later), or now: LM_ERR_INVALID (NULL or foreign arguments, unknown flags, a

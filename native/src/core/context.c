@@ -257,6 +257,11 @@ uint32_t lm_ep_caps(lm_ep_t *ep)
     return ep ? ep->ops->caps : 0;
 }
 
+uint64_t lm_ep_mapped_writes(lm_ep_t *ep)
+{
+    return ep ? atomic_load(&ep->mapped_writes) : 0;
+}
+
 static int check_op(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t length,
                     const lm_rdesc_t *remote, uint32_t local_access, const char *what)
 {

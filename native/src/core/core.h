@@ -31,7 +31,25 @@ struct lm_mr {
     bool alive;                  /* guarded by the registry lock */
     atomic_int refs;             /* registry + queued operations */
     struct lm_mr *hash_next;
+    struct lm_shmem *shmem;      /* set when registered over an lm_shmem allocation */
 };
+
+/* ---- shareable memory (shmem.c) --------------------------------------------- */
+struct lm_shmem {
+    pthread_mutex_t lock;
+    int fd;                      /* the sealed memfd behind addr (replaced by a revocation) */
+    uint64_t ino;                /* its inode: a peer checks it is the file it was told of */
+    uint8_t *addr;
+    uint64_t length;             /* whole pages */
+    lm_mr_t *mr;                 /* the live region over it, or NULL (guarded by lock) */
+    atomic_bool granted;         /* a peer was given a mapping since registration */
+    bool unrevoked;              /* a revocation failed: never registered again */
+};
+/* Hand an shm peer the region's memory (fd, inode, length); LM_ERR_ACCESS
+ * when it is not shmem. Call with the registry read lock held, mr alive. */
+int lm_shmem_grant(lm_mr_t *mr, int32_t *fd, uint64_t *ino, uint64_t *length);
+/* At deregistration (mr no longer alive): revoke every grant; LM_OK or why not. */
+int lm_shmem_release(lm_mr_t *mr);
 
 /* Registry lock: held for reading while a transport moves bytes into or out
  * of a region, so that deregistration (which takes it for writing) returns
@@ -170,6 +188,7 @@ struct lm_ep {
      * the endpoint. */
     _Atomic(lm_sink_fn) sink;
     void *sink_arg;          /* written before sink (release), read after it */
+    atomic_ullong mapped_writes; /* writes sent through the peer's mapping (shm) */
 };
 
 /* Push a completion for an initiator operation and drop it from outstanding. */

@@ -154,6 +154,8 @@ int lm_mr_deregister(lm_mr_t *mr)
     for (int t = 0; t < LM_MAX_TRANSPORTS; t++)
         if (ctx->transports[t] && ctx->transports[t]->mr_deregister)
             ctx->transports[t]->mr_deregister(ctx->ifaces[t], mr);
+    /* No transport touches the memory any more; peers that mapped it lose it now. */
+    int rc = lm_shmem_release(mr);
     lm_mr_unref(mr);
-    return LM_OK;
+    return rc;
 }

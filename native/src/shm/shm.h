@@ -67,6 +67,7 @@ typedef struct lm_shm_stream {
     uint64_t tx_tail;            /* private: what we produced */
     uint64_t size;
     uint8_t nonce[16];
+    uint32_t peer_pid;           /* the peer's process (its granted regions are opened through /proc) */
     atomic_bool peer_gone;       /* the doorbell socket reached its end */
 } lm_shm_stream_t;
 

@@ -263,9 +263,39 @@ static void ring_release(lm_tcp_ep_t *ep)
     ep->io_priv = NULL;
 }
 
+/* Map a region the peer granted (MAP_RESP): its memfd through /proc, checked
+ * to be the file it named (inode), at least as long as it said, and sealed
+ * against shrinking (a shrunk file would fault our copies into it). */
+static int map_peer_region(lm_tcp_ep_t *ep, int32_t fd, uint64_t ino, uint64_t length, uint8_t **addr)
+{
+    lm_shm_stream_t *s = ep->io_priv;
+    if (fd < 0 || length == 0 || length > (1ull << 40))
+        return LM_ERR_PROTOCOL;
+    char path[64];
+    snprintf(path, sizeof(path), "/proc/%u/fd/%d", s->peer_pid, fd);
+    int file = open(path, O_RDWR | O_CLOEXEC);
+    if (file < 0)
+        return LM_ERR_ACCESS; /* e.g. deregistered meanwhile: the fd is gone */
+    struct stat st;
+    int seals = fcntl(file, F_GET_SEALS);
+    int rc = LM_OK;
+    if (fstat(file, &st) != 0 || (uint64_t)st.st_ino != ino || (uint64_t)st.st_size < length ||
+        seals < 0 || !(seals & F_SEAL_SHRINK))
+        rc = LM_ERR_ACCESS;
+    void *mapped = MAP_FAILED;
+    if (rc == LM_OK)
+        mapped = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_SHARED, file, 0);
+    close(file);
+    if (rc != LM_OK || mapped == MAP_FAILED)
+        return LM_ERR_ACCESS;
+    *addr = mapped;
+    return LM_OK;
+}
+
 static const lm_tcp_io_t ring_io = {
     .send = ring_send, .recv = ring_recv, .shutdown = ring_shutdown, .release = ring_release,
     .out_event = 0, /* "room again" comes as a doorbell (EPOLLIN) */
+    .map_peer = map_peer_region,
 };
 
 /* Doorbell bytes carry no data: read them all; the socket's end (or an error)
@@ -513,6 +543,7 @@ static int ep_connect(lm_ep_t *base, const void *peer, size_t len, int ctrl_fd)
         return rc;
     }
     pthread_mutex_lock(&ep->lock);
+    s->peer_pid = a.pid;
     s->tx = tx;
     s->tx_data = (uint8_t *)tx + LM_SHM_HEADER_BYTES;
     /* Frames may wait in our ring already: the peer connected first. */

@@ -37,6 +37,18 @@
 /* READ_REQ flag: a later piece of the same read (see LM_TCP_READ_CHUNK). */
 #define LM_TCP_FLAG_READ_CONT 2u
 
+/* Regions of the peer this endpoint maps (shm): a small table, entries never
+ * reused, so a queued frame may point at one. */
+#define LM_TCP_MAX_MAPS 32
+enum lm_tcp_map_state { MAP_PENDING, MAP_READY, MAP_REFUSED };
+typedef struct lm_tcp_map {
+    uint64_t key;
+    uint8_t *addr;            /* our mapping (MAP_READY) */
+    uint64_t length;
+    uint64_t stream_seq_end;  /* writes to this key below it went through the stream */
+    uint8_t state;
+} lm_tcp_map_t;
+
 typedef struct lm_tcp_iface {
     lm_context_t *ctx;
     uint32_t keepalive_ms;
@@ -77,6 +89,7 @@ typedef struct lm_tcp_tx {
     uint64_t seg_base;
     uint64_t sent;       /* bytes of header + payload already written */
     lm_tcp_pending_t *op; /* initiator op for WRITE (to withdraw it) */
+    lm_tcp_map_t *map;   /* WRITE: the target region's mapping entry, if we asked for one */
     /* READ_REQ of a read in pieces: pieces still to send after this one. */
     uint32_t pieces_left;
     uint64_t read_left;  /* bytes of the read after this piece */
@@ -98,6 +111,9 @@ typedef struct lm_tcp_io {
     /* Frees what the stream holds (after the endpoint left the progress engine). */
     void (*release)(lm_tcp_ep_t *ep);
     uint32_t out_event; /* epoll bit that says "send again" (0: the stream wakes EPOLLIN) */
+    /* Map the peer's memfd number fd (checked: inode ino, length bytes, sealed)
+     * for writing; NULL when the stream cannot map the peer's memory (tcp). */
+    int (*map_peer)(lm_tcp_ep_t *ep, int32_t fd, uint64_t ino, uint64_t length, uint8_t **addr);
 } lm_tcp_io_t;
 
 extern const lm_tcp_io_t lm_tcp_socket_io;
@@ -129,6 +145,9 @@ struct lm_tcp_ep {
     uint64_t nack_floor;     /* the first of them's sequence number: the highest ack we may send */
     atomic_bool rx_backlogged; /* receiving paused until replies_queued halves */
     lm_tcp_tx_t *bare_ack; /* a queued bare ACK not yet stamped, or NULL */
+    lm_tcp_map_t maps[LM_TCP_MAX_MAPS]; /* guarded by lock */
+    uint32_t nmaps;
+    bool tx_held;        /* the head waits for an acknowledgement to go mapped (tcp_tx.c) */
     uint64_t snap_bytes; /* bytes held in READ_RESP snapshots (bounded, see tcp_rx.c) */
 
     /* Receive side: touched by the progress thread only. */
@@ -169,6 +188,10 @@ int lm_tcp_ep_writev(lm_ep_t *ep, lm_mr_t *local, lm_seg_t *segs, uint32_t nsegs
 int lm_tcp_ep_read(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t length,
                    const lm_rdesc_t *remote, uint64_t remote_off, uint64_t wr_id);
 void lm_tcp_ep_destroy(lm_ep_t *ep);
+/* The mapping entry of the peer's region key, or NULL (caller holds lock). */
+lm_tcp_map_t *lm_tcp_map_find(lm_tcp_ep_t *ep, uint64_t key);
+/* Operations the send queue's held head waited for were answered: send again (caller holds lock). */
+void lm_tcp_release_held_locked(lm_tcp_ep_t *ep);
 
 /* tcp_tx.c */
 lm_tcp_tx_t *lm_tcp_tx_alloc(lm_tcp_ep_t *ep);

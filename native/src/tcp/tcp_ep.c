@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -155,6 +156,35 @@ static lm_tcp_pending_t *track(lm_tcp_ep_t *ep, uint8_t type, uint64_t wr_id, ui
     return op;
 }
 
+lm_tcp_map_t *lm_tcp_map_find(lm_tcp_ep_t *ep, uint64_t key)
+{
+    for (uint32_t i = 0; i < ep->nmaps; i++)
+        if (ep->maps[i].key == key)
+            return &ep->maps[i];
+    return NULL;
+}
+
+/* A write into a region of the peer, over a stream that can map it: the
+ * region's mapping entry, asking the peer for it (MAP_REQ) the first time.
+ * Until it is granted, writes go through the stream (caller holds lock). */
+static lm_tcp_map_t *map_for_write(lm_tcp_ep_t *ep, const lm_rdesc_t *remote)
+{
+    if (!ep->io->map_peer || !(remote->access & LM_ACCESS_REMOTE_WRITE))
+        return NULL;
+    lm_tcp_map_t *m = lm_tcp_map_find(ep, remote->key);
+    if (m || ep->nmaps == LM_TCP_MAX_MAPS)
+        return m;
+    lm_tcp_tx_t *req = lm_tcp_tx_alloc(ep);
+    if (!req)
+        return NULL;
+    m = &ep->maps[ep->nmaps++];
+    *m = (lm_tcp_map_t){.key = remote->key, .state = MAP_PENDING};
+    req->hdr.type = LM_TCP_MAP_REQ;
+    req->hdr.key = remote->key;
+    lm_tcp_tx_queue(ep, req);
+    return m;
+}
+
 static int post(lm_tcp_ep_t *ep, uint8_t type, lm_mr_t *local, uint64_t local_off, uint64_t length,
                 const lm_rdesc_t *remote, uint64_t remote_off, uint32_t imm, uint8_t flags,
                 uint64_t wr_id, lm_seg_t *segs, uint32_t nsegs)
@@ -191,6 +221,7 @@ static int post(lm_tcp_ep_t *ep, uint8_t type, lm_mr_t *local, uint64_t local_of
         tx->segs = segs; /* the frame owns the list now */
         tx->nsegs = nsegs;
         tx->op = op;
+        tx->map = map_for_write(ep, remote);
     } else { /* sent in pieces of LM_TCP_READ_CHUNK (tcp_tx.c: next_read_piece) */
         op->dest = local;
         op->dest_off = local_off;
@@ -260,6 +291,9 @@ void lm_tcp_ep_destroy(lm_ep_t *base)
     lm_timer_cancel(ep->base.ctx, &ep->ack_timer);
     lm_progress_barrier(ep->base.ctx);
     lm_tcp_rx_cleanup(ep, atomic_load(&ep->base.error));
+    for (uint32_t i = 0; i < ep->nmaps; i++)
+        if (ep->maps[i].state == MAP_READY)
+            munmap(ep->maps[i].addr, ep->maps[i].length);
     ep->io->release(ep);
     close(ep->fd);
     free_list_tx(ep->tx_free);

@@ -165,8 +165,10 @@ static int take_ack(lm_tcp_ep_t *ep, uint64_t ack)
         ep->peer_ack = ack;
     /* A read whose answer is landing (rx_op) was taken off the pending list:
      * writes behind it complete when it does (finish_read_piece_locked). */
-    if (rc == LM_OK && !ep->rx_op)
+    if (rc == LM_OK && !ep->rx_op) {
         complete_writes_before(ep, ep->peer_ack);
+        lm_tcp_release_held_locked(ep);
+    }
     pthread_mutex_unlock(&ep->lock);
     return rc;
 }
@@ -184,6 +186,7 @@ static int on_nack(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h)
     if (op) {
         lm_ep_complete(&ep->base, LM_OP_WRITE, op->wr_id, op->forced_status ? op->forced_status : remote_status(h->status), 0);
         lm_tcp_pending_free(ep, op);
+        lm_tcp_release_held_locked(ep);
     }
     pthread_mutex_unlock(&ep->lock);
     return op ? LM_OK : lm_fail(LM_ERR_PROTOCOL, "NACK for an unknown operation");
@@ -320,19 +323,89 @@ static int snapshot_conflicting_reads(lm_tcp_ep_t *ep, const lm_mr_t *dest, cons
     return rc;
 }
 
+/* A mapped write's bytes are in place already: it is accepted only into a
+ * region we granted (else refused ACCESS, like any write we would not take). */
+static int check_mapped_write(lm_tcp_ep_t *ep)
+{
+    lm_shmem_t *shared = ep->rx_mr->shmem;
+    if (shared && atomic_load(&shared->granted))
+        return LM_OK;
+    lm_mr_unref(ep->rx_mr);
+    ep->rx_mr = NULL;
+    return LM_ERR_ACCESS;
+}
+
 static int on_write(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h)
 {
     int rc = check_sequence(ep, h);
     if (rc != LM_OK)
         return rc;
-    if (h->flags & ~LM_TCP_FLAG_IMM)
+    if (h->flags & ~(LM_TCP_FLAG_IMM | LM_TCP_FLAG_MAPPED))
         return lm_fail(LM_ERR_PROTOCOL, "unknown write flags 0x%x", h->flags);
+    bool mapped = h->flags & LM_TCP_FLAG_MAPPED;
+    if (mapped && !ep->io->map_peer)
+        return lm_fail(LM_ERR_PROTOCOL, "a mapped write over a stream that maps nothing");
     ep->rx_status = lookup_target(ep, h, LM_ACCESS_REMOTE_WRITE, &ep->rx_mr);
+    if (mapped && ep->rx_status == LM_OK)
+        ep->rx_status = check_mapped_write(ep);
     ep->rx_off = h->offset;
-    ep->rx_left = h->length;
+    ep->rx_left = mapped ? 0 : h->length;
     ep->rx_state = RX_PAYLOAD;
-    if (ep->rx_status == LM_OK)
+    if (ep->rx_status == LM_OK && !mapped)
         return snapshot_conflicting_reads(ep, ep->rx_mr, h);
+    return LM_OK;
+}
+
+/* The peer asks to map one of our regions (shm): granted for a region over an
+ * lm_shmem allocation that takes remote writes. */
+static int on_map_req(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h)
+{
+    if (!ep->io->map_peer)
+        return lm_fail(LM_ERR_PROTOCOL, "a map request over a stream that maps nothing");
+    int32_t fd = -1;
+    uint64_t ino = 0, length = 0;
+    lm_context_t *ctx = ep->base.ctx;
+    lm_registry_rdlock(ctx);
+    lm_mr_t *mr = lm_registry_find(ctx, h->key);
+    int st = !mr ? LM_ERR_NO_KEY : !(mr->access & LM_ACCESS_REMOTE_WRITE) ? LM_ERR_ACCESS
+                                                                            : lm_shmem_grant(mr, &fd, &ino, &length);
+    lm_registry_unlock(ctx);
+    pthread_mutex_lock(&ep->lock);
+    lm_tcp_tx_t *tx = new_control(ep, LM_TCP_MAP_RESP, 0, st);
+    if (tx) {
+        tx->hdr.key = h->key;
+        if (st == LM_OK) {
+            tx->hdr.imm = (uint32_t)fd;
+            tx->hdr.offset = ino;
+            tx->hdr.length = length;
+        }
+        count_reply_locked(ep);
+        lm_tcp_tx_queue(ep, tx);
+    }
+    pthread_mutex_unlock(&ep->lock);
+    return LM_OK;
+}
+
+/* Our map request answered: map the region, or remember that it is not to be mapped. */
+static int on_map_resp(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h)
+{
+    if (!ep->io->map_peer)
+        return lm_fail(LM_ERR_PROTOCOL, "a map response over a stream that maps nothing");
+    pthread_mutex_lock(&ep->lock);
+    lm_tcp_map_t *m = lm_tcp_map_find(ep, h->key);
+    bool expected = m && m->state == MAP_PENDING;
+    pthread_mutex_unlock(&ep->lock);
+    if (!expected)
+        return lm_fail(LM_ERR_PROTOCOL, "a map response nobody asked for");
+    uint8_t *addr = NULL;
+    int st = h->status == LM_OK ? ep->io->map_peer(ep, (int32_t)h->imm, h->offset, h->length, &addr) : h->status;
+    pthread_mutex_lock(&ep->lock);
+    if (st == LM_OK) {
+        m->addr = addr;
+        m->length = h->length;
+    }
+    m->state = st == LM_OK ? MAP_READY : MAP_REFUSED;
+    pthread_mutex_unlock(&ep->lock);
     return LM_OK;
 }
 
@@ -428,6 +501,8 @@ static int on_header(lm_tcp_ep_t *ep)
     case LM_TCP_ACK: rc = LM_OK; break;
     case LM_TCP_NACK: rc = on_nack(ep, h); break; /* before the ack it carries */
     case LM_TCP_READ_RESP: rc = on_read_resp(ep, h); break;
+    case LM_TCP_MAP_REQ: rc = on_map_req(ep, h); break;
+    case LM_TCP_MAP_RESP: rc = on_map_resp(ep, h); break;
     default: return lm_fail(LM_ERR_PROTOCOL, "unknown frame type %u", h->type);
     }
     if (rc == LM_OK && h->ack)
@@ -457,6 +532,7 @@ static void finish_read_piece_locked(lm_tcp_ep_t *ep, lm_tcp_pending_t *op, int 
         lm_ep_complete(&ep->base, LM_OP_READ, op->wr_id, final, op->length);
         lm_tcp_pending_free(ep, op);
         complete_writes_before(ep, ep->peer_ack);
+        lm_tcp_release_held_locked(ep);
     }
     if (ep->tx_head && ep->tx_head->hdr.type == LM_TCP_READ_REQ && ep->reads_out + 1 == LM_TCP_MAX_READS)
         lm_tcp_tx_flush(ep);

@@ -12,6 +12,14 @@
  *  NACK      seq, status: WRITE seq was refused; all earlier ones accepted
  *  NOP       seq: the initiator withdrew this sequence number (its source
  *            region was deregistered before a byte of it left)
+ *  MAP_REQ   key: (shm only) may I map this region? no sequence number
+ *  MAP_RESP  key, status, imm = the memfd's number in the target's process,
+ *            offset = its inode, length = its bytes (shm only)
+ *
+ * A WRITE with flag MAPPED (shm only) carries no payload: the initiator
+ * copied the bytes into its mapping of the region (granted by MAP_RESP)
+ * before sending the header; the target checks it as any write (key, bounds,
+ * access, and that it granted that region) and refuses it the same way.
  *
  * Every frame carries `ack`: the peer's WRITEs (and NOPs) with a sequence
  * number below it were accepted. Acknowledgements thus ride on reverse
@@ -38,9 +46,12 @@ enum lm_tcp_frame_type {
     LM_TCP_ACK = 4,
     LM_TCP_NACK = 5,
     LM_TCP_NOP = 6,
+    LM_TCP_MAP_REQ = 7,
+    LM_TCP_MAP_RESP = 8,
 };
 
 #define LM_TCP_FLAG_IMM 1u
+#define LM_TCP_FLAG_MAPPED 4u /* WRITE: the payload is in the target's memory already */
 
 typedef struct lm_tcp_hdr {
     uint16_t magic;
