@@ -720,10 +720,16 @@ class Context:
             listener.close()
         for ep in list(self._endpoints.values()):
             ep.close()
+        failure: LaminaError | None = None
         for mr in list(self._regions):
-            mr.close()
+            try:
+                mr.close()
+            except LaminaError as exc:  # deregistered anyway (a grant not revoked): close the rest first
+                failure = failure or exc
         ctx, self._ctx = self._ctx, None
         lib.lm_context_destroy(ctx)
+        if failure is not None:
+            raise failure
 
     def __enter__(self) -> "Context":
         return self

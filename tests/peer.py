@@ -26,8 +26,12 @@ def say(**kw):
 def main() -> int:
     mode, nbytes = sys.argv[1], int(sys.argv[2])
     with lc.Context(os.environ.get("LAMINA_PEER_TRANSPORT", "tcp")) as ctx:
-        buf = np.zeros(nbytes, np.uint8)
-        mr = ctx.register(buf)
+        if os.environ.get("LAMINA_PEER_ALLOC"):  # shared memory: an shm writer maps it (one copy)
+            mr = ctx.alloc(nbytes)
+            buf = mr.view(nbytes=nbytes)
+        else:
+            buf = np.zeros(nbytes, np.uint8)
+            mr = ctx.register(buf)
         listener = ctx.listen("127.0.0.1:0")
         say(event="listening", port=listener.address[1])
         if mode == "serve":

@@ -180,3 +180,48 @@ def test_both_sides_switching_to_mapped_writes_at_once_do_not_wait_on_each_other
         assert np.array_equal(targets[name].view(), expected[name])
     if a.transport == "shm":
         assert ea.mapped_writes > 0 and eb.mapped_writes > 0
+
+
+def test_a_read_is_answered_as_the_memory_was_before_a_later_mapped_write(contexts):
+    """An 8 MiB read (8 pieces) then, without waiting, a write over the same bytes: the read sees the
+    old bytes. The mapped write must wait for the read (the target answers its pieces from the region)."""
+    a, b = contexts
+    size = 8 << 20
+    target = b.alloc(size)
+    target.view()[:] = 0x11
+    local = a.register(np.zeros(size, np.uint8))
+    source = a.register(np.full(size, 0x22, np.uint8), lc.Access.LOCAL_WRITE)
+    ca, cb = connect_pair(b, a, server_data=target.descriptor().to_bytes())
+    remote = desc_of(ca)
+    warm(ca, source, remote)
+    target.view()[:4096] = 0x11
+    for round_ in range(3):
+        target.view()[:] = 0x11
+        local.view()[:] = 0
+        ca.read(local, remote, length=size)
+        ca.write(source, remote, length=size)
+        done = wait_done(ca, 2)
+        assert all(c.ok for c in done), done
+        assert (local.view() == 0x11).all(), f"round {round_}: the read saw the later write"
+        assert (target.view() == 0x22).all()
+
+
+def test_gather_writes_into_shared_memory(contexts):
+    a, b = contexts
+    rng = np.random.default_rng(11)
+    target = b.alloc(1 << 20)
+    source_bytes = rng.integers(0, 256, 1 << 20, dtype=np.uint8)
+    source = a.register(source_bytes, lc.Access.LOCAL_WRITE)
+    ca, cb = connect_pair(b, a, server_data=target.descriptor().to_bytes())
+    warm(ca, source, desc_of(ca))
+    expected = target.view().copy()
+    for i in range(50):
+        pieces = [(int(rng.integers(0, (1 << 20) - 4096)), int(rng.integers(1, 4096))) for _ in range(8)]
+        total = sum(n for _, n in pieces)
+        at = int(rng.integers(0, (1 << 20) - total))
+        ca.writev(source, pieces, desc_of(ca), remote_offset=at)
+        expected[at:at + total] = np.concatenate([source_bytes[o:o + n] for o, n in pieces])
+    assert all(c.ok for c in wait_done(ca, 50))
+    assert np.array_equal(target.view(), expected)
+    if a.transport == "shm":
+        assert ca.mapped_writes >= 50

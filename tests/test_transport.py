@@ -55,8 +55,11 @@ TRANSPORTS = pytest.mark.parametrize("transport", ["tcp", "shm"])
 
 
 @TRANSPORTS
-def test_multiprocess_writes_verified_by_hash(peer_factory, transport):
-    peer = peer_factory("target", str(1 << 22), "64", env={"LAMINA_PEER_TRANSPORT": transport})
+@pytest.mark.parametrize("target_memory", ["registered", "alloc"])
+def test_multiprocess_writes_verified_by_hash(peer_factory, transport, target_memory):
+    """Another process's region, ordinary or Context.alloc memory (which an shm writer maps)."""
+    env = {"LAMINA_PEER_TRANSPORT": transport, **({"LAMINA_PEER_ALLOC": "1"} if target_memory == "alloc" else {})}
+    peer = peer_factory("target", str(1 << 22), "64", env=env)
     port = peer.line()["port"]
     rng = np.random.default_rng(7)
     shadow = np.zeros(1 << 22, np.uint8)
@@ -71,8 +74,10 @@ def test_multiprocess_writes_verified_by_hash(peer_factory, transport):
             ep.write(mr, remote, local_offset=off, remote_offset=off, length=n, imm=1000 + i)
             shadow[off:off + n] = src[off:off + n]
         done = peer.until("done", timeout=60)
+        mapped = ep.mapped_writes
     assert done["imms"] == [1000 + i for i in range(64)]
     assert done["sha256"] == hashlib.sha256(shadow.tobytes()).hexdigest()
+    assert (mapped > 0) == (transport == "shm" and target_memory == "alloc")
 
 
 def random_pieces(rng: np.random.Generator, size: int, count: int, max_len: int) -> list[tuple[int, int]]:

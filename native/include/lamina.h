@@ -172,7 +172,12 @@ int lm_mr_register(lm_context_t *ctx, void *addr, uint64_t length, uint32_t acce
 int lm_mr_descriptor(lm_mr_t *mr, lm_rdesc_t *out);
 /* Remove the region: new remote operations on it are refused with
  * LM_ERR_NO_KEY, queued local operations from it complete with LM_ERR_LOCAL,
- * and the call returns once no transport touches the memory any more. */
+ * and the call returns once no transport touches the memory any more. The
+ * region is gone whatever it returns (never call it twice): an error says
+ * that an lm_shmem grant could not be revoked (no memory for the copy), and
+ * the allocation then cannot be registered again. Writes racing the call
+ * may land or not (as on verbs); the owner must not write the memory
+ * meanwhile. */
 int lm_mr_deregister(lm_mr_t *mr);
 
 /* Host memory a peer on the same host may map (a sealed memfd, whole pages):

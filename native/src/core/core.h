@@ -34,6 +34,10 @@ struct lm_mr {
     struct lm_shmem *shmem;      /* set when registered over an lm_shmem allocation */
 };
 
+/* lm_mr_register, for memory of an lm_shmem allocation (or NULL). */
+int lm_mr_register_over(lm_context_t *ctx, void *addr, uint64_t length, uint32_t access, struct lm_shmem *shmem,
+                        lm_mr_t **out);
+
 /* ---- shareable memory (shmem.c) --------------------------------------------- */
 struct lm_shmem {
     pthread_mutex_t lock;

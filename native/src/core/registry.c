@@ -91,13 +91,20 @@ static uint64_t random_key(void)
 
 int lm_mr_register(lm_context_t *ctx, void *addr, uint64_t length, uint32_t access, lm_mr_t **out)
 {
+    return lm_mr_register_over(ctx, addr, length, access, NULL, out);
+}
+
+int lm_mr_register_over(lm_context_t *ctx, void *addr, uint64_t length, uint32_t access, lm_shmem_t *shmem,
+                        lm_mr_t **out)
+{
     const uint32_t known = LM_ACCESS_LOCAL_WRITE | LM_ACCESS_REMOTE_WRITE | LM_ACCESS_REMOTE_READ;
     if (!ctx || !out || (!addr && length) || (access & ~known))
         return lm_fail(LM_ERR_INVALID, "lm_mr_register: bad arguments (access=0x%x)", access);
     lm_mr_t *mr = calloc(1, sizeof(*mr));
     if (!mr)
         return lm_fail(LM_ERR_NO_MEMORY, "region allocation failed");
-    *mr = (lm_mr_t){.ctx = ctx, .addr = addr, .length = length, .access = access, .alive = true};
+    /* shmem set before the region is published: a grant can only follow. */
+    *mr = (lm_mr_t){.ctx = ctx, .addr = addr, .length = length, .access = access, .alive = true, .shmem = shmem};
     atomic_init(&mr->refs, 1);
     for (int t = 0; t < LM_MAX_TRANSPORTS; t++) {
         const lm_transport_ops_t *ops = ctx->transports[t];
@@ -154,8 +161,11 @@ int lm_mr_deregister(lm_mr_t *mr)
     for (int t = 0; t < LM_MAX_TRANSPORTS; t++)
         if (ctx->transports[t] && ctx->transports[t]->mr_deregister)
             ctx->transports[t]->mr_deregister(ctx->ifaces[t], mr);
-    /* No transport touches the memory any more; peers that mapped it lose it now. */
+    /* Peers that mapped the memory lose it now; under the write lock, so that
+     * none of our transports copies into these pages while they move. */
+    pthread_rwlock_wrlock(&ctx->registry_lock);
     int rc = lm_shmem_release(mr);
+    pthread_rwlock_unlock(&ctx->registry_lock);
     lm_mr_unref(mr);
     return rc;
 }

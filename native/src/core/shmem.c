@@ -95,12 +95,10 @@ int lm_mr_register_shmem(lm_context_t *ctx, lm_shmem_t *m, uint32_t access, lm_m
         return lm_fail(LM_ERR_INVALID, m->mr ? "lm_mr_register_shmem: the allocation is registered already"
                                               : "lm_mr_register_shmem: an earlier grant could not be revoked");
     }
-    int rc = lm_mr_register(ctx, m->addr, m->length, access, out);
-    if (rc == LM_OK) {
-        (*out)->shmem = m;
+    atomic_store(&m->granted, false);
+    int rc = lm_mr_register_over(ctx, m->addr, m->length, access, m, out);
+    if (rc == LM_OK)
         m->mr = *out;
-        atomic_store(&m->granted, false);
-    }
     pthread_mutex_unlock(&m->lock);
     return rc;
 }

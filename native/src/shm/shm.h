@@ -25,7 +25,7 @@
 #define LM_SHM_RING_BYTES (4u << 20) /* per direction; a power of two */
 #define LM_SHM_HEADER_BYTES 4096u    /* the ring header's page; data follows */
 #define LM_SHM_ADDR_MAGIC 0x4d48534cu /* "LSHM" */
-#define LM_SHM_ADDR_VERSION 1
+#define LM_SHM_ADDR_VERSION 2 /* 2: MAP_REQ / MAP_RESP and mapped writes */
 #define LM_SHM_MAPPED_BYTE 'M'        /* set-up: "I mapped your ring" */
 #define LM_SHM_CONNECT_TIMEOUT_MS 10000
 

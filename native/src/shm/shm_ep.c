@@ -10,7 +10,9 @@
 #include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/socket.h>
+#include <linux/magic.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -277,10 +279,12 @@ static int map_peer_region(lm_tcp_ep_t *ep, int32_t fd, uint64_t ino, uint64_t l
     if (file < 0)
         return LM_ERR_ACCESS; /* e.g. deregistered meanwhile: the fd is gone */
     struct stat st;
+    struct statfs fs;
     int seals = fcntl(file, F_GET_SEALS);
     int rc = LM_OK;
+    /* tmpfs only: a hugetlb memfd passes every other check, and faults when its pool runs dry. */
     if (fstat(file, &st) != 0 || (uint64_t)st.st_ino != ino || (uint64_t)st.st_size < length ||
-        seals < 0 || !(seals & F_SEAL_SHRINK))
+        seals < 0 || !(seals & F_SEAL_SHRINK) || fstatfs(file, &fs) != 0 || fs.f_type != TMPFS_MAGIC)
         rc = LM_ERR_ACCESS;
     void *mapped = MAP_FAILED;
     if (rc == LM_OK)

@@ -40,12 +40,18 @@
 /* Regions of the peer this endpoint maps (shm): a small table, entries never
  * reused, so a queued frame may point at one. */
 #define LM_TCP_MAX_MAPS 32
+/* Target side: regions granted to one peer (refused past it). */
+#define LM_TCP_MAX_GRANTS 64
+/* Larger writes go through the stream: the mapped copy runs under the
+ * endpoint's lock and the registry's read lock, so it is bounded. */
+#define LM_TCP_MAX_MAPPED_WRITE (16ull << 20)
 enum lm_tcp_map_state { MAP_PENDING, MAP_READY, MAP_REFUSED };
 typedef struct lm_tcp_map {
     uint64_t key;
     uint8_t *addr;            /* our mapping (MAP_READY) */
     uint64_t length;
     uint64_t stream_seq_end;  /* writes to this key below it went through the stream */
+    uint32_t queued;          /* frames in the send queue pointing at this entry */
     uint8_t state;
 } lm_tcp_map_t;
 
@@ -147,6 +153,8 @@ struct lm_tcp_ep {
     lm_tcp_tx_t *bare_ack; /* a queued bare ACK not yet stamped, or NULL */
     lm_tcp_map_t maps[LM_TCP_MAX_MAPS]; /* guarded by lock */
     uint32_t nmaps;
+    uint64_t granted[LM_TCP_MAX_GRANTS]; /* keys the peer may send MAPPED writes to (rx path only) */
+    uint32_t ngranted;
     bool tx_held;        /* the head waits for an acknowledgement to go mapped (tcp_tx.c) */
     uint64_t snap_bytes; /* bytes held in READ_RESP snapshots (bounded, see tcp_rx.c) */
 

@@ -169,15 +169,27 @@ lm_tcp_map_t *lm_tcp_map_find(lm_tcp_ep_t *ep, uint64_t key)
  * Until it is granted, writes go through the stream (caller holds lock). */
 static lm_tcp_map_t *map_for_write(lm_tcp_ep_t *ep, const lm_rdesc_t *remote)
 {
-    if (!ep->io->map_peer || !(remote->access & LM_ACCESS_REMOTE_WRITE))
+    if (!ep->io->map_peer)
         return NULL;
     lm_tcp_map_t *m = lm_tcp_map_find(ep, remote->key);
-    if (m || ep->nmaps == LM_TCP_MAX_MAPS)
+    /* (A descriptor without REMOTE_WRITE asks for nothing, but a known entry
+     * still learns of the write: it goes through the stream, in order.) */
+    if (m || !(remote->access & LM_ACCESS_REMOTE_WRITE))
         return m;
+    if (ep->nmaps < LM_TCP_MAX_MAPS) {
+        m = &ep->maps[ep->nmaps];
+    } else { /* reuse an entry of a region that was refused and that no queued frame points at */
+        for (uint32_t i = 0; i < ep->nmaps && !m; i++)
+            if (ep->maps[i].state == MAP_REFUSED && ep->maps[i].queued == 0)
+                m = &ep->maps[i];
+        if (!m)
+            return NULL;
+    }
     lm_tcp_tx_t *req = lm_tcp_tx_alloc(ep);
     if (!req)
         return NULL;
-    m = &ep->maps[ep->nmaps++];
+    if (m == &ep->maps[ep->nmaps])
+        ep->nmaps++;
     *m = (lm_tcp_map_t){.key = remote->key, .state = MAP_PENDING};
     req->hdr.type = LM_TCP_MAP_REQ;
     req->hdr.key = remote->key;
@@ -222,6 +234,8 @@ static int post(lm_tcp_ep_t *ep, uint8_t type, lm_mr_t *local, uint64_t local_of
         tx->nsegs = nsegs;
         tx->op = op;
         tx->map = map_for_write(ep, remote);
+        if (tx->map)
+            tx->map->queued++;
     } else { /* sent in pieces of LM_TCP_READ_CHUNK (tcp_tx.c: next_read_piece) */
         op->dest = local;
         op->dest_off = local_off;

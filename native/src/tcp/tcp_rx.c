@@ -221,13 +221,14 @@ static int on_read_resp(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h)
     if (rc == LM_OK) {
         complete_writes_before(ep, h->seq);
         op = pop_read_piece(ep, h->seq);
+        /* Under the lock: the send side holds mapped writes while a read of ours lands (tcp_tx.c). */
+        ep->rx_op = op;
     }
     pthread_mutex_unlock(&ep->lock);
     if (rc != LM_OK)
         return rc;
     if (!op)
         return lm_fail(LM_ERR_PROTOCOL, "read response for an unknown operation");
-    ep->rx_op = op;
     if (h->status != LM_OK) {
         ep->rx_status = remote_status(h->status);
         if (h->length != 0)
@@ -325,10 +326,18 @@ static int snapshot_conflicting_reads(lm_tcp_ep_t *ep, const lm_mr_t *dest, cons
 
 /* A mapped write's bytes are in place already: it is accepted only into a
  * region we granted (else refused ACCESS, like any write we would not take). */
-static int check_mapped_write(lm_tcp_ep_t *ep)
+static bool granted_to_peer(const lm_tcp_ep_t *ep, uint64_t key)
+{
+    for (uint32_t i = 0; i < ep->ngranted; i++)
+        if (ep->granted[i] == key)
+            return true;
+    return false;
+}
+
+static int check_mapped_write(lm_tcp_ep_t *ep, uint64_t key)
 {
     lm_shmem_t *shared = ep->rx_mr->shmem;
-    if (shared && atomic_load(&shared->granted))
+    if (shared && atomic_load(&shared->granted) && granted_to_peer(ep, key))
         return LM_OK;
     lm_mr_unref(ep->rx_mr);
     ep->rx_mr = NULL;
@@ -347,7 +356,7 @@ static int on_write(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h)
         return lm_fail(LM_ERR_PROTOCOL, "a mapped write over a stream that maps nothing");
     ep->rx_status = lookup_target(ep, h, LM_ACCESS_REMOTE_WRITE, &ep->rx_mr);
     if (mapped && ep->rx_status == LM_OK)
-        ep->rx_status = check_mapped_write(ep);
+        ep->rx_status = check_mapped_write(ep, h->key);
     ep->rx_off = h->offset;
     ep->rx_left = mapped ? 0 : h->length;
     ep->rx_state = RX_PAYLOAD;
@@ -367,9 +376,14 @@ static int on_map_req(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h)
     lm_context_t *ctx = ep->base.ctx;
     lm_registry_rdlock(ctx);
     lm_mr_t *mr = lm_registry_find(ctx, h->key);
-    int st = !mr ? LM_ERR_NO_KEY : !(mr->access & LM_ACCESS_REMOTE_WRITE) ? LM_ERR_ACCESS
-                                                                            : lm_shmem_grant(mr, &fd, &ino, &length);
+    bool known = granted_to_peer(ep, h->key);
+    int st = !mr ? LM_ERR_NO_KEY
+             : !(mr->access & LM_ACCESS_REMOTE_WRITE) ? LM_ERR_ACCESS
+             : !known && ep->ngranted == LM_TCP_MAX_GRANTS ? LM_ERR_ACCESS /* bounded per peer */
+             : lm_shmem_grant(mr, &fd, &ino, &length);
     lm_registry_unlock(ctx);
+    if (st == LM_OK && !known)
+        ep->granted[ep->ngranted++] = h->key; /* rx path only: no lock */
     pthread_mutex_lock(&ep->lock);
     lm_tcp_tx_t *tx = new_control(ep, LM_TCP_MAP_RESP, 0, st);
     if (tx) {
@@ -548,8 +562,8 @@ static void finish_payload(lm_tcp_ep_t *ep)
     ep->rx_state = RX_HEADER;
     if (ep->rx_op) { /* a piece of our read finished */
         lm_tcp_pending_t *op = ep->rx_op;
-        ep->rx_op = NULL;
         pthread_mutex_lock(&ep->lock);
+        ep->rx_op = NULL;
         finish_read_piece_locked(ep, op, ep->rx_status);
         pthread_mutex_unlock(&ep->lock);
         return;
@@ -643,8 +657,8 @@ void lm_tcp_rx_cleanup(lm_tcp_ep_t *ep, int status)
         pthread_mutex_lock(&ep->lock);
         lm_ep_complete(&ep->base, LM_OP_READ, ep->rx_op->wr_id, status, 0);
         lm_tcp_pending_free(ep, ep->rx_op);
-        pthread_mutex_unlock(&ep->lock);
         ep->rx_op = NULL;
+        pthread_mutex_unlock(&ep->lock);
     }
     ep->rx_state = RX_HEADER;
 }

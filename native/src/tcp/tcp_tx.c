@@ -40,6 +40,8 @@ static void tx_release(lm_tcp_ep_t *ep, lm_tcp_tx_t *tx)
         free(tx->snap);
     }
     free(tx->segs);
+    if (tx->map)
+        tx->map->queued--;
     if (tx->hdr.type == LM_TCP_READ_RESP)
         ep->reads_in--;
     if (tx->hdr.type == LM_TCP_READ_RESP || tx->hdr.type == LM_TCP_NACK || tx->hdr.type == LM_TCP_MAP_RESP)
@@ -113,6 +115,13 @@ static bool head_held_by_ord(const lm_tcp_ep_t *ep)
     return h && h->hdr.type == LM_TCP_READ_REQ && h->sent == 0 && ep->reads_out >= LM_TCP_MAX_READS;
 }
 
+/* The head waits, having sent nothing: for the ORD limit, or for answers
+ * before it goes mapped (tx_held, set only while the head waits). */
+static bool head_is_held(const lm_tcp_ep_t *ep)
+{
+    return head_held_by_ord(ep) || (ep->tx_held && ep->tx_head && ep->tx_head->sent == 0);
+}
+
 void lm_tcp_tx_queue(lm_tcp_ep_t *ep, lm_tcp_tx_t *tx)
 {
     if (ep->closed) { /* answers to frames still buffered after a failure: nobody sends them */
@@ -130,7 +139,7 @@ void lm_tcp_tx_queue(lm_tcp_ep_t *ep, lm_tcp_tx_t *tx)
      * (Handing large frames to the progress thread instead was measured:
      * 4 MiB writes fell from 34-36 to 30-32 Gb/s, and the pipeline benchmark
      * gained nothing.) */
-    if (ep->tx_head == tx || (!carries_sequence(tx->hdr.type) && (head_held_by_ord(ep) || ep->tx_held)))
+    if (ep->tx_head == tx || (!carries_sequence(tx->hdr.type) && head_is_held(ep)))
         lm_tcp_tx_flush(ep); /* (an answer overtakes a held head: no EPOLLOUT is armed) */
 }
 
@@ -161,8 +170,11 @@ enum { GO_STREAM, GO_MAPPED, GO_HOLD };
 static int way_to_send(const lm_tcp_ep_t *ep, const lm_tcp_tx_t *tx)
 {
     const lm_tcp_map_t *m = tx->map;
-    if (!m || m->state != MAP_READY || tx->hdr.offset > m->length || tx->hdr.length > m->length - tx->hdr.offset)
+    if (!m || m->state != MAP_READY || tx->hdr.offset > m->length || tx->hdr.length > m->length - tx->hdr.offset ||
+        tx->hdr.length > LM_TCP_MAX_MAPPED_WRITE)
         return GO_STREAM; /* (out of bounds: the target refuses it, nothing lands) */
+    if (ep->rx_op)
+        return GO_HOLD; /* a read of ours is landing: taken off the pending list meanwhile */
     for (const lm_tcp_pending_t *op = ep->pend_head; op && op->seq < tx->hdr.seq; op = op->next)
         if (op->type == LM_TCP_READ_REQ || op->seq < m->stream_seq_end)
             return GO_HOLD;
@@ -184,6 +196,12 @@ static void copy_into_mapping(lm_tcp_ep_t *ep, lm_tcp_tx_t *tx)
     }
     tx->hdr.flags |= LM_TCP_FLAG_MAPPED;
     atomic_fetch_add(&ep->base.mapped_writes, 1);
+    /* The bytes left: the frame needs its source no more (a deregistration
+     * from now on must not withdraw it). */
+    lm_mr_unref(tx->src);
+    tx->src = NULL;
+    free(tx->segs);
+    tx->segs = NULL;
 }
 
 void lm_tcp_release_held_locked(lm_tcp_ep_t *ep)
@@ -278,6 +296,8 @@ static bool withdraw_dead_source(lm_tcp_ep_t *ep, lm_tcp_tx_t *tx)
 static void promote_answers_past_held_read(lm_tcp_ep_t *ep)
 {
     lm_tcp_tx_t *held = ep->tx_head, *answers = NULL, *answers_last = NULL;
+    if (held->sent != 0)
+        return; /* nothing may go in front of a frame partly sent */
     lm_tcp_tx_t *kept_last = held; /* last frame left in place after held */
     for (lm_tcp_tx_t *tx = held->next, *next; tx; tx = next) {
         next = tx->next;
@@ -307,8 +327,9 @@ void lm_tcp_tx_flush(lm_tcp_ep_t *ep)
     while (ep->tx_head && !ep->closed) {
         /* Answers overtake a head held for reads (ORD) or for a mapped write's
          * acknowledgement: the peer may be waiting for them to let its own go. */
-        if (head_held_by_ord(ep) || ep->tx_held)
+        if (head_is_held(ep))
             promote_answers_past_held_read(ep);
+        ep->tx_held = false; /* set again below if the head still has to wait */
         struct iovec iov[LM_TCP_MAX_IOV];
         int n = 0;
         uint32_t reads_batched = 0;
