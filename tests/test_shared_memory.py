@@ -225,3 +225,25 @@ def test_gather_writes_into_shared_memory(contexts):
     assert np.array_equal(target.view(), expected)
     if a.transport == "shm":
         assert ca.mapped_writes >= 50
+
+
+def test_a_region_holds_a_file_descriptor_only_while_registered():
+    """Processes make many channels: their memory must not hold a descriptor each once closed."""
+    import os
+
+    def descriptors() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    with lc.Context("shm") as ctx:
+        memory = lc.SharedMemory(1 << 16)  # its memfd stays open until a registration ends
+        memory.array()[:] = 3
+        region = ctx.register(memory)
+        held = descriptors()
+        region.close()
+        assert descriptors() == held - 1
+        again = ctx.register(memory)  # a fresh file, same addresses, same bytes
+        assert descriptors() == held and (memory.array() == 3).all()
+        again.close()
+        for region in [ctx.alloc(4096) for _ in range(300)]:
+            region.close()
+        assert descriptors() <= held - 1

@@ -41,7 +41,7 @@ int lm_mr_register_over(lm_context_t *ctx, void *addr, uint64_t length, uint32_t
 /* ---- shareable memory (shmem.c) --------------------------------------------- */
 struct lm_shmem {
     pthread_mutex_t lock;
-    int fd;                      /* the sealed memfd behind addr (replaced by a revocation) */
+    int fd;                      /* the sealed memfd behind addr while registered, else -1 */
     uint64_t ino;                /* its inode: a peer checks it is the file it was told of */
     uint8_t *addr;
     uint64_t length;             /* whole pages */

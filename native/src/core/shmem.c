@@ -37,6 +37,8 @@ static int sealed_memfd(uint64_t length, int *fd_out, uint64_t *ino_out)
     return LM_OK;
 }
 
+static int move_to_fresh_memfd(lm_shmem_t *m, const char *why);
+
 int lm_shmem_alloc(uint64_t length, lm_shmem_t **out)
 {
     long page = sysconf(_SC_PAGESIZE);
@@ -78,7 +80,8 @@ int lm_shmem_free(lm_shmem_t *m)
     if (busy)
         return lm_fail(LM_ERR_INVALID, "lm_shmem_free: a region is still registered over it");
     munmap(m->addr, m->length);
-    close(m->fd);
+    if (m->fd >= 0)
+        close(m->fd);
     pthread_mutex_destroy(&m->lock);
     free(m);
     return LM_OK;
@@ -96,7 +99,10 @@ int lm_mr_register_shmem(lm_context_t *ctx, lm_shmem_t *m, uint32_t access, lm_m
                                               : "lm_mr_register_shmem: an earlier grant could not be revoked");
     }
     atomic_store(&m->granted, false);
-    int rc = lm_mr_register_over(ctx, m->addr, m->length, access, m, out);
+    /* Registered before and released since: its file was closed; share a fresh one. */
+    int rc = m->fd < 0 ? move_to_fresh_memfd(m, "sharing a region again") : LM_OK;
+    if (rc == LM_OK)
+        rc = lm_mr_register_over(ctx, m->addr, m->length, access, m, out);
     if (rc == LM_OK)
         m->mr = *out;
     pthread_mutex_unlock(&m->lock);
@@ -117,9 +123,10 @@ int lm_shmem_grant(lm_mr_t *mr, int32_t *fd, uint64_t *ino, uint64_t *length)
     return LM_OK;
 }
 
-/* Move the owner's range onto a fresh copy so that no grant reaches it any
- * more (see the top of the file). */
-static int revoke_grants(lm_shmem_t *m)
+/* Move the owner's range onto a fresh memfd holding a copy of its bytes, at
+ * the same addresses: mappings a peer holds of the old file no longer reach
+ * it (see the top of the file). The old file's descriptor is closed. */
+static int move_to_fresh_memfd(lm_shmem_t *m, const char *why)
 {
     int fd;
     uint64_t ino;
@@ -129,16 +136,17 @@ static int revoke_grants(lm_shmem_t *m)
     void *fresh = mmap(NULL, m->length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (fresh == MAP_FAILED) {
         close(fd);
-        return lm_fail(LM_ERR_NO_MEMORY, "revoking a shared region: %s", strerror(errno));
+        return lm_fail(LM_ERR_NO_MEMORY, "%s: %s", why, strerror(errno));
     }
     memcpy(fresh, m->addr, m->length);
     if (mremap(fresh, m->length, m->length, MREMAP_MAYMOVE | MREMAP_FIXED, m->addr) == MAP_FAILED) {
         int err = errno;
         munmap(fresh, m->length);
         close(fd);
-        return lm_fail(LM_ERR_NO_MEMORY, "revoking a shared region (mremap): %s", strerror(err));
+        return lm_fail(LM_ERR_NO_MEMORY, "%s (mremap): %s", why, strerror(err));
     }
-    close(m->fd);
+    if (m->fd >= 0)
+        close(m->fd);
     m->fd = fd;
     m->ino = ino;
     return LM_OK;
@@ -150,11 +158,16 @@ int lm_shmem_release(lm_mr_t *mr)
     if (!m)
         return LM_OK;
     pthread_mutex_lock(&m->lock);
-    int rc = atomic_load(&m->granted) ? revoke_grants(m) : LM_OK;
-    if (rc == LM_OK)
+    int rc = atomic_load(&m->granted) ? move_to_fresh_memfd(m, "revoking a shared region") : LM_OK;
+    if (rc == LM_OK) {
         atomic_store(&m->granted, false);
-    else
+        /* Descriptors only while registered (a process may hold many
+         * allocations); a later registration makes a new file (reshare). */
+        close(m->fd);
+        m->fd = -1;
+    } else {
         m->unrevoked = true; /* a peer may still reach these pages: never registered again */
+    }
     m->mr = NULL;
     pthread_mutex_unlock(&m->lock);
     return rc;
