@@ -45,13 +45,20 @@ def warm(ca: lc.Endpoint, source: lc.MemoryRegion, remote: lc.RemoteRegion, writ
         time.sleep(0.01)
 
 
-def test_random_overlapping_writes_into_shared_memory_land_in_posting_order(contexts):
+def random_source_to_shared_target(contexts, seed: int):
+    """1 MiB of random bytes registered in a, 1 MiB of Context.alloc memory in b, and a connected pair."""
     a, b = contexts
-    rng = np.random.default_rng(7)
+    rng = np.random.default_rng(seed)
     target = b.alloc(1 << 20)
     source_bytes = rng.integers(0, 256, 1 << 20, dtype=np.uint8)
     source = a.register(source_bytes, lc.Access.LOCAL_WRITE)
     ca, cb = connect_pair(b, a, server_data=target.descriptor().to_bytes())
+    return rng, target, source_bytes, source, ca, cb
+
+
+def test_random_overlapping_writes_into_shared_memory_land_in_posting_order(contexts):
+    a, _ = contexts
+    rng, target, source_bytes, source, ca, cb = random_source_to_shared_target(contexts, 7)
     expected = np.zeros(1 << 20, np.uint8)
     count = 400
     for i in range(count):  # none waited for: the first ones go before the grant, the rest after
@@ -207,12 +214,8 @@ def test_a_read_is_answered_as_the_memory_was_before_a_later_mapped_write(contex
 
 
 def test_gather_writes_into_shared_memory(contexts):
-    a, b = contexts
-    rng = np.random.default_rng(11)
-    target = b.alloc(1 << 20)
-    source_bytes = rng.integers(0, 256, 1 << 20, dtype=np.uint8)
-    source = a.register(source_bytes, lc.Access.LOCAL_WRITE)
-    ca, cb = connect_pair(b, a, server_data=target.descriptor().to_bytes())
+    a, _ = contexts
+    rng, target, source_bytes, source, ca, _ = random_source_to_shared_target(contexts, 11)
     warm(ca, source, desc_of(ca))
     expected = target.view().copy()
     for i in range(50):

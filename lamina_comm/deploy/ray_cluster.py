@@ -312,8 +312,10 @@ def up(config: DeploymentConfig, address: Optional[str] = None, state_path: Opti
 
 def _secret_env(config: DeploymentConfig) -> dict[str, str]:
     """The cluster's secret, read here (the user's shell), for the actors' environment."""
-    name = config.network.secret_env
-    return {name: os.environ[name]} if name and os.environ.get(name) else {}
+    from lamina_comm.deploy.actors import cluster_secret
+
+    secret = cluster_secret(config)
+    return {config.network.secret_env: secret} if secret else {}
 
 
 def _create_supervisor(ray: Any, config: DeploymentConfig, deployment_id: str) -> Any:

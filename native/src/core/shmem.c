@@ -19,7 +19,8 @@
 
 #include "core.h"
 
-static int sealed_memfd(uint64_t length, int *fd_out, uint64_t *ino_out)
+/* A sealed memfd of length bytes, mapped shared at *addr_out. */
+static int mapped_memfd(uint64_t length, int *fd_out, uint64_t *ino_out, uint8_t **addr_out)
 {
     int fd = memfd_create("lamina-region", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     if (fd < 0)
@@ -32,8 +33,15 @@ static int sealed_memfd(uint64_t length, int *fd_out, uint64_t *ino_out)
         return lm_fail(LM_ERR_NO_MEMORY, "sizing a %llu-byte memfd: %s", (unsigned long long)length,
                        strerror(err));
     }
+    void *addr = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (addr == MAP_FAILED) {
+        int err = errno;
+        close(fd);
+        return lm_fail(LM_ERR_NO_MEMORY, "mapping %llu bytes: %s", (unsigned long long)length, strerror(err));
+    }
     *fd_out = fd;
     *ino_out = (uint64_t)st.st_ino;
+    *addr_out = addr;
     return LM_OK;
 }
 
@@ -48,19 +56,11 @@ int lm_shmem_alloc(uint64_t length, lm_shmem_t **out)
     lm_shmem_t *m = calloc(1, sizeof(*m));
     if (!m)
         return lm_fail(LM_ERR_NO_MEMORY, "shmem allocation failed");
-    int rc = sealed_memfd(length, &m->fd, &m->ino);
+    int rc = mapped_memfd(length, &m->fd, &m->ino, &m->addr);
     if (rc != LM_OK) {
         free(m);
         return rc;
     }
-    void *addr = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_SHARED, m->fd, 0);
-    if (addr == MAP_FAILED) {
-        int err = errno;
-        close(m->fd);
-        free(m);
-        return lm_fail(LM_ERR_NO_MEMORY, "mapping %llu bytes: %s", (unsigned long long)length, strerror(err));
-    }
-    m->addr = addr;
     m->length = length;
     pthread_mutex_init(&m->lock, NULL);
     *out = m;
@@ -130,14 +130,10 @@ static int move_to_fresh_memfd(lm_shmem_t *m, const char *why)
 {
     int fd;
     uint64_t ino;
-    int rc = sealed_memfd(m->length, &fd, &ino);
+    uint8_t *fresh;
+    int rc = mapped_memfd(m->length, &fd, &ino, &fresh);
     if (rc != LM_OK)
         return rc;
-    void *fresh = mmap(NULL, m->length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    if (fresh == MAP_FAILED) {
-        close(fd);
-        return lm_fail(LM_ERR_NO_MEMORY, "%s: %s", why, strerror(errno));
-    }
     memcpy(fresh, m->addr, m->length);
     if (mremap(fresh, m->length, m->length, MREMAP_MAYMOVE | MREMAP_FIXED, m->addr) == MAP_FAILED) {
         int err = errno;

@@ -37,8 +37,8 @@
 /* READ_REQ flag: a later piece of the same read (see LM_TCP_READ_CHUNK). */
 #define LM_TCP_FLAG_READ_CONT 2u
 
-/* Regions of the peer this endpoint maps (shm): a small table, entries never
- * reused, so a queued frame may point at one. */
+/* Regions of the peer this endpoint maps (shm): a small table; a queued frame
+ * may point at an entry, so only refused entries no frame points at are reused. */
 #define LM_TCP_MAX_MAPS 32
 /* Target side: regions granted to one peer (refused past it). */
 #define LM_TCP_MAX_GRANTS 64

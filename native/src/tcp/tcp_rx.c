@@ -324,8 +324,6 @@ static int snapshot_conflicting_reads(lm_tcp_ep_t *ep, const lm_mr_t *dest, cons
     return rc;
 }
 
-/* A mapped write's bytes are in place already: it is accepted only into a
- * region we granted (else refused ACCESS, like any write we would not take). */
 static bool granted_to_peer(const lm_tcp_ep_t *ep, uint64_t key)
 {
     for (uint32_t i = 0; i < ep->ngranted; i++)
@@ -334,6 +332,9 @@ static bool granted_to_peer(const lm_tcp_ep_t *ep, uint64_t key)
     return false;
 }
 
+/* A mapped write's bytes are in place already: it is accepted only into a
+ * region we granted this peer (else refused ACCESS, like any write we would
+ * not take). */
 static int check_mapped_write(lm_tcp_ep_t *ep, uint64_t key)
 {
     lm_shmem_t *shared = ep->rx_mr->shmem;
@@ -352,8 +353,6 @@ static int on_write(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h)
     if (h->flags & ~(LM_TCP_FLAG_IMM | LM_TCP_FLAG_MAPPED))
         return lm_fail(LM_ERR_PROTOCOL, "unknown write flags 0x%x", h->flags);
     bool mapped = h->flags & LM_TCP_FLAG_MAPPED;
-    if (mapped && !ep->io->map_peer)
-        return lm_fail(LM_ERR_PROTOCOL, "a mapped write over a stream that maps nothing");
     ep->rx_status = lookup_target(ep, h, LM_ACCESS_REMOTE_WRITE, &ep->rx_mr);
     if (mapped && ep->rx_status == LM_OK)
         ep->rx_status = check_mapped_write(ep, h->key);
@@ -369,8 +368,6 @@ static int on_write(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h)
  * lm_shmem allocation that takes remote writes. */
 static int on_map_req(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h)
 {
-    if (!ep->io->map_peer)
-        return lm_fail(LM_ERR_PROTOCOL, "a map request over a stream that maps nothing");
     int32_t fd = -1;
     uint64_t ino = 0, length = 0;
     lm_context_t *ctx = ep->base.ctx;
@@ -403,8 +400,6 @@ static int on_map_req(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h)
 /* Our map request answered: map the region, or remember that it is not to be mapped. */
 static int on_map_resp(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h)
 {
-    if (!ep->io->map_peer)
-        return lm_fail(LM_ERR_PROTOCOL, "a map response over a stream that maps nothing");
     pthread_mutex_lock(&ep->lock);
     lm_tcp_map_t *m = lm_tcp_map_find(ep, h->key);
     bool expected = m && m->state == MAP_PENDING;
@@ -507,6 +502,11 @@ static int on_header(lm_tcp_ep_t *ep)
     const lm_tcp_hdr_t *h = &ep->rx_hdr;
     if (h->magic != LM_TCP_MAGIC)
         return lm_fail(LM_ERR_PROTOCOL, "bad frame magic 0x%04x", h->magic);
+    bool maps = h->type == LM_TCP_MAP_REQ || h->type == LM_TCP_MAP_RESP ||
+                (h->type == LM_TCP_WRITE && (h->flags & LM_TCP_FLAG_MAPPED));
+    if (maps && !ep->io->map_peer)
+        return lm_fail(LM_ERR_PROTOCOL, "frame type %u (flags 0x%x) over a stream that maps nothing", h->type,
+                       h->flags);
     int rc;
     switch (h->type) {
     case LM_TCP_WRITE: rc = on_write(ep, h); break;

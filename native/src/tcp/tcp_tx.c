@@ -148,14 +148,10 @@ static bool has_payload(const lm_tcp_tx_t *tx)
     return tx->src || tx->snap;
 }
 
-static bool sent_mapped(const lm_tcp_tx_t *tx)
-{
-    return tx->hdr.type == LM_TCP_WRITE && (tx->hdr.flags & LM_TCP_FLAG_MAPPED);
-}
-
+/* (A mapped write has no payload left: copy_into_mapping dropped its source.) */
 static uint64_t frame_size(const lm_tcp_tx_t *tx)
 {
-    return sizeof(tx->hdr) + (has_payload(tx) && !sent_mapped(tx) ? tx->hdr.length : 0);
+    return sizeof(tx->hdr) + (has_payload(tx) ? tx->hdr.length : 0);
 }
 
 /* ---- writes through the peer's mapping (shm) -------------------------------
@@ -206,10 +202,8 @@ static void copy_into_mapping(lm_tcp_ep_t *ep, lm_tcp_tx_t *tx)
 
 void lm_tcp_release_held_locked(lm_tcp_ep_t *ep)
 {
-    if (ep->tx_held) {
-        ep->tx_held = false;
-        lm_tcp_tx_flush(ep);
-    }
+    if (ep->tx_held)
+        lm_tcp_tx_flush(ep); /* which clears tx_held, or sets it again */
 }
 
 
@@ -337,7 +331,8 @@ void lm_tcp_tx_flush(lm_tcp_ep_t *ep)
         for (lm_tcp_tx_t *tx = ep->tx_head; tx && n + 2 <= LM_TCP_MAX_IOV; tx = tx->next) {
             if (tx->src && !tx->src->alive && !withdraw_dead_source(ep, tx))
                 break;
-            if (tx->hdr.type == LM_TCP_WRITE && tx->map && tx->sent == 0 && !sent_mapped(tx)) {
+            /* (Decided once: a mapped frame waiting for room in the stream is not copied again.) */
+            if (tx->hdr.type == LM_TCP_WRITE && tx->map && tx->sent == 0 && !(tx->hdr.flags & LM_TCP_FLAG_MAPPED)) {
                 int way = way_to_send(ep, tx);
                 if (way == GO_HOLD) {
                     ep->tx_held = n == 0; /* at the head: an answer releases it */
@@ -371,9 +366,7 @@ void lm_tcp_tx_flush(lm_tcp_ep_t *ep)
                 iov[n++].iov_len = sizeof(tx->hdr) - done;
                 done = sizeof(tx->hdr);
             }
-            if (sent_mapped(tx)) {
-                /* the bytes are in the peer's memory already */
-            } else if (tx->segs) {
+            if (tx->segs) {
                 if (!add_gather_iovs(tx, done - sizeof(tx->hdr), iov, &n))
                     break; /* the rest goes in the next sendmsg */
             } else if (has_payload(tx)) {
