@@ -32,8 +32,8 @@ class HostBuffer:
 def _from_torch(t: Any) -> HostBuffer:
     if t.device.type != "cpu":
         raise UnsupportedError(
-            f"tensor lives on {t.device}; Context.register takes host memory: register GPU "
-            "memory with lamina_comm.gpu.register_cuda(ctx, tensor) (see docs/gpu.md)")
+            f"tensor lives on {t.device} and host memory is needed here: Context.register hands GPU "
+            "memory to the GPU tier (lamina_comm.gpu, docs/gpu.md)")
     if not t.is_contiguous():
         raise InvalidArgumentError("tensor is not contiguous; call .contiguous() first")
     return HostBuffer(t.data_ptr(), t.numel() * t.element_size(), True, t)
@@ -58,8 +58,8 @@ def _from_buffer_protocol(obj: Any) -> HostBuffer:
 def host_buffer(obj: Any) -> HostBuffer:
     """Resolve obj to contiguous host memory, or raise a typed error saying why not."""
     if hasattr(obj, "__cuda_array_interface__"):
-        raise UnsupportedError("Context.register takes host memory: register CUDA memory with "
-                               "lamina_comm.gpu.register_cuda(ctx, obj) (see docs/gpu.md)")
+        raise UnsupportedError("CUDA memory where host memory is needed: Context.register hands CUDA memory "
+                               "to the GPU tier (lamina_comm.gpu, docs/gpu.md)")
     mod = type(obj).__module__
     if mod.startswith("torch") and hasattr(obj, "data_ptr"):
         return _from_torch(obj)

@@ -18,7 +18,7 @@ import struct
 import threading
 import time
 import weakref
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from . import bootstrap
 from ._bindings import check, ffi, lib, status_text
 from .errors import ClosedError, InvalidArgumentError, LaminaError, TimeoutError_, error_for_status
 from .tensors import host_buffer, numpy_view
+
+if TYPE_CHECKING:
+    from .gpu.memory import CudaRegion
 
 log = logging.getLogger("lamina_comm")
 
@@ -482,7 +485,7 @@ class Context:
         self._ctx = out[0]
         # Strong references: a registered region keeps its memory alive until it is
         # closed (or the context is), so a peer can never write into freed memory.
-        self._regions: set[MemoryRegion] = set()
+        self._regions: set[MemoryRegion | CudaRegion] = set()
         self._listeners: weakref.WeakSet[Listener] = weakref.WeakSet()
         self._endpoints: dict[int, Endpoint] = {}
         self._orphans: collections.deque[Completion] = collections.deque()
@@ -525,8 +528,20 @@ class Context:
         return why
 
     # -- regions -----------------------------------------------------------
-    def register(self, obj: Any, access: Access = Access.ALL) -> MemoryRegion:
-        mr = MemoryRegion(self, obj, Access(access))
+    def register(self, obj: Any, access: Access = Access.ALL) -> "MemoryRegion | CudaRegion":
+        """Register host memory (numpy, torch CPU tensors, buffers, SharedMemory) with every transport.
+
+        CUDA memory (torch CUDA tensors, cupy arrays, ``__cuda_array_interface__``, DLPack on CUDA) goes to
+        the GPU tier and comes back as a ``lamina_comm.gpu.CudaRegion``: ``.path`` says how the context
+        reaches it (``dmabuf`` / ``peermem``: a native region the NIC moves, used like any other;
+        ``staging``: through pinned host buffers, a StagedLink) and ``.path_reason`` why (docs/gpu.md).
+        """
+        from .gpu.memory import is_cuda_object
+        if is_cuda_object(obj):
+            from .gpu.memory import register_cuda
+            mr = register_cuda(self, obj, int(Access(access)))
+        else:
+            mr = MemoryRegion(self, obj, Access(access))
         self._regions.add(mr)
         return mr
 

@@ -23,6 +23,7 @@ from lamina_comm.gpu.staging import (HostCopyEngine, StagedLink, credit_imm, dat
                                      KIND_CREDIT, KIND_DATA)
 
 from .conftest import ROOT
+from .mock_cuda import build_mock_libcuda
 
 
 class FakeCAI:
@@ -428,76 +429,6 @@ def test_bad_geometry_is_refused():
 
 # -- the ctypes layer against a mock driver ----------------------------------------------------------
 
-MOCK_LIBCUDA = r"""/* A stand-in libcuda for exercising the ctypes layer without a GPU: "device" memory is host
- * memory, every async operation runs at once, events are always complete, stream waits are
- * recorded but never block. */
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#include <stdio.h>
-typedef int CUresult;
-typedef unsigned long long CUdeviceptr;
-#define MAXA 4096
-static struct { uintptr_t p; size_t n; int host; } allocs[MAXA];
-static int nallocs;
-static __thread void *cur;
-static int ctx_token;
-static unsigned waits;
-static void track(void *p, size_t n, int host) { if (nallocs < MAXA) { allocs[nallocs].p = (uintptr_t)p; allocs[nallocs].n = n; allocs[nallocs++].host = host; } }
-static void untrack(uintptr_t p) { for (int i = 0; i < nallocs; i++) if (allocs[i].p == p) { allocs[i] = allocs[--nallocs]; return; } }
-CUresult cuInit(unsigned f) { (void)f; return 0; }
-CUresult cuDriverGetVersion(int *v) { *v = 12080; return 0; }
-CUresult cuGetErrorString(CUresult e, const char **s) { *s = e == 1 ? "invalid argument" : "mock error"; return 0; }
-CUresult cuGetErrorName(CUresult e, const char **s) { *s = e == 1 ? "CUDA_ERROR_INVALID_VALUE" : "CUDA_ERROR_UNKNOWN"; return 0; }
-CUresult cuDeviceGetCount(int *n) { *n = 1; return 0; }
-CUresult cuDeviceGet(int *d, int o) { if (o) return 101; *d = 0; return 0; }
-CUresult cuDeviceGetName(char *b, int n, int d) { (void)d; snprintf(b, n, "Mock GPU"); return 0; }
-CUresult cuDeviceGetAttribute(int *v, int a, int d) { (void)d; *v = a == 75 ? 9 : 0; return 0; }
-CUresult cuDevicePrimaryCtxRetain(void **c, int d) { (void)d; *c = &ctx_token; return 0; }
-CUresult cuCtxGetCurrent(void **c) { *c = cur; return 0; }
-CUresult cuCtxSetCurrent(void *c) { cur = c; return 0; }
-static __thread void *stack[16]; static __thread int depth;
-CUresult cuCtxPushCurrent_v2(void *c) { stack[depth++] = cur; cur = c; return 0; }
-CUresult cuCtxPopCurrent_v2(void **c) { if (c) *c = cur; cur = stack[--depth]; return 0; }
-static int need_ctx(void) { return cur == &ctx_token ? 0 : 201; }
-CUresult cuStreamCreate(void **s, unsigned f) { (void)f; if (need_ctx()) return 201; *s = malloc(1); return 0; }
-CUresult cuStreamDestroy_v2(void *s) { free(s); return 0; }
-CUresult cuStreamSynchronize(void *s) { (void)s; return need_ctx(); }
-CUresult cuStreamQuery(void *s) { (void)s; return need_ctx(); }
-CUresult cuStreamWaitEvent(void *s, void *e, unsigned f) { (void)s; (void)e; (void)f; return need_ctx(); }
-CUresult cuStreamIsCapturing(void *s, int *st) { (void)s; *st = 0; return 0; }
-CUresult cuEventCreate(void **e, unsigned f) { (void)f; if (need_ctx()) return 201; *e = malloc(1); return 0; }
-CUresult cuEventDestroy_v2(void *e) { free(e); return 0; }
-CUresult cuEventRecord(void *e, void *s) { (void)e; (void)s; return need_ctx(); }
-CUresult cuEventQuery(void *e) { (void)e; return 0; }
-CUresult cuEventSynchronize(void *e) { (void)e; return need_ctx(); }
-CUresult cuMemAlloc_v2(CUdeviceptr *p, size_t n) { if (need_ctx()) return 201; void *m = malloc(n); track(m, n, 0); *p = (uintptr_t)m; return 0; }
-CUresult cuMemFree_v2(CUdeviceptr p) { for (int i = 0; i < nallocs; i++) if (allocs[i].p == p && !allocs[i].host) { untrack(p); free((void *)(uintptr_t)p); return 0; } return 1; }
-CUresult cuMemHostAlloc(void **p, size_t n, unsigned f) { (void)f; if (need_ctx()) return 201; *p = calloc(1, n); track(*p, n, 1); return 0; }
-CUresult cuMemFreeHost(void *p) { untrack((uintptr_t)p); free(p); return 0; }
-CUresult cuMemHostGetDevicePointer_v2(CUdeviceptr *d, void *p, unsigned f) { (void)f; *d = (uintptr_t)p; return 0; }
-CUresult cuMemcpyDtoHAsync_v2(void *h, CUdeviceptr d, size_t n, void *s) { (void)s; if (need_ctx()) return 201; memcpy(h, (void *)(uintptr_t)d, n); return 0; }
-CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void *h, size_t n, void *s) { (void)s; if (need_ctx()) return 201; memcpy((void *)(uintptr_t)d, h, n); return 0; }
-CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr x, size_t n, void *s) { (void)s; memcpy((void *)(uintptr_t)d, (void *)(uintptr_t)x, n); return 0; }
-CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, void *s) { (void)s; memset((void *)(uintptr_t)d, v, n); return 0; }
-CUresult cuStreamWaitValue32_v2(void *s, CUdeviceptr a, uint32_t v, unsigned f) { (void)s; (void)a; (void)v; (void)f; waits++; return need_ctx(); }
-CUresult cuStreamWriteValue32_v2(void *s, CUdeviceptr a, uint32_t v, unsigned f) { (void)s; (void)f; *(volatile uint32_t *)(uintptr_t)a = v; return need_ctx(); }
-unsigned mock_waits(void) { return waits; }
-CUresult cuPointerGetAttribute(void *out, int attr, CUdeviceptr p) {
-    for (int i = 0; i < nallocs; i++)
-        if (p >= allocs[i].p && p < allocs[i].p + allocs[i].n) {
-            switch (attr) {
-            case 2: *(unsigned *)out = allocs[i].host ? 1 : 2; return 0;
-            case 9: *(int *)out = 0; return 0;
-            case 8: *(unsigned *)out = 0; return 0;
-            case 11: *(CUdeviceptr *)out = allocs[i].p; return 0;
-            case 12: *(size_t *)out = allocs[i].n; return 0;
-            default: return 1;
-            }
-        }
-    return 1;
-}
-"""
 
 MOCK_SCRIPT = r"""
 import ctypes, json, logging, sys
@@ -526,9 +457,25 @@ for n in (1, 4096, 50001, 0):
 out["round_trips"] = ok
 out["gate"] = lb._gate.value
 out["stream_waits"] = ctypes.CDLL(sys.argv[1]).mock_waits()
+from lamina_comm.gpu import memory
 with lc.Context("tcp") as ctx:
     reg = register_cuda(ctx, cuda.DeviceAllocation(dev, 100))
     out["path"] = reg.path
+    # Context.register hands CUDA memory to the GPU tier, and closes it with the context.
+    held = ctx.register(cuda.DeviceAllocation(dev, 100))
+    out["register"] = [type(held).__name__, held.path, held.path_reason]
+    # A driver offering dma-buf and a context claiming verbs: the native call is made for real and
+    # refused (tcp cannot reach device memory), so the region falls back to staging and says why.
+    real_probe = memory.probe_caps
+    memory.probe_caps = lambda c, d: memory.PathCaps(True, True, True, True, False, False)
+    fallback = ctx.register(cuda.DeviceAllocation(dev, 100))
+    out["fallback"] = [fallback.path, fallback.path_reason]
+    try:
+        register_cuda(ctx, cuda.DeviceAllocation(dev, 100), prefer="dmabuf")
+    except lc.UnsupportedError as exc:
+        out["asked_for"] = str(exc)
+    memory.probe_caps = real_probe
+out["closed_with_context"] = held.closed and fallback.closed
 try:
     dev.driver.call("cuMemFree", 0x1234)
 except cuda.CudaError as exc:
@@ -545,12 +492,9 @@ def test_cuda_layer_against_a_mock_driver(tmp_path):
     The mock refuses every call made without the primary context current
     (CUDA_ERROR_INVALID_CONTEXT), as the real driver does.
     """
-    import shutil
-    if shutil.which("gcc") is None:
+    lib = build_mock_libcuda(tmp_path)
+    if lib is None:
         pytest.skip("no gcc to build the mock driver")
-    lib = tmp_path / "libcuda.so.1"
-    (tmp_path / "mock_cuda.c").write_text(MOCK_LIBCUDA)
-    subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-o", str(lib), str(tmp_path / "mock_cuda.c")], check=True)
     env = {**os.environ, "PYTHONPATH": ROOT, "LAMINA_LIBCUDA": str(lib)}
     env.pop("LAMINA_DISABLE_CUDA", None)
     run = subprocess.run([sys.executable, "-c", MOCK_SCRIPT, str(lib)], env=env, capture_output=True, text=True,
@@ -562,5 +506,11 @@ def test_cuda_layer_against_a_mock_driver(tmp_path):
     assert out["round_trips"] == [True] * 4
     assert out["gate"] == 4 and out["stream_waits"] == 4, "one stream wait and one gate write per gated receive"
     assert out["path"] == "staging"
+    assert out["register"][:2] == ["CudaRegion", "staging"] and "no verbs transport" in out["register"][2]
+    assert out["fallback"][0] == "staging"
+    assert "dmabuf: " in out["fallback"][1] and "reaches device memory" in out["fallback"][1], out["fallback"]
+    assert "the transport refused it" in out["fallback"][1]
+    assert "reaches device memory" in out["asked_for"], "a path asked for by name is not silently replaced"
+    assert out["closed_with_context"]
     assert out["error"][0] == "CUDA_ERROR_INVALID_VALUE" and "cuMemFree" in out["error"][1]
     assert out["leaks"] == [], "close() must find the copy streams idle and free the ring"

@@ -12,9 +12,9 @@ device. :func:`cuda_buffer` resolves one to a device address and size;
 ``staging``  everything else (tcp; verbs without GPUDirect): bytes go through
              pinned host bounce buffers (lamina_comm.gpu.staging.StagedLink)
 
-The first two need native entry points that the verbs transport does not
-export yet; until it does, :func:`choose_path` says so in ``path_reason`` and
-every region is staged.
+A path the driver offers may still be refused by the transport (soft-RoCE has
+no dma-buf support; a device pointer needs nvidia-peermem): register_cuda then
+takes the next one down and ``path_reason`` quotes the refusal.
 """
 from __future__ import annotations
 
@@ -243,6 +243,7 @@ class PathCaps:
     dmabuf_supported: bool      # CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED
     gpudirect_supported: bool   # CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_SUPPORTED
     peermem_loaded: bool        # the nvidia-peermem kernel module is loaded
+    refused: frozenset = frozenset()  # paths the transport refused when tried (register_cuda)
 
 
 def choose_path(caps: PathCaps, prefer: str | None = None) -> tuple[str, str]:
@@ -262,6 +263,8 @@ def choose_path(caps: PathCaps, prefer: str | None = None) -> tuple[str, str]:
         no_dmabuf.append("the native library lacks lm_mr_register_dmabuf")
     if not caps.dmabuf_supported:
         no_dmabuf.append("the GPU/driver reports no dma-buf support")
+    if "dmabuf" in caps.refused:
+        no_dmabuf.append("the transport refused it")
     if not no_dmabuf and prefer in (None, "dmabuf"):
         return "dmabuf", "verbs with dma-buf export of device memory"
     no_peermem = []
@@ -271,6 +274,8 @@ def choose_path(caps: PathCaps, prefer: str | None = None) -> tuple[str, str]:
         no_peermem.append("the GPU reports no GPUDirect RDMA support")
     if not caps.peermem_loaded:
         no_peermem.append("the nvidia_peermem module is not loaded")
+    if "peermem" in caps.refused:
+        no_peermem.append("the transport refused it")
     if not no_peermem and prefer in (None, "peermem"):
         return "peermem", "verbs with ibv_reg_mr on the device pointer (nvidia-peermem)" + (
             f"; no dma-buf: {', '.join(no_dmabuf)}" if no_dmabuf else "")
@@ -376,6 +381,7 @@ class CudaRegion(CudaRegionBase):
         if self._closed:
             return
         self._closed = True
+        getattr(self.context, "_regions", set()).discard(self)  # when registered through Context.register
         mr, self._mr = self._mr, None
         if mr is not None:
             from .._bindings import lib
@@ -426,11 +432,26 @@ def register_cuda(ctx: Any, obj: Any, access: int | None = None, *, prefer: str 
     if buf.readonly and access & (Access.LOCAL_WRITE | Access.REMOTE_WRITE):
         raise InvalidArgumentError("read-only CUDA memory can only be registered with Access.REMOTE_READ")
     device = cuda.get_device(buf.device)
-    path, reason = choose_path(probe_caps(ctx, device), prefer)
+    caps = probe_caps(ctx, device)
+    path, reason = choose_path(caps, prefer)
     native_mr = None
-    if path != "staging":
+    refused: list[str] = []
+    while path != "staging":
         with device.activate():
             info = cuda.classify_pointer(device.driver, buf.ptr)
         start, size = (info.range_start, info.range_size) if info and info.range_size else (buf.ptr, buf.nbytes)
-        native_mr = _register_native(ctx, buf, path, access, device, start, size)
+        try:
+            native_mr = _register_native(ctx, buf, path, access, device, start, size)
+            break
+        except UnsupportedError as exc:
+            # The driver offered the path but the provider said no (soft-RoCE has no dma-buf):
+            # the next path down, unless this one was asked for by name.
+            if prefer is not None:
+                raise
+            refused.append(f"{path}: {exc}")
+            caps = dataclasses.replace(caps, refused=caps.refused | {path})
+            path, reason = choose_path(caps)
+    if refused:
+        reason = f"{reason}; {'; '.join(refused)}"
     return CudaRegion(ctx, buf, path, reason, access, native_mr)
+

@@ -180,6 +180,24 @@ int lm_mr_descriptor(lm_mr_t *mr, lm_rdesc_t *out);
  * meanwhile. */
 int lm_mr_deregister(lm_mr_t *mr);
 
+/* Device (GPU) memory, for transports whose NIC reaches it: verbs with
+ * GPUDirect RDMA. The CPU never touches such a region, so transports that
+ * copy with it (tcp, shm) do not register it: their operations on it are
+ * refused with LM_ERR_UNSUPPORTED, and a peer's frames naming its key get
+ * LM_ERR_NO_KEY. Both return LM_ERR_UNSUPPORTED, with the reason in
+ * lm_last_error, when no open transport takes the memory (no verbs in the
+ * context, or the provider refuses: soft-RoCE has no dma-buf support).
+ *
+ * lm_mr_register_dmabuf: [offset, +length) of the dma-buf fd (exported by the
+ * GPU driver, e.g. cuMemGetHandleForAddressRange), addressed as iova (the
+ * device pointer, so offsets and descriptors work as for host memory);
+ * ibv_reg_dmabuf_mr takes its own reference, so fd may be closed after.
+ * lm_mr_register_device: a device pointer the NIC reaches directly
+ * (ibv_reg_mr through the nvidia-peermem kernel module). */
+int lm_mr_register_dmabuf(lm_context_t *ctx, int fd, uint64_t offset, uint64_t length, uint64_t iova,
+                          uint32_t access, lm_mr_t **out);
+int lm_mr_register_device(lm_context_t *ctx, void *addr, uint64_t length, uint32_t access, lm_mr_t **out);
+
 /* Host memory a peer on the same host may map (a sealed memfd, whole pages):
  * a region registered over it with LM_ACCESS_REMOTE_WRITE takes shm writes
  * with one copy (the writer copies into the pages, the frame carries only the

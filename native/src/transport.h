@@ -39,6 +39,12 @@ typedef struct lm_transport_ops {
     /* Called for every region on every open transport (may be NULL). */
     int (*mr_register)(void *iface, lm_mr_t *mr);
     void (*mr_deregister)(void *iface, lm_mr_t *mr);
+    /* Device memory (mr->device; may be NULL: the transport cannot reach
+     * it, e.g. one that copies with the CPU). dmabuf_fd >= 0: the region is
+     * [dmabuf_offset, +length) of that dma-buf, addressed as mr->addr;
+     * -1: mr->addr is a device pointer the NIC reaches directly. Undone by
+     * mr_deregister. */
+    int (*mr_register_device)(void *iface, lm_mr_t *mr, int dmabuf_fd, uint64_t dmabuf_offset);
 
     /* Endpoint life cycle; create returns an object whose first member is a
      * struct lm_ep (see core.h). fd is the bootstrap socket (-1 if none). */

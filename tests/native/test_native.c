@@ -92,6 +92,26 @@ static void test_write_with_imm_lands_in_place(void)
     free(dst);
 }
 
+/* Device memory needs a transport whose NIC reaches it; tcp copies with the
+ * CPU, so both device registrations are refused with a reason (the verbs side
+ * is tested in the soft-RoCE guest: tests/rxe/test_verbs.py). */
+static void test_device_memory_refused_without_verbs(void)
+{
+    pair_t p;
+    pair_open(&p);
+    static uint8_t buf[4096];
+    lm_mr_t *mr = NULL;
+    CHECK(lm_mr_register_device(p.a, buf, sizeof(buf), LM_ACCESS_REMOTE_WRITE, &mr) == LM_ERR_UNSUPPORTED);
+    CHECK(strstr(lm_last_error(), "reaches device memory") && strstr(lm_last_error(), "tcp"));
+    CHECK(lm_mr_register_dmabuf(p.a, 0, 0, sizeof(buf), (uint64_t)(uintptr_t)buf, LM_ACCESS_REMOTE_WRITE, &mr) ==
+          LM_ERR_UNSUPPORTED);
+    CHECK(lm_mr_register_dmabuf(p.a, -1, 0, sizeof(buf), (uint64_t)(uintptr_t)buf, 0, &mr) == LM_ERR_INVALID);
+    CHECK(lm_mr_register_device(p.a, NULL, sizeof(buf), 0, &mr) == LM_ERR_INVALID);
+    CHECK(lm_mr_register_device(p.a, buf, 0, 0, &mr) == LM_ERR_INVALID);
+    CHECK(mr == NULL);
+    pair_close(&p);
+}
+
 static void test_refusals_leave_target_untouched(void)
 {
     pair_t p;
@@ -1144,6 +1164,7 @@ int main(void)
     test_answers_overtake_reads_held_by_ord();
     test_ack_on_read_answer_keeps_completion_order();
     test_progress_lease();
+    test_device_memory_refused_without_verbs();
     if (failures) {
         fprintf(stderr, "%d check(s) failed\n", failures);
         return 1;

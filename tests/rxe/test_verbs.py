@@ -288,6 +288,105 @@ def test_many_endpoints_share_one_completion_queue():
         assert np.array_equal(target, src.view())
 
 
+# ---- device memory: the GPUDirect registration paths ---------------------------------------------
+
+class DeviceRegion:
+    """A region made by lm_mr_register_device over host memory. rxe pins any user memory, so host
+    memory stands in for the GPU pointer nvidia-peermem would resolve: what this exercises is the
+    plumbing (verbs registers it, tcp and shm refuse it), not GPU memory itself."""
+
+    def __init__(self, ctx: lc.Context, array: np.ndarray):
+        out = ffi.new("lm_mr_t **")
+        check(lib.lm_mr_register_device(ctx._handle(), ffi.cast("void *", array.ctypes.data), array.nbytes,
+                                        int(lc.Access.ALL), out), "register device memory")
+        self._mr, self.array, self.nbytes = out[0], array, array.nbytes
+        desc = ffi.new("lm_rdesc_t *")
+        check(lib.lm_mr_descriptor(self._mr, desc), "descriptor")
+        self.remote = lc.RemoteRegion(desc.key, desc.addr, desc.length, desc.rkey, desc.access)
+
+    def _handle(self):
+        return self._mr
+
+    def close(self) -> None:  # before the context closes (it would deregister the region itself)
+        lib.lm_mr_deregister(self._mr)
+
+
+def test_device_memory_moves_over_verbs_only():
+    rng = np.random.default_rng(11)
+    n = 64 * 1024
+    with lc.Context() as a, lc.Context("verbs") as b, lc.Context() as c:
+        assert "verbs" in a.transports and "shm" in a.transports
+        source, target = rng.integers(0, 256, n, dtype=np.uint8), np.zeros(n, np.uint8)
+        src, dst = DeviceRegion(a, source), DeviceRegion(b, target)
+        try:
+            ini, tgt = connect_pair(b, a, server_data=dst.remote.to_bytes())
+            assert ini.transport == "verbs"
+            # A write small enough to go inline (which the CPU would copy: never from device
+            # memory), then the rest, device region to device region.
+            ini.write(src, dst.remote, length=16, imm=1)
+            ini.write(src, dst.remote, local_offset=16, remote_offset=16, length=n - 16, imm=2)
+            assert all(done.ok for done in collect(ini, 2))
+            assert [got.imm for got in collect(tgt, 2)] == [1, 2]
+            assert np.array_equal(target, source)
+            # shm copies with the CPU: it refuses the region locally, and a peer's write to its key
+            # finds no region there; the memory is untouched.
+            near, far = connect_pair(c, a)
+            assert near.transport == "shm"
+            peer_target = c.register(np.zeros(4096, np.uint8))
+            with pytest.raises(lc.UnsupportedError, match="device memory, which shm cannot reach"):
+                near.write(src, peer_target.descriptor(), length=16)
+            before = source.copy()
+            far.write(c.register(np.full(4096, 9, np.uint8)), src.remote, length=16, imm=3)
+            assert isinstance(far.wait_one(30).error(), lc.NoKeyError)
+            assert np.array_equal(source, before)
+        finally:
+            src.close()
+            dst.close()
+
+
+def test_rxe_refuses_dmabuf_with_the_reason():
+    size = 64 * 1024
+    backing = np.zeros(size, np.uint8)
+    fd = os.memfd_create("not-a-gpu-dmabuf")  # rxe refuses any dma-buf before looking at the fd
+    try:
+        os.ftruncate(fd, size)
+        with lc.Context("verbs") as ctx:
+            out = ffi.new("lm_mr_t **")
+            with pytest.raises(lc.UnsupportedError) as info:
+                check(lib.lm_mr_register_dmabuf(ctx._handle(), fd, 0, size, backing.ctypes.data,
+                                                int(lc.Access.ALL), out), "register dmabuf")
+            why = str(info.value)
+            assert "ibv_reg_dmabuf_mr" in why and RXE_DEV in why and "dma-buf support" in why, why
+    finally:
+        os.close(fd)
+
+
+def test_gpu_tier_falls_back_to_staging_when_rxe_refuses_dmabuf(tmp_path, monkeypatch):
+    """A (mock) GPU offering dma-buf export, a verbs context on rxe: the dma-buf registration is tried
+    for real, rxe refuses it, and the region is staged with the refusal quoted."""
+    from lamina_comm.gpu import cuda, register_cuda
+
+    from ..mock_cuda import build_mock_libcuda
+    lib_path = build_mock_libcuda(tmp_path)
+    assert lib_path, "gcc is needed to build the mock driver (tools/rxe-test.sh builds it on the host)"
+    monkeypatch.setenv("LAMINA_LIBCUDA", lib_path)
+    monkeypatch.setenv("MOCK_CUDA_DMABUF", "1")
+    monkeypatch.delenv("LAMINA_DISABLE_CUDA", raising=False)
+    cuda._reset_for_tests()
+    try:
+        dev = cuda.get_device(0)
+        with lc.Context("verbs") as ctx:
+            region = ctx.register(cuda.DeviceAllocation(dev, 4096))
+            assert region.path == "staging", region.path_reason
+            assert "the transport refused it" in region.path_reason
+            assert "ibv_reg_dmabuf_mr" in region.path_reason and "dma-buf support" in region.path_reason
+            with pytest.raises(lc.UnsupportedError, match="ibv_reg_dmabuf_mr"):
+                register_cuda(ctx, cuda.DeviceAllocation(dev, 4096), prefer="dmabuf")
+    finally:
+        monkeypatch.undo()
+        cuda._reset_for_tests()
+
+
 # ---- refusals and failures -------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", ["wrong rkey", "out of bounds"])

@@ -277,6 +277,9 @@ static int check_op(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t le
         return lm_fail(LM_ERR_INVALID, "%s: local range [%llu, +%llu) %s (region is %llu bytes)", what,
                        (unsigned long long)local_off, (unsigned long long)length, lm_status_str(rc),
                        (unsigned long long)local->length);
+    if (!lm_mr_reachable(local, ep->ops->id))
+        return lm_fail(LM_ERR_UNSUPPORTED, "%s: the region is device memory, which %s cannot reach (it moves "
+                       "bytes with the CPU): stage it through host memory", what, ep->ops->name);
     int err = atomic_load(&ep->error);
     if (err)
         return lm_fail(err, "%s: endpoint failed earlier: %s", what, lm_status_str(err));

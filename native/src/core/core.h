@@ -32,7 +32,12 @@ struct lm_mr {
     atomic_int refs;             /* registry + queued operations */
     struct lm_mr *hash_next;
     struct lm_shmem *shmem;      /* set when registered over an lm_shmem allocation */
+    bool device;                 /* device (GPU) memory: the CPU must never touch it */
+    uint32_t reach;              /* LM_TRANSPORT_* that can move its bytes (host memory: every open one) */
 };
+
+/* Whether transport (an LM_TRANSPORT_* bit) may move the region's bytes. */
+static inline bool lm_mr_reachable(const lm_mr_t *mr, uint32_t transport) { return (mr->reach & transport) != 0; }
 
 /* lm_mr_register, for memory of an lm_shmem allocation (or NULL). */
 int lm_mr_register_over(lm_context_t *ctx, void *addr, uint64_t length, uint32_t access, struct lm_shmem *shmem,

@@ -1,6 +1,8 @@
 /* registry.c - the table of registered memory regions, keyed by random 64-bit
  * keys so that a peer cannot guess its way into memory it was not given. */
 #include <errno.h>
+#include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
@@ -94,31 +96,9 @@ int lm_mr_register(lm_context_t *ctx, void *addr, uint64_t length, uint32_t acce
     return lm_mr_register_over(ctx, addr, length, access, NULL, out);
 }
 
-int lm_mr_register_over(lm_context_t *ctx, void *addr, uint64_t length, uint32_t access, lm_shmem_t *shmem,
-                        lm_mr_t **out)
+/* Publish a region every transport that reaches it has registered. */
+static void publish(lm_context_t *ctx, lm_mr_t *mr)
 {
-    const uint32_t known = LM_ACCESS_LOCAL_WRITE | LM_ACCESS_REMOTE_WRITE | LM_ACCESS_REMOTE_READ;
-    if (!ctx || !out || (!addr && length) || (access & ~known))
-        return lm_fail(LM_ERR_INVALID, "lm_mr_register: bad arguments (access=0x%x)", access);
-    lm_mr_t *mr = calloc(1, sizeof(*mr));
-    if (!mr)
-        return lm_fail(LM_ERR_NO_MEMORY, "region allocation failed");
-    /* shmem set before the region is published: a grant can only follow. */
-    *mr = (lm_mr_t){.ctx = ctx, .addr = addr, .length = length, .access = access, .alive = true, .shmem = shmem};
-    atomic_init(&mr->refs, 1);
-    for (int t = 0; t < LM_MAX_TRANSPORTS; t++) {
-        const lm_transport_ops_t *ops = ctx->transports[t];
-        if (!ops || !ops->mr_register)
-            continue;
-        int rc = ops->mr_register(ctx->ifaces[t], mr);
-        if (rc != LM_OK) {
-            for (int u = 0; u < t; u++)
-                if (ctx->transports[u] && ctx->transports[u]->mr_deregister)
-                    ctx->transports[u]->mr_deregister(ctx->ifaces[u], mr);
-            free(mr);
-            return rc;
-        }
-    }
     pthread_rwlock_wrlock(&ctx->registry_lock);
     do
         mr->key = random_key();
@@ -129,8 +109,109 @@ int lm_mr_register_over(lm_context_t *ctx, void *addr, uint64_t length, uint32_t
     mr->hash_next = ctx->buckets[b];
     ctx->buckets[b] = mr;
     pthread_rwlock_unlock(&ctx->registry_lock);
+}
+
+/* Deregister mr from every transport that registered it (those in mr->reach). */
+static void unregister_reached(lm_context_t *ctx, lm_mr_t *mr)
+{
+    for (int t = 0; t < LM_MAX_TRANSPORTS; t++) {
+        const lm_transport_ops_t *ops = ctx->transports[t];
+        if (ops && lm_mr_reachable(mr, ops->id) && ops->mr_deregister)
+            ops->mr_deregister(ctx->ifaces[t], mr);
+    }
+}
+
+static lm_mr_t *new_region(lm_context_t *ctx, void *addr, uint64_t length, uint32_t access, bool device,
+                           lm_shmem_t *shmem)
+{
+    lm_mr_t *mr = calloc(1, sizeof(*mr));
+    if (!mr)
+        return NULL;
+    /* shmem set before the region is published: a grant can only follow. */
+    *mr = (lm_mr_t){.ctx = ctx, .addr = addr, .length = length, .access = access, .alive = true,
+                    .shmem = shmem, .device = device};
+    atomic_init(&mr->refs, 1);
+    return mr;
+}
+
+static const uint32_t known_access = LM_ACCESS_LOCAL_WRITE | LM_ACCESS_REMOTE_WRITE | LM_ACCESS_REMOTE_READ;
+
+int lm_mr_register_over(lm_context_t *ctx, void *addr, uint64_t length, uint32_t access, lm_shmem_t *shmem,
+                        lm_mr_t **out)
+{
+    if (!ctx || !out || (!addr && length) || (access & ~known_access))
+        return lm_fail(LM_ERR_INVALID, "lm_mr_register: bad arguments (access=0x%x)", access);
+    lm_mr_t *mr = new_region(ctx, addr, length, access, false, shmem);
+    if (!mr)
+        return lm_fail(LM_ERR_NO_MEMORY, "region allocation failed");
+    for (int t = 0; t < LM_MAX_TRANSPORTS; t++) {
+        const lm_transport_ops_t *ops = ctx->transports[t];
+        if (!ops)
+            continue;
+        int rc = ops->mr_register ? ops->mr_register(ctx->ifaces[t], mr) : LM_OK;
+        if (rc != LM_OK) {
+            unregister_reached(ctx, mr);
+            free(mr);
+            return rc;
+        }
+        mr->reach |= ops->id; /* host memory: every transport moves it */
+    }
+    publish(ctx, mr);
     *out = mr;
     return LM_OK;
+}
+
+/* Device memory goes only to the transports whose NIC reaches it; the others
+ * refuse operations on it (check_op, and the tcp receiver's key lookup). */
+static int register_device(lm_context_t *ctx, void *addr, uint64_t length, uint32_t access, int dmabuf_fd,
+                           uint64_t dmabuf_offset, const char *what, lm_mr_t **out)
+{
+    if (!ctx || !out || !addr || length == 0 || (access & ~known_access))
+        return lm_fail(LM_ERR_INVALID, "%s: bad arguments (address %p, %llu bytes, access=0x%x)", what, addr,
+                       (unsigned long long)length, access);
+    lm_mr_t *mr = new_region(ctx, addr, length, access, true, NULL);
+    if (!mr)
+        return lm_fail(LM_ERR_NO_MEMORY, "region allocation failed");
+    char cannot[96] = "";
+    for (int t = 0; t < LM_MAX_TRANSPORTS; t++) {
+        const lm_transport_ops_t *ops = ctx->transports[t];
+        if (!ops)
+            continue;
+        if (!ops->mr_register_device) {
+            size_t used = strlen(cannot);
+            snprintf(cannot + used, sizeof(cannot) - used, "%s%s", used ? ", " : "", ops->name);
+            continue;
+        }
+        int rc = ops->mr_register_device(ctx->ifaces[t], mr, dmabuf_fd, dmabuf_offset);
+        if (rc != LM_OK) {
+            unregister_reached(ctx, mr);
+            free(mr);
+            return rc; /* the transport said why */
+        }
+        mr->reach |= ops->id;
+    }
+    if (!mr->reach) {
+        free(mr);
+        return lm_fail(LM_ERR_UNSUPPORTED, "%s: no transport of this context reaches device memory (open: %s, "
+                       "which copy with the CPU; it takes verbs with GPUDirect RDMA)", what, cannot[0] ? cannot : "none");
+    }
+    publish(ctx, mr);
+    *out = mr;
+    return LM_OK;
+}
+
+int lm_mr_register_dmabuf(lm_context_t *ctx, int fd, uint64_t offset, uint64_t length, uint64_t iova,
+                          uint32_t access, lm_mr_t **out)
+{
+    if (fd < 0)
+        return lm_fail(LM_ERR_INVALID, "lm_mr_register_dmabuf: no dma-buf descriptor (fd %d)", fd);
+    return register_device(ctx, (void *)(uintptr_t)iova, length, access, fd, offset, "lm_mr_register_dmabuf",
+                           out);
+}
+
+int lm_mr_register_device(lm_context_t *ctx, void *addr, uint64_t length, uint32_t access, lm_mr_t **out)
+{
+    return register_device(ctx, addr, length, access, -1, 0, "lm_mr_register_device", out);
 }
 
 int lm_mr_descriptor(lm_mr_t *mr, lm_rdesc_t *out)
@@ -158,9 +239,7 @@ int lm_mr_deregister(lm_mr_t *mr)
     mr->alive = false;
     ctx->nregions--;
     pthread_rwlock_unlock(&ctx->registry_lock);
-    for (int t = 0; t < LM_MAX_TRANSPORTS; t++)
-        if (ctx->transports[t] && ctx->transports[t]->mr_deregister)
-            ctx->transports[t]->mr_deregister(ctx->ifaces[t], mr);
+    unregister_reached(ctx, mr); /* every transport that registered it */
     /* Peers that mapped the memory lose it now; under the write lock, so that
      * none of our transports copies into these pages while they move. */
     pthread_rwlock_wrlock(&ctx->registry_lock);

@@ -266,7 +266,9 @@ static int lookup_target(lm_tcp_ep_t *ep, const lm_tcp_hdr_t *h, uint32_t access
     lm_context_t *ctx = ep->base.ctx;
     lm_registry_rdlock(ctx);
     lm_mr_t *mr = lm_registry_find(ctx, h->key);
-    int st = mr ? lm_mr_check(mr, h->offset, h->length, access) : LM_ERR_NO_KEY;
+    /* Device memory is not ours to copy into: to this transport the key does not exist. */
+    int st = mr && lm_mr_reachable(mr, ep->base.ops->id) ? lm_mr_check(mr, h->offset, h->length, access)
+                                                          : LM_ERR_NO_KEY;
     if (st == LM_OK)
         lm_mr_ref(mr);
     lm_registry_unlock(ctx);

@@ -154,6 +154,7 @@ int lm_verbs_md_open(lm_verbs_iface_t *iface, const lm_context_params_t *params,
                      size_t why_len);
 void lm_verbs_md_close(lm_verbs_iface_t *iface);
 int lm_verbs_mr_register(void *iface, lm_mr_t *mr);
+int lm_verbs_mr_register_device(void *iface, lm_mr_t *mr, int dmabuf_fd, uint64_t dmabuf_offset);
 void lm_verbs_mr_deregister(void *iface, lm_mr_t *mr);
 /* The region's verbs handle (NULL for an empty region); registry lock held. */
 lm_verbs_mr_t *lm_verbs_region(const lm_verbs_iface_t *iface, const lm_mr_t *mr);

@@ -320,7 +320,8 @@ static int post_chunk(lm_verbs_ep_t *ep, lm_verbs_op_t *op, uint32_t max_len)
          * byte before the target sees it. */
         wr.opcode = op->with_imm && last ? IBV_WR_RDMA_WRITE_WITH_IMM : IBV_WR_RDMA_WRITE;
         wr.imm_data = htonl(op->imm);
-        if (len > 0 && len <= ep->max_inline)
+        /* Inline data is copied by the CPU: never from device memory. */
+        if (len > 0 && len <= ep->max_inline && !op->local->device)
             wr.send_flags |= IBV_SEND_INLINE;
     }
     struct ibv_send_wr *bad = NULL;

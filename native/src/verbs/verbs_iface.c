@@ -320,6 +320,7 @@ const lm_transport_ops_t lm_verbs_transport = {
     .iface_poll = iface_poll,
     .mr_register = lm_verbs_mr_register,
     .mr_deregister = lm_verbs_mr_deregister,
+    .mr_register_device = lm_verbs_mr_register_device,
     .ep_create = lm_verbs_ep_create,
     .ep_address = lm_verbs_ep_address,
     .ep_connect = lm_verbs_ep_connect,

@@ -225,6 +225,40 @@ int lm_verbs_mr_register(void *iface_ptr, lm_mr_t *mr)
     return LM_OK;
 }
 
+int lm_verbs_mr_register_device(void *iface_ptr, lm_mr_t *mr, int dmabuf_fd, uint64_t dmabuf_offset)
+{
+    lm_verbs_iface_t *iface = iface_ptr;
+    int slot = verbs_slot(iface);
+    if (slot < 0)
+        return lm_fail(LM_ERR_INVALID, "verbs: interface not open in this context");
+    lm_verbs_mr_t *vmr = calloc(1, sizeof(*vmr));
+    if (!vmr)
+        return lm_fail(LM_ERR_NO_MEMORY, "verbs: region allocation failed");
+    int access = ibv_access_of(mr->access);
+    vmr->ibv = dmabuf_fd >= 0
+                   ? ibv_reg_dmabuf_mr(iface->pd, dmabuf_offset, mr->length, (uint64_t)(uintptr_t)mr->addr,
+                                       dmabuf_fd, access)
+                   : ibv_reg_mr(iface->pd, mr->addr, mr->length, access);
+    if (!vmr->ibv) {
+        int err = errno;
+        free(vmr);
+        /* EOPNOTSUPP: the provider (or its kernel driver) has no dma-buf support;
+         * a device pointer without nvidia-peermem fails with EFAULT or EINVAL. */
+        bool unsupported = err == EOPNOTSUPP || err == ENOSYS || err == EPROTONOSUPPORT ||
+                           (dmabuf_fd < 0 && (err == EFAULT || err == EINVAL));
+        const char *hint = dmabuf_fd >= 0 ? (unsupported ? " (the provider has no dma-buf support)" : "")
+                                          : (unsupported ? " (is the nvidia_peermem module loaded?)" : "");
+        return lm_fail(unsupported ? LM_ERR_UNSUPPORTED : err == ENOMEM ? LM_ERR_NO_MEMORY : LM_ERR_IO,
+                       "%s(%llu bytes of device memory) on %s: %s%s",
+                       dmabuf_fd >= 0 ? "ibv_reg_dmabuf_mr" : "ibv_reg_mr", (unsigned long long)mr->length,
+                       iface->dev_name, strerror(err), hint);
+    }
+    atomic_init(&vmr->posted, 0);
+    mr->rkey = vmr->ibv->rkey;
+    mr->tr_priv[slot] = vmr;
+    return LM_OK;
+}
+
 void lm_verbs_mr_deregister(void *iface_ptr, lm_mr_t *mr)
 {
     lm_verbs_iface_t *iface = iface_ptr;
