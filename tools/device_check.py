@@ -462,6 +462,7 @@ def decode_check(timeout: float) -> dict:
     tokens, seconds = demo._monolithic_decode_rate(mono, workload, params)
     out["mono_decode_tokens_per_s"] = round(tokens / max(seconds, 1e-9), 1)
     matches = [a == b for a, b in zip(split, alone)]
+    out["attention_kernel"] = mono.cache.attention  # the nodes' too (--attention-kernel auto: sdpa on CUDA)
     out["parity"] = f"{sum(matches)}/{len(matches)} requests identical (greedy)"
     out["parity_ok"] = all(matches)
     if not out["parity_ok"]:
@@ -526,7 +527,7 @@ def table(r: dict) -> str:
         lines.append(f"latency          {why('latency')}")
     d = r.get("decode", {})
     if "parity" in d:
-        lines.append(f"decode (tiny)    parity {d['parity']}; decode steps: split {d['split_decode_tokens_per_s']} "
+        lines.append(f"decode (tiny)    parity {d['parity']}, {d.get('attention_kernel', '?')} attention; decode steps: split {d['split_decode_tokens_per_s']} "
                      f"tok/s vs monolithic {d['mono_decode_tokens_per_s']} tok/s (GPU)")
     else:
         lines.append(f"decode           {why('decode')}")

@@ -7,6 +7,13 @@ disjoint head ranges together compute exactly what one worker owning all
 heads computes; the per-head arithmetic here is laid out so that this holds
 bit for bit (see ``_grouped_causal_attention``).
 
+Two attention kernels (``attention=``): ``exact``, a float32 matmul-softmax
+laid out so that the result is bit-identical whatever the head split (the
+parity tests rest on it), and ``sdpa``, torch's fused
+``scaled_dot_product_attention`` in the cache's dtype (flash / memory-efficient
+kernels on CUDA where torch has them), close to ``exact`` but not bit for bit.
+``auto`` takes ``sdpa`` on CUDA and ``exact`` elsewhere.
+
 The tokens of one step form a ragged batch: ``request_ids[i]`` and
 ``positions[i]`` describe token i.  A prefill contributes many consecutive
 positions of one request, a decode one position.
@@ -19,12 +26,24 @@ from dataclasses import dataclass
 from typing import Hashable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from lamina_comm.errors import LaminaError
 from lamina_comm.model.config import LlamaConfig
 
 RequestId = Hashable
 HeadRange = tuple[int, int]
+
+ATTENTION_KERNELS = ("auto", "exact", "sdpa")
+
+
+def resolve_attention_kernel(kernel: str, device: torch.device | str) -> str:
+    """``exact`` or ``sdpa`` for a requested kernel (``auto``: sdpa on CUDA, exact elsewhere)."""
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"attention kernel must be one of {', '.join(ATTENTION_KERNELS)}, not {kernel!r}")
+    if kernel == "auto":
+        return "sdpa" if torch.device(device).type == "cuda" else "exact"
+    return kernel
 
 
 class KVCacheFull(LaminaError):
@@ -110,6 +129,7 @@ class PagedKVCache:
         block_size: int = 16,
         device: torch.device | str = "cpu",
         dtype: Optional[torch.dtype] = None,
+        attention: str = "auto",
     ) -> None:
         if not 0 <= kv_head_start < kv_head_end <= config.num_kv_heads:
             raise ValueError(
@@ -126,6 +146,7 @@ class PagedKVCache:
         self.block_size = block_size
         self.device = torch.device(device)
         self.dtype = dtype if dtype is not None else config.torch_dtype
+        self.attention = resolve_attention_kernel(attention, self.device)
         pool_shape = (config.num_layers, num_blocks, block_size, self.n_local_kv_heads, config.head_dim)
         # Zero-initialised so masked-out padding slots never hold inf/NaN.
         self.k_pool = torch.zeros(pool_shape, dtype=self.dtype, device=self.device)
@@ -263,9 +284,14 @@ class PagedKVCache:
         key_positions = torch.arange(batch.context_len, device=self.device)
         stale = key_positions[None, :] > batch.query_positions[:, -1:]
         v_context = v_context.masked_fill(stale[:, :, None, None], 0)
-        out = _grouped_causal_attention(
-            q_batch, k_context, v_context, batch.query_positions, self.config.sliding_window
-        )
+        if self.attention == "sdpa":
+            # SDPA adds its mask to the scores, and NaN + -inf is NaN: stale keys go too.
+            k_context = k_context.masked_fill(stale[:, :, None, None], 0)
+            out = _sdpa_causal_attention(q_batch, k_context, v_context, batch.query_positions,
+                                         self.config.sliding_window)
+        else:
+            out = _grouped_causal_attention(q_batch, k_context, v_context, batch.query_positions,
+                                            self.config.sliding_window)
         return out.reshape(num_groups * tokens_per_group, self.n_local_q_heads, self.config.head_dim).to(q.dtype)
 
     def _gather(self, pool: torch.Tensor, batch: _AttentionBatch) -> torch.Tensor:
@@ -394,6 +420,41 @@ def _grouped_causal_attention(
     probs = torch.softmax(scores, dim=-1)
 
     out = torch.matmul(probs, v_heads)  # [B, kv, Tq*G, d]
+    return out.view(batch, num_kv_heads, num_queries, group, head_dim).permute(0, 2, 1, 3, 4).reshape(
+        batch, num_queries, num_q_heads, head_dim
+    )
+
+
+def _sdpa_causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    query_positions: torch.Tensor,
+    sliding_window: Optional[int],
+) -> torch.Tensor:
+    """The same attention as ``_grouped_causal_attention`` through torch's fused SDPA, in k's dtype.
+
+    A group's query heads are folded into the query axis ([B, kv, Tq*G, d] against [B, kv, C, d]),
+    so no kernel needs GQA support and K/V are never repeated; the boolean mask (True: attend)
+    carries causality, the sliding window and the ragged context lengths.
+    """
+    batch, num_queries, num_q_heads, head_dim = q.shape
+    context_len, num_kv_heads = k.shape[1], k.shape[2]
+    group = num_q_heads // num_kv_heads
+    q_grouped = (
+        q.to(k.dtype)
+        .view(batch, num_queries, num_kv_heads, group, head_dim)
+        .permute(0, 2, 1, 3, 4)
+        .reshape(batch, num_kv_heads, num_queries * group, head_dim)
+    )
+    key_positions = torch.arange(context_len, device=q.device)
+    row_positions = query_positions.repeat_interleave(group, dim=1)[:, :, None]  # [B, Tq*G, 1]
+    allowed = key_positions <= row_positions
+    if sliding_window is not None:
+        allowed &= key_positions > row_positions - sliding_window
+    out = F.scaled_dot_product_attention(
+        q_grouped, k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3), attn_mask=allowed[:, None]
+    )  # [B, kv, Tq*G, d]
     return out.view(batch, num_kv_heads, num_queries, group, head_dim).permute(0, 2, 1, 3, 4).reshape(
         batch, num_queries, num_q_heads, head_dim
     )

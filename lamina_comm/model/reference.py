@@ -29,11 +29,13 @@ class MonolithicModel:
         device: Union[torch.device, str] = "cpu",
         num_blocks: int = 256,
         block_size: int = 16,
+        attention: str = "auto",
     ) -> None:
         self.config = config
         self.tier = ModelTier(config, weights, device)
         self.device = self.tier.device
-        self.cache = PagedKVCache(config, 0, config.num_kv_heads, num_blocks, block_size, self.device)
+        self.cache = PagedKVCache(config, 0, config.num_kv_heads, num_blocks, block_size, self.device,
+                                  attention=attention)
         self._generate_ids = itertools.count()
 
     def add_request(self, request_id: RequestId, max_tokens: int) -> None:

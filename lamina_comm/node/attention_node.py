@@ -61,6 +61,8 @@ class AttentionOptions:
     num_blocks: int = 2048
     block_size: int = 16
     device: str = "cpu"
+    # Attention kernel (PagedKVCache attention=): auto, exact or sdpa (--attention-kernel).
+    attention: str = "auto"
     # The config this node was started with (--model/--config); when set, a
     # model node running another config is refused at setup.
     config: Optional[LlamaConfig] = None
@@ -204,6 +206,7 @@ class AttentionServer:
             with self.context.listen((self.address[0], 0)) as data_listener:
                 newcomer.link.reply(newcomer.number, protocol.ok(
                     **session.cache_figures(), pid=os.getpid(), device=str(cache.device),
+                    attention=cache.attention,
                     kv_heads=list(setup.kv_heads), takeover_after_s=self.options.peer_timeout,
                     replica=session.name, data_port=data_listener.address[1]))
                 session.attach(self.accept_data(data_listener, setup.data_spec, timeout))
@@ -225,7 +228,7 @@ class AttentionServer:
                 f"exceed this machine's memory", "resources")
         try:
             return PagedKVCache(config, start, end, self.options.num_blocks, self.options.block_size,
-                                self.options.device)
+                                self.options.device, attention=self.options.attention)
         except (RuntimeError, ValueError, MemoryError) as exc:  # e.g. the pools do not fit device memory
             raise protocol.ControlError(f"cannot create the KV cache: {exc}", "resources") from exc
 

@@ -81,6 +81,10 @@ def _node_parser() -> argparse.ArgumentParser:
     attention.add_argument("--listen", metavar="HOST:PORT", help="address to accept the model node on")
     attention.add_argument("--blocks", type=int, default=2048, help="KV cache blocks")
     attention.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    attention.add_argument("--attention-kernel", choices=("auto", "exact", "sdpa"), default="auto",
+                           help="attention kernel: exact (float32, bit-identical across head splits), sdpa "
+                                "(torch's fused scaled_dot_product_attention in the cache dtype); auto: sdpa on "
+                                "CUDA, exact elsewhere")
     attention.add_argument("--max-model-nodes", type=int, default=4,
                            help="model nodes (replicas) served at once, sharing the KV blocks; one more is "
                                 "refused busy")
@@ -202,7 +206,7 @@ def _run_attention(args: argparse.Namespace, stop: threading.Event) -> int:
 
     options = AttentionOptions(
         listen=args.listen, num_blocks=args.blocks, block_size=args.block_size, device=args.device,
-        config=load_config(args), secret=args.secret, transport=args.transport,
+        attention=args.attention_kernel, config=load_config(args), secret=args.secret, transport=args.transport,
         progress=args.progress, peer_timeout=args.peer_timeout, max_model_nodes=args.max_model_nodes,
         exit_after_messages=args.exit_after_messages)
     join = _addresses(args.join)

@@ -88,6 +88,7 @@ class AttentionPeer:
         self.control = protocol.ControlLink(data, peer_timeout, protocol.control_microbatch(data.spec))
         self.pid = setup_reply.get("pid")
         self.device = setup_reply.get("device")
+        self.attention = setup_reply.get("attention")  # the worker's attention kernel (exact / sdpa)
         self.blocks_used = int(setup_reply["blocks_used"])
         self.blocks_held = 0  # of blocks_used, this model node's (the worker may serve other replicas)
         self.replicas: list[dict[str, Any]] = []  # the worker's model nodes, from its last status answer

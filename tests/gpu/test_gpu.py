@@ -439,3 +439,29 @@ def test_no_per_message_allocation(torch):
         eb.close(2)
         ca.close()
         cb.close()
+
+
+@pytest.mark.parametrize("dtype_name, atol", [("float16", 5e-3), ("bfloat16", 3e-2)])
+def test_sdpa_attention_on_cuda_agrees_with_the_exact_kernel(torch, dtype_name, atol):
+    """The nodes' default kernel on CUDA (torch's fused SDPA in the cache dtype) against the float32
+    exact kernel over ragged prefill + decode steps: within the half-precision tolerance."""
+    from lamina_comm.model import LlamaConfig, PagedKVCache
+    dtype = getattr(torch, dtype_name)
+    config = LlamaConfig.tiny(num_layers=1)
+    caches = {kernel: PagedKVCache(config, 0, config.num_kv_heads, num_blocks=64, block_size=16, device="cuda",
+                                   dtype=dtype, attention=kernel) for kernel in ("exact", "auto")}
+    assert caches["auto"].attention == "sdpa"
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for cache in caches.values():
+        for request in "ab":
+            cache.reserve(request, 80)
+    steps = [(["a"] * 40 + ["b"] * 7, list(range(40)) + list(range(7))), (["a", "b"], [40, 7]), (["b", "a"], [8, 41])]
+    for request_ids, positions in steps:
+        n = len(request_ids)
+        q = torch.randn(n, config.num_heads, config.head_dim, device="cuda", generator=gen)
+        k = torch.randn(n, config.num_kv_heads, config.head_dim, device="cuda", generator=gen)
+        v = torch.randn(n, config.num_kv_heads, config.head_dim, device="cuda", generator=gen)
+        pos = torch.tensor(positions, device="cuda")
+        exact = caches["exact"].attend(0, request_ids, pos, q, k, v)
+        fused = caches["auto"].attend(0, request_ids, pos, q, k, v)
+        torch.testing.assert_close(fused.float(), exact.float(), rtol=0, atol=atol)

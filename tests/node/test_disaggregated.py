@@ -158,6 +158,37 @@ def replay_on_monolithic(records: list[Record], capacity: dict[int, int]) -> Non
         assert torch.equal(expected, logits), f"logits differ for {entries}: {(expected - logits).abs().max()}"
 
 
+def test_workers_on_the_sdpa_kernel_decode_the_monolithic_models_tokens() -> None:
+    """--attention-kernel sdpa (the fused kernel the GPU nodes take by default): greedy tokens identical to a
+    monolithic run on the same kernel, logits within float32 rounding (not bit-equal: the fused kernel's
+    result depends on the head split)."""
+    nodes = attention_nodes(2, "--config", "tiny", "--blocks", "64", "--attention-kernel", "sdpa")
+    try:
+        node = make_node([address(n) for n in nodes], microbatches=2)
+        try:
+            records: list[Record] = []
+            node.step_observer = lambda step, mb, entries, logits: records.append((step, mb, entries, logits.clone()))
+            prompts, params = [prompt_of(5, 0), prompt_of(19, 1), prompt_of(2, 2)], [greedy(8)] * 3
+            handles = [node.submit(p, q) for p, q in zip(prompts, params)]
+            run_until_done(node, handles)
+            assert {w["attention"] for w in node.status()["workers"]} == {"sdpa"}
+        finally:
+            node.close()
+    finally:
+        for n in nodes:
+            assert n.stop() == 0, n.log()
+            n.close()
+    mono = MonolithicModel(CONFIG, tiny_weights(), attention="sdpa")
+    assert [h.result(0)["tokens"] for h in handles] == [mono.generate([p], q)[0] for p, q in zip(prompts, params)]
+    replay = MonolithicModel(CONFIG, tiny_weights(), attention="sdpa")
+    capacity = {h.id: len(p) + q.max_tokens - 1 for h, p, q in zip(handles, prompts, params)}
+    for _, _, entries, logits in records:
+        for request_id, _, _ in entries:
+            if not replay.cache.has_request(request_id):
+                replay.add_request(request_id, capacity[request_id])
+        torch.testing.assert_close(logits, replay.step(entries), rtol=0, atol=1e-4)
+
+
 def test_seeded_temperature_and_top_p_sampling_matches_the_monolithic_model(node: ModelNode) -> None:
     prompts = [prompt_of(5, 7), prompt_of(11, 8), prompt_of(2, 9)]
     params = [SamplingParams(temperature=0.8, top_p=0.9, max_tokens=10, seed=11),

@@ -14,9 +14,12 @@ from lamina_comm.model import KVCacheFull, LlamaConfig, PagedKVCache, slice_head
 CONFIG = LlamaConfig.tiny(num_layers=2)  # 8 query heads on 2 KV heads, head_dim 16
 
 
-def make_cache(config=CONFIG, heads=None, num_blocks=32, block_size=4) -> PagedKVCache:
+def make_cache(config=CONFIG, heads=None, num_blocks=32, block_size=4, attention="exact") -> PagedKVCache:
     start, end = heads if heads is not None else (0, config.num_kv_heads)
-    return PagedKVCache(config, start, end, num_blocks=num_blocks, block_size=block_size)
+    return PagedKVCache(config, start, end, num_blocks=num_blocks, block_size=block_size, attention=attention)
+
+
+KERNELS = pytest.mark.parametrize("kernel", ["exact", "sdpa"])
 
 
 def random_qkv(config, num_tokens, generator):
@@ -93,8 +96,9 @@ def test_head_split_caches_equal_one_full_cache_exactly(config, num_workers):
 # --------------------------------------------------------------- attention
 
 
-def test_attention_matches_naive_causal_attention_over_ragged_steps():
-    cache = make_cache()
+@KERNELS
+def test_attention_matches_naive_causal_attention_over_ragged_steps(kernel):
+    cache = make_cache(attention=kernel)
     for request in "abc":
         cache.reserve(request, 16)
     keys = {r: torch.zeros(16, CONFIG.num_kv_heads, CONFIG.head_dim) for r in "abc"}
@@ -108,16 +112,17 @@ def test_attention_matches_naive_causal_attention_over_ragged_steps():
             torch.testing.assert_close(out[i], expected, rtol=0, atol=1e-5)
 
 
-def test_sliding_window_hides_old_positions():
+@KERNELS
+def test_sliding_window_hides_old_positions(kernel):
     config = LlamaConfig.tiny(num_layers=1, architecture="MistralForCausalLM", sliding_window=2)
-    cache = make_cache(config)
+    cache = make_cache(config, attention=kernel)
     cache.reserve("a", 8)
     generator = torch.Generator().manual_seed(0)
     q, k, v = random_qkv(config, 5, generator)
     out = cache.attend(0, ["a"] * 5, torch.arange(5), q, k, v)
     # Position 4 sees only positions 3 and 4: attending over keys[3:5] reproduces it.
     expected = naive_attention(1, k[3:5], v[3:5], q[4], config.group_size)
-    torch.testing.assert_close(out[4], expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[4], expected, rtol=0, atol=1e-5 if kernel == "sdpa" else 1e-6)
 
 
 def test_layers_are_stored_independently():
@@ -147,10 +152,11 @@ def test_freed_blocks_do_not_leak_into_the_next_request():
     assert torch.equal(reused, fresh.attend(0, ["new"] * 3, torch.arange(3), q, k, v))
 
 
-def test_nan_left_by_a_freed_request_does_not_poison_a_padded_decode_batch():
+@KERNELS
+def test_nan_left_by_a_freed_request_does_not_poison_a_padded_decode_batch(kernel):
     """A short request batched with a long one reads padding slots; stale NaN there must not leak."""
     generator = torch.Generator().manual_seed(5)
-    cache = make_cache(num_blocks=5, block_size=4)
+    cache = make_cache(num_blocks=5, block_size=4, attention=kernel)
     cache.reserve("old", 8)
     q, k, v = random_qkv(CONFIG, 8, generator)
     nan = float("nan")
@@ -163,11 +169,12 @@ def test_nan_left_by_a_freed_request_does_not_poison_a_padded_decode_batch():
     assert torch.isfinite(out).all()
 
 
-def test_batched_decode_of_uneven_contexts_matches_separate_steps():
+@KERNELS
+def test_batched_decode_of_uneven_contexts_matches_separate_steps(kernel):
     """Decodes of short and long requests share one padded matmul; padding must not leak."""
     generator = torch.Generator().manual_seed(4)
     prefill = {"short": 2, "long": 13}
-    together, alone = make_cache(), make_cache()
+    together, alone = make_cache(attention=kernel), make_cache(attention=kernel)
     for cache in (together, alone):
         for request, length in prefill.items():
             cache.reserve(request, length + 1)
@@ -179,7 +186,32 @@ def test_batched_decode_of_uneven_contexts_matches_separate_steps():
     batched = together.attend(0, ["short", "long"], torch.tensor([2, 13]), q, k, v)
     for i, (request, position) in enumerate([("short", 2), ("long", 13)]):
         single = alone.attend(0, [request], torch.tensor([position]), q[i : i + 1], k[i : i + 1], v[i : i + 1])
-        torch.testing.assert_close(batched[i : i + 1], single, rtol=0, atol=1e-6)
+        torch.testing.assert_close(batched[i : i + 1], single, rtol=0, atol=1e-5 if kernel == "sdpa" else 1e-6)
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_sdpa_kernel_agrees_with_exact_within_the_dtypes_tolerance(dtype, atol):
+    """The fused kernel runs in the cache's dtype: as close to the float32 reference as that dtype allows."""
+    config = LlamaConfig.tiny(num_layers=1)
+    exact = PagedKVCache(config, 0, config.num_kv_heads, num_blocks=32, block_size=4, dtype=dtype, attention="exact")
+    fused = PagedKVCache(config, 0, config.num_kv_heads, num_blocks=32, block_size=4, dtype=dtype, attention="sdpa")
+    assert (exact.attention, fused.attention) == ("exact", "sdpa")
+    for cache in (exact, fused):
+        for request in "abc":
+            cache.reserve(request, 16)
+    for request_ids, positions, q, k, v in ragged_steps(config, seed=7):
+        a = exact.attend(0, request_ids, positions, q, k, v)
+        b = fused.attend(0, request_ids, positions, q, k, v)
+        torch.testing.assert_close(b.float(), a.float(), rtol=0, atol=atol)
+
+
+def test_attention_kernel_choice():
+    from lamina_comm.model.kvcache import resolve_attention_kernel
+    assert resolve_attention_kernel("auto", "cpu") == "exact"
+    assert resolve_attention_kernel("auto", "cuda:1") == "sdpa"
+    assert resolve_attention_kernel("sdpa", "cpu") == "sdpa"
+    with pytest.raises(ValueError, match="attention kernel must be one of auto, exact, sdpa"):
+        resolve_attention_kernel("flash", "cpu")
 
 
 # ------------------------------------------------------------------ blocks

@@ -300,6 +300,7 @@ static const lm_tcp_io_t ring_io = {
     .send = ring_send, .recv = ring_recv, .shutdown = ring_shutdown, .release = ring_release,
     .out_event = 0, /* "room again" comes as a doorbell (EPOLLIN) */
     .map_peer = map_peer_region,
+    .transport = &lm_shm_transport,
 };
 
 /* Doorbell bytes carry no data: read them all; the socket's end (or an error)

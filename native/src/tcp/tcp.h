@@ -120,6 +120,10 @@ typedef struct lm_tcp_io {
     /* Map the peer's memfd number fd (checked: inode ino, length bytes, sealed)
      * for writing; NULL when the stream cannot map the peer's memory (tcp). */
     int (*map_peer)(lm_tcp_ep_t *ep, int32_t fd, uint64_t ino, uint64_t length, uint8_t **addr);
+    /* The transport whose endpoints use this stream: set as the endpoint's ops
+     * at creation, before the progress engine can run its receive path (which
+     * reads it: which regions the transport may copy into). */
+    const lm_transport_ops_t *transport;
 } lm_tcp_io_t;
 
 extern const lm_tcp_io_t lm_tcp_socket_io;

@@ -77,6 +77,7 @@ static void socket_release(lm_tcp_ep_t *ep)
 const lm_tcp_io_t lm_tcp_socket_io = {
     .send = socket_send, .recv = socket_recv, .shutdown = socket_shutdown, .release = socket_release,
     .out_event = EPOLLOUT,
+    .transport = &lm_tcp_transport,
 };
 
 int lm_tcp_ep_init(lm_tcp_iface_t *iface, uint64_t ep_id, int fd, const lm_tcp_io_t *io, void *io_priv,
@@ -93,6 +94,7 @@ int lm_tcp_ep_init(lm_tcp_iface_t *iface, uint64_t ep_id, int fd, const lm_tcp_i
     ep->io_priv = io_priv;
     ep->base.ctx = iface->ctx;
     ep->base.id = ep_id;
+    ep->base.ops = io->transport;
     pthread_mutex_init(&ep->lock, NULL);
     fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
     tune_socket(fd, iface->keepalive_ms);
