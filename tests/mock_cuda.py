@@ -20,6 +20,6 @@ def build_mock_libcuda(directory: str | os.PathLike) -> str | None:
     if shutil.which("gcc") is None:
         return None
     lib = pathlib.Path(directory) / "libcuda.so.1"
-    subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-o", str(lib), str(SOURCE)],
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-o", str(lib), str(SOURCE), "-lpthread"],
                    check=True)
     return str(lib)

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <stdio.h>
+#include <pthread.h>
 #include <sys/mman.h>
 #include <unistd.h>
 typedef int CUresult;
@@ -36,7 +37,8 @@ CUresult cuCtxPopCurrent_v2(void **c) { if (c) *c = cur; cur = stack[--depth]; r
 static int need_ctx(void) { return cur == &ctx_token ? 0 : 201; }
 CUresult cuStreamCreate(void **s, unsigned f) { (void)f; if (need_ctx()) return 201; *s = malloc(1); return 0; }
 CUresult cuStreamDestroy_v2(void *s) { free(s); return 0; }
-CUresult cuStreamSynchronize(void *s) { (void)s; return need_ctx(); }
+static void drain_host_funcs(void);
+CUresult cuStreamSynchronize(void *s) { (void)s; drain_host_funcs(); return need_ctx(); }
 CUresult cuStreamQuery(void *s) { (void)s; return need_ctx(); }
 CUresult cuStreamWaitEvent(void *s, void *e, unsigned f) { (void)s; (void)e; (void)f; return need_ctx(); }
 CUresult cuStreamIsCapturing(void *s, int *st) { (void)s; *st = 0; return 0; }
@@ -79,3 +81,53 @@ CUresult cuMemGetHandleForAddressRange(void *handle, CUdeviceptr p, size_t n, in
     *(int *)handle = fd;
     return 0;
 }
+CUresult cuMemHostRegister_v2(void *p, size_t n, unsigned f) { (void)f; if (need_ctx()) return 201; track(p, n, 1); return 0; }
+CUresult cuMemHostUnregister(void *p) { untrack((uintptr_t)p); return 0; }
+
+/* Host functions: run at once, or (MOCK_CUDA_HOSTFN_THREAD=1) in order on a thread of their own, as the
+ * driver runs them: the caller has long returned when they run. */
+typedef void (*hostfn_t)(void *);
+#define MAXQ 4096
+static struct { hostfn_t fn; void *arg; } queue[MAXQ];
+static unsigned q_head, q_tail, q_running;
+static pthread_mutex_t q_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t q_cond = PTHREAD_COND_INITIALIZER;
+static pthread_t q_thread;
+static int q_started;
+static unsigned hostfns_run;
+static void *hostfn_thread(void *unused) {
+    (void)unused;
+    pthread_mutex_lock(&q_lock);
+    for (;;) {
+        while (q_head == q_tail) pthread_cond_wait(&q_cond, &q_lock);
+        hostfn_t fn = queue[q_head % MAXQ].fn; void *arg = queue[q_head % MAXQ].arg;
+        q_running = 1;
+        pthread_mutex_unlock(&q_lock);
+        usleep(200); /* the stream's copies "take time" */
+        fn(arg);
+        pthread_mutex_lock(&q_lock);
+        q_running = 0;
+        q_head++;
+        hostfns_run++;
+        pthread_cond_broadcast(&q_cond);
+    }
+    return NULL;
+}
+static void drain_host_funcs(void) {
+    pthread_mutex_lock(&q_lock);
+    while (q_head != q_tail || q_running) pthread_cond_wait(&q_cond, &q_lock);
+    pthread_mutex_unlock(&q_lock);
+}
+CUresult cuLaunchHostFunc(void *s, hostfn_t fn, void *arg) {
+    (void)s;
+    if (need_ctx()) return 201;
+    if (!getenv("MOCK_CUDA_HOSTFN_THREAD")) { fn(arg); __atomic_add_fetch(&hostfns_run, 1, __ATOMIC_SEQ_CST); return 0; }
+    pthread_mutex_lock(&q_lock);
+    if (!q_started) { pthread_create(&q_thread, NULL, hostfn_thread, NULL); q_started = 1; }
+    if (q_tail - q_head == MAXQ) { pthread_mutex_unlock(&q_lock); return 2; }
+    queue[q_tail % MAXQ].fn = fn; queue[q_tail % MAXQ].arg = arg; q_tail++;
+    pthread_cond_broadcast(&q_cond);
+    pthread_mutex_unlock(&q_lock);
+    return 0;
+}
+unsigned mock_hostfns_run(void) { drain_host_funcs(); return hostfns_run; }

@@ -27,7 +27,7 @@ done
 "$PYTHON" -c 'from lamina_comm._bindings import lib; assert lib.LM_BUILT_WITH_VERBS, "built without verbs"'
 # The mock libcuda of the GPU tier's fallback test, also built here (tests/mock_cuda.py).
 mkdir -p native/build/mock-cuda
-gcc -shared -fPIC -O1 -Wall -Werror -o native/build/mock-cuda/libcuda.so.1 tests/mock_libcuda.c
+gcc -shared -fPIC -O1 -Wall -Werror -o native/build/mock-cuda/libcuda.so.1 tests/mock_libcuda.c -lpthread
 export LAMINA_TEST_MOCK_LIBCUDA=$root/native/build/mock-cuda/libcuda.so.1
 
 # One guest for the whole run: about a minute (boot ~10 s, tests ~25 s).

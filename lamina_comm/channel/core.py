@@ -212,8 +212,17 @@ class Channel:
         self._fd: int | None = None
         self._send_views: dict[tuple, _KeptLayout] = {}
         self._recv_views: dict[bytes, tuple[TensorView, ...]] = {}
+        self._staging: Any = None  # DeviceStaging, at the first CUDA tensor (device.py)
 
     def _destroy_native(self) -> None:
+        staging, self._staging = self._staging, None
+        try:
+            if staging is not None:
+                staging.close()  # its streams' host functions run first: they touch the channel
+        finally:
+            self._close_native()
+
+    def _close_native(self) -> None:
         ch, self._ch = self._ch, None
         self._fd = None  # closed with the channel
         if ch is not None:
@@ -389,7 +398,8 @@ class Channel:
         self._send_views[key] = kept
         return kept
 
-    def send(self, tensors: Any, *, layer: int, microbatch: int, timeout: float | None = None) -> int:
+    def send(self, tensors: Any, *, layer: int, microbatch: int, timeout: float | None = None,
+             stream: Any = None) -> int:
         """Post one message (a tensor or a sequence of them); returns its sequence number.
 
         Returns once the writes are posted; waits only for the slot's credit.
@@ -400,8 +410,30 @@ class Channel:
         of their rows (metrics.gather_messages); keep those unchanged until
         sent(send_token()) or flush(). Anything else is copied once into the
         send slot (metrics.staged_bytes).
+
+        CUDA tensors (torch, or ``__cuda_array_interface__`` such as cupy) are
+        copied into the slot by the copy engine on ``stream`` (default: the
+        tensor's current stream) and the write is posted from native code
+        once the copy is done: the call returns without waiting for the
+        device (lamina_comm/channel/device.py).
         """
+        if stream is not None:
+            self._check_microbatch(microbatch)
+            return self._device_send(tensors, layer, microbatch, stream, timeout)
         return self._send(tensors, layer, microbatch, 0, 0, timeout)
+
+    def _device_send(self, tensors: Any, layer: int, microbatch: int, stream: Any, timeout: float | None) -> int:
+        tensor_list = _tensor_list(tensors)
+        if len(tensor_list) > MAX_TENSORS:
+            raise InvalidArgumentError(f"a message carries at most {MAX_TENSORS} tensors, got {len(tensor_list)}")
+        return self._device_staging().send(tensor_list, layer, microbatch, stream, self._timeout_ms(timeout),
+                                           _fill_tensors)
+
+    def _device_staging(self) -> Any:
+        if self._staging is None:
+            from .device import DeviceStaging
+            self._staging = DeviceStaging(self)
+        return self._staging
 
     async def asend(self, tensors: Any, *, layer: int, microbatch: int,
                     timeout: float | None = None) -> int:
@@ -427,6 +459,8 @@ class Channel:
             vec, count, source = kept.vec, kept.count, ffi.NULL
         else:
             infos = self._describe_message(tensors, microbatch, timeout)
+            if infos is None:  # CUDA tensors in it
+                return self._device_send(tensors, layer, microbatch, None, timeout)
             vec, count = self._tensors, len(infos)
             _fill_tensors(vec, 0, infos)
             region = self._source_for(infos)
@@ -438,13 +472,17 @@ class Channel:
             raise error_of(rc, f"channel {self.name}")
         return self._seq[0]
 
-    def _describe_message(self, tensors: Any, microbatch: int, timeout: float | None) -> list[_TensorInfo]:
-        """Descriptors of one message's tensors, staged first where they are not contiguous host memory."""
+    def _describe_message(self, tensors: Any, microbatch: int, timeout: float | None) -> list[_TensorInfo] | None:
+        """Descriptors of one message's tensors, staged first where they are not contiguous host memory;
+        None when CUDA tensors are among them (they take the device path)."""
         self._check_microbatch(microbatch)
         infos = [_describe(t) for t in _tensor_list(tensors)]
         if len(infos) > MAX_TENSORS:
             raise InvalidArgumentError(f"a message carries at most {MAX_TENSORS} tensors, got {len(infos)}")
         if any(info.address is None for info in infos):
+            from .device import is_device_tensor
+            if any(is_device_tensor(info.obj) for info in infos):
+                return None
             infos = self._stage(infos, microbatch, timeout)
         return infos
 
@@ -492,6 +530,23 @@ class Channel:
                 raise error_of(got, f"channel {self.name}")
             raise self._recv_timeout(microbatch, timeout)
         return self._message(self._msg)
+
+    def recv_into(self, out: Any, microbatch: int | None = None, *, stream: Any = None,
+                  timeout: float | None = None) -> Message:
+        """The next message, copied into ``out`` (a tensor or a sequence, matching its tensors in shape and
+        dtype), its slot handed back; returns the (released) message for its layer and sequence number.
+
+        Host destinations are filled before it returns. CUDA destinations are filled by the copy engine
+        on ``stream`` (default: the destination's current stream) and the slot goes back from native
+        code once the copies are done: work queued on that stream later sees the data, and the call
+        never waits for the device.
+        """
+        message = self.recv(microbatch, timeout)
+        try:
+            self._device_staging().recv_into(message, _tensor_list(out), stream)
+        finally:
+            message.release()  # (a no-op once the stream took it over)
+        return message
 
     async def arecv(self, microbatch: int | None = None, timeout: float | None = None) -> Message:
         """recv() for asyncio: waits on the channel's event fd instead of blocking the loop."""
@@ -569,7 +624,10 @@ class Channel:
         return self._fd
 
     def flush(self, timeout: float | None = None) -> None:
-        """Write out pending credits, then wait until every posted write has completed."""
+        """Write out pending credits, then wait until every posted write has completed (stream-ordered
+        sends first wait for their streams: they are posted when the streams get there)."""
+        if self._staging is not None:
+            self._staging.synchronize()
         check(lib.lm_chan_flush(self._handle(), self._timeout_ms(timeout)), f"channel {self.name}")
 
     # -- life cycle ------------------------------------------------------------

@@ -124,6 +124,8 @@ def _describe(obj: Any) -> _TensorInfo:
         return cached
     if _is_torch(obj):
         info = _describe_torch(obj)
+    elif hasattr(obj, "__cuda_array_interface__"):
+        return _TensorInfo(obj, "", (), 0, None)  # device memory (cupy, ...): the channel's device path
     else:
         info = _describe_numpy(obj)
     if len(info.shape) > MAX_NDIM:

@@ -161,6 +161,7 @@ _SIGNATURES: dict[str, tuple[tuple[str, ...], list]] = {
     "cuMemGetHandleForAddressRange": (("cuMemGetHandleForAddressRange",),
                                       [c_void_p, c_uint64, c_size_t, c_int, ctypes.c_ulonglong]),
     "cuFlushGPUDirectRDMAWrites": (("cuFlushGPUDirectRDMAWrites",), [c_int, c_int]),
+    "cuLaunchHostFunc": (("cuLaunchHostFunc",), [c_void_p, c_void_p, c_void_p]),
 }
 # Needed for anything to work; the rest are reported as missing features when used.
 _REQUIRED = ("cuInit", "cuDriverGetVersion", "cuGetErrorString", "cuGetErrorName", "cuDeviceGetCount",

@@ -410,6 +410,31 @@ int lm_chan_send_slot(lm_chan_t *ch, uint32_t microbatch, int timeout_ms, uint64
  * sticky error. */
 int lm_chan_send(lm_chan_t *ch, uint32_t layer, uint32_t microbatch, const lm_chan_tensor_t *tensors,
                  uint32_t n, lm_mr_t *source, uint32_t flags, int timeout_ms, uint64_t *seq);
+/* Stream-ordered (deferred) sends and releases, for the GPU tier: the work
+ * is prepared here and run later by lm_chan_run_deferred(op), from any thread
+ * (it has the signature of a CUDA host function: cuLaunchHostFunc(stream,
+ * lm_chan_run_deferred, op) runs it once the stream's copies are done), so
+ * that the caller never waits for the device.
+ *
+ * lm_chan_send_prepare: a send whose tensors lie packed in the next send slot
+ * of mb (lm_chan_send_slot's payload), to be filled by the stream meanwhile.
+ * It waits for the slot's credit, takes the sequence number (*seq) and writes
+ * the header; running op posts the one write. Immediate sends on mb wait until
+ * the deferred ones prepared before them are posted (lm_chan_unposted); the
+ * deferred sends of one micro-batch must run in the order they were prepared
+ * (one stream). A post that fails fails the channel.
+ * lm_chan_release_prepare: lm_chan_release(mb, slot, seq), when op runs (after
+ * the stream copied the message out of the slot).
+ * Every prepared op must run once, also after lm_chan_close (it then does
+ * nothing): lm_chan_destroy waits for them. */
+typedef struct lm_chan_deferred lm_chan_deferred_t;
+int lm_chan_send_prepare(lm_chan_t *ch, uint32_t layer, uint32_t microbatch, const lm_chan_tensor_t *tensors,
+                         uint32_t n, int timeout_ms, uint64_t *seq, lm_chan_deferred_t **op);
+int lm_chan_release_prepare(lm_chan_t *ch, uint32_t microbatch, uint32_t slot, uint64_t seq,
+                            lm_chan_deferred_t **op);
+void lm_chan_run_deferred(void *op);
+/* Deferred sends of mb prepared and not yet posted. */
+uint32_t lm_chan_unposted(lm_chan_t *ch, uint32_t microbatch);
 /* The next message (of micro-batch mb, or of any when mb < 0, in arrival
  * order): 1 and *out (tensor addrs are offsets into our region, valid until
  * released), 0 on timeout, or an error: LM_ERR_SEQUENCE (lost, duplicated,

@@ -465,3 +465,38 @@ def test_sdpa_attention_on_cuda_agrees_with_the_exact_kernel(torch, dtype_name, 
         exact = caches["exact"].attend(0, request_ids, pos, q, k, v)
         fused = caches["auto"].attend(0, request_ids, pos, q, k, v)
         torch.testing.assert_close(fused.float(), exact.float(), rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_channel_carries_cuda_tensors_stream_ordered(torch, transport):
+    """torch CUDA tensors through a channel: sent after a slow kernel on the producer stream (the copy
+    waits for it, the host does not), received into poisoned CUDA destinations on a consumer stream
+    that reads them after the receive; bit-exact, every dtype the wire knows, both micro-batches."""
+    from lamina_comm.channel import ChannelSpec
+    from ..test_channel import open_pair
+    spec = ChannelSpec(max_tokens=8, hidden=256, heads=8, kv_heads=2, head_dim=32, dtype="bfloat16",
+                       microbatches=2, slots_per_microbatch=2)
+    producer, consumer = torch.cuda.Stream(), torch.cuda.Stream()
+    with lc.Context(transport) as a, lc.Context(transport) as b:
+        model, attention = open_pair(a, b, spec)
+        try:
+            for i, dtype in enumerate([torch.bfloat16, torch.float16, torch.float32, torch.int64] * 3):
+                mb = i % 2
+                with torch.cuda.stream(producer):
+                    torch.cuda._sleep(20_000_000)  # ~10 ms of GPU time before the data is final
+                    q = (torch.randn(8, 8, 32, device="cuda") * 100).to(dtype)
+                    k = (torch.randn(8, 2, 32, device="cuda") * 100).to(dtype)
+                started = time.perf_counter()
+                model.send([q, k], layer=i, microbatch=mb, stream=producer)
+                # (the first send page-locks the ring; after that nothing waits for the ~10 ms kernel)
+                assert i == 0 or time.perf_counter() - started < 0.005, "send waited for the device"
+                q_out, k_out = torch.full_like(q, 7), torch.full_like(k, 7)
+                got = attention.recv_into([q_out, k_out], mb, stream=consumer, timeout=10)
+                with torch.cuda.stream(consumer):
+                    same = bool(torch.equal(q_out, q)) and bool(torch.equal(k_out, k))
+                torch.cuda.synchronize()
+                assert same and got.layer == i and got.released
+            assert model.metrics.staged_messages == 0
+        finally:
+            model.close()
+            attention.close()

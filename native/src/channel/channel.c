@@ -109,6 +109,30 @@ struct lm_chan {
     /* Gather sends: the message's pieces (LM_MAX_SEGS, allocated at the first
      * one; one application thread per channel, so one list suffices). */
     lm_seg_t *segs;
+    /* Held from taking write ids to posting the writes: ids then follow the
+     * posting order, which is the completion order writes_done relies on, also
+     * when a deferred send posts from another thread (the CUDA driver's). */
+    pthread_mutex_t post_lock;
+    /* Deferred (stream-ordered) work, one op per slot: prepared by the
+     * application thread, run later from any thread (lm_chan_run_deferred).
+     * unposted[mb]: prepared sends of mb not yet posted (an immediate send on
+     * mb waits for them: it would overtake them); deferred: ops prepared and
+     * not yet run (lm_chan_destroy waits for them). */
+    lm_chan_deferred_t *send_ops;    /* [ring] */
+    lm_chan_deferred_t *release_ops; /* [ring] */
+    uint32_t *unposted;              /* [mbs], under lock */
+    atomic_int deferred;
+};
+
+enum { DEFERRED_SEND = 1, DEFERRED_RELEASE = 2 };
+
+struct lm_chan_deferred {
+    lm_chan_t *ch;
+    uint32_t kind, mb, slot;
+    uint64_t seq, hdr_at, length;
+    uint32_t imm, ncredits;
+    uint32_t credit_idx[LM_CHAN_MAX_PIGGYBACK];
+    uint64_t credit_seq[LM_CHAN_MAX_PIGGYBACK];
 };
 
 static const uint8_t itemsize_of[] = { /* by wire dtype code; 0: not a code */
@@ -353,13 +377,17 @@ int lm_chan_create(lm_ep_t *ep, lm_mr_t *mr, const lm_rdesc_t *peer, const lm_ch
     ch->credit_idx = calloc(ch->ring, sizeof(uint32_t));
     ch->credit_seq = calloc(ch->ring, sizeof(uint64_t));
     ch->held = calloc(HELD_MAX, sizeof(lm_completion_t));
+    ch->send_ops = calloc(ch->ring, sizeof(lm_chan_deferred_t));
+    ch->release_ops = calloc(ch->ring, sizeof(lm_chan_deferred_t));
+    ch->unposted = calloc(ch->mbs, sizeof(uint32_t));
     if (!ch->send_seq || !ch->recv_seq || !ch->busy || !ch->slot_seq || !ch->arrived || !ch->arrived_ns || !ch->credit_idx ||
-        !ch->credit_seq || !ch->held) {
+        !ch->credit_seq || !ch->held || !ch->send_ops || !ch->release_ops || !ch->unposted) {
         ch->ep = NULL;
         lm_chan_destroy(ch);
         return lm_fail(LM_ERR_NO_MEMORY, "channel allocation failed");
     }
     pthread_mutex_init(&ch->lock, NULL);
+    pthread_mutex_init(&ch->post_lock, NULL);
     /* Completions of ep already queued (a fast peer) come over in order. */
     lm_ep_set_sink(ep, sink, ch);
     *out = ch;
@@ -371,8 +399,15 @@ void lm_chan_destroy(lm_chan_t *ch)
     if (!ch)
         return;
     lm_chan_close(ch);
-    if (ch->ep)
+    /* A deferred op still to run would touch the channel: its stream must
+     * finish first (the Python layer synchronizes them before this). */
+    struct timespec nap = {.tv_nsec = 50000};
+    while (atomic_load(&ch->deferred) > 0)
+        nanosleep(&nap, NULL);
+    if (ch->ep) {
         pthread_mutex_destroy(&ch->lock);
+        pthread_mutex_destroy(&ch->post_lock);
+    }
     free(ch->send_seq);
     free(ch->recv_seq);
     free(ch->busy);
@@ -383,6 +418,9 @@ void lm_chan_destroy(lm_chan_t *ch)
     free(ch->credit_seq);
     free(ch->held);
     free(ch->segs);
+    free(ch->send_ops);
+    free(ch->release_ops);
+    free(ch->unposted);
     free(ch);
 }
 
@@ -471,6 +509,7 @@ static int write_credit(lm_chan_t *ch, uint32_t mb, uint32_t slot, uint64_t seq)
         return LM_OK; /* a peer that is gone needs no credit; releasing must not fail then */
     uint64_t idx = (uint64_t)mb * ch->slots + slot;
     memcpy(ch->base + ch->credit_out_base + idx * CREDIT_BYTES, &seq, sizeof(seq));
+    pthread_mutex_lock(&ch->post_lock);
     pthread_mutex_lock(&ch->lock);
     ch->outstanding++;
     uint64_t wr_id = ++ch->wr_ids;
@@ -478,6 +517,7 @@ static int write_credit(lm_chan_t *ch, uint32_t mb, uint32_t slot, uint64_t seq)
     int rc = lm_ep_write(ch->ep, ch->mr, ch->credit_out_base + idx * CREDIT_BYTES, CREDIT_BYTES, &ch->peer,
                          ch->peer_credit_in_base + idx * CREDIT_BYTES, KIND_CREDIT << 28 | mb << 16 | slot,
                          LM_WRITE_IMM, wr_id);
+    pthread_mutex_unlock(&ch->post_lock);
     pthread_mutex_lock(&ch->lock);
     if (rc != LM_OK)
         ch->outstanding--;
@@ -770,10 +810,9 @@ static void write_header(lm_chan_t *ch, uint64_t at, const lm_chan_tensor_t *t, 
     memcpy(h + CREDITS_AT, credits, ncredits * sizeof(*credits));
 }
 
-static int chan_send(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_tensor_t *t, uint32_t n,
-                     lm_mr_t *source, uint32_t flags, int timeout_ms, uint64_t *seq_inout)
+static int check_message(lm_chan_t *ch, uint32_t mb, const lm_chan_tensor_t *t, uint32_t n, const void *out)
 {
-    if (!ch || (n && !t) || !seq_inout)
+    if (!ch || (n && !t) || !out)
         return lm_fail(LM_ERR_INVALID, "lm_chan_send: NULL argument");
     if (mb >= ch->mbs)
         return lm_fail(LM_ERR_INVALID, "micro-batch %u outside 0..%u", mb, ch->mbs - 1);
@@ -786,10 +825,76 @@ static int chan_send(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_t
             return lm_fail(LM_ERR_INVALID, "tensor %u: %llu B in %u rows %llu B apart do not describe memory", i,
                            (unsigned long long)t[i].nbytes, t[i].rows, (unsigned long long)t[i].row_stride);
     }
+    return LM_OK;
+}
+
+/* Held credits that ride in the next header (at most LM_CHAN_MAX_PIGGYBACK). */
+static uint32_t take_credits_locked(lm_chan_t *ch, chan_credit_t *credits, uint32_t *credit_idx, uint64_t *credit_seq)
+{
+    uint32_t n = 0;
+    while (n < LM_CHAN_MAX_PIGGYBACK && ch->cr_count > 0) {
+        uint32_t c = ch->credit_idx[ch->cr_head];
+        credit_idx[n] = c;
+        credit_seq[n] = ch->credit_seq[ch->cr_head];
+        credits[n++] = (chan_credit_t){.microbatch = (uint16_t)(c / ch->slots), .slot = (uint16_t)(c % ch->slots),
+                                       .seq = (uint32_t)ch->credit_seq[ch->cr_head]};
+        ch->cr_head = (ch->cr_head + 1) % ch->ring;
+        ch->cr_count--;
+    }
+    return n;
+}
+
+static void count_sent_locked(lm_chan_t *ch, placement_t how, const lm_chan_tensor_t *t, uint32_t n,
+                              uint64_t payload, uint32_t ncredits)
+{
+    ch->st.messages++;
+    ch->st.bytes_sent += LM_CHAN_HEADER_BYTES + payload;
+    ch->st.credits_piggybacked += ncredits;
+    ch->st.credits_returned += ncredits;
+    if (how == FROM_SLOT)
+        ch->st.slot_messages++;
+    else if (how == FROM_REGION)
+        ch->st.region_messages++;
+    else if (how == GATHER)
+        ch->st.gather_messages++;
+    else {
+        ch->st.staged_messages++;
+        for (uint32_t i = 0; i < n; i++)
+            ch->st.staged_bytes += t[i].nbytes;
+    }
+}
+
+/* An immediate send on mb waits until the deferred sends prepared before it
+ * are posted (it would overtake them: the receiver takes a micro-batch's
+ * messages in sequence). They post when their stream's copies are done. */
+static int wait_posted(lm_chan_t *ch, uint32_t mb, int timeout_ms)
+{
+    uint64_t deadline = deadline_of(timeout_ms);
+    struct timespec nap = {.tv_nsec = 20000};
+    for (;;) {
+        pthread_mutex_lock(&ch->lock);
+        int rc = ch->error ? sticky_error_locked(ch) : LM_OK;
+        bool clear = ch->unposted[mb] == 0;
+        pthread_mutex_unlock(&ch->lock);
+        if (rc != LM_OK || clear)
+            return rc;
+        if (lm_now_ns() >= deadline)
+            return lm_fail(LM_ERR_TIMEOUT, "micro-batch %u: a stream-ordered send prepared earlier was not "
+                           "posted within %d ms (its stream's copies have not finished)", mb, timeout_ms);
+        nanosleep(&nap, NULL);
+    }
+}
+
+static int chan_send(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_tensor_t *t, uint32_t n,
+                     lm_mr_t *source, uint32_t flags, int timeout_ms, uint64_t *seq_inout)
+{
+    int rc = check_message(ch, mb, t, n, seq_inout);
+    if (rc != LM_OK || (rc = wait_posted(ch, mb, timeout_ms)) != LM_OK)
+        return rc;
     bool raw = flags & LM_CHAN_SEND_RAW_SEQ;
     uint64_t seq = raw ? *seq_inout : ch->send_seq[mb];
     uint32_t slot = (uint32_t)(seq % ch->slots), idx = mb * ch->slots + slot;
-    int rc = wait_credit(ch, mb, slot, timeout_ms);
+    rc = wait_credit(ch, mb, slot, timeout_ms);
     if (rc != LM_OK)
         return rc;
 
@@ -812,19 +917,10 @@ static int chan_send(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_t
     chan_credit_t credits[LM_CHAN_MAX_PIGGYBACK];
     uint32_t credit_idx[LM_CHAN_MAX_PIGGYBACK];
     uint64_t credit_seq[LM_CHAN_MAX_PIGGYBACK];
-    uint32_t ncredits = 0;
     uint32_t writes = how == FROM_REGION ? 2 : how == GATHER ? nruns + 1 : 1;
+    pthread_mutex_lock(&ch->post_lock);
     pthread_mutex_lock(&ch->lock);
-    while (ncredits < LM_CHAN_MAX_PIGGYBACK && ch->cr_count > 0) {
-        uint32_t c = ch->credit_idx[ch->cr_head];
-        credit_idx[ncredits] = c;
-        credit_seq[ncredits] = ch->credit_seq[ch->cr_head];
-        credits[ncredits++] = (chan_credit_t){.microbatch = (uint16_t)(c / ch->slots),
-                                              .slot = (uint16_t)(c % ch->slots),
-                                              .seq = (uint32_t)ch->credit_seq[ch->cr_head]};
-        ch->cr_head = (ch->cr_head + 1) % ch->ring;
-        ch->cr_count--;
-    }
+    uint32_t ncredits = take_credits_locked(ch, credits, credit_idx, credit_seq);
     ch->busy[idx] = 1;
     ch->slot_seq[idx] = seq;
     ch->outstanding += writes;
@@ -852,6 +948,7 @@ static int chan_send(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_t
         rc = lm_ep_write(ch->ep, ch->mr, hdr_at, length, &ch->peer, remote, imm, LM_WRITE_IMM, wr_id);
         posted += rc == LM_OK;
     }
+    pthread_mutex_unlock(&ch->post_lock);
     pthread_mutex_lock(&ch->lock);
     ch->outstanding -= writes - posted;
     if (rc != LM_OK) {
@@ -862,26 +959,143 @@ static int chan_send(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_t
         if (!raw)
             ch->send_seq[mb]++;
         ch->last_send_wr = wr_id;
-        ch->st.messages++;
-        ch->st.bytes_sent += LM_CHAN_HEADER_BYTES + payload;
-        ch->st.credits_piggybacked += ncredits;
-        ch->st.credits_returned += ncredits;
-        if (how == FROM_SLOT)
-            ch->st.slot_messages++;
-        else if (how == FROM_REGION)
-            ch->st.region_messages++;
-        else if (how == GATHER)
-            ch->st.gather_messages++;
-        else {
-            ch->st.staged_messages++;
-            for (uint32_t i = 0; i < n; i++)
-                ch->st.staged_bytes += t[i].nbytes;
-        }
+        count_sent_locked(ch, how, t, n, payload, ncredits);
     }
     pthread_mutex_unlock(&ch->lock);
     if (rc == LM_OK && !raw)
         *seq_inout = seq;
     return rc;
+}
+
+/* ---- deferred (stream-ordered) sends and releases ------------------------- */
+
+static int chan_send_prepare(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_tensor_t *t, uint32_t n,
+                             int timeout_ms, uint64_t *seq_out, lm_chan_deferred_t **op_out)
+{
+    int rc = check_message(ch, mb, t, n, seq_out);
+    if (rc != LM_OK)
+        return rc;
+    if (!op_out)
+        return lm_fail(LM_ERR_INVALID, "lm_chan_send_prepare: NULL argument");
+    uint64_t seq = ch->send_seq[mb];
+    uint32_t slot = (uint32_t)(seq % ch->slots), idx = mb * ch->slots + slot;
+    if ((rc = wait_credit(ch, mb, slot, timeout_ms)) != LM_OK)
+        return rc;
+    uint64_t hdr_at = send_slot_off(ch, mb, slot), offsets[LM_CHAN_MAX_TENSORS], payload = 0, region_off = 0;
+    lm_mr_t *region = NULL;
+    if (place(ch, t, n, NULL, hdr_at + LM_CHAN_HEADER_BYTES, offsets, &payload, &region, &region_off) != FROM_SLOT)
+        return lm_fail(LM_ERR_INVALID, "lm_chan_send_prepare: the tensors must lie in micro-batch %u's send slot, "
+                       "packed as lm_chan_send_slot's payload (where the stream's copies put them)", mb);
+    if (payload > ch->send_cap)
+        return lm_fail(LM_ERR_INVALID, "message of %llu B exceeds the %llu-byte slot",
+                       (unsigned long long)payload, (unsigned long long)ch->send_cap);
+    lm_chan_deferred_t *op = &ch->send_ops[idx];
+    chan_credit_t credits[LM_CHAN_MAX_PIGGYBACK];
+    pthread_mutex_lock(&ch->lock);
+    *op = (lm_chan_deferred_t){.ch = ch, .kind = DEFERRED_SEND, .mb = mb, .slot = slot, .seq = seq,
+                               .hdr_at = hdr_at, .length = LM_CHAN_HEADER_BYTES + payload,
+                               .imm = KIND_DATA << 28 | mb << 16 | slot};
+    op->ncredits = take_credits_locked(ch, credits, op->credit_idx, op->credit_seq);
+    ch->busy[idx] = 1;
+    ch->slot_seq[idx] = seq;
+    ch->send_seq[mb]++; /* taken now: later sends queue behind this one */
+    ch->unposted[mb]++;
+    count_sent_locked(ch, FROM_SLOT, t, n, payload, op->ncredits);
+    atomic_fetch_add(&ch->deferred, 1);
+    pthread_mutex_unlock(&ch->lock);
+    write_header(ch, hdr_at, t, n, offsets, layer, mb, slot, seq, payload, credits, op->ncredits);
+    *seq_out = seq;
+    *op_out = op;
+    return LM_OK;
+}
+
+/* The post of a prepared send: one write of header and payload. Its sequence
+ * number is spent, so a failure fails the channel (the peer would wait for it). */
+static void run_send(lm_chan_t *ch, lm_chan_deferred_t *op)
+{
+    pthread_mutex_lock(&ch->post_lock);
+    pthread_mutex_lock(&ch->lock);
+    int rc = ch->error ? sticky_error_locked(ch) : LM_OK;
+    uint64_t wr_id = 0;
+    if (rc == LM_OK) {
+        ch->outstanding++;
+        wr_id = ++ch->wr_ids;
+    }
+    pthread_mutex_unlock(&ch->lock);
+    if (rc == LM_OK)
+        rc = lm_ep_write(ch->ep, ch->mr, op->hdr_at, op->length, &ch->peer, peer_recv_slot_off(ch, op->mb, op->slot),
+                         op->imm, LM_WRITE_IMM, wr_id);
+    pthread_mutex_unlock(&ch->post_lock);
+    pthread_mutex_lock(&ch->lock);
+    if (rc == LM_OK) {
+        ch->last_send_wr = wr_id;
+    } else {
+        if (wr_id)
+            ch->outstanding--;
+        requeue_credits_locked(ch, op->credit_idx, op->credit_seq, op->ncredits);
+        if (!ch->error)
+            fail_locked(ch, rc, "a stream-ordered send (micro-batch %u, seq %llu) could not be posted: %s", op->mb,
+                        (unsigned long long)op->seq, lm_status_str(rc));
+    }
+    ch->unposted[op->mb]--;
+    pthread_mutex_unlock(&ch->lock);
+    if (rc != LM_OK)
+        notify(ch);
+}
+
+int lm_chan_send_prepare(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_tensor_t *tensors, uint32_t n,
+                         int timeout_ms, uint64_t *seq, lm_chan_deferred_t **op)
+{
+    if (!chan_enter(ch))
+        return closed_error("lm_chan_send_prepare");
+    int rc = chan_send_prepare(ch, layer, mb, tensors, n, timeout_ms, seq, op);
+    chan_leave(ch);
+    return rc;
+}
+
+int lm_chan_release_prepare(lm_chan_t *ch, uint32_t mb, uint32_t slot, uint64_t seq, lm_chan_deferred_t **op)
+{
+    if (!chan_enter(ch))
+        return closed_error("lm_chan_release_prepare");
+    int rc = LM_OK;
+    if (!ch || mb >= ch->mbs || slot >= ch->slots || !op) {
+        rc = lm_fail(LM_ERR_INVALID, "lm_chan_release_prepare: no such slot");
+    } else {
+        lm_chan_deferred_t *r = &ch->release_ops[mb * ch->slots + slot];
+        *r = (lm_chan_deferred_t){.ch = ch, .kind = DEFERRED_RELEASE, .mb = mb, .slot = slot, .seq = seq};
+        atomic_fetch_add(&ch->deferred, 1);
+        *op = r;
+    }
+    chan_leave(ch);
+    return rc;
+}
+
+void lm_chan_run_deferred(void *arg)
+{
+    lm_chan_deferred_t *op = arg;
+    lm_chan_t *ch = op->ch;
+    if (chan_enter(ch)) {
+        if (op->kind == DEFERRED_SEND)
+            run_send(ch, op);
+        else
+            chan_release(ch, op->mb, op->slot, op->seq); /* (a failure there fails the channel itself) */
+        chan_leave(ch);
+    } else if (op->kind == DEFERRED_SEND) {
+        pthread_mutex_lock(&ch->lock); /* closed: nothing goes out any more */
+        ch->unposted[op->mb]--;
+        pthread_mutex_unlock(&ch->lock);
+    }
+    atomic_fetch_sub(&ch->deferred, 1); /* last: lm_chan_destroy may free the channel from here on */
+}
+
+uint32_t lm_chan_unposted(lm_chan_t *ch, uint32_t mb)
+{
+    if (!ch || mb >= ch->mbs)
+        return 0;
+    pthread_mutex_lock(&ch->lock);
+    uint32_t n = ch->unposted[mb];
+    pthread_mutex_unlock(&ch->lock);
+    return n;
 }
 
 /* ---- receiving ------------------------------------------------------------- */

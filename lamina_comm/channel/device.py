@@ -1,0 +1,220 @@
+"""CUDA tensors through a channel, ordered on a stream, without waiting for the device.
+
+A send copies each device tensor into the next send slot with the copy engine
+(``cuMemcpyDtoHAsync`` on the caller's stream) and hands the post to native
+code: ``lm_chan_send_prepare`` takes the slot, the sequence number and writes
+the header; ``cuLaunchHostFunc(stream, lm_chan_run_deferred, op)`` posts the
+one write once the copies are done, on the driver's thread. A receive into
+device tensors copies out of the slot on the stream (``cuMemcpyHtoDAsync``) and
+returns the slot the same way (``lm_chan_release_prepare``). Per message: one
+copy per tensor, one host function, one network write; no host synchronize,
+no Python thread. The channel's ring is page-locked (``cuMemHostRegister``) at
+the first use so the copies run asynchronously.
+
+Transports that reach device memory directly (verbs with GPUDirect) would not
+need the slot copy; channels stage through the ring on every transport for now.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import numpy as np
+
+from .. import dtypes
+from .._bindings import error_of, ffi, lib
+from ..errors import InvalidArgumentError
+from .spec import packed_offsets
+from .views import _as_tensor_view, _copy_into, _describe, _describe_numpy, to_torch
+
+_RUN_DEFERRED: Optional[int] = None
+
+
+def run_deferred_address() -> int:
+    """Address of lm_chan_run_deferred (a CUhostFn)."""
+    global _RUN_DEFERRED
+    if _RUN_DEFERRED is None:
+        _RUN_DEFERRED = int(ffi.cast("uintptr_t", ffi.addressof(lib, "lm_chan_run_deferred")))
+    return _RUN_DEFERRED
+
+
+@dataclasses.dataclass
+class DeviceTensor:
+    """A contiguous CUDA tensor: where it is, what it holds, and the stream that produced it."""
+
+    obj: Any
+    ptr: int
+    nbytes: int
+    dtype_name: str
+    shape: tuple[int, ...]
+    device: int
+    stream: Optional[int]  # the producer's stream when the object says (torch: the current stream)
+
+
+def is_device_tensor(obj: Any) -> bool:
+    from ..gpu.memory import is_cuda_object
+    return is_cuda_object(obj)
+
+
+def describe_device_tensor(obj: Any) -> DeviceTensor:
+    """A torch CUDA tensor or a ``__cuda_array_interface__`` object (cupy, ...), C-contiguous."""
+    from ..gpu.memory import cuda_buffer
+    if type(obj).__module__.startswith("torch"):
+        if not obj.is_contiguous():
+            raise InvalidArgumentError("a CUDA tensor sent through a channel must be contiguous "
+                                       "(call .contiguous() on the stream that produced it)")
+        import torch
+        stream = torch.cuda.current_stream(obj.device).cuda_stream
+        return DeviceTensor(obj, obj.data_ptr(), obj.numel() * obj.element_size(), dtypes.canonical(obj.dtype),
+                            tuple(obj.shape), obj.device.index or 0, stream)
+    cai = getattr(obj, "__cuda_array_interface__", None)
+    if cai is None:
+        raise InvalidArgumentError(f"{type(obj).__name__}: CUDA objects go through a channel as torch tensors or "
+                                   "with __cuda_array_interface__ (shape and dtype)")
+    buf = cuda_buffer(obj)  # checks contiguity, resolves the device
+    return DeviceTensor(obj, buf.ptr, buf.nbytes, dtypes.canonical(np.dtype(cai["typestr"])),
+                        tuple(int(d) for d in cai["shape"]), max(buf.device, 0), buf.stream)
+
+
+class DeviceStaging:
+    """One channel's device work: its ring page-locked per device, the streams it queued work on."""
+
+    def __init__(self, channel: Any):
+        self._channel = channel
+        self._pinned: dict[int, Any] = {}     # device ordinal -> HostRegistration of the ring
+        self._streams: dict[tuple[int, Optional[int]], Any] = {}  # (device, stream) -> Device: work queued there
+
+    def _device(self, ordinal: int) -> Any:
+        from ..gpu import cuda
+        device = cuda.get_device(ordinal)
+        if ordinal not in self._pinned:
+            region = self._channel.region
+            self._pinned[ordinal] = cuda.HostRegistration(device, region.address, region.nbytes)
+        return device
+
+    def _launch(self, device: Any, stream: Optional[int], op: Any) -> None:
+        """Queue lm_chan_run_deferred(op) behind the stream's work; the op runs whatever happens."""
+        from ctypes import c_void_p
+        self._streams[(device.ordinal, stream)] = device
+        try:
+            with device.activate():
+                device.driver.call("cuLaunchHostFunc", c_void_p(stream or 0), c_void_p(run_deferred_address()),
+                                   c_void_p(int(ffi.cast("uintptr_t", op))))
+        except BaseException:
+            # Not queued: run it now, after whatever the stream still does (the slot must not be posted
+            # or handed back while a copy may still touch it).
+            try:
+                with device.activate():
+                    device.driver.raw("cuStreamSynchronize", c_void_p(stream or 0))
+            finally:
+                lib.lm_chan_run_deferred(op)
+            raise
+
+    def send(self, tensors: list[Any], layer: int, microbatch: int, stream: Any, timeout_ms: int,
+             fill_tensors: Any) -> int:
+        """Stage ``tensors`` (device ones by the copy engine on ``stream``) into the next send slot of
+        ``microbatch``; the write is posted when the copies are done. Returns the sequence number."""
+        from ..gpu import cuda
+        from ..gpu.stream import stream_handle
+        channel = self._channel
+        items = [describe_device_tensor(t) if is_device_tensor(t) else _describe(t) for t in tensors]
+        on_device = [t for t in items if isinstance(t, DeviceTensor)]
+        ordinals = {t.device for t in on_device}
+        if len(ordinals) > 1:
+            raise InvalidArgumentError(f"one stream-ordered message takes tensors of one CUDA device, got {ordinals}")
+        ordinal = ordinals.pop() if ordinals else 0
+        handle = stream_handle(stream)
+        if handle is None:
+            handle = next((t.stream for t in on_device if t.stream is not None), None)
+        offsets = packed_offsets([t.nbytes for t in items])
+        size = offsets[-1] + items[-1].nbytes if items else 0
+        if size > channel._layout.send_capacity:
+            raise InvalidArgumentError(f"channel {channel.name}: message of {size} B exceeds the "
+                                       f"{channel._layout.send_capacity}-byte slot (see ChannelSpec)")
+        if lib.lm_chan_unposted(channel._handle(), microbatch) and set(self._streams) - {(ordinal, handle)}:
+            # The deferred sends of a micro-batch post in the order of their stream: before one goes on
+            # another stream, the earlier ones must be out.
+            self.synchronize()
+        payload = channel.send_slot(microbatch, None if timeout_ms < 0 else timeout_ms / 1000)
+        base = payload.ctypes.data
+        device = self._device(ordinal)
+        described = []
+        with device.activate():
+            for off, item in zip(offsets, items):
+                dst = payload[off:off + item.nbytes].view(dtypes.numpy_storage(item.dtype_name)).reshape(item.shape)
+                if isinstance(item, DeviceTensor):
+                    cuda.memcpy_dtoh_async(device.driver, base + off, item.ptr, item.nbytes, handle)
+                else:
+                    _copy_into(dst, item)
+                described.append(_describe_numpy(_as_tensor_view(dst, item.dtype_name)))
+        fill_tensors(channel._tensors, 0, described)
+        seq, op = ffi.new("uint64_t *"), ffi.new("lm_chan_deferred_t **")
+        rc = lib.lm_chan_send_prepare(channel._handle(), layer, microbatch, channel._tensors, len(described),
+                                      timeout_ms, seq, op)
+        if rc < 0:
+            # Nothing taken: the copies only land in the slot, which the next send fills again.
+            raise error_of(rc, f"channel {channel.name}")
+        self._launch(device, handle, op[0])
+        return int(seq[0])
+
+    def recv_into(self, message: Any, outs: list[Any], stream: Any) -> None:
+        """Copy a received message's tensors into ``outs`` (device ones on ``stream``), then give the
+        slot back once the copies are done."""
+        from ..gpu import cuda
+        from ..gpu.stream import stream_handle
+        channel = self._channel
+        if len(outs) != len(message.tensors):
+            raise InvalidArgumentError(f"channel {channel.name}: the message carries {len(message.tensors)} "
+                                       f"tensor(s), {len(outs)} destination(s) given")
+        targets = []
+        for i, (out, part) in enumerate(zip(outs, message.tensors)):
+            target = describe_device_tensor(out) if is_device_tensor(out) else None
+            shape = target.shape if target else tuple(out.shape)
+            dtype_name = target.dtype_name if target else dtypes.canonical(out.dtype)
+            if shape != tuple(part.shape) or dtype_name != part.dtype_name:
+                raise InvalidArgumentError(f"channel {channel.name}: tensor {i} is {part.dtype_name}"
+                                           f"{list(part.shape)}, its destination {dtype_name}{list(shape)}")
+            targets.append(target)
+        for out, target, part in zip(outs, targets, message.tensors):
+            if target is None:  # host destinations at once
+                if type(out).__module__.startswith("torch"):
+                    out.copy_(to_torch(part))
+                else:
+                    np.copyto(out, part, casting="no")
+        device_parts = [(t, p) for t, p in zip(targets, message.tensors) if t is not None]
+        if not device_parts:
+            message.release()
+            return
+        ordinals = {t.device for t, _ in device_parts}
+        if len(ordinals) > 1:
+            raise InvalidArgumentError(f"one stream-ordered receive fills tensors of one CUDA device, got {ordinals}")
+        handle = stream_handle(stream)
+        if handle is None:
+            handle = next((t.stream for t, _ in device_parts if t.stream is not None), None)
+        device = self._device(ordinals.pop())
+        with device.activate():
+            for target, part in device_parts:
+                cuda.memcpy_htod_async(device.driver, target.ptr, part.ctypes.data, target.nbytes, handle)
+        op = ffi.new("lm_chan_deferred_t **")
+        rc = lib.lm_chan_release_prepare(channel._handle(), message.microbatch, message.slot, message.seq, op)
+        if rc < 0:
+            raise error_of(rc, f"channel {channel.name}")
+        message._channel = None  # handed back by the stream, not by release()
+        self._launch(device, handle, op[0])
+
+    def synchronize(self) -> None:
+        """Wait until every stream this channel queued work on is done (its deferred ops have run)."""
+        from ctypes import c_void_p
+        for (_, stream), device in list(self._streams.items()):
+            with device.activate():
+                device.driver.raw("cuStreamSynchronize", c_void_p(stream or 0))
+        self._streams.clear()
+
+    def close(self) -> None:
+        """Streams first (their host functions touch the channel and the ring), then the page-locking."""
+        try:
+            self.synchronize()
+        finally:
+            for registration in self._pinned.values():
+                registration.close()
+            self._pinned.clear()

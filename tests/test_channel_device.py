@@ -1,0 +1,185 @@
+"""Stream-ordered channel sends and receives (lamina_comm/channel/device.py, lamina.h "deferred").
+
+The native deferred operations are driven directly with host memory; the whole
+device path (copy engine, host functions, page-locked ring) runs against the mock
+libcuda (tests/mock_libcuda.c: "device" memory is host memory), with its host
+functions on a thread of their own, as the driver runs them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import lamina_comm as lc
+from lamina_comm._bindings import ffi, lib
+
+from .conftest import ROOT
+from .mock_cuda import build_mock_libcuda
+from .test_channel import WAIT_S, open_pair
+
+
+def _prepare_send(channel, microbatch: int, fill: int, layer: int = 0):
+    """A deferred send of one uint8 tensor filling the slot's first 64 bytes with `fill`."""
+    payload = channel.send_slot(microbatch, WAIT_S)
+    payload[:64] = fill
+    vec = ffi.new("lm_chan_tensor_t[]", 1)
+    vec[0].addr, vec[0].nbytes, vec[0].dtype, vec[0].ndim = payload.ctypes.data, 64, lib.LM_DTYPE_UINT8, 1
+    vec[0].shape[0] = 64
+    seq, op = ffi.new("uint64_t *"), ffi.new("lm_chan_deferred_t **")
+    assert lib.lm_chan_send_prepare(channel._handle(), layer, microbatch, vec, 1, 1000, seq, op) == 0
+    return int(seq[0]), op[0]
+
+
+def test_a_prepared_send_goes_out_when_run_and_holds_back_later_sends(contexts):
+    model, attention = open_pair(*contexts)
+    try:
+        seq, op = _prepare_send(model, 0, 7, layer=3)
+        assert lib.lm_chan_unposted(model._handle(), 0) == 1
+        with pytest.raises(TimeoutError):
+            attention.recv(0, timeout=0.2)  # prepared, not posted
+        # An immediate send on the same micro-batch would overtake it: it waits, here until its timeout.
+        with pytest.raises(TimeoutError, match="stream-ordered send prepared earlier"):
+            model.send(np.ones(8, np.uint8), layer=4, microbatch=0, timeout=0.2)
+        model.send(np.full(8, 5, np.uint8), layer=9, microbatch=1, timeout=WAIT_S)  # other micro-batches go on
+        lib.lm_chan_run_deferred(op)
+        assert lib.lm_chan_unposted(model._handle(), 0) == 0
+        with attention.recv(0, timeout=WAIT_S) as got:
+            assert (got.layer, got.seq) == (3, seq) and got.tensors[0].dtype_name == "uint8"
+            assert (got.tensors[0] == 7).all() and got.tensors[0].shape == (64,)
+        model.send(np.ones(8, np.uint8), layer=4, microbatch=0, timeout=WAIT_S)
+        with attention.recv(0, timeout=WAIT_S) as got:
+            assert (got.layer, got.seq) == (4, seq + 1)
+        with attention.recv(1, timeout=WAIT_S) as got:
+            assert got.layer == 9 and (got.tensors[0] == 5).all()
+        assert model.metrics.slot_messages == 1 and model.metrics.messages == 3  # the prepared one from its slot
+    finally:
+        model.close()
+        attention.close()
+
+
+def test_a_prepared_release_returns_the_credit_when_run(contexts):
+    model, attention = open_pair(*contexts)  # two slots per micro-batch
+    try:
+        for value in (1, 2):
+            model.send(np.full(8, value, np.uint8), layer=0, microbatch=0, timeout=WAIT_S)
+        first = attention.recv(0, timeout=WAIT_S)
+        op = ffi.new("lm_chan_deferred_t **")
+        assert lib.lm_chan_release_prepare(attention._handle(), 0, first.slot, first.seq, op) == 0
+        with pytest.raises(TimeoutError):
+            model.send(np.full(8, 3, np.uint8), layer=0, microbatch=0, timeout=0.2)  # both slots held
+        lib.lm_chan_run_deferred(op[0])
+        model.send(np.full(8, 3, np.uint8), layer=0, microbatch=0, timeout=WAIT_S)
+        attention.recv(0, timeout=WAIT_S).release()
+        with attention.recv(0, timeout=WAIT_S) as third:
+            assert (third.tensors[0] == 3).all()
+    finally:
+        model.close()
+        attention.close()
+
+
+def test_a_prepared_op_run_after_close_does_nothing(contexts):
+    model, attention = open_pair(*contexts)
+    _, op = _prepare_send(model, 1, 9)
+    handle = model._ch
+    model.close()  # the native channel is closed; freeing it waits for the op
+    lib.lm_chan_run_deferred(op)  # a stream that finishes late: nothing is posted, nothing touched
+    assert lib.lm_chan_unposted(handle, 1) == 0
+    with pytest.raises((TimeoutError, lc.PeerLostError)):  # nothing arrives; the peer is gone
+        attention.recv(1, timeout=0.2)
+    attention.close()
+
+
+MOCK_SCRIPT = r"""
+import json, sys
+import numpy as np
+import lamina_comm as lc
+from lamina_comm.gpu import cuda
+from tests.test_channel import open_pair, WAIT_S
+
+class DeviceArray:
+    '''A typed CUDA array over mock device memory (what cupy hands over: __cuda_array_interface__).'''
+    def __init__(self, dev, shape, dtype):
+        self.dtype = np.dtype(dtype)
+        self.shape = tuple(shape)
+        self.alloc = cuda.DeviceAllocation(dev, int(np.prod(shape)) * self.dtype.itemsize)
+        self.host = np.frombuffer((__import__("ctypes").c_char * max(self.alloc.nbytes, 1)).from_address(
+            self.alloc.ptr), np.uint8)[:self.alloc.nbytes].view(self.dtype).reshape(self.shape)
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": self.shape, "typestr": self.dtype.str, "data": (self.alloc.ptr, False), "version": 3,
+                "strides": None, "stream": None}
+
+out = {}
+dev = cuda.get_device(0)
+rng = np.random.default_rng(1)
+transport = sys.argv[2]
+with lc.Context(transport) as a, lc.Context(transport) as b:
+    model, attention = open_pair(a, b)
+    stream = 0x5157
+    q, k = DeviceArray(dev, (4, 4, 16), "float16"), DeviceArray(dev, (4, 2, 16), "float16")
+    q_out, k_out = DeviceArray(dev, (4, 4, 16), "float16"), DeviceArray(dev, (4, 2, 16), "float16")
+    host_v = np.zeros((4, 2, 16), np.float16)
+    ok, layers, seqs = [], [], []
+    for i in range(60):
+        mb = i % 2
+        q.host[...] = rng.standard_normal(q.shape).astype(np.float16)
+        k.host[...] = rng.standard_normal(k.shape).astype(np.float16)
+        v = rng.standard_normal((4, 2, 16)).astype(np.float16)
+        if i % 5 == 4:  # an immediate host send between stream-ordered ones, same micro-batch
+            model.send([q.host.copy(), k.host.copy(), v], layer=i, microbatch=mb, timeout=WAIT_S)
+        else:
+            model.send([q, k, v], layer=i, microbatch=mb, stream=stream, timeout=WAIT_S)
+        expect = (q.host.copy(), k.host.copy(), v)
+        got = attention.recv_into([q_out, k_out, host_v], mb, stream=stream, timeout=WAIT_S)
+        with dev.activate():
+            dev.driver.call("cuStreamSynchronize", stream)  # the caller's wait, before it reads the data
+        layers.append(got.layer)
+        seqs.append(got.seq)
+        ok.append(bool(np.array_equal(q_out.host, expect[0]) and np.array_equal(k_out.host, expect[1])
+                       and np.array_equal(host_v, expect[2]) and got.released))
+    out["ok"] = ok
+    out["layers"] = layers
+    out["seqs"] = seqs
+    # A shape mismatch is refused with both shapes named.
+    model.send([q], layer=99, microbatch=0, stream=stream, timeout=WAIT_S)
+    try:
+        attention.recv_into([k_out], 0, stream=stream, timeout=WAIT_S)
+    except lc.InvalidArgumentError as exc:
+        out["mismatch"] = str(exc)
+    model.flush(WAIT_S)
+    out["model"] = model.metrics.as_dict()
+    out["hostfns"] = __import__("ctypes").CDLL(sys.argv[1]).mock_hostfns_run()
+    # Deferred work still queued at close: close waits for the stream, then frees the channel.
+    for mb in (0, 1):
+        model.send([q], layer=100 + mb, microbatch=mb, stream=stream, timeout=WAIT_S)
+    model.close()
+    attention.close()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_device_tensors_round_trip_stream_ordered_against_a_mock_driver(tmp_path, transport):
+    lib_path = build_mock_libcuda(tmp_path)
+    if lib_path is None:
+        pytest.skip("no gcc to build the mock driver")
+    env = {**os.environ, "PYTHONPATH": ROOT, "LAMINA_LIBCUDA": lib_path, "MOCK_CUDA_HOSTFN_THREAD": "1"}
+    env.pop("LAMINA_DISABLE_CUDA", None)
+    run = subprocess.run([sys.executable, "-c", MOCK_SCRIPT, lib_path, transport], env=env, capture_output=True,
+                         text=True, timeout=120, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["ok"] == [True] * 60
+    assert out["layers"] == list(range(60))
+    assert out["seqs"] == [i // 2 for i in range(60)], "every micro-batch in sequence, none lost or reordered"
+    assert "tensor 0 is float16[4, 4, 16], its destination float16[4, 2, 16]" in out["mismatch"]
+    # Device tensors went through the slot by the copy engine (48 sends and the mismatched one); only the
+    # 12 immediate host sends of unregistered numpy arrays were copied by the channel.
+    assert out["model"]["slot_messages"] == 49 and out["model"]["staged_messages"] == 12, out["model"]
+    # One host function per stream-ordered send and per device receive (60), none more.
+    assert out["hostfns"] == 49 + 60, out["hostfns"]
