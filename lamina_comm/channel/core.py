@@ -480,8 +480,8 @@ class Channel:
         if len(infos) > MAX_TENSORS:
             raise InvalidArgumentError(f"a message carries at most {MAX_TENSORS} tensors, got {len(infos)}")
         if any(info.address is None for info in infos):
-            from .device import is_device_tensor
-            if any(is_device_tensor(info.obj) for info in infos):
+            from .device import takes_device_path
+            if takes_device_path([info.obj for info in infos]):
                 return None
             infos = self._stage(infos, microbatch, timeout)
         return infos

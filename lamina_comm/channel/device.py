@@ -56,6 +56,14 @@ def is_device_tensor(obj: Any) -> bool:
     return is_cuda_object(obj)
 
 
+def takes_device_path(tensors: list[Any]) -> bool:
+    """Whether a message (sent without ``stream=``) goes stream-ordered: it holds CUDA tensors and every
+    torch one among them is contiguous. A strided torch CUDA tensor (a head slice of q) keeps the
+    synchronous path instead: torch copies it into the slot (``copy_``), the host waiting for the device."""
+    device = [t for t in tensors if is_device_tensor(t)]
+    return bool(device) and all(t.is_contiguous() for t in device if type(t).__module__.startswith("torch"))
+
+
 def describe_device_tensor(obj: Any) -> DeviceTensor:
     """A torch CUDA tensor or a ``__cuda_array_interface__`` object (cupy, ...), C-contiguous."""
     from ..gpu.memory import cuda_buffer
