@@ -15,11 +15,11 @@ def bench(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("transport", ["tcp", "shm"])
-def test_bandwidth_loopback_json(tmp_path, transport):
+@pytest.mark.parametrize("transport,loop", [("tcp", "native"), ("shm", "native"), ("shm", "python")])
+def test_bandwidth_loopback_json(tmp_path, transport, loop):
     out = tmp_path / "bw.json"
     r = bench("bandwidth", "--loopback", "-s", "64K", "-n", "300", "-q", "2", "--report_gbits",
-              "--transport", transport, "--out_json", str(out), "--quiet")
+              "--transport", transport, "--loop", loop, "--out_json", str(out), "--quiet")
     assert r.returncode == 0, r.stderr
     assert "BW average[Gb/sec]" in r.stdout and "MsgRate[Mpps]" in r.stdout
     data = json.loads(out.read_text())

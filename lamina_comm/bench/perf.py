@@ -52,7 +52,7 @@ class Config:
     streams: int
     depth: int
     transport: str
-    loop: str = "native"      # latency: "native" (C loop, as perftest) or "python" (through the API)
+    loop: str = "native"      # "native" (the C loop, as perftest's) or "python" (through the API)
 
     def to_bytes(self) -> bytes:
         return json.dumps(dataclasses.asdict(self)).encode()
@@ -269,6 +269,10 @@ def run_bandwidth(client: Client, progress) -> list[dict]:
 def _send_stream_window(client: Client, size: int, n: int, duration: float | None, progress) -> None:
     """Keep `depth` writes in flight on every stream until n are sent (or the duration ends)."""
     cfg = client.cfg
+    if cfg.loop == "native":
+        _native_stream(client, size, n, duration)
+        progress.tick(n if not duration else 0)
+        return
     eps, remotes = client.endpoints, client.remote
     depth = depth_for(size, cfg.depth)
     slots = window_slots(size, cfg.depth)
@@ -296,6 +300,20 @@ def _send_stream_window(client: Client, size: int, n: int, duration: float | Non
             if c.op == tr.Op.WRITE:
                 inflight[index[c.endpoint.id]] -= 1
         progress.tick(sum(sent))
+
+
+def _native_stream(client: Client, size: int, n: int, duration: float | None) -> None:
+    """The same window of writes, kept full by the C loop (GIL released throughout)."""
+    eps = client.endpoints
+    handles = ffi.new("lm_ep_t *[]", [ep._handle() for ep in eps])
+    ids = ffi.new("uint64_t[]", [ep.id for ep in eps])
+    remotes = ffi.new("lm_rdesc_t[]", len(eps))
+    for i, remote in enumerate(client.remote):
+        remotes[i] = remote._native[0]
+    sent = ffi.new("uint64_t[]", len(eps))
+    check(lib.lm_bench_stream(client.ctx._handle(), handles, ids, remotes, len(eps), client.src_mr._handle(), size,
+                              depth_for(size, client.cfg.depth), window_slots(size, client.cfg.depth), n,
+                              int((duration or 0) * 1e9), 30000, sent), "bandwidth stream")
 
 
 def _await_result(client: Client, idx: int) -> tuple:
@@ -451,10 +469,9 @@ def add_arguments(p: argparse.ArgumentParser, mode: str) -> None:
     p.add_argument("--once", action="store_true", help="server: exit after one client")
     p.add_argument("--plot", default=None, help="bandwidth: draw bandwidth against size (PNG)")
     p.add_argument("--quiet", action="store_true")
-    if mode == "latency":
-        p.add_argument("--loop", choices=["native", "python"], default="native",
-                       help="native: the ping-pong loop runs in C, as perftest's (default); "
-                            "python: every write and wait goes through the Python API")
+    p.add_argument("--loop", choices=["native", "python"], default="native",
+                   help="native: the ping-pong or streaming loop runs in C, as perftest's (default); "
+                        "python: every write and wait goes through the Python API")
 
 
 def add_progress_argument(p: argparse.ArgumentParser) -> None:
@@ -506,7 +523,7 @@ def _run_client(args, mode: str, host: str, port: int) -> int:
         finally:
             client.close()
     depth = cfg.depth or "auto"
-    loop = f" loop={cfg.loop}" if mode == "latency" else ""
+    loop = f" loop={cfg.loop}"
     header = (f" lamina-bench {mode}: transport={transport} progress={progress_mode} streams={cfg.streams}"
               f" depth={depth}{loop} host={host}:{port}")
     print(header)

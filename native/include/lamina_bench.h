@@ -31,6 +31,19 @@ int lm_bench_pingpong(lm_context_t *ctx, lm_ep_t *ep, lm_mr_t *mr, const lm_rdes
  * way. Returns as lm_bench_pingpong, or a channel error. */
 int lm_bench_chan_pingpong(lm_chan_t *ch, void *region, uint64_t size, uint32_t iters, int initiator,
                            int timeout_ms, uint64_t *rtt_ns);
+/* The bandwidth loop of `lamina-bench bandwidth` (perftest's ib_write_bw
+ * shape): on each of neps endpoints (ep_ids[i]: the id eps[i] was created
+ * with) keep `depth` writes with immediate of `size` bytes in flight, write n
+ * going from slot n % slots of mr into the same slot of remotes[i] (slot k at
+ * offset k * size on both sides; immediate n & 0xFFFFFF), until `count` writes
+ * per endpoint were posted, or duration_ns passed when it is nonzero; then
+ * waits for the writes still in flight. sent[i]: writes posted on eps[i].
+ * Completions of other operations of the context are consumed. Returns
+ * LM_OK, LM_ERR_TIMEOUT when no completion comes for timeout_ms, or the
+ * status of a failed operation. */
+int lm_bench_stream(lm_context_t *ctx, lm_ep_t **eps, const uint64_t *ep_ids, const lm_rdesc_t *remotes,
+                    uint32_t neps, lm_mr_t *mr, uint64_t size, uint32_t depth, uint32_t slots, uint64_t count,
+                    uint64_t duration_ns, int timeout_ms, uint64_t *sent);
 /* CDEF END */
 
 #ifdef __cplusplus

@@ -1,4 +1,5 @@
-/* pingpong.c - the latency loop of lamina-bench, in C (see lamina_bench.h). */
+/* pingpong.c - the latency and bandwidth loops of lamina-bench, in C (see lamina_bench.h). */
+#include <stdbool.h>
 #include <stdint.h>
 #include <time.h>
 
@@ -98,4 +99,56 @@ int lm_bench_chan_pingpong(lm_chan_t *ch, void *region, uint64_t size, uint32_t 
             rtt_ns[i] = now_ns() - t0;
     }
     return LM_OK;
+}
+
+#define STREAM_MAX_EPS 64
+
+int lm_bench_stream(lm_context_t *ctx, lm_ep_t **eps, const uint64_t *ep_ids, const lm_rdesc_t *remotes,
+                    uint32_t neps, lm_mr_t *mr, uint64_t size, uint32_t depth, uint32_t slots, uint64_t count,
+                    uint64_t duration_ns, int timeout_ms, uint64_t *sent)
+{
+    if (!ctx || !eps || !ep_ids || !remotes || !mr || !sent || neps == 0 || neps > STREAM_MAX_EPS || depth == 0 ||
+        slots == 0)
+        return LM_ERR_INVALID;
+    uint64_t inflight[STREAM_MAX_EPS] = {0};
+    uint64_t target = duration_ns ? UINT64_MAX : count;
+    uint64_t end = duration_ns ? now_ns() + duration_ns : 0;
+    for (uint32_t e = 0; e < neps; e++)
+        sent[e] = 0;
+    lm_completion_t c[64];
+    for (;;) {
+        bool busy = false;
+        for (uint32_t e = 0; e < neps; e++) {
+            while (inflight[e] < depth && sent[e] < target) {
+                uint64_t at = (sent[e] % slots) * size;
+                int rc = lm_ep_write(eps[e], mr, at, size, &remotes[e], at, (uint32_t)(sent[e] & 0xFFFFFF),
+                                     LM_WRITE_IMM, sent[e]);
+                if (rc != LM_OK)
+                    return rc;
+                inflight[e]++;
+                sent[e]++;
+            }
+            busy |= inflight[e] > 0;
+        }
+        if (end && now_ns() >= end)
+            target = 0; /* time is up: post nothing more, wait for what is in flight */
+        if (!busy)
+            return LM_OK;
+        int n = lm_cq_wait(ctx, c, 64, timeout_ms);
+        if (n < 0)
+            return n;
+        if (n == 0)
+            return LM_ERR_TIMEOUT;
+        for (int i = 0; i < n; i++) {
+            if (c[i].status != LM_OK)
+                return c[i].status;
+            if (c[i].opcode != LM_OP_WRITE)
+                continue;
+            for (uint32_t e = 0; e < neps; e++)
+                if (ep_ids[e] == c[i].ep_id && inflight[e] > 0) {
+                    inflight[e]--;
+                    break;
+                }
+        }
+    }
 }
