@@ -396,6 +396,49 @@ def latency_staged(engine_factory: Callable[[], Any], make_buf: Callable[[int], 
         close_pair(*pair)
 
 
+def latency_channel(n: int, iters: int, on_gpu: bool) -> dict:
+    """One-way latency of an n-byte message through a channel pair (ping-pong over tcp loopback, one
+    thread): host arrays, or CUDA memory sent and received stream-ordered (copy engine + host functions;
+    the side that answers queues its send behind its receive on one stream, no host wait)."""
+    import numpy as np
+    import lamina_comm as lc
+    from lamina_comm.channel import ChannelSpec
+    from tests.test_channel import open_pair
+    spec = ChannelSpec(max_tokens=1, hidden=64, heads=1, kv_heads=1, head_dim=64, dtype="uint8",
+                       microbatches=1, slots_per_microbatch=2, extra_bytes=n)
+    bufs: list[Any] = []
+    with lc.Context("tcp") as a, lc.Context("tcp") as b:
+        model, attention = open_pair(a, b, spec)
+        try:
+            if on_gpu:
+                from lamina_comm.gpu import cuda
+                dev = cuda.get_device(0)
+                bufs += [cuda.DeviceAllocation(dev, n) for _ in range(2)]
+                xa, xb = bufs
+                sa, sb = cuda.Stream(dev), cuda.Stream(dev)
+                bufs += [sa, sb]
+            else:
+                xa, xb, sa, sb = np.zeros(n, np.uint8), np.zeros(n, np.uint8), None, None
+            samples = []
+            for i in range(iters + 50):
+                t0 = time.perf_counter()
+                model.send([xa], layer=0, microbatch=0, stream=sa.handle if sa else None)
+                attention.recv_into([xb], 0, stream=sb.handle if sb else None, timeout=5)
+                attention.send([xb], layer=0, microbatch=0, stream=sb.handle if sb else None)
+                model.recv_into([xa], 0, stream=sa.handle if sa else None, timeout=5)
+                if sa is not None:
+                    with dev.activate():
+                        sa.synchronize()
+                if i >= 50:
+                    samples.append((time.perf_counter() - t0) / 2)
+            return _percentiles(samples)
+        finally:
+            model.close()
+            attention.close()
+            for buf in bufs:
+                buf.close()
+
+
 def bench_latency(quick: bool, with_gpu: bool) -> dict:
     import numpy as np
     from lamina_comm.gpu import HostCopyEngine
@@ -404,7 +447,8 @@ def bench_latency(quick: bool, with_gpu: bool) -> dict:
     for n in (64, 64 * 1024):
         row: dict[str, Any] = {"raw_host": latency_raw_host(n, iters),
                                "staged_host": latency_staged(lambda: HostCopyEngine(asynchronous=False),
-                                                             lambda m: np.zeros(m, np.uint8), n, iters)}
+                                                             lambda m: np.zeros(m, np.uint8), n, iters),
+                               "channel_host": latency_channel(n, iters, on_gpu=False)}
         if with_gpu:
             from lamina_comm.gpu import CudaCopyEngine, cuda
             dev = cuda.get_device(0)
@@ -415,6 +459,7 @@ def bench_latency(quick: bool, with_gpu: bool) -> dict:
                 return bufs[-1]
 
             row["staged_gpu"] = latency_staged(lambda: CudaCopyEngine(0), dev_buf, n, iters)
+            row["channel_gpu"] = latency_channel(n, iters, on_gpu=True)
             for b in bufs:
                 b.close()
         out[f"{n}B"] = row
@@ -522,7 +567,9 @@ def table(r: dict) -> str:
         if row:
             lines.append(f"latency {size:>7}  one-way p50: raw host {row['raw_host']['p50_us']} us, staged host "
                          f"{row['staged_host']['p50_us']} us, staged gpu "
-                         f"{row.get('staged_gpu', {}).get('p50_us', '-')} us")
+                         f"{row.get('staged_gpu', {}).get('p50_us', '-')} us; channel host "
+                         f"{row['channel_host']['p50_us']} us, channel gpu "
+                         f"{row.get('channel_gpu', {}).get('p50_us', '-')} us")
     if not lat or "error" in lat or "skipped" in lat:
         lines.append(f"latency          {why('latency')}")
     d = r.get("decode", {})
