@@ -1,6 +1,8 @@
 /* A stand-in libcuda for exercising the ctypes layer without a GPU: "device" memory is host
  * memory, every async operation runs at once, events are always complete, stream waits are
- * recorded but never block. */
+ * recorded but never block. Failures on demand (environment, read at each call):
+ * MOCK_CUDA_HOSTFN_FAIL (cuLaunchHostFunc refuses), MOCK_CUDA_SYNC_FAIL (cuStreamSynchronize
+ * reports a failed stream), MOCK_CUDA_CAPTURING (every stream is capturing). */
 #define _GNU_SOURCE
 #include <stdint.h>
 #include <stdlib.h>
@@ -38,10 +40,10 @@ static int need_ctx(void) { return cur == &ctx_token ? 0 : 201; }
 CUresult cuStreamCreate(void **s, unsigned f) { (void)f; if (need_ctx()) return 201; *s = malloc(1); return 0; }
 CUresult cuStreamDestroy_v2(void *s) { free(s); return 0; }
 static void drain_host_funcs(void);
-CUresult cuStreamSynchronize(void *s) { (void)s; drain_host_funcs(); return need_ctx(); }
+CUresult cuStreamSynchronize(void *s) { (void)s; drain_host_funcs(); return getenv("MOCK_CUDA_SYNC_FAIL") ? 700 : need_ctx(); }
 CUresult cuStreamQuery(void *s) { (void)s; return need_ctx(); }
 CUresult cuStreamWaitEvent(void *s, void *e, unsigned f) { (void)s; (void)e; (void)f; return need_ctx(); }
-CUresult cuStreamIsCapturing(void *s, int *st) { (void)s; *st = 0; return 0; }
+CUresult cuStreamIsCapturing(void *s, int *st) { (void)s; *st = getenv("MOCK_CUDA_CAPTURING") != NULL; return 0; }
 CUresult cuEventCreate(void **e, unsigned f) { (void)f; if (need_ctx()) return 201; *e = malloc(1); return 0; }
 CUresult cuEventDestroy_v2(void *e) { free(e); return 0; }
 CUresult cuEventRecord(void *e, void *s) { (void)e; (void)s; return need_ctx(); }
@@ -121,6 +123,7 @@ static void drain_host_funcs(void) {
 CUresult cuLaunchHostFunc(void *s, hostfn_t fn, void *arg) {
     (void)s;
     if (need_ctx()) return 201;
+    if (getenv("MOCK_CUDA_HOSTFN_FAIL")) return 999;
     if (!getenv("MOCK_CUDA_HOSTFN_THREAD")) { fn(arg); __atomic_add_fetch(&hostfns_run, 1, __ATOMIC_SEQ_CST); return 0; }
     pthread_mutex_lock(&q_lock);
     if (!q_started) { pthread_create(&q_thread, NULL, hostfn_thread, NULL); q_started = 1; }

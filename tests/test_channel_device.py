@@ -117,9 +117,9 @@ class DeviceArray:
 out = {}
 dev = cuda.get_device(0)
 rng = np.random.default_rng(1)
-transport = sys.argv[2]
+transport, piggyback = sys.argv[2], sys.argv[3] == "piggyback"
 with lc.Context(transport) as a, lc.Context(transport) as b:
-    model, attention = open_pair(a, b)
+    model, attention = open_pair(a, b, piggyback=piggyback)
     stream = 0x5157
     q, k = DeviceArray(dev, (4, 4, 16), "float16"), DeviceArray(dev, (4, 2, 16), "float16")
     q_out, k_out = DeviceArray(dev, (4, 4, 16), "float16"), DeviceArray(dev, (4, 2, 16), "float16")
@@ -163,17 +163,21 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.parametrize("transport", ["tcp", "shm"])
-def test_device_tensors_round_trip_stream_ordered_against_a_mock_driver(tmp_path, transport):
+def run_mock(tmp_path, script: str, *args: str) -> dict:
     lib_path = build_mock_libcuda(tmp_path)
     if lib_path is None:
         pytest.skip("no gcc to build the mock driver")
     env = {**os.environ, "PYTHONPATH": ROOT, "LAMINA_LIBCUDA": lib_path, "MOCK_CUDA_HOSTFN_THREAD": "1"}
     env.pop("LAMINA_DISABLE_CUDA", None)
-    run = subprocess.run([sys.executable, "-c", MOCK_SCRIPT, lib_path, transport], env=env, capture_output=True,
+    run = subprocess.run([sys.executable, "-c", script, lib_path, *args], env=env, capture_output=True,
                          text=True, timeout=120, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(run.stdout.strip().splitlines()[-1])
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("transport,credits", [("tcp", "writes"), ("shm", "writes"), ("tcp", "piggyback")])
+def test_device_tensors_round_trip_stream_ordered_against_a_mock_driver(tmp_path, transport, credits):
+    out = run_mock(tmp_path, MOCK_SCRIPT, transport, credits)
     assert out["ok"] == [True] * 60
     assert out["layers"] == list(range(60))
     assert out["seqs"] == [i // 2 for i in range(60)], "every micro-batch in sequence, none lost or reordered"
@@ -183,3 +187,141 @@ def test_device_tensors_round_trip_stream_ordered_against_a_mock_driver(tmp_path
     assert out["model"]["slot_messages"] == 49 and out["model"]["staged_messages"] == 12, out["model"]
     # One host function per stream-ordered send and per device receive (60), none more.
     assert out["hostfns"] == 49 + 60, out["hostfns"]
+
+
+def test_deferred_release_reaches_a_sender_waiting_on_piggybacked_credits(contexts):
+    """The receiver sleeps in a receive while its stream hands the slots back: the credits must go out
+    then (held for a piggyback, they would wait for a send that cannot come)."""
+    import threading
+    import time
+    model, attention = open_pair(*contexts, piggyback=True)
+    try:
+        for value in (1, 2):
+            model.send(np.full(8, value, np.uint8), layer=0, microbatch=0, timeout=WAIT_S)
+        ops = []
+        for _ in range(2):  # what recv_into(..., stream=s) does with each message
+            message = attention.recv(0, timeout=WAIT_S)
+            op = ffi.new("lm_chan_deferred_t **")
+            assert lib.lm_chan_release_prepare(attention._handle(), 0, message.slot, message.seq, op) == 0
+            message._channel = None
+            ops.append(op[0])
+        box: dict = {}
+
+        def sender() -> None:
+            try:
+                box["seq"] = model.send(np.full(8, 3, np.uint8), layer=0, microbatch=0, timeout=5)
+            except Exception as exc:  # re-raised below
+                box["err"] = exc
+
+        def stream() -> None:  # the copies finish while the receiver already waits
+            time.sleep(0.3)
+            for op in ops:
+                lib.lm_chan_run_deferred(op)
+
+        threads = [threading.Thread(target=sender), threading.Thread(target=stream)]
+        for t in threads:
+            t.start()
+        try:
+            with attention.recv(0, timeout=5) as third:
+                assert (third.tensors[0] == 3).all()
+        finally:
+            for t in threads:
+                t.join()
+        assert "err" not in box, box
+    finally:
+        model.close()
+        attention.close()
+
+
+def test_an_op_the_driver_never_runs_leaks_the_channel_instead_of_hanging():
+    script = """
+import gc
+import lamina_comm as lc
+from lamina_comm._bindings import ffi, lib
+from tests.test_channel import open_pair, WAIT_S
+with lc.Context("tcp") as a, lc.Context("tcp") as b:
+    model, attention = open_pair(a, b)
+    payload = model.send_slot(0, WAIT_S)
+    vec = ffi.new("lm_chan_tensor_t[]", 1)
+    vec[0].addr, vec[0].nbytes, vec[0].dtype, vec[0].ndim = payload.ctypes.data, 64, lib.LM_DTYPE_UINT8, 1
+    vec[0].shape[0] = 64
+    seq, op = ffi.new("uint64_t *"), ffi.new("lm_chan_deferred_t **")
+    assert lib.lm_chan_send_prepare(model._handle(), 0, 0, vec, 1, 1000, seq, op) == 0
+    model.close()
+    attention.close()
+del model
+gc.collect()
+print("destroyed")
+"""
+    run = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": ROOT},
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert run.returncode == 0 and "destroyed" in run.stdout, run.stderr[-2000:]
+
+
+MOCK_FAILURES = r"""
+import json, os, sys
+import numpy as np
+import lamina_comm as lc
+from lamina_comm.channel import ChannelGroup
+from lamina_comm.gpu import cuda
+from tests.test_channel import open_pair, WAIT_S
+
+class DeviceArray:
+    def __init__(self, dev, n):
+        self.alloc = cuda.DeviceAllocation(dev, n)
+        self.host = np.frombuffer((__import__("ctypes").c_char * n).from_address(self.alloc.ptr), np.uint8)
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": (self.alloc.nbytes,), "typestr": "|u1", "data": (self.alloc.ptr, False), "version": 3,
+                "strides": None, "stream": None}
+
+out = {}
+dev = cuda.get_device(0)
+x = DeviceArray(dev, 64)
+x.host[:] = 5
+with lc.Context("tcp") as a, lc.Context("tcp") as b:
+    model, attention = open_pair(a, b)
+    # The driver refuses the host function: the stream is idle, so the post happens here, once.
+    os.environ["MOCK_CUDA_HOSTFN_FAIL"] = "1"
+    seq = model.send([x], layer=1, microbatch=0, stream=7)
+    del os.environ["MOCK_CUDA_HOSTFN_FAIL"]
+    with attention.recv(0, timeout=WAIT_S) as got:
+        out["inline"] = [seq, got.layer, got.seq, int(got.tensors[0][0])]
+    # Capture is refused before anything is taken.
+    os.environ["MOCK_CUDA_CAPTURING"] = "1"
+    try:
+        model.send([x], layer=2, microbatch=0, stream=7)
+    except lc.UnsupportedError as exc:
+        out["capture"] = str(exc)
+    del os.environ["MOCK_CUDA_CAPTURING"]
+    # A group of channels takes CUDA tensors too (each channel's own stream-ordered send).
+    model2, attention2 = open_pair(a, b)
+    seqs = ChannelGroup([model, model2]).send([[x], [np.zeros(4, np.float32)]], layer=3, microbatch=1)
+    with attention.recv(1, timeout=WAIT_S) as g1, attention2.recv(1, timeout=WAIT_S) as g2:
+        out["group"] = [seqs, int(g1.tensors[0][0]), g2.tensors[0].dtype_name]
+    # A failed stream: the host function cannot be queued and the stream reports the failure: the op is
+    # canceled (nothing stale posted), the send raises, and the channel is failed for what follows.
+    os.environ["MOCK_CUDA_HOSTFN_FAIL"] = "1"
+    os.environ["MOCK_CUDA_SYNC_FAIL"] = "1"
+    try:
+        model.send([x], layer=4, microbatch=0, stream=7)
+    except cuda.CudaError as exc:
+        out["failed_stream"] = exc.name
+    del os.environ["MOCK_CUDA_HOSTFN_FAIL"], os.environ["MOCK_CUDA_SYNC_FAIL"]
+    try:
+        model.send([np.zeros(4, np.uint8)], layer=5, microbatch=1, timeout=1)
+    except lc.LaminaError as exc:
+        out["after"] = type(exc).__name__ + ": " + str(exc)
+    for ch in (model, attention, model2, attention2):
+        ch.close()
+print(json.dumps(out))
+"""
+
+
+def test_device_path_failures_against_a_mock_driver(tmp_path):
+    out = run_mock(tmp_path, MOCK_FAILURES)
+    assert out["inline"] == [0, 1, 0, 5], "posted once, from the caller, with the copied data"
+    assert "cannot be captured into a CUDA graph" in out["capture"]
+    assert out["group"] == [[0, 0], 5, "float32"]
+    assert out["failed_stream"] == "CUDA_ERROR_UNKNOWN" or out["failed_stream"].startswith("CUDA_ERROR")
+    assert "canceled" in out["after"] and "its stream failed" in out["after"], out["after"]

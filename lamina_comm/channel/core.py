@@ -412,10 +412,14 @@ class Channel:
         send slot (metrics.staged_bytes).
 
         CUDA tensors (torch, or ``__cuda_array_interface__`` such as cupy) are
-        copied into the slot by the copy engine on ``stream`` (default: the
-        tensor's current stream) and the write is posted from native code
-        once the copy is done: the call returns without waiting for the
-        device (lamina_comm/channel/device.py).
+        copied into the slot by the copy engine on ``stream`` (default: torch's
+        current stream of the tensor's device, or the stream a
+        ``__cuda_array_interface__`` names) and the write is posted from native
+        code once the copy is done: the call returns without waiting for the
+        device (lamina_comm/channel/device.py). The sequence number returned
+        then belongs to a message not posted yet: ``send_token()`` / ``sent()``
+        cover it only once it is, ``flush()`` waits for the stream first.
+        Refused on a stream being captured into a CUDA graph.
         """
         if stream is not None:
             self._check_microbatch(microbatch)
@@ -537,9 +541,11 @@ class Channel:
         dtype), its slot handed back; returns the (released) message for its layer and sequence number.
 
         Host destinations are filled before it returns. CUDA destinations are filled by the copy engine
-        on ``stream`` (default: the destination's current stream) and the slot goes back from native
-        code once the copies are done: work queued on that stream later sees the data, and the call
-        never waits for the device.
+        on ``stream`` (default: as for ``send``) and the slot goes back from native code once the copies
+        are done: work queued on that stream later sees the data, and the call never waits for the
+        device (the returned message's ``tensors`` are then empty: the slot is the stream's). A
+        destination that does not match raises ``InvalidArgumentError`` and the message is dropped (its
+        slot goes back).
         """
         message = self.recv(microbatch, timeout)
         try:

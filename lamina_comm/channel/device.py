@@ -85,38 +85,72 @@ def describe_device_tensor(obj: Any) -> DeviceTensor:
 
 
 class DeviceStaging:
-    """One channel's device work: its ring page-locked per device, the streams it queued work on."""
+    """One channel's device work: its ring page-locked, the streams it queued work on."""
 
     def __init__(self, channel: Any):
         self._channel = channel
-        self._pinned: dict[int, Any] = {}     # device ordinal -> HostRegistration of the ring
+        self._pinned: Any = None  # HostRegistration of the ring (portable: every device's context sees it)
         self._streams: dict[tuple[int, Optional[int]], Any] = {}  # (device, stream) -> Device: work queued there
+        self._send_stream: dict[int, tuple[Any, Optional[int]]] = {}  # micro-batch -> (Device, stream) of its last send
 
     def _device(self, ordinal: int) -> Any:
         from ..gpu import cuda
         device = cuda.get_device(ordinal)
-        if ordinal not in self._pinned:
+        if self._pinned is None:
             region = self._channel.region
-            self._pinned[ordinal] = cuda.HostRegistration(device, region.address, region.nbytes)
+            self._pinned = cuda.HostRegistration(device, region.address, region.nbytes)
         return device
 
+    def _refuse_capture(self, device: Any, stream: Optional[int]) -> None:
+        from ..gpu.stream import refuse_capture
+        with device.activate():
+            # One post per message, with host bookkeeping: a graph replay would post it again, or never.
+            refuse_capture(device, stream, f"a stream-ordered message on channel {self._channel.name}")
+
     def _launch(self, device: Any, stream: Optional[int], op: Any) -> None:
-        """Queue lm_chan_run_deferred(op) behind the stream's work; the op runs whatever happens."""
+        """Queue lm_chan_run_deferred(op) behind the stream's work. If the driver refuses, the op runs
+        here once the stream is idle, or is canceled (the channel fails) when the stream itself failed."""
         from ctypes import c_void_p
+        from ..gpu import cuda
         self._streams[(device.ordinal, stream)] = device
+        handle = c_void_p(stream or 0)
+        arg = c_void_p(int(ffi.cast("uintptr_t", op)))
+        with device.activate():
+            rc = device.driver.raw("cuLaunchHostFunc", handle, c_void_p(run_deferred_address()), arg)
+            if rc == cuda.CUDA_SUCCESS:
+                return
+            synced = device.driver.raw("cuStreamSynchronize", handle)
+        if synced == cuda.CUDA_SUCCESS:
+            lib.lm_chan_run_deferred(op)  # the copies are done: post (or release) from here
+            return
+        lib.lm_chan_cancel_deferred(op, lib.LM_ERR_IO)
+        raise device.driver.error(synced, "cuStreamSynchronize (a channel's copies)")
+
+    def _settle(self, device: Any, stream: Optional[int]) -> None:
+        """After a failure with copies queued: let them finish before the slot is used again."""
+        from ctypes import c_void_p
+        with device.activate():
+            device.driver.raw("cuStreamSynchronize", c_void_p(stream or 0))
+
+    def _order_after_last_send(self, microbatch: int, device: Any, stream: Optional[int]) -> None:
+        """The deferred sends of a micro-batch post in the order their host functions run: a send on another
+        stream than the last one waits for it on the device (an event), not on the host."""
+        from ctypes import c_void_p
+        from ..gpu import cuda
+        last = self._send_stream.get(microbatch)
+        self._send_stream[microbatch] = (device, stream)
+        if last is None or (last[0].ordinal, last[1]) == (device.ordinal, stream) or \
+                not lib.lm_chan_unposted(self._channel._handle(), microbatch):
+            return
+        event = cuda.Event(last[0])
         try:
+            with last[0].activate():
+                event.record(last[1])
             with device.activate():
-                device.driver.call("cuLaunchHostFunc", c_void_p(stream or 0), c_void_p(run_deferred_address()),
-                                   c_void_p(int(ffi.cast("uintptr_t", op))))
-        except BaseException:
-            # Not queued: run it now, after whatever the stream still does (the slot must not be posted
-            # or handed back while a copy may still touch it).
-            try:
-                with device.activate():
-                    device.driver.raw("cuStreamSynchronize", c_void_p(stream or 0))
-            finally:
-                lib.lm_chan_run_deferred(op)
-            raise
+                device.driver.call("cuStreamWaitEvent", c_void_p(stream or 0), c_void_p(event.handle), 0)
+        finally:
+            with last[0].activate():
+                event.close()  # destroyed once the wait is satisfied (the driver defers it)
 
     def send(self, tensors: list[Any], layer: int, microbatch: int, stream: Any, timeout_ms: int,
              fill_tensors: Any) -> int:
@@ -125,6 +159,8 @@ class DeviceStaging:
         from ..gpu import cuda
         from ..gpu.stream import stream_handle
         channel = self._channel
+        if not tensors:
+            raise InvalidArgumentError(f"channel {channel.name}: a stream-ordered message needs a tensor")
         items = [describe_device_tensor(t) if is_device_tensor(t) else _describe(t) for t in tensors]
         on_device = [t for t in items if isinstance(t, DeviceTensor)]
         ordinals = {t.device for t in on_device}
@@ -135,33 +171,39 @@ class DeviceStaging:
         if handle is None:
             handle = next((t.stream for t in on_device if t.stream is not None), None)
         offsets = packed_offsets([t.nbytes for t in items])
-        size = offsets[-1] + items[-1].nbytes if items else 0
+        size = offsets[-1] + items[-1].nbytes
         if size > channel._layout.send_capacity:
             raise InvalidArgumentError(f"channel {channel.name}: message of {size} B exceeds the "
                                        f"{channel._layout.send_capacity}-byte slot (see ChannelSpec)")
-        if lib.lm_chan_unposted(channel._handle(), microbatch) and set(self._streams) - {(ordinal, handle)}:
-            # The deferred sends of a micro-batch post in the order of their stream: before one goes on
-            # another stream, the earlier ones must be out.
-            self.synchronize()
+        device = self._device(ordinal)
+        self._refuse_capture(device, handle)
+        _keep_for_stream(on_device, handle)
+        self._order_after_last_send(microbatch, device, handle)
         payload = channel.send_slot(microbatch, None if timeout_ms < 0 else timeout_ms / 1000)
         base = payload.ctypes.data
-        device = self._device(ordinal)
         described = []
-        with device.activate():
-            for off, item in zip(offsets, items):
-                dst = payload[off:off + item.nbytes].view(dtypes.numpy_storage(item.dtype_name)).reshape(item.shape)
-                if isinstance(item, DeviceTensor):
-                    cuda.memcpy_dtoh_async(device.driver, base + off, item.ptr, item.nbytes, handle)
-                else:
-                    _copy_into(dst, item)
-                described.append(_describe_numpy(_as_tensor_view(dst, item.dtype_name)))
-        fill_tensors(channel._tensors, 0, described)
-        seq, op = ffi.new("uint64_t *"), ffi.new("lm_chan_deferred_t **")
-        rc = lib.lm_chan_send_prepare(channel._handle(), layer, microbatch, channel._tensors, len(described),
-                                      timeout_ms, seq, op)
-        if rc < 0:
-            # Nothing taken: the copies only land in the slot, which the next send fills again.
-            raise error_of(rc, f"channel {channel.name}")
+        queued = False
+        try:
+            with device.activate():
+                for off, item in zip(offsets, items):
+                    dst = payload[off:off + item.nbytes].view(dtypes.numpy_storage(item.dtype_name)).reshape(
+                        item.shape)
+                    if isinstance(item, DeviceTensor):
+                        cuda.memcpy_dtoh_async(device.driver, base + off, item.ptr, item.nbytes, handle)
+                        queued = True
+                    else:
+                        _copy_into(dst, item)
+                    described.append(_describe_numpy(_as_tensor_view(dst, item.dtype_name)))
+            fill_tensors(channel._tensors, 0, described)
+            seq, op = ffi.new("uint64_t *"), ffi.new("lm_chan_deferred_t **")
+            rc = lib.lm_chan_send_prepare(channel._handle(), layer, microbatch, channel._tensors, len(described),
+                                          timeout_ms, seq, op)
+            if rc < 0:
+                raise error_of(rc, f"channel {channel.name}")
+        except BaseException:
+            if queued:  # nothing was taken, and the next send fills this slot: the copies must be done first
+                self._settle(device, handle)
+            raise
         self._launch(device, handle, op[0])
         return int(seq[0])
 
@@ -200,29 +242,61 @@ class DeviceStaging:
         if handle is None:
             handle = next((t.stream for t, _ in device_parts if t.stream is not None), None)
         device = self._device(ordinals.pop())
-        with device.activate():
-            for target, part in device_parts:
-                cuda.memcpy_htod_async(device.driver, target.ptr, part.ctypes.data, target.nbytes, handle)
-        op = ffi.new("lm_chan_deferred_t **")
-        rc = lib.lm_chan_release_prepare(channel._handle(), message.microbatch, message.slot, message.seq, op)
-        if rc < 0:
-            raise error_of(rc, f"channel {channel.name}")
+        self._refuse_capture(device, handle)
+        _keep_for_stream([t for t, _ in device_parts], handle)
+        queued = False
+        try:
+            with device.activate():
+                for target, part in device_parts:
+                    cuda.memcpy_htod_async(device.driver, target.ptr, part.ctypes.data, target.nbytes, handle)
+                    queued = True
+            op = ffi.new("lm_chan_deferred_t **")
+            rc = lib.lm_chan_release_prepare(channel._handle(), message.microbatch, message.slot, message.seq, op)
+            if rc < 0:
+                raise error_of(rc, f"channel {channel.name}")
+        except BaseException:
+            if queued:  # the slot goes back (the caller's release) only once nothing reads it
+                self._settle(device, handle)
+            raise
         message._channel = None  # handed back by the stream, not by release()
+        message.tensors = []  # the slot is the stream's now
         self._launch(device, handle, op[0])
 
     def synchronize(self) -> None:
-        """Wait until every stream this channel queued work on is done (its deferred ops have run)."""
+        """Wait until every stream this channel queued work on is done (its deferred ops have run).
+        Raises the first stream's CUDA error (its ops may never run: the channel then leaks, never hangs)."""
         from ctypes import c_void_p
+        from ..gpu import cuda
+        failed = None
         for (_, stream), device in list(self._streams.items()):
             with device.activate():
-                device.driver.raw("cuStreamSynchronize", c_void_p(stream or 0))
+                rc = device.driver.raw("cuStreamSynchronize", c_void_p(stream or 0))
+            if rc != cuda.CUDA_SUCCESS and failed is None:
+                failed = device.driver.error(rc, "cuStreamSynchronize (a channel's stream)")
         self._streams.clear()
+        if failed is not None:
+            raise failed
 
     def close(self) -> None:
-        """Streams first (their host functions touch the channel and the ring), then the page-locking."""
+        """Streams first (their host functions touch the ring), then the page-locking. Never raises."""
+        import logging
         try:
             self.synchronize()
-        finally:
-            for registration in self._pinned.values():
-                registration.close()
-            self._pinned.clear()
+        except Exception as exc:  # the channel closes anyway; its native memory outlives any late op
+            logging.getLogger("lamina_comm").warning("channel %s: %s", self._channel.name, exc)
+        pinned, self._pinned = self._pinned, None
+        if pinned is not None:
+            try:
+                pinned.close()
+            except Exception as exc:
+                logging.getLogger("lamina_comm").warning("channel %s: unpinning its ring: %s",
+                                                         self._channel.name, exc)
+
+
+def _keep_for_stream(tensors: list[DeviceTensor], stream: Optional[int]) -> None:
+    """torch's caching allocator may hand a tensor's memory out again once it is freed, ordered only on the
+    stream it was allocated on: a copy queued on another stream must be recorded there."""
+    for t in tensors:
+        if stream is not None and t.stream != stream and type(t.obj).__module__.startswith("torch"):
+            import torch
+            t.obj.record_stream(torch.cuda.ExternalStream(stream, device=t.obj.device))

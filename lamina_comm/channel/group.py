@@ -64,6 +64,8 @@ class ChannelGroup:
             except LaminaError as exc:
                 exc.channel_index = i
                 raise
+            if infos is None:  # CUDA tensors: each channel's own stream-ordered send (nothing posted yet)
+                return self._send_each(messages, layer, microbatch, timeout)
             _fill_tensors(self._tensors, at, infos)
             self._counts[i] = len(infos)
             at += len(infos)
@@ -75,6 +77,16 @@ class ChannelGroup:
         if rc < 0:
             raise self._error(rc)
         return [self._seqs[i] for i in range(len(self.channels))]
+
+    def _send_each(self, messages: Sequence[Any], layer: int, microbatch: int, timeout: float | None) -> list[int]:
+        seqs = []
+        for i, (channel, tensors) in enumerate(zip(self.channels, messages)):
+            try:
+                seqs.append(channel.send(tensors, layer=layer, microbatch=microbatch, timeout=timeout))
+            except LaminaError as exc:
+                exc.channel_index = i
+                raise
+        return seqs
 
     def _only(self, call: Callable[[Channel], Any]) -> Any:
         """A group of one channel makes that channel's own call (fewer steps than the group's native

@@ -425,14 +425,20 @@ int lm_chan_send(lm_chan_t *ch, uint32_t layer, uint32_t microbatch, const lm_ch
  * (one stream). A post that fails fails the channel.
  * lm_chan_release_prepare: lm_chan_release(mb, slot, seq), when op runs (after
  * the stream copied the message out of the slot).
- * Every prepared op must run once, also after lm_chan_close (it then does
- * nothing): lm_chan_destroy waits for them. */
+ * Every prepared op must run (or be canceled) exactly once, also after
+ * lm_chan_close (it then does nothing); the channel's memory is freed by the
+ * later of lm_chan_destroy and the last op, so an op that never runs leaks the
+ * channel rather than hanging. Held credits ride in a deferred send's header
+ * when it posts; a deferred release writes its credit at once. */
 typedef struct lm_chan_deferred lm_chan_deferred_t;
 int lm_chan_send_prepare(lm_chan_t *ch, uint32_t layer, uint32_t microbatch, const lm_chan_tensor_t *tensors,
                          uint32_t n, int timeout_ms, uint64_t *seq, lm_chan_deferred_t **op);
 int lm_chan_release_prepare(lm_chan_t *ch, uint32_t microbatch, uint32_t slot, uint64_t seq,
                             lm_chan_deferred_t **op);
 void lm_chan_run_deferred(void *op);
+/* Instead of running op: its stream failed, so the copies it waited for may
+ * not have happened. Fails the channel with status (or LM_ERR_CANCELED). */
+void lm_chan_cancel_deferred(void *op, int status);
 /* Deferred sends of mb prepared and not yet posted. */
 uint32_t lm_chan_unposted(lm_chan_t *ch, uint32_t microbatch);
 /* The next message (of micro-batch mb, or of any when mb < 0, in arrival

@@ -10,6 +10,7 @@
  * endpoint while holding ch->lock.
  */
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -116,12 +117,14 @@ struct lm_chan {
     /* Deferred (stream-ordered) work, one op per slot: prepared by the
      * application thread, run later from any thread (lm_chan_run_deferred).
      * unposted[mb]: prepared sends of mb not yet posted (an immediate send on
-     * mb waits for them: it would overtake them); deferred: ops prepared and
-     * not yet run (lm_chan_destroy waits for them). */
+     * mb waits for them: it would overtake them). refs: the owner's (dropped
+     * by lm_chan_destroy) plus one per prepared op not yet run: the last one
+     * frees the channel, so an op the driver never runs (a CUDA context
+     * error) leaks the channel instead of hanging its destruction. */
     lm_chan_deferred_t *send_ops;    /* [ring] */
     lm_chan_deferred_t *release_ops; /* [ring] */
     uint32_t *unposted;              /* [mbs], under lock */
-    atomic_int deferred;
+    atomic_int refs;
 };
 
 enum { DEFERRED_SEND = 1, DEFERRED_RELEASE = 2 };
@@ -130,9 +133,7 @@ struct lm_chan_deferred {
     lm_chan_t *ch;
     uint32_t kind, mb, slot;
     uint64_t seq, hdr_at, length;
-    uint32_t imm, ncredits;
-    uint32_t credit_idx[LM_CHAN_MAX_PIGGYBACK];
-    uint64_t credit_seq[LM_CHAN_MAX_PIGGYBACK];
+    uint32_t imm;
 };
 
 static const uint8_t itemsize_of[] = { /* by wire dtype code; 0: not a code */
@@ -349,6 +350,7 @@ int lm_chan_create(lm_ep_t *ep, lm_mr_t *mr, const lm_rdesc_t *peer, const lm_ch
     lm_chan_t *ch = calloc(1, sizeof(*ch));
     if (!ch)
         return lm_fail(LM_ERR_NO_MEMORY, "channel allocation failed");
+    atomic_init(&ch->refs, 1);
     ch->ctx = ep->ctx;
     ch->ep = ep;
     ch->mr = mr;
@@ -394,16 +396,8 @@ int lm_chan_create(lm_ep_t *ep, lm_mr_t *mr, const lm_rdesc_t *peer, const lm_ch
     return LM_OK;
 }
 
-void lm_chan_destroy(lm_chan_t *ch)
+static void chan_free(lm_chan_t *ch)
 {
-    if (!ch)
-        return;
-    lm_chan_close(ch);
-    /* A deferred op still to run would touch the channel: its stream must
-     * finish first (the Python layer synchronizes them before this). */
-    struct timespec nap = {.tv_nsec = 50000};
-    while (atomic_load(&ch->deferred) > 0)
-        nanosleep(&nap, NULL);
     if (ch->ep) {
         pthread_mutex_destroy(&ch->lock);
         pthread_mutex_destroy(&ch->post_lock);
@@ -422,6 +416,20 @@ void lm_chan_destroy(lm_chan_t *ch)
     free(ch->release_ops);
     free(ch->unposted);
     free(ch);
+}
+
+static void chan_unref(lm_chan_t *ch)
+{
+    if (atomic_fetch_sub(&ch->refs, 1) == 1)
+        chan_free(ch);
+}
+
+void lm_chan_destroy(lm_chan_t *ch)
+{
+    if (!ch)
+        return;
+    lm_chan_close(ch);
+    chan_unref(ch); /* freed now, or by the last deferred op still to run */
 }
 
 /* ---- calls and closing ------------------------------------------------------ */
@@ -807,7 +815,8 @@ static void write_header(lm_chan_t *ch, uint64_t at, const lm_chan_tensor_t *t, 
         memcpy(e.shape, t[i].shape, sizeof(e.shape));
         memcpy(h + ENTRIES_AT + i * sizeof(e), &e, sizeof(e));
     }
-    memcpy(h + CREDITS_AT, credits, ncredits * sizeof(*credits));
+    if (ncredits)
+        memcpy(h + CREDITS_AT, credits, ncredits * sizeof(*credits));
 }
 
 static int check_message(lm_chan_t *ch, uint32_t mb, const lm_chan_tensor_t *t, uint32_t n, const void *out)
@@ -958,7 +967,8 @@ static int chan_send(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_t
     } else {
         if (!raw)
             ch->send_seq[mb]++;
-        ch->last_send_wr = wr_id;
+        if (wr_id > ch->last_send_wr) /* a deferred send may have posted after us and set it */
+            ch->last_send_wr = wr_id;
         count_sent_locked(ch, how, t, n, payload, ncredits);
     }
     pthread_mutex_unlock(&ch->lock);
@@ -990,49 +1000,66 @@ static int chan_send_prepare(lm_chan_t *ch, uint32_t layer, uint32_t mb, const l
         return lm_fail(LM_ERR_INVALID, "message of %llu B exceeds the %llu-byte slot",
                        (unsigned long long)payload, (unsigned long long)ch->send_cap);
     lm_chan_deferred_t *op = &ch->send_ops[idx];
-    chan_credit_t credits[LM_CHAN_MAX_PIGGYBACK];
+    /* Credits are taken when it posts (run_send): held until the stream gets
+     * there, they would keep the peer's sender waiting on our device. */
+    write_header(ch, hdr_at, t, n, offsets, layer, mb, slot, seq, payload, NULL, 0);
     pthread_mutex_lock(&ch->lock);
     *op = (lm_chan_deferred_t){.ch = ch, .kind = DEFERRED_SEND, .mb = mb, .slot = slot, .seq = seq,
                                .hdr_at = hdr_at, .length = LM_CHAN_HEADER_BYTES + payload,
                                .imm = KIND_DATA << 28 | mb << 16 | slot};
-    op->ncredits = take_credits_locked(ch, credits, op->credit_idx, op->credit_seq);
     ch->busy[idx] = 1;
     ch->slot_seq[idx] = seq;
     ch->send_seq[mb]++; /* taken now: later sends queue behind this one */
     ch->unposted[mb]++;
-    count_sent_locked(ch, FROM_SLOT, t, n, payload, op->ncredits);
-    atomic_fetch_add(&ch->deferred, 1);
+    count_sent_locked(ch, FROM_SLOT, t, n, payload, 0);
+    atomic_fetch_add(&ch->refs, 1);
     pthread_mutex_unlock(&ch->lock);
-    write_header(ch, hdr_at, t, n, offsets, layer, mb, slot, seq, payload, credits, op->ncredits);
     *seq_out = seq;
     *op_out = op;
     return LM_OK;
 }
 
-/* The post of a prepared send: one write of header and payload. Its sequence
- * number is spent, so a failure fails the channel (the peer would wait for it). */
+/* The post of a prepared send: one write of header and payload, with the
+ * credits held at that moment. Its sequence number is spent, so a failure
+ * fails the channel (the peer would wait for it). */
 static void run_send(lm_chan_t *ch, lm_chan_deferred_t *op)
 {
+    chan_credit_t credits[LM_CHAN_MAX_PIGGYBACK];
+    uint32_t credit_idx[LM_CHAN_MAX_PIGGYBACK];
+    uint64_t credit_seq[LM_CHAN_MAX_PIGGYBACK];
+    uint32_t ncredits = 0;
+    uint64_t wr_id = 0;
     pthread_mutex_lock(&ch->post_lock);
     pthread_mutex_lock(&ch->lock);
     int rc = ch->error ? sticky_error_locked(ch) : LM_OK;
-    uint64_t wr_id = 0;
     if (rc == LM_OK) {
+        ncredits = take_credits_locked(ch, credits, credit_idx, credit_seq);
         ch->outstanding++;
         wr_id = ++ch->wr_ids;
+        ch->st.credits_piggybacked += ncredits;
+        ch->st.credits_returned += ncredits;
     }
     pthread_mutex_unlock(&ch->lock);
-    if (rc == LM_OK)
+    if (rc == LM_OK) {
+        uint8_t *h = ch->base + op->hdr_at;
+        h[offsetof(chan_hdr_t, ncredits)] = (uint8_t)ncredits;
+        if (ncredits)
+            memcpy(h + CREDITS_AT, credits, ncredits * sizeof(*credits));
         rc = lm_ep_write(ch->ep, ch->mr, op->hdr_at, op->length, &ch->peer, peer_recv_slot_off(ch, op->mb, op->slot),
                          op->imm, LM_WRITE_IMM, wr_id);
+    }
     pthread_mutex_unlock(&ch->post_lock);
     pthread_mutex_lock(&ch->lock);
     if (rc == LM_OK) {
-        ch->last_send_wr = wr_id;
+        if (wr_id > ch->last_send_wr) /* a send of another thread may have posted after us and set it */
+            ch->last_send_wr = wr_id;
     } else {
-        if (wr_id)
+        if (wr_id) {
             ch->outstanding--;
-        requeue_credits_locked(ch, op->credit_idx, op->credit_seq, op->ncredits);
+            ch->st.credits_piggybacked -= ncredits;
+            ch->st.credits_returned -= ncredits;
+        }
+        requeue_credits_locked(ch, credit_idx, credit_seq, ncredits);
         if (!ch->error)
             fail_locked(ch, rc, "a stream-ordered send (micro-batch %u, seq %llu) could not be posted: %s", op->mb,
                         (unsigned long long)op->seq, lm_status_str(rc));
@@ -1041,6 +1068,22 @@ static void run_send(lm_chan_t *ch, lm_chan_deferred_t *op)
     pthread_mutex_unlock(&ch->lock);
     if (rc != LM_OK)
         notify(ch);
+}
+
+/* A deferred release writes its credit at once, in either credit mode: held
+ * for a piggyback, it would wait for a send that may not come while the
+ * application thread sleeps in a receive. */
+static void run_release(lm_chan_t *ch, lm_chan_deferred_t *op)
+{
+    int rc = write_credit(ch, op->mb, op->slot, op->seq);
+    if (rc != LM_OK) {
+        pthread_mutex_lock(&ch->lock);
+        if (!ch->error)
+            fail_locked(ch, rc, "a stream-ordered release (micro-batch %u, slot %u) could not return its credit: %s",
+                        op->mb, op->slot, lm_status_str(rc));
+        pthread_mutex_unlock(&ch->lock);
+        notify(ch);
+    }
 }
 
 int lm_chan_send_prepare(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_tensor_t *tensors, uint32_t n,
@@ -1063,11 +1106,19 @@ int lm_chan_release_prepare(lm_chan_t *ch, uint32_t mb, uint32_t slot, uint64_t 
     } else {
         lm_chan_deferred_t *r = &ch->release_ops[mb * ch->slots + slot];
         *r = (lm_chan_deferred_t){.ch = ch, .kind = DEFERRED_RELEASE, .mb = mb, .slot = slot, .seq = seq};
-        atomic_fetch_add(&ch->deferred, 1);
+        atomic_fetch_add(&ch->refs, 1);
         *op = r;
     }
     chan_leave(ch);
     return rc;
+}
+
+/* Closed: nothing goes out any more, but the micro-batch's count still drops. */
+static void drop_send(lm_chan_t *ch, lm_chan_deferred_t *op)
+{
+    pthread_mutex_lock(&ch->lock);
+    ch->unposted[op->mb]--;
+    pthread_mutex_unlock(&ch->lock);
 }
 
 void lm_chan_run_deferred(void *arg)
@@ -1078,14 +1129,31 @@ void lm_chan_run_deferred(void *arg)
         if (op->kind == DEFERRED_SEND)
             run_send(ch, op);
         else
-            chan_release(ch, op->mb, op->slot, op->seq); /* (a failure there fails the channel itself) */
+            run_release(ch, op);
         chan_leave(ch);
     } else if (op->kind == DEFERRED_SEND) {
-        pthread_mutex_lock(&ch->lock); /* closed: nothing goes out any more */
-        ch->unposted[op->mb]--;
-        pthread_mutex_unlock(&ch->lock);
+        drop_send(ch, op);
     }
-    atomic_fetch_sub(&ch->deferred, 1); /* last: lm_chan_destroy may free the channel from here on */
+    chan_unref(ch); /* last: this may free the channel */
+}
+
+void lm_chan_cancel_deferred(void *arg, int status)
+{
+    lm_chan_deferred_t *op = arg;
+    lm_chan_t *ch = op->ch;
+    if (chan_enter(ch)) {
+        pthread_mutex_lock(&ch->lock);
+        if (!ch->error)
+            fail_locked(ch, status < 0 ? status : LM_ERR_CANCELED,
+                        "a stream-ordered %s (micro-batch %u) was canceled: its stream failed",
+                        op->kind == DEFERRED_SEND ? "send" : "release", op->mb);
+        pthread_mutex_unlock(&ch->lock);
+        notify(ch);
+        chan_leave(ch);
+    }
+    if (op->kind == DEFERRED_SEND)
+        drop_send(ch, op);
+    chan_unref(ch);
 }
 
 uint32_t lm_chan_unposted(lm_chan_t *ch, uint32_t mb)
