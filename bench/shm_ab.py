@@ -5,7 +5,9 @@ Each repetition runs, in turn:
 
   memcpy S          one thread copying S bytes between two buffers (numpy copyto), GB/s: the ceiling
   memcpy-window S   the same over lamina-bench's 8 MiB window of slots (out of cache, as the benchmark is)
-  shm S / tcp S     lamina-bench bandwidth --loopback -s S --transport shm|tcp (one stream)
+  shm S / tcp S     lamina-bench bandwidth --loopback -s S --transport shm|tcp (one stream; the write
+                    loop in C, as perftest's)
+  shm python-loop S the same shm run with --loop python (every write posted from Python)
   latency           lamina-bench latency --loopback -s 64 --transport shm|tcp, event and poll progress: p50
 
 so a load drift hits all alike. Prints medians, ranges and the issue's ratios (shm / memcpy bandwidth,
@@ -63,8 +65,9 @@ def _bench(mode: str, args: list[str]) -> dict:
         return json.load(open(f.name))["results"][0]
 
 
-def bandwidth_gbps(transport: str, size: int, seconds: float) -> float:
-    return _bench("bandwidth", ["--transport", transport, "-s", str(size), "-D", str(seconds)])["bw_avg_gbps"]
+def bandwidth_gbps(transport: str, size: int, seconds: float, loop: str = "native") -> float:
+    return _bench("bandwidth", ["--transport", transport, "-s", str(size), "-D", str(seconds),
+                                "--loop", loop])["bw_avg_gbps"]
 
 
 def latency_p50_us(transport: str, progress: str) -> float:
@@ -85,6 +88,8 @@ def main() -> int:
             for name, measure in ((f"memcpy {size}", lambda: memcpy_gbps(size, args.seconds)),
                                   (f"memcpy-window {size}", lambda: memcpy_window_gbps(size, args.seconds)),
                                   (f"shm {size}", lambda: bandwidth_gbps("shm", size, args.seconds)),
+                                  (f"shm python-loop {size}",
+                                   lambda: bandwidth_gbps("shm", size, args.seconds, "python")),
                                   (f"tcp {size}", lambda: bandwidth_gbps("tcp", size, args.seconds))):
                 runs.setdefault(name, []).append(measure())
         for transport in ("shm", "tcp"):
