@@ -134,3 +134,19 @@ CUresult cuLaunchHostFunc(void *s, hostfn_t fn, void *arg) {
     return 0;
 }
 unsigned mock_hostfns_run(void) { drain_host_funcs(); return hostfns_run; }
+typedef struct {
+    size_t srcXInBytes, srcY; int srcMemoryType; const void *srcHost; CUdeviceptr srcDevice; void *srcArray; size_t srcPitch;
+    size_t dstXInBytes, dstY; int dstMemoryType; void *dstHost; CUdeviceptr dstDevice; void *dstArray; size_t dstPitch;
+    size_t WidthInBytes, Height;
+} CUDA_MEMCPY2D;
+CUresult cuMemcpy2DAsync_v2(const CUDA_MEMCPY2D *p, void *s) {
+    (void)s;
+    if (need_ctx()) return 201;
+    const char *src = p->srcMemoryType == 1 ? p->srcHost : (const char *)(uintptr_t)p->srcDevice;
+    char *dst = p->dstMemoryType == 1 ? p->dstHost : (char *)(uintptr_t)p->dstDevice;
+    if (p->WidthInBytes > p->srcPitch || p->WidthInBytes > p->dstPitch) return 1;
+    for (size_t r = 0; r < p->Height; r++)
+        memcpy(dst + p->dstXInBytes + (p->dstY + r) * p->dstPitch, src + p->srcXInBytes + (p->srcY + r) * p->srcPitch,
+               p->WidthInBytes);
+    return 0;
+}

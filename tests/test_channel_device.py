@@ -325,3 +325,55 @@ def test_device_path_failures_against_a_mock_driver(tmp_path):
     assert out["group"] == [[0, 0], 5, "float32"]
     assert out["failed_stream"] == "CUDA_ERROR_UNKNOWN" or out["failed_stream"].startswith("CUDA_ERROR")
     assert "canceled" in out["after"] and "its stream failed" in out["after"], out["after"]
+
+
+MOCK_STRIDED = r"""
+import ctypes, json, sys
+import numpy as np
+import lamina_comm as lc
+from lamina_comm.gpu import cuda
+from tests.test_channel import open_pair, WAIT_S
+
+class Device2D:
+    # A (rows, cols) float32 CUDA array over mock device memory, or a column block of one (strided).
+    def __init__(self, dev, rows, cols, base=None, first=0, width=None):
+        self.base = base or cuda.DeviceAllocation(dev, rows * cols * 4)
+        full = np.frombuffer((ctypes.c_char * (rows * cols * 4)).from_address(self.base.ptr), np.float32)
+        self.full = full.reshape(rows, cols)
+        self.width = width or cols
+        self.first = first
+        self.host = self.full[:, first:first + self.width]
+    @property
+    def __cuda_array_interface__(self):
+        strided = self.width != self.full.shape[1]
+        return {"shape": self.host.shape, "typestr": "<f4", "version": 3, "stream": None,
+                "data": (self.base.ptr + self.first * 4, False), "strides": self.full.strides if strided else None}
+
+out = {}
+dev = cuda.get_device(0)
+with lc.Context("tcp") as a, lc.Context("tcp") as b:
+    model, attention = open_pair(a, b)
+    src = Device2D(dev, 4, 8)
+    src.full[...] = np.arange(32, dtype=np.float32).reshape(4, 8)
+    block = Device2D(dev, 4, 8, base=src.base, first=2, width=4)  # columns 2..5: 4 rows 32 B apart
+    model.send([block], layer=1, microbatch=0, stream=9)
+    with attention.recv(0, timeout=WAIT_S) as got:
+        out["sent"] = bool(np.array_equal(got.tensors[0], src.full[:, 2:6]))
+    dst = Device2D(dev, 4, 8)
+    dst.full[...] = -1
+    target = Device2D(dev, 4, 8, base=dst.base, first=4, width=4)  # into columns 4..7
+    attention.send([np.full((4, 4), 3.5, np.float32)], layer=2, microbatch=0)
+    model.recv_into([target], 0, stream=9, timeout=WAIT_S)
+    with dev.activate():
+        dev.driver.call("cuStreamSynchronize", 9)
+    out["received"] = bool((dst.full[:, 4:] == 3.5).all()) and bool((dst.full[:, :4] == -1).all())
+    for ch in (model, attention):
+        ch.close()
+print(json.dumps(out))
+"""
+
+
+def test_strided_device_rows_go_as_one_2d_copy_against_a_mock_driver(tmp_path):
+    """One rank's heads out of q [T, H, D] are equally spaced rows: sent and received by 2D copies."""
+    out = run_mock(tmp_path, MOCK_STRIDED)
+    assert out == {"sent": True, "received": True}

@@ -49,6 +49,8 @@ class DeviceTensor:
     shape: tuple[int, ...]
     device: int
     stream: Optional[int]  # the producer's stream when the object says (torch: the current stream)
+    rows: int = 0          # > 0: a strided view of `rows` contiguous rows, row_stride bytes apart (one 2D copy)
+    row_stride: int = 0
 
 
 def is_device_tensor(obj: Any) -> bool:
@@ -65,23 +67,69 @@ def takes_device_path(tensors: list[Any]) -> bool:
 
 
 def describe_device_tensor(obj: Any) -> DeviceTensor:
-    """A torch CUDA tensor or a ``__cuda_array_interface__`` object (cupy, ...), C-contiguous."""
+    """A torch CUDA tensor or a ``__cuda_array_interface__`` object (cupy, ...): contiguous, or a strided
+    view made of equally spaced contiguous rows (one rank's heads of q [T, H, D]: one 2D copy)."""
     from ..gpu.memory import cuda_buffer
     if type(obj).__module__.startswith("torch"):
-        if not obj.is_contiguous():
-            raise InvalidArgumentError("a CUDA tensor sent through a channel must be contiguous "
-                                       "(call .contiguous() on the stream that produced it)")
         import torch
-        stream = torch.cuda.current_stream(obj.device).cuda_stream
-        return DeviceTensor(obj, obj.data_ptr(), obj.numel() * obj.element_size(), dtypes.canonical(obj.dtype),
-                            tuple(obj.shape), obj.device.index or 0, stream)
+        size = obj.element_size()
+        item = DeviceTensor(obj, obj.data_ptr(), obj.numel() * size, dtypes.canonical(obj.dtype), tuple(obj.shape),
+                            obj.device.index or 0, torch.cuda.current_stream(obj.device).cuda_stream)
+        if not obj.is_contiguous():
+            item.rows, item.row_stride = _row_layout(item.shape, tuple(s * size for s in obj.stride()), size)
+        return item
     cai = getattr(obj, "__cuda_array_interface__", None)
     if cai is None:
         raise InvalidArgumentError(f"{type(obj).__name__}: CUDA objects go through a channel as torch tensors or "
                                    "with __cuda_array_interface__ (shape and dtype)")
+    dtype = np.dtype(cai["typestr"])
+    shape = tuple(int(d) for d in cai["shape"])
+    strides = cai.get("strides")
+    if strides is not None and not _contiguous(shape, tuple(int(s) for s in strides), dtype.itemsize):
+        # Strided rows: the device is resolved as for the contiguous object the rows span.
+        rows, row_stride = _row_layout(shape, tuple(int(s) for s in strides), dtype.itemsize)
+        ptr, row_bytes = int(cai["data"][0]), int(np.prod(shape)) * dtype.itemsize // rows
+        span = {**cai, "shape": ((rows - 1) * row_stride + row_bytes,), "typestr": "|u1", "strides": None}
+        buf = cuda_buffer(type("RowSpan", (), {"__cuda_array_interface__": span})())
+        return DeviceTensor(obj, ptr, rows * row_bytes, dtypes.canonical(dtype), shape, max(buf.device, 0),
+                            buf.stream, rows, row_stride)
     buf = cuda_buffer(obj)  # checks contiguity, resolves the device
-    return DeviceTensor(obj, buf.ptr, buf.nbytes, dtypes.canonical(np.dtype(cai["typestr"])),
-                        tuple(int(d) for d in cai["shape"]), max(buf.device, 0), buf.stream)
+    return DeviceTensor(obj, buf.ptr, buf.nbytes, dtypes.canonical(dtype), shape, max(buf.device, 0), buf.stream)
+
+
+def _contiguous(shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int) -> bool:
+    step = itemsize
+    for n, st in zip(reversed(shape), reversed(strides)):
+        if n != 1 and st != step:
+            return False
+        step *= n
+    return True
+
+
+def _row_layout(shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int) -> tuple[int, int]:
+    from .views import _rows
+    rows = _rows(shape, strides, itemsize)
+    if rows is None or rows == (0, 0):
+        raise InvalidArgumentError(f"a CUDA tensor of shape {list(shape)} and strides {list(strides)} is neither "
+                                   "contiguous nor equally spaced rows: call .contiguous() on its stream first")
+    return rows
+
+
+def _copy(device: Any, to_device: bool, host: int, item: DeviceTensor, stream: Optional[int]) -> None:
+    """One copy between the (packed) slot and the device tensor: 1D, or 2D over its rows."""
+    from ..gpu import cuda
+    if item.rows:
+        row_bytes = item.nbytes // item.rows
+        if to_device:
+            cuda.memcpy_rows_async(device.driver, True, item.ptr, item.row_stride, host, row_bytes, row_bytes,
+                                   item.rows, stream)
+        else:
+            cuda.memcpy_rows_async(device.driver, False, host, row_bytes, item.ptr, item.row_stride, row_bytes,
+                                   item.rows, stream)
+    elif to_device:
+        cuda.memcpy_htod_async(device.driver, item.ptr, host, item.nbytes, stream)
+    else:
+        cuda.memcpy_dtoh_async(device.driver, host, item.ptr, item.nbytes, stream)
 
 
 class DeviceStaging:
@@ -156,7 +204,6 @@ class DeviceStaging:
              fill_tensors: Any) -> int:
         """Stage ``tensors`` (device ones by the copy engine on ``stream``) into the next send slot of
         ``microbatch``; the write is posted when the copies are done. Returns the sequence number."""
-        from ..gpu import cuda
         from ..gpu.stream import stream_handle
         channel = self._channel
         if not tensors:
@@ -189,7 +236,7 @@ class DeviceStaging:
                     dst = payload[off:off + item.nbytes].view(dtypes.numpy_storage(item.dtype_name)).reshape(
                         item.shape)
                     if isinstance(item, DeviceTensor):
-                        cuda.memcpy_dtoh_async(device.driver, base + off, item.ptr, item.nbytes, handle)
+                        _copy(device, False, base + off, item, handle)
                         queued = True
                     else:
                         _copy_into(dst, item)
@@ -210,7 +257,6 @@ class DeviceStaging:
     def recv_into(self, message: Any, outs: list[Any], stream: Any) -> None:
         """Copy a received message's tensors into ``outs`` (device ones on ``stream``), then give the
         slot back once the copies are done."""
-        from ..gpu import cuda
         from ..gpu.stream import stream_handle
         channel = self._channel
         if len(outs) != len(message.tensors):
@@ -248,7 +294,7 @@ class DeviceStaging:
         try:
             with device.activate():
                 for target, part in device_parts:
-                    cuda.memcpy_htod_async(device.driver, target.ptr, part.ctypes.data, target.nbytes, handle)
+                    _copy(device, True, part.ctypes.data, target, handle)
                     queued = True
             op = ffi.new("lm_chan_deferred_t **")
             rc = lib.lm_chan_release_prepare(channel._handle(), message.microbatch, message.slot, message.seq, op)

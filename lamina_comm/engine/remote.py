@@ -120,7 +120,7 @@ class RemoteAttention:
                              for channel, rank_shapes in zip(self.channels, shapes)], self.q_heads, self.kv_heads)
 
     def send(self, q: Any, k: Any = None, v: Any = None, *, layer: int, microbatch: int,
-             timeout: Optional[float] = None) -> SendHandle:
+             timeout: Optional[float] = None, stream: Any = None) -> SendHandle:
         """Post a layer's q/k/v to every rank: ``LayerBuffers`` (no copy), or full-head q, k, v.
 
         Full-head tensors are sliced per rank. Slices of memory registered
@@ -128,8 +128,25 @@ class RemoteAttention:
         go without a copy, strided ones as gather lists of their rows; slices
         of unregistered memory are copied once into the slot (the channels
         count them as staged).
+
+        CUDA q, k, v (or ``stream=``) go stream-ordered: each rank's heads are
+        copied into its send slot by the copy engine on ``stream`` (default:
+        torch's current stream), one 2D copy per tensor, and the writes are
+        posted from native code when the copies are done; the call does not
+        wait for the device, and the sources may be reused by work queued on
+        that stream afterwards (the handle is done at once).
         """
         self._check_microbatch(microbatch)
+        if stream is not None or _on_cuda(q):
+            if k is None or v is None:
+                raise InvalidArgumentError("a stream-ordered send(q, k, v) needs all three")
+            if stream is None:
+                import torch
+                stream = torch.cuda.current_stream(q.device)
+            for channel, (qs, qe), (ks, ke) in zip(self.channels, self.q_heads, self.kv_heads):
+                channel.send([q[:, qs:qe], k[:, ks:ke], v[:, ks:ke]], layer=layer, microbatch=microbatch,
+                             timeout=timeout, stream=stream)
+            return SendHandle([], [])
         if type(q) is LayerBuffers:
             messages = q.views  # slot views go by the tables send_buffers() filled, without a description
         else:
@@ -177,12 +194,20 @@ class RemoteAttention:
         return region
 
     # -- attention tier -> model tier --------------------------------------------------
-    def recv_into(self, out: Any, *, layer: int, microbatch: int, timeout: Optional[float] = None) -> Any:
+    def recv_into(self, out: Any, *, layer: int, microbatch: int, timeout: Optional[float] = None,
+                  stream: Any = None) -> Any:
         """Every rank's attention output of (layer, microbatch), each in its heads of ``out``; returns ``out``.
 
         ``out`` is [T, H, D] or [T, H * D] (torch). The replies are copied
-        out of the slots (one copy, bit for bit) and the slots released.
+        out of the slots (one copy, bit for bit) and the slots released. A
+        CUDA ``out`` is filled by the copy engine on ``stream`` (default:
+        torch's current stream; one 2D copy per rank into its heads) and the
+        slots go back once the copies are done: work queued on that stream
+        afterwards sees the output, and the call waits only for the replies
+        to arrive, never for the device.
         """
+        if _on_cuda(out):
+            return self._recv_into_device(out, layer, microbatch, timeout, stream)
         destinations = self._destinations(out)
         messages = self._group.recv(microbatch, timeout)
         try:
@@ -199,6 +224,32 @@ class RemoteAttention:
         finally:
             for message in messages:
                 message.release()
+        return out
+
+    def _recv_into_device(self, out: Any, layer: int, microbatch: int, timeout: Optional[float],
+                          stream: Any) -> Any:
+        tokens = out.shape[0]
+        if str(out.dtype) != f"torch.{self.shape.dtype}" or not out.is_contiguous() or \
+                out.numel() != tokens * self.shape.num_heads * self.shape.head_dim:
+            raise InvalidArgumentError(f"recv_into needs a contiguous {self.shape.dtype} tensor of [T, "
+                                       f"{self.shape.num_heads}, {self.shape.head_dim}] or [T, "
+                                       f"{self.shape.num_heads * self.shape.head_dim}] elements, got "
+                                       f"{out.dtype}{list(out.shape)}")
+        if stream is None:
+            import torch
+            stream = torch.cuda.current_stream(out.device)
+        heads = out.view(tokens, self.shape.num_heads, self.shape.head_dim)
+        messages = self._group.recv(microbatch, timeout)
+        try:
+            for rank, (message, channel, (qs, qe)) in enumerate(zip(messages, self.channels, self.q_heads)):
+                if message.layer != layer:
+                    raise ProtocolError(f"attention rank {rank} answered layer {message.layer}, expected {layer}")
+                if len(message.tensors) != 1:
+                    raise InvalidArgumentError(f"attention rank {rank} answered {len(message.tensors)} tensors")
+                channel._device_staging().recv_into(message, [heads[:, qs:qe]], stream)
+        finally:
+            for message in messages:
+                message.release()  # (a no-op for those the stream took over)
         return out
 
     def _destinations(self, out: Any) -> list[np.ndarray]:
@@ -245,6 +296,11 @@ class RemoteAttention:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _on_cuda(tensor: Any) -> bool:
+    device = getattr(tensor, "device", None)
+    return getattr(device, "type", None) == "cuda"
 
 
 __all__ = ["LayerBuffers", "RemoteAttention", "SendHandle"]

@@ -162,6 +162,7 @@ _SIGNATURES: dict[str, tuple[tuple[str, ...], list]] = {
                                       [c_void_p, c_uint64, c_size_t, c_int, ctypes.c_ulonglong]),
     "cuFlushGPUDirectRDMAWrites": (("cuFlushGPUDirectRDMAWrites",), [c_int, c_int]),
     "cuLaunchHostFunc": (("cuLaunchHostFunc",), [c_void_p, c_void_p, c_void_p]),
+    "cuMemcpy2DAsync": (("cuMemcpy2DAsync_v2",), [c_void_p, c_void_p]),
 }
 # Needed for anything to work; the rest are reported as missing features when used.
 _REQUIRED = ("cuInit", "cuDriverGetVersion", "cuGetErrorString", "cuGetErrorName", "cuDeviceGetCount",
@@ -552,6 +553,31 @@ def memcpy_dtoh_async(drv: Driver, host: int, dev: int, nbytes: int, stream: int
 
 def memcpy_htod_async(drv: Driver, dev: int, host: int, nbytes: int, stream: int | None) -> None:
     drv.call("cuMemcpyHtoDAsync", dev, c_void_p(host), nbytes, stream)
+
+
+class _Memcpy2D(ctypes.Structure):
+    """CUDA_MEMCPY2D (cuda.h)."""
+
+    _fields_ = [("srcXInBytes", c_size_t), ("srcY", c_size_t), ("srcMemoryType", c_int), ("srcHost", c_void_p),
+                ("srcDevice", c_uint64), ("srcArray", c_void_p), ("srcPitch", c_size_t),
+                ("dstXInBytes", c_size_t), ("dstY", c_size_t), ("dstMemoryType", c_int), ("dstHost", c_void_p),
+                ("dstDevice", c_uint64), ("dstArray", c_void_p), ("dstPitch", c_size_t),
+                ("WidthInBytes", c_size_t), ("Height", c_size_t)]
+
+
+CU_MEMORYTYPE_HOST = 1
+CU_MEMORYTYPE_DEVICE = 2
+
+
+def memcpy_rows_async(drv: Driver, to_device: bool, dst: int, dst_pitch: int, src: int, src_pitch: int,
+                      row_bytes: int, rows: int, stream: int | None) -> None:
+    """rows of row_bytes, pitch bytes apart on each side, host to device (to_device) or back: one 2D copy."""
+    p = _Memcpy2D(WidthInBytes=row_bytes, Height=rows, srcPitch=src_pitch, dstPitch=dst_pitch)
+    if to_device:
+        p.srcMemoryType, p.srcHost, p.dstMemoryType, p.dstDevice = CU_MEMORYTYPE_HOST, src, CU_MEMORYTYPE_DEVICE, dst
+    else:
+        p.srcMemoryType, p.srcDevice, p.dstMemoryType, p.dstHost = CU_MEMORYTYPE_DEVICE, src, CU_MEMORYTYPE_HOST, dst
+    drv.call("cuMemcpy2DAsync", byref(p), stream)
 
 
 def memcpy_dtod_async(drv: Driver, dst: int, src: int, nbytes: int, stream: int | None) -> None:

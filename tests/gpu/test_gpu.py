@@ -500,3 +500,25 @@ def test_channel_carries_cuda_tensors_stream_ordered(torch, transport):
         finally:
             model.close()
             attention.close()
+
+
+def test_remote_attention_stream_ordered_on_cuda(torch):
+    """The engine API with CUDA q/k/v and a CUDA output, on a stream: each rank's heads go by one 2D copy
+    into its slot and come back by one 2D copy into its heads of out; bit-exact, poisoned output first."""
+    from ..test_engine import SHAPE, Cluster
+    cluster = Cluster(ranks=2)
+    stream = torch.cuda.Stream()
+    try:
+        for layer in range(3):
+            for microbatch in range(SHAPE.microbatches):
+                with torch.cuda.stream(stream):
+                    q = torch.randn(7, 8, 16, device="cuda")
+                    k, v = torch.randn(7, 4, 16, device="cuda"), torch.randn(7, 4, 16, device="cuda")
+                    cluster.remote.send(q, k, v, layer=layer, microbatch=microbatch)
+                    out = torch.full((7, 8 * 16), float("nan"), device="cuda")
+                    assert cluster.remote.recv_into(out, layer=layer, microbatch=microbatch) is out
+                    same = torch.equal(out.view(7, 8, 16).cpu(), cluster.expected(q.cpu()))
+                assert same, (layer, microbatch)
+        assert cluster.staged_bytes() == 0
+    finally:
+        cluster.close()
