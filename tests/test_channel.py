@@ -766,3 +766,23 @@ def test_recv_any_reports_the_channel_that_failed(contexts):
         pairs[1][1].close()
         with pytest.raises(lc.ClosedError):
             group.recv_any(timeout=0.05)
+
+
+def test_tensors_in_several_registered_regions_are_gathered_from_each(contexts, pair):
+    """q, k, v registered as three regions (and one strided view among them): no staging copy; one gather
+    write per region, the bytes as sent."""
+    model, attention = pair
+    q_mem = np.arange(4 * 4 * 16, dtype=np.float16).reshape(Q_SHAPE)
+    fused_kv = np.arange(4 * 2 * 2 * 16, dtype=np.float16).reshape(4, 2, 2, 16) + 1000
+    regions = [contexts[0].register(q_mem), contexts[0].register(fused_kv)]
+    for region in regions:
+        model.add_source_region(region)
+    k, v = fused_kv[:, 0], fused_kv[:, 1]  # strided views of the second region
+    model.send([q_mem, k, v], layer=4, microbatch=0, timeout=WAIT_S)
+    assert model.metrics.staged_bytes == 0 and model.metrics.gather_messages == 1
+    with attention.recv(0, timeout=WAIT_S) as msg:
+        assert [same_bits(got, want) for got, want in zip(msg.tensors, (q_mem, k, v))] == [True] * 3
+    # A tensor outside every registered region stages the message, as before.
+    model.send([q_mem, np.ones(KV_SHAPE, np.float16)], layer=5, microbatch=0, timeout=WAIT_S)
+    assert model.metrics.staged_messages == 1
+    attention.recv(0, timeout=WAIT_S).release()

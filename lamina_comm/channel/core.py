@@ -468,6 +468,12 @@ class Channel:
             vec, count = self._tensors, len(infos)
             _fill_tensors(vec, 0, infos)
             region = self._source_for(infos)
+            if self._sources and flags == 0 and (region is None or
+                                                 not all(region.contains(i.address, 1) for i in infos)):
+                regions = self._sources_of(infos)
+                if regions is not None and len({id(r) for r in regions}) > 1:
+                    # Each tensor in one of several registered regions: gathered from each, no copy.
+                    return self._send_from(regions, layer, microbatch, count, timeout)
             source = region._handle() if region is not None else ffi.NULL
         self._seq[0] = seq
         rc = lib.lm_chan_send(self._handle(), layer, microbatch, vec, count, source, flags,
@@ -516,6 +522,28 @@ class Channel:
             if not region.closed and region.contains(start, 1):
                 return region
         return None
+
+    def _sources_of(self, infos: list[_TensorInfo]) -> list[MemoryRegion | None] | None:
+        """Each tensor's registered region (None: the channel's own), or None if one lies in none."""
+        regions: list[MemoryRegion | None] = []
+        for info in infos:
+            if self._mr.contains(info.address, 1):
+                regions.append(None)
+                continue
+            found = next((r for r in self._sources if not r.closed and r.contains(info.address, 1)), None)
+            if found is None:
+                return None
+            regions.append(found)
+        return regions
+
+    def _send_from(self, regions: list[MemoryRegion | None], layer: int, microbatch: int, count: int,
+                   timeout: float | None) -> int:
+        sources = ffi.new("lm_mr_t *[]", [ffi.NULL if r is None else r._handle() for r in regions])
+        rc = lib.lm_chan_send_from(self._handle(), layer, microbatch, self._tensors, count, sources,
+                                   self._timeout_ms(timeout), self._seq)
+        if rc < 0:
+            raise error_of(rc, f"channel {self.name}")
+        return self._seq[0]
 
     def _check_microbatch(self, microbatch: int) -> None:
         if not 0 <= microbatch < self.spec.microbatches:

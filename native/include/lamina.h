@@ -410,6 +410,12 @@ int lm_chan_send_slot(lm_chan_t *ch, uint32_t microbatch, int timeout_ms, uint64
  * sticky error. */
 int lm_chan_send(lm_chan_t *ch, uint32_t layer, uint32_t microbatch, const lm_chan_tensor_t *tensors,
                  uint32_t n, lm_mr_t *source, uint32_t flags, int timeout_ms, uint64_t *seq);
+/* lm_chan_send with a registered region per tensor (sources[i], or NULL):
+ * tensors in several regions (q, k, v registered apart) go as gather writes,
+ * one per run of tensors that lie in one region with no padding between them,
+ * then the header; one in no region (or rows under 64 B) stages the message. */
+int lm_chan_send_from(lm_chan_t *ch, uint32_t layer, uint32_t microbatch, const lm_chan_tensor_t *tensors,
+                      uint32_t n, lm_mr_t *const *sources, int timeout_ms, uint64_t *seq);
 /* Stream-ordered (deferred) sends and releases, for the GPU tier: the work
  * is prepared here and run later by lm_chan_run_deferred(op), from any thread
  * (it has the signature of a CUDA host function: cuLaunchHostFunc(stream,

@@ -700,9 +700,23 @@ static lm_mr_t *region_holding(const lm_chan_t *ch, lm_mr_t *source, uint64_t lo
     return NULL;
 }
 
-/* Where the payload comes from, and each tensor's offset in it. */
-static placement_t place(lm_chan_t *ch, const lm_chan_tensor_t *t, uint32_t n, lm_mr_t *source, uint64_t slot_payload,
-                         uint64_t *offsets, uint64_t *payload_bytes, lm_mr_t **region, uint64_t *region_off)
+/* Each tensor's region for a gather from several (sources[i], else our own
+ * region); false if one lies in none of them. */
+static bool regions_per_tensor(const lm_chan_t *ch, const lm_chan_tensor_t *t, uint32_t n, lm_mr_t *const *sources,
+                               lm_mr_t **mrs)
+{
+    for (uint32_t i = 0; i < n; i++)
+        if (!(mrs[i] = region_holding(ch, sources[i], t[i].addr, extent_end(&t[i]))))
+            return false;
+    return true;
+}
+
+/* Where the payload comes from, and each tensor's offset in it. sources:
+ * per-tensor regions (lm_chan_send_from) or NULL; mrs: for GATHER, the
+ * region of each tensor. */
+static placement_t place(lm_chan_t *ch, const lm_chan_tensor_t *t, uint32_t n, lm_mr_t *source,
+                         lm_mr_t *const *sources, uint64_t slot_payload, uint64_t *offsets, uint64_t *payload_bytes,
+                         lm_mr_t **region, uint64_t *region_off, lm_mr_t **mrs)
 {
     uint64_t base = (uint64_t)(uintptr_t)ch->base;
     uint64_t lo = UINT64_MAX, hi = 0, padded = 0;
@@ -722,7 +736,7 @@ static placement_t place(lm_chan_t *ch, const lm_chan_tensor_t *t, uint32_t n, l
         *payload_bytes = hi - (base + slot_payload);
         return FROM_SLOT;
     }
-    lm_mr_t *holder = n > 0 ? region_holding(ch, source, lo, hi) : NULL;
+    lm_mr_t *holder = n > 0 ? region_holding(ch, sources ? sources[0] : source, lo, hi) : NULL;
     /* "Packed": gaps no larger than alignment padding, so no dead memory ships. */
     if (holder && !strided && hi - lo <= ch->send_cap && hi - lo <= padded) {
         for (uint32_t i = 0; i < n; i++)
@@ -738,14 +752,17 @@ static placement_t place(lm_chan_t *ch, const lm_chan_tensor_t *t, uint32_t n, l
         cursor = i + 1 < n ? align_up(cursor + t[i].nbytes) : cursor + t[i].nbytes;
     }
     *payload_bytes = cursor;
-    /* Not packed but all in one registered region: gathered from there,
-     * unless rows are so short that copying them beats a list entry each. */
-    if (holder && !short_rows) {
-        *region = holder;
-        *region_off = (uint64_t)(uintptr_t)holder->addr; /* pieces are offsets from the region's address */
+    /* Not packed but all in one registered region, or each tensor in one of
+     * several: gathered from there, unless rows are so short that copying
+     * them beats a list entry each. */
+    if (short_rows || n == 0)
+        return STAGED;
+    if (holder) {
+        for (uint32_t i = 0; i < n; i++)
+            mrs[i] = holder;
         return GATHER;
     }
-    return STAGED;
+    return sources && regions_per_tensor(ch, t, n, sources, mrs) ? GATHER : STAGED;
 }
 
 /* A gather message's pieces, as runs of remote-contiguous bytes: a run ends
@@ -754,10 +771,11 @@ static placement_t place(lm_chan_t *ch, const lm_chan_tensor_t *t, uint32_t n, l
 typedef struct {
     uint32_t first, count;
     uint64_t remote_off; /* in the payload */
+    lm_mr_t *mr;         /* the run's pieces are offsets in this region */
 } gather_run_t;
 
 static bool plan_gather(lm_chan_t *ch, const lm_chan_tensor_t *t, uint32_t n, const uint64_t *offsets,
-                        uint64_t region_addr, gather_run_t *runs, uint32_t *nruns)
+                        lm_mr_t *const *mrs, gather_run_t *runs, uint32_t *nruns)
 {
     if (!ch->segs && !(ch->segs = malloc(LM_MAX_SEGS * sizeof(*ch->segs))))
         return false;
@@ -767,14 +785,15 @@ static bool plan_gather(lm_chan_t *ch, const lm_chan_tensor_t *t, uint32_t n, co
     for (uint32_t i = 0; i < n; i++) {
         if (t[i].nbytes == 0)
             continue;
-        if (*nruns == 0 || offsets[i] != run_end)
-            runs[(*nruns)++] = (gather_run_t){.first = count, .count = 0, .remote_off = offsets[i]};
+        /* A run is one gather write: from one region, into contiguous payload. */
+        if (*nruns == 0 || offsets[i] != run_end || mrs[i] != runs[*nruns - 1].mr)
+            runs[(*nruns)++] = (gather_run_t){.first = count, .count = 0, .remote_off = offsets[i], .mr = mrs[i]};
         run_end = offsets[i] + t[i].nbytes;
         gather_run_t *run = &runs[*nruns - 1];
         uint32_t rows = t[i].rows > 1 ? t[i].rows : 1;
         uint64_t stride = t[i].rows > 1 ? t[i].row_stride : 0, len = row_bytes(&t[i]);
         for (uint32_t r = 0; r < rows; r++) {
-            uint64_t off = t[i].addr - region_addr + r * stride;
+            uint64_t off = t[i].addr - (uint64_t)(uintptr_t)mrs[i]->addr + r * stride;
             lm_seg_t *prev = run->count ? &ch->segs[count - 1] : NULL;
             if (prev && prev->offset + prev->length == off) {
                 prev->length += len;
@@ -895,7 +914,7 @@ static int wait_posted(lm_chan_t *ch, uint32_t mb, int timeout_ms)
 }
 
 static int chan_send(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_tensor_t *t, uint32_t n,
-                     lm_mr_t *source, uint32_t flags, int timeout_ms, uint64_t *seq_inout)
+                     lm_mr_t *source, lm_mr_t *const *sources, uint32_t flags, int timeout_ms, uint64_t *seq_inout)
 {
     int rc = check_message(ch, mb, t, n, seq_inout);
     if (rc != LM_OK || (rc = wait_posted(ch, mb, timeout_ms)) != LM_OK)
@@ -908,14 +927,15 @@ static int chan_send(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_t
         return rc;
 
     uint64_t hdr_at = send_slot_off(ch, mb, slot), offsets[LM_CHAN_MAX_TENSORS], payload = 0, region_off = 0;
-    lm_mr_t *region = NULL;
-    placement_t how = place(ch, t, n, source, hdr_at + LM_CHAN_HEADER_BYTES, offsets, &payload, &region, &region_off);
+    lm_mr_t *region = NULL, *mrs[LM_CHAN_MAX_TENSORS];
+    placement_t how = place(ch, t, n, source, sources, hdr_at + LM_CHAN_HEADER_BYTES, offsets, &payload, &region,
+                            &region_off, mrs);
     if (payload > ch->send_cap)
         return lm_fail(LM_ERR_INVALID, "message of %llu B exceeds the %llu-byte slot",
                        (unsigned long long)payload, (unsigned long long)ch->send_cap);
     gather_run_t runs[LM_CHAN_MAX_TENSORS];
     uint32_t nruns = 0;
-    if (how == GATHER && !plan_gather(ch, t, n, offsets, region_off, runs, &nruns))
+    if (how == GATHER && !plan_gather(ch, t, n, offsets, mrs, runs, &nruns))
         how = STAGED; /* more pieces than one list holds: copied instead (counted) */
     if (how == STAGED)
         for (uint32_t i = 0; i < n; i++)
@@ -946,7 +966,7 @@ static int chan_send(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_t
         posted += rc == LM_OK;
     }
     for (uint32_t k = 0; how == GATHER && k < nruns && rc == LM_OK; k++) {
-        rc = lm_ep_writev(ch->ep, region, ch->segs + runs[k].first, runs[k].count, &ch->peer,
+        rc = lm_ep_writev(ch->ep, runs[k].mr, ch->segs + runs[k].first, runs[k].count, &ch->peer,
                           remote + LM_CHAN_HEADER_BYTES + runs[k].remote_off, 0, 0, wr_id - nruns + k);
         posted += rc == LM_OK;
     }
@@ -992,8 +1012,9 @@ static int chan_send_prepare(lm_chan_t *ch, uint32_t layer, uint32_t mb, const l
     if ((rc = wait_credit(ch, mb, slot, timeout_ms)) != LM_OK)
         return rc;
     uint64_t hdr_at = send_slot_off(ch, mb, slot), offsets[LM_CHAN_MAX_TENSORS], payload = 0, region_off = 0;
-    lm_mr_t *region = NULL;
-    if (place(ch, t, n, NULL, hdr_at + LM_CHAN_HEADER_BYTES, offsets, &payload, &region, &region_off) != FROM_SLOT)
+    lm_mr_t *region = NULL, *mrs[LM_CHAN_MAX_TENSORS];
+    if (place(ch, t, n, NULL, NULL, hdr_at + LM_CHAN_HEADER_BYTES, offsets, &payload, &region, &region_off, mrs) !=
+        FROM_SLOT)
         return lm_fail(LM_ERR_INVALID, "lm_chan_send_prepare: the tensors must lie in micro-batch %u's send slot, "
                        "packed as lm_chan_send_slot's payload (where the stream's copies put them)", mb);
     if (payload > ch->send_cap)
@@ -1721,7 +1742,18 @@ int lm_chan_send(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_tenso
 {
     if (!chan_enter(ch))
         return closed_error("lm_chan_send");
-    int rc = chan_send(ch, layer, mb, t, n, source, flags, timeout_ms, seq_inout);
+    int rc = chan_send(ch, layer, mb, t, n, source, NULL, flags, timeout_ms, seq_inout);
+    chan_leave(ch);
+    return rc;
+}
+
+int lm_chan_send_from(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_tensor_t *t, uint32_t n,
+                      lm_mr_t *const *sources, int timeout_ms, uint64_t *seq)
+{
+    if (!chan_enter(ch))
+        return closed_error("lm_chan_send_from");
+    int rc = sources ? chan_send(ch, layer, mb, t, n, NULL, sources, 0, timeout_ms, seq)
+                     : lm_fail(LM_ERR_INVALID, "lm_chan_send_from: no sources");
     chan_leave(ch);
     return rc;
 }
