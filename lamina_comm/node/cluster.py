@@ -148,9 +148,10 @@ class AttentionPeer:
         except LaminaError as exc:
             raise WorkerLost(self.index, self.address, exc) from exc
 
-    def send(self, tensors: list[Any], layer: int, microbatch: int) -> None:
+    def send(self, tensors: list[Any], layer: int, microbatch: int, stream: Any = None) -> None:
+        """One layer's message; CUDA tensors with ``stream`` go stream-ordered (docs/channel.md)."""
         try:
-            self.data.send(tensors, layer=layer, microbatch=microbatch)
+            self.data.send(tensors, layer=layer, microbatch=microbatch, stream=stream)
         except LaminaError as exc:
             raise WorkerLost(self.index, self.address, exc) from exc
         self.outstanding[microbatch] += 1

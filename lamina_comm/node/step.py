@@ -73,6 +73,10 @@ class PipelinedStep:
         self._sent_ns: dict[tuple[int, int], int] = {}
         # Slots are host memory: a CPU tier computes into them.
         self._zero_copy = tier.device.type == "cpu"
+        # A CUDA tier's q/k/v (each worker's heads: strided rows) go stream-ordered: the copy engine
+        # moves them into the slots on the compute stream and native code posts the writes once the
+        # copies are done, so the host goes on to the other micro-batch without waiting for the device.
+        self._stream = torch.cuda.current_stream(tier.device) if tier.device.type == "cuda" else None
 
     def begin(self, mb: int) -> None:
         self.hidden[mb] = self.tier.embed(self.inputs[mb].token_ids)
@@ -82,7 +86,8 @@ class PipelinedStep:
 
         Computed straight into the workers' send slots where the slots live
         where the tier computes (host memory for a CPU tier): nothing is
-        staged. Elsewhere (a CUDA tier with host slots) the channel stages.
+        staged. A CUDA tier's tensors are copied into the slots by the copy
+        engine, ordered on its stream (``send``).
         """
         inputs = self.inputs[mb]
         hidden = self.hidden[mb]
@@ -114,7 +119,7 @@ class PipelinedStep:
     def send(self, layer: int, mb: int, messages: list[list[torch.Tensor]]) -> None:
         for peer, tensors in zip(self.peers, messages):
             self._sent_ns[(peer.index, mb)] = time.perf_counter_ns()
-            peer.send(tensors, layer, mb)
+            peer.send(tensors, layer, mb, stream=self._stream)
 
     def recv(self, layer: int, mb: int) -> torch.Tensor:
         messages: list[Message] = []
