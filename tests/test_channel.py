@@ -786,3 +786,29 @@ def test_tensors_in_several_registered_regions_are_gathered_from_each(contexts, 
     model.send([q_mem, np.ones(KV_SHAPE, np.float16)], layer=5, microbatch=0, timeout=WAIT_S)
     assert model.metrics.staged_messages == 1
     attention.recv(0, timeout=WAIT_S).release()
+
+
+def test_a_tensor_in_its_own_send_slot_survives_staging(contexts, pair):
+    """A message that must be copied (rows under 64 B) and also holds a view of the very send slot it
+    goes in: the copies must not overwrite that view before it is read."""
+    model, attention = pair
+    backing = np.arange(4096, dtype=np.uint8)
+    model.add_source_region(contexts[0].register(backing))
+    short_rows = backing[:512].reshape(8, 64)[:, :32]  # 32-byte rows: staged
+    in_slot = model.send_slot(0, WAIT_S)[:256]
+    in_slot[:] = 200
+    want = in_slot.copy()
+    model.send([short_rows, in_slot], layer=1, microbatch=0, timeout=WAIT_S)
+    with attention.recv(0, timeout=WAIT_S) as msg:
+        assert same_bits(msg.tensors[0], short_rows) and same_bits(msg.tensors[1], want)
+
+
+def test_an_empty_tensor_does_not_stage_a_multi_region_message(contexts, pair):
+    model, attention = pair
+    a, b = np.full(64, 1, np.float16), np.full(64, 2, np.float16)
+    for memory in (a, b):
+        model.add_source_region(contexts[0].register(memory))
+    model.send([a, np.zeros(0, np.float16), b], layer=2, microbatch=1, timeout=WAIT_S)
+    assert model.metrics.staged_bytes == 0 and model.metrics.gather_messages == 1
+    with attention.recv(1, timeout=WAIT_S) as msg:
+        assert same_bits(msg.tensors[0], a) and msg.tensors[1].size == 0 and same_bits(msg.tensors[2], b)

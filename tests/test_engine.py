@@ -328,3 +328,15 @@ def test_sources_in_a_registered_region_go_without_a_copy_and_the_handle_gates_t
             channel = remote.channels[0]
             assert channel.metrics.staged_bytes == 0 and channel.metrics.messages == 3
         thread.join(TIMEOUT_S)
+
+
+def test_q_k_v_registered_apart_go_without_a_copy_to_every_rank(cluster: Cluster) -> None:
+    """Two ranks (a group send): each rank's heads of q, k and v are gathered from three regions."""
+    q, k, v = torch.randn(6, 8, 16), torch.randn(6, 4, 16), torch.randn(6, 4, 16)
+    for tensor in (q, k, v):
+        cluster.remote.register_source(tensor)
+    cluster.remote.send(q, k, v, layer=0, microbatch=0).wait(TIMEOUT_S)
+    out = cluster.remote.recv_into(torch.empty(6, 8, 16), layer=0, microbatch=0)
+    assert torch.equal(out, cluster.expected(q))
+    assert cluster.staged_bytes() == 0
+    assert all(channel.metrics.gather_messages == 1 for channel in cluster.remote.channels)

@@ -270,8 +270,7 @@ def _send_stream_window(client: Client, size: int, n: int, duration: float | Non
     """Keep `depth` writes in flight on every stream until n are sent (or the duration ends)."""
     cfg = client.cfg
     if cfg.loop == "native":
-        _native_stream(client, size, n, duration)
-        progress.tick(n if not duration else 0)
+        progress.tick(_native_stream(client, size, n, duration))
         return
     eps, remotes = client.endpoints, client.remote
     depth = depth_for(size, cfg.depth)
@@ -302,8 +301,8 @@ def _send_stream_window(client: Client, size: int, n: int, duration: float | Non
         progress.tick(sum(sent))
 
 
-def _native_stream(client: Client, size: int, n: int, duration: float | None) -> None:
-    """The same window of writes, kept full by the C loop (GIL released throughout)."""
+def _native_stream(client: Client, size: int, n: int, duration: float | None) -> int:
+    """The same window of writes, kept full by the C loop (GIL released throughout); writes posted."""
     eps = client.endpoints
     handles = ffi.new("lm_ep_t *[]", [ep._handle() for ep in eps])
     ids = ffi.new("uint64_t[]", [ep.id for ep in eps])
@@ -314,6 +313,7 @@ def _native_stream(client: Client, size: int, n: int, duration: float | None) ->
     check(lib.lm_bench_stream(client.ctx._handle(), handles, ids, remotes, len(eps), client.src_mr._handle(), size,
                               depth_for(size, client.cfg.depth), window_slots(size, client.cfg.depth), n,
                               int((duration or 0) * 1e9), 30000, sent), "bandwidth stream")
+    return sum(sent[i] for i in range(len(eps)))
 
 
 def _await_result(client: Client, idx: int) -> tuple:

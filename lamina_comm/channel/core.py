@@ -527,10 +527,11 @@ class Channel:
         """Each tensor's registered region (None: the channel's own), or None if one lies in none."""
         regions: list[MemoryRegion | None] = []
         for info in infos:
-            if self._mr.contains(info.address, 1):
-                regions.append(None)
+            extent = info.nbytes if info.rows <= 1 else (info.rows - 1) * info.row_stride + info.nbytes // info.rows
+            if info.nbytes == 0 or self._mr.contains(info.address, extent):
+                regions.append(None)  # (an empty tensor reads nothing: any region will do)
                 continue
-            found = next((r for r in self._sources if not r.closed and r.contains(info.address, 1)), None)
+            found = next((r for r in self._sources if not r.closed and r.contains(info.address, extent)), None)
             if found is None:
                 return None
             regions.append(found)

@@ -16,7 +16,9 @@ from typing import Any, Optional, Sequence
 import torch
 
 from lamina_comm.channel import Channel, ChannelSpec, Message
-from lamina_comm.errors import LaminaError, PeerLostError, ProtocolError, TimeoutError_
+from lamina_comm.errors import (InvalidArgumentError, LaminaError, PeerLostError, ProtocolError, TimeoutError_,
+                                 UnsupportedError)
+from lamina_comm.gpu.cuda import CudaError
 from lamina_comm.model import HeadRange, LlamaConfig, split_kv_heads
 from lamina_comm.node import protocol
 from lamina_comm.node.options import ModelNodeOptions
@@ -152,6 +154,8 @@ class AttentionPeer:
         """One layer's message; CUDA tensors with ``stream`` go stream-ordered (docs/channel.md)."""
         try:
             self.data.send(tensors, layer=layer, microbatch=microbatch, stream=stream)
+        except (InvalidArgumentError, UnsupportedError, CudaError):
+            raise  # ours (the device path here), not the worker's: the step fails, the worker stays
         except LaminaError as exc:
             raise WorkerLost(self.index, self.address, exc) from exc
         self.outstanding[microbatch] += 1

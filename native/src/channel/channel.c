@@ -705,9 +705,14 @@ static lm_mr_t *region_holding(const lm_chan_t *ch, lm_mr_t *source, uint64_t lo
 static bool regions_per_tensor(const lm_chan_t *ch, const lm_chan_tensor_t *t, uint32_t n, lm_mr_t *const *sources,
                                lm_mr_t **mrs)
 {
-    for (uint32_t i = 0; i < n; i++)
+    for (uint32_t i = 0; i < n; i++) {
+        if (t[i].nbytes == 0) { /* nothing to read: any region will do (plan_gather skips it) */
+            mrs[i] = sources[i] ? sources[i] : ch->mr;
+            continue;
+        }
         if (!(mrs[i] = region_holding(ch, sources[i], t[i].addr, extent_end(&t[i]))))
             return false;
+    }
     return true;
 }
 
@@ -838,6 +843,28 @@ static void write_header(lm_chan_t *ch, uint64_t at, const lm_chan_tensor_t *t, 
         memcpy(h + CREDITS_AT, credits, ncredits * sizeof(*credits));
 }
 
+/* Copy the tensors into the slot's payload. One that already lies in that
+ * payload could be overwritten by another's copy before it is read: then
+ * everything goes through a scratch buffer first. */
+static int stage(lm_chan_t *ch, const lm_chan_tensor_t *t, uint32_t n, const uint64_t *offsets, uint64_t slot_payload,
+                 uint64_t payload)
+{
+    uint64_t lo = (uint64_t)(uintptr_t)ch->base + slot_payload, hi = lo + ch->send_cap;
+    bool inside = false;
+    for (uint32_t i = 0; i < n && !inside; i++)
+        inside = t[i].nbytes > 0 && t[i].addr < hi && extent_end(&t[i]) > lo;
+    uint8_t *dst = ch->base + slot_payload, *scratch = inside ? malloc(payload ? payload : 1) : NULL;
+    if (inside && !scratch)
+        return lm_fail(LM_ERR_NO_MEMORY, "no memory to stage a message whose tensors lie in its own slot");
+    for (uint32_t i = 0; i < n; i++)
+        copy_rows((scratch ? scratch : dst) + offsets[i], &t[i]);
+    if (scratch) {
+        memcpy(dst, scratch, payload);
+        free(scratch);
+    }
+    return LM_OK;
+}
+
 static int check_message(lm_chan_t *ch, uint32_t mb, const lm_chan_tensor_t *t, uint32_t n, const void *out)
 {
     if (!ch || (n && !t) || !out)
@@ -937,9 +964,8 @@ static int chan_send(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_t
     uint32_t nruns = 0;
     if (how == GATHER && !plan_gather(ch, t, n, offsets, mrs, runs, &nruns))
         how = STAGED; /* more pieces than one list holds: copied instead (counted) */
-    if (how == STAGED)
-        for (uint32_t i = 0; i < n; i++)
-            copy_rows(ch->base + hdr_at + LM_CHAN_HEADER_BYTES + offsets[i], &t[i]);
+    if (how == STAGED && (rc = stage(ch, t, n, offsets, hdr_at + LM_CHAN_HEADER_BYTES, payload)) != LM_OK)
+        return rc;
 
     /* Marked in use before posting: the peer's credit may come back before
      * lm_ep_write returns (another thread dispatches it). */
