@@ -468,12 +468,9 @@ class Channel:
             vec, count = self._tensors, len(infos)
             _fill_tensors(vec, 0, infos)
             region = self._source_for(infos)
-            if self._sources and flags == 0 and (region is None or
-                                                 not all(region.contains(i.address, 1) for i in infos)):
-                regions = self._sources_of(infos)
-                if regions is not None and len({id(r) for r in regions}) > 1:
-                    # Each tensor in one of several registered regions: gathered from each, no copy.
-                    return self._send_from(regions, layer, microbatch, count, timeout)
+            regions = self._regions_apart(infos, region) if flags == 0 else None
+            if regions is not None:  # each tensor in one of several registered regions: gathered from each
+                return self._send_from(regions, layer, microbatch, count, timeout)
             source = region._handle() if region is not None else ffi.NULL
         self._seq[0] = seq
         rc = lib.lm_chan_send(self._handle(), layer, microbatch, vec, count, source, flags,
@@ -522,6 +519,13 @@ class Channel:
             if not region.closed and region.contains(start, 1):
                 return region
         return None
+
+    def _regions_apart(self, infos: list[_TensorInfo], region: MemoryRegion | None) -> list[MemoryRegion | None] | None:
+        """Each tensor's region when the message lies in several registered regions (not in one), else None."""
+        if not self._sources or (region is not None and all(region.contains(i.address, 1) for i in infos)):
+            return None
+        regions = self._sources_of(infos)
+        return regions if regions is not None and len({id(r) for r in regions}) > 1 else None
 
     def _sources_of(self, infos: list[_TensorInfo]) -> list[MemoryRegion | None] | None:
         """Each tensor's registered region (None: the channel's own), or None if one lies in none."""

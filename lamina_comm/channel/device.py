@@ -40,7 +40,7 @@ def run_deferred_address() -> int:
 
 @dataclasses.dataclass
 class DeviceTensor:
-    """A contiguous CUDA tensor: where it is, what it holds, and the stream that produced it."""
+    """A CUDA tensor (contiguous, or equally spaced rows): where it is, what it holds, its stream."""
 
     obj: Any
     ptr: int

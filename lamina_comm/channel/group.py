@@ -67,11 +67,9 @@ class ChannelGroup:
             if infos is None:  # CUDA tensors: each channel's own stream-ordered send (nothing posted yet)
                 return self._send_each(messages, layer, microbatch, timeout)
             source = channel._source_for(infos)
-            if channel._sources and (source is None or not all(source.contains(x.address, 1) for x in infos)):
-                regions = channel._sources_of(infos)
-                if regions is not None and len({id(r) for r in regions}) > 1:
-                    # In several registered regions: each channel gathers from them itself (nothing posted yet).
-                    return self._send_each(messages, layer, microbatch, timeout)
+            if channel._regions_apart(infos, source) is not None:
+                # In several registered regions: each channel gathers from them itself (nothing posted yet).
+                return self._send_each(messages, layer, microbatch, timeout)
             _fill_tensors(self._tensors, at, infos)
             self._counts[i] = len(infos)
             at += len(infos)
