@@ -381,6 +381,37 @@ class PagedKVCache:
         return blocks + [0] * (length - len(blocks))
 
 
+def _fold_groups(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[B, Tq, n_kv * G, d] -> [B, n_kv, Tq * G, d]: each KV head's query rows together.
+
+    Query heads are KV-head-major (q head h uses KV head h // G, as HF repeat_kv).
+    """
+    batch, num_queries, num_q_heads, head_dim = q.shape
+    group = num_q_heads // num_kv_heads
+    return (q.view(batch, num_queries, num_kv_heads, group, head_dim).permute(0, 2, 1, 3, 4)
+            .reshape(batch, num_kv_heads, num_queries * group, head_dim))
+
+
+def _unfold_groups(out: torch.Tensor, num_queries: int) -> torch.Tensor:
+    """The inverse of _fold_groups."""
+    batch, num_kv_heads, rows, head_dim = out.shape
+    group = rows // num_queries
+    return out.view(batch, num_kv_heads, num_queries, group, head_dim).permute(0, 2, 1, 3, 4).reshape(
+        batch, num_queries, num_kv_heads * group, head_dim
+    )
+
+
+def _allowed_keys(query_positions: torch.Tensor, group: int, context_len: int,
+                  sliding_window: Optional[int]) -> torch.Tensor:
+    """[B, Tq * G, C] bool: which keys each folded query row attends to (causal, sliding window)."""
+    key_positions = torch.arange(context_len, device=query_positions.device)
+    row_positions = query_positions.repeat_interleave(group, dim=1)[:, :, None]  # [B, Tq*G, 1]
+    allowed = key_positions <= row_positions
+    if sliding_window is not None:
+        allowed &= key_positions > row_positions - sliding_window
+    return allowed
+
+
 def _grouped_causal_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -397,32 +428,16 @@ def _grouped_causal_attention(
     B * n_kv, and softmax is per row, so the result for a head does not depend
     on how many other heads are computed alongside it (head-split exactness).
     """
-    batch, num_queries, num_q_heads, head_dim = q.shape
+    num_queries, num_q_heads, head_dim = q.shape[1:]
     context_len, num_kv_heads = k.shape[1], k.shape[2]
-    group = num_q_heads // num_kv_heads
-    # Query heads are KV-head-major (q head h uses KV head h // G, as HF repeat_kv).
-    q_grouped = (
-        q.float()
-        .view(batch, num_queries, num_kv_heads, group, head_dim)
-        .permute(0, 2, 1, 3, 4)
-        .reshape(batch, num_kv_heads, num_queries * group, head_dim)
-    )
+    q_grouped = _fold_groups(q.float(), num_kv_heads)
     k_heads = k.float().permute(0, 2, 1, 3).contiguous()  # [B, kv, C, d]
     v_heads = v.float().permute(0, 2, 1, 3).contiguous()
     scores = torch.matmul(q_grouped, k_heads.transpose(-1, -2)) * (1.0 / math.sqrt(head_dim))
-
-    key_positions = torch.arange(context_len, device=q.device)
-    row_positions = query_positions.repeat_interleave(group, dim=1)[:, :, None]  # [B, Tq*G, 1]
-    allowed = key_positions <= row_positions
-    if sliding_window is not None:
-        allowed &= key_positions > row_positions - sliding_window
+    allowed = _allowed_keys(query_positions, num_q_heads // num_kv_heads, context_len, sliding_window)
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-
-    out = torch.matmul(probs, v_heads)  # [B, kv, Tq*G, d]
-    return out.view(batch, num_kv_heads, num_queries, group, head_dim).permute(0, 2, 1, 3, 4).reshape(
-        batch, num_queries, num_q_heads, head_dim
-    )
+    return _unfold_groups(torch.matmul(probs, v_heads), num_queries)  # from [B, kv, Tq*G, d]
 
 
 def _sdpa_causal_attention(
@@ -438,23 +453,9 @@ def _sdpa_causal_attention(
     so no kernel needs GQA support and K/V are never repeated; the boolean mask (True: attend)
     carries causality, the sliding window and the ragged context lengths.
     """
-    batch, num_queries, num_q_heads, head_dim = q.shape
+    num_queries, num_q_heads = q.shape[1], q.shape[2]
     context_len, num_kv_heads = k.shape[1], k.shape[2]
-    group = num_q_heads // num_kv_heads
-    q_grouped = (
-        q.to(k.dtype)
-        .view(batch, num_queries, num_kv_heads, group, head_dim)
-        .permute(0, 2, 1, 3, 4)
-        .reshape(batch, num_kv_heads, num_queries * group, head_dim)
-    )
-    key_positions = torch.arange(context_len, device=q.device)
-    row_positions = query_positions.repeat_interleave(group, dim=1)[:, :, None]  # [B, Tq*G, 1]
-    allowed = key_positions <= row_positions
-    if sliding_window is not None:
-        allowed &= key_positions > row_positions - sliding_window
-    out = F.scaled_dot_product_attention(
-        q_grouped, k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3), attn_mask=allowed[:, None]
-    )  # [B, kv, Tq*G, d]
-    return out.view(batch, num_kv_heads, num_queries, group, head_dim).permute(0, 2, 1, 3, 4).reshape(
-        batch, num_queries, num_q_heads, head_dim
-    )
+    allowed = _allowed_keys(query_positions, num_q_heads // num_kv_heads, context_len, sliding_window)
+    out = F.scaled_dot_product_attention(_fold_groups(q.to(k.dtype), num_kv_heads), k.permute(0, 2, 1, 3),
+                                         v.permute(0, 2, 1, 3), attn_mask=allowed[:, None])
+    return _unfold_groups(out, num_queries)
