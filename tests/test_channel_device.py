@@ -377,3 +377,73 @@ def test_strided_device_rows_go_as_one_2d_copy_against_a_mock_driver(tmp_path):
     """One rank's heads out of q [T, H, D] are equally spaced rows: sent and received by 2D copies."""
     out = run_mock(tmp_path, MOCK_STRIDED)
     assert out == {"sent": True, "received": True}
+
+
+MOCK_SERVICE = r"""
+import ctypes, json, sys, threading
+import numpy as np
+import torch
+import lamina_comm as lc
+from lamina_comm.engine import AttentionService, RemoteAttention
+from lamina_comm.gpu import cuda
+from tests.test_engine import SHAPE
+
+class DeviceArray:
+    # A float32 CUDA array over mock device memory (__cuda_array_interface__, as cupy hands over).
+    def __init__(self, dev, shape):
+        n = int(np.prod(shape)) * 4
+        self.alloc = cuda.DeviceAllocation(dev, n)
+        self.host = np.frombuffer((ctypes.c_char * n).from_address(self.alloc.ptr), np.float32).reshape(shape)
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": self.host.shape, "typestr": "<f4", "data": (self.alloc.ptr, False), "version": 3,
+                "strides": None, "stream": None}
+
+dev = cuda.get_device(0)
+errors = []
+with lc.Context("tcp") as ctx:
+    services = [AttentionService(ctx, SHAPE, rank=a, ranks=2) for a in range(2)]
+
+    def serve(service, count):
+        try:
+            service.accept(1, timeout=30)
+            for _ in range(count):
+                request = service.recv(timeout=30)
+                q, k, v = (DeviceArray(dev, tuple(t.shape)) for t in (request.q, request.k, request.v))
+                request.to_device(q, k, v, stream=5)     # the slot goes back once the copies ran
+                with dev.activate():
+                    dev.driver.call("cuStreamSynchronize", 5)
+                out = DeviceArray(dev, q.host.shape)
+                out.host[...] = q.host * 2 + service.rank  # "the attention kernel"
+                request.respond(out, stream=5)
+        except BaseException as exc:
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=serve, args=(s, 6)) for s in services]
+    for t in threads:
+        t.start()
+    remote = RemoteAttention(ctx, [s.address for s in services], SHAPE)
+    ok = []
+    for layer in range(3):
+        for microbatch in range(SHAPE.microbatches):
+            q, k, v = torch.randn(5, 8, 16), torch.randn(5, 4, 16), torch.randn(5, 4, 16)
+            remote.send(q, k, v, layer=layer, microbatch=microbatch)
+            out = remote.recv_into(torch.empty(5, 8, 16), layer=layer, microbatch=microbatch)
+            want = q * 2
+            want[:, 4:] += 1
+            ok.append(bool(torch.equal(out, want)))
+    for t in threads:
+        t.join(30)
+    remote.close()
+    for s in services:
+        s.close()
+print(json.dumps({"ok": ok, "errors": errors}))
+"""
+
+
+def test_attention_service_on_a_gpu_tier_against_a_mock_driver(tmp_path):
+    """The attention tier's stream-ordered side: requests copied to device tensors (the slot goes back by
+    the stream), outputs answered from device tensors; the model tier gets every head bit for bit."""
+    pytest.importorskip("torch")
+    out = run_mock(tmp_path, MOCK_SERVICE)
+    assert out == {"ok": [True] * 6, "errors": []}

@@ -8,6 +8,7 @@ from typing import Any, Optional
 import numpy as np
 
 from lamina_comm.channel import Channel, ChannelGroup, Message, to_torch
+from lamina_comm.channel.device import is_device_tensor
 from lamina_comm.errors import ClosedError, InvalidArgumentError
 from lamina_comm.transport import Context
 
@@ -21,6 +22,12 @@ class LayerRequest:
     slot's view [T, h, D]: compute into it, then ``respond()`` sends it (no
     copy) and gives the request's slot back. ``respond(tensor)`` with any
     other tensor copies it into the reply first.
+
+    A GPU attention tier moves them stream-ordered instead: ``to_device(q, k,
+    v, stream=)`` copies the request into its CUDA tensors on the stream (the
+    slot goes back once the copies are done) and ``respond(out, stream=)``
+    with a CUDA ``out`` sends it after the work queued before on that stream;
+    neither waits for the device (docs/channel.md, send path 5).
     """
 
     def __init__(self, service: "AttentionService", peer: int, message: Message,
@@ -38,6 +45,7 @@ class LayerRequest:
         self._views = message.tensors
         self._torch: Optional[list[Any]] = None  # made on first use: a request answered blind needs none
         self._output: Optional[Any] = None
+        self._device_copied = False  # to_device() took the slot over (the stream gives it back)
 
     def _tensors(self) -> list[Any]:
         if self._torch is None:
@@ -69,10 +77,27 @@ class LayerRequest:
                                                      as_torch=True, timeout=timeout)
         return self._output[0]
 
-    def respond(self, out: Any = None, timeout: Optional[float] = None) -> None:
-        """Send the output (``output()``'s view, or ``out`` copied into it) and release the request."""
+    def to_device(self, q: Any, k: Any, v: Any, *, stream: Any = None) -> None:
+        """Copy q, k, v into these CUDA tensors on ``stream`` (default: torch's current stream); the
+        request's slot goes back once the copies are done. Then compute, and ``respond(out, stream=)``."""
         if self._message is None:
             raise ClosedError("this request was answered already")
+        if self._device_copied:
+            raise InvalidArgumentError("to_device() was called for this request already")
+        self.channel._device_staging().recv_into(self._message, [q, k, v], stream)
+        self._device_copied = True
+
+    def respond(self, out: Any = None, timeout: Optional[float] = None, *, stream: Any = None) -> None:
+        """Send the output (``output()``'s view, or ``out`` copied into it) and release the request.
+
+        A CUDA ``out`` (or ``stream=``) goes stream-ordered: copied into the reply slot by the copy
+        engine after the work queued before on ``stream``, posted when the copy is done."""
+        if self._message is None:
+            raise ClosedError("this request was answered already")
+        if stream is not None or (out is not None and is_device_tensor(out)):
+            self.release()
+            self.channel.send([out], layer=self.layer, microbatch=self.microbatch, timeout=timeout, stream=stream)
+            return
         view = self.output(timeout)
         if out is not None and out is not view:
             view.copy_(out.reshape(view.shape))
@@ -80,10 +105,10 @@ class LayerRequest:
         self.channel.send(self._output, layer=self.layer, microbatch=self.microbatch, timeout=timeout)
 
     def release(self) -> None:
-        """Give the request's slot back (``respond`` does it)."""
+        """Give the request's slot back (``respond`` does it; after ``to_device`` the stream does)."""
         message, self._message = self._message, None
         if message is not None:
-            message.release()
+            message.release()  # (a no-op once to_device handed it to the stream)
 
 
 class AttentionService:
