@@ -475,7 +475,7 @@ def test_channel_carries_cuda_tensors_stream_ordered(torch, transport):
     from lamina_comm.channel import ChannelSpec
     from ..test_channel import open_pair
     spec = ChannelSpec(max_tokens=8, hidden=256, heads=8, kv_heads=2, head_dim=32, dtype="bfloat16",
-                       microbatches=2, slots_per_microbatch=2)
+                       microbatches=2, slots_per_microbatch=2, extra_bytes=64 << 10)  # room for int64 too
     producer, consumer = torch.cuda.Stream(), torch.cuda.Stream()
     with lc.Context(transport) as a, lc.Context(transport) as b:
         model, attention = open_pair(a, b, spec)
