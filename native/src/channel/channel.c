@@ -824,6 +824,14 @@ static void copy_rows(uint8_t *dst, const lm_chan_tensor_t *t)
         memmove(dst + r * len, (const void *)(uintptr_t)(t->addr + r * t->row_stride), len);
 }
 
+/* The credits a header carries (its ncredits field and the list). */
+static void put_credits(uint8_t *h, const chan_credit_t *credits, uint32_t n)
+{
+    h[offsetof(chan_hdr_t, ncredits)] = (uint8_t)n;
+    if (n)
+        memcpy(h + CREDITS_AT, credits, n * sizeof(*credits));
+}
+
 static void write_header(lm_chan_t *ch, uint64_t at, const lm_chan_tensor_t *t, uint32_t n, const uint64_t *offsets,
                          uint32_t layer, uint32_t mb, uint32_t slot, uint64_t seq, uint64_t payload_bytes,
                          const chan_credit_t *credits, uint32_t ncredits)
@@ -831,16 +839,15 @@ static void write_header(lm_chan_t *ch, uint64_t at, const lm_chan_tensor_t *t, 
     uint8_t *h = ch->base + at;
     memset(h, 0, LM_CHAN_HEADER_BYTES);
     chan_hdr_t hdr = {.magic = CHAN_MAGIC, .version = LM_CHAN_WIRE_VERSION, .ntensors = (uint8_t)n,
-                      .ncredits = (uint8_t)ncredits, .seq = seq, .layer = layer, .microbatch = (uint16_t)mb,
-                      .slot = (uint16_t)slot, .payload_bytes = payload_bytes};
+                      .seq = seq, .layer = layer, .microbatch = (uint16_t)mb, .slot = (uint16_t)slot,
+                      .payload_bytes = payload_bytes};
     memcpy(h, &hdr, sizeof(hdr));
     for (uint32_t i = 0; i < n; i++) {
         chan_entry_t e = {.dtype = t[i].dtype, .ndim = t[i].ndim, .offset = offsets[i]};
         memcpy(e.shape, t[i].shape, sizeof(e.shape));
         memcpy(h + ENTRIES_AT + i * sizeof(e), &e, sizeof(e));
     }
-    if (ncredits)
-        memcpy(h + CREDITS_AT, credits, ncredits * sizeof(*credits));
+    put_credits(h, credits, ncredits);
 }
 
 /* Copy the tensors into the slot's payload. One that already lies in that
@@ -1083,15 +1090,10 @@ static void run_send(lm_chan_t *ch, lm_chan_deferred_t *op)
         ncredits = take_credits_locked(ch, credits, credit_idx, credit_seq);
         ch->outstanding++;
         wr_id = ++ch->wr_ids;
-        ch->st.credits_piggybacked += ncredits;
-        ch->st.credits_returned += ncredits;
     }
     pthread_mutex_unlock(&ch->lock);
     if (rc == LM_OK) {
-        uint8_t *h = ch->base + op->hdr_at;
-        h[offsetof(chan_hdr_t, ncredits)] = (uint8_t)ncredits;
-        if (ncredits)
-            memcpy(h + CREDITS_AT, credits, ncredits * sizeof(*credits));
+        put_credits(ch->base + op->hdr_at, credits, ncredits);
         rc = lm_ep_write(ch->ep, ch->mr, op->hdr_at, op->length, &ch->peer, peer_recv_slot_off(ch, op->mb, op->slot),
                          op->imm, LM_WRITE_IMM, wr_id);
     }
@@ -1100,16 +1102,14 @@ static void run_send(lm_chan_t *ch, lm_chan_deferred_t *op)
     if (rc == LM_OK) {
         if (wr_id > ch->last_send_wr) /* a send of another thread may have posted after us and set it */
             ch->last_send_wr = wr_id;
+        ch->st.credits_piggybacked += ncredits;
+        ch->st.credits_returned += ncredits;
     } else {
-        if (wr_id) {
+        if (wr_id)
             ch->outstanding--;
-            ch->st.credits_piggybacked -= ncredits;
-            ch->st.credits_returned -= ncredits;
-        }
         requeue_credits_locked(ch, credit_idx, credit_seq, ncredits);
-        if (!ch->error)
-            fail_locked(ch, rc, "a stream-ordered send (micro-batch %u, seq %llu) could not be posted: %s", op->mb,
-                        (unsigned long long)op->seq, lm_status_str(rc));
+        fail_locked(ch, rc, "a stream-ordered send (micro-batch %u, seq %llu) could not be posted: %s", op->mb,
+                    (unsigned long long)op->seq, lm_status_str(rc));
     }
     ch->unposted[op->mb]--;
     pthread_mutex_unlock(&ch->lock);
@@ -1125,9 +1125,8 @@ static void run_release(lm_chan_t *ch, lm_chan_deferred_t *op)
     int rc = write_credit(ch, op->mb, op->slot, op->seq);
     if (rc != LM_OK) {
         pthread_mutex_lock(&ch->lock);
-        if (!ch->error)
-            fail_locked(ch, rc, "a stream-ordered release (micro-batch %u, slot %u) could not return its credit: %s",
-                        op->mb, op->slot, lm_status_str(rc));
+        fail_locked(ch, rc, "a stream-ordered release (micro-batch %u, slot %u) could not return its credit: %s",
+                    op->mb, op->slot, lm_status_str(rc));
         pthread_mutex_unlock(&ch->lock);
         notify(ch);
     }
@@ -1190,10 +1189,9 @@ void lm_chan_cancel_deferred(void *arg, int status)
     lm_chan_t *ch = op->ch;
     if (chan_enter(ch)) {
         pthread_mutex_lock(&ch->lock);
-        if (!ch->error)
-            fail_locked(ch, status < 0 ? status : LM_ERR_CANCELED,
-                        "a stream-ordered %s (micro-batch %u) was canceled: its stream failed",
-                        op->kind == DEFERRED_SEND ? "send" : "release", op->mb);
+        fail_locked(ch, status < 0 ? status : LM_ERR_CANCELED,
+                    "a stream-ordered %s (micro-batch %u) was canceled: its stream failed",
+                    op->kind == DEFERRED_SEND ? "send" : "release", op->mb);
         pthread_mutex_unlock(&ch->lock);
         notify(ch);
         chan_leave(ch);
