@@ -69,7 +69,7 @@ def takes_device_path(tensors: list[Any]) -> bool:
 def describe_device_tensor(obj: Any) -> DeviceTensor:
     """A torch CUDA tensor or a ``__cuda_array_interface__`` object (cupy, ...): contiguous, or a strided
     view made of equally spaced contiguous rows (one rank's heads of q [T, H, D]: one 2D copy)."""
-    from ..gpu.memory import cuda_buffer
+    from ..gpu.memory import _classified, _is_c_contiguous, cuda_buffer, parse_cuda_array_interface
     if type(obj).__module__.startswith("torch"):
         import torch
         size = obj.element_size()
@@ -85,25 +85,16 @@ def describe_device_tensor(obj: Any) -> DeviceTensor:
     dtype = np.dtype(cai["typestr"])
     shape = tuple(int(d) for d in cai["shape"])
     strides = cai.get("strides")
-    if strides is not None and not _contiguous(shape, tuple(int(s) for s in strides), dtype.itemsize):
-        # Strided rows: the device is resolved as for the contiguous object the rows span.
+    if strides is not None and not _is_c_contiguous(shape, tuple(int(s) for s in strides), dtype.itemsize):
+        # Strided rows: checked and placed as the contiguous bytes the rows span.
         rows, row_stride = _row_layout(shape, tuple(int(s) for s in strides), dtype.itemsize)
-        ptr, row_bytes = int(cai["data"][0]), int(np.prod(shape)) * dtype.itemsize // rows
+        row_bytes = int(np.prod(shape)) * dtype.itemsize // rows
         span = {**cai, "shape": ((rows - 1) * row_stride + row_bytes,), "typestr": "|u1", "strides": None}
-        buf = cuda_buffer(type("RowSpan", (), {"__cuda_array_interface__": span})())
-        return DeviceTensor(obj, ptr, rows * row_bytes, dtypes.canonical(dtype), shape, max(buf.device, 0),
-                            buf.stream, rows, row_stride)
+        ptr, span_bytes, _, stream = parse_cuda_array_interface(span)
+        return DeviceTensor(obj, ptr, rows * row_bytes, dtypes.canonical(dtype), shape,
+                            max(_classified(ptr, span_bytes, -1), 0), stream, rows, row_stride)
     buf = cuda_buffer(obj)  # checks contiguity, resolves the device
     return DeviceTensor(obj, buf.ptr, buf.nbytes, dtypes.canonical(dtype), shape, max(buf.device, 0), buf.stream)
-
-
-def _contiguous(shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int) -> bool:
-    step = itemsize
-    for n, st in zip(reversed(shape), reversed(strides)):
-        if n != 1 and st != step:
-            return False
-        step *= n
-    return True
 
 
 def _row_layout(shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int) -> tuple[int, int]:
@@ -149,11 +140,22 @@ class DeviceStaging:
             self._pinned = cuda.HostRegistration(device, region.address, region.nbytes)
         return device
 
-    def _refuse_capture(self, device: Any, stream: Optional[int]) -> None:
-        from ..gpu.stream import refuse_capture
+    def _device_and_stream(self, items: list[DeviceTensor], stream: Any) -> tuple[Any, Optional[int]]:
+        """The one device of a message's CUDA tensors and the stream to order on (``stream``, else the
+        tensors' own); refuses a capturing stream and records torch tensors on the stream used."""
+        from ..gpu.stream import refuse_capture, stream_handle
+        ordinals = {t.device for t in items}
+        if len(ordinals) > 1:
+            raise InvalidArgumentError(f"one stream-ordered message takes tensors of one CUDA device, got {ordinals}")
+        handle = stream_handle(stream)
+        if handle is None:
+            handle = next((t.stream for t in items if t.stream is not None), None)
+        device = self._device(ordinals.pop() if ordinals else 0)
         with device.activate():
             # One post per message, with host bookkeeping: a graph replay would post it again, or never.
-            refuse_capture(device, stream, f"a stream-ordered message on channel {self._channel.name}")
+            refuse_capture(device, handle, f"a stream-ordered message on channel {self._channel.name}")
+        _keep_for_stream(items, handle)
+        return device, handle
 
     def _launch(self, device: Any, stream: Optional[int], op: Any) -> None:
         """Queue lm_chan_run_deferred(op) behind the stream's work. If the driver refuses, the op runs
@@ -165,20 +167,21 @@ class DeviceStaging:
         arg = c_void_p(int(ffi.cast("uintptr_t", op)))
         with device.activate():
             rc = device.driver.raw("cuLaunchHostFunc", handle, c_void_p(run_deferred_address()), arg)
-            if rc == cuda.CUDA_SUCCESS:
-                return
-            synced = device.driver.raw("cuStreamSynchronize", handle)
+        if rc == cuda.CUDA_SUCCESS:
+            return
+        synced = self._settle(device, stream)
         if synced == cuda.CUDA_SUCCESS:
             lib.lm_chan_run_deferred(op)  # the copies are done: post (or release) from here
             return
         lib.lm_chan_cancel_deferred(op, lib.LM_ERR_IO)
         raise device.driver.error(synced, "cuStreamSynchronize (a channel's copies)")
 
-    def _settle(self, device: Any, stream: Optional[int]) -> None:
-        """After a failure with copies queued: let them finish before the slot is used again."""
+    def _settle(self, device: Any, stream: Optional[int]) -> int:
+        """Wait for the stream (copies queued before a failure finish before the slot is used again);
+        the CUDA result."""
         from ctypes import c_void_p
         with device.activate():
-            device.driver.raw("cuStreamSynchronize", c_void_p(stream or 0))
+            return device.driver.raw("cuStreamSynchronize", c_void_p(stream or 0))
 
     def _order_after_last_send(self, microbatch: int, device: Any, stream: Optional[int]) -> None:
         """The deferred sends of a micro-batch post in the order their host functions run: a send on another
@@ -204,27 +207,16 @@ class DeviceStaging:
              fill_tensors: Any) -> int:
         """Stage ``tensors`` (device ones by the copy engine on ``stream``) into the next send slot of
         ``microbatch``; the write is posted when the copies are done. Returns the sequence number."""
-        from ..gpu.stream import stream_handle
         channel = self._channel
         if not tensors:
             raise InvalidArgumentError(f"channel {channel.name}: a stream-ordered message needs a tensor")
         items = [describe_device_tensor(t) if is_device_tensor(t) else _describe(t) for t in tensors]
-        on_device = [t for t in items if isinstance(t, DeviceTensor)]
-        ordinals = {t.device for t in on_device}
-        if len(ordinals) > 1:
-            raise InvalidArgumentError(f"one stream-ordered message takes tensors of one CUDA device, got {ordinals}")
-        ordinal = ordinals.pop() if ordinals else 0
-        handle = stream_handle(stream)
-        if handle is None:
-            handle = next((t.stream for t in on_device if t.stream is not None), None)
         offsets = packed_offsets([t.nbytes for t in items])
         size = offsets[-1] + items[-1].nbytes
         if size > channel._layout.send_capacity:
             raise InvalidArgumentError(f"channel {channel.name}: message of {size} B exceeds the "
                                        f"{channel._layout.send_capacity}-byte slot (see ChannelSpec)")
-        device = self._device(ordinal)
-        self._refuse_capture(device, handle)
-        _keep_for_stream(on_device, handle)
+        device, handle = self._device_and_stream([t for t in items if isinstance(t, DeviceTensor)], stream)
         self._order_after_last_send(microbatch, device, handle)
         payload = channel.send_slot(microbatch, None if timeout_ms < 0 else timeout_ms / 1000)
         base = payload.ctypes.data
@@ -257,7 +249,6 @@ class DeviceStaging:
     def recv_into(self, message: Any, outs: list[Any], stream: Any) -> None:
         """Copy a received message's tensors into ``outs`` (device ones on ``stream``), then give the
         slot back once the copies are done."""
-        from ..gpu.stream import stream_handle
         channel = self._channel
         if len(outs) != len(message.tensors):
             raise InvalidArgumentError(f"channel {channel.name}: the message carries {len(message.tensors)} "
@@ -281,15 +272,7 @@ class DeviceStaging:
         if not device_parts:
             message.release()
             return
-        ordinals = {t.device for t, _ in device_parts}
-        if len(ordinals) > 1:
-            raise InvalidArgumentError(f"one stream-ordered receive fills tensors of one CUDA device, got {ordinals}")
-        handle = stream_handle(stream)
-        if handle is None:
-            handle = next((t.stream for t, _ in device_parts if t.stream is not None), None)
-        device = self._device(ordinals.pop())
-        self._refuse_capture(device, handle)
-        _keep_for_stream([t for t, _ in device_parts], handle)
+        device, handle = self._device_and_stream([t for t, _ in device_parts], stream)
         queued = False
         try:
             with device.activate():
