@@ -23,3 +23,35 @@ def build_mock_libcuda(directory: str | os.PathLike) -> str | None:
     subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-o", str(lib), str(SOURCE), "-lpthread"],
                    check=True)
     return str(lib)
+
+
+class MockDeviceArray:
+    """A typed array in the mock driver's "device" memory, handed over by ``__cuda_array_interface__`` as
+    cupy does. ``host`` is the same memory seen from numpy (the mock's device memory is host memory).
+    ``columns=(first, width)`` makes it a column block of the last axis (equally spaced rows: strided),
+    over the memory of ``base`` when given."""
+
+    def __init__(self, device, shape, dtype="uint8", *, base: "MockDeviceArray | None" = None, columns=None):
+        import ctypes
+
+        import numpy as np
+
+        from lamina_comm.gpu import cuda
+        self.dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape)) * self.dtype.itemsize
+        self.alloc = base.alloc if base is not None else cuda.DeviceAllocation(device, nbytes)
+        memory = np.frombuffer((ctypes.c_char * max(nbytes, 1)).from_address(self.alloc.ptr), np.uint8)
+        self.full = memory[:nbytes].view(self.dtype).reshape(tuple(shape))
+        first, width = columns or (0, self.full.shape[-1])
+        self.host = self.full[..., first:first + width]
+        self._offset = first * self.dtype.itemsize
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.host.shape
+
+    @property
+    def __cuda_array_interface__(self) -> dict:
+        strided = self.host.shape != self.full.shape
+        return {"shape": self.host.shape, "typestr": self.dtype.str, "data": (self.alloc.ptr + self._offset, False),
+                "version": 3, "strides": self.full.strides if strided else None, "stream": None}

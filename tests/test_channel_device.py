@@ -99,20 +99,8 @@ import json, sys
 import numpy as np
 import lamina_comm as lc
 from lamina_comm.gpu import cuda
+from tests.mock_cuda import MockDeviceArray as DeviceArray
 from tests.test_channel import open_pair, WAIT_S
-
-class DeviceArray:
-    '''A typed CUDA array over mock device memory (what cupy hands over: __cuda_array_interface__).'''
-    def __init__(self, dev, shape, dtype):
-        self.dtype = np.dtype(dtype)
-        self.shape = tuple(shape)
-        self.alloc = cuda.DeviceAllocation(dev, int(np.prod(shape)) * self.dtype.itemsize)
-        self.host = np.frombuffer((__import__("ctypes").c_char * max(self.alloc.nbytes, 1)).from_address(
-            self.alloc.ptr), np.uint8)[:self.alloc.nbytes].view(self.dtype).reshape(self.shape)
-    @property
-    def __cuda_array_interface__(self):
-        return {"shape": self.shape, "typestr": self.dtype.str, "data": (self.alloc.ptr, False), "version": 3,
-                "strides": None, "stream": None}
 
 out = {}
 dev = cuda.get_device(0)
@@ -264,20 +252,12 @@ import numpy as np
 import lamina_comm as lc
 from lamina_comm.channel import ChannelGroup
 from lamina_comm.gpu import cuda
+from tests.mock_cuda import MockDeviceArray
 from tests.test_channel import open_pair, WAIT_S
-
-class DeviceArray:
-    def __init__(self, dev, n):
-        self.alloc = cuda.DeviceAllocation(dev, n)
-        self.host = np.frombuffer((__import__("ctypes").c_char * n).from_address(self.alloc.ptr), np.uint8)
-    @property
-    def __cuda_array_interface__(self):
-        return {"shape": (self.alloc.nbytes,), "typestr": "|u1", "data": (self.alloc.ptr, False), "version": 3,
-                "strides": None, "stream": None}
 
 out = {}
 dev = cuda.get_device(0)
-x = DeviceArray(dev, 64)
+x = MockDeviceArray(dev, (64,))
 x.host[:] = 5
 with lc.Context("tcp") as a, lc.Context("tcp") as b:
     model, attention = open_pair(a, b)
@@ -328,40 +308,26 @@ def test_device_path_failures_against_a_mock_driver(tmp_path):
 
 
 MOCK_STRIDED = r"""
-import ctypes, json, sys
+import json
 import numpy as np
 import lamina_comm as lc
 from lamina_comm.gpu import cuda
+from tests.mock_cuda import MockDeviceArray
 from tests.test_channel import open_pair, WAIT_S
-
-class Device2D:
-    # A (rows, cols) float32 CUDA array over mock device memory, or a column block of one (strided).
-    def __init__(self, dev, rows, cols, base=None, first=0, width=None):
-        self.base = base or cuda.DeviceAllocation(dev, rows * cols * 4)
-        full = np.frombuffer((ctypes.c_char * (rows * cols * 4)).from_address(self.base.ptr), np.float32)
-        self.full = full.reshape(rows, cols)
-        self.width = width or cols
-        self.first = first
-        self.host = self.full[:, first:first + self.width]
-    @property
-    def __cuda_array_interface__(self):
-        strided = self.width != self.full.shape[1]
-        return {"shape": self.host.shape, "typestr": "<f4", "version": 3, "stream": None,
-                "data": (self.base.ptr + self.first * 4, False), "strides": self.full.strides if strided else None}
 
 out = {}
 dev = cuda.get_device(0)
 with lc.Context("tcp") as a, lc.Context("tcp") as b:
     model, attention = open_pair(a, b)
-    src = Device2D(dev, 4, 8)
+    src = MockDeviceArray(dev, (4, 8), "float32")
     src.full[...] = np.arange(32, dtype=np.float32).reshape(4, 8)
-    block = Device2D(dev, 4, 8, base=src.base, first=2, width=4)  # columns 2..5: 4 rows 32 B apart
+    block = MockDeviceArray(dev, (4, 8), "float32", base=src, columns=(2, 4))  # 4 rows 32 B apart
     model.send([block], layer=1, microbatch=0, stream=9)
     with attention.recv(0, timeout=WAIT_S) as got:
         out["sent"] = bool(np.array_equal(got.tensors[0], src.full[:, 2:6]))
-    dst = Device2D(dev, 4, 8)
+    dst = MockDeviceArray(dev, (4, 8), "float32")
     dst.full[...] = -1
-    target = Device2D(dev, 4, 8, base=dst.base, first=4, width=4)  # into columns 4..7
+    target = MockDeviceArray(dev, (4, 8), "float32", base=dst, columns=(4, 4))  # into columns 4..7
     attention.send([np.full((4, 4), 3.5, np.float32)], layer=2, microbatch=0)
     model.recv_into([target], 0, stream=9, timeout=WAIT_S)
     with dev.activate():
@@ -380,24 +346,17 @@ def test_strided_device_rows_go_as_one_2d_copy_against_a_mock_driver(tmp_path):
 
 
 MOCK_SERVICE = r"""
-import ctypes, json, sys, threading
-import numpy as np
+import json, threading
 import torch
 import lamina_comm as lc
 from lamina_comm.engine import AttentionService, RemoteAttention
 from lamina_comm.gpu import cuda
+from tests.mock_cuda import MockDeviceArray
 from tests.test_engine import SHAPE
 
-class DeviceArray:
-    # A float32 CUDA array over mock device memory (__cuda_array_interface__, as cupy hands over).
-    def __init__(self, dev, shape):
-        n = int(np.prod(shape)) * 4
-        self.alloc = cuda.DeviceAllocation(dev, n)
-        self.host = np.frombuffer((ctypes.c_char * n).from_address(self.alloc.ptr), np.float32).reshape(shape)
-    @property
-    def __cuda_array_interface__(self):
-        return {"shape": self.host.shape, "typestr": "<f4", "data": (self.alloc.ptr, False), "version": 3,
-                "strides": None, "stream": None}
+
+def DeviceArray(dev, shape):
+    return MockDeviceArray(dev, shape, "float32")
 
 dev = cuda.get_device(0)
 errors = []
