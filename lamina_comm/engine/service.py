@@ -45,7 +45,6 @@ class LayerRequest:
         self._views = message.tensors
         self._torch: Optional[list[Any]] = None  # made on first use: a request answered blind needs none
         self._output: Optional[Any] = None
-        self._device_copied = False  # to_device() took the slot over (the stream gives it back)
 
     def _tensors(self) -> list[Any]:
         if self._torch is None:
@@ -82,10 +81,9 @@ class LayerRequest:
         request's slot goes back once the copies are done. Then compute, and ``respond(out, stream=)``."""
         if self._message is None:
             raise ClosedError("this request was answered already")
-        if self._device_copied:
+        if self._message.released:  # its stream holds the slot
             raise InvalidArgumentError("to_device() was called for this request already")
         self.channel._device_staging().recv_into(self._message, [q, k, v], stream)
-        self._device_copied = True
 
     def respond(self, out: Any = None, timeout: Optional[float] = None, *, stream: Any = None) -> None:
         """Send the output (``output()``'s view, or ``out`` copied into it) and release the request.

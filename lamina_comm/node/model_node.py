@@ -546,9 +546,9 @@ class ModelNode:
             }
             if peer is not None:
                 channel = peer.data.metrics
-                worker.update(pid=peer.pid, device=peer.device, attention=peer.attention, blocks_used=peer.blocks_used,
-                              blocks_held=peer.blocks_held, blocks_total=peer.blocks_total,
-                              block_size=peer.block_size, replicas=peer.replicas,
+                worker.update(pid=peer.pid, device=peer.device, attention=peer.attention,
+                              blocks_used=peer.blocks_used, blocks_held=peer.blocks_held,
+                              blocks_total=peer.blocks_total, block_size=peer.block_size, replicas=peer.replicas,
                               transport=peer.data.endpoint.transport,
                               channel={"messages": channel.messages, "bytes_sent": channel.bytes_sent,
                                        "staged_bytes": channel.staged_bytes,
