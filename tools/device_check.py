@@ -346,6 +346,17 @@ def _percentiles(samples: list[float]) -> dict:
             "n": len(samples)}
 
 
+def _one_way(round_trip: Callable[[int], None], iters: int, warmup: int = 50) -> dict:
+    """Percentiles of half of each timed round_trip(i), after `warmup` untimed ones."""
+    samples = []
+    for i in range(iters + warmup):
+        t0 = time.perf_counter()
+        round_trip(i)
+        if i >= warmup:
+            samples.append((time.perf_counter() - t0) / 2)
+    return _percentiles(samples)
+
+
 def latency_raw_host(n: int, iters: int) -> dict:
     import numpy as np
     import lamina_comm as lc
@@ -363,16 +374,13 @@ def latency_raw_host(n: int, iters: int) -> dict:
                     if c.op == lc.Op.RECV_IMM:
                         return
 
-        samples = []
-        for i in range(iters + 50):
-            t0 = time.perf_counter()
+        def round_trip(i: int) -> None:
             ea.write(ma, to_b, length=n, imm=i)
             until_imm(eb)
             eb.write(mb, to_a, length=n, imm=i)
             until_imm(ea)
-            if i >= 50:
-                samples.append((time.perf_counter() - t0) / 2)
-    return _percentiles(samples)
+
+        return _one_way(round_trip, iters)
 
 
 def latency_staged(engine_factory: Callable[[], Any], make_buf: Callable[[int], Any], n: int, iters: int) -> dict:
@@ -380,18 +388,16 @@ def latency_staged(engine_factory: Callable[[], Any], make_buf: Callable[[int], 
     ca, cb, la, lb = pair
     try:
         xa, xb = make_buf(max(n, 1)), make_buf(max(n, 1))
-        samples = []
-        for i in range(iters + 50):
-            t0 = time.perf_counter()
+
+        def round_trip(i: int) -> None:
             r = lb.recv(xb, nbytes=n)
             la.send(xa, nbytes=n)
             r.wait(5)
             r = la.recv(xa, nbytes=n)
             lb.send(xb, nbytes=n)
             r.wait(5)
-            if i >= 50:
-                samples.append((time.perf_counter() - t0) / 2)
-        return _percentiles(samples)
+
+        return _one_way(round_trip, iters)
     finally:
         close_pair(*pair)
 
@@ -419,9 +425,8 @@ def latency_channel(n: int, iters: int, on_gpu: bool) -> dict:
                 bufs += [sa, sb]
             else:
                 xa, xb, sa, sb = np.zeros(n, np.uint8), np.zeros(n, np.uint8), None, None
-            samples = []
-            for i in range(iters + 50):
-                t0 = time.perf_counter()
+
+            def round_trip(i: int) -> None:
                 model.send([xa], layer=0, microbatch=0, stream=sa.handle if sa else None)
                 attention.recv_into([xb], 0, stream=sb.handle if sb else None, timeout=5)
                 attention.send([xb], layer=0, microbatch=0, stream=sb.handle if sb else None)
@@ -429,9 +434,8 @@ def latency_channel(n: int, iters: int, on_gpu: bool) -> dict:
                 if sa is not None:
                     with dev.activate():
                         sa.synchronize()
-                if i >= 50:
-                    samples.append((time.perf_counter() - t0) / 2)
-            return _percentiles(samples)
+
+            return _one_way(round_trip, iters)
         finally:
             model.close()
             attention.close()
