@@ -10,13 +10,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
 import lamina_comm as lc  # noqa: E402
-from lamina_comm.engine import (AttentionService, AttentionShape, RemoteAttention, RendezvousError,  # noqa: E402
-                                RendezvousServer, RendezvousTimeout, rendezvous)
+from lamina_comm.engine import (AttentionRankError, AttentionService, AttentionShape, RemoteAttention,  # noqa: E402
+                                RendezvousError, RendezvousServer, RendezvousTimeout, rendezvous)
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE = AttentionShape(num_heads=8, num_kv_heads=4, head_dim=16, max_tokens=32, dtype="float32")
@@ -340,3 +341,129 @@ def test_q_k_v_registered_apart_go_without_a_copy_to_every_rank(cluster: Cluster
     assert torch.equal(out, cluster.expected(q))
     assert cluster.staged_bytes() == 0
     assert all(channel.metrics.gather_messages == 1 for channel in cluster.remote.channels)
+
+
+# ------------------------------------------------------------------ errors, in-flight replies, channels of one's own
+
+
+def test_an_error_reply_names_its_rank_and_drain_puts_the_channels_back_in_step() -> None:
+    q, k, v = torch.randn(2, 8, 16), torch.randn(2, 4, 16), torch.randn(2, 4, 16)
+    with lc.Context("tcp") as ctx:
+        services = [AttentionService(ctx, SHAPE, rank=a, ranks=2) for a in range(2)]
+
+        def serve(service: AttentionService) -> None:
+            service.accept(1, timeout=TIMEOUT_S)
+            for _ in range(4):  # layer 0, layer 1 of both micro-batches, layer 2
+                request = service.recv(timeout=TIMEOUT_S)
+                if service.rank == 1 and request.layer == 1:
+                    request.fail("no KV blocks for request 7")
+                    continue
+                request.output().copy_(request.q)
+                request.respond(compute_ns=1000 + service.rank if request.layer == 0 else None)
+
+        threads = [threading.Thread(target=serve, args=(s,), daemon=True) for s in services]
+        for thread in threads:
+            thread.start()
+        with RemoteAttention(ctx, [s.address for s in services], SHAPE) as remote:
+            out = torch.empty(2, 8, 16)
+            remote.send(q, k, v, layer=0, microbatch=0)
+            assert torch.equal(remote.recv_into(out, layer=0, microbatch=0), q)
+            assert [reply.compute_ns for reply in remote.replies] == [1000, 1001]
+            assert all(reply.arrived_ns > 0 for reply in remote.replies)
+
+            remote.send(q, k, v, layer=1, microbatch=0)
+            remote.send(q, k, v, layer=1, microbatch=1)
+            with pytest.raises(AttentionRankError, match="attention rank 1: no KV blocks for request 7") as failed:
+                remote.recv_into(out, layer=1, microbatch=0)
+            assert failed.value.rank == failed.value.channel_index == 1
+            assert [remote.in_flight(rank) for rank in (0, 1)] == [1, 1]  # micro-batch 1's replies
+            remote.drain(timeout=TIMEOUT_S)
+            assert [remote.in_flight(rank) for rank in (0, 1)] == [0, 0]
+
+            remote.send(q, k, v, layer=2, microbatch=1)  # in step: the replies taken are layer 2's
+            assert torch.equal(remote.recv_into(out, layer=2, microbatch=1), q)
+            assert all(reply.compute_ns is not None and reply.compute_ns >= 0 for reply in remote.replies)
+        for thread in threads:
+            thread.join(TIMEOUT_S)
+        for service in services:
+            service.close()
+
+
+def test_a_send_that_fails_on_one_rank_counts_what_the_others_posted() -> None:
+    tokens = 3
+    fused = torch.randn(tokens, (8 + 4 + 4) * 16)  # registered: the writes go from it, no staging
+    q, k, v = fused[:, :128].unflatten(1, (8, 16)), fused[:, 128:192].unflatten(1, (4, 16)), \
+        fused[:, 192:].unflatten(1, (4, 16))
+    with lc.Context("tcp") as ctx:
+        services = [AttentionService(ctx, SHAPE, rank=a, ranks=2) for a in range(2)]
+        threads = [threading.Thread(target=s.accept, args=(1, TIMEOUT_S), daemon=True) for s in services]
+        for thread in threads:
+            thread.start()
+        with RemoteAttention(ctx, [s.address for s in services], SHAPE) as remote:
+            for thread in threads:
+                thread.join(TIMEOUT_S)
+            remote.register_source(fused)
+            for layer in range(SHAPE.slots_per_microbatch):  # rank 1's credits of micro-batch 0, spent aside
+                remote.channels[1].send([q[:, 4:], k[:, 2:], v[:, 2:]], layer=layer, microbatch=0)
+            with pytest.raises(lc.TimeoutError) as late:
+                remote.send(q, k, v, layer=5, microbatch=0, timeout=0.3)
+            assert (late.value.channel_index, late.value.channels_posted) == (1, 1)
+            assert [remote.in_flight(rank) for rank in (0, 1)] == [1, 0]
+            request = services[0].recv(timeout=TIMEOUT_S)
+            assert request.layer == 5 and torch.equal(request.q, q[:, :4])
+            request.respond(request.q)
+            remote.drain(0, timeout=TIMEOUT_S)
+            assert remote.in_flight(0) == 0
+        for service in services:
+            service.close()
+
+
+def test_channels_connected_elsewhere_are_served_through_over_and_attach() -> None:
+    spec = SHAPE.channel_spec(0, 1)
+    q, k, v = torch.randn(3, 8, 16), torch.randn(3, 4, 16), torch.randn(3, 4, 16)
+    with lc.Context("tcp") as ctx, ctx.listen("127.0.0.1:0") as listener:
+        model_side, attention_side = _pair(ctx, listener, spec)
+        controls: list[tuple[int, int, int]] = []
+
+        def on_control(peer: int, message: Any) -> None:
+            with message:
+                controls.append((peer, message.layer, int(message.tensors[0][0])))
+
+        service = AttentionService(None, SHAPE, 0, 1, listen=None, on_control=on_control)
+        peer = service.attach(attention_side)
+        with pytest.raises(lc.InvalidArgumentError, match=r"does not carry KV heads \[0, 2\)"):
+            RemoteAttention.over([model_side], SHAPE, kv_heads=[(0, 2)])
+        remote = RemoteAttention.over([model_side], SHAPE)
+        model_side.send([np.array([42])], layer=5, microbatch=SHAPE.metadata_microbatch)  # the application's own
+        remote.send(q, k, v, layer=0, microbatch=1)
+        request = service.recv(timeout=TIMEOUT_S)  # the control message went to the handler first
+        assert controls == [(peer, 5, 42)] and request.peer == peer
+        request.respond(request.q)
+        assert torch.equal(remote.recv_into(torch.empty(3, 8, 16), layer=0, microbatch=1), q)
+        remote.close()  # the channel is the caller's: still open
+        assert service.detach(peer) is attention_side
+
+        strict = AttentionService(None, SHAPE, 0, 1, listen=None)  # no handler: control messages are refused
+        strict_peer = strict.attach(attention_side)
+        model_side.send([np.array([1])], layer=6, microbatch=SHAPE.metadata_microbatch)
+        with pytest.raises(lc.InvalidArgumentError, match="takes none") as refused:
+            strict.recv(timeout=TIMEOUT_S)
+        assert refused.value.peer == strict_peer
+        other_model_side, half_share = _pair(ctx, listener, SHAPE.channel_spec(0, 2))
+        with pytest.raises(lc.InvalidArgumentError, match="carries 4 query / 2 KV heads"):
+            strict.attach(half_share)
+        strict.close()  # closes what it serves
+        for channel in (model_side, other_model_side, half_share):
+            channel.close()
+
+
+def _pair(ctx: Any, listener: Any, spec: Any) -> tuple[Any, Any]:
+    """(model side, attention side) of a channel made on ``listener``."""
+    accepted: list[Any] = []
+    thread = threading.Thread(target=lambda: accepted.append(lc.Channel.accept(
+        listener, spec, role="attention", accept_timeout=TIMEOUT_S, piggyback_credits=True)), daemon=True)
+    thread.start()
+    model_side = lc.Channel.connect(ctx, listener.address, spec, role="model", connect_timeout=TIMEOUT_S,
+                                    piggyback_credits=True)
+    thread.join(TIMEOUT_S)
+    return model_side, accepted[0]

@@ -19,6 +19,12 @@ class ChannelGroup:
     ``recv`` collects one reply from every channel in one native call, waiting
     on the shared progress engine, with the GIL released throughout. The
     channels keep their own API; a group only batches.
+
+    A failed call's error names the channel it came from (``channel_index``,
+    or None) and says how far the call got: a send posted on channels
+    ``[0, channels_posted)`` before it failed; a receive took (and released)
+    the messages of channels ``[0, channels_taken)``. A caller counting the
+    replies in flight stays exact.
     """
 
     def __init__(self, channels: Sequence[Channel]):
@@ -36,7 +42,11 @@ class ChannelGroup:
 
     def _handles(self) -> Any:
         for i, channel in enumerate(self.channels):
-            self._chans[i] = channel._handle()
+            try:
+                self._chans[i] = channel._handle()
+            except LaminaError as exc:  # closed: the call did nothing
+                exc.channel_index, exc.channels_posted, exc.channels_taken = i, 0, 0
+                raise
         return self._chans
 
     @property
@@ -49,7 +59,8 @@ class ChannelGroup:
         if len(messages) != len(self.channels):
             raise InvalidArgumentError(f"{len(messages)} messages for {len(self.channels)} channels")
         if len(self.channels) == 1:
-            return [self._only(lambda c: c.send(messages[0], layer=layer, microbatch=microbatch, timeout=timeout))]
+            return [self._only(lambda c: c.send(messages[0], layer=layer, microbatch=microbatch, timeout=timeout),
+                               "channels_posted")]
         at, sources = 0, []
         for i, (channel, tensors) in enumerate(zip(self.channels, messages)):
             kept = _kept_layout(tensors)
@@ -62,7 +73,7 @@ class ChannelGroup:
             try:
                 infos = channel._describe_message(tensors, microbatch, timeout)  # may stage (a credit wait)
             except LaminaError as exc:
-                exc.channel_index = i
+                exc.channel_index, exc.channels_posted = i, 0  # nothing is posted before the native call
                 raise
             if infos is None:  # CUDA tensors: each channel's own stream-ordered send (nothing posted yet)
                 return self._send_each(messages, layer, microbatch, timeout)
@@ -79,7 +90,9 @@ class ChannelGroup:
                                     self._counts, source._handle() if source is not None else ffi.NULL,
                                     self._timeout_ms(timeout), self._seqs, self._failed)
         if rc < 0:
-            raise self._error(rc)
+            error = self._error(rc)
+            error.channels_posted = max(self._failed[0], 0)  # posted in channel order up to the failing one
+            raise error
         return [self._seqs[i] for i in range(len(self.channels))]
 
     def _send_each(self, messages: Sequence[Any], layer: int, microbatch: int, timeout: float | None) -> list[int]:
@@ -88,17 +101,18 @@ class ChannelGroup:
             try:
                 seqs.append(channel.send(tensors, layer=layer, microbatch=microbatch, timeout=timeout))
             except LaminaError as exc:
-                exc.channel_index = i
+                exc.channel_index, exc.channels_posted = i, i
                 raise
         return seqs
 
-    def _only(self, call: Callable[[Channel], Any]) -> Any:
+    def _only(self, call: Callable[[Channel], Any], progress: str) -> Any:
         """A group of one channel makes that channel's own call (fewer steps than the group's native
-        loop); its errors name the channel as the group's do."""
+        loop); its errors name the channel as the group's do (a failed call did nothing: ``progress`` 0)."""
         try:
             return call(self.channels[0])
         except LaminaError as exc:
             exc.channel_index = 0
+            setattr(exc, progress, 0)
             raise
 
     def _error(self, rc: int) -> LaminaError:
@@ -115,11 +129,12 @@ class ChannelGroup:
             self.channels[0]._check_microbatch(microbatch)
         n = len(self.channels)
         if n == 1:
-            return [self._only(lambda c: c.recv(microbatch, timeout))]
+            return [self._only(lambda c: c.recv(microbatch, timeout), "channels_taken")]
         rc = lib.lm_chan_recv_group(self._handles(), n, -1 if microbatch is None else microbatch, self._msgs,
                                     self._timeout_ms(timeout), self._taken, self._failed)
         if rc < 0:
             error = self._error(rc)
+            error.channels_taken = self._taken[0]
             for i in range(self._taken[0]):  # taken before the failure: hand them back
                 try:
                     self.channels[i]._message(self._msgs[i]).release()
@@ -134,6 +149,7 @@ class ChannelGroup:
                                   f"{', '.join(self.channels[i].name for i in silent)} within "
                                   f"{self.channels[0]._timeout(timeout)} s")
             error.channel_index = silent[0] if silent else None
+            error.channels_taken = 0  # a timeout takes nothing
             raise error
         return [channel._message(self._msgs[i]) for i, channel in enumerate(self.channels)]
 
@@ -147,7 +163,7 @@ class ChannelGroup:
         if microbatch is not None:
             self.channels[0]._check_microbatch(microbatch)
         if len(self.channels) == 1:
-            return 0, self._only(lambda c: c.recv(microbatch, timeout))
+            return 0, self._only(lambda c: c.recv(microbatch, timeout), "channels_taken")
         rc = lib.lm_chan_recv_any(self._handles(), len(self.channels), -1 if microbatch is None else microbatch,
                                   self._msgs, self._timeout_ms(timeout), self._failed)
         if rc < 0:

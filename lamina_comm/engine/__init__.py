@@ -16,16 +16,19 @@
 
 docs/engine.md has a two-process example and the contract.
 """
-from .remote import LayerBuffers, RemoteAttention, SendHandle
+from .remote import LayerBuffers, RankReply, RemoteAttention, SendHandle
 from .rendezvous import RendezvousError, RendezvousServer, RendezvousTimeout, World, rendezvous
 from .service import AttentionService, LayerRequest
 from .shape import AttentionShape
+from .wire import AttentionRankError
 
 __all__ = [
+    "AttentionRankError",
     "AttentionService",
     "AttentionShape",
     "LayerBuffers",
     "LayerRequest",
+    "RankReply",
     "RemoteAttention",
     "RendezvousError",
     "RendezvousServer",

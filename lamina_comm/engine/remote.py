@@ -3,15 +3,17 @@ rank's head share, the attention output gathered back into the caller's tensor."
 from __future__ import annotations
 
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from lamina_comm.channel import Channel, ChannelGroup
-from lamina_comm.errors import InvalidArgumentError, ProtocolError
+from lamina_comm.channel import Channel, ChannelGroup, Message
+from lamina_comm.errors import InvalidArgumentError, LaminaError, ProtocolError
+from lamina_comm.model.kvcache import HeadRange
 from lamina_comm.transport import Context, MemoryRegion
 
 from .shape import AttentionShape
+from .wire import ERROR_LAYER, METADATA_LAYER, AttentionRankError, decode_error
 
 
 def torch_storage_dtype(dtype: Any) -> Any:
@@ -41,6 +43,13 @@ class SendHandle:
         for channel, token in self._pending:
             channel.wait_sent(token, timeout)
         self._pending = []
+
+
+class RankReply(NamedTuple):
+    """One rank's reply to the last ``recv_into``."""
+
+    arrived_ns: int  # when it landed (CLOCK_MONOTONIC, as time.perf_counter_ns), stamped by the channel
+    compute_ns: Optional[int]  # the time the rank says it computed (None when it sent none)
 
 
 class LayerBuffers:
@@ -78,28 +87,73 @@ class RemoteAttention:
     ``send`` fans a layer's q/k/v out, head share by head share, in one
     native call; ``recv_into`` gathers every rank's output into the caller's
     tensor [T, H, D] (or [T, H * D]) in one native wait, bit for bit.
+
+    A failed call's error names the rank it came from (``channel_index``,
+    None when no one rank is to blame); ``drain()`` afterwards takes the
+    replies still in flight, so the channels are in step again.
     """
 
     def __init__(self, context: Context, addresses: Sequence[str], shape: AttentionShape, *,
                  connect_timeout: float = 30.0, timeout: float = 30.0):
         if not addresses:
             raise InvalidArgumentError("RemoteAttention needs at least one attention rank")
-        self.shape = shape
-        self._context = context
-        self._sources: list[MemoryRegion] = []
         ranks = len(addresses)
-        self.q_heads = [shape.q_heads(a, ranks) for a in range(ranks)]
-        self.kv_heads = [shape.kv_heads(a, ranks) for a in range(ranks)]
-        self.channels: list[Channel] = []
+        channels: list[Channel] = []
         try:
             for rank, address in enumerate(addresses):
-                self.channels.append(Channel.connect(
+                channels.append(Channel.connect(
                     context, address, shape.channel_spec(rank, ranks), role="model", name=f"attention-{rank}",
                     connect_timeout=connect_timeout, timeout=timeout, piggyback_credits=True))
         except BaseException:
-            self.close()
+            for channel in channels:
+                channel.close()
             raise
-        self._group = ChannelGroup(self.channels)
+        self._attach(context, channels, shape, [shape.kv_heads(a, ranks) for a in range(ranks)], owns=True)
+
+    @classmethod
+    def over(cls, channels: Sequence[Channel], shape: AttentionShape,
+             kv_heads: Optional[Sequence[HeadRange]] = None) -> "RemoteAttention":
+        """Over channels the caller connected (after a handshake of its own), in rank order.
+
+        ``kv_heads`` are each rank's KV heads (default: the shape's even
+        split). Each channel's spec must carry that share with the control
+        micro-batch last (``AttentionShape.channel_spec``'s layout; more
+        tokens per slot are fine). Closing it leaves the channels open.
+        """
+        if not channels:
+            raise InvalidArgumentError("RemoteAttention needs at least one attention rank")
+        ranks = len(channels)
+        heads = [tuple(h) for h in kv_heads] if kv_heads is not None else \
+            [shape.kv_heads(a, ranks) for a in range(ranks)]
+        if len(heads) != ranks:
+            raise InvalidArgumentError(f"{len(heads)} head shares for {ranks} channels")
+        for rank, (channel, (start, end)) in enumerate(zip(channels, heads)):
+            spec, local_kv = channel.spec, end - start
+            if not 0 <= start < end <= shape.num_kv_heads or spec.kv_heads != local_kv or \
+                    spec.heads != local_kv * shape.group_size or spec.head_dim != shape.head_dim or \
+                    spec.dtype != shape.dtype or spec.microbatches != shape.microbatches + 1 or \
+                    spec.max_tokens < shape.max_tokens:
+                raise InvalidArgumentError(
+                    f"channel {channel.name} (rank {rank}) does not carry KV heads [{start}, {end}) of {shape}: its "
+                    f"spec has {spec.kv_heads} KV heads, {spec.heads} query heads of {spec.head_dim} {spec.dtype}, "
+                    f"{spec.microbatches} micro-batches (control last), {spec.max_tokens} tokens")
+        remote = cls.__new__(cls)
+        remote._attach(channels[0].context, list(channels), shape, heads, owns=False)
+        return remote
+
+    def _attach(self, context: Context, channels: list[Channel], shape: AttentionShape, kv_heads: list[HeadRange],
+                owns: bool) -> None:
+        self.shape = shape
+        self._context = context
+        self._owns = owns
+        self._sources: list[MemoryRegion] = []
+        self.kv_heads = kv_heads
+        self.q_heads = [(start * shape.group_size, end * shape.group_size) for start, end in kv_heads]
+        self.channels = channels
+        self._group = ChannelGroup(channels)
+        # Replies still to come, per rank and micro-batch (drain() takes them after a failure).
+        self._in_flight = [[0] * shape.microbatches for _ in channels]
+        self.replies: list[RankReply] = []  # every rank's reply to the last recv_into
         self._last_out: Optional[tuple[tuple, list[np.ndarray]]] = None
         self._shapes: dict[int, list[list[tuple[int, int, int]]]] = {}
 
@@ -143,9 +197,14 @@ class RemoteAttention:
             if stream is None:
                 import torch
                 stream = torch.cuda.current_stream(q.device)
-            for channel, (qs, qe), (ks, ke) in zip(self.channels, self.q_heads, self.kv_heads):
-                channel.send([q[:, qs:qe], k[:, ks:ke], v[:, ks:ke]], layer=layer, microbatch=microbatch,
-                             timeout=timeout, stream=stream)
+            for rank, (channel, (qs, qe), (ks, ke)) in enumerate(zip(self.channels, self.q_heads, self.kv_heads)):
+                try:
+                    channel.send([q[:, qs:qe], k[:, ks:ke], v[:, ks:ke]], layer=layer, microbatch=microbatch,
+                                 timeout=timeout, stream=stream)
+                except LaminaError as exc:
+                    exc.channel_index, exc.channels_posted = rank, rank
+                    raise
+                self._in_flight[rank][microbatch] += 1
             return SendHandle([], [])
         if type(q) is LayerBuffers:
             messages = q.views  # slot views go by the tables send_buffers() filled, without a description
@@ -154,8 +213,17 @@ class RemoteAttention:
                 raise InvalidArgumentError("send(q, k, v) needs all three, or one LayerBuffers")
             messages = [[q[:, qs:qe], k[:, ks:ke], v[:, ks:ke]]
                         for (qs, qe), (ks, ke) in zip(self.q_heads, self.kv_heads)]
-        self._group.send(messages, layer=layer, microbatch=microbatch, timeout=timeout)
+        try:
+            self._group.send(messages, layer=layer, microbatch=microbatch, timeout=timeout)
+        except LaminaError as exc:
+            self._count_sent(getattr(exc, "channels_posted", 0), microbatch)
+            raise
+        self._count_sent(len(self.channels), microbatch)
         return SendHandle(self.channels, [channel.send_token() for channel in self.channels])
+
+    def _count_sent(self, ranks: int, microbatch: int) -> None:
+        for rank in range(ranks):
+            self._in_flight[rank][microbatch] += 1
 
     def send_metadata(self, microbatch: int, request_ids: Any, positions: Any,
                       timeout: Optional[float] = None) -> None:
@@ -173,11 +241,15 @@ class RemoteAttention:
                                        f"micro-batch holds 1..{self.shape.max_tokens} tokens")
         self._check_microbatch(microbatch)
         control = self.shape.metadata_microbatch
-        for channel in self.channels:
-            target, table = channel.send_buffers(control, [(1,), (2, ids.size)], "int64", timeout=timeout)
-            target[0] = microbatch
-            table[0], table[1] = ids, where
-            channel.send([target, table], layer=0, microbatch=control, timeout=timeout)
+        for rank, channel in enumerate(self.channels):
+            try:
+                target, table = channel.send_buffers(control, [(1,), (2, ids.size)], "int64", timeout=timeout)
+                target[0] = microbatch
+                table[0], table[1] = ids, where
+                channel.send([target, table], layer=METADATA_LAYER, microbatch=control, timeout=timeout)
+            except LaminaError as exc:
+                exc.channel_index = rank
+                raise
 
     def register_source(self, memory: Any) -> MemoryRegion:
         """Register host memory the caller computes q/k/v into (a torch or numpy buffer).
@@ -209,22 +281,46 @@ class RemoteAttention:
         if _on_cuda(out):
             return self._recv_into_device(out, layer, microbatch, timeout, stream)
         destinations = self._destinations(out)
-        messages = self._group.recv(microbatch, timeout)
+        messages = self._take_replies(microbatch, timeout)
         try:
             for rank, (message, destination) in enumerate(zip(messages, destinations)):
-                if message.layer != layer:
-                    raise ProtocolError(f"attention rank {rank} answered layer {message.layer}, expected {layer}")
-                part = message.tensors[0]
-                if len(message.tensors) != 1 or part.shape != destination.shape or \
-                        part.dtype_name != self.shape.dtype:
-                    raise InvalidArgumentError(f"attention rank {rank} answered {len(message.tensors)} tensor(s), "
-                                               f"{part.dtype_name}{list(part.shape)}; expected one "
-                                               f"{self.shape.dtype}{list(destination.shape)}")
+                part = self._checked_reply(rank, message, layer, destination.shape)
                 np.copyto(destination, part.view(destination.dtype), casting="no")
         finally:
             for message in messages:
                 message.release()
         return out
+
+    def _take_replies(self, microbatch: int, timeout: Optional[float]) -> list[Message]:
+        """One reply of ``microbatch`` from every rank (counted out of the in-flight ones)."""
+        try:
+            messages = self._group.recv(microbatch, timeout)
+        except LaminaError as exc:
+            for rank in range(getattr(exc, "channels_taken", 0)):
+                self._in_flight[rank][microbatch] -= 1
+            raise
+        for rank in range(len(messages)):
+            self._in_flight[rank][microbatch] -= 1
+        self.replies = [RankReply(message.arrived_ns, _compute_ns(message)) for message in messages]
+        return messages
+
+    def _checked_reply(self, rank: int, message: Message, layer: int, shape: tuple[int, ...]) -> Any:
+        """Rank ``rank``'s output tensor of ``message``, checked against the layer and shape asked for."""
+        if message.layer == ERROR_LAYER:
+            error: LaminaError = AttentionRankError(rank, decode_error(message))
+        elif message.layer != layer:
+            error = ProtocolError(f"attention rank {rank} answered layer {message.layer}, expected {layer}")
+        else:
+            tensors = message.tensors
+            part = tensors[0]
+            if len(tensors) == 1 + (self.replies[rank].compute_ns is not None) and tuple(part.shape) == tuple(shape) and \
+                    part.dtype_name == self.shape.dtype:
+                return part
+            error = InvalidArgumentError(f"attention rank {rank} answered {len(tensors)} tensor(s), "
+                                         f"{part.dtype_name}{list(part.shape)}; expected one "
+                                         f"{self.shape.dtype}{list(shape)} (and its compute time)")
+        error.channel_index = rank
+        raise error
 
     def _recv_into_device(self, out: Any, layer: int, microbatch: int, timeout: Optional[float],
                           stream: Any) -> Any:
@@ -239,14 +335,12 @@ class RemoteAttention:
             import torch
             stream = torch.cuda.current_stream(out.device)
         heads = out.view(tokens, self.shape.num_heads, self.shape.head_dim)
-        messages = self._group.recv(microbatch, timeout)
+        messages = self._take_replies(microbatch, timeout)
         try:
             for rank, (message, channel, (qs, qe)) in enumerate(zip(messages, self.channels, self.q_heads)):
-                if message.layer != layer:
-                    raise ProtocolError(f"attention rank {rank} answered layer {message.layer}, expected {layer}")
-                if len(message.tensors) != 1:
-                    raise InvalidArgumentError(f"attention rank {rank} answered {len(message.tensors)} tensors")
-                channel._device_staging().recv_into(message, [heads[:, qs:qe]], stream)
+                destination = heads[:, qs:qe]
+                self._checked_reply(rank, message, layer, tuple(destination.shape))
+                channel._device_staging().recv_into(message, [destination], stream)
         finally:
             for message in messages:
                 message.release()  # (a no-op for those the stream took over)
@@ -277,6 +371,28 @@ class RemoteAttention:
             raise InvalidArgumentError(f"micro-batch {microbatch} is not in [0, {self.shape.microbatches})")
 
     # -- life cycle ----------------------------------------------------------------------
+    def in_flight(self, rank: int) -> int:
+        """Replies rank ``rank`` still owes (sent layers whose output was not taken)."""
+        return sum(self._in_flight[rank])
+
+    def drain(self, rank: Optional[int] = None, timeout: Optional[float] = None) -> None:
+        """Take and drop the replies still in flight (of every rank, or of ``rank``): after a failed step.
+
+        An error (a rank that is gone) names its rank (``channel_index``);
+        the others' counts stay exact, so it may be called again without it.
+        """
+        for index in range(len(self.channels)) if rank is None else [rank]:
+            counts = self._in_flight[index]
+            for microbatch in range(len(counts)):
+                while counts[microbatch] > 0:
+                    try:
+                        message = self.channels[index].recv(microbatch=microbatch, timeout=timeout)
+                    except LaminaError as exc:
+                        exc.channel_index = index
+                        raise
+                    counts[microbatch] -= 1
+                    message.release()
+
     def flush(self, timeout: Optional[float] = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         for channel in self.channels:
@@ -284,8 +400,9 @@ class RemoteAttention:
             channel.flush(left)
 
     def close(self) -> None:
-        for channel in self.channels:
-            channel.close()
+        if self._owns:
+            for channel in self.channels:
+                channel.close()
         self.channels = []
         for region in self._sources:
             region.close()
@@ -298,9 +415,17 @@ class RemoteAttention:
         self.close()
 
 
+def _compute_ns(message: Message) -> Optional[int]:
+    """The compute time a reply carries as its second tensor (int64 [1]), or None."""
+    tensors = message.tensors
+    if len(tensors) == 2 and tensors[1].dtype_name == "int64" and tensors[1].size == 1:
+        return int(tensors[1][0])
+    return None
+
+
 def _on_cuda(tensor: Any) -> bool:
     device = getattr(tensor, "device", None)
     return getattr(device, "type", None) == "cuda"
 
 
-__all__ = ["LayerBuffers", "RemoteAttention", "SendHandle"]
+__all__ = ["LayerBuffers", "RankReply", "RemoteAttention", "SendHandle"]

@@ -3,16 +3,23 @@ the output written straight into the reply slot."""
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
 from lamina_comm.channel import Channel, ChannelGroup, Message, to_torch
 from lamina_comm.channel.device import is_device_tensor
-from lamina_comm.errors import ClosedError, InvalidArgumentError
+from lamina_comm.errors import ClosedError, InvalidArgumentError, LaminaError, TimeoutError_
 from lamina_comm.transport import Context
 
+from lamina_comm.model.kvcache import HeadRange
+
 from .shape import AttentionShape
+from .wire import ERROR_LAYER, METADATA_LAYER, compute_time, encode_error
+
+# An application's handler of a control message (AttentionService(on_control=)): the peer and the message,
+# which it owns (it releases it).
+ControlHandler = Callable[[int, Message], None]
 
 
 class LayerRequest:
@@ -21,7 +28,10 @@ class LayerRequest:
     The tensors are views over the receive slot. ``output()`` is the reply
     slot's view [T, h, D]: compute into it, then ``respond()`` sends it (no
     copy) and gives the request's slot back. ``respond(tensor)`` with any
-    other tensor copies it into the reply first.
+    other tensor copies it into the reply first. The reply carries the time
+    this rank spent on the request (``compute_ns=``, by default the time
+    since ``recv`` handed it out); ``fail(reason)`` answers with an error
+    instead, which the model rank raises as ``AttentionRankError``.
 
     A GPU attention tier moves them stream-ordered instead: ``to_device(q, k,
     v, stream=)`` copies the request into its CUDA tensors on the stream (the
@@ -33,6 +43,7 @@ class LayerRequest:
     def __init__(self, service: "AttentionService", peer: int, message: Message,
                  metadata: Optional[tuple[np.ndarray, np.ndarray]] = None):
         self._service, self._message = service, message
+        self._received_ns = time.perf_counter_ns()
         # The step metadata its model rank sent for this micro-batch (RemoteAttention.send_metadata), if any.
         self.request_ids, self.positions = metadata if metadata is not None else (None, None)
         self.peer = peer
@@ -65,15 +76,17 @@ class LayerRequest:
 
     @property
     def channel(self) -> Channel:
-        return self._service.channels[self.peer]
+        return self._service.channel_of(self.peer)
 
     def output(self, timeout: Optional[float] = None) -> Any:
         """The reply slot as [T, h, D] (waits for its credit)."""
         if self._output is None:
             shape = tuple(self._views[0].shape)
-            # Kept as send_buffers() handed it out, so respond() sends it by its filled table.
-            self._output = self.channel.send_buffers(self.microbatch, [shape], self._service.shape.dtype,
-                                                     as_torch=True, timeout=timeout)
+            # Kept as send_buffers() handed it out, so respond() sends it by its filled table; the
+            # second tensor takes the compute time.
+            self._output = self.channel.send_buffers(self.microbatch, [shape, (1,)],
+                                                     [self._views[0].dtype_name, "int64"], as_torch=True,
+                                                     timeout=timeout)
         return self._output[0]
 
     def to_device(self, q: Any, k: Any, v: Any, *, stream: Any = None) -> None:
@@ -85,22 +98,36 @@ class LayerRequest:
             raise InvalidArgumentError("to_device() was called for this request already")
         self.channel._device_staging().recv_into(self._message, [q, k, v], stream)
 
-    def respond(self, out: Any = None, timeout: Optional[float] = None, *, stream: Any = None) -> None:
+    def respond(self, out: Any = None, timeout: Optional[float] = None, *, stream: Any = None,
+                compute_ns: Optional[int] = None) -> None:
         """Send the output (``output()``'s view, or ``out`` copied into it) and release the request.
 
-        A CUDA ``out`` (or ``stream=``) goes stream-ordered: copied into the reply slot by the copy
-        engine after the work queued before on ``stream``, posted when the copy is done."""
+        ``compute_ns`` is reported to the model rank (``RemoteAttention.replies``); by default the
+        time since this request was received. A CUDA ``out`` (or ``stream=``) goes stream-ordered:
+        copied into the reply slot by the copy engine after the work queued before on ``stream``,
+        posted when the copy is done."""
         if self._message is None:
             raise ClosedError("this request was answered already")
+        if compute_ns is None:
+            compute_ns = time.perf_counter_ns() - self._received_ns
         if stream is not None or (out is not None and is_device_tensor(out)):
             self.release()
-            self.channel.send([out], layer=self.layer, microbatch=self.microbatch, timeout=timeout, stream=stream)
+            self.channel.send([out, compute_time(compute_ns)], layer=self.layer, microbatch=self.microbatch,
+                              timeout=timeout, stream=stream)
             return
         view = self.output(timeout)
         if out is not None and out is not view:
             view.copy_(out.reshape(view.shape))
+        self._output[1][0] = compute_ns
         self.release()
         self.channel.send(self._output, layer=self.layer, microbatch=self.microbatch, timeout=timeout)
+
+    def fail(self, reason: str, timeout: Optional[float] = None) -> None:
+        """Answer with an error instead of the output (the model rank raises ``AttentionRankError``)."""
+        if self._message is None:
+            raise ClosedError("this request was answered already")
+        self.release()
+        self.channel.send([encode_error(reason)], layer=ERROR_LAYER, microbatch=self.microbatch, timeout=timeout)
 
     def release(self) -> None:
         """Give the request's slot back (``respond`` does it; after ``to_device`` the stream does)."""
@@ -115,43 +142,127 @@ class AttentionService:
     ``address`` is where the model ranks connect (pass it to the rendezvous
     as this rank's address). ``accept(model_ranks)`` waits for them;
     ``recv()`` then returns the oldest request over all of them.
+
+    A server with a handshake of its own passes ``listen=None`` and hands
+    over channels it connected with ``attach`` (and takes them back with
+    ``detach``): model ranks may come and go. Messages on a channel's control
+    micro-batch that are not step metadata go to ``on_control(peer,
+    message)``, in arrival order with the layers (the handler releases the
+    message); without a handler they are refused.
     """
 
-    def __init__(self, context: Context, shape: AttentionShape, rank: int, ranks: int,
-                 listen: str | tuple[str, int] = "127.0.0.1:0", *, timeout: float = 30.0):
+    def __init__(self, context: Optional[Context], shape: AttentionShape, rank: int, ranks: int,
+                 listen: Optional[str | tuple[str, int]] = "127.0.0.1:0", *, timeout: float = 30.0,
+                 on_control: Optional[ControlHandler] = None, kv_heads: Optional[HeadRange] = None):
         self.shape, self.rank, self.ranks = shape, rank, ranks
-        self.spec = shape.channel_spec(rank, ranks)
-        self.kv_heads = shape.kv_heads(rank, ranks)
-        self.q_heads = shape.q_heads(rank, ranks)
+        # kv_heads: a share other than the shape's even split (a server that agreed on it itself).
+        self.kv_heads = tuple(kv_heads) if kv_heads is not None else shape.kv_heads(rank, ranks)
+        self.spec = shape.share_spec(self.kv_heads)
+        self.q_heads = (self.kv_heads[0] * shape.group_size, self.kv_heads[1] * shape.group_size)
         self.timeout = timeout
-        self._listener = context.listen(listen)
-        host, port = self._listener.address
-        self.address = f"{host}:{port}"
-        self.channels: list[Channel] = []
+        self.on_control = on_control
+        self._listener = context.listen(listen) if listen is not None and context is not None else None
+        self.address: Optional[str] = None
+        if self._listener is not None:
+            host, port = self._listener.address
+            self.address = f"{host}:{port}"
+        self._peers: dict[int, Channel] = {}  # peer id -> channel (ids are never reused)
+        self._control: dict[int, int] = {}  # peer id -> its channel's control micro-batch (the last)
+        self._next_peer = 0
+        self._order: list[int] = []  # the peer ids behind the group's channel indices
         self._group: Optional[ChannelGroup] = None
-        # (model rank, micro-batch) -> the request ids and positions of its current step.
+        # (peer, micro-batch) -> the request ids and positions of its current step.
         self._metadata: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    @property
+    def channels(self) -> list[Channel]:
+        """The model ranks' channels, by peer id."""
+        return [self._peers[peer] for peer in sorted(self._peers)]
+
+    def channel_of(self, peer: int) -> Channel:
+        try:
+            return self._peers[peer]
+        except KeyError:
+            raise ClosedError(f"model rank {peer} is no longer served") from None
 
     def accept(self, model_ranks: int, timeout: Optional[float] = None) -> None:
         """Accept a channel from each of ``model_ranks`` model ranks (in the order they connect)."""
+        if self._listener is None:
+            raise ClosedError("this service has no listener (listen=None): attach() channels instead")
         for index in range(model_ranks):
-            self.channels.append(Channel.accept(
+            self.attach(Channel.accept(
                 self._listener, self.spec, role="attention", name=f"model-{index}",
                 accept_timeout=self.timeout if timeout is None else timeout, timeout=self.timeout,
                 piggyback_credits=True))
-        self._group = ChannelGroup(self.channels)
+
+    def attach(self, channel: Channel) -> int:
+        """Serve one more model rank over ``channel``; its peer id (``LayerRequest.peer``).
+
+        The channel must carry this rank's head share (``AttentionShape.channel_spec``'s layout: the
+        control micro-batch last; other token and micro-batch counts are fine). ``close`` closes it.
+        """
+        spec, ours = channel.spec, self.spec
+        if (spec.heads, spec.kv_heads, spec.head_dim, spec.dtype) != (ours.heads, ours.kv_heads, ours.head_dim,
+                                                                      ours.dtype) or spec.microbatches < 2:
+            raise InvalidArgumentError(
+                f"channel {channel.name} carries {spec.heads} query / {spec.kv_heads} KV heads of {spec.head_dim} "
+                f"{spec.dtype} in {spec.microbatches} micro-batches; attention rank {self.rank} serves "
+                f"{ours.heads} / {ours.kv_heads} of {ours.head_dim} {ours.dtype}, with a control micro-batch")
+        peer = self._next_peer
+        self._next_peer += 1
+        self._peers[peer] = channel
+        self._control[peer] = spec.microbatches - 1
+        self._regroup()
+        return peer
+
+    def detach(self, peer: int) -> Channel:
+        """Stop serving model rank ``peer``; its channel is the caller's again (not closed)."""
+        channel = self._peers.pop(peer)
+        del self._control[peer]
+        for key in [key for key in self._metadata if key[0] == peer]:
+            del self._metadata[key]
+        self._regroup()
+        return channel
+
+    def _regroup(self) -> None:
+        self._order = sorted(self._peers)
+        self._group = ChannelGroup([self._peers[peer] for peer in self._order]) if self._order else None
 
     def recv(self, timeout: Optional[float] = None) -> LayerRequest:
-        """The oldest layer request of any model rank (TimeoutError when none comes within ``timeout``)."""
-        if self._group is None:
-            raise ClosedError("accept() the model ranks first")
+        """The oldest layer request of any model rank (TimeoutError when none comes within ``timeout``).
+
+        An error names the model rank it came from (``peer``, None when
+        none): its channel failed, or it sent malformed metadata or a
+        control message with no handler to take it.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            if self._group is None:
+                raise ClosedError("no model rank to serve: accept() or attach() them first")
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            index, message = self._group.recv_any(timeout=left)
-            if message.microbatch != self.shape.metadata_microbatch:
-                return LayerRequest(self, index, message, self._metadata.get((index, message.microbatch)))
-            self._keep_metadata(index, message)
+            try:
+                index, message = self._group.recv_any(timeout=left)
+            except LaminaError as exc:
+                index = None if isinstance(exc, TimeoutError_) else getattr(exc, "channel_index", None)
+                exc.peer = None if index is None else self._order[index]  # a quiet spell is nobody's fault
+                raise
+            peer = self._order[index]
+            try:
+                if message.microbatch != self._control[peer]:
+                    return LayerRequest(self, peer, message, self._metadata.get((peer, message.microbatch)))
+                if message.layer == METADATA_LAYER:
+                    self._keep_metadata(peer, message)
+                elif self.on_control is not None:
+                    self.on_control(peer, message)
+                else:
+                    message.release()
+                    raise InvalidArgumentError(f"model rank {peer} sent a control message (layer "
+                                               f"{message.layer}) and this service takes none")
+            except LaminaError as exc:
+                exc.peer = peer
+                raise
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError_(f"no layer request within {timeout} s (only control messages came)")
 
     def _keep_metadata(self, peer: int, message: Message) -> None:
         with message:
@@ -160,16 +271,17 @@ class AttentionService:
                     tensors[0].dtype_name != "int64" or tensors[1].dtype_name != "int64":
                 raise InvalidArgumentError(f"model rank {peer} sent malformed step metadata")
             target = int(message.tensors[0][0])
-            if not 0 <= target < self.shape.microbatches:
+            if not 0 <= target < self._control[peer]:
                 raise InvalidArgumentError(f"model rank {peer} sent metadata for micro-batch {target}")
             table = np.array(message.tensors[1], dtype=np.int64)  # copied: the slot goes back
         self._metadata[(peer, target)] = (table[0], table[1])
 
     def close(self) -> None:
-        for channel in self.channels:
+        for channel in self._peers.values():
             channel.close()
-        self.channels, self._group = [], None
-        self._listener.close()
+        self._peers, self._control, self._order, self._group = {}, {}, [], None
+        if self._listener is not None:
+            self._listener.close()
 
     def __enter__(self) -> "AttentionService":
         return self

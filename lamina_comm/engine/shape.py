@@ -51,7 +51,13 @@ class AttentionShape:
     def channel_spec(self, rank: int, ranks: int) -> ChannelSpec:
         """The channel between a model rank and attention rank ``rank``: its share's q/k/v out, output back,
         and one more micro-batch for per-step metadata (request ids and positions, 16 B per token)."""
-        start, end = self.kv_heads(rank, ranks)
+        return self.share_spec(self.kv_heads(rank, ranks))
+
+    def share_spec(self, kv_heads: HeadRange) -> ChannelSpec:
+        """``channel_spec`` of the attention rank serving ``kv_heads`` (any contiguous range)."""
+        start, end = kv_heads
+        if not 0 <= start < end <= self.num_kv_heads:
+            raise ValueError(f"KV heads [{start}, {end}) are not a share of {self.num_kv_heads}")
         local_kv = end - start
         return ChannelSpec(max_tokens=self.max_tokens, hidden=local_kv * self.group_size * self.head_dim,
                            heads=local_kv * self.group_size, kv_heads=local_kv, head_dim=self.head_dim,

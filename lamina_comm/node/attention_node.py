@@ -4,12 +4,15 @@ Several model nodes (replicas) can share one attention node, up to
 ``--max-model-nodes``. Each is a *session*: it connects a setup channel,
 sends ``setup`` (config, head share, data-channel spec), then connects its
 data channel, which carries q/k/v per layer and micro-batch and, on its
-control micro-batch, reserve/free requests. All sessions share one KV cache
-(the first setup makes it; later ones must bring the same model and head
-share) under the admission rule of ``kv_shares``. One thread serves every
-session's messages strictly in arrival order (``ChannelGroup.recv_any``
-feeding ``pipeline.serve_attention``), which is what keeps each model
-tier's schedule deadlock-free.
+control micro-batch, the step metadata and reserve/free requests. All
+sessions share one KV cache (the first setup makes it; later ones must bring
+the same model and head share) under the admission rule of ``kv_shares``.
+The data channels are served through the public engine API: one
+``AttentionService`` holds every session's channel, hands over the layers as
+``LayerRequest``s and the control requests to ``AttentionSession``. One thread
+serves every session's messages strictly in arrival order
+(``AttentionService.recv`` feeding ``pipeline.serve_attention``), which is
+what keeps each model tier's schedule deadlock-free.
 
 When a model node goes away its session ends alone: its KV blocks are
 freed and the other sessions carry on. When the last one ends the cache is
@@ -33,11 +36,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 
-from lamina_comm.channel import Channel, ChannelGroup, Message, RingLayout
-from lamina_comm.errors import LaminaError, PeerLostError, TimeoutError_
+from lamina_comm.channel import Channel, Message, RingLayout
+from lamina_comm.engine import AttentionService, AttentionShape, LayerRequest
+from lamina_comm.errors import ClosedError, LaminaError, PeerLostError, ProtocolError, TimeoutError_
 from lamina_comm.model import KVCacheFull, LlamaConfig, PagedKVCache
 from lamina_comm.node import protocol
 from lamina_comm.node.kv_shares import KVShares
@@ -87,7 +90,7 @@ class AttentionServer:
     """Listens on one address and serves every model node (replica) that shares this worker.
 
     One thread serves all sessions' data channels in arrival order
-    (``ChannelGroup.recv_any``); a session that fails ends alone and frees
+    (``AttentionService.recv``); a session that fails ends alone and frees
     its KV blocks, the others carry on.
     """
 
@@ -111,7 +114,9 @@ class AttentionServer:
         # (so a later model node may bring another config or head share).
         self.shares: Optional[KVShares] = None
         self._shared_setup: Optional[protocol.Setup] = None
-        self._group: Optional[ChannelGroup] = None
+        # Serves the sessions' data channels (the engine API); made and dropped with the cache.
+        self._service: Optional[AttentionService] = None
+        self._by_peer: dict[int, AttentionSession] = {}  # the service's peer id -> its session
         self._next_session_id = 0
         self._next_knock_check = 0.0
 
@@ -187,8 +192,9 @@ class AttentionServer:
             self._end_silent_sessions(newcomer)
             self._check_room(setup)
             if self.shares is None:
+                service = _service_for(setup, self._on_control, self.options.peer_timeout)
                 self.shares = KVShares(self._make_cache(setup))
-                self._shared_setup = setup
+                self._shared_setup, self._service = setup, service
         except protocol.ControlError as exc:
             log.error("setup of model node at %s refused: %s", _peer_of(newcomer.channel), exc)
             newcomer.refuse(protocol.error(str(exc), exc.code, **exc.details), timeout)
@@ -210,12 +216,14 @@ class AttentionServer:
                     kv_heads=list(setup.kv_heads), takeover_after_s=self.options.peer_timeout,
                     replica=session.name, data_port=data_listener.address[1]))
                 session.attach(self.accept_data(data_listener, setup.data_spec, timeout))
+            assert self._service is not None
+            session.peer = self._service.attach(session.data)
         except (LaminaError, MemoryError) as exc:
             log.warning("model node %s left during its setup: %r", session.name, exc)
             self._end(session, exc)  # frees what shares.add took; it was never in self.sessions
             return
+        self._by_peer[session.peer] = session
         self.sessions.append(session)
-        self._regroup()
 
     def _make_cache(self, setup: protocol.Setup) -> PagedKVCache:
         """The shared cache for the first session's head share; ControlError("resources") when it cannot be."""
@@ -297,40 +305,55 @@ class AttentionServer:
 
     # -- serving ----------------------------------------------------------------
     def _next_message(self) -> Optional[tuple[int, int, Any]]:
+        """The next layer request, as (layer, micro-batch, (session, request)); control requests are
+        answered on the way (``_on_control``)."""
         self._answer_knocks()
-        if self._group is None:
+        if self._service is None or not self.sessions:
             return None
         try:
-            index, message = self._group.recv_any(timeout=_POLL_S)
-        except TimeoutError_:
-            return None
+            request = self._service.recv(timeout=_POLL_S)
         except LaminaError as exc:
-            index = getattr(exc, "channel_index", None)
-            if index is None:
+            peer = getattr(exc, "peer", None)
+            if peer is None:
+                if isinstance(exc, (TimeoutError_, ClosedError)):
+                    return None  # a quiet spell, or no session left to serve
                 raise
-            self._end(self.sessions[index], exc)
+            session = self._by_peer.get(peer)
+            if session is not None:
+                self._end(session, exc)  # its channel failed, or it sent what cannot be served
             return None
-        session = self.sessions[index]
+        session = self._by_peer[request.peer]
         session.last_heard = time.monotonic()
-        return message.layer, message.microbatch, (session, message)
+        return request.layer, request.microbatch, (session, request)
 
-    def _serve(self, layer: int, microbatch: int, payload: tuple["AttentionSession", Message]) -> Any:
-        session, message = payload
+    def _on_control(self, peer: int, fragment: Message) -> None:
+        """A control fragment of session ``peer``, in arrival order; the request it completes is answered."""
+        session = self._by_peer[peer]
+        session.last_heard = time.monotonic()
         try:
-            return session, session.serve(layer, microbatch, message)
-        except LaminaError as exc:  # e.g. a control message whose fragments are out of step
-            self._end(session, exc)
+            session.handle_control(fragment)
+        except LaminaError:
+            raise  # e.g. fragments out of step: the service names the peer, _next_message ends the session
+        except Exception as exc:  # noqa: BLE001 - one session's request must not end the others
+            log.exception("serving a control request of model node %s failed", session.name)
+            raise ProtocolError(f"control request failed: {exc!r}") from exc
+
+    def _serve(self, layer: int, microbatch: int, payload: tuple["AttentionSession", LayerRequest]) -> Any:
+        session, request = payload
+        try:
+            return session, request, session.attend(request)
         except Exception as exc:  # noqa: BLE001 - one session's request must not end the others
             log.exception("serving model node %s failed", session.name)
+            request.release()
             self._end(session, exc)
-        return session, None
+        return session, request, None
 
-    def _send_result(self, layer: int, microbatch: int, result: tuple["AttentionSession", Any]) -> None:
-        session, answer = result
+    def _send_result(self, layer: int, microbatch: int, result: tuple["AttentionSession", LayerRequest, Any]) -> None:
+        session, request, answer = result
         if answer is None or session not in self.sessions:
-            return  # an incomplete control message, or a session that ended serving it
+            return  # a session that ended serving it
         try:
-            session.send_result(layer, microbatch, answer)
+            session.send_result(request, answer)
         except Exception as exc:  # noqa: BLE001 - a failed answer ends its own session only
             self._end(session, exc)
 
@@ -338,6 +361,9 @@ class AttentionServer:
         """End one session: free its KV blocks, close its channels; the others go on."""
         if session in self.sessions:
             self.sessions.remove(session)
+        if session.peer is not None and self._by_peer.pop(session.peer, None) is session:
+            assert self._service is not None
+            self._service.detach(session.peer)
         freed = self.shares.remove(session.id) if self.shares is not None else 0
         session.close()
         self.sessions_served += 1
@@ -346,12 +372,7 @@ class AttentionServer:
         else:
             log.warning("session with model node %s ended (%d KV blocks freed): %s", session.name, freed, reason)
         if not self.sessions:
-            self.shares, self._shared_setup = None, None
-        self._regroup()
-
-    def _regroup(self) -> None:
-        # Every listed session has its data channel: it is listed only once attached.
-        self._group = ChannelGroup([session.data for session in self.sessions]) if self.sessions else None
+            self.shares, self._shared_setup, self._service = None, None, None
 
     def count_served(self) -> None:
         """Called per served data message; implements the fault-injection exit."""
@@ -405,7 +426,8 @@ class AttentionSession:
     """One model node's use of this worker: its setup, data channel and requests in the shared cache.
 
     Control requests arrive on the data channel's control micro-batch, so they
-    are served in the same arrival order as the attention work.
+    are served in the same arrival order as the attention work (the server's
+    ``AttentionService`` hands their fragments to ``handle_control``).
     """
 
     def __init__(self, server: AttentionServer, session_id: int, newcomer: Newcomer, setup: protocol.Setup,
@@ -417,12 +439,14 @@ class AttentionSession:
         self.setup_channel = newcomer.channel
         self.name = name
         self.data: Optional[Channel] = None
+        self.peer: Optional[int] = None  # its data channel's peer id in the server's AttentionService
         self._control: Optional[protocol.ControlLink] = None
-        self._control_mb = -1
         # Control fragments are taken as they come: a model node that sends half a
         # message and stops holds up nobody (the serving thread never waits for it).
         self._fragments = protocol.FragmentAssembler()
-        self._step_meta: dict[int, tuple[list[Any], torch.Tensor]] = {}
+        # Per micro-batch: the step metadata's request ids (the service's array, so a new step is
+        # told by identity), their cache keys and positions.
+        self._step: dict[int, tuple[Any, list[Any], torch.Tensor]] = {}
         self.last_heard = time.monotonic()  # when the model node last sent anything
 
     @property
@@ -433,8 +457,7 @@ class AttentionSession:
     def attach(self, data: Channel) -> None:
         """The session's data channel, accepted after its setup was answered."""
         self.data = data
-        self._control_mb = protocol.control_microbatch(data.spec)
-        self._control = protocol.ControlLink(data, self.options.peer_timeout, self._control_mb)
+        self._control = protocol.ControlLink(data, self.options.peer_timeout, protocol.control_microbatch(data.spec))
         self.last_heard = time.monotonic()
 
     def has_arrivals(self) -> bool:
@@ -444,29 +467,16 @@ class AttentionSession:
         except LaminaError:
             return False
 
-    # -- serving --------------------------------------------------------------
-    def serve(self, layer: int, microbatch: int, message: Message) -> Any:
-        """The answer to one message; None while a control message is still incomplete."""
-        if microbatch == self._control_mb:
-            answer = self._handle_control(message)
-            return None if answer is None else _ControlReply(answer)
-        return self._attend(layer, microbatch, message)
-
-    def send_result(self, layer: int, microbatch: int, result: Any) -> None:
-        assert self.data is not None
-        if isinstance(result, _ControlReply):
-            assert self._control is not None
-            self._control.reply(layer, result.answer)
-        elif isinstance(result, str):
-            self.data.send([protocol.encode_error(result)], layer=protocol.ERROR_LAYER, microbatch=microbatch)
-        elif isinstance(result, _SlotReply):
-            self.data.send(result.tensors, layer=layer, microbatch=microbatch)
-        else:
-            out, attention_ns = result
-            self.data.send([out, np.array([attention_ns], dtype=np.int64)], layer=layer, microbatch=microbatch)
-
     # -- control ------------------------------------------------------------
-    def _handle_control(self, fragment: Message) -> Optional[dict[str, Any]]:
+    def handle_control(self, fragment: Message) -> None:
+        """Take one control fragment (released here); answer the request it completes."""
+        number = fragment.layer
+        answer = self._control_answer(fragment)
+        if answer is not None:
+            assert self._control is not None
+            self._control.reply(number, answer)
+
+    def _control_answer(self, fragment: Message) -> Optional[dict[str, Any]]:
         """The answer to the control request that ``fragment`` completes (None until one does).
 
         A malformed or oversized request gets an error answer; fragments that
@@ -528,37 +538,49 @@ class AttentionSession:
                 "blocks_share": self.shares.share, "replicas": self.server.replicas()}
 
     # -- attention ------------------------------------------------------------
-    def _attend(self, layer: int, microbatch: int, message: Message) -> Any:
-        """Attention output and its compute time, or the error text when the message cannot be served."""
-        assert self.data is not None
+    def attend(self, request: LayerRequest) -> Any:
+        """The attention output and its compute time, or the error text when the request cannot be served.
+
+        On a CPU cache the output is computed straight into the reply slot
+        (``request.output()``: no copy to send it); on a device the request's
+        q/k/v are copied in on the compute stream (``request.to_device``).
+        """
         cache = self.shares.cache
-        with message:
-            try:
-                tensors = message.torch()
-                if len(tensors) == 4:  # layer 0 of a step: new batch metadata
-                    request_ids, positions = protocol.decode_step_meta(tensors[3])
-                    self._step_meta[microbatch] = ([self.shares.key(self.id, r) for r in request_ids], positions)
-                if microbatch not in self._step_meta or len(tensors) not in (3, 4):
-                    raise ValueError(f"message for layer {layer} micro-batch {microbatch} has no step metadata")
-                keys, positions = self._step_meta[microbatch]
-                device = cache.device
-                q, k, v = (t.to(device) for t in tensors[:3])
-                reply = None
-                if device.type == "cpu":
-                    # The output is written straight into the reply slot (no copy to send it).
-                    reply = self.data.send_buffers(microbatch, [tuple(q.shape), (1,)], [q.dtype, "int64"],
-                                                   as_torch=True)
-                started = time.perf_counter_ns()
-                out = cache.attend(layer, keys, positions, q, k, v, out=reply[0] if reply is not None else None)
-            except (ValueError, KeyError, LaminaError) as exc:
-                log.error("cannot serve layer %d micro-batch %d of %s: %s", layer, microbatch, self.name, exc)
-                return str(exc)
+        try:
+            if request.request_ids is None:
+                raise ValueError(f"message for layer {request.layer} micro-batch {request.microbatch} has no "
+                                 f"step metadata")
+            keys, positions = self._step_inputs(request)
+            if cache.device.type == "cpu":
+                q, k, v, out = request.q, request.k, request.v, request.output()
+            else:
+                q, k, v = (torch.empty_like(t, device=cache.device) for t in (request.q, request.k, request.v))
+                request.to_device(q, k, v)
+                out = None
+            started = time.perf_counter_ns()
+            out = cache.attend(request.layer, keys, positions, q, k, v, out=out)
+        except (ValueError, KeyError, LaminaError) as exc:
+            log.error("cannot serve layer %d micro-batch %d of %s: %s", request.layer, request.microbatch, self.name,
+                      exc)
+            return str(exc)
         self.server.count_served()
-        attention_ns = time.perf_counter_ns() - started
-        if reply is None:
-            return out, attention_ns
-        reply[1][0] = attention_ns
-        return _SlotReply(reply)
+        return out, time.perf_counter_ns() - started
+
+    def _step_inputs(self, request: LayerRequest) -> tuple[list[Any], torch.Tensor]:
+        """The cache keys and positions of the request's step (worked out once per step and micro-batch)."""
+        known = self._step.get(request.microbatch)
+        if known is None or known[0] is not request.request_ids:
+            keys = [self.shares.key(self.id, r) for r in request.request_ids.tolist()]
+            known = self._step[request.microbatch] = (request.request_ids, keys, torch.from_numpy(request.positions))
+        return known[1], known[2]
+
+    def send_result(self, request: LayerRequest, result: Any) -> None:
+        if isinstance(result, str):
+            request.fail(result)
+            return
+        out, attention_ns = result
+        # A CPU cache computed into the reply slot; a device output goes stream-ordered.
+        request.respond(None if self.shares.cache.device.type == "cpu" else out, compute_ns=attention_ns)
 
     # -- life cycle ---------------------------------------------------------
     def close(self) -> None:
@@ -567,16 +589,16 @@ class AttentionSession:
                 channel.close()
 
 
-@dataclass(frozen=True)
-class _ControlReply:
-    answer: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class _SlotReply:
-    """The attention output and its compute time, already in the reply slot."""
-
-    tensors: list[Any]
+def _service_for(setup: protocol.Setup, on_control: Any, timeout: float) -> AttentionService:
+    """The engine API's attention tier for the sessions sharing ``setup``'s head share."""
+    config, spec = setup.config, setup.data_spec
+    try:
+        shape = AttentionShape(config.num_heads, config.num_kv_heads, config.head_dim, spec.max_tokens,
+                               config.dtype, protocol.pipeline_microbatches(spec))
+        return AttentionService(None, shape, setup.worker, setup.num_workers, listen=None, timeout=timeout,
+                                on_control=on_control, kv_heads=setup.kv_heads)
+    except ValueError as exc:
+        raise protocol.ControlError(f"cannot serve this setup: {exc}", "bad_request") from exc
 
 
 def _peer_of(channel: Channel) -> str:

@@ -4,7 +4,9 @@
 channel whose last micro-batch carries control requests); ``AttentionCluster``
 holds them all, connects them at start-up (waiting out a busy worker),
 reserves and frees KV blocks on every worker, and replaces a lost worker
-with a spare or its own address coming back.
+with a spare or its own address coming back. The layers go over the public
+engine API: ``AttentionCluster.remote()`` is a ``RemoteAttention`` over the
+live workers' data channels.
 """
 from __future__ import annotations
 
@@ -13,12 +15,9 @@ import threading
 import time
 from typing import Any, Optional, Sequence
 
-import torch
-
-from lamina_comm.channel import Channel, ChannelSpec, Message
-from lamina_comm.errors import (InvalidArgumentError, LaminaError, PeerLostError, ProtocolError, TimeoutError_,
-                                 UnsupportedError)
-from lamina_comm.gpu.cuda import CudaError
+from lamina_comm.channel import Channel, ChannelSpec
+from lamina_comm.engine import AttentionShape, RemoteAttention
+from lamina_comm.errors import LaminaError, PeerLostError, TimeoutError_
 from lamina_comm.model import HeadRange, LlamaConfig, split_kv_heads
 from lamina_comm.node import protocol
 from lamina_comm.node.options import ModelNodeOptions
@@ -99,7 +98,6 @@ class AttentionPeer:
         # The worker lets a new model node take over after this long without a message from us.
         takeover_after = setup_reply.get("takeover_after_s")
         self.takeover_after_s = float(takeover_after) if isinstance(takeover_after, (int, float)) else None
-        self.outstanding = [0] * data.spec.microbatches  # sent, reply not yet taken
 
     def heartbeat_interval(self, idle_probe_s: float) -> float:
         """Longest pause between two messages to this worker: well inside its takeover bound."""
@@ -141,52 +139,6 @@ class AttentionPeer:
             self.replicas = [entry for entry in reply["replicas"][:64] if isinstance(entry, dict)]
         return reply
 
-    # -- data -------------------------------------------------------------
-    def send_buffers(self, microbatch: int, shapes: list[tuple[tuple[int, ...], Any]]) -> list[torch.Tensor]:
-        """Views of the next send slot of ``microbatch`` (once its credit is back), for send()."""
-        try:
-            return self.data.send_buffers(microbatch, [shape for shape, _ in shapes],
-                                          [dtype for _, dtype in shapes], as_torch=True)
-        except LaminaError as exc:
-            raise WorkerLost(self.index, self.address, exc) from exc
-
-    def send(self, tensors: list[Any], layer: int, microbatch: int, stream: Any = None) -> None:
-        """One layer's message; CUDA tensors with ``stream`` go stream-ordered (docs/channel.md)."""
-        try:
-            self.data.send(tensors, layer=layer, microbatch=microbatch, stream=stream)
-        except (InvalidArgumentError, UnsupportedError, CudaError):
-            raise  # ours (the device path here), not the worker's: the step fails, the worker stays
-        except LaminaError as exc:
-            raise WorkerLost(self.index, self.address, exc) from exc
-        self.outstanding[microbatch] += 1
-
-    def recv(self, layer: int, microbatch: int) -> Message:
-        """The attention output of (layer, microbatch); the caller releases it."""
-        message = self._take(microbatch)
-        if message.layer == protocol.ERROR_LAYER:
-            text = protocol.decode_error(message)
-            message.release()
-            raise AttentionStepError(f"attention worker {self.index} at {self.address}: {text}")
-        if message.layer != layer:
-            message.release()
-            raise WorkerLost(self.index, self.address,
-                             ProtocolError(f"reply for layer {message.layer}, expected {layer}"))
-        return message
-
-    def _take(self, microbatch: int) -> Message:
-        try:
-            message = self.data.recv(microbatch=microbatch)
-        except LaminaError as exc:
-            raise WorkerLost(self.index, self.address, exc) from exc
-        self.outstanding[microbatch] -= 1
-        return message
-
-    def drain(self) -> None:
-        """Take and drop every reply still in flight (after an aborted step)."""
-        for microbatch, count in enumerate(self.outstanding):
-            for _ in range(count):
-                self._take(microbatch).release()
-
     def close(self) -> None:
         for channel in (self.data, self.setup_channel):
             try:
@@ -204,6 +156,11 @@ class AttentionCluster:
         self.options = options
         self.addresses = list(options.attention)
         self.head_ranges = split_kv_heads(config.num_kv_heads, len(self.addresses))
+        self.shape = AttentionShape(config.num_heads, config.num_kv_heads, config.head_dim,
+                                    options.max_step_tokens, config.dtype, options.microbatches)
+        # The engine API over the live workers (remote()), and the peers it was made over.
+        self._remote: Optional[RemoteAttention] = None
+        self._remote_peers: list[AttentionPeer] = []
         self.spares = list(options.spares)
         # Membership changes come from other threads (the front door's /cluster calls);
         # the scheduler thread applies departures of active workers (take_departures).
@@ -350,13 +307,29 @@ class AttentionCluster:
         return [WorkerLost(index, self.addresses[index], PeerLostError("the worker left the cluster"))
                 for index in indices if self.peers[index] is not None]
 
+    def remote(self) -> RemoteAttention:
+        """``RemoteAttention`` over the live workers' data channels, rank i = ``live[i]`` (made anew when
+        they change; the channels stay the peers')."""
+        peers = self.live
+        if self._remote is None or len(peers) != len(self._remote_peers) or \
+                any(a is not b for a, b in zip(peers, self._remote_peers)):
+            self._remote = RemoteAttention.over([peer.data for peer in peers], self.shape,
+                                                [peer.kv_heads for peer in peers])
+            self._remote_peers = peers
+        return self._remote
+
     def drain_survivors(self) -> None:
-        """Empty the survivors' channels after an aborted step; a failing one is lost too."""
-        for peer in self.live:
+        """Take the replies still in flight from the survivors after an aborted step; a failing one is lost too."""
+        remote = self._remote
+        if remote is None:
+            return
+        for rank, peer in enumerate(self._remote_peers):
+            if self.peers[peer.index] is not peer or not remote.in_flight(rank):
+                continue  # lost (its channel is closed) or nothing to take
             try:
-                peer.drain()
-            except (WorkerLost, AttentionStepError) as exc:
-                lost = exc if isinstance(exc, WorkerLost) else WorkerLost(peer.index, peer.address, exc)
+                remote.drain(rank)
+            except LaminaError as exc:
+                lost = WorkerLost(peer.index, peer.address, exc)
                 log.error("%s", lost)
                 self.mark_lost(lost)
 
@@ -422,6 +395,7 @@ class AttentionCluster:
         for peer in self.live:
             peer.close()
         self.peers = [None] * len(self.peers)
+        self._remote, self._remote_peers = None, []
 
 
 def _chunks(items: Sequence[Any]) -> list[Sequence[Any]]:

@@ -286,7 +286,7 @@ class ModelNode:
         timeline = Timeline("model") if self.options.record_timeline else None
         started = time.perf_counter()
         try:
-            step = PipelinedStep(self.tier, self.cluster.live, plan, self.metrics)
+            step = PipelinedStep(self.tier, self.cluster.remote(), self.cluster.live, plan, self.metrics)
             run_step(self.config.num_layers, len(plan), step, timeline)
         except WorkerLost:
             self.metrics.steps.inc(outcome="worker_lost")

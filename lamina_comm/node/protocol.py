@@ -6,15 +6,18 @@ A model node reaches an attention node on its one listening address twice:
   JSON request/response, ``setup`` (config and its fingerprint, the worker's
   head share, the data-channel spec); it is closed right after;
 * the **data channel** (spec from :func:`data_channel_spec`) then carries
-  everything else. Micro-batches ``0 .. n-1`` carry, per layer, ``[q, k, v]``
-  to the worker and ``[out, attention_ns]`` back; the layer-0 message of a
-  micro-batch also carries the step metadata (request ids and positions of its
-  tokens, :func:`encode_step_meta`). The extra micro-batch index ``n``
-  (:func:`control_microbatch`) carries JSON control requests and their
-  replies: ``reserve`` / ``rebuild`` / ``free`` (KV reservations of new,
-  rebuilt and finished requests) and ``status`` (also the idle heartbeat).
-  Control messages of any size up to :data:`CONTROL_MAX_MESSAGE_BYTES` travel
-  as fragments of one slot each (:class:`ControlLink`).
+  everything else, laid out as the engine API's channels are
+  (``lamina_comm.engine``: the model node drives it with ``RemoteAttention``,
+  the worker serves it with ``AttentionService``). Micro-batches ``0 .. n-1``
+  carry, per layer, ``[q, k, v]`` to the worker and ``[out, attention_ns]``
+  back (or an error text, layer ``ERROR_LAYER``). The extra micro-batch index
+  ``n`` (:func:`control_microbatch`) carries the step metadata (request ids and
+  positions of a micro-batch's tokens, layer ``METADATA_LAYER``, sent ahead of
+  its layer 0) and JSON control requests and their replies: ``reserve`` /
+  ``rebuild`` / ``free`` (KV reservations of new, rebuilt and finished
+  requests) and ``status`` (also the idle heartbeat). Control messages of any
+  size up to :data:`CONTROL_MAX_MESSAGE_BYTES` travel as fragments of one slot
+  each (:class:`ControlLink`), numbered below ``METADATA_LAYER``.
 
 One channel means one arrival order: the worker serves control and attention
 messages strictly in the order they were sent, from one thread. See
@@ -27,14 +30,15 @@ import json
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
-import torch
 
 from lamina_comm.channel import Channel, ChannelSpec, Message
+from lamina_comm.engine.wire import METADATA_LAYER
 from lamina_comm.errors import LaminaError, ProtocolError
 from lamina_comm.model import HeadRange, LlamaConfig
 
 # 2: control messages are fragmented (a fragment header tensor, then the bytes).
-PROTOCOL_VERSION = 2
+# 3: the data channel is the engine API's (step metadata on the control micro-batch).
+PROTOCOL_VERSION = 3
 
 # Control messages are JSON, cut into fragments of at most CONTROL_SLOT_BYTES
 # that travel one per slot and are reassembled by the receiver, so a message
@@ -57,13 +61,9 @@ CONTROL_SPEC = ChannelSpec(
 # is never taken for a hung one.
 HEARTBEATS_PER_SILENCE = 3
 
-# A data-channel reply with this layer number carries an error text instead of
-# an attention output (the worker could not serve the message).
-ERROR_LAYER = 0xFFFF_FFFF
-# Step metadata rows: request id and position of every token (int64 [2, T]).
-_META_ROWS = 2
-_META_BYTES_PER_TOKEN = _META_ROWS * 8
-_TIMING_BYTES = 64
+# Step metadata: a micro-batch index, then the request id and position of every token (int64).
+_META_BYTES_PER_TOKEN = 16
+_META_HEADER_BYTES = 64
 
 
 class ControlError(LaminaError):
@@ -112,7 +112,7 @@ def data_channel_spec(
         dtype=config.dtype,
         microbatches=microbatches + 1,
         slots_per_microbatch=2,
-        extra_bytes=max(_META_BYTES_PER_TOKEN * max_tokens + _TIMING_BYTES, CONTROL_SLOT_BYTES),
+        extra_bytes=max(_META_BYTES_PER_TOKEN * max_tokens + _META_HEADER_BYTES, CONTROL_SLOT_BYTES),
     )
 
 
@@ -428,7 +428,7 @@ class ControlLink:
         """
         data = encode_json(message)  # refused before anything is sent
         number = self._next_call
-        self._next_call = (self._next_call + 1) % ERROR_LAYER
+        self._next_call = (self._next_call + 1) % METADATA_LAYER  # the layers above are the engine's
         self._send(number, data)
         first = self._recv()
         if first.layer != number:
@@ -510,41 +510,3 @@ def parse_request_ids(message: Mapping[str, Any]) -> list[int]:
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise ControlError(f"malformed request list: {exc!r}", "bad_request") from exc
 
-
-# --------------------------------------------------------------------------
-# Data channel payloads
-
-
-def step_meta_shape(num_tokens: int) -> tuple[int, int]:
-    return (_META_ROWS, num_tokens)
-
-
-def encode_step_meta(request_ids: Sequence[int], positions: torch.Tensor,
-                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """int64 [2, T]: the owner request and position of every token of a micro-batch.
-
-    ``out`` (a send-slot view of that shape) receives it in place.
-    """
-    meta = torch.empty(step_meta_shape(len(request_ids)), dtype=torch.int64) if out is None else out
-    meta[0] = torch.as_tensor(list(request_ids), dtype=torch.int64)
-    meta[1] = positions.to(device="cpu", dtype=torch.int64)
-    return meta
-
-
-def decode_step_meta(meta: torch.Tensor) -> tuple[list[int], torch.Tensor]:
-    """(request ids, positions) of a micro-batch; copies out of the slot memory."""
-    if meta.dim() != 2 or meta.shape[0] != _META_ROWS or meta.dtype != torch.int64:
-        raise ProtocolError(f"step metadata must be int64 [2, T], got {meta.dtype} {tuple(meta.shape)}")
-    return meta[0].tolist(), meta[1].clone()
-
-
-# Error texts are cut to fit the smallest reply slot.
-_MAX_ERROR_BYTES = 512
-
-
-def encode_error(message: str) -> np.ndarray:
-    return np.frombuffer(message.encode()[:_MAX_ERROR_BYTES], dtype=np.uint8)
-
-
-def decode_error(message: Message) -> str:
-    return np.asarray(message.tensors[0]).tobytes().decode(errors="replace")

@@ -1,20 +1,22 @@
 """One step of the model node: its micro-batches (``plan_microbatches``) and the pipeline stage running them.
 
 ``PipelinedStep`` is the ``pipeline.PipelineStage`` that ``pipeline.run_step``
-drives: the model tier computes here, the attention runs on the peers.
+drives: the model tier computes here, the attention runs on the peers, reached
+through the public engine API (``RemoteAttention``).
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
 
-from lamina_comm.channel import Message
-from lamina_comm.model import HeadOutputs, ModelTier, StepInputs, slice_heads
-from lamina_comm.node import protocol
-from lamina_comm.node.cluster import AttentionPeer
+from lamina_comm.engine import AttentionRankError, LayerBuffers, RemoteAttention
+from lamina_comm.errors import InvalidArgumentError, LaminaError, UnsupportedError
+from lamina_comm.gpu.cuda import CudaError
+from lamina_comm.model import HeadOutputs, ModelTier, StepInputs
+from lamina_comm.node.cluster import AttentionPeer, AttentionStepError, WorkerLost
 from lamina_comm.node.metrics import NodeMetrics
 from lamina_comm.node.requests import RequestState
 
@@ -56,85 +58,76 @@ def plan_microbatches(requests: Sequence[RequestState], num_microbatches: int,
 
 # ============================================================== one pipelined step
 
+_Result = TypeVar("_Result")
+
 
 class PipelinedStep:
-    """The ``pipeline.PipelineStage`` of one step: model tier here, attention on the peers."""
+    """The ``pipeline.PipelineStage`` of one step: model tier here, attention on the peers.
 
-    def __init__(self, tier: ModelTier, peers: Sequence[AttentionPeer], plan: list[list[StepEntry]],
-                 metrics: NodeMetrics):
+    ``remote`` is the engine API over ``peers``' data channels (rank i is
+    ``peers[i]``). Its errors become the node's: a rank's error reply an
+    ``AttentionStepError`` (the step fails, the worker stays), any other
+    failure that names a rank a ``WorkerLost`` (the worker is replaced).
+    """
+
+    def __init__(self, tier: ModelTier, remote: RemoteAttention, peers: Sequence[AttentionPeer],
+                 plan: list[list[StepEntry]], metrics: NodeMetrics):
         self.tier = tier
+        self.remote = remote
         self.peers = list(peers)
         self.metrics = metrics
-        self.group_size = tier.config.group_size
         self.inputs = [StepInputs.from_batch([entry.as_batch_entry() for entry in entries],
                                              tier.config.vocab_size, tier.device) for entries in plan]
         self.hidden: list[Optional[torch.Tensor]] = [None] * len(plan)
         self.logits: list[Optional[torch.Tensor]] = [None] * len(plan)
-        self._sent_ns: dict[tuple[int, int], int] = {}
+        # Each micro-batch's attention output [T, H, D], filled by recv_into layer after layer.
+        self._out: list[Optional[torch.Tensor]] = [None] * len(plan)
+        self._sent_ns = [0] * len(plan)
         # Slots are host memory: a CPU tier computes into them.
         self._zero_copy = tier.device.type == "cpu"
         # A CUDA tier's q/k/v (each worker's heads: strided rows) go stream-ordered: the copy engine
         # moves them into the slots on the compute stream and native code posts the writes once the
-        # copies are done, so the host goes on to the other micro-batch without waiting for the device.
+        # copies are done, so the host goes on to the other micro-batch without waiting for the device;
+        # the outputs come back into device memory the same way.
         self._stream = torch.cuda.current_stream(tier.device) if tier.device.type == "cuda" else None
 
     def begin(self, mb: int) -> None:
         self.hidden[mb] = self.tier.embed(self.inputs[mb].token_ids)
+        inputs = self.inputs[mb]
+        # The batch description goes ahead of layer 0, on the control micro-batch; the workers keep it
+        # for every layer of this micro-batch.
+        self._outgoing(lambda: self.remote.send_metadata(mb, inputs.request_ids, inputs.positions.cpu()))
 
-    def pre(self, layer: int, mb: int) -> list[list[torch.Tensor]]:
-        """Each worker's message: q, k, v (and on layer 0 the step metadata).
-
-        Computed straight into the workers' send slots where the slots live
-        where the tier computes (host memory for a CPU tier): nothing is
-        staged. A CUDA tier's tensors are copied into the slots by the copy
-        engine, ordered on its stream (``send``).
-        """
+    def pre(self, layer: int, mb: int) -> Any:
+        """The layer's q, k, v: in the workers' send slots where the slots live where the tier computes
+        (host memory for a CPU tier: nothing is staged), else full-head tensors that ``send`` moves."""
         inputs = self.inputs[mb]
         hidden = self.hidden[mb]
-        num_tokens = hidden.shape[0]
         if not self._zero_copy:
-            qkv = self.tier.pre_attention(layer, hidden, inputs.positions)
-            meta = [protocol.encode_step_meta(inputs.request_ids, inputs.positions)] if layer == 0 else []
-            return [[*slice_heads(*qkv, peer.kv_heads, self.group_size), *meta] for peer in self.peers]
-        messages = [peer.send_buffers(mb, self._shapes(peer, num_tokens, with_meta=layer == 0))
-                    for peer in self.peers]
+            return self.tier.pre_attention(layer, hidden, inputs.positions)
+        buffers = self._outgoing(lambda: self.remote.buffers(mb, hidden.shape[0]))
         self.tier.pre_attention_into(layer, hidden, inputs.positions,
-                                     [HeadOutputs(peer.kv_heads, *views[:3])
-                                      for peer, views in zip(self.peers, messages)])
-        if layer == 0:
-            # The batch description rides with layer 0; workers keep it for the other layers.
-            for views in messages:
-                protocol.encode_step_meta(inputs.request_ids, inputs.positions, out=views[3])
-        return messages
+                                     [HeadOutputs(peer.kv_heads, q, k, v)
+                                      for peer, q, k, v in zip(self.peers, buffers.q, buffers.k, buffers.v)])
+        return buffers
 
-    def _shapes(self, peer: AttentionPeer, num_tokens: int, with_meta: bool) -> list[tuple[tuple[int, ...], Any]]:
-        head_dim, dtype = self.tier.config.head_dim, self.tier.config.dtype
-        local_kv = peer.kv_heads[1] - peer.kv_heads[0]
-        shapes = [((num_tokens, local_kv * self.group_size, head_dim), dtype),
-                  ((num_tokens, local_kv, head_dim), dtype), ((num_tokens, local_kv, head_dim), dtype)]
-        if with_meta:
-            shapes.append((protocol.step_meta_shape(num_tokens), "int64"))
-        return shapes
-
-    def send(self, layer: int, mb: int, messages: list[list[torch.Tensor]]) -> None:
-        for peer, tensors in zip(self.peers, messages):
-            self._sent_ns[(peer.index, mb)] = time.perf_counter_ns()
-            peer.send(tensors, layer, mb, stream=self._stream)
+    def send(self, layer: int, mb: int, message: Any) -> None:
+        self._sent_ns[mb] = time.perf_counter_ns()
+        if isinstance(message, LayerBuffers):
+            self._outgoing(lambda: self.remote.send(message, layer=layer, microbatch=mb))
+        else:
+            self._outgoing(lambda: self.remote.send(*message, layer=layer, microbatch=mb, stream=self._stream))
 
     def recv(self, layer: int, mb: int) -> torch.Tensor:
-        messages: list[Message] = []
-        try:
-            for peer in self.peers:
-                message = peer.recv(layer, mb)
-                messages.append(message)
-                self._observe_transfer(peer, layer, mb, int(message.tensors[1][0]), message.arrived_ns)
-            parts = [message.torch()[0] for message in messages]
-            # Concatenating copies out of the slots, so they can be released.
-            out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0].clone()
-        finally:
-            for message in messages:
-                message.release()
-        return out.to(self.tier.device)
+        out = self._out[mb]
+        if out is None:
+            config = self.tier.config
+            out = self._out[mb] = torch.empty((self.hidden[mb].shape[0], config.num_heads, config.head_dim),
+                                              dtype=config.torch_dtype, device=self.tier.device)
+        self._incoming(lambda: self.remote.recv_into(out, layer=layer, microbatch=mb, stream=self._stream))
+        for peer, reply in zip(self.peers, self.remote.replies):
+            self._observe_transfer(peer, layer, mb, reply.compute_ns or 0, reply.arrived_ns)
+        return out
 
     def post(self, layer: int, mb: int, out: torch.Tensor) -> None:
         self.hidden[mb] = self.tier.post_attention(layer, self.hidden[mb], out)
@@ -144,6 +137,34 @@ class PipelinedStep:
         self.logits[mb] = self.tier.logits(hidden.index_select(0, self.inputs[mb].last_token_index))
         self.hidden[mb] = None
 
+    # -- the engine's errors, as the node's -------------------------------------------
+    def _outgoing(self, call: Callable[[], _Result]) -> _Result:
+        try:
+            return call()
+        except (InvalidArgumentError, UnsupportedError, CudaError):
+            raise  # ours (e.g. the device path here), not the worker's: the step fails, the worker stays
+        except LaminaError as exc:
+            raise self._worker_lost(exc) from exc
+
+    def _incoming(self, call: Callable[[], _Result]) -> _Result:
+        try:
+            return call()
+        except AttentionRankError as exc:
+            peer = self.peers[exc.rank]
+            raise AttentionStepError(f"attention worker {peer.index} at {peer.address}: {exc.reason}") from exc
+        except CudaError:
+            raise
+        except LaminaError as exc:
+            raise self._worker_lost(exc) from exc
+
+    def _worker_lost(self, exc: LaminaError) -> BaseException:
+        """The loss of the worker ``exc`` names; ``exc`` itself when it names none."""
+        rank = getattr(exc, "channel_index", None)
+        if rank is None:
+            return exc
+        peer = self.peers[rank]
+        return WorkerLost(peer.index, peer.address, exc)
+
     def _observe_transfer(self, peer: AttentionPeer, layer: int, mb: int, attention_ns: int,
                           arrived_ns: int) -> None:
         # The wire round trip ends when the reply arrived (the native channel stamps
@@ -151,7 +172,7 @@ class PipelinedStep:
         # with two micro-batches the reply often waits for the other's compute.
         collected_ns = time.perf_counter_ns()
         arrived_ns = min(arrived_ns or collected_ns, collected_ns)
-        round_trip = max(0, arrived_ns - self._sent_ns[(peer.index, mb)]) / 1e9
+        round_trip = max(0, arrived_ns - self._sent_ns[mb]) / 1e9
         self.metrics.layer_round_trip.observe(round_trip, peer=peer.address, layer=layer)
         self.metrics.layer_transfer.observe(max(0.0, round_trip - attention_ns / 1e9), peer=peer.address,
                                             layer=layer)

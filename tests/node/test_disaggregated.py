@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import lamina_comm as lc
+from lamina_comm.engine import RemoteAttention
 from lamina_comm.model import LlamaConfig, LlamaWeights, MonolithicModel, SamplingParams
 from lamina_comm.node.demo import NodeProcess, post_json, start_attention, start_model
 from lamina_comm.node.model_node import ModelNode
@@ -145,6 +146,12 @@ def test_requests_joining_at_different_steps_match_the_monolithic_model_exactly(
     # encoded into them: the channels copied nothing.
     channels = [worker["channel"] for worker in node.status()["workers"]]
     assert all(c["messages"] > 0 and c["staged_bytes"] == 0 and c["staged_messages"] == 0 for c in channels), channels
+    # The layers went through the public engine API on both tiers: the model node's RemoteAttention
+    # over the workers' data channels, whose last replies carry the compute time each worker's
+    # AttentionService reported (LayerRequest.respond(compute_ns=)).
+    remote = node.cluster.remote()
+    assert isinstance(remote, RemoteAttention) and [c.name for c in remote.channels] == ["data-0", "data-1"]
+    assert len(remote.replies) == 2 and all(reply.compute_ns and reply.compute_ns > 0 for reply in remote.replies)
 
 
 def replay_on_monolithic(records: list[Record], capacity: dict[int, int]) -> None:

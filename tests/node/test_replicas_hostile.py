@@ -170,3 +170,35 @@ def test_replica_names_stay_unique(server: Server) -> None:
         assert all(node.call({"type": "status"})["ok"] for node in kept)
         names = server.names()
         assert len(set(names)) == 2 and names[0] == "same" and names[1].startswith("same#"), names
+
+
+@pytest.mark.parametrize("what", ["metadata", "tensors", "no metadata"])
+def test_a_malformed_layer_message_ends_its_own_session_and_the_node_serves_on(server: Server, what: str) -> None:
+    """The data channel is served by the engine's AttentionService: malformed step metadata or a layer
+    message that is not [q, k, v] ends the sender's session; a layer before any metadata gets an error
+    reply (the session stays); the other sessions never notice."""
+    import numpy as np
+    from lamina_comm.engine.wire import ERROR_LAYER, METADATA_LAYER
+
+    with Context("tcp") as ctx:
+        honest = RawModelNode(ctx, server.address, "honest")
+        hostile = RawModelNode(ctx, server.address, "hostile")
+        assert honest.call({"type": "reserve", "requests": [[1, 16]]})["reserved"] == [1]
+        heads, kv, dim = CONFIG.num_heads, CONFIG.num_kv_heads, CONFIG.head_dim
+        dtype = np.dtype(CONFIG.dtype) if CONFIG.dtype != "bfloat16" else np.dtype(np.uint16)
+        q, k = np.zeros((2, heads, dim), dtype), np.zeros((2, kv, dim), dtype)
+        control = protocol.control_microbatch(hostile.spec)
+        if what == "metadata":  # a table of three rows
+            hostile.data.send([np.array([0]), np.zeros((3, 2), np.int64)], layer=METADATA_LAYER, microbatch=control)
+        elif what == "tensors":  # a layer of four tensors
+            hostile.data.send([q, k, k, k], layer=0, microbatch=0)
+        else:
+            hostile.data.send([q, k, k], layer=0, microbatch=0)
+            with hostile.data.recv(microbatch=0) as reply:
+                assert reply.layer == ERROR_LAYER and b"no step metadata" in np.asarray(reply.tensors[0]).tobytes()
+        deadline = time.monotonic() + 5.0
+        expected = ["honest", "hostile"] if what == "no metadata" else ["honest"]
+        while sorted(server.names()) != expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sorted(server.names()) == expected
+        assert server.error is None and honest.call({"type": "status"})["blocks_held"] == 1
