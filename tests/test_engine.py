@@ -409,6 +409,9 @@ def test_a_send_that_fails_on_one_rank_counts_what_the_others_posted() -> None:
                 remote.send(q, k, v, layer=5, microbatch=0, timeout=0.3)
             assert (late.value.channel_index, late.value.channels_posted) == (1, 1)
             assert [remote.in_flight(rank) for rank in (0, 1)] == [1, 0]
+            with pytest.raises(lc.TimeoutError) as no_credit:  # slot views wait for the credit: rank 1 named
+                remote.buffers(0, tokens, timeout=0.2)
+            assert no_credit.value.channel_index == 1
             request = services[0].recv(timeout=TIMEOUT_S)
             assert request.layer == 5 and torch.equal(request.q, q[:, :4])
             request.respond(request.q)

@@ -45,6 +45,10 @@ class SendHandle:
         self._pending = []
 
 
+# Outputs whose per-rank views are kept (one per micro-batch in flight is the common case).
+_KEPT_DESTINATIONS = 8
+
+
 class RankReply(NamedTuple):
     """One rank's reply to the last ``recv_into``."""
 
@@ -154,7 +158,8 @@ class RemoteAttention:
         # Replies still to come, per rank and micro-batch (drain() takes them after a failure).
         self._in_flight = [[0] * shape.microbatches for _ in channels]
         self.replies: list[RankReply] = []  # every rank's reply to the last recv_into
-        self._last_out: Optional[tuple[tuple, list[np.ndarray]]] = None
+        # Each rank's heads of recently used outputs, as numpy views (by pointer, shape, dtype, strides).
+        self._destinations_of: dict[tuple, list[np.ndarray]] = {}
         self._shapes: dict[int, list[list[tuple[int, int, int]]]] = {}
 
     # -- model tier -> attention tier ----------------------------------------------
@@ -170,8 +175,14 @@ class RemoteAttention:
                                                   (num_tokens, ke - ks, d)]
                                                  for (qs, qe), (ks, ke) in zip(self.q_heads, self.kv_heads)]
         dtype = self.shape.dtype
-        return LayerBuffers([channel.send_buffers(microbatch, rank_shapes, dtype, as_torch=True, timeout=timeout)
-                             for channel, rank_shapes in zip(self.channels, shapes)], self.q_heads, self.kv_heads)
+        views = []
+        for rank, (channel, rank_shapes) in enumerate(zip(self.channels, shapes)):
+            try:
+                views.append(channel.send_buffers(microbatch, rank_shapes, dtype, as_torch=True, timeout=timeout))
+            except LaminaError as exc:  # e.g. no credit from a hung rank, or its channel failed
+                exc.channel_index = rank
+                raise
+        return LayerBuffers(views, self.q_heads, self.kv_heads)
 
     def send(self, q: Any, k: Any = None, v: Any = None, *, layer: int, microbatch: int,
              timeout: Optional[float] = None, stream: Any = None) -> SendHandle:
@@ -301,7 +312,12 @@ class RemoteAttention:
             raise
         for rank in range(len(messages)):
             self._in_flight[rank][microbatch] -= 1
-        self.replies = [RankReply(message.arrived_ns, _compute_ns(message)) for message in messages]
+        try:
+            self.replies = [RankReply(message.arrived_ns, _compute_ns(message)) for message in messages]
+        except BaseException:
+            for message in messages:
+                message.release()
+            raise
         return messages
 
     def _checked_reply(self, rank: int, message: Message, layer: int, shape: tuple[int, ...]) -> Any:
@@ -312,13 +328,12 @@ class RemoteAttention:
             error = ProtocolError(f"attention rank {rank} answered layer {message.layer}, expected {layer}")
         else:
             tensors = message.tensors
-            part = tensors[0]
-            if len(tensors) == 1 + (self.replies[rank].compute_ns is not None) and tuple(part.shape) == tuple(shape) and \
-                    part.dtype_name == self.shape.dtype:
-                return part
-            error = InvalidArgumentError(f"attention rank {rank} answered {len(tensors)} tensor(s), "
-                                         f"{part.dtype_name}{list(part.shape)}; expected one "
-                                         f"{self.shape.dtype}{list(shape)} (and its compute time)")
+            if tensors and len(tensors) == 1 + (self.replies[rank].compute_ns is not None) and \
+                    tuple(tensors[0].shape) == tuple(shape) and tensors[0].dtype_name == self.shape.dtype:
+                return tensors[0]
+            error = ProtocolError(f"attention rank {rank} answered {len(tensors)} tensor(s) "
+                                  f"{[f'{t.dtype_name}{list(t.shape)}' for t in tensors]}; expected one "
+                                  f"{self.shape.dtype}{list(shape)} (and its compute time)")
         error.channel_index = rank
         raise error
 
@@ -340,7 +355,9 @@ class RemoteAttention:
             for rank, (message, channel, (qs, qe)) in enumerate(zip(messages, self.channels, self.q_heads)):
                 destination = heads[:, qs:qe]
                 self._checked_reply(rank, message, layer, tuple(destination.shape))
-                channel._device_staging().recv_into(message, [destination], stream)
+                # The compute time (when sent) is already in self.replies: copied to a scratch, at once.
+                outs = [destination] if len(message.tensors) == 1 else [destination, np.empty(1, np.int64)]
+                channel._device_staging().recv_into(message, outs, stream)
         finally:
             for message in messages:
                 message.release()  # (a no-op for those the stream took over)
@@ -349,8 +366,9 @@ class RemoteAttention:
     def _destinations(self, out: Any) -> list[np.ndarray]:
         """Each rank's heads of ``out`` as numpy views (torch ops cost microseconds each; kept per tensor)."""
         key = (out.data_ptr(), tuple(out.shape), out.dtype, tuple(out.stride()))
-        if self._last_out is not None and self._last_out[0] == key:
-            return self._last_out[1]
+        known = self._destinations_of.get(key)
+        if known is not None:
+            return known
         tokens = out.shape[0]
         if str(out.dtype) != f"torch.{self.shape.dtype}":
             raise InvalidArgumentError(f"recv_into needs a {self.shape.dtype} tensor (the shape's dtype), got "
@@ -363,7 +381,9 @@ class RemoteAttention:
         storage = out.view(torch_storage_dtype(out.dtype)).numpy().reshape(tokens, self.shape.num_heads,
                                                                            self.shape.head_dim)
         destinations = [storage[:, qs:qe] for qs, qe in self.q_heads]
-        self._last_out = (key, destinations)
+        if len(self._destinations_of) >= _KEPT_DESTINATIONS:
+            self._destinations_of.clear()
+        self._destinations_of[key] = destinations
         return destinations
 
     def _check_microbatch(self, microbatch: int) -> None:
@@ -418,7 +438,7 @@ class RemoteAttention:
 def _compute_ns(message: Message) -> Optional[int]:
     """The compute time a reply carries as its second tensor (int64 [1]), or None."""
     tensors = message.tensors
-    if len(tensors) == 2 and tensors[1].dtype_name == "int64" and tensors[1].size == 1:
+    if len(tensors) == 2 and tensors[1].dtype_name == "int64" and tensors[1].shape == (1,):
         return int(tensors[1][0])
     return None
 

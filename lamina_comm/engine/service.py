@@ -9,7 +9,7 @@ import numpy as np
 
 from lamina_comm.channel import Channel, ChannelGroup, Message, to_torch
 from lamina_comm.channel.device import is_device_tensor
-from lamina_comm.errors import ClosedError, InvalidArgumentError, LaminaError, TimeoutError_
+from lamina_comm.errors import ClosedError, InvalidArgumentError, LaminaError, ProtocolError, TimeoutError_
 from lamina_comm.transport import Context
 
 from lamina_comm.model.kvcache import HeadRange
@@ -261,15 +261,21 @@ class AttentionService:
             except LaminaError as exc:
                 exc.peer = peer
                 raise
+            except (ValueError, TypeError, IndexError, OverflowError) as exc:  # past the checks: still its fault
+                error = ProtocolError(f"model rank {peer} sent a message that cannot be read: {exc!r}")
+                error.peer = peer
+                raise error from exc
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError_(f"no layer request within {timeout} s (only control messages came)")
 
     def _keep_metadata(self, peer: int, message: Message) -> None:
         with message:
             tensors = message.tensors
-            if len(tensors) != 2 or tensors[0].size != 1 or tensors[1].ndim != 2 or tensors[1].shape[0] != 2 or \
+            if len(tensors) != 2 or tensors[0].shape != (1,) or tensors[1].ndim != 2 or tensors[1].shape[0] != 2 or \
                     tensors[0].dtype_name != "int64" or tensors[1].dtype_name != "int64":
-                raise InvalidArgumentError(f"model rank {peer} sent malformed step metadata")
+                raise InvalidArgumentError(f"model rank {peer} sent malformed step metadata: "
+                                           f"{[f'{t.dtype_name}{list(t.shape)}' for t in tensors]}, expected "
+                                           f"int64[1] (its micro-batch) and int64[2, T]")
             target = int(message.tensors[0][0])
             if not 0 <= target < self._control[peer]:
                 raise InvalidArgumentError(f"model rank {peer} sent metadata for micro-batch {target}")

@@ -485,7 +485,8 @@ int lm_chan_fd(lm_chan_t *ch);
  * lm_chan_send_group posts one message per channel (channel i gets counts[i]
  * tensors, taken in order from `tensors`) for the same layer and
  * micro-batch, in one call; seqs[i] gets each sequence number. It stops at
- * the first failure (its status; earlier channels' messages are posted).
+ * the first failure (its status; the messages of channels [0, *failed) are
+ * posted; *failed is -1 when nothing was, e.g. a channel closed meanwhile).
  * lm_chan_recv_group waits until every channel has a message of mb (any when
  * mb < 0) and takes one from each into out[i], in one call: n, 0 on timeout
  * (nothing taken), or the first error (messages taken before it stay in

@@ -172,7 +172,7 @@ def test_replica_names_stay_unique(server: Server) -> None:
         assert len(set(names)) == 2 and names[0] == "same" and names[1].startswith("same#"), names
 
 
-@pytest.mark.parametrize("what", ["metadata", "tensors", "no metadata"])
+@pytest.mark.parametrize("what", ["metadata", "scalar metadata", "tensors", "no metadata"])
 def test_a_malformed_layer_message_ends_its_own_session_and_the_node_serves_on(server: Server, what: str) -> None:
     """The data channel is served by the engine's AttentionService: malformed step metadata or a layer
     message that is not [q, k, v] ends the sender's session; a layer before any metadata gets an error
@@ -190,6 +190,8 @@ def test_a_malformed_layer_message_ends_its_own_session_and_the_node_serves_on(s
         control = protocol.control_microbatch(hostile.spec)
         if what == "metadata":  # a table of three rows
             hostile.data.send([np.array([0]), np.zeros((3, 2), np.int64)], layer=METADATA_LAYER, microbatch=control)
+        elif what == "scalar metadata":  # its micro-batch as a 0-d tensor (of size 1, but no [0])
+            hostile.data.send([np.array(0), np.zeros((2, 2), np.int64)], layer=METADATA_LAYER, microbatch=control)
         elif what == "tensors":  # a layer of four tensors
             hostile.data.send([q, k, k, k], layer=0, microbatch=0)
         else:

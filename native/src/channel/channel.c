@@ -1806,8 +1806,11 @@ int lm_chan_send_group(lm_chan_t **chans, uint32_t n, uint32_t layer, uint32_t m
 {
     if (!chans || !failed)
         return lm_fail(LM_ERR_INVALID, "lm_chan_send_group: NULL argument");
-    if (!enter_all(chans, n, failed))
+    if (!enter_all(chans, n, failed)) {
+        /* Nothing was posted: *failed >= 0 would say channels [0, *failed) were. */
+        *failed = -1;
         return closed_error("lm_chan_send_group");
+    }
     int rc = chan_send_group(chans, n, layer, mb, tensors, counts, source, timeout_ms, seqs, failed);
     leave_all(chans, n);
     return rc;
@@ -1816,8 +1819,9 @@ int lm_chan_send_group(lm_chan_t **chans, uint32_t n, uint32_t layer, uint32_t m
 int lm_chan_recv_group(lm_chan_t **chans, uint32_t n, int32_t mb, lm_chan_msg_t *out, int timeout_ms,
                        uint32_t *taken, int32_t *failed)
 {
-    if (!chans || !failed)
+    if (!chans || !failed || !taken)
         return lm_fail(LM_ERR_INVALID, "lm_chan_recv_group: bad arguments");
+    *taken = 0; /* the caller hands back what a failed call took: nothing, here */
     if (!enter_all(chans, n, failed))
         return closed_error("lm_chan_recv_group");
     int rc = chan_recv_group(chans, n, mb, out, timeout_ms, taken, failed);
