@@ -349,7 +349,7 @@ def test_q_k_v_registered_apart_go_without_a_copy_to_every_rank(cluster: Cluster
 def test_an_error_reply_names_its_rank_and_drain_puts_the_channels_back_in_step() -> None:
     q, k, v = torch.randn(2, 8, 16), torch.randn(2, 4, 16), torch.randn(2, 4, 16)
     with lc.Context("tcp") as ctx:
-        services = [AttentionService(ctx, SHAPE, rank=a, ranks=2) for a in range(2)]
+        services = [AttentionService(ctx, SHAPE, rank=a, ranks=2, report_compute_time=True) for a in range(2)]
 
         def serve(service: AttentionService) -> None:
             service.accept(1, timeout=TIMEOUT_S)
@@ -441,8 +441,11 @@ def test_channels_connected_elsewhere_are_served_through_over_and_attach() -> No
         remote.send(q, k, v, layer=0, microbatch=1)
         request = service.recv(timeout=TIMEOUT_S)  # the control message went to the handler first
         assert controls == [(peer, 5, 42)] and request.peer == peer
+        with pytest.raises(lc.InvalidArgumentError, match="report_compute_time=True"):
+            request.respond(request.q, compute_ns=5)
         request.respond(request.q)
         assert torch.equal(remote.recv_into(torch.empty(3, 8, 16), layer=0, microbatch=1), q)
+        assert remote.replies[0].compute_ns is None  # this service reports none: the reply is [out] alone
         remote.close()  # the channel is the caller's: still open
         assert service.detach(peer) is attention_side
 

@@ -254,10 +254,11 @@ class RemoteAttention:
         control = self.shape.metadata_microbatch
         for rank, channel in enumerate(self.channels):
             try:
-                target, table = channel.send_buffers(control, [(1,), (2, ids.size)], "int64", timeout=timeout)
-                target[0] = microbatch
-                table[0], table[1] = ids, where
-                channel.send([target, table], layer=METADATA_LAYER, microbatch=control, timeout=timeout)
+                views = channel.send_buffers(control, [(1,), (2, ids.size)], "int64", timeout=timeout)
+                views[0][0] = microbatch
+                views[1][0], views[1][1] = ids, where
+                # The list as handed out: sent by the table send_buffers filled, not described again.
+                channel.send(views, layer=METADATA_LAYER, microbatch=control, timeout=timeout)
             except LaminaError as exc:
                 exc.channel_index = rank
                 raise

@@ -28,10 +28,12 @@ class LayerRequest:
     The tensors are views over the receive slot. ``output()`` is the reply
     slot's view [T, h, D]: compute into it, then ``respond()`` sends it (no
     copy) and gives the request's slot back. ``respond(tensor)`` with any
-    other tensor copies it into the reply first. The reply carries the time
-    this rank spent on the request (``compute_ns=``, by default the time
-    since ``recv`` handed it out); ``fail(reason)`` answers with an error
-    instead, which the model rank raises as ``AttentionRankError``.
+    other tensor copies it into the reply first. A service made with
+    ``report_compute_time=True`` also sends the time this rank spent on the
+    request (``respond(compute_ns=)``, by default the time since ``recv``
+    handed it out; ``RemoteAttention.replies`` on the model rank).
+    ``fail(reason)`` answers with an error instead, which the model rank
+    raises as ``AttentionRankError``.
 
     A GPU attention tier moves them stream-ordered instead: ``to_device(q, k,
     v, stream=)`` copies the request into its CUDA tensors on the stream (the
@@ -43,7 +45,7 @@ class LayerRequest:
     def __init__(self, service: "AttentionService", peer: int, message: Message,
                  metadata: Optional[tuple[np.ndarray, np.ndarray]] = None):
         self._service, self._message = service, message
-        self._received_ns = time.perf_counter_ns()
+        self._received_ns = time.perf_counter_ns() if service.report_compute_time else 0
         # The step metadata its model rank sent for this micro-batch (RemoteAttention.send_metadata), if any.
         self.request_ids, self.positions = metadata if metadata is not None else (None, None)
         self.peer = peer
@@ -82,11 +84,15 @@ class LayerRequest:
         """The reply slot as [T, h, D] (waits for its credit)."""
         if self._output is None:
             shape = tuple(self._views[0].shape)
-            # Kept as send_buffers() handed it out, so respond() sends it by its filled table; the
-            # second tensor takes the compute time.
-            self._output = self.channel.send_buffers(self.microbatch, [shape, (1,)],
-                                                     [self._views[0].dtype_name, "int64"], as_torch=True,
-                                                     timeout=timeout)
+            dtype = self._service.shape.dtype
+            # Kept as send_buffers() handed it out, so respond() sends it by its filled table (the
+            # second tensor, when there is one, takes the compute time).
+            if self._service.report_compute_time:
+                self._output = self.channel.send_buffers(self.microbatch, [shape, (1,)], (dtype, "int64"),
+                                                         as_torch=True, timeout=timeout)
+            else:
+                self._output = self.channel.send_buffers(self.microbatch, [shape], dtype, as_torch=True,
+                                                         timeout=timeout)
         return self._output[0]
 
     def to_device(self, q: Any, k: Any, v: Any, *, stream: Any = None) -> None:
@@ -102,23 +108,27 @@ class LayerRequest:
                 compute_ns: Optional[int] = None) -> None:
         """Send the output (``output()``'s view, or ``out`` copied into it) and release the request.
 
-        ``compute_ns`` is reported to the model rank (``RemoteAttention.replies``); by default the
-        time since this request was received. A CUDA ``out`` (or ``stream=``) goes stream-ordered:
-        copied into the reply slot by the copy engine after the work queued before on ``stream``,
-        posted when the copy is done."""
+        ``compute_ns`` is reported to the model rank (``RemoteAttention.replies``) by a service made
+        with ``report_compute_time=True``; by default the time since this request was received. A
+        CUDA ``out`` (or ``stream=``) goes stream-ordered: copied into the reply slot by the copy
+        engine after the work queued before on ``stream``, posted when the copy is done."""
         if self._message is None:
             raise ClosedError("this request was answered already")
-        if compute_ns is None:
+        reporting = self._service.report_compute_time
+        if compute_ns is not None and not reporting:
+            raise InvalidArgumentError("respond(compute_ns=) needs AttentionService(report_compute_time=True)")
+        if reporting and compute_ns is None:
             compute_ns = time.perf_counter_ns() - self._received_ns
         if stream is not None or (out is not None and is_device_tensor(out)):
             self.release()
-            self.channel.send([out, compute_time(compute_ns)], layer=self.layer, microbatch=self.microbatch,
-                              timeout=timeout, stream=stream)
+            tensors = [out, compute_time(compute_ns)] if reporting else [out]
+            self.channel.send(tensors, layer=self.layer, microbatch=self.microbatch, timeout=timeout, stream=stream)
             return
         view = self.output(timeout)
         if out is not None and out is not view:
             view.copy_(out.reshape(view.shape))
-        self._output[1][0] = compute_ns
+        if reporting:
+            self._service._trailer(self._output[1])[0] = compute_ns
         self.release()
         self.channel.send(self._output, layer=self.layer, microbatch=self.microbatch, timeout=timeout)
 
@@ -153,8 +163,12 @@ class AttentionService:
 
     def __init__(self, context: Optional[Context], shape: AttentionShape, rank: int, ranks: int,
                  listen: Optional[str | tuple[str, int]] = "127.0.0.1:0", *, timeout: float = 30.0,
-                 on_control: Optional[ControlHandler] = None, kv_heads: Optional[HeadRange] = None):
+                 on_control: Optional[ControlHandler] = None, kv_heads: Optional[HeadRange] = None,
+                 report_compute_time: bool = False):
         self.shape, self.rank, self.ranks = shape, rank, ranks
+        # Replies carry the rank's compute time (int64 [1] after the output): for metrics, a few us each.
+        self.report_compute_time = report_compute_time
+        self._trailers: dict[Any, np.ndarray] = {}  # reply slots' compute-time tensors -> numpy views
         # kv_heads: a share other than the shape's even split (a server that agreed on it itself).
         self.kv_heads = tuple(kv_heads) if kv_heads is not None else shape.kv_heads(rank, ranks)
         self.spec = shape.share_spec(self.kv_heads)
@@ -223,6 +237,15 @@ class AttentionService:
             del self._metadata[key]
         self._regroup()
         return channel
+
+    def _trailer(self, tensor: Any) -> np.ndarray:
+        """A numpy view of a reply slot's compute-time tensor (kept: writing through torch costs us)."""
+        view = self._trailers.get(tensor)
+        if view is None:
+            if len(self._trailers) >= 64:
+                self._trailers.clear()
+            view = self._trailers[tensor] = tensor.numpy()
+        return view
 
     def _regroup(self) -> None:
         self._order = sorted(self._peers)

@@ -596,7 +596,7 @@ def _service_for(setup: protocol.Setup, on_control: Any, timeout: float) -> Atte
         shape = AttentionShape(config.num_heads, config.num_kv_heads, config.head_dim, spec.max_tokens,
                                config.dtype, protocol.pipeline_microbatches(spec))
         return AttentionService(None, shape, setup.worker, setup.num_workers, listen=None, timeout=timeout,
-                                on_control=on_control, kv_heads=setup.kv_heads)
+                                on_control=on_control, kv_heads=setup.kv_heads, report_compute_time=True)
     except ValueError as exc:
         raise protocol.ControlError(f"cannot serve this setup: {exc}", "bad_request") from exc
 
