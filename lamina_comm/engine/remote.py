@@ -157,7 +157,7 @@ class RemoteAttention:
         self._group = ChannelGroup(channels)
         # Replies still to come, per rank and micro-batch (drain() takes them after a failure).
         self._in_flight = [[0] * shape.microbatches for _ in channels]
-        self.replies: list[RankReply] = []  # every rank's reply to the last recv_into
+        self._replies: list[tuple[int, Optional[int]]] = []  # (arrived_ns, compute_ns) per rank: replies
         # Each rank's heads of recently used outputs, as numpy views (by pointer, shape, dtype, strides).
         self._destinations_of: dict[tuple, list[np.ndarray]] = {}
         self._shapes: dict[int, list[list[tuple[int, int, int]]]] = {}
@@ -227,14 +227,12 @@ class RemoteAttention:
         try:
             self._group.send(messages, layer=layer, microbatch=microbatch, timeout=timeout)
         except LaminaError as exc:
-            self._count_sent(getattr(exc, "channels_posted", 0), microbatch)
+            for counts in self._in_flight[:getattr(exc, "channels_posted", 0)]:
+                counts[microbatch] += 1
             raise
-        self._count_sent(len(self.channels), microbatch)
+        for counts in self._in_flight:
+            counts[microbatch] += 1
         return SendHandle(self.channels, [channel.send_token() for channel in self.channels])
-
-    def _count_sent(self, ranks: int, microbatch: int) -> None:
-        for rank in range(ranks):
-            self._in_flight[rank][microbatch] += 1
 
     def send_metadata(self, microbatch: int, request_ids: Any, positions: Any,
                       timeout: Optional[float] = None) -> None:
@@ -311,15 +309,21 @@ class RemoteAttention:
             for rank in range(getattr(exc, "channels_taken", 0)):
                 self._in_flight[rank][microbatch] -= 1
             raise
-        for rank in range(len(messages)):
-            self._in_flight[rank][microbatch] -= 1
+        for counts in self._in_flight:
+            counts[microbatch] -= 1
         try:
-            self.replies = [RankReply(message.arrived_ns, _compute_ns(message)) for message in messages]
+            # Plain tuples here (a few hundred ns a layer less); ``replies`` names their fields.
+            self._replies = [(message.arrived_ns, _compute_ns(message)) for message in messages]
         except BaseException:
             for message in messages:
                 message.release()
             raise
         return messages
+
+    @property
+    def replies(self) -> list[RankReply]:
+        """Every rank's reply to the last ``recv_into``: when it landed, the compute time it reported."""
+        return [RankReply(*reply) for reply in self._replies]
 
     def _checked_reply(self, rank: int, message: Message, layer: int, shape: tuple[int, ...]) -> Any:
         """Rank ``rank``'s output tensor of ``message``, checked against the layer and shape asked for."""
@@ -329,8 +333,8 @@ class RemoteAttention:
             error = ProtocolError(f"attention rank {rank} answered layer {message.layer}, expected {layer}")
         else:
             tensors = message.tensors
-            if tensors and len(tensors) == 1 + (self.replies[rank].compute_ns is not None) and \
-                    tuple(tensors[0].shape) == tuple(shape) and tensors[0].dtype_name == self.shape.dtype:
+            if tensors and len(tensors) == 1 + (self._replies[rank][1] is not None) and \
+                    tensors[0].shape == tuple(shape) and tensors[0].dtype_name == self.shape.dtype:
                 return tensors[0]
             error = ProtocolError(f"attention rank {rank} answered {len(tensors)} tensor(s) "
                                   f"{[f'{t.dtype_name}{list(t.shape)}' for t in tensors]}; expected one "
@@ -356,7 +360,7 @@ class RemoteAttention:
             for rank, (message, channel, (qs, qe)) in enumerate(zip(messages, self.channels, self.q_heads)):
                 destination = heads[:, qs:qe]
                 self._checked_reply(rank, message, layer, tuple(destination.shape))
-                # The compute time (when sent) is already in self.replies: copied to a scratch, at once.
+                # The compute time (when sent) is in self._replies already: copied to a scratch, at once.
                 outs = [destination] if len(message.tensors) == 1 else [destination, np.empty(1, np.int64)]
                 channel._device_staging().recv_into(message, outs, stream)
         finally:
