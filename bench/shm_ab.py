@@ -3,10 +3,13 @@
 
 Each repetition runs, in turn:
 
-  memcpy S          one thread copying S bytes between two buffers (numpy copyto), GB/s: the ceiling
-  memcpy-window S   the same over lamina-bench's 8 MiB window of slots (out of cache, as the benchmark is)
+  memcpy S          one thread copying S bytes between two buffers (numpy copyto), Gb/s: the ceiling
+  memcpy-window S   the same over an 8 MiB window of buffers (source and target out of cache)
   shm S / tcp S     lamina-bench bandwidth --loopback -s S --transport shm|tcp (one stream; the write
-                    loop in C, as perftest's)
+                    loop in C, as perftest's; writes over 2 KiB all to one target buffer, as perftest's
+                    ib_write_bw places them): against memcpy S
+  shm-window S      the same shm run with --cycle-buffer 8M (the writes cycle over 8 MiB of targets):
+                    against memcpy-window S
   shm python-loop S the same shm run with --loop python (every write posted from Python)
   latency           lamina-bench latency --loopback -s 64 --transport shm|tcp, event and poll progress: p50
 
@@ -43,8 +46,8 @@ def memcpy_gbps(size: int, seconds: float) -> float:
 
 
 def memcpy_window_gbps(size: int, seconds: float, window: int = 8 << 20) -> float:
-    """The same copies over the working set lamina-bench bandwidth uses (its 8 MiB window of slots,
-    source and target): what one copying core does once the data no longer stays in cache."""
+    """The same copies over an 8 MiB window of buffers, source and target (what ``shm-window``'s writes
+    cycle over): what one copying core does once the data no longer stays in cache."""
     slots = max(1, window // size)
     src = np.random.default_rng(0).integers(0, 256, (slots, size), dtype=np.uint8)
     dst = np.empty_like(src)
@@ -65,9 +68,10 @@ def _bench(mode: str, args: list[str]) -> dict:
         return json.load(open(f.name))["results"][0]
 
 
-def bandwidth_gbps(transport: str, size: int, seconds: float, loop: str = "native") -> float:
+def bandwidth_gbps(transport: str, size: int, seconds: float, loop: str = "native",
+                   cycle_buffer: int = 4096) -> float:
     return _bench("bandwidth", ["--transport", transport, "-s", str(size), "-D", str(seconds),
-                                "--loop", loop])["bw_avg_gbps"]
+                                "--loop", loop, "--cycle-buffer", str(cycle_buffer)])["bw_avg_gbps"]
 
 
 def latency_p50_us(transport: str, progress: str) -> float:
@@ -88,6 +92,8 @@ def main() -> int:
             for name, measure in ((f"memcpy {size}", lambda: memcpy_gbps(size, args.seconds)),
                                   (f"memcpy-window {size}", lambda: memcpy_window_gbps(size, args.seconds)),
                                   (f"shm {size}", lambda: bandwidth_gbps("shm", size, args.seconds)),
+                                  (f"shm-window {size}",
+                                   lambda: bandwidth_gbps("shm", size, args.seconds, cycle_buffer=8 << 20)),
                                   (f"shm python-loop {size}",
                                    lambda: bandwidth_gbps("shm", size, args.seconds, "python")),
                                   (f"tcp {size}", lambda: bandwidth_gbps("tcp", size, args.seconds))):
@@ -104,7 +110,7 @@ def main() -> int:
     print()
     for size in sizes:
         print(f"bandwidth {size:>8d} B: shm / memcpy {med[f'shm {size}'] / med[f'memcpy {size}']:.2f}, "
-              f"shm / memcpy over the window {med[f'shm {size}'] / med[f'memcpy-window {size}']:.2f}, "
+              f"shm-window / memcpy-window {med[f'shm-window {size}'] / med[f'memcpy-window {size}']:.2f}, "
               f"shm / tcp {med[f'shm {size}'] / med[f'tcp {size}']:.2f}")
     for progress in ("event", "poll"):
         print(f"64 B round trip ({progress}): shm / tcp "

@@ -67,6 +67,11 @@ def test_sizes_and_depth_rules():
     assert perf.parse_size("64K") == 65536 and perf.parse_size("1M") == 1 << 20 and perf.parse_size("12") == 12
     assert perf.depth_for(1 << 20, 0) == 16 and perf.depth_for(64, 0) == 128 and perf.depth_for(64, 7) == 7
     assert perf.window_slots(8 << 20, 0) == 1
+    # Write placement as perftest's: above half the cycle buffer (a page) every write goes to one buffer;
+    # smaller ones advance through it; --cycle-buffer 8M spreads 1 MiB writes over 8 buffers.
+    assert perf.window_slots(1 << 20, 0) == 1 and perf.window_slots(2048, 0) == 2 and perf.window_slots(64, 0) == 64
+    assert perf.window_slots(1 << 20, 0, 8 << 20) == 8 and perf.window_slots(4 << 20, 0, 8 << 20) == 2
+    assert perf.window_slots(64, 7, 8 << 20) == 7
 
 
 def test_server_rejects_a_bad_request():
@@ -74,6 +79,10 @@ def test_server_rejects_a_bad_request():
         perf.Config.from_bytes(json.dumps({"mode": "bandwidth", "sizes": [1 << 31], "iterations": 1,
                                            "duration": None, "streams": 1, "depth": 1,
                                            "transport": "tcp"}).encode())
+    with pytest.raises(ValueError):  # a cycle buffer of 2 GiB would make the server allocate it
+        perf.Config.from_bytes(json.dumps({"mode": "bandwidth", "sizes": [64], "iterations": 1, "duration": None,
+                                           "streams": 1, "depth": 1, "transport": "tcp",
+                                           "cycle_buffer": 2 << 30}).encode())
 
 
 def test_channel_bench_reports_the_three_round_trips(tmp_path):

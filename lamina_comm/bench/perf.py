@@ -33,10 +33,13 @@ from .._bindings import check, ffi, lib
 from ..errors import LaminaError, TimeoutError_
 
 DEFAULT_PORT = 18515
-# Writes in flight cycle over this many bytes of buffer at most: like
-# perftest (one buffer per QP) and iperf3 (one buffer), the figure is about
-# the transport, not about the memory system missing its caches.
-WINDOW_BYTES = 8 << 20
+# Where the writes go, as perftest's ib_write_bw places them: writes of at
+# most half the cycle buffer advance through it (a page by default), larger
+# ones all go to one buffer, from one buffer (iperf3 too sends from one
+# buffer). The figure is then about the transport, not about the memory
+# system missing its caches; --cycle-buffer 8M cycles 1 MiB writes over 8
+# buffers, for the figure out of cache.
+CYCLE_BUFFER = 4096
 ALL_SIZES = [2 ** k for k in range(1, 24)]  # 2 B .. 8 MiB, as perftest -a
 RESULT = struct.Struct("<QQQQd")  # count, bytes, first_ns, last_ns, peak bytes/s
 END_FLAG = 0x80000000
@@ -53,6 +56,7 @@ class Config:
     depth: int
     transport: str
     loop: str = "native"      # "native" (the C loop, as perftest's) or "python" (through the API)
+    cycle_buffer: int = CYCLE_BUFFER  # bytes the writes advance through (see CYCLE_BUFFER)
 
     def to_bytes(self) -> bytes:
         return json.dumps(dataclasses.asdict(self)).encode()
@@ -64,7 +68,7 @@ class Config:
         if cfg.mode not in ("bandwidth", "latency") or not cfg.sizes or max(cfg.sizes) > 1 << 30 \
                 or cfg.loop not in ("native", "python"):
             raise ValueError("bad benchmark request")
-        if not 0 <= cfg.depth <= 4096 or not 1 <= cfg.streams <= 64:
+        if not 0 <= cfg.depth <= 4096 or not 1 <= cfg.streams <= 64 or not 64 <= cfg.cycle_buffer <= 1 << 30:
             raise ValueError("bad benchmark request")
         return cfg
 
@@ -87,14 +91,17 @@ def depth_for(size: int, depth: int) -> int:
     return depth or max(2, min(128, (16 << 20) // max(size, 1)))
 
 
-def window_slots(size: int, depth: int) -> int:
-    return max(1, min(depth_for(size, depth), WINDOW_BYTES // max(size, 1)))
+def window_slots(size: int, depth: int, cycle_buffer: int = CYCLE_BUFFER) -> int:
+    """Target slots the writes of ``size`` cycle over: one above half the cycle buffer (perftest)."""
+    if size > cycle_buffer // 2:
+        return 1
+    return max(1, min(depth_for(size, depth), cycle_buffer // max(size, 1)))
 
 
 def _recv_buffer_bytes(cfg: Config) -> int:
     if cfg.mode == "latency":
         return max(cfg.sizes)
-    return max(size * window_slots(size, cfg.depth) for size in cfg.sizes)
+    return max(size * window_slots(size, cfg.depth, cfg.cycle_buffer) for size in cfg.sizes)
 
 
 class _Session:
@@ -274,7 +281,7 @@ def _send_stream_window(client: Client, size: int, n: int, duration: float | Non
         return
     eps, remotes = client.endpoints, client.remote
     depth = depth_for(size, cfg.depth)
-    slots = window_slots(size, cfg.depth)
+    slots = window_slots(size, cfg.depth, cfg.cycle_buffer)
     inflight = [0] * len(eps)
     sent = [0] * len(eps)
     index = {ep.id: i for i, ep in enumerate(eps)}
@@ -311,7 +318,7 @@ def _native_stream(client: Client, size: int, n: int, duration: float | None) ->
         remotes[i] = remote._native[0]
     sent = ffi.new("uint64_t[]", len(eps))
     check(lib.lm_bench_stream(client.ctx._handle(), handles, ids, remotes, len(eps), client.src_mr._handle(), size,
-                              depth_for(size, client.cfg.depth), window_slots(size, client.cfg.depth), n,
+                              depth_for(size, client.cfg.depth), window_slots(size, client.cfg.depth, client.cfg.cycle_buffer), n,
                               int((duration or 0) * 1e9), 30000, sent), "bandwidth stream")
     return sum(sent[i] for i in range(len(eps)))
 
@@ -460,6 +467,10 @@ def add_arguments(p: argparse.ArgumentParser, mode: str) -> None:
     p.add_argument("-t", "--tx-depth", dest="depth", type=int, default=None,
                    help="writes in flight per connection (bandwidth default: 128, at most 16 MiB in flight)")
     p.add_argument("--transport", choices=tr.TRANSPORT_CHOICES, default="auto")
+    p.add_argument("--cycle-buffer", "--cycle_buffer", dest="cycle_buffer", type=parse_size, default=CYCLE_BUFFER,
+                   help="bandwidth: writes of at most half of it advance through it, larger ones all go to "
+                        "one buffer, as perftest places them (default: 4 KiB; 8M: 1 MiB writes over 8 "
+                        "buffers, out of cache)")
     add_progress_argument(p)
     p.add_argument("-d", "--ib-dev", default=None, help="verbs device (as perftest -d)")
     p.add_argument("-x", "--gid-index", type=int, default=None)
@@ -507,8 +518,11 @@ def _config(args, mode: str) -> Config:
     if mode == "latency" and loop == "native" and args.duration:
         print("lamina-bench: -D applies to --loop python; the native loop runs -n iterations",
               file=sys.stderr)
+    cycle_buffer = getattr(args, "cycle_buffer", CYCLE_BUFFER)
+    if not 64 <= cycle_buffer <= 1 << 30:
+        raise SystemExit(f"lamina-bench: --cycle-buffer must be 64 B .. 1 GiB, got {cycle_buffer}")
     return Config(mode, sizes, args.iters or default_iters, args.duration, args.streams, depth,
-                  args.transport, loop)
+                  args.transport, loop, cycle_buffer)
 
 
 def _run_client(args, mode: str, host: str, port: int) -> int:
@@ -524,14 +538,15 @@ def _run_client(args, mode: str, host: str, port: int) -> int:
             client.close()
     depth = cfg.depth or "auto"
     loop = f" loop={cfg.loop}"
+    cycle = f" cycle_buffer={cfg.cycle_buffer}" if mode == "bandwidth" else ""
     header = (f" lamina-bench {mode}: transport={transport} progress={progress_mode} streams={cfg.streams}"
-              f" depth={depth}{loop} host={host}:{port}")
+              f" depth={depth}{loop}{cycle} host={host}:{port}")
     print(header)
     print(format_bandwidth(rows, args.report_gbits) if mode == "bandwidth" else format_latency(rows))
     if args.out_json:
         with open(args.out_json, "w") as f:
-            json.dump({"test": mode, "transport": transport, "progress": progress_mode, "streams": cfg.streams, "depth": cfg.depth,
-                       "host": host, "results": rows, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, f, indent=1)
+            json.dump({"test": mode, "transport": transport, "progress": progress_mode, "streams": cfg.streams,
+                       "depth": cfg.depth, "cycle_buffer": cfg.cycle_buffer, "host": host, "results": rows, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, f, indent=1)
     if args.plot and mode == "bandwidth":
         plot_bandwidth(rows, args.plot)
     return 0
