@@ -75,6 +75,27 @@ def make_ffi() -> FFI:
 
 ffibuilder = make_ffi()
 
+# What the last build was made with. The compiler skips objects newer than
+# their sources, so without this a plain build after a sanitized one (make
+# asan) kept the sanitized library, which then refuses to load without the
+# ASan runtime preloaded.
+STAMP = ROOT / "lamina_comm" / ".build-flavour"
+
+
+def _flavour() -> str:
+    return "sanitize" if os.environ.get("LAMINA_SANITIZE") == "1" else "plain"
+
+
+def _drop_other_flavour() -> None:
+    if STAMP.exists() and STAMP.read_text() == _flavour():
+        return
+    for stale in [*(ROOT / "lamina_comm").glob("_lamina*.so"), *(ROOT / "lamina_comm").glob("_lamina*.o"),
+                  *(NATIVE / "src").rglob("*.o")]:
+        stale.unlink()
+
+
 if __name__ == "__main__":
     os.chdir(ROOT)
+    _drop_other_flavour()
     ffibuilder.compile(verbose=True)
+    STAMP.write_text(_flavour())

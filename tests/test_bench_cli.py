@@ -83,6 +83,10 @@ def test_server_rejects_a_bad_request():
         perf.Config.from_bytes(json.dumps({"mode": "bandwidth", "sizes": [64], "iterations": 1, "duration": None,
                                            "streams": 1, "depth": 1, "transport": "tcp",
                                            "cycle_buffer": 2 << 30}).encode())
+    for odd in ({"cycle_buffer": 100.5}, {"sizes": [2.5]}, {"surprise": 1}):  # types, and other versions' fields
+        with pytest.raises(ValueError, match="bad benchmark request"):
+            perf.Config.from_bytes(json.dumps({"mode": "bandwidth", "sizes": [64], "iterations": 1, "duration": None,
+                                               "streams": 1, "depth": 1, "transport": "tcp", **odd}).encode())
 
 
 def test_channel_bench_reports_the_three_round_trips(tmp_path):

@@ -346,7 +346,7 @@ def test_strided_device_rows_go_as_one_2d_copy_against_a_mock_driver(tmp_path):
 
 
 MOCK_SERVICE = r"""
-import json, threading
+import json, sys, threading
 import torch
 import lamina_comm as lc
 from lamina_comm.engine import AttentionService, RemoteAttention
@@ -361,7 +361,8 @@ def DeviceArray(dev, shape):
 dev = cuda.get_device(0)
 errors = []
 with lc.Context("tcp") as ctx:
-    services = [AttentionService(ctx, SHAPE, rank=a, ranks=2) for a in range(2)]
+    report = sys.argv[2] == "report"  # the ranks' compute time with every reply, as lamina-node sends it
+    services = [AttentionService(ctx, SHAPE, rank=a, ranks=2, report_compute_time=report) for a in range(2)]
 
     def serve(service, count):
         try:
@@ -390,7 +391,8 @@ with lc.Context("tcp") as ctx:
             out = remote.recv_into(torch.empty(5, 8, 16), layer=layer, microbatch=microbatch)
             want = q * 2
             want[:, 4:] += 1
-            ok.append(bool(torch.equal(out, want)))
+            ok.append(bool(torch.equal(out, want)) and
+                      all((reply.compute_ns is not None) == report for reply in remote.replies))
     for t in threads:
         t.join(30)
     remote.close()
@@ -400,9 +402,10 @@ print(json.dumps({"ok": ok, "errors": errors}))
 """
 
 
-def test_attention_service_on_a_gpu_tier_against_a_mock_driver(tmp_path):
+@pytest.mark.parametrize("report", ["plain", "report"])
+def test_attention_service_on_a_gpu_tier_against_a_mock_driver(tmp_path, report):
     """The attention tier's stream-ordered side: requests copied to device tensors (the slot goes back by
     the stream), outputs answered from device tensors; the model tier gets every head bit for bit."""
     pytest.importorskip("torch")
-    out = run_mock(tmp_path, MOCK_SERVICE)
+    out = run_mock(tmp_path, MOCK_SERVICE, report)
     assert out == {"ok": [True] * 6, "errors": []}

@@ -85,9 +85,10 @@ def _quietly(function: Any, *args: Any, **kwargs: Any) -> Any:
 class Cluster:
     """``ranks`` attention services in threads answering out = 2 * q + rank, and one RemoteAttention."""
 
-    def __init__(self, ranks: int):
+    def __init__(self, ranks: int, report_compute_time: bool = False):
         self.ctx = lc.Context("tcp")
-        self.services = [AttentionService(self.ctx, SHAPE, rank=a, ranks=ranks) for a in range(ranks)]
+        self.services = [AttentionService(self.ctx, SHAPE, rank=a, ranks=ranks, report_compute_time=report_compute_time)
+                         for a in range(ranks)]
         self.errors: list[BaseException] = []
         self.closing = False
         self.threads = [threading.Thread(target=self._serve, args=(s,), daemon=True) for s in self.services]

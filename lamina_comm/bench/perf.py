@@ -64,7 +64,15 @@ class Config:
     @classmethod
     def from_bytes(cls, data: bytes) -> "Config":
         d = json.loads(data.decode())
-        cfg = cls(**d)
+        try:
+            cfg = cls(**d)
+        except TypeError as exc:  # unknown or missing fields: another version, or not a client of ours
+            raise ValueError(f"bad benchmark request: {exc}") from None
+        numbers = [*cfg.sizes, cfg.iterations, cfg.streams, cfg.depth, cfg.cycle_buffer] \
+            if isinstance(cfg.sizes, list) else [None]
+        if not all(type(n) is int for n in numbers) or \
+                not (cfg.duration is None or type(cfg.duration) in (int, float)):
+            raise ValueError("bad benchmark request: sizes, counts and the cycle buffer are integers")
         if cfg.mode not in ("bandwidth", "latency") or not cfg.sizes or max(cfg.sizes) > 1 << 30 \
                 or cfg.loop not in ("native", "python"):
             raise ValueError("bad benchmark request")
@@ -468,9 +476,9 @@ def add_arguments(p: argparse.ArgumentParser, mode: str) -> None:
                    help="writes in flight per connection (bandwidth default: 128, at most 16 MiB in flight)")
     p.add_argument("--transport", choices=tr.TRANSPORT_CHOICES, default="auto")
     p.add_argument("--cycle-buffer", "--cycle_buffer", dest="cycle_buffer", type=parse_size, default=CYCLE_BUFFER,
-                   help="bandwidth: writes of at most half of it advance through it, larger ones all go to "
-                        "one buffer, as perftest places them (default: 4 KiB; 8M: 1 MiB writes over 8 "
-                        "buffers, out of cache)")
+                   help="bandwidth: writes of at most half of it advance through it (over at most as many "
+                        "buffers as writes in flight), larger ones all go to one buffer, as perftest places "
+                        "them (default: 4 KiB; 8M: 1 MiB writes over 8 buffers, out of cache)")
     add_progress_argument(p)
     p.add_argument("-d", "--ib-dev", default=None, help="verbs device (as perftest -d)")
     p.add_argument("-x", "--gid-index", type=int, default=None)

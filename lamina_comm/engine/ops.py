@@ -58,8 +58,9 @@ def send_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: int, lay
 @send_qkv.register_fake
 def _send_qkv_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: int, layer: int,
                    microbatch: int) -> torch.Tensor:
-    # Nothing here may depend on the handle's value: a compiler may trace it as a symbol.
-    return q.new_empty((), dtype=torch.int64)
+    # Nothing here may depend on the handle's value: a compiler may trace it as a symbol. The token is
+    # a host scalar whatever q's device (as the real op returns it: no device copy for a token).
+    return torch.empty((), dtype=torch.int64, device="cpu")
 
 
 @torch.library.custom_op("lamina::recv_attention", mutates_args=())

@@ -45,7 +45,8 @@ class LayerRequest:
     def __init__(self, service: "AttentionService", peer: int, message: Message,
                  metadata: Optional[tuple[np.ndarray, np.ndarray]] = None):
         self._service, self._message = service, message
-        self._received_ns = time.perf_counter_ns() if service.report_compute_time else 0
+        self._reporting = service.report_compute_time  # fixed per request: the reply's layout follows it
+        self._received_ns = time.perf_counter_ns() if self._reporting else 0
         # The step metadata its model rank sent for this micro-batch (RemoteAttention.send_metadata), if any.
         self.request_ids, self.positions = metadata if metadata is not None else (None, None)
         self.peer = peer
@@ -87,7 +88,7 @@ class LayerRequest:
             dtype = self._service.shape.dtype
             # Kept as send_buffers() handed it out, so respond() sends it by its filled table (the
             # second tensor, when there is one, takes the compute time).
-            if self._service.report_compute_time:
+            if self._reporting:
                 self._output = self.channel.send_buffers(self.microbatch, [shape, (1,)], (dtype, "int64"),
                                                          as_torch=True, timeout=timeout)
             else:
@@ -114,12 +115,14 @@ class LayerRequest:
         engine after the work queued before on ``stream``, posted when the copy is done."""
         if self._message is None:
             raise ClosedError("this request was answered already")
-        reporting = self._service.report_compute_time
+        reporting = self._reporting
         if compute_ns is not None and not reporting:
             raise InvalidArgumentError("respond(compute_ns=) needs AttentionService(report_compute_time=True)")
         if reporting and compute_ns is None:
             compute_ns = time.perf_counter_ns() - self._received_ns
         if stream is not None or (out is not None and is_device_tensor(out)):
+            if out is None:
+                raise InvalidArgumentError("a stream-ordered respond(out, stream=) needs the output tensor")
             self.release()
             tensors = [out, compute_time(compute_ns)] if reporting else [out]
             self.channel.send(tensors, layer=self.layer, microbatch=self.microbatch, timeout=timeout, stream=stream)
@@ -128,7 +131,7 @@ class LayerRequest:
         if out is not None and out is not view:
             view.copy_(out.reshape(view.shape))
         if reporting:
-            self._service._trailer(self._output[1])[0] = compute_ns
+            _numpy_of(self._output[1])[0] = compute_ns
         self.release()
         self.channel.send(self._output, layer=self.layer, microbatch=self.microbatch, timeout=timeout)
 
@@ -144,6 +147,15 @@ class LayerRequest:
         message, self._message = self._message, None
         if message is not None:
             message.release()  # (a no-op once to_device handed it to the stream)
+
+
+def _numpy_of(tensor: Any) -> np.ndarray:
+    """A numpy view of a kept reply-slot tensor, kept on it (it lives as long as the channel's slot views):
+    a write through torch costs microseconds, through numpy a tenth of one."""
+    view = getattr(tensor, "_lamina_numpy", None)
+    if view is None:
+        view = tensor._lamina_numpy = tensor.numpy()
+    return view
 
 
 class AttentionService:
@@ -168,7 +180,6 @@ class AttentionService:
         self.shape, self.rank, self.ranks = shape, rank, ranks
         # Replies carry the rank's compute time (int64 [1] after the output): for metrics, a few us each.
         self.report_compute_time = report_compute_time
-        self._trailers: dict[Any, np.ndarray] = {}  # reply slots' compute-time tensors -> numpy views
         # kv_heads: a share other than the shape's even split (a server that agreed on it itself).
         self.kv_heads = tuple(kv_heads) if kv_heads is not None else shape.kv_heads(rank, ranks)
         self.spec = shape.share_spec(self.kv_heads)
@@ -237,15 +248,6 @@ class AttentionService:
             del self._metadata[key]
         self._regroup()
         return channel
-
-    def _trailer(self, tensor: Any) -> np.ndarray:
-        """A numpy view of a reply slot's compute-time tensor (kept: writing through torch costs us)."""
-        view = self._trailers.get(tensor)
-        if view is None:
-            if len(self._trailers) >= 64:
-                self._trailers.clear()
-            view = self._trailers[tensor] = tensor.numpy()
-        return view
 
     def _regroup(self) -> None:
         self._order = sorted(self._peers)

@@ -502,11 +502,14 @@ def test_channel_carries_cuda_tensors_stream_ordered(torch, transport):
             attention.close()
 
 
-def test_remote_attention_stream_ordered_on_cuda(torch):
+@pytest.mark.parametrize("report_compute_time", [False, True])
+def test_remote_attention_stream_ordered_on_cuda(torch, report_compute_time):
     """The engine API with CUDA q/k/v and a CUDA output, on a stream: each rank's heads go by one 2D copy
-    into its slot and come back by one 2D copy into its heads of out; bit-exact, poisoned output first."""
+    into its slot and come back by one 2D copy into its heads of out; bit-exact, poisoned output first.
+    With the ranks' compute time in every reply (as lamina-node's attention node sends it), the time
+    lands in ``replies`` and the output is the same."""
     from ..test_engine import SHAPE, Cluster
-    cluster = Cluster(ranks=2)
+    cluster = Cluster(ranks=2, report_compute_time=report_compute_time)
     stream = torch.cuda.Stream()
     try:
         for layer in range(3):
@@ -519,6 +522,8 @@ def test_remote_attention_stream_ordered_on_cuda(torch):
                     assert cluster.remote.recv_into(out, layer=layer, microbatch=microbatch) is out
                     same = torch.equal(out.view(7, 8, 16).cpu(), cluster.expected(q.cpu()))
                 assert same, (layer, microbatch)
+                assert all((reply.compute_ns is not None) == report_compute_time
+                           for reply in cluster.remote.replies)
         assert cluster.staged_bytes() == 0
     finally:
         cluster.close()
