@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import select
 import socket
-import struct
 import threading
 import time
 from typing import Iterator

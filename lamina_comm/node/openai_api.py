@@ -65,20 +65,6 @@ def _check_model(body: SamplingFields, model_name: str) -> None:
                           f"{model_name!r}", param="model", code="model_not_found")
 
 
-def _text_prompts(prompt: Any, codec: Optional[TextCodec]) -> Optional[list[list[int]]]:
-    """Text prompts (a string, or a list of them) tokenized; None when the prompt is not text."""
-    texts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(texts, list) or not texts or not any(isinstance(p, str) for p in texts):
-        return None
-    if codec is None:
-        raise OpenAIError(HTTPStatus.BAD_REQUEST, "text prompts need a tokenizer, and this model has none: send "
-                          "token ids (prompt: [ids] or a list of them)", param="prompt")
-    if not all(isinstance(p, str) and p for p in texts):
-        raise OpenAIError(HTTPStatus.BAD_REQUEST, "prompt must be one text or a list of non-empty texts",
-                          param="prompt")
-    return [codec.encode(p) for p in texts]
-
-
 def parse_completion(body: CompletionBody, model_name: str, codec: Optional[TextCodec] = None) -> CompletionRequest:
     """A /v1/completions body (its types checked by the schema) checked; OpenAIError (400/404) names the field."""
     _check_model(body, model_name)
