@@ -49,13 +49,14 @@ def _bench_json(tree: str, mode: str, extra: list[str]) -> dict:
 
 
 def bandwidth(tree: str, size: int, streams: int, seconds: float) -> float:
-    report = _bench_json(tree, "bandwidth", ["--loopback", "--quiet", "-s", str(size), "-q", str(streams),
-                                            "-D", str(seconds)])
+    # tcp, as the peers it is compared with ("auto" would take shm on one host).
+    report = _bench_json(tree, "bandwidth", ["--loopback", "--quiet", "--transport", "tcp", "-s", str(size),
+                                            "-q", str(streams), "-D", str(seconds)])
     return report["results"][0]["bw_avg_gbps"]
 
 
 def latency(tree: str, progress: str) -> float:
-    report = _bench_json(tree, "latency", ["--loopback", "--quiet", "-s", "64", "-n", "20000",
+    report = _bench_json(tree, "latency", ["--loopback", "--quiet", "--transport", "tcp", "-s", "64", "-n", "20000",
                                           "--progress", progress])
     return report["results"][0]["p50_us"]
 

@@ -108,7 +108,8 @@ def median_of(reps: int, *measures) -> list[float]:
 
 def lamina(mode: str, extra: list[str]) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        run([sys.executable, "-m", "lamina_comm.bench.cli", mode, "--loopback", "--quiet",
+        # tcp against TCP peers: "auto" would take shm, both ends being on this host.
+        run([sys.executable, "-m", "lamina_comm.bench.cli", mode, "--loopback", "--quiet", "--transport", "tcp",
              "--out_json", f.name, *extra])
         return json.load(open(f.name))["results"][0]
 
