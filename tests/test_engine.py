@@ -474,3 +474,48 @@ def _pair(ctx: Any, listener: Any, spec: Any) -> tuple[Any, Any]:
                                     piggyback_credits=True)
     thread.join(TIMEOUT_S)
     return model_side, accepted[0]
+
+
+def test_one_request_per_micro_batch_holds_the_reply_slot_and_a_failed_respond_gives_its_slot_back() -> None:
+    """Two requests of one model rank and micro-batch would share the next reply slot: the second
+    output() is refused until the first is answered (both replies then right). A respond that fails
+    (the model rank detached meanwhile) still gives the request's slot back: re-attached, the channel
+    serves on."""
+    shape = AttentionShape(num_heads=4, num_kv_heads=2, head_dim=8, max_tokens=8, dtype="float32", microbatches=1)
+    q, k = torch.randn(3, 4, 8), torch.randn(3, 2, 8)
+    with lc.Context("tcp") as ctx, ctx.listen("127.0.0.1:0") as listener:
+        model_side, attention_side = _pair(ctx, listener, shape.channel_spec(0, 1))
+        service = AttentionService(None, shape, 0, 1, listen=None)
+        peer = service.attach(attention_side)
+        remote = RemoteAttention.over([model_side], shape)
+        remote.send(q, k, k, layer=0, microbatch=0)
+        remote.send(q, k, k, layer=1, microbatch=0)
+        first, second = service.recv(timeout=TIMEOUT_S), service.recv(timeout=TIMEOUT_S)
+        first.output().fill_(1.0)
+        with pytest.raises(lc.InvalidArgumentError, match="held by the request of layer 0: answer it first"):
+            second.output()
+        first.respond()
+        second.output().fill_(2.0)
+        second.respond()
+        out = torch.empty(3, 4, 8)
+        assert remote.recv_into(out, layer=0, microbatch=0).unique().tolist() == [1.0]
+        assert remote.recv_into(out, layer=1, microbatch=0).unique().tolist() == [2.0]
+        with pytest.raises(lc.InvalidArgumentError, match="micro-batch 1 is not in"):
+            remote.recv_into(out, layer=2, microbatch=1)  # the control micro-batch is not the caller's
+
+        for layer in (2, 3):
+            remote.send(q, k, k, layer=layer, microbatch=0)
+        stranded = service.recv(timeout=TIMEOUT_S)
+        service.detach(peer)
+        with pytest.raises(lc.ClosedError, match="no longer served"):
+            stranded.respond()
+        peer = service.attach(attention_side)
+        for layer in (3, 4, 5):  # every slot of the micro-batch comes round again: none was lost
+            if layer > 3:
+                remote.send(q, k, k, layer=layer, microbatch=0)
+            request = service.recv(timeout=TIMEOUT_S)
+            assert request.layer == layer
+            request.respond(request.q)
+            assert torch.equal(remote.recv_into(out, layer=layer, microbatch=0), q)
+        service.close()
+        model_side.close()

@@ -288,6 +288,7 @@ class RemoteAttention:
         afterwards sees the output, and the call waits only for the replies
         to arrive, never for the device.
         """
+        self._check_microbatch(microbatch)
         if _on_cuda(out):
             return self._recv_into_device(out, layer, microbatch, timeout, stream)
         destinations = self._destinations(out)
@@ -420,9 +421,13 @@ class RemoteAttention:
 
     def flush(self, timeout: Optional[float] = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
-        for channel in self.channels:
+        for rank, channel in enumerate(self.channels):
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            channel.flush(left)
+            try:
+                channel.flush(left)
+            except LaminaError as exc:
+                exc.channel_index = rank
+                raise
 
     def close(self) -> None:
         if self._owns:
@@ -444,7 +449,7 @@ def _compute_ns(message: Message) -> Optional[int]:
     """The compute time a reply carries as its second tensor (int64 [1]), or None."""
     tensors = message.tensors
     if len(tensors) == 2 and tensors[1].dtype_name == "int64" and tensors[1].shape == (1,):
-        return int(tensors[1][0])
+        return max(0, int(tensors[1][0]))  # a time: a negative one from a buggy rank is not one
     return None
 
 

@@ -82,8 +82,21 @@ class LayerRequest:
         return self._service.channel_of(self.peer)
 
     def output(self, timeout: Optional[float] = None) -> Any:
-        """The reply slot as [T, h, D] (waits for its credit)."""
+        """The reply slot as [T, h, D] (waits for its credit).
+
+        The slot is the next one of this micro-batch's replies: one request of
+        a model rank and micro-batch at a time may hold it, so answer a request
+        before taking the output of the next of the same micro-batch.
+        """
         if self._output is None:
+            if self._message is None:
+                raise ClosedError("this request was answered already")
+            key = (self.peer, self.microbatch)
+            holder = self._service._holding.get(key)
+            if holder is not None and holder is not self:
+                raise InvalidArgumentError(f"the reply slot of model rank {self.peer}, micro-batch "
+                                           f"{self.microbatch} is held by the request of layer {holder.layer}: "
+                                           f"answer it first")
             shape = tuple(self._views[0].shape)
             dtype = self._service.shape.dtype
             # Kept as send_buffers() handed it out, so respond() sends it by its filled table (the
@@ -94,6 +107,7 @@ class LayerRequest:
             else:
                 self._output = self.channel.send_buffers(self.microbatch, [shape], dtype, as_torch=True,
                                                          timeout=timeout)
+            self._service._holding[key] = self
         return self._output[0]
 
     def to_device(self, q: Any, k: Any, v: Any, *, stream: Any = None) -> None:
@@ -127,12 +141,14 @@ class LayerRequest:
             tensors = [out, compute_time(compute_ns)] if reporting else [out]
             self.channel.send(tensors, layer=self.layer, microbatch=self.microbatch, timeout=timeout, stream=stream)
             return
-        view = self.output(timeout)
-        if out is not None and out is not view:
-            view.copy_(out.reshape(view.shape))
-        if reporting:
-            _numpy_of(self._output[1])[0] = compute_ns
-        self.release()
+        try:
+            view = self.output(timeout)
+            if out is not None and out is not view:
+                view.copy_(out.reshape(view.shape))
+            if reporting:
+                _numpy_of(self._output[1])[0] = compute_ns
+        finally:  # the request's slot goes back whatever happened (a failed respond must not leak it)
+            self.release()
         self.channel.send(self._output, layer=self.layer, microbatch=self.microbatch, timeout=timeout)
 
     def fail(self, reason: str, timeout: Optional[float] = None) -> None:
@@ -147,6 +163,8 @@ class LayerRequest:
         message, self._message = self._message, None
         if message is not None:
             message.release()  # (a no-op once to_device handed it to the stream)
+        if self._output is not None and self._service._holding.get((self.peer, self.microbatch)) is self:
+            del self._service._holding[(self.peer, self.microbatch)]
 
 
 def _numpy_of(tensor: Any) -> np.ndarray:
@@ -180,6 +198,8 @@ class AttentionService:
         self.shape, self.rank, self.ranks = shape, rank, ranks
         # Replies carry the rank's compute time (int64 [1] after the output): for metrics, a few us each.
         self.report_compute_time = report_compute_time
+        # (peer, micro-batch) -> the request whose output() holds that reply slot, until it is answered.
+        self._holding: dict[tuple[int, int], LayerRequest] = {}
         # kv_heads: a share other than the shape's even split (a server that agreed on it itself).
         self.kv_heads = tuple(kv_heads) if kv_heads is not None else shape.kv_heads(rank, ranks)
         self.spec = shape.share_spec(self.kv_heads)
@@ -244,6 +264,8 @@ class AttentionService:
         """Stop serving model rank ``peer``; its channel is the caller's again (not closed)."""
         channel = self._peers.pop(peer)
         del self._control[peer]
+        for key in [key for key in self._holding if key[0] == peer]:
+            del self._holding[key]
         for key in [key for key in self._metadata if key[0] == peer]:
             del self._metadata[key]
         self._regroup()

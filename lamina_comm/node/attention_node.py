@@ -57,6 +57,16 @@ _POLL_S = 0.5
 # meanwhile, so this stays well below a model node's peer_timeout.
 NEWCOMER_TIMEOUT_S = 2.0
 
+# Bound on waiting for the credit of a session's reply slot (its layer outputs, its control replies). A
+# model node that follows the protocol always has one free (it takes a reply before it sends what the
+# next reply answers, and the credit rides on that), so a wait this long means it stopped reading; the
+# one serving thread must not stall every other session for a whole peer_timeout on it.
+REPLY_CREDIT_S = 2.0
+
+
+class SessionStalled(Exception):
+    """A session's model node took none of its replies within REPLY_CREDIT_S: the session ends."""
+
 
 @dataclass(frozen=True)
 class AttentionOptions:
@@ -342,6 +352,10 @@ class AttentionServer:
         session, request = payload
         try:
             return session, request, session.attend(request)
+        except SessionStalled as exc:
+            log.warning("%s", exc)
+            request.release()
+            self._end(session, exc)
         except Exception as exc:  # noqa: BLE001 - one session's request must not end the others
             log.exception("serving model node %s failed", session.name)
             request.release()
@@ -454,10 +468,16 @@ class AttentionSession:
         assert self.server.shares is not None
         return self.server.shares
 
+    @property
+    def _reply_credit_s(self) -> float:
+        return min(self.options.peer_timeout, REPLY_CREDIT_S)
+
     def attach(self, data: Channel) -> None:
         """The session's data channel, accepted after its setup was answered."""
         self.data = data
-        self._control = protocol.ControlLink(data, self.options.peer_timeout, protocol.control_microbatch(data.spec))
+        # Replies wait at most REPLY_CREDIT_S for their slot: a timeout ends this session (the service
+        # names it), not everyone's progress.
+        self._control = protocol.ControlLink(data, self._reply_credit_s, protocol.control_microbatch(data.spec))
         self.last_heard = time.monotonic()
 
     def has_arrivals(self) -> bool:
@@ -552,7 +572,12 @@ class AttentionSession:
                                  f"step metadata")
             keys, positions = self._step_inputs(request)
             if cache.device.type == "cpu":
-                q, k, v, out = request.q, request.k, request.v, request.output()
+                q, k, v = request.q, request.k, request.v
+                try:
+                    out = request.output(timeout=self._reply_credit_s)
+                except TimeoutError_ as exc:
+                    raise SessionStalled(f"model node {self.name} took no reply of micro-batch {request.microbatch} "
+                                         f"within {self._reply_credit_s} s: session ended") from exc
             else:
                 q, k, v = (torch.empty_like(t, device=cache.device) for t in (request.q, request.k, request.v))
                 request.to_device(q, k, v)
@@ -576,11 +601,12 @@ class AttentionSession:
 
     def send_result(self, request: LayerRequest, result: Any) -> None:
         if isinstance(result, str):
-            request.fail(result)
+            request.fail(result, timeout=self._reply_credit_s)
             return
         out, attention_ns = result
         # A CPU cache computed into the reply slot; a device output goes stream-ordered.
-        request.respond(None if self.shares.cache.device.type == "cpu" else out, compute_ns=attention_ns)
+        request.respond(None if self.shares.cache.device.type == "cpu" else out, timeout=self._reply_credit_s,
+                        compute_ns=attention_ns)
 
     # -- life cycle ---------------------------------------------------------
     def close(self) -> None:

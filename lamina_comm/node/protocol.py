@@ -241,6 +241,9 @@ class Setup:
                 f"use a worker count that divides {config.num_kv_heads}", "bad_request")
         if not 0 <= kv_heads[0] < kv_heads[1] <= config.num_kv_heads:
             raise ControlError(f"KV head range {kv_heads} is outside [0, {config.num_kv_heads})", "bad_request")
+        if pipeline_microbatches(spec) < 1:
+            raise ControlError(f"data channel spec {spec} has no pipeline micro-batch (only the control one)",
+                               "bad_request")
         expected = data_channel_spec(config, kv_heads, pipeline_microbatches(spec), spec.max_tokens)
         if spec != expected:
             raise ControlError(f"data channel spec {spec} does not fit KV heads {kv_heads}", "bad_request")

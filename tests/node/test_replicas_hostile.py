@@ -75,7 +75,9 @@ def server() -> Iterator[Server]:
 
 
 @pytest.mark.parametrize("setup", [{"worker": float("inf")}, {"num_workers": 0}, {"kv_heads": [0, 1e400]},
-                                   {"data_spec": "x"}, {"config": []}, {"replica": "\n" * 3}])
+                                   {"data_spec": "x"}, {"config": []}, {"replica": "\n" * 3},
+                                   {"data_spec": protocol.data_channel_spec(CONFIG, (0, CONFIG.num_kv_heads), 0,
+                                                                            16).to_dict()}])
 def test_a_malformed_setup_is_refused_and_the_node_serves_on(server: Server, setup: dict[str, Any]) -> None:
     with Context("tcp") as ctx:
         honest = RawModelNode(ctx, server.address, "honest")
@@ -204,3 +206,33 @@ def test_a_malformed_layer_message_ends_its_own_session_and_the_node_serves_on(s
             time.sleep(0.05)
         assert sorted(server.names()) == expected
         assert server.error is None and honest.call({"type": "status"})["blocks_held"] == 1
+
+
+def test_a_model_node_that_stops_taking_its_replies_ends_alone_within_the_honest_nodes_timeout() -> None:
+    """A session whose replies are never taken runs out of reply credits; the one serving thread waits a
+    bounded REPLY_CREDIT_S (2 s) for it, not peer_timeout (6 s here) and not twice, then ends that
+    session; the honest node, calling with a 3 s timeout, is answered in time."""
+    import numpy as np
+    from lamina_comm.engine.wire import METADATA_LAYER
+
+    server = Server(peer_timeout=6.0)
+    try:
+        with Context("tcp") as ctx:
+            honest = RawModelNode(ctx, server.address, "honest", timeout=3.0)
+            hostile = RawModelNode(ctx, server.address, "hostile", timeout=30.0)
+            assert hostile.call({"type": "reserve", "requests": [[1, 64]]})["reserved"] == [1]
+            control = protocol.control_microbatch(hostile.spec)
+            hostile.data.send([np.array([0]), np.array([[1, 1], [0, 1]])], layer=METADATA_LAYER, microbatch=control)
+            dtype = np.dtype(CONFIG.dtype)
+            q = np.zeros((2, CONFIG.num_heads, CONFIG.head_dim), dtype)
+            k = np.zeros((2, CONFIG.num_kv_heads, CONFIG.head_dim), dtype)
+            for layer in range(3):  # two reply slots per micro-batch: the third reply finds no credit
+                hostile.data.send([q, k, k], layer=layer, microbatch=0)
+            time.sleep(0.2)
+            assert honest.call({"type": "status"})["ok"]  # within its 3 s: before, 2 x peer_timeout
+            deadline = time.monotonic() + 5.0
+            while "hostile" in server.names() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert server.names() == ["honest"] and server.error is None
+    finally:
+        server.close()
