@@ -494,6 +494,8 @@ def test_one_request_per_micro_batch_holds_the_reply_slot_and_a_failed_respond_g
         first.output().fill_(1.0)
         with pytest.raises(lc.InvalidArgumentError, match="held by the request of layer 0: answer it first"):
             second.output()
+        with pytest.raises(lc.InvalidArgumentError, match="answer it first"):
+            second.fail("an error reply would be staged into the same slot")
         first.respond()
         second.output().fill_(2.0)
         second.respond()

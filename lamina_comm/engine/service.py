@@ -10,9 +10,8 @@ import numpy as np
 from lamina_comm.channel import Channel, ChannelGroup, Message, to_torch
 from lamina_comm.channel.device import is_device_tensor
 from lamina_comm.errors import ClosedError, InvalidArgumentError, LaminaError, ProtocolError, TimeoutError_
-from lamina_comm.transport import Context
-
 from lamina_comm.model.kvcache import HeadRange
+from lamina_comm.transport import Context
 
 from .shape import AttentionShape
 from .wire import ERROR_LAYER, METADATA_LAYER, compute_time, encode_error
@@ -91,12 +90,7 @@ class LayerRequest:
         if self._output is None:
             if self._message is None:
                 raise ClosedError("this request was answered already")
-            key = (self.peer, self.microbatch)
-            holder = self._service._holding.get(key)
-            if holder is not None and holder is not self:
-                raise InvalidArgumentError(f"the reply slot of model rank {self.peer}, micro-batch "
-                                           f"{self.microbatch} is held by the request of layer {holder.layer}: "
-                                           f"answer it first")
+            self._check_reply_slot()
             shape = tuple(self._views[0].shape)
             dtype = self._service.shape.dtype
             # Kept as send_buffers() handed it out, so respond() sends it by its filled table (the
@@ -107,8 +101,15 @@ class LayerRequest:
             else:
                 self._output = self.channel.send_buffers(self.microbatch, [shape], dtype, as_torch=True,
                                                          timeout=timeout)
-            self._service._holding[key] = self
+            self._service._holding[(self.peer, self.microbatch)] = self
         return self._output[0]
+
+    def _check_reply_slot(self) -> None:
+        """Refuse to use the micro-batch's next reply slot while another request holds its views."""
+        holder = self._service._holding.get((self.peer, self.microbatch))
+        if holder is not None and holder is not self:
+            raise InvalidArgumentError(f"the reply slot of model rank {self.peer}, micro-batch {self.microbatch} "
+                                       f"is held by the request of layer {holder.layer}: answer it first")
 
     def to_device(self, q: Any, k: Any, v: Any, *, stream: Any = None) -> None:
         """Copy q, k, v into these CUDA tensors on ``stream`` (default: torch's current stream); the
@@ -137,6 +138,7 @@ class LayerRequest:
         if stream is not None or (out is not None and is_device_tensor(out)):
             if out is None:
                 raise InvalidArgumentError("a stream-ordered respond(out, stream=) needs the output tensor")
+            self._check_reply_slot()
             self.release()
             tensors = [out, compute_time(compute_ns)] if reporting else [out]
             self.channel.send(tensors, layer=self.layer, microbatch=self.microbatch, timeout=timeout, stream=stream)
@@ -155,6 +157,7 @@ class LayerRequest:
         """Answer with an error instead of the output (the model rank raises ``AttentionRankError``)."""
         if self._message is None:
             raise ClosedError("this request was answered already")
+        self._check_reply_slot()
         self.release()
         self.channel.send([encode_error(reason)], layer=ERROR_LAYER, microbatch=self.microbatch, timeout=timeout)
 
