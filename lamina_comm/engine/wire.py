@@ -5,7 +5,8 @@ replies, the rank's compute time.
   of the output: the rank could not serve that layer (``LayerRequest.fail``);
   ``RemoteAttention.recv_into`` raises ``AttentionRankError``.
 - A reply may carry a second tensor, int64 [1]: the nanoseconds the rank
-  spent computing it (``LayerRequest.respond(compute_ns=)``), reported in
+  spent computing it (from ``AttentionService(report_compute_time=True)``,
+  ``LayerRequest.respond(compute_ns=)``), reported in
   ``RemoteAttention.replies``.
 - On the control micro-batch (the channel's last), a message whose layer is
   ``METADATA_LAYER`` is step metadata (``RemoteAttention.send_metadata``);
