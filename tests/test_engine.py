@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 import lamina_comm as lc  # noqa: E402
 from lamina_comm.engine import (AttentionRankError, AttentionService, AttentionShape, RemoteAttention,  # noqa: E402
                                 RendezvousError, RendezvousServer, RendezvousTimeout, rendezvous)
+from tests.test_channel import open_pair  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE = AttentionShape(num_heads=8, num_kv_heads=4, head_dim=16, max_tokens=32, dtype="float32")
@@ -425,8 +426,8 @@ def test_a_send_that_fails_on_one_rank_counts_what_the_others_posted() -> None:
 def test_channels_connected_elsewhere_are_served_through_over_and_attach() -> None:
     spec = SHAPE.channel_spec(0, 1)
     q, k, v = torch.randn(3, 8, 16), torch.randn(3, 4, 16), torch.randn(3, 4, 16)
-    with lc.Context("tcp") as ctx, ctx.listen("127.0.0.1:0") as listener:
-        model_side, attention_side = _pair(ctx, listener, spec)
+    with lc.Context("tcp") as ctx:
+        model_side, attention_side = open_pair(ctx, ctx, spec, piggyback=True)
         controls: list[tuple[int, int, int]] = []
 
         def on_control(peer: int, message: Any) -> None:
@@ -456,24 +457,12 @@ def test_channels_connected_elsewhere_are_served_through_over_and_attach() -> No
         with pytest.raises(lc.InvalidArgumentError, match="takes none") as refused:
             strict.recv(timeout=TIMEOUT_S)
         assert refused.value.peer == strict_peer
-        other_model_side, half_share = _pair(ctx, listener, SHAPE.channel_spec(0, 2))
+        other_model_side, half_share = open_pair(ctx, ctx, SHAPE.channel_spec(0, 2), piggyback=True)
         with pytest.raises(lc.InvalidArgumentError, match="carries 4 query / 2 KV heads"):
             strict.attach(half_share)
         strict.close()  # closes what it serves
         for channel in (model_side, other_model_side, half_share):
             channel.close()
-
-
-def _pair(ctx: Any, listener: Any, spec: Any) -> tuple[Any, Any]:
-    """(model side, attention side) of a channel made on ``listener``."""
-    accepted: list[Any] = []
-    thread = threading.Thread(target=lambda: accepted.append(lc.Channel.accept(
-        listener, spec, role="attention", accept_timeout=TIMEOUT_S, piggyback_credits=True)), daemon=True)
-    thread.start()
-    model_side = lc.Channel.connect(ctx, listener.address, spec, role="model", connect_timeout=TIMEOUT_S,
-                                    piggyback_credits=True)
-    thread.join(TIMEOUT_S)
-    return model_side, accepted[0]
 
 
 def test_one_request_per_micro_batch_holds_the_reply_slot_and_a_failed_respond_gives_its_slot_back() -> None:
@@ -483,8 +472,8 @@ def test_one_request_per_micro_batch_holds_the_reply_slot_and_a_failed_respond_g
     serves on."""
     shape = AttentionShape(num_heads=4, num_kv_heads=2, head_dim=8, max_tokens=8, dtype="float32", microbatches=1)
     q, k = torch.randn(3, 4, 8), torch.randn(3, 2, 8)
-    with lc.Context("tcp") as ctx, ctx.listen("127.0.0.1:0") as listener:
-        model_side, attention_side = _pair(ctx, listener, shape.channel_spec(0, 1))
+    with lc.Context("tcp") as ctx:
+        model_side, attention_side = open_pair(ctx, ctx, shape.channel_spec(0, 1), piggyback=True)
         service = AttentionService(None, shape, 0, 1, listen=None)
         peer = service.attach(attention_side)
         remote = RemoteAttention.over([model_side], shape)
