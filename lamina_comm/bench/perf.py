@@ -40,6 +40,7 @@ DEFAULT_PORT = 18515
 # system missing its caches; --cycle-buffer 8M cycles 1 MiB writes over 8
 # buffers, for the figure out of cache.
 CYCLE_BUFFER = 4096
+CYCLE_BUFFER_BOUNDS = (64, 1 << 30)  # what a server accepts (it allocates the cycle buffer)
 ALL_SIZES = [2 ** k for k in range(1, 24)]  # 2 B .. 8 MiB, as perftest -a
 RESULT = struct.Struct("<QQQQd")  # count, bytes, first_ns, last_ns, peak bytes/s
 END_FLAG = 0x80000000
@@ -76,7 +77,8 @@ class Config:
         if cfg.mode not in ("bandwidth", "latency") or not cfg.sizes or max(cfg.sizes) > 1 << 30 \
                 or cfg.loop not in ("native", "python"):
             raise ValueError("bad benchmark request")
-        if not 0 <= cfg.depth <= 4096 or not 1 <= cfg.streams <= 64 or not 64 <= cfg.cycle_buffer <= 1 << 30:
+        low, high = CYCLE_BUFFER_BOUNDS
+        if not 0 <= cfg.depth <= 4096 or not 1 <= cfg.streams <= 64 or not low <= cfg.cycle_buffer <= high:
             raise ValueError("bad benchmark request")
         return cfg
 
@@ -325,8 +327,9 @@ def _native_stream(client: Client, size: int, n: int, duration: float | None) ->
     for i, remote in enumerate(client.remote):
         remotes[i] = remote._native[0]
     sent = ffi.new("uint64_t[]", len(eps))
+    cfg = client.cfg
     check(lib.lm_bench_stream(client.ctx._handle(), handles, ids, remotes, len(eps), client.src_mr._handle(), size,
-                              depth_for(size, client.cfg.depth), window_slots(size, client.cfg.depth, client.cfg.cycle_buffer), n,
+                              depth_for(size, cfg.depth), window_slots(size, cfg.depth, cfg.cycle_buffer), n,
                               int((duration or 0) * 1e9), 30000, sent), "bandwidth stream")
     return sum(sent[i] for i in range(len(eps)))
 
@@ -527,8 +530,9 @@ def _config(args, mode: str) -> Config:
         print("lamina-bench: -D applies to --loop python; the native loop runs -n iterations",
               file=sys.stderr)
     cycle_buffer = getattr(args, "cycle_buffer", CYCLE_BUFFER)
-    if not 64 <= cycle_buffer <= 1 << 30:
-        raise SystemExit(f"lamina-bench: --cycle-buffer must be 64 B .. 1 GiB, got {cycle_buffer}")
+    low, high = CYCLE_BUFFER_BOUNDS
+    if not low <= cycle_buffer <= high:
+        raise SystemExit(f"lamina-bench: --cycle-buffer must be {low} B .. {high >> 30} GiB, got {cycle_buffer}")
     return Config(mode, sizes, args.iters or default_iters, args.duration, args.streams, depth,
                   args.transport, loop, cycle_buffer)
 
@@ -554,7 +558,8 @@ def _run_client(args, mode: str, host: str, port: int) -> int:
     if args.out_json:
         with open(args.out_json, "w") as f:
             json.dump({"test": mode, "transport": transport, "progress": progress_mode, "streams": cfg.streams,
-                       "depth": cfg.depth, "cycle_buffer": cfg.cycle_buffer, "host": host, "results": rows, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, f, indent=1)
+                       "depth": cfg.depth, "cycle_buffer": cfg.cycle_buffer, "host": host, "results": rows,
+                       "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, f, indent=1)
     if args.plot and mode == "bandwidth":
         plot_bandwidth(rows, args.plot)
     return 0
