@@ -6,9 +6,11 @@ import threading
 import time
 from typing import Any, Iterator, Optional
 
+import numpy as np
 import pytest
 
 from lamina_comm.channel import Channel
+from lamina_comm.engine.wire import ERROR_LAYER, METADATA_LAYER
 from lamina_comm.model import LlamaConfig
 from lamina_comm.node import protocol
 from lamina_comm.node.attention_node import AttentionOptions, AttentionServer
@@ -174,21 +176,31 @@ def test_replica_names_stay_unique(server: Server) -> None:
         assert len(set(names)) == 2 and names[0] == "same" and names[1].startswith("same#"), names
 
 
+def layer_tensors(tokens: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Zero q [T, H, D] and k (also v) [T, KV, D] of the whole model, in its wire dtype."""
+    dtype = np.dtype(np.uint16) if CONFIG.dtype == "bfloat16" else np.dtype(CONFIG.dtype)
+    return (np.zeros((tokens, CONFIG.num_heads, CONFIG.head_dim), dtype),
+            np.zeros((tokens, CONFIG.num_kv_heads, CONFIG.head_dim), dtype))
+
+
+def sessions_become(server: Server, expected: list[str], within_s: float = 5.0) -> list[str]:
+    """The server's session names (sorted) once they are ``expected``, or as they stand after ``within_s``."""
+    deadline = time.monotonic() + within_s
+    while sorted(server.names()) != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return sorted(server.names())
+
+
 @pytest.mark.parametrize("what", ["metadata", "scalar metadata", "tensors", "no metadata"])
 def test_a_malformed_layer_message_ends_its_own_session_and_the_node_serves_on(server: Server, what: str) -> None:
     """The data channel is served by the engine's AttentionService: malformed step metadata or a layer
     message that is not [q, k, v] ends the sender's session; a layer before any metadata gets an error
     reply (the session stays); the other sessions never notice."""
-    import numpy as np
-    from lamina_comm.engine.wire import ERROR_LAYER, METADATA_LAYER
-
     with Context("tcp") as ctx:
         honest = RawModelNode(ctx, server.address, "honest")
         hostile = RawModelNode(ctx, server.address, "hostile")
         assert honest.call({"type": "reserve", "requests": [[1, 16]]})["reserved"] == [1]
-        heads, kv, dim = CONFIG.num_heads, CONFIG.num_kv_heads, CONFIG.head_dim
-        dtype = np.dtype(CONFIG.dtype) if CONFIG.dtype != "bfloat16" else np.dtype(np.uint16)
-        q, k = np.zeros((2, heads, dim), dtype), np.zeros((2, kv, dim), dtype)
+        q, k = layer_tensors()
         control = protocol.control_microbatch(hostile.spec)
         if what == "metadata":  # a table of three rows
             hostile.data.send([np.array([0]), np.zeros((3, 2), np.int64)], layer=METADATA_LAYER, microbatch=control)
@@ -200,11 +212,8 @@ def test_a_malformed_layer_message_ends_its_own_session_and_the_node_serves_on(s
             hostile.data.send([q, k, k], layer=0, microbatch=0)
             with hostile.data.recv(microbatch=0) as reply:
                 assert reply.layer == ERROR_LAYER and b"no step metadata" in np.asarray(reply.tensors[0]).tobytes()
-        deadline = time.monotonic() + 5.0
         expected = ["honest", "hostile"] if what == "no metadata" else ["honest"]
-        while sorted(server.names()) != expected and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert sorted(server.names()) == expected
+        assert sessions_become(server, expected) == expected
         assert server.error is None and honest.call({"type": "status"})["blocks_held"] == 1
 
 
@@ -212,9 +221,6 @@ def test_a_model_node_that_stops_taking_its_replies_ends_alone_within_the_honest
     """A session whose replies are never taken runs out of reply credits; the one serving thread waits a
     bounded REPLY_CREDIT_S (2 s) for it, not peer_timeout (6 s here) and not twice, then ends that
     session; the honest node, calling with a 3 s timeout, is answered in time."""
-    import numpy as np
-    from lamina_comm.engine.wire import METADATA_LAYER
-
     server = Server(peer_timeout=6.0)
     try:
         with Context("tcp") as ctx:
@@ -223,16 +229,11 @@ def test_a_model_node_that_stops_taking_its_replies_ends_alone_within_the_honest
             assert hostile.call({"type": "reserve", "requests": [[1, 64]]})["reserved"] == [1]
             control = protocol.control_microbatch(hostile.spec)
             hostile.data.send([np.array([0]), np.array([[1, 1], [0, 1]])], layer=METADATA_LAYER, microbatch=control)
-            dtype = np.dtype(CONFIG.dtype)
-            q = np.zeros((2, CONFIG.num_heads, CONFIG.head_dim), dtype)
-            k = np.zeros((2, CONFIG.num_kv_heads, CONFIG.head_dim), dtype)
+            q, k = layer_tensors()
             for layer in range(3):  # two reply slots per micro-batch: the third reply finds no credit
                 hostile.data.send([q, k, k], layer=layer, microbatch=0)
             time.sleep(0.2)
             assert honest.call({"type": "status"})["ok"]  # within its 3 s: before, 2 x peer_timeout
-            deadline = time.monotonic() + 5.0
-            while "hostile" in server.names() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert server.names() == ["honest"] and server.error is None
+            assert sessions_become(server, ["honest"]) == ["honest"] and server.error is None
     finally:
         server.close()
