@@ -578,8 +578,9 @@ def table(r: dict) -> str:
         lines.append(f"latency          {why('latency')}")
     d = r.get("decode", {})
     if "parity" in d:
-        lines.append(f"decode (tiny)    parity {d['parity']}, {d.get('attention_kernel', '?')} attention; decode steps: split {d['split_decode_tokens_per_s']} "
-                     f"tok/s vs monolithic {d['mono_decode_tokens_per_s']} tok/s (GPU)")
+        lines.append(f"decode (tiny)    parity {d['parity']}, {d.get('attention_kernel', '?')} attention; "
+                     f"decode steps: split {d['split_decode_tokens_per_s']} tok/s vs monolithic "
+                     f"{d['mono_decode_tokens_per_s']} tok/s (GPU)")
     else:
         lines.append(f"decode           {why('decode')}")
     lines.append(f"verdict          {r.get('verdict')}  ({r.get('elapsed_s')} s; full results in "
