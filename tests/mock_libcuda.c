@@ -28,8 +28,14 @@ CUresult cuGetErrorName(CUresult e, const char **s) { *s = e == 1 ? "CUDA_ERROR_
 CUresult cuDeviceGetCount(int *n) { *n = 1; return 0; }
 CUresult cuDeviceGet(int *d, int o) { if (o) return 101; *d = 0; return 0; }
 CUresult cuDeviceGetName(char *b, int n, int d) { (void)d; snprintf(b, n, "Mock GPU"); return 0; }
-/* MOCK_CUDA_DMABUF=1: the "GPU" offers dma-buf export (attribute 124), as an H100 does. */
-CUresult cuDeviceGetAttribute(int *v, int a, int d) { (void)d; *v = a == 75 ? 9 : a == 124 ? getenv("MOCK_CUDA_DMABUF") != NULL : 0; return 0; }
+/* MOCK_CUDA_DMABUF=1: the "GPU" offers dma-buf export (attribute 124), as an H100 does;
+ * MOCK_CUDA_GPUDIRECT=1: GPUDirect RDMA (attribute 116, the peermem path). */
+CUresult cuDeviceGetAttribute(int *v, int a, int d)
+{
+    (void)d;
+    *v = a == 75 ? 9 : a == 124 ? getenv("MOCK_CUDA_DMABUF") != NULL : a == 116 ? getenv("MOCK_CUDA_GPUDIRECT") != NULL : 0;
+    return 0;
+}
 CUresult cuDevicePrimaryCtxRetain(void **c, int d) { (void)d; *c = &ctx_token; return 0; }
 CUresult cuCtxGetCurrent(void **c) { *c = cur; return 0; }
 CUresult cuCtxSetCurrent(void *c) { cur = c; return 0; }

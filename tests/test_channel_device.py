@@ -94,6 +94,82 @@ def test_a_prepared_op_run_after_close_does_nothing(contexts):
     attention.close()
 
 
+def _prepare_send_from(channel, tensors, regions, layer: int = 0, microbatch: int = 0):
+    """lm_chan_send_prepare_from of numpy views lying in registered host regions: (status, seq, op)."""
+    from lamina_comm.channel.core import _fill_tensors
+    from lamina_comm.channel.views import _describe
+    vec = ffi.new("lm_chan_tensor_t[]", len(tensors))
+    _fill_tensors(vec, 0, [_describe(t) for t in tensors])
+    sources = ffi.new("lm_mr_t *[]", [r._handle() for r in regions])
+    seq, op = ffi.new("uint64_t *"), ffi.new("lm_chan_deferred_t **")
+    rc = lib.lm_chan_send_prepare_from(channel._handle(), layer, microbatch, vec, len(tensors), sources, 1000, seq, op)
+    return rc, int(seq[0]), op[0]
+
+
+@pytest.mark.parametrize("row_bytes", [16, 96])
+def test_a_prepared_send_from_regions_posts_gather_writes_when_run(contexts, row_bytes):
+    """What a GPUDirect send does (the regions here are host memory): nothing is read when it is prepared,
+    the NIC reads the rows where they lie when it runs, however short they are (device memory is never
+    copied by the CPU, so nothing is staged)."""
+    a, b = contexts
+    model, attention = open_pair(a, b)
+    fused = np.zeros((4, 3 * row_bytes), np.uint8)  # q | k | v columns, as a fused projection leaves them
+    other = np.zeros(64, np.uint8)
+    try:
+        regions = [a.register(fused), a.register(other)]
+        q, k, v = (fused[:, i * row_bytes:(i + 1) * row_bytes] for i in range(3))
+        rc, seq, op = _prepare_send_from(model, [q, v, other], [regions[0], regions[0], regions[1]], layer=5)
+        assert rc == 0
+        fused[...] = np.arange(fused.size, dtype=np.uint64).reshape(fused.shape) % 251  # the "stream" writes now
+        other[...] = 7
+        with pytest.raises(TimeoutError):
+            attention.recv(0, timeout=0.2)  # prepared, not posted
+        lib.lm_chan_run_deferred(op)
+        with attention.recv(0, timeout=WAIT_S) as got:
+            assert (got.layer, got.seq) == (5, seq)
+            assert np.array_equal(got.tensors[0], q) and np.array_equal(got.tensors[1], v)
+            assert (got.tensors[2] == 7).all()
+        del k
+        model.flush(WAIT_S)
+        metrics = model.metrics
+        assert metrics.gather_messages == 1 and metrics.staged_bytes == 0 and metrics.slot_messages == 0
+    finally:
+        model.close()
+        attention.close()
+
+
+def test_a_send_from_regions_is_refused_when_a_tensor_lies_outside_its_region(contexts):
+    a, b = contexts
+    model, attention = open_pair(a, b)
+    inside, outside = np.zeros(256, np.uint8), np.full(256, 3, np.uint8)
+    try:
+        region = a.register(inside)
+        rc, _, _ = _prepare_send_from(model, [outside], [region])
+        assert rc == lib.LM_ERR_INVALID
+        assert "must lie in its source region" in ffi.string(lib.lm_last_error()).decode()
+        model.send(outside, layer=1, microbatch=0, timeout=WAIT_S)  # nothing was taken
+        with attention.recv(0, timeout=WAIT_S) as got:
+            assert got.seq == 0 and (got.tensors[0] == 3).all()
+    finally:
+        model.close()
+        attention.close()
+
+
+def test_a_prepared_send_from_regions_run_after_close_lets_its_regions_go(contexts):
+    """The op holds its regions until it runs; run after close, it drops them (ASan's leak check sees a
+    region never freed)."""
+    a, b = contexts
+    model, attention = open_pair(a, b)
+    data = np.ones(4096, np.uint8)
+    region = a.register(data)
+    rc, _, op = _prepare_send_from(model, [data.reshape(64, 64)[:, :16]], [region])
+    assert rc == 0
+    model.close()
+    region.close()  # deregistered while the op still holds it
+    lib.lm_chan_run_deferred(op)
+    attention.close()
+
+
 MOCK_SCRIPT = r"""
 import json, sys
 import numpy as np
@@ -409,3 +485,48 @@ def test_attention_service_on_a_gpu_tier_against_a_mock_driver(tmp_path, report)
     pytest.importorskip("torch")
     out = run_mock(tmp_path, MOCK_SERVICE, report)
     assert out == {"ok": [True] * 6, "errors": []}
+
+
+def test_direct_sends_need_a_region_registered_for_the_nic_and_a_verbs_channel():
+    from types import SimpleNamespace
+
+    from lamina_comm.channel.device import direct_refusal
+    direct = SimpleNamespace(path="peermem", path_reason="verbs with ibv_reg_mr on the device pointer")
+    staged = SimpleNamespace(path="staging", path_reason="the context has no verbs transport")
+    assert direct_refusal(direct, "verbs") == ""
+    assert "runs over tcp" in direct_refusal(direct, "tcp") and "runs over shm" in direct_refusal(direct, "shm")
+    assert "the region is staged" in direct_refusal(staged, "verbs")
+    assert "no verbs transport" in direct_refusal(staged, "verbs")
+
+
+def test_a_staged_cuda_region_given_to_a_tcp_channel_says_why_and_its_tensors_go_through_the_slot(
+        tmp_path, monkeypatch):
+    from lamina_comm.gpu import cuda
+
+    from .mock_cuda import MockDeviceArray
+    lib_path = build_mock_libcuda(tmp_path)
+    if lib_path is None:
+        pytest.skip("no gcc to build the mock driver")
+    monkeypatch.setenv("LAMINA_LIBCUDA", lib_path)
+    monkeypatch.delenv("LAMINA_DISABLE_CUDA", raising=False)
+    cuda._reset_for_tests()
+    try:
+        dev = cuda.get_device(0)
+        with lc.Context("tcp") as a, lc.Context("tcp") as b:
+            x = MockDeviceArray(dev, (64,))
+            x.host[:] = 4
+            region = a.register(x)
+            model, attention = open_pair(a, b)
+            try:
+                why = model.add_source_region(region)
+                assert "the region is staged" in why and "no verbs transport" in why, why
+                model.send([x], layer=2, microbatch=0, stream=5, timeout=WAIT_S)
+                with attention.recv(0, timeout=WAIT_S) as got:
+                    assert (got.tensors[0] == 4).all()
+                assert model.device_direct_messages == 0 and model.metrics.slot_messages == 1
+            finally:
+                model.close()
+                attention.close()
+    finally:
+        monkeypatch.undo()
+        cuda._reset_for_tests()

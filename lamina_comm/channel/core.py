@@ -280,9 +280,26 @@ class Channel:
             ep.close()
             raise
 
-    def add_source_region(self, region: MemoryRegion) -> None:
-        """Tensors lying packed inside this region are sent from it without a copy."""
+    def add_source_region(self, region: Any) -> str:
+        """Tensors lying inside this region are sent from it without a copy; keep them unchanged until
+        ``sent(send_token())`` or ``flush()``.
+
+        A CUDA region (``ctx.register(cuda_tensor)``) counts on a verbs channel when it was registered for
+        the NIC (``region.path`` ``dmabuf`` or ``peermem``): stream-ordered sends of CUDA tensors inside it
+        go from GPU memory straight to the peer (GPUDirect RDMA), with no copy into the slot
+        (``device_direct_messages``). Returns why a CUDA region's tensors still go through the slot ("" when
+        they do not; host regions always count).
+        """
+        from ..gpu.memory import CudaRegionBase
+        if isinstance(region, CudaRegionBase):
+            return self._device_staging().add_source(region)
         self._sources.append(region)
+        return ""
+
+    @property
+    def device_direct_messages(self) -> int:
+        """Stream-ordered messages sent straight from GPU memory (no slot copy) so far."""
+        return self._staging.direct_messages if self._staging is not None else 0
 
     @property
     def region(self) -> MemoryRegion:

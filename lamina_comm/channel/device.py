@@ -11,8 +11,13 @@ copy per tensor, one host function, one network write; no host synchronize,
 no Python thread. The channel's ring is page-locked (``cuMemHostRegister``) at
 the first use so the copies run asynchronously.
 
-Transports that reach device memory directly (verbs with GPUDirect) would not
-need the slot copy; channels stage through the ring on every transport for now.
+Direct (GPUDirect) sends skip the slot copy: CUDA tensors lying in a CUDA
+region registered for the NIC (``ctx.register(...)`` took the ``dmabuf`` or
+``peermem`` path) and given to ``Channel.add_source_region`` go, on a verbs
+channel, from GPU memory straight to the peer: ``lm_chan_send_prepare_from``
+plans the gather writes, and the same host function posts them after the
+stream's work. Receives still land in the host ring (one copy into device
+memory on the stream).
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ from .. import dtypes
 from .._bindings import error_of, ffi, lib
 from ..errors import InvalidArgumentError
 from .spec import packed_offsets
-from .views import _as_tensor_view, _copy_into, _describe, _describe_numpy, to_torch
+from .views import _as_tensor_view, _copy_into, _describe, _describe_numpy, _TensorInfo, to_torch
 
 _RUN_DEFERRED: Optional[int] = None
 
@@ -106,6 +111,20 @@ def _row_layout(shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int)
     return rows
 
 
+def direct_refusal(region: Any, transport: str) -> str:
+    """Why a channel over ``transport`` cannot send straight from a CUDA region ("" when it can)."""
+    if region.path not in ("dmabuf", "peermem"):
+        return f"the region is staged, not registered for the NIC ({region.path_reason})"
+    if transport != "verbs":
+        return f"the channel runs over {transport}, which moves bytes with the CPU: device memory goes through the slot"
+    return ""
+
+
+def _lies_in(item: DeviceTensor, region: Any) -> bool:
+    extent = item.nbytes if not item.rows else (item.rows - 1) * item.row_stride + item.nbytes // item.rows
+    return not region.closed and region.address <= item.ptr and item.ptr + extent <= region.address + region.nbytes
+
+
 def _copy(device: Any, to_device: bool, host: int, item: DeviceTensor, stream: Optional[int]) -> None:
     """One copy between the (packed) slot and the device tensor: 1D, or 2D over its rows."""
     from ..gpu import cuda
@@ -131,6 +150,22 @@ class DeviceStaging:
         self._pinned: Any = None  # HostRegistration of the ring (portable: every device's context sees it)
         self._streams: dict[tuple[int, Optional[int]], Any] = {}  # (device, stream) -> Device: work queued there
         self._send_stream: dict[int, tuple[Any, Optional[int]]] = {}  # micro-batch -> (Device, stream) of its last send
+        self._direct: list[Any] = []  # CUDA regions the channel's NIC reads (GPUDirect): sent from, not staged
+        self.direct_messages = 0
+
+    def add_source(self, region: Any) -> str:
+        """A CUDA region to send from directly; why not ("" when it will be)."""
+        why = direct_refusal(region, self._channel.endpoint.transport)
+        if not why:
+            self._direct.append(region)
+        return why
+
+    def _direct_regions(self, items: list[Any]) -> Optional[list[Any]]:
+        """Each tensor's direct region when every one lies in one, else None (the message is staged)."""
+        if not self._direct or not all(isinstance(t, DeviceTensor) for t in items):
+            return None
+        regions = [next((r for r in self._direct if _lies_in(t, r)), None) for t in items]
+        return None if any(r is None for r in regions) else regions
 
     def _device(self, ordinal: int) -> Any:
         from ..gpu import cuda
@@ -211,6 +246,9 @@ class DeviceStaging:
         if not tensors:
             raise InvalidArgumentError(f"channel {channel.name}: a stream-ordered message needs a tensor")
         items = [describe_device_tensor(t) if is_device_tensor(t) else _describe(t) for t in tensors]
+        direct = self._direct_regions(items)
+        if direct is not None:
+            return self._send_direct(items, direct, layer, microbatch, stream, timeout_ms, fill_tensors)
         offsets = packed_offsets([t.nbytes for t in items])
         size = offsets[-1] + items[-1].nbytes
         if size > channel._layout.send_capacity:
@@ -244,6 +282,25 @@ class DeviceStaging:
                 self._settle(device, handle)
             raise
         self._launch(device, handle, op[0])
+        return int(seq[0])
+
+    def _send_direct(self, items: list[DeviceTensor], regions: list[Any], layer: int, microbatch: int,
+                     stream: Any, timeout_ms: int, fill_tensors: Any) -> int:
+        """GPUDirect: the NIC reads the tensors where they lie, once the stream's work before the call is
+        done (the host function posts the writes). No copy; the tensors must stay unchanged until sent."""
+        channel = self._channel
+        device, handle = self._device_and_stream(items, stream)
+        self._order_after_last_send(microbatch, device, handle)
+        fill_tensors(channel._tensors, 0, [_TensorInfo(t.obj, t.dtype_name, t.shape, t.nbytes, t.ptr, t.rows,
+                                                       t.row_stride) for t in items])
+        sources = ffi.new("lm_mr_t *[]", [r._handle() for r in regions])
+        seq, op = ffi.new("uint64_t *"), ffi.new("lm_chan_deferred_t **")
+        rc = lib.lm_chan_send_prepare_from(channel._handle(), layer, microbatch, channel._tensors, len(items),
+                                           sources, timeout_ms, seq, op)
+        if rc < 0:
+            raise error_of(rc, f"channel {channel.name}")
+        self._launch(device, handle, op[0])
+        self.direct_messages += 1
         return int(seq[0])
 
     def recv_into(self, message: Any, outs: list[Any], stream: Any) -> None:

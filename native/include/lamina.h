@@ -413,7 +413,10 @@ int lm_chan_send(lm_chan_t *ch, uint32_t layer, uint32_t microbatch, const lm_ch
 /* lm_chan_send with a registered region per tensor (sources[i], or NULL):
  * tensors in several regions (q, k, v registered apart) go as gather writes,
  * one per run of tensors that lie in one region with no padding between them,
- * then the header; one in no region (or rows under 64 B) stages the message. */
+ * then the header; one in no region (or rows under 64 B) stages the message.
+ * Device memory is never staged (the CPU cannot read it): its rows are
+ * gathered however short, and a message that would need staging is refused
+ * (LM_ERR_UNSUPPORTED). */
 int lm_chan_send_from(lm_chan_t *ch, uint32_t layer, uint32_t microbatch, const lm_chan_tensor_t *tensors,
                       uint32_t n, lm_mr_t *const *sources, int timeout_ms, uint64_t *seq);
 /* Stream-ordered (deferred) sends and releases, for the GPU tier: the work
@@ -439,6 +442,21 @@ int lm_chan_send_from(lm_chan_t *ch, uint32_t layer, uint32_t microbatch, const 
 typedef struct lm_chan_deferred lm_chan_deferred_t;
 int lm_chan_send_prepare(lm_chan_t *ch, uint32_t layer, uint32_t microbatch, const lm_chan_tensor_t *tensors,
                          uint32_t n, int timeout_ms, uint64_t *seq, lm_chan_deferred_t **op);
+/* lm_chan_send_prepare_from: a send whose tensors lie in registered regions
+ * (sources[i], one per tensor, all of this context), read by the NIC when op
+ * runs: device memory registered with lm_mr_register_device/_dmabuf goes
+ * straight from the GPU, no slot copy (GPUDirect). Running op posts the
+ * payload as gather writes (one per run of tensors without padding between
+ * them, rows of strided tensors as pieces, however short), then the header.
+ * The regions are referenced until op has run; the memory must stay
+ * registered and unchanged until the message is sent (lm_chan_wait_sent).
+ * LM_ERR_UNSUPPORTED (with the reason) when a region is device memory the
+ * channel's transport cannot reach (tcp, shm: stage it through the slot);
+ * LM_ERR_INVALID when a tensor lies outside its region or the message needs
+ * more than LM_MAX_SEGS pieces. */
+int lm_chan_send_prepare_from(lm_chan_t *ch, uint32_t layer, uint32_t microbatch, const lm_chan_tensor_t *tensors,
+                              uint32_t n, lm_mr_t *const *sources, int timeout_ms, uint64_t *seq,
+                              lm_chan_deferred_t **op);
 int lm_chan_release_prepare(lm_chan_t *ch, uint32_t microbatch, uint32_t slot, uint64_t seq,
                             lm_chan_deferred_t **op);
 void lm_chan_run_deferred(void *op);

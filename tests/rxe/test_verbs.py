@@ -244,19 +244,31 @@ def test_a_gather_beyond_the_port_message_size_splits_inside_a_piece():
         assert np.array_equal(target, np.concatenate([source[o:o + n] for o, n in pieces]))
 
 
-def test_a_fused_qkv_split_goes_over_verbs_without_a_copy():
-    from lamina_comm.channel import Channel, ChannelListener, ChannelSpec
-    spec = ChannelSpec(max_tokens=8, hidden=64, heads=4, kv_heads=2, head_dim=16, dtype="float16",
+def channel_spec():
+    from lamina_comm.channel import ChannelSpec
+    return ChannelSpec(max_tokens=8, hidden=64, heads=4, kv_heads=2, head_dim=16, dtype="float16",
                        microbatches=1, slots_per_microbatch=2)
-    with lc.Context("verbs") as a, lc.Context("verbs") as b:
-        listener = ChannelListener(b, f"{HOST}:0", spec, timeout=60)
-        box = {}
-        thread = threading.Thread(target=lambda: box.setdefault("ch", listener.accept(timeout=60)))
-        thread.start()
+
+
+def open_channels(a: lc.Context, b: lc.Context):
+    """(model side on a, attention side on b), bootstrapped over the rxe netdev's address."""
+    from lamina_comm.channel import Channel, ChannelListener
+    spec = channel_spec()
+    listener = ChannelListener(b, f"{HOST}:0", spec, timeout=60)
+    box = {}
+    thread = threading.Thread(target=lambda: box.setdefault("ch", listener.accept(timeout=60)))
+    thread.start()
+    try:
         model = Channel.connect(a, listener.address, spec, timeout=60)
+    finally:
         thread.join(60)
         listener.close()
-        attention = box["ch"]
+    return model, box["ch"]
+
+
+def test_a_fused_qkv_split_goes_over_verbs_without_a_copy():
+    with lc.Context("verbs") as a, lc.Context("verbs") as b:
+        model, attention = open_channels(a, b)
         fused = np.random.default_rng(3).standard_normal((8, 128)).astype(np.float16)
         model.add_source_region(a.register(fused))
         q, k, v = fused[:, :64].reshape(8, 4, 16), fused[:, 64:96].reshape(8, 2, 16), fused[:, 96:].reshape(8, 2, 16)
@@ -342,6 +354,82 @@ def test_device_memory_moves_over_verbs_only():
         finally:
             src.close()
             dst.close()
+
+
+@pytest.fixture
+def mock_gpudirect(tmp_path, monkeypatch):
+    """The mock driver as a GPU offering GPUDirect RDMA, with nvidia-peermem taken as loaded: its "device"
+    memory is host memory, which rxe pins, so ibv_reg_mr on the device pointer stands in for peermem."""
+    from lamina_comm.gpu import cuda, memory
+
+    from ..mock_cuda import build_mock_libcuda
+    lib_path = build_mock_libcuda(tmp_path)
+    assert lib_path, "gcc is needed to build the mock driver (tools/rxe-test.sh builds it on the host)"
+    monkeypatch.setenv("LAMINA_LIBCUDA", lib_path)
+    monkeypatch.setenv("MOCK_CUDA_GPUDIRECT", "1")
+    monkeypatch.setenv("MOCK_CUDA_HOSTFN_THREAD", "1")  # host functions on a thread of their own, as CUDA's
+    monkeypatch.delenv("LAMINA_DISABLE_CUDA", raising=False)
+    monkeypatch.setattr(memory, "peermem_loaded", lambda: True)
+    cuda._reset_for_tests()
+    try:
+        yield cuda.get_device(0)
+    finally:
+        monkeypatch.undo()
+        cuda._reset_for_tests()
+
+
+def test_cuda_tensors_go_straight_from_registered_device_memory(mock_gpudirect):
+    """GPUDirect sends through the Python API: q, k, v column blocks of a fused projection in a CUDA region
+    registered for the NIC go, stream-ordered, as gather writes from that region: nothing through the
+    slot. The same region on an shm channel is refused with the reason, and its tensors are staged."""
+    from ..mock_cuda import MockDeviceArray
+    rng = np.random.default_rng(5)
+    with lc.Context("verbs") as a, lc.Context("verbs") as b:
+        fused = MockDeviceArray(mock_gpudirect, (8, 128), "float16")
+        region = a.register(fused)
+        assert region.path == "peermem", region.path_reason
+        model, attention = open_channels(a, b)
+        try:
+            assert model.add_source_region(region) == ""
+            q, k, v = (MockDeviceArray(mock_gpudirect, (8, 128), "float16", base=fused, columns=cols)
+                       for cols in ((0, 64), (64, 32), (96, 32)))
+            for layer in range(3):
+                fused.full[...] = rng.standard_normal((8, 128)).astype(np.float16)
+                model.send([q, k, v], layer=layer, microbatch=0, stream=0x77)
+                with attention.recv(0, timeout=60) as msg:
+                    assert msg.layer == layer
+                    for got, sent in zip(msg.tensors, (q, k, v)):
+                        assert got.shape == sent.shape and got.tobytes() == np.ascontiguousarray(sent.host).tobytes()
+                model.flush(60)  # sent: the next round may rewrite the source
+            metrics = model.metrics
+            assert model.device_direct_messages == 3
+            assert (metrics.gather_messages, metrics.slot_messages, metrics.staged_bytes) == (3, 0, 0), metrics
+        finally:
+            model.close()
+            attention.close()
+    from ..test_channel import WAIT_S, open_pair
+    with lc.Context() as c, lc.Context() as d:
+        fused = MockDeviceArray(mock_gpudirect, (8, 128), "float16")
+        region = c.register(fused)
+        assert region.path == "peermem", region.path_reason
+        model, attention = open_pair(c, d)
+        try:
+            assert model.endpoint.transport == "shm"
+            assert "runs over shm" in model.add_source_region(region)
+            # Below the Python check, native code refuses it too (the CPU would have to read the GPU).
+            from ..test_channel_device import _prepare_send_from
+            rc, _, _ = _prepare_send_from(model, [fused.host[:4, :64]], [region])
+            assert rc == lib.LM_ERR_UNSUPPORTED
+            assert "device memory, which shm cannot reach" in ffi.string(lib.lm_last_error()).decode()
+            q = MockDeviceArray(mock_gpudirect, (4, 4, 16), "float16")
+            q.host[...] = 2
+            model.send([q], layer=1, microbatch=0, stream=0x77)
+            with attention.recv(0, timeout=WAIT_S) as msg:
+                assert (msg.tensors[0] == 2).all()
+            assert model.device_direct_messages == 0 and model.metrics.slot_messages == 1
+        finally:
+            model.close()
+            attention.close()
 
 
 def test_rxe_refuses_dmabuf_with_the_reason():

@@ -129,11 +129,26 @@ struct lm_chan {
 
 enum { DEFERRED_SEND = 1, DEFERRED_RELEASE = 2 };
 
+/* A gather message's pieces, as runs of remote-contiguous bytes: each run is
+ * one gather write from one region into contiguous payload (plan_gather). */
+typedef struct {
+    uint32_t first, count;
+    uint64_t remote_off; /* in the payload */
+    lm_mr_t *mr;         /* the run's pieces are offsets in this region */
+} gather_run_t;
+
 struct lm_chan_deferred {
     lm_chan_t *ch;
     uint32_t kind, mb, slot;
     uint64_t seq, hdr_at, length;
     uint32_t imm;
+    /* A send from registered regions (lm_chan_send_prepare_from: device
+     * memory the NIC reads): its payload goes as these gather writes before
+     * the header (length is then the header's alone). Each run's region is
+     * referenced until the op has run; segs is the op's own copy. */
+    uint32_t nruns;
+    gather_run_t runs[LM_CHAN_MAX_TENSORS];
+    lm_seg_t *segs;
 };
 
 static const uint8_t itemsize_of[] = { /* by wire dtype code; 0: not a code */
@@ -716,6 +731,15 @@ static bool regions_per_tensor(const lm_chan_t *ch, const lm_chan_tensor_t *t, u
     return true;
 }
 
+/* Whether a message's source regions include device memory. */
+static bool from_device(const lm_mr_t *source, lm_mr_t *const *sources, uint32_t n)
+{
+    bool device = source && source->device;
+    for (uint32_t i = 0; sources && i < n && !device; i++)
+        device = sources[i] && sources[i]->device;
+    return device;
+}
+
 /* Where the payload comes from, and each tensor's offset in it. sources:
  * per-tensor regions (lm_chan_send_from) or NULL; mrs: for GATHER, the
  * region of each tensor. */
@@ -725,7 +749,7 @@ static placement_t place(lm_chan_t *ch, const lm_chan_tensor_t *t, uint32_t n, l
 {
     uint64_t base = (uint64_t)(uintptr_t)ch->base;
     uint64_t lo = UINT64_MAX, hi = 0, padded = 0;
-    bool strided = false, short_rows = false;
+    bool strided = false, short_rows = false, device = from_device(source, sources, n);
     for (uint32_t i = 0; i < n; i++) {
         if (t[i].addr < lo)
             lo = t[i].addr;
@@ -733,7 +757,8 @@ static placement_t place(lm_chan_t *ch, const lm_chan_tensor_t *t, uint32_t n, l
             hi = extent_end(&t[i]);
         padded += align_up(t[i].nbytes);
         strided |= is_strided(&t[i]);
-        short_rows |= is_strided(&t[i]) && row_bytes(&t[i]) < GATHER_MIN_ROW;
+        /* (Rows of device memory are gathered however short: the CPU cannot copy them.) */
+        short_rows |= is_strided(&t[i]) && row_bytes(&t[i]) < GATHER_MIN_ROW && !device;
     }
     if (n > 0 && !strided && lo >= base + slot_payload && hi <= base + slot_payload + ch->send_cap) {
         for (uint32_t i = 0; i < n; i++)
@@ -770,15 +795,9 @@ static placement_t place(lm_chan_t *ch, const lm_chan_tensor_t *t, uint32_t n, l
     return sources && regions_per_tensor(ch, t, n, sources, mrs) ? GATHER : STAGED;
 }
 
-/* A gather message's pieces, as runs of remote-contiguous bytes: a run ends
- * where alignment padding separates two tensors (nothing of ours may fill
- * it). Adjacent rows merge. False if the pieces do not fit ch->segs. */
-typedef struct {
-    uint32_t first, count;
-    uint64_t remote_off; /* in the payload */
-    lm_mr_t *mr;         /* the run's pieces are offsets in this region */
-} gather_run_t;
-
+/* Plan a gather message's runs: a run ends where alignment padding separates
+ * two tensors (nothing of ours may fill it). Adjacent rows merge. False if
+ * the pieces do not fit ch->segs. */
 static bool plan_gather(lm_chan_t *ch, const lm_chan_tensor_t *t, uint32_t n, const uint64_t *offsets,
                         lm_mr_t *const *mrs, gather_run_t *runs, uint32_t *nruns)
 {
@@ -971,6 +990,9 @@ static int chan_send(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_t
     uint32_t nruns = 0;
     if (how == GATHER && !plan_gather(ch, t, n, offsets, mrs, runs, &nruns))
         how = STAGED; /* more pieces than one list holds: copied instead (counted) */
+    if (how == STAGED && from_device(source, sources, n))
+        return lm_fail(LM_ERR_UNSUPPORTED, "a message from device memory must lie in its registered regions, "
+                       "in at most %d pieces: the CPU cannot copy it into the slot", LM_MAX_SEGS);
     if (how == STAGED && (rc = stage(ch, t, n, offsets, hdr_at + LM_CHAN_HEADER_BYTES, payload)) != LM_OK)
         return rc;
 
@@ -1032,40 +1054,107 @@ static int chan_send(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_t
 
 /* ---- deferred (stream-ordered) sends and releases ------------------------- */
 
-static int chan_send_prepare(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_tensor_t *t, uint32_t n,
-                             int timeout_ms, uint64_t *seq_out, lm_chan_deferred_t **op_out)
+/* The regions of a stream-ordered send from registered memory: one per
+ * tensor, of this context, and within the channel's transport's reach. */
+static int check_sources(const lm_chan_t *ch, uint32_t n, lm_mr_t *const *sources)
 {
+    for (uint32_t i = 0; i < n; i++) {
+        if (!sources[i])
+            return lm_fail(LM_ERR_INVALID, "lm_chan_send_prepare_from: tensor %u has no source region", i);
+        if (sources[i]->ctx != ch->ctx)
+            return lm_fail(LM_ERR_INVALID, "lm_chan_send_prepare_from: tensor %u's region belongs to another "
+                           "context", i);
+        if (!lm_mr_reachable(sources[i], ch->ep->ops->id))
+            return lm_fail(LM_ERR_UNSUPPORTED, "tensor %u lies in device memory, which %s cannot reach (the CPU "
+                           "moves its bytes): stage it through the send slot (lm_chan_send_prepare)", i,
+                           ch->ep->ops->name);
+    }
+    return LM_OK;
+}
+
+/* A prepared send's payload writes: its runs and their own copy of the
+ * pieces, each run's region referenced until the op has run. */
+static int keep_runs(lm_chan_t *ch, lm_chan_deferred_t *op, placement_t how, const gather_run_t *runs,
+                     uint32_t nruns, lm_mr_t *region, uint64_t region_off, uint64_t payload)
+{
+    uint32_t nsegs = how == FROM_REGION ? 1 : nruns ? runs[nruns - 1].first + runs[nruns - 1].count : 0;
+    op->nruns = how == FROM_REGION ? 1 : nruns;
+    op->segs = NULL;
+    if (op->nruns == 0)
+        return LM_OK;
+    if (!(op->segs = malloc(nsegs * sizeof(*op->segs))))
+        return lm_fail(LM_ERR_NO_MEMORY, "no memory for a stream-ordered send's %u pieces", nsegs);
+    if (how == FROM_REGION) {
+        op->runs[0] = (gather_run_t){.first = 0, .count = 1, .remote_off = 0, .mr = region};
+        op->segs[0] = (lm_seg_t){.offset = region_off, .length = payload};
+    } else {
+        memcpy(op->runs, runs, nruns * sizeof(*runs));
+        memcpy(op->segs, ch->segs, nsegs * sizeof(*op->segs));
+    }
+    for (uint32_t k = 0; k < op->nruns; k++)
+        lm_mr_ref(op->runs[k].mr);
+    return LM_OK;
+}
+
+/* After a prepared send ran, or was dropped: its runs' hold on their regions. */
+static void drop_runs(lm_chan_deferred_t *op)
+{
+    for (uint32_t k = 0; k < op->nruns; k++)
+        lm_mr_unref(op->runs[k].mr);
+    op->nruns = 0;
+    free(op->segs);
+    op->segs = NULL;
+}
+
+/* sources NULL: the payload lies packed in the slot (the stream copies it
+ * there); else in those regions, read by the NIC when the op posts. */
+static int chan_send_prepare(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_tensor_t *t, uint32_t n,
+                             lm_mr_t *const *sources, int timeout_ms, uint64_t *seq_out, lm_chan_deferred_t **op_out)
+{
+    const char *call = sources ? "lm_chan_send_prepare_from" : "lm_chan_send_prepare";
     int rc = check_message(ch, mb, t, n, seq_out);
     if (rc != LM_OK)
         return rc;
     if (!op_out)
-        return lm_fail(LM_ERR_INVALID, "lm_chan_send_prepare: NULL argument");
+        return lm_fail(LM_ERR_INVALID, "%s: NULL argument", call);
+    if (sources && (rc = check_sources(ch, n, sources)) != LM_OK)
+        return rc;
     uint64_t seq = ch->send_seq[mb];
     uint32_t slot = (uint32_t)(seq % ch->slots), idx = mb * ch->slots + slot;
     if ((rc = wait_credit(ch, mb, slot, timeout_ms)) != LM_OK)
         return rc;
     uint64_t hdr_at = send_slot_off(ch, mb, slot), offsets[LM_CHAN_MAX_TENSORS], payload = 0, region_off = 0;
     lm_mr_t *region = NULL, *mrs[LM_CHAN_MAX_TENSORS];
-    if (place(ch, t, n, NULL, NULL, hdr_at + LM_CHAN_HEADER_BYTES, offsets, &payload, &region, &region_off, mrs) !=
-        FROM_SLOT)
+    placement_t how = place(ch, t, n, NULL, sources, hdr_at + LM_CHAN_HEADER_BYTES, offsets, &payload, &region,
+                            &region_off, mrs);
+    if (!sources && how != FROM_SLOT)
         return lm_fail(LM_ERR_INVALID, "lm_chan_send_prepare: the tensors must lie in micro-batch %u's send slot, "
                        "packed as lm_chan_send_slot's payload (where the stream's copies put them)", mb);
+    if (sources && how == STAGED && n > 0 && regions_per_tensor(ch, t, n, sources, mrs))
+        how = GATHER; /* short rows too: a copy now would read them before the stream wrote them */
+    gather_run_t runs[LM_CHAN_MAX_TENSORS];
+    uint32_t nruns = 0;
+    if (sources && (how == STAGED || (how == GATHER && !plan_gather(ch, t, n, offsets, mrs, runs, &nruns))))
+        return lm_fail(LM_ERR_INVALID, "lm_chan_send_prepare_from: every tensor must lie in its source region, "
+                       "the message in at most %d pieces (rows)", LM_MAX_SEGS);
     if (payload > ch->send_cap)
         return lm_fail(LM_ERR_INVALID, "message of %llu B exceeds the %llu-byte slot",
                        (unsigned long long)payload, (unsigned long long)ch->send_cap);
     lm_chan_deferred_t *op = &ch->send_ops[idx];
+    *op = (lm_chan_deferred_t){.ch = ch, .kind = DEFERRED_SEND, .mb = mb, .slot = slot, .seq = seq,
+                               .hdr_at = hdr_at, .length = LM_CHAN_HEADER_BYTES + (how == FROM_SLOT ? payload : 0),
+                               .imm = KIND_DATA << 28 | mb << 16 | slot};
+    if (how != FROM_SLOT && (rc = keep_runs(ch, op, how, runs, nruns, region, region_off, payload)) != LM_OK)
+        return rc;
     /* Credits are taken when it posts (run_send): held until the stream gets
      * there, they would keep the peer's sender waiting on our device. */
     write_header(ch, hdr_at, t, n, offsets, layer, mb, slot, seq, payload, NULL, 0);
     pthread_mutex_lock(&ch->lock);
-    *op = (lm_chan_deferred_t){.ch = ch, .kind = DEFERRED_SEND, .mb = mb, .slot = slot, .seq = seq,
-                               .hdr_at = hdr_at, .length = LM_CHAN_HEADER_BYTES + payload,
-                               .imm = KIND_DATA << 28 | mb << 16 | slot};
     ch->busy[idx] = 1;
     ch->slot_seq[idx] = seq;
     ch->send_seq[mb]++; /* taken now: later sends queue behind this one */
     ch->unposted[mb]++;
-    count_sent_locked(ch, FROM_SLOT, t, n, payload, 0);
+    count_sent_locked(ch, how, t, n, payload, 0);
     atomic_fetch_add(&ch->refs, 1);
     pthread_mutex_unlock(&ch->lock);
     *seq_out = seq;
@@ -1073,31 +1162,39 @@ static int chan_send_prepare(lm_chan_t *ch, uint32_t layer, uint32_t mb, const l
     return LM_OK;
 }
 
-/* The post of a prepared send: one write of header and payload, with the
- * credits held at that moment. Its sequence number is spent, so a failure
- * fails the channel (the peer would wait for it). */
+/* The post of a prepared send: the payload's gather writes (from registered
+ * regions), then one write of the header (and the payload, from the slot),
+ * with the credits held at that moment. Its sequence number is spent, so a
+ * failure fails the channel (the peer would wait for it). */
 static void run_send(lm_chan_t *ch, lm_chan_deferred_t *op)
 {
     chan_credit_t credits[LM_CHAN_MAX_PIGGYBACK];
     uint32_t credit_idx[LM_CHAN_MAX_PIGGYBACK];
     uint64_t credit_seq[LM_CHAN_MAX_PIGGYBACK];
-    uint32_t ncredits = 0;
-    uint64_t wr_id = 0;
+    uint32_t ncredits = 0, writes = 1 + op->nruns, posted = 0;
+    uint64_t wr_id = 0, remote = peer_recv_slot_off(ch, op->mb, op->slot);
     pthread_mutex_lock(&ch->post_lock);
     pthread_mutex_lock(&ch->lock);
     int rc = ch->error ? sticky_error_locked(ch) : LM_OK;
     if (rc == LM_OK) {
         ncredits = take_credits_locked(ch, credits, credit_idx, credit_seq);
-        ch->outstanding++;
-        wr_id = ++ch->wr_ids;
+        ch->outstanding += writes;
+        wr_id = (ch->wr_ids += writes);
     }
     pthread_mutex_unlock(&ch->lock);
-    if (rc == LM_OK) {
+    for (uint32_t k = 0; rc == LM_OK && k < op->nruns; k++) {
+        const gather_run_t *run = &op->runs[k];
+        rc = lm_ep_writev(ch->ep, run->mr, op->segs + run->first, run->count, &ch->peer,
+                          remote + LM_CHAN_HEADER_BYTES + run->remote_off, 0, 0, wr_id - op->nruns + k);
+        posted += rc == LM_OK;
+    }
+    if (rc == LM_OK) { /* header last: its immediate fires after the payload landed */
         put_credits(ch->base + op->hdr_at, credits, ncredits);
-        rc = lm_ep_write(ch->ep, ch->mr, op->hdr_at, op->length, &ch->peer, peer_recv_slot_off(ch, op->mb, op->slot),
-                         op->imm, LM_WRITE_IMM, wr_id);
+        rc = lm_ep_write(ch->ep, ch->mr, op->hdr_at, op->length, &ch->peer, remote, op->imm, LM_WRITE_IMM, wr_id);
+        posted += rc == LM_OK;
     }
     pthread_mutex_unlock(&ch->post_lock);
+    drop_runs(op);
     pthread_mutex_lock(&ch->lock);
     if (rc == LM_OK) {
         if (wr_id > ch->last_send_wr) /* a send of another thread may have posted after us and set it */
@@ -1106,7 +1203,7 @@ static void run_send(lm_chan_t *ch, lm_chan_deferred_t *op)
         ch->st.credits_returned += ncredits;
     } else {
         if (wr_id)
-            ch->outstanding--;
+            ch->outstanding -= writes - posted;
         requeue_credits_locked(ch, credit_idx, credit_seq, ncredits);
         fail_locked(ch, rc, "a stream-ordered send (micro-batch %u, seq %llu) could not be posted: %s", op->mb,
                     (unsigned long long)op->seq, lm_status_str(rc));
@@ -1137,7 +1234,19 @@ int lm_chan_send_prepare(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_ch
 {
     if (!chan_enter(ch))
         return closed_error("lm_chan_send_prepare");
-    int rc = chan_send_prepare(ch, layer, mb, tensors, n, timeout_ms, seq, op);
+    int rc = chan_send_prepare(ch, layer, mb, tensors, n, NULL, timeout_ms, seq, op);
+    chan_leave(ch);
+    return rc;
+}
+
+int lm_chan_send_prepare_from(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_tensor_t *tensors,
+                              uint32_t n, lm_mr_t *const *sources, int timeout_ms, uint64_t *seq,
+                              lm_chan_deferred_t **op)
+{
+    if (!chan_enter(ch))
+        return closed_error("lm_chan_send_prepare_from");
+    int rc = sources ? chan_send_prepare(ch, layer, mb, tensors, n, sources, timeout_ms, seq, op)
+                     : lm_fail(LM_ERR_INVALID, "lm_chan_send_prepare_from: no sources");
     chan_leave(ch);
     return rc;
 }
@@ -1162,6 +1271,7 @@ int lm_chan_release_prepare(lm_chan_t *ch, uint32_t mb, uint32_t slot, uint64_t 
 /* Closed: nothing goes out any more, but the micro-batch's count still drops. */
 static void drop_send(lm_chan_t *ch, lm_chan_deferred_t *op)
 {
+    drop_runs(op);
     pthread_mutex_lock(&ch->lock);
     ch->unposted[op->mb]--;
     pthread_mutex_unlock(&ch->lock);
