@@ -47,7 +47,6 @@ CUresult cuStreamCreate(void **s, unsigned f) { (void)f; if (need_ctx()) return 
 CUresult cuStreamDestroy_v2(void *s) { free(s); return 0; }
 static void drain_host_funcs(void);
 CUresult cuStreamSynchronize(void *s) { (void)s; drain_host_funcs(); return getenv("MOCK_CUDA_SYNC_FAIL") ? 700 : need_ctx(); }
-CUresult cuStreamQuery(void *s) { (void)s; return need_ctx(); }
 CUresult cuStreamWaitEvent(void *s, void *e, unsigned f) { (void)s; (void)e; (void)f; return need_ctx(); }
 CUresult cuStreamIsCapturing(void *s, int *st) { (void)s; *st = getenv("MOCK_CUDA_CAPTURING") != NULL; return 0; }
 CUresult cuEventCreate(void **e, unsigned f) { (void)f; if (need_ctx()) return 201; *e = malloc(1); return 0; }
@@ -140,6 +139,15 @@ CUresult cuLaunchHostFunc(void *s, hostfn_t fn, void *arg) {
     return 0;
 }
 unsigned mock_hostfns_run(void) { drain_host_funcs(); return hostfns_run; }
+/* A stream with host functions still to run is busy (CUDA_ERROR_NOT_READY), as the driver says. */
+CUresult cuStreamQuery(void *s)
+{
+    (void)s;
+    pthread_mutex_lock(&q_lock);
+    int busy = q_head != q_tail || q_running;
+    pthread_mutex_unlock(&q_lock);
+    return busy ? 600 : need_ctx();
+}
 typedef struct {
     size_t srcXInBytes, srcY; int srcMemoryType; const void *srcHost; CUdeviceptr srcDevice; void *srcArray; size_t srcPitch;
     size_t dstXInBytes, dstY; int dstMemoryType; void *dstHost; CUdeviceptr dstDevice; void *dstArray; size_t dstPitch;

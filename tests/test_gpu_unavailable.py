@@ -457,6 +457,10 @@ for n in (1, 4096, 50001, 0):
 out["round_trips"] = ok
 out["gate"] = lb._gate.value
 out["stream_waits"] = ctypes.CDLL(sys.argv[1]).mock_waits()
+out["hostfns"] = ctypes.CDLL(sys.argv[1]).mock_hostfns_run()
+out["chunks"] = [la.stats["chunks_sent"], lb.stats["credits_sent"]]
+import threading
+out["threads"] = sorted(t.name for t in threading.enumerate() if t.name.startswith("lamina"))
 from lamina_comm.gpu import memory
 with lc.Context("tcp") as ctx:
     reg = register_cuda(ctx, cuda.DeviceAllocation(dev, 100))
@@ -486,17 +490,21 @@ print(json.dumps(out))
 """
 
 
-def test_cuda_layer_against_a_mock_driver(tmp_path):
+@pytest.mark.parametrize("host_functions", ["inline", "driver thread"])
+def test_cuda_layer_against_a_mock_driver(tmp_path, host_functions):
     """Symbols, argument plumbing and context handling of the CUDA engine, with a host-memory mock driver.
 
     The mock refuses every call made without the primary context current
-    (CUDA_ERROR_INVALID_CONTEXT), as the real driver does.
+    (CUDA_ERROR_INVALID_CONTEXT), as the real driver does. Its host functions run at once, or on a
+    thread of their own after the caller returned, as the driver runs them.
     """
     lib = build_mock_libcuda(tmp_path)
     if lib is None:
         pytest.skip("no gcc to build the mock driver")
     env = {**os.environ, "PYTHONPATH": ROOT, "LAMINA_LIBCUDA": str(lib)}
     env.pop("LAMINA_DISABLE_CUDA", None)
+    if host_functions == "driver thread":
+        env["MOCK_CUDA_HOSTFN_THREAD"] = "1"
     run = subprocess.run([sys.executable, "-c", MOCK_SCRIPT, str(lib)], env=env, capture_output=True, text=True,
                          timeout=120, cwd=ROOT)
     assert run.returncode == 0, run.stderr
@@ -505,6 +513,10 @@ def test_cuda_layer_against_a_mock_driver(tmp_path):
     assert out["status"][0] is True and "Mock GPU" in out["status"][1]
     assert out["round_trips"] == [True] * 4
     assert out["gate"] == 4 and out["stream_waits"] == 4, "one stream wait and one gate write per gated receive"
+    # Per chunk, one host function posts the data write behind its copy out, and one the credit behind
+    # its copy in (1 + 1 + 13 + 1 chunks of 4 KiB); no helper thread waits on the copies.
+    assert out["chunks"] == [16, 16] and out["hostfns"] == 32, out
+    assert out["threads"] == ["lamina-gpu-net", "lamina-gpu-net"], out["threads"]
     assert out["path"] == "staging"
     assert out["register"][:2] == ["CudaRegion", "staging"] and "no verbs transport" in out["register"][2]
     assert out["fallback"][0] == "staging"

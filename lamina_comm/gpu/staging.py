@@ -12,12 +12,13 @@ Sending a device buffer (``link.send(tensor, stream=s)``):
    and the call returns;
 2. for each chunk, as soon as a transmit slot and a credit for a peer receive
    slot are free: the device-to-host copy stream waits on that event (first
-   chunk only) and copies the chunk into the slot (cuMemcpyDtoHAsync);
-3. a helper thread waits for each chunk's copy event, then posts a
+   chunk only) and copies the chunk into the slot (cuMemcpyDtoHAsync), and
+   behind the copy a CUDA host function (native ``lm_poster_run``) posts a
    write-with-immediate of the slot into the peer's receive slot
-   (imm = DATA | last | length), so the copy of chunk i+1 overlaps the
-   network transfer of chunk i;
-4. the slot is reused when the write completes; the credit comes back
+   (imm = DATA | last | length): one copy-engine submission and one network
+   post per chunk, no Python thread between them, and the copy of chunk
+   i+1 overlaps the network transfer of chunk i;
+3. the slot is reused when the write completes; the credit comes back
    when the peer has copied the chunk out.
 
 Receiving (``link.recv(tensor, stream=s)``): an event on ``s`` marks when the
@@ -25,15 +26,17 @@ destination may be overwritten; ``cuStreamWaitValue32`` on ``s`` holds later
 work until the message is in place. Each arriving chunk is copied to the
 device on the host-to-device copy stream (which first waits on that event);
 after the last one the copy stream writes the gate (cuStreamWriteValue32),
-releasing ``s`` without any host synchronisation. A helper thread returns
-credits as chunk copies finish, in slot order.
+releasing ``s`` without any host synchronisation. Behind each chunk's copy a
+host function posts its credit (in slot order); the completion of the last
+chunk's credit write tells the network thread the message is in place.
 
 The two copy streams are separate and non-blocking: a send ordered after a
 gated receive on the same user stream never blocks the receive's copies.
 
 The device side is a :class:`CopyEngine`. :class:`CudaCopyEngine` is the real
-one; :class:`HostCopyEngine` treats host memory as the "device" (memmove on
-two worker threads) so the protocol is tested where no GPU exists.
+one; :class:`HostCopyEngine` treats host memory as the "device" (memmove and
+the same native posts on two worker threads) so the protocol is tested where
+no GPU exists.
 """
 from __future__ import annotations
 
@@ -47,9 +50,10 @@ import time
 from collections import deque
 from typing import Any, Callable, ContextManager
 
-from ..errors import ClosedError, InvalidArgumentError, ProtocolError
+from .._bindings import check, error_of, ffi, lib, status_text
+from ..errors import ClosedError, InvalidArgumentError, ProtocolError, error_for_status
 from . import cuda
-from .stream import EventPool, ReceiveGate, Transfer, Waiter, refuse_capture, stream_handle
+from .stream import EventPool, ReceiveGate, Transfer, refuse_capture, stream_handle
 
 log = logging.getLogger("lamina_comm.gpu")
 
@@ -119,11 +123,11 @@ class CopyEngine:
     def resolve(self, obj: Any, offset: int, nbytes: int | None) -> tuple[int, int, Any, int | None]: ...
     def alloc_pinned(self, nbytes: int) -> tuple[int, Callable[[], None]]: ...
     def marker(self, stream: int | None) -> Any: ...
-    def copy_out(self, host: int, dev: int, nbytes: int, after: Any) -> Any: ...
-    def copy_in(self, dev: int, host: int, nbytes: int, after: Any) -> Any: ...
-    def fence_in(self) -> Any: ...
-    def wait(self, ticket: Any) -> None: ...
-    def release(self, ticket: Any) -> None: ...
+    def copy_out(self, host: int, dev: int, nbytes: int, after: Any) -> None: ...
+    def copy_in(self, dev: int, host: int, nbytes: int, after: Any) -> None: ...
+    def then_out(self, op: Any) -> None: ...   # lm_poster_run(op) behind the queued copies out
+    def then_in(self, op: Any) -> None: ...    # the same behind the copies in
+    def release(self, marker: Any) -> None: ...
     def new_gate(self) -> Any: ...
     def retire_gate(self, gate: Any) -> None: ...
     def gate_wait(self, gate: Any, stream: int, value: int) -> None: ...
@@ -185,30 +189,35 @@ class CudaCopyEngine(CopyEngine):
         refuse_capture(self.device, stream, "a staged send or receive")
         return self._record(stream)
 
-    def copy_out(self, host: int, dev: int, nbytes: int, after: Any) -> Any:
+    def copy_out(self, host: int, dev: int, nbytes: int, after: Any) -> None:
         s = self._d2h.handle
         if after is not None:
             self.driver.call("cuStreamWaitEvent", s, after.handle, 0)
         if nbytes:
             cuda.memcpy_dtoh_async(self.driver, host, dev, nbytes, s)
-        return self._record(s)
 
-    def copy_in(self, dev: int, host: int, nbytes: int, after: Any) -> Any:
+    def copy_in(self, dev: int, host: int, nbytes: int, after: Any) -> None:
         s = self._h2d.handle
         if after is not None:
             self.driver.call("cuStreamWaitEvent", s, after.handle, 0)
         if nbytes:
             cuda.memcpy_htod_async(self.driver, dev, host, nbytes, s)
-        return self._record(s)
 
-    def fence_in(self) -> Any:
-        return self._record(self._h2d.handle)
+    def then_out(self, op: Any) -> None:
+        self._then(self._d2h.handle, op)
 
-    def wait(self, ticket: Any) -> None:
-        ticket.synchronize()
+    def then_in(self, op: Any) -> None:
+        self._then(self._h2d.handle, op)
 
-    def release(self, ticket: Any) -> None:
-        self._events.put(ticket)
+    def _then(self, stream: int, op: Any) -> None:
+        from ctypes import c_void_p
+        rc = self.driver.raw("cuLaunchHostFunc", c_void_p(stream), c_void_p(_poster_run_address()),
+                             c_void_p(int(ffi.cast("uintptr_t", op))))
+        if rc != cuda.CUDA_SUCCESS:
+            raise self.driver.error(rc, "cuLaunchHostFunc (a staged link's post)")
+
+    def release(self, marker: Any) -> None:
+        self._events.put(marker)
 
     def new_gate(self) -> ReceiveGate:
         # Gates are never freed: a user stream may still hold a (satisfied) wait on one. Reuse instead.
@@ -356,22 +365,22 @@ class HostCopyEngine(CopyEngine):
     def marker(self, stream: int | None) -> Any:
         return None
 
-    def copy_out(self, host: int, dev: int, nbytes: int, after: Any) -> Any:
-        return self._run(self._d2h, (lambda: ctypes.memmove(host, dev, nbytes)) if nbytes else None)
+    def copy_out(self, host: int, dev: int, nbytes: int, after: Any) -> None:
+        self._run(self._d2h, (lambda: ctypes.memmove(host, dev, nbytes)) if nbytes else None)
 
-    def copy_in(self, dev: int, host: int, nbytes: int, after: Any) -> Any:
+    def copy_in(self, dev: int, host: int, nbytes: int, after: Any) -> None:
         if self.fail_copy_in is not None:
             exc, self.fail_copy_in = self.fail_copy_in, None
             raise exc
-        return self._run(self._h2d, (lambda: ctypes.memmove(dev, host, nbytes)) if nbytes else None)
+        self._run(self._h2d, (lambda: ctypes.memmove(dev, host, nbytes)) if nbytes else None)
 
-    def fence_in(self) -> Any:
-        return self._run(self._h2d, None)
+    def then_out(self, op: Any) -> None:
+        self._run(self._d2h, lambda: lib.lm_poster_run(op))
 
-    def wait(self, ticket: Any) -> None:
-        ticket.wait()
+    def then_in(self, op: Any) -> None:
+        self._run(self._h2d, lambda: lib.lm_poster_run(op))
 
-    def release(self, ticket: Any) -> None:
+    def release(self, marker: Any) -> None:
         pass
 
     def new_gate(self) -> HostGate:
@@ -409,6 +418,17 @@ class HostCopyEngine(CopyEngine):
 
 
 # -- the link ---------------------------------------------------------------------------
+
+_POSTER_RUN: int | None = None
+
+
+def _poster_run_address() -> int:
+    """Address of lm_poster_run (a CUhostFn)."""
+    global _POSTER_RUN
+    if _POSTER_RUN is None:
+        _POSTER_RUN = int(ffi.cast("uintptr_t", ffi.addressof(lib, "lm_poster_run")))
+    return _POSTER_RUN
+
 
 
 class _Send:
@@ -473,10 +493,10 @@ class StagedLink:
         self._recv_queue: deque[_Recv] = deque()
         self._arrivals: deque[tuple[int, int, bool]] = deque()
         self._rx_next = 0
+        self._rx_done: dict[int, _Recv] = {}  # wr_id of a message's last credit -> its receive
         self._active: set[Transfer] = set()
         self._threads: list[threading.Thread] = []
-        self._d2h_waiter: Waiter | None = None
-        self._h2d_waiter: Waiter | None = None
+        self._poster: Any = None  # native: posts the writes prepared here, from the copy streams
         self.stats = {"sent": 0, "received": 0, "chunks_sent": 0, "chunks_received": 0, "credits_sent": 0}
 
     # -- set-up -----------------------------------------------------------------
@@ -525,10 +545,9 @@ class StagedLink:
         self._credits = slots
         self._send_chunk = min(self.chunk_bytes, chunk)
         self._ep = ep
-        self._d2h_waiter = Waiter("lamina-gpu-d2h", self.engine.wait, self.engine.release, self._fail,
-                                  self.engine.thread_init)
-        self._h2d_waiter = Waiter("lamina-gpu-h2d", self.engine.wait, self.engine.release, self._fail,
-                                  self.engine.thread_init)
+        poster = ffi.new("lm_poster_t **")
+        check(lib.lm_poster_create(ep._handle(), poster), "staged link")
+        self._poster = poster[0]
         net = threading.Thread(target=self._net_loop, name="lamina-gpu-net", daemon=True)
         self._threads.append(net)
         net.start()
@@ -616,25 +635,31 @@ class StagedLink:
             rslot = self._peer_next
             self._peer_next = (rslot + 1) % self._peer_slots
             after = job.marker if job.next == 0 else None
-            ticket = self.engine.copy_out(self._ring_address + slot * self.chunk_bytes, job.address + offset, n, after)
+            wr = next(self._wr)
+            op = self._prepare(slot * self.chunk_bytes, rslot * self._peer_chunk, n, data_imm(n, last), wr)
+            try:
+                self.engine.copy_out(self._ring_address + slot * self.chunk_bytes, job.address + offset, n, after)
+                self.engine.then_out(op)  # the write into the peer's slot, posted once the chunk is in ours
+            except BaseException:
+                lib.lm_poster_cancel(op)
+                raise
+            self._tx_inflight[wr] = (job, slot)
+            self.stats["chunks_sent"] += 1
             if after is not None:
                 job.marker = None
                 self.engine.release(after)
             job.next += 1
             if last:
                 self._send_queue.popleft()
-            self._d2h_waiter.put(ticket, lambda j=job, s=slot, r=rslot, n=n, l=last: self._post_chunk(j, s, r, n, l))
 
-    def _post_chunk(self, job: _Send, slot: int, rslot: int, n: int, last: bool) -> None:
-        """On the d2h waiter: the chunk is in the slot; post the write into the peer's slot."""
-        with self._lock:
-            if self._error is not None:
-                return
-            wr = next(self._wr)
-            self._tx_inflight[wr] = (job, slot)
-            self._ep.write(self._tx_mr, self._peer_rx, local_offset=slot * self.chunk_bytes,
-                           remote_offset=rslot * self._peer_chunk, length=n, imm=data_imm(n, last), wr_id=wr)
-            self.stats["chunks_sent"] += 1
+    def _prepare(self, local_offset: int, remote_offset: int, n: int, imm: int, wr: int) -> Any:
+        """A write of our transmit region into the peer's receive region, posted by lm_poster_run."""
+        op = ffi.new("lm_poster_op_t **")
+        rc = lib.lm_poster_write_prepare(self._poster, self._tx_mr._handle(), local_offset, n, self._peer_rx._native,
+                                         remote_offset, imm, lib.LM_WRITE_IMM, wr, op)
+        if rc < 0:
+            raise error_of(rc, "staged link")
+        return op[0]
 
     # -- receiving (lock held) ------------------------------------------------------------
     def _pump_recv(self) -> None:
@@ -644,37 +669,35 @@ class StagedLink:
             if job.error is None and job.received + n > job.capacity:
                 job.error = InvalidArgumentError(
                     f"message larger than the {job.capacity}-byte receive buffer (at least {job.received + n} bytes)")
-            if job.error is None:
-                after = job.marker
-                ticket = self.engine.copy_in(job.address + job.received, self._rx_slot(slot), n, after)
-                if after is not None:
-                    job.marker = None
-                    self.engine.release(after)
-                job.received += n
-                self._h2d_waiter.put(ticket, self._chunk_copied)
-            else:  # dropped, but its credit still goes back in slot order
-                self._h2d_waiter.put(None, self._chunk_copied)
+            # The slot's credit, posted behind its copy (in slot order; a dropped chunk's too). The
+            # completion of the message's last credit write says the copies are done.
+            wr = next(self._wr)
+            credit = self._prepare(self.slots * self.chunk_bytes, self._peer_slots * self._peer_chunk, 4,
+                                   credit_imm(1), wr)
+            try:
+                if job.error is None:
+                    after = job.marker
+                    self.engine.copy_in(job.address + job.received, self._rx_slot(slot), n, after)
+                    if after is not None:
+                        job.marker = None
+                        self.engine.release(after)
+                    job.received += n
+                if last and job.gate_value is not None:
+                    self.engine.gate_signal(self._gate, job.gate_value)  # releases the user's stream first
+                self.engine.then_in(credit)
+            except BaseException:
+                lib.lm_poster_cancel(credit)
+                raise
+            self.stats["credits_sent"] += 1
             if last:
                 self._recv_queue.popleft()
                 if job.marker is not None:
                     self.engine.release(job.marker)
                     job.marker = None
-                if job.gate_value is not None:
-                    self.engine.gate_signal(self._gate, job.gate_value)
-                self._h2d_waiter.put(self.engine.fence_in(), lambda j=job: self._recv_done(j))
+                self._rx_done[wr] = job
 
     def _rx_slot(self, slot: int) -> int:
         return self._ring_address + self._side + slot * self.chunk_bytes
-
-    def _chunk_copied(self) -> None:
-        """On the h2d waiter, in slot order: a receive slot is free again; give the peer its credit."""
-        with self._lock:
-            if self._error is not None:
-                return
-            self._ep.write(self._tx_mr, self._peer_rx, local_offset=self.slots * self.chunk_bytes,
-                           remote_offset=self._peer_slots * self._peer_chunk, length=4, imm=credit_imm(1),
-                           wr_id=next(self._wr))
-            self.stats["credits_sent"] += 1
 
     def _recv_done(self, job: _Recv) -> None:
         with self._lock:
@@ -700,6 +723,10 @@ class StagedLink:
                         for c in completions:
                             self._on_completion(c)
                 err = ep.error
+                posted = lib.lm_poster_error(self._poster)
+                if err is None and posted:  # (its native message belongs to the driver's thread)
+                    err = error_for_status(posted, "staged link: a write queued behind a copy could not be "
+                                                   f"posted: {status_text(posted)}")
             except BaseException as exc:  # noqa: BLE001 - anything here ends the link, loudly
                 if not self._stop:
                     self._fail(exc)
@@ -715,8 +742,11 @@ class StagedLink:
             if not c.ok:
                 self._fail(c.error())
                 return
-            if entry is None:
-                return  # a credit we sent
+            if entry is None:  # a credit we sent: after the last of a message, the message is in place
+                done = self._rx_done.pop(c.wr_id, None)
+                if done is not None:
+                    self._recv_done(done)
+                return
             job, slot = entry
             self._tx_free.append(slot)
             job.acked += 1
@@ -754,6 +784,9 @@ class StagedLink:
             self._error = exc
             if not isinstance(exc, ClosedError):
                 log.warning("staged link failed: %s", exc)
+            if self._poster is not None:
+                lib.lm_poster_close(self._poster)  # nothing more goes out, also what is queued behind copies
+            self._rx_done.clear()
             active, self._active = self._active, set()
             markers = [j.marker for j in self._send_queue if j.marker is not None]
             markers += [j.marker for j in self._recv_queue if j.marker is not None]
@@ -788,20 +821,21 @@ class StagedLink:
         self._closed = True
         self._fail(ClosedError("staged link closed"))
         self._stop = True
+        if self._poster is not None:
+            lib.lm_poster_close(self._poster)  # writes still queued behind copies post nothing from now on
         if self._ep is not None:
             self._ep.close()
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join(max(0.5, timeout))
-        stuck = False
-        for w in (self._d2h_waiter, self._h2d_waiter):
-            if w is not None and not w.close(max(0.5, timeout)):
-                stuck = True
         with self.engine.activate():
-            idle = self.engine.quiesce(max(0.5, timeout)) and not stuck
+            idle = self.engine.quiesce(max(0.5, timeout))
             self._release_memory(idle)
             if self._own_engine:
                 self.engine.close(0.5)
+        if self._poster is not None:
+            lib.lm_poster_destroy(self._poster)  # freed with the last op still queued, if any
+            self._poster = None
 
     def _release_memory(self, idle: bool) -> None:
         for mr in (self._tx_mr, self._rx_mr):

@@ -274,6 +274,36 @@ int lm_ep_writev(lm_ep_t *ep, lm_mr_t *local, const lm_seg_t *segs, uint32_t nse
  * as lm_ep_write. */
 int lm_ep_read(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t length,
                const lm_rdesc_t *remote, uint64_t remote_off, uint64_t wr_id);
+/* ---- posters: writes posted later, from any thread -------------------------
+ * For the GPU tier's staged links: a write is prepared when its copy is
+ * queued on a CUDA stream, and cuLaunchHostFunc(stream, lm_poster_run, op)
+ * posts it (lm_ep_write) once the copy is done, on the driver's thread, with
+ * no Python in between. The poster guards the endpoint: after
+ * lm_poster_close no op touches it (an op run later only frees itself), so
+ * the endpoint may then be destroyed. A post that fails makes no completion;
+ * it is kept as lm_poster_error, and later ops post nothing. Every prepared
+ * op must be run or canceled exactly once; the poster's memory lasts until
+ * lm_poster_destroy and the last op. */
+typedef struct lm_poster lm_poster_t;
+typedef struct lm_poster_op lm_poster_op_t;
+int lm_poster_create(lm_ep_t *ep, lm_poster_t **out);
+/* Waits out a post in progress; idempotent. */
+void lm_poster_close(lm_poster_t *p);
+void lm_poster_destroy(lm_poster_t *p);
+/* 0, or the status of the first post that failed. */
+int lm_poster_error(lm_poster_t *p);
+/* Ops prepared and not yet run or canceled. */
+uint64_t lm_poster_pending(lm_poster_t *p);
+/* Arguments as lm_ep_write; the local range is checked now. LM_ERR_CLOSED
+ * once the poster is closed. */
+int lm_poster_write_prepare(lm_poster_t *p, lm_mr_t *local, uint64_t local_off, uint64_t length,
+                            const lm_rdesc_t *remote, uint64_t remote_off, uint32_t imm, uint32_t flags,
+                            uint64_t wr_id, lm_poster_op_t **op);
+/* Post op (a CUhostFn), then free it. */
+void lm_poster_run(void *op);
+/* Free op unposted (its copy was never queued, or its stream failed). */
+void lm_poster_cancel(void *op);
+
 /* Operations posted and not yet completed on this endpoint. */
 uint64_t lm_ep_outstanding(lm_ep_t *ep);
 /* 0 while usable, else the status that failed it (e.g. LM_ERR_PEER_LOST). */

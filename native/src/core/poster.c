@@ -1,0 +1,141 @@
+/* Deferred writes on an endpoint (lamina.h "posters"): the GPU tier's staged
+ * links prepare a write when they queue a copy and let the CUDA driver's
+ * host-function thread post it once the copy is done, so no Python thread
+ * sits between the copy engine and the network.
+ *
+ * The poster stands between the ops and the endpoint: an op posts only while
+ * the poster is open, under its lock, so once lm_poster_close returned no op
+ * touches the endpoint again and the owner may destroy it. The poster itself
+ * lives until its owner and every op still to run have let go of it. */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+
+#include "core.h"
+
+struct lm_poster {
+    pthread_mutex_t lock;
+    lm_ep_t *ep;     /* NULL once closed */
+    int error;       /* the first post that failed (0: none), under lock */
+    atomic_int refs; /* the owner's plus one per op not yet run */
+    atomic_ullong pending;
+};
+
+struct lm_poster_op {
+    lm_poster_t *poster;
+    lm_mr_t *local;
+    uint64_t local_off, length, remote_off, wr_id;
+    lm_rdesc_t remote;
+    uint32_t imm, flags;
+};
+
+int lm_poster_create(lm_ep_t *ep, lm_poster_t **out)
+{
+    if (!ep || !out)
+        return lm_fail(LM_ERR_INVALID, "lm_poster_create: NULL argument");
+    lm_poster_t *p = calloc(1, sizeof(*p));
+    if (!p)
+        return lm_fail(LM_ERR_NO_MEMORY, "no memory for a poster");
+    pthread_mutex_init(&p->lock, NULL);
+    p->ep = ep;
+    atomic_init(&p->refs, 1);
+    atomic_init(&p->pending, 0);
+    *out = p;
+    return LM_OK;
+}
+
+static void poster_unref(lm_poster_t *p)
+{
+    if (atomic_fetch_sub(&p->refs, 1) == 1) {
+        pthread_mutex_destroy(&p->lock);
+        free(p);
+    }
+}
+
+void lm_poster_close(lm_poster_t *p)
+{
+    if (!p)
+        return;
+    pthread_mutex_lock(&p->lock); /* waits out a post in progress */
+    p->ep = NULL;
+    pthread_mutex_unlock(&p->lock);
+}
+
+void lm_poster_destroy(lm_poster_t *p)
+{
+    if (!p)
+        return;
+    lm_poster_close(p);
+    poster_unref(p); /* freed now, or by the last op still to run */
+}
+
+int lm_poster_error(lm_poster_t *p)
+{
+    if (!p)
+        return LM_ERR_INVALID;
+    pthread_mutex_lock(&p->lock);
+    int error = p->error;
+    pthread_mutex_unlock(&p->lock);
+    return error;
+}
+
+uint64_t lm_poster_pending(lm_poster_t *p)
+{
+    return p ? atomic_load(&p->pending) : 0;
+}
+
+int lm_poster_write_prepare(lm_poster_t *p, lm_mr_t *local, uint64_t local_off, uint64_t length,
+                            const lm_rdesc_t *remote, uint64_t remote_off, uint32_t imm, uint32_t flags,
+                            uint64_t wr_id, lm_poster_op_t **out)
+{
+    if (!p || !local || !remote || !out)
+        return lm_fail(LM_ERR_INVALID, "lm_poster_write_prepare: NULL argument");
+    /* Bounds are checked now, where the caller can still take the error; the
+     * post repeats the check (the region may be gone by then). */
+    if (lm_mr_check(local, local_off, length, 0) != LM_OK)
+        return lm_fail(LM_ERR_INVALID, "lm_poster_write_prepare: local range [%llu, +%llu) outside the %llu-byte region",
+                       (unsigned long long)local_off, (unsigned long long)length,
+                       (unsigned long long)local->length);
+    pthread_mutex_lock(&p->lock);
+    bool open = p->ep != NULL;
+    pthread_mutex_unlock(&p->lock);
+    if (!open)
+        return lm_fail(LM_ERR_CLOSED, "lm_poster_write_prepare: the poster is closed");
+    lm_poster_op_t *op = malloc(sizeof(*op));
+    if (!op)
+        return lm_fail(LM_ERR_NO_MEMORY, "no memory for a deferred write");
+    *op = (lm_poster_op_t){.poster = p, .local = local, .local_off = local_off, .length = length,
+                           .remote_off = remote_off, .wr_id = wr_id, .remote = *remote, .imm = imm,
+                           .flags = flags};
+    atomic_fetch_add(&p->refs, 1);
+    atomic_fetch_add(&p->pending, 1);
+    *out = op;
+    return LM_OK;
+}
+
+/* Runs on the driver's thread: no Python, no allocation, one post. */
+void lm_poster_run(void *arg)
+{
+    lm_poster_op_t *op = arg;
+    lm_poster_t *p = op->poster;
+    pthread_mutex_lock(&p->lock);
+    if (p->ep && !p->error) {
+        int rc = lm_ep_write(p->ep, op->local, op->local_off, op->length, &op->remote, op->remote_off, op->imm,
+                             op->flags, op->wr_id);
+        if (rc != LM_OK)
+            p->error = rc; /* its completion never comes: the owner sees this instead */
+    }
+    pthread_mutex_unlock(&p->lock);
+    atomic_fetch_sub(&p->pending, 1);
+    free(op);
+    poster_unref(p);
+}
+
+void lm_poster_cancel(void *arg)
+{
+    lm_poster_op_t *op = arg;
+    lm_poster_t *p = op->poster;
+    atomic_fetch_sub(&p->pending, 1);
+    free(op);
+    poster_unref(p);
+}
