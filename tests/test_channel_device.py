@@ -156,8 +156,8 @@ def test_a_send_from_regions_is_refused_when_a_tensor_lies_outside_its_region(co
 
 
 def test_a_prepared_send_from_regions_run_after_close_lets_its_regions_go(contexts):
-    """The op holds its regions until it runs; run after close, it drops them (ASan's leak check sees a
-    region never freed)."""
+    """The op holds its regions until it runs; run after close, it drops them without touching the
+    closed channel's endpoint (under `make asan`, a use after free would show)."""
     a, b = contexts
     model, attention = open_pair(a, b)
     data = np.ones(4096, np.uint8)

@@ -1135,6 +1135,55 @@ static void test_progress_lease(void)
     free(dst);
 }
 
+/* Posters (lamina.h): a prepared write is posted only when its op runs, from
+ * another thread; ops run after close or canceled post nothing and free
+ * themselves, and the poster outlives its owner until the last op (run under
+ * LeakSanitizer: nothing may be left). */
+static void *run_op(void *op)
+{
+    lm_poster_run(op);
+    return NULL;
+}
+
+static void test_poster_posts_when_run_and_never_after_close(void)
+{
+    pair_t p;
+    pair_open(&p);
+    unsigned char src[256], dst[256] = {0};
+    for (int i = 0; i < 256; i++)
+        src[i] = (unsigned char)i;
+    lm_mr_t *ms, *md;
+    CHECK(lm_mr_register(p.a, src, sizeof(src), LM_ACCESS_LOCAL_WRITE, &ms) == LM_OK);
+    CHECK(lm_mr_register(p.b, dst, sizeof(dst), LM_ACCESS_REMOTE_WRITE, &md) == LM_OK);
+    lm_rdesc_t rd;
+    CHECK(lm_mr_descriptor(md, &rd) == LM_OK);
+    lm_poster_t *poster;
+    CHECK(lm_poster_create(p.ea, &poster) == LM_OK);
+    lm_poster_op_t *now, *late, *dropped, *op;
+    CHECK(lm_poster_write_prepare(poster, ms, 0, 64, &rd, 0, 5, LM_WRITE_IMM, 9, &now) == LM_OK);
+    CHECK(lm_poster_write_prepare(poster, ms, 0, 512, &rd, 0, 5, LM_WRITE_IMM, 10, &op) == LM_ERR_INVALID);
+    CHECK(lm_poster_write_prepare(poster, ms, 64, 64, &rd, 64, 6, LM_WRITE_IMM, 11, &late) == LM_OK);
+    CHECK(lm_poster_write_prepare(poster, ms, 0, 16, &rd, 0, 7, LM_WRITE_IMM, 12, &dropped) == LM_OK);
+    CHECK(lm_poster_pending(poster) == 3);
+    pthread_t t;
+    CHECK(pthread_create(&t, NULL, run_op, now) == 0);
+    pthread_join(t, NULL);
+    lm_completion_t c = wait_one(p.b);
+    CHECK(c.opcode == LM_OP_RECV_IMM && c.imm == 5 && memcmp(dst, src, 64) == 0);
+    c = wait_one(p.a);
+    CHECK(c.opcode == LM_OP_WRITE && c.wr_id == 9 && c.status == LM_OK);
+    lm_poster_cancel(dropped);
+    lm_poster_close(poster);
+    CHECK(lm_poster_write_prepare(poster, ms, 0, 16, &rd, 0, 7, LM_WRITE_IMM, 13, &op) == LM_ERR_CLOSED);
+    CHECK(lm_poster_pending(poster) == 1 && lm_poster_error(poster) == 0);
+    lm_poster_destroy(poster); /* the owner lets go; `late` still holds the poster */
+    lm_poster_run(late);       /* posts nothing, frees itself and the poster */
+    CHECK(lm_cq_wait(p.b, &c, 1, 100) == 0 && dst[64] == 0);
+    lm_mr_deregister(ms);
+    lm_mr_deregister(md);
+    pair_close(&p);
+}
+
 int main(void)
 {
     test_bad_arguments();
@@ -1165,6 +1214,7 @@ int main(void)
     test_ack_on_read_answer_keeps_completion_order();
     test_progress_lease();
     test_device_memory_refused_without_verbs();
+    test_poster_posts_when_run_and_never_after_close();
     if (failures) {
         fprintf(stderr, "%d check(s) failed\n", failures);
         return 1;
