@@ -49,6 +49,7 @@ class Op(enum.IntEnum):
     READ = lib.LM_OP_READ          # our read finished (initiator)
     RECV_IMM = lib.LM_OP_RECV_IMM  # a peer's write with immediate landed here
     REFUSED = lib.LM_OP_REFUSED    # a peer's write or read aimed here was refused
+    POSTED = lib.LM_OP_POSTED      # a poster's deferred write was posted (or failed to be): lamina.h "posters"
 
 
 _OPS = {op.value: op for op in Op}  # enum lookup by call is slow on the completion path

@@ -515,11 +515,11 @@ def _poster_pair(a: lc.Context, b: lc.Context):
     return out[0], ms, ini, tgt, target
 
 
-def _prepare_write(poster, ms, ini, length: int, imm: int, wr_id: int, remote_offset: int = 0):
+def _prepare_write(poster, ms, ini, length: int, imm: int, wr_id: int, notify: bool = False):
     from lamina_comm._bindings import ffi, lib
     op = ffi.new("lm_poster_op_t **")
-    rc = lib.lm_poster_write_prepare(poster, ms._handle(), 0, length, desc_of(ini)._native, remote_offset, imm,
-                                     lib.LM_WRITE_IMM, wr_id, op)
+    flags = lib.LM_WRITE_IMM | (lib.LM_POSTER_NOTIFY if notify else 0)
+    rc = lib.lm_poster_write_prepare(poster, ms._handle(), 0, length, desc_of(ini)._native, 0, imm, flags, wr_id, op)
     return rc, op[0]
 
 
@@ -527,14 +527,16 @@ def test_a_prepared_write_is_posted_when_run_from_another_thread(contexts):
     from lamina_comm._bindings import lib
     poster, ms, ini, tgt, target = _poster_pair(*contexts)
     try:
-        rc, op = _prepare_write(poster, ms, ini, 64, imm=7, wr_id=41)
+        rc, op = _prepare_write(poster, ms, ini, 64, imm=7, wr_id=41, notify=True)
         assert rc == 0 and lib.lm_poster_pending(poster) == 1
-        assert tgt.wait(timeout=0.1) == []  # prepared, not posted
+        assert tgt.wait(timeout=0.1) == [] and ini.wait(timeout=0.1) == []  # prepared, not posted
         runner = threading.Thread(target=lib.lm_poster_run, args=(op,))  # as the driver's thread would
         runner.start()
         runner.join()
+        posted = ini.wait_one(10)  # the notice comes first: pushed when the write was posted
+        assert (posted.op, posted.wr_id, posted.ok) == (lc.Op.POSTED, 41, True)
         done = ini.wait_one(10)
-        assert done.ok and done.wr_id == 41 and lib.lm_poster_pending(poster) == 0
+        assert done.op == lc.Op.WRITE and done.ok and done.wr_id == 41 and lib.lm_poster_pending(poster) == 0
         got = tgt.wait_one(10)
         assert (got.op, got.imm) == (lc.Op.RECV_IMM, 7)
         assert np.array_equal(target[:64], np.arange(64, dtype=np.uint8))
@@ -575,9 +577,11 @@ def test_a_post_that_fails_is_kept_and_stops_later_posts(contexts):
         assert ini.error is not None
         lib.lm_poster_run(first)
         status = lib.lm_poster_error(poster)
-        assert status < 0, "no completion comes for it: the owner must see this instead"
+        assert status < 0
+        failed = ini.wait_one(10)  # no write completion comes for it: a notice with the error does
+        assert (failed.op, failed.wr_id, failed.status) == (lc.Op.POSTED, 1, status)
         lib.lm_poster_run(second)  # posts nothing after a failure
         assert lib.lm_poster_error(poster) == status and lib.lm_poster_pending(poster) == 0
-        assert [c.wr_id for c in ini.wait(timeout=0.2)] == []
+        assert ini.wait(timeout=0.2) == []
     finally:
         lib.lm_poster_destroy(poster)

@@ -652,11 +652,14 @@ class StagedLink:
             if last:
                 self._send_queue.popleft()
 
-    def _prepare(self, local_offset: int, remote_offset: int, n: int, imm: int, wr: int) -> Any:
-        """A write of our transmit region into the peer's receive region, posted by lm_poster_run."""
+    def _prepare(self, local_offset: int, remote_offset: int, n: int, imm: int, wr: int,
+                 notify: bool = False) -> Any:
+        """A write of our transmit region into the peer's receive region, posted by lm_poster_run (with
+        notify, an Op.POSTED completion says when: the copies queued before it are done)."""
         op = ffi.new("lm_poster_op_t **")
+        flags = lib.LM_WRITE_IMM | (lib.LM_POSTER_NOTIFY if notify else 0)
         rc = lib.lm_poster_write_prepare(self._poster, self._tx_mr._handle(), local_offset, n, self._peer_rx._native,
-                                         remote_offset, imm, lib.LM_WRITE_IMM, wr, op)
+                                         remote_offset, imm, flags, wr, op)
         if rc < 0:
             raise error_of(rc, "staged link")
         return op[0]
@@ -670,10 +673,10 @@ class StagedLink:
                 job.error = InvalidArgumentError(
                     f"message larger than the {job.capacity}-byte receive buffer (at least {job.received + n} bytes)")
             # The slot's credit, posted behind its copy (in slot order; a dropped chunk's too). The
-            # completion of the message's last credit write says the copies are done.
+            # post of a message's last credit says its copies are done (Op.POSTED, on our network thread).
             wr = next(self._wr)
             credit = self._prepare(self.slots * self.chunk_bytes, self._peer_slots * self._peer_chunk, 4,
-                                   credit_imm(1), wr)
+                                   credit_imm(1), wr, notify=last)
             try:
                 if job.error is None:
                     after = job.marker
@@ -742,11 +745,8 @@ class StagedLink:
             if not c.ok:
                 self._fail(c.error())
                 return
-            if entry is None:  # a credit we sent: after the last of a message, the message is in place
-                done = self._rx_done.pop(c.wr_id, None)
-                if done is not None:
-                    self._recv_done(done)
-                return
+            if entry is None:
+                return  # a credit we sent
             job, slot = entry
             self._tx_free.append(slot)
             job.acked += 1
@@ -756,6 +756,13 @@ class StagedLink:
                 self.stats["sent"] += 1
                 job.transfer._finish(None, job.nbytes)
             self._pump_send()
+        elif c.op == Op.POSTED:  # a post behind a copy: the last credit of a message, or a failure
+            if not c.ok:
+                self._fail(c.error())
+                return
+            done = self._rx_done.pop(c.wr_id, None)
+            if done is not None:  # its copies are done: the message is in place
+                self._recv_done(done)
         elif c.op == Op.RECV_IMM and c.imm is not None:
             kind, last, value = decode_imm(c.imm)
             if kind == KIND_DATA:

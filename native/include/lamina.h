@@ -95,10 +95,13 @@ extern "C" {
 #define LM_OP_READ 2
 #define LM_OP_RECV_IMM 3
 #define LM_OP_REFUSED 4        /* target side: a peer's write/read was refused */
+#define LM_OP_POSTED 5         /* a poster's deferred write was posted (LM_POSTER_NOTIFY), or failed to be */
 #define LM_CF_IMM 1
 
 /* lm_ep_write flags. */
 #define LM_WRITE_IMM 1
+/* lm_poster_write_prepare only: deliver an LM_OP_POSTED completion once posted. */
+#define LM_POSTER_NOTIFY 0x80000000u
 
 /* lm_context_params field mask bits. */
 #define LM_CTX_PARAM_TRANSPORTS 1
@@ -280,8 +283,13 @@ int lm_ep_read(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t length,
  * posts it (lm_ep_write) once the copy is done, on the driver's thread, with
  * no Python in between. The poster guards the endpoint: after
  * lm_poster_close no op touches it (an op run later only frees itself), so
- * the endpoint may then be destroyed. A post that fails makes no completion;
- * it is kept as lm_poster_error, and later ops post nothing. Every prepared
+ * the endpoint may then be destroyed. With LM_POSTER_NOTIFY in flags, the
+ * endpoint also gets an LM_OP_POSTED completion (wr_id, status LM_OK) once
+ * the write is posted: "the copy before it is done", told to the thread that
+ * waits on the endpoint without another hand-off. A post that fails makes no
+ * write completion: it gets an LM_OP_POSTED completion with the error (with
+ * or without the flag), is kept as lm_poster_error, and later ops post
+ * nothing. Every prepared
  * op must be run or canceled exactly once; the poster's memory lasts until
  * lm_poster_destroy and the last op. */
 typedef struct lm_poster lm_poster_t;

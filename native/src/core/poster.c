@@ -27,6 +27,7 @@ struct lm_poster_op {
     uint64_t local_off, length, remote_off, wr_id;
     lm_rdesc_t remote;
     uint32_t imm, flags;
+    bool notify; /* LM_POSTER_NOTIFY: say when it was posted */
 };
 
 int lm_poster_create(lm_ep_t *ep, lm_poster_t **out)
@@ -106,7 +107,7 @@ int lm_poster_write_prepare(lm_poster_t *p, lm_mr_t *local, uint64_t local_off, 
         return lm_fail(LM_ERR_NO_MEMORY, "no memory for a deferred write");
     *op = (lm_poster_op_t){.poster = p, .local = local, .local_off = local_off, .length = length,
                            .remote_off = remote_off, .wr_id = wr_id, .remote = *remote, .imm = imm,
-                           .flags = flags};
+                           .flags = flags & ~LM_POSTER_NOTIFY, .notify = (flags & LM_POSTER_NOTIFY) != 0};
     atomic_fetch_add(&p->refs, 1);
     atomic_fetch_add(&p->pending, 1);
     *out = op;
@@ -124,6 +125,12 @@ void lm_poster_run(void *arg)
                              op->flags, op->wr_id);
         if (rc != LM_OK)
             p->error = rc; /* its completion never comes: the owner sees this instead */
+        /* The notice goes to whoever waits on the endpoint (not reserved: lost
+         * only when the queue cannot grow, which fails its polls loudly). */
+        if (rc != LM_OK || op->notify) {
+            lm_completion_t c = {.wr_id = op->wr_id, .ep_id = p->ep->id, .status = rc, .opcode = LM_OP_POSTED};
+            lm_ep_push(p->ep, &c);
+        }
     }
     pthread_mutex_unlock(&p->lock);
     atomic_fetch_sub(&p->pending, 1);
