@@ -146,7 +146,7 @@ def test_a_send_from_regions_is_refused_when_a_tensor_lies_outside_its_region(co
         region = a.register(inside)
         rc, _, _ = _prepare_send_from(model, [outside], [region])
         assert rc == lib.LM_ERR_INVALID
-        assert "must lie in its source region" in ffi.string(lib.lm_last_error()).decode()
+        assert "does not lie in its source region" in ffi.string(lib.lm_last_error()).decode()
         model.send(outside, layer=1, microbatch=0, timeout=WAIT_S)  # nothing was taken
         with attention.recv(0, timeout=WAIT_S) as got:
             assert got.seq == 0 and (got.tensors[0] == 3).all()
@@ -530,3 +530,38 @@ def test_a_staged_cuda_region_given_to_a_tcp_channel_says_why_and_its_tensors_go
     finally:
         monkeypatch.undo()
         cuda._reset_for_tests()
+
+
+def test_the_direct_path_is_chosen_only_for_device_tensors_wholly_in_open_regions_of_one_gather_list():
+    """DeviceStaging's path choice for GPUDirect sends (a verbs channel faked: the choice is pure Python)."""
+    from types import SimpleNamespace
+
+    from lamina_comm.channel.device import DeviceStaging, DeviceTensor
+    context = object()
+    channel = SimpleNamespace(name="fake", context=context, endpoint=SimpleNamespace(transport="verbs"))
+    staging = DeviceStaging(channel)
+
+    def region(address: int, nbytes: int, **kw):
+        return SimpleNamespace(path="peermem", path_reason="", address=address, nbytes=nbytes, closed=False,
+                               context=context, **kw)
+
+    def tensor(ptr: int, nbytes: int, rows: int = 0, row_stride: int = 0):
+        return DeviceTensor(None, ptr, nbytes, "uint8", (nbytes,), 0, None, rows, row_stride)
+
+    a, b = region(0x10000, 0x1000), region(0x20000, 0x1000)
+    assert staging.add_source(a) == "" and staging.add_source(b) == ""
+    q = tensor(0x10000, 256, rows=4, row_stride=0x100)  # 4 rows of 64 B, spanning 0x364 bytes of a
+    v = tensor(0x20800, 512)
+    assert staging._direct_regions([q, v]) == [a, b]
+    assert staging._direct_regions([q, np.zeros(4, np.uint8)]) is None, "a host tensor mixed in: staged"
+    assert staging._direct_regions([tensor(0x10f00, 512)]) is None, "partly outside its region: staged"
+    big = region(0x40000, 0x10000)
+    staging.add_source(big)
+    assert staging._direct_regions([tensor(0x40000, 4096, rows=4096, row_stride=2)]) == [big]
+    assert staging._direct_regions([tensor(0x40000, 4097, rows=4097, row_stride=2)]) is None, "over 4096 rows"
+    b.closed = True
+    assert staging._direct_regions([q, v]) is None and staging._direct == [a, big], "a closed region is let go"
+    with pytest.raises(lc.InvalidArgumentError, match="closed"):
+        staging.add_source(b)
+    with pytest.raises(lc.InvalidArgumentError, match="another Context"):
+        staging.add_source(SimpleNamespace(**{**vars(region(0, 1)), "context": object()}))

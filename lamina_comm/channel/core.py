@@ -281,14 +281,17 @@ class Channel:
             raise
 
     def add_source_region(self, region: Any) -> str:
-        """Tensors lying inside this region are sent from it without a copy; keep them unchanged until
-        ``sent(send_token())`` or ``flush()``.
+        """Tensors lying inside this region are sent from it without a copy; keep them unchanged, and the
+        region registered, until ``sent(send_token())`` or ``flush()``.
 
-        A CUDA region (``ctx.register(cuda_tensor)``) counts on a verbs channel when it was registered for
-        the NIC (``region.path`` ``dmabuf`` or ``peermem``): stream-ordered sends of CUDA tensors inside it
-        go from GPU memory straight to the peer (GPUDirect RDMA), with no copy into the slot
-        (``device_direct_messages``). Returns why a CUDA region's tensors still go through the slot ("" when
-        they do not; host regions always count).
+        A CUDA region (``ctx.register(cuda_tensor)``, of this channel's Context) counts on a verbs channel
+        when it was registered for the NIC (``region.path`` ``dmabuf`` or ``peermem``): stream-ordered
+        sends (``stream=``) of CUDA tensors inside it go from GPU memory straight to the peer (GPUDirect
+        RDMA), with no copy into the slot (``device_direct_messages``). Such a send is posted after the
+        stream's work, so ``send_token()`` taken at once does not cover it: ``flush()`` does. A region
+        deregistered before its send was posted fails the channel (nothing stale is delivered). Returns
+        why a CUDA region's tensors still go through the slot ("" when they do not; host regions always
+        count).
         """
         from ..gpu.memory import CudaRegionBase
         if isinstance(region, CudaRegionBase):

@@ -155,15 +155,24 @@ class DeviceStaging:
 
     def add_source(self, region: Any) -> str:
         """A CUDA region to send from directly; why not ("" when it will be)."""
+        if region.closed:
+            raise InvalidArgumentError(f"channel {self._channel.name}: the CUDA region is closed")
+        if region.context is not self._channel.context:
+            raise InvalidArgumentError(f"channel {self._channel.name}: the CUDA region was registered with "
+                                       "another Context than the channel's")
         why = direct_refusal(region, self._channel.endpoint.transport)
         if not why:
             self._direct.append(region)
         return why
 
     def _direct_regions(self, items: list[Any]) -> Optional[list[Any]]:
-        """Each tensor's direct region when every one lies in one, else None (the message is staged)."""
+        """Each tensor's direct region when every one lies in one and the message fits one gather list,
+        else None (the message is staged)."""
         if not self._direct or not all(isinstance(t, DeviceTensor) for t in items):
             return None
+        self._direct = [r for r in self._direct if not r.closed]
+        if sum(max(t.rows, 1) for t in items if t.nbytes) > lib.LM_MAX_SEGS:
+            return None  # more rows than one gather write takes: the copy engine packs them instead
         regions = [next((r for r in self._direct if _lies_in(t, r)), None) for t in items]
         return None if any(r is None for r in regions) else regions
 

@@ -486,12 +486,15 @@ int lm_chan_send_prepare(lm_chan_t *ch, uint32_t layer, uint32_t microbatch, con
  * straight from the GPU, no slot copy (GPUDirect). Running op posts the
  * payload as gather writes (one per run of tensors without padding between
  * them, rows of strided tensors as pieces, however short), then the header.
- * The regions are referenced until op has run; the memory must stay
- * registered and unchanged until the message is sent (lm_chan_wait_sent).
- * LM_ERR_UNSUPPORTED (with the reason) when a region is device memory the
- * channel's transport cannot reach (tcp, shm: stage it through the slot);
- * LM_ERR_INVALID when a tensor lies outside its region or the message needs
- * more than LM_MAX_SEGS pieces. */
+ * The regions' records are referenced until op has run; the memory must
+ * stay registered and unchanged until the message is sent (lm_chan_flush:
+ * a send token taken before op ran does not cover it). A region
+ * deregistered before op runs fails the channel (LM_ERR_LOCAL) instead of
+ * posting a header over a payload that never came. Refused before the
+ * credit wait: LM_ERR_UNSUPPORTED (with the reason) when a region is device
+ * memory the channel's transport cannot reach (tcp, shm: stage it through
+ * the slot); LM_ERR_INVALID when a tensor lies outside its region or the
+ * message has more than LM_MAX_SEGS pieces (rows). */
 int lm_chan_send_prepare_from(lm_chan_t *ch, uint32_t layer, uint32_t microbatch, const lm_chan_tensor_t *tensors,
                               uint32_t n, lm_mr_t *const *sources, int timeout_ms, uint64_t *seq,
                               lm_chan_deferred_t **op);
@@ -511,7 +514,8 @@ uint32_t lm_chan_unposted(lm_chan_t *ch, uint32_t microbatch);
 int lm_chan_recv(lm_chan_t *ch, int32_t microbatch, lm_chan_msg_t *out, int timeout_ms);
 /* Hand a received slot back (a credit now, or in our next header). */
 int lm_chan_release(lm_chan_t *ch, uint32_t microbatch, uint32_t slot, uint64_t seq);
-/* Write out held credits, then wait until every posted write completed. */
+/* Write out held credits, then wait until every posted write completed; the
+ * channel's sticky error if it failed (a failed write is not flushed). */
 int lm_chan_flush(lm_chan_t *ch, int timeout_ms);
 /* The completion token of the last message this channel sent (0 before any).
  * Once lm_chan_wait_sent(token) returns LM_OK every write of that message,

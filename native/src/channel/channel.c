@@ -1055,9 +1055,12 @@ static int chan_send(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_t
 /* ---- deferred (stream-ordered) sends and releases ------------------------- */
 
 /* The regions of a stream-ordered send from registered memory: one per
- * tensor, of this context, and within the channel's transport's reach. */
-static int check_sources(const lm_chan_t *ch, uint32_t n, lm_mr_t *const *sources)
+ * tensor, of this context, within the channel's transport's reach, holding
+ * the tensor; the message in at most LM_MAX_SEGS pieces. Checked before the
+ * credit is waited for, so a bad call fails at once. */
+static int check_sources(const lm_chan_t *ch, const lm_chan_tensor_t *t, uint32_t n, lm_mr_t *const *sources)
 {
+    uint64_t pieces = 0;
     for (uint32_t i = 0; i < n; i++) {
         if (!sources[i])
             return lm_fail(LM_ERR_INVALID, "lm_chan_send_prepare_from: tensor %u has no source region", i);
@@ -1068,7 +1071,15 @@ static int check_sources(const lm_chan_t *ch, uint32_t n, lm_mr_t *const *source
             return lm_fail(LM_ERR_UNSUPPORTED, "tensor %u lies in device memory, which %s cannot reach (the CPU "
                            "moves its bytes): stage it through the send slot (lm_chan_send_prepare)", i,
                            ch->ep->ops->name);
+        uint64_t start = (uint64_t)(uintptr_t)sources[i]->addr;
+        if (t[i].nbytes && (t[i].addr < start || extent_end(&t[i]) > start + sources[i]->length))
+            return lm_fail(LM_ERR_INVALID, "lm_chan_send_prepare_from: tensor %u does not lie in its source region", i);
+        pieces += t[i].nbytes ? (t[i].rows > 1 ? t[i].rows : 1) : 0;
     }
+    if (pieces > LM_MAX_SEGS)
+        return lm_fail(LM_ERR_INVALID, "lm_chan_send_prepare_from: %llu pieces (rows) exceed the %d a gather "
+                       "write takes: stage the message through the send slot", (unsigned long long)pieces,
+                       LM_MAX_SEGS);
     return LM_OK;
 }
 
@@ -1078,12 +1089,13 @@ static int keep_runs(lm_chan_t *ch, lm_chan_deferred_t *op, placement_t how, con
                      uint32_t nruns, lm_mr_t *region, uint64_t region_off, uint64_t payload)
 {
     uint32_t nsegs = how == FROM_REGION ? 1 : nruns ? runs[nruns - 1].first + runs[nruns - 1].count : 0;
-    op->nruns = how == FROM_REGION ? 1 : nruns;
+    op->nruns = 0;
     op->segs = NULL;
-    if (op->nruns == 0)
+    if (nsegs == 0)
         return LM_OK;
     if (!(op->segs = malloc(nsegs * sizeof(*op->segs))))
         return lm_fail(LM_ERR_NO_MEMORY, "no memory for a stream-ordered send's %u pieces", nsegs);
+    op->nruns = how == FROM_REGION ? 1 : nruns;
     if (how == FROM_REGION) {
         op->runs[0] = (gather_run_t){.first = 0, .count = 1, .remote_off = 0, .mr = region};
         op->segs[0] = (lm_seg_t){.offset = region_off, .length = payload};
@@ -1117,7 +1129,7 @@ static int chan_send_prepare(lm_chan_t *ch, uint32_t layer, uint32_t mb, const l
         return rc;
     if (!op_out)
         return lm_fail(LM_ERR_INVALID, "%s: NULL argument", call);
-    if (sources && (rc = check_sources(ch, n, sources)) != LM_OK)
+    if (sources && (rc = check_sources(ch, t, n, sources)) != LM_OK)
         return rc;
     uint64_t seq = ch->send_seq[mb];
     uint32_t slot = (uint32_t)(seq % ch->slots), idx = mb * ch->slots + slot;
@@ -1135,8 +1147,7 @@ static int chan_send_prepare(lm_chan_t *ch, uint32_t layer, uint32_t mb, const l
     gather_run_t runs[LM_CHAN_MAX_TENSORS];
     uint32_t nruns = 0;
     if (sources && (how == STAGED || (how == GATHER && !plan_gather(ch, t, n, offsets, mrs, runs, &nruns))))
-        return lm_fail(LM_ERR_INVALID, "lm_chan_send_prepare_from: every tensor must lie in its source region, "
-                       "the message in at most %d pieces (rows)", LM_MAX_SEGS);
+        return lm_fail(LM_ERR_NO_MEMORY, "lm_chan_send_prepare_from: no memory to plan the gather writes");
     if (payload > ch->send_cap)
         return lm_fail(LM_ERR_INVALID, "message of %llu B exceeds the %llu-byte slot",
                        (unsigned long long)payload, (unsigned long long)ch->send_cap);
@@ -1166,8 +1177,26 @@ static int chan_send_prepare(lm_chan_t *ch, uint32_t layer, uint32_t mb, const l
  * regions), then one write of the header (and the payload, from the slot),
  * with the credits held at that moment. Its sequence number is spent, so a
  * failure fails the channel (the peer would wait for it). */
-static void run_send(lm_chan_t *ch, lm_chan_deferred_t *op)
+/* A source region deregistered before the op ran: its write would be
+ * dropped, and the header then deliver a stale payload. */
+static int runs_registered(lm_chan_t *ch, const lm_chan_deferred_t *op)
 {
+    bool alive = true;
+    lm_registry_rdlock(ch->ctx);
+    for (uint32_t k = 0; k < op->nruns; k++)
+        alive = alive && op->runs[k].mr->alive;
+    lm_registry_unlock(ch->ctx);
+    return alive ? LM_OK : lm_fail(LM_ERR_LOCAL, "a source region was deregistered before the send ran");
+}
+
+static void run_send(lm_chan_t *ch, lm_chan_deferred_t *slot_op)
+{
+    /* Everything the post needs is taken out of the slot's op first: once the
+     * header is out, the peer may hand the slot back and the application
+     * thread prepare its next send into that same op. */
+    lm_chan_deferred_t mine = *slot_op, *op = &mine;
+    slot_op->nruns = 0;
+    slot_op->segs = NULL;
     chan_credit_t credits[LM_CHAN_MAX_PIGGYBACK];
     uint32_t credit_idx[LM_CHAN_MAX_PIGGYBACK];
     uint64_t credit_seq[LM_CHAN_MAX_PIGGYBACK];
@@ -1176,12 +1205,16 @@ static void run_send(lm_chan_t *ch, lm_chan_deferred_t *op)
     pthread_mutex_lock(&ch->post_lock);
     pthread_mutex_lock(&ch->lock);
     int rc = ch->error ? sticky_error_locked(ch) : LM_OK;
+    pthread_mutex_unlock(&ch->lock);
+    if (rc == LM_OK)
+        rc = runs_registered(ch, op);
     if (rc == LM_OK) {
+        pthread_mutex_lock(&ch->lock);
         ncredits = take_credits_locked(ch, credits, credit_idx, credit_seq);
         ch->outstanding += writes;
         wr_id = (ch->wr_ids += writes);
+        pthread_mutex_unlock(&ch->lock);
     }
-    pthread_mutex_unlock(&ch->lock);
     for (uint32_t k = 0; rc == LM_OK && k < op->nruns; k++) {
         const gather_run_t *run = &op->runs[k];
         rc = lm_ep_writev(ch->ep, run->mr, op->segs + run->first, run->count, &ch->peer,
@@ -1456,7 +1489,8 @@ static int chan_flush(lm_chan_t *ch, int timeout_ms)
         pthread_mutex_lock(&ch->lock);
         start_locked(ch);
         uint64_t left = ch->outstanding;
-        rc = left == 0 ? LM_OK : ch->error ? sticky_error_locked(ch) : 1;
+        /* A failed channel says so even with nothing left: a write that failed is not "flushed". */
+        rc = ch->error ? sticky_error_locked(ch) : left == 0 ? LM_OK : 1;
         pthread_mutex_unlock(&ch->lock);
         if (rc <= 0)
             return rc;
