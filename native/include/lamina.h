@@ -421,6 +421,17 @@ uint64_t lm_chan_region_bytes(const lm_chan_params_t *params);
  * for a peer region smaller than its layout. */
 int lm_chan_create(lm_ep_t *ep, lm_mr_t *mr, const lm_rdesc_t *peer, const lm_chan_params_t *params,
                    lm_chan_t **out);
+/* Split payloads, set right after lm_chan_create (both sides agreed in their
+ * handshake): recv_payloads (or NULL), a region of ours with at least
+ * microbatches * slots * recv_capacity bytes granting remote writes, takes
+ * the payloads of the messages we receive (slot s of micro-batch m at
+ * (m * slots + s) * recv_capacity), the headers staying in our region: it
+ * may be device memory the NIC writes (GPUDirect), since only headers are
+ * read by the CPU. lm_chan_recv's tensor addresses are then offsets in it.
+ * peer_payloads (or NULL): the peer's such region; our sends write their
+ * payloads there, then the header. LM_ERR_INVALID once messages moved or
+ * for a bad region, LM_ERR_PROTOCOL for a peer region too small. */
+int lm_chan_split_payloads(lm_chan_t *ch, lm_mr_t *recv_payloads, const lm_rdesc_t *peer_payloads);
 /* Close: fail the channel with LM_ERR_CLOSED, wake and wait out any thread
  * inside a call on it (each returns LM_ERR_CLOSED), then let go of the
  * endpoint (its later completions go to the context's queue again). Calls

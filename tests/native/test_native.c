@@ -1295,6 +1295,78 @@ static void test_chan_send_prepare_from(void)
     free(src);
 }
 
+/* Split payloads: b's payloads land in a region of their own (device memory
+ * in production; host memory here), the headers in b's ring. Every send path
+ * of a writes there: staged, gathered from a region, deferred from the slot
+ * and deferred from a region. */
+static void test_chan_split_payloads(void)
+{
+    chan_pair_t c;
+    chan_pair_open(&c);
+    uint64_t payload_bytes = 2 * 1024; /* 1 micro-batch x 2 slots x 1024 */
+    unsigned char *payloads = calloc(1, payload_bytes), *src = calloc(1, 4 * 96);
+    for (int i = 0; i < 4 * 96; i++)
+        src[i] = (unsigned char)(i * 7 + 1);
+    lm_mr_t *mp, *ms;
+    CHECK(lm_mr_register(c.p.b, payloads, payload_bytes, LM_ACCESS_REMOTE_WRITE, &mp) == LM_OK);
+    CHECK(lm_mr_register(c.p.a, src, 4 * 96, LM_ACCESS_LOCAL_WRITE, &ms) == LM_OK);
+    lm_rdesc_t dp;
+    CHECK(lm_mr_descriptor(mp, &dp) == LM_OK);
+    lm_rdesc_t small = dp;
+    small.length = 100;
+    CHECK(lm_chan_split_payloads(c.ca, NULL, &small) == LM_ERR_PROTOCOL);
+    CHECK(lm_chan_split_payloads(c.cb, mp, NULL) == LM_OK);
+    CHECK(lm_chan_split_payloads(c.ca, NULL, &dp) == LM_OK);
+
+    lm_chan_tensor_t block = column_block(src, 48, 32);
+    lm_mr_t *sources[1] = {ms};
+    uint64_t seq;
+    lm_chan_deferred_t *op;
+    lm_chan_msg_t msg;
+    for (int round = 0; round < 4; round++) {
+        if (round == 0) { /* strided, not registered: staged into the slot, then written apart */
+            CHECK(lm_chan_send(c.ca, 0, 0, &block, 1, NULL, 0, 1000, &seq) == LM_OK);
+        } else if (round == 1) { /* gathered from the source region */
+            CHECK(lm_chan_send_from(c.ca, 1, 0, &block, 1, sources, 1000, &seq) == LM_OK);
+        } else if (round == 2) { /* deferred, from the slot (what the copy engine fills) */
+            uint64_t at;
+            CHECK(lm_chan_send_slot(c.ca, 0, 1000, &at) == LM_OK);
+            unsigned char *slot = (unsigned char *)c.ra + at;
+            for (int r = 0; r < 4; r++)
+                memcpy(slot + r * 32, src + r * 96 + 48, 32);
+            lm_chan_tensor_t packed = {.addr = (uint64_t)(uintptr_t)slot, .nbytes = 128, .shape = {4, 32},
+                                       .dtype = LM_DTYPE_UINT8, .ndim = 2};
+            CHECK(lm_chan_send_prepare(c.ca, 2, 0, &packed, 1, 1000, &seq, &op) == LM_OK);
+            lm_chan_run_deferred(op);
+        } else { /* deferred, from the source region (GPUDirect) */
+            CHECK(lm_chan_send_prepare_from(c.ca, 3, 0, &block, 1, sources, 1000, &seq, &op) == LM_OK);
+            lm_chan_run_deferred(op);
+        }
+        CHECK(lm_chan_recv(c.cb, 0, &msg, 5000) == 1 && msg.layer == (uint32_t)round && msg.ntensors == 1);
+        CHECK(msg.tensors[0].addr == (uint64_t)msg.slot * 1024 && msg.tensors[0].nbytes == 128);
+        for (int r = 0; r < 4; r++)
+            CHECK(memcmp(payloads + msg.tensors[0].addr + r * 32, src + r * 96 + 48, 32) == 0);
+        memset(payloads + msg.tensors[0].addr, 0, 128);
+        CHECK(lm_chan_release(c.cb, 0, msg.slot, msg.seq) == LM_OK);
+    }
+    /* Only headers went to b's ring: its slots' payload areas stayed zero. */
+    for (uint32_t slot = 0; slot < 2; slot++) {
+        const unsigned char *area = (const unsigned char *)c.rb + slot * (LM_CHAN_HEADER_BYTES + 1024) +
+                                    LM_CHAN_HEADER_BYTES;
+        for (int i = 0; i < 1024; i++)
+            CHECK(area[i] == 0);
+    }
+    CHECK(lm_chan_split_payloads(c.ca, NULL, NULL) == LM_ERR_INVALID); /* messages moved already */
+    CHECK(lm_chan_flush(c.ca, 1000) == LM_OK);
+    lm_chan_close(c.ca);
+    lm_chan_close(c.cb);
+    lm_mr_deregister(mp);
+    lm_mr_deregister(ms);
+    chan_pair_close(&c);
+    free(payloads);
+    free(src);
+}
+
 int main(void)
 {
     test_bad_arguments();
@@ -1327,6 +1399,7 @@ int main(void)
     test_device_memory_refused_without_verbs();
     test_poster_posts_when_run_and_never_after_close();
     test_chan_send_prepare_from();
+    test_chan_split_payloads();
     if (failures) {
         fprintf(stderr, "%d check(s) failed\n", failures);
         return 1;

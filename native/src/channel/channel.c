@@ -73,6 +73,12 @@ struct lm_chan {
     lm_mr_t *mr;
     uint8_t *base;
     lm_rdesc_t peer;
+    /* Split payloads (lm_chan_split_payloads): ours land in recv_payloads
+     * (device memory the NIC writes), the headers in our region; the peer's
+     * in peer_payloads. */
+    lm_mr_t *recv_payloads;
+    lm_rdesc_t peer_payloads;
+    bool split_in, split_out;
     uint32_t mbs, slots, ring;
     uint64_t recv_cap, send_cap;
     uint64_t recv_stride, send_stride, send_base, credit_in_base, credit_out_base;
@@ -176,6 +182,18 @@ static uint64_t send_slot_off(const lm_chan_t *ch, uint32_t mb, uint32_t slot)
 static uint64_t peer_recv_slot_off(const lm_chan_t *ch, uint32_t mb, uint32_t slot)
 {
     return ((uint64_t)mb * ch->slots + slot) * ch->peer_recv_stride;
+}
+
+/* Where a message's payload goes at the peer: after the header in its slot,
+ * or into the peer's payload region. */
+static const lm_rdesc_t *payload_dest(const lm_chan_t *ch, uint32_t mb, uint32_t slot, uint64_t *off)
+{
+    if (ch->split_out) {
+        *off = ((uint64_t)mb * ch->slots + slot) * ch->send_cap;
+        return &ch->peer_payloads;
+    }
+    *off = peer_recv_slot_off(ch, mb, slot) + LM_CHAN_HEADER_BYTES;
+    return &ch->peer;
 }
 
 static int check_params(const lm_chan_params_t *p)
@@ -499,6 +517,38 @@ void lm_chan_close(lm_chan_t *ch)
 }
 
 /* ---- waiting ----------------------------------------------------------------- */
+
+int lm_chan_split_payloads(lm_chan_t *ch, lm_mr_t *recv_payloads, const lm_rdesc_t *peer_payloads)
+{
+    if (!chan_enter(ch))
+        return closed_error("lm_chan_split_payloads");
+    int rc = LM_OK;
+    uint64_t ring = ch->ring;
+    pthread_mutex_lock(&ch->lock);
+    if (ch->st.messages || ch->st.messages_received || ch->arr_count || ch->held_count || ch->outstanding)
+        rc = lm_fail(LM_ERR_INVALID, "lm_chan_split_payloads: the channel has carried messages already");
+    else if (recv_payloads && recv_payloads->ctx != ch->ctx)
+        rc = lm_fail(LM_ERR_INVALID, "lm_chan_split_payloads: the payload region belongs to another context");
+    else if (recv_payloads && recv_payloads->length < ring * ch->recv_cap)
+        rc = lm_fail(LM_ERR_INVALID, "lm_chan_split_payloads: the payload region has %llu B, %llu slots of %llu B "
+                     "need %llu", (unsigned long long)recv_payloads->length, (unsigned long long)ring,
+                     (unsigned long long)ch->recv_cap, (unsigned long long)(ring * ch->recv_cap));
+    else if (recv_payloads && !(recv_payloads->access & LM_ACCESS_REMOTE_WRITE))
+        rc = lm_fail(LM_ERR_INVALID, "lm_chan_split_payloads: the payload region does not grant remote writes");
+    else if (peer_payloads && peer_payloads->length < ring * ch->send_cap)
+        rc = lm_fail(LM_ERR_PROTOCOL, "the peer's payload region has %llu B, its slots need %llu",
+                     (unsigned long long)peer_payloads->length, (unsigned long long)(ring * ch->send_cap));
+    if (rc == LM_OK) {
+        ch->recv_payloads = recv_payloads;
+        ch->split_in = recv_payloads != NULL;
+        if (peer_payloads)
+            ch->peer_payloads = *peer_payloads;
+        ch->split_out = peer_payloads != NULL;
+    }
+    pthread_mutex_unlock(&ch->lock);
+    chan_leave(ch);
+    return rc;
+}
 
 static uint64_t deadline_of(int timeout_ms)
 {
@@ -995,6 +1045,12 @@ static int chan_send(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_t
                        "in at most %d pieces: the CPU cannot copy it into the slot", LM_MAX_SEGS);
     if (how == STAGED && (rc = stage(ch, t, n, offsets, hdr_at + LM_CHAN_HEADER_BYTES, payload)) != LM_OK)
         return rc;
+    placement_t counted = how;
+    if (ch->split_out && payload > 0 && (how == FROM_SLOT || how == STAGED)) {
+        how = FROM_REGION; /* the slot's payload goes apart, into the peer's payload region */
+        region = ch->mr;
+        region_off = hdr_at + LM_CHAN_HEADER_BYTES;
+    }
 
     /* Marked in use before posting: the peer's credit may come back before
      * lm_ep_write returns (another thread dispatches it). */
@@ -1012,17 +1068,17 @@ static int chan_send(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_t
     pthread_mutex_unlock(&ch->lock);
     write_header(ch, hdr_at, t, n, offsets, layer, mb, slot, seq, payload, credits, ncredits);
 
-    uint64_t remote = peer_recv_slot_off(ch, mb, slot);
+    uint64_t remote = peer_recv_slot_off(ch, mb, slot), at = 0;
+    const lm_rdesc_t *dest = payload_dest(ch, mb, slot, &at);
     uint32_t imm = KIND_DATA << 28 | mb << 16 | slot;
     uint32_t posted = 0;
     if (how == FROM_REGION) {
-        rc = lm_ep_write(ch->ep, region, region_off, payload, &ch->peer, remote + LM_CHAN_HEADER_BYTES, 0, 0,
-                         wr_id - 1);
+        rc = lm_ep_write(ch->ep, region, region_off, payload, dest, at, 0, 0, wr_id - 1);
         posted += rc == LM_OK;
     }
     for (uint32_t k = 0; how == GATHER && k < nruns && rc == LM_OK; k++) {
-        rc = lm_ep_writev(ch->ep, runs[k].mr, ch->segs + runs[k].first, runs[k].count, &ch->peer,
-                          remote + LM_CHAN_HEADER_BYTES + runs[k].remote_off, 0, 0, wr_id - nruns + k);
+        rc = lm_ep_writev(ch->ep, runs[k].mr, ch->segs + runs[k].first, runs[k].count, dest,
+                          at + runs[k].remote_off, 0, 0, wr_id - nruns + k);
         posted += rc == LM_OK;
     }
     if (rc == LM_OK) {
@@ -1044,7 +1100,7 @@ static int chan_send(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_t
             ch->send_seq[mb]++;
         if (wr_id > ch->last_send_wr) /* a deferred send may have posted after us and set it */
             ch->last_send_wr = wr_id;
-        count_sent_locked(ch, how, t, n, payload, ncredits);
+        count_sent_locked(ch, counted, t, n, payload, ncredits);
     }
     pthread_mutex_unlock(&ch->lock);
     if (rc == LM_OK && !raw)
@@ -1151,6 +1207,12 @@ static int chan_send_prepare(lm_chan_t *ch, uint32_t layer, uint32_t mb, const l
     if (payload > ch->send_cap)
         return lm_fail(LM_ERR_INVALID, "message of %llu B exceeds the %llu-byte slot",
                        (unsigned long long)payload, (unsigned long long)ch->send_cap);
+    placement_t counted = how;
+    if (ch->split_out && payload > 0 && how == FROM_SLOT) {
+        how = FROM_REGION; /* the slot's payload goes apart, into the peer's payload region */
+        region = ch->mr;
+        region_off = hdr_at + LM_CHAN_HEADER_BYTES;
+    }
     lm_chan_deferred_t *op = &ch->send_ops[idx];
     *op = (lm_chan_deferred_t){.ch = ch, .kind = DEFERRED_SEND, .mb = mb, .slot = slot, .seq = seq,
                                .hdr_at = hdr_at, .length = LM_CHAN_HEADER_BYTES + (how == FROM_SLOT ? payload : 0),
@@ -1165,7 +1227,7 @@ static int chan_send_prepare(lm_chan_t *ch, uint32_t layer, uint32_t mb, const l
     ch->slot_seq[idx] = seq;
     ch->send_seq[mb]++; /* taken now: later sends queue behind this one */
     ch->unposted[mb]++;
-    count_sent_locked(ch, how, t, n, payload, 0);
+    count_sent_locked(ch, counted, t, n, payload, 0);
     atomic_fetch_add(&ch->refs, 1);
     pthread_mutex_unlock(&ch->lock);
     *seq_out = seq;
@@ -1201,7 +1263,8 @@ static void run_send(lm_chan_t *ch, lm_chan_deferred_t *slot_op)
     uint32_t credit_idx[LM_CHAN_MAX_PIGGYBACK];
     uint64_t credit_seq[LM_CHAN_MAX_PIGGYBACK];
     uint32_t ncredits = 0, writes = 1 + op->nruns, posted = 0;
-    uint64_t wr_id = 0, remote = peer_recv_slot_off(ch, op->mb, op->slot);
+    uint64_t wr_id = 0, remote = peer_recv_slot_off(ch, op->mb, op->slot), at = 0;
+    const lm_rdesc_t *dest = payload_dest(ch, op->mb, op->slot, &at);
     pthread_mutex_lock(&ch->post_lock);
     pthread_mutex_lock(&ch->lock);
     int rc = ch->error ? sticky_error_locked(ch) : LM_OK;
@@ -1217,8 +1280,8 @@ static void run_send(lm_chan_t *ch, lm_chan_deferred_t *slot_op)
     }
     for (uint32_t k = 0; rc == LM_OK && k < op->nruns; k++) {
         const gather_run_t *run = &op->runs[k];
-        rc = lm_ep_writev(ch->ep, run->mr, op->segs + run->first, run->count, &ch->peer,
-                          remote + LM_CHAN_HEADER_BYTES + run->remote_off, 0, 0, wr_id - op->nruns + k);
+        rc = lm_ep_writev(ch->ep, run->mr, op->segs + run->first, run->count, dest, at + run->remote_off, 0, 0,
+                          wr_id - op->nruns + k);
         posted += rc == LM_OK;
     }
     if (rc == LM_OK) { /* header last: its immediate fires after the payload landed */
@@ -1402,7 +1465,9 @@ static int open_locked(lm_chan_t *ch, uint32_t mb, uint32_t slot, lm_chan_msg_t 
                            (unsigned long long)nbytes, (unsigned long long)e.offset);
         for (uint32_t d = e.ndim; d < LM_CHAN_MAX_NDIM; d++)
             out->tensors[i].shape[d] = 0; /* the entry is a byte-exact layout key (Python's view cache) */
-        out->tensors[i].addr = at + LM_CHAN_HEADER_BYTES + e.offset;
+        /* An offset in our region, or in the payload region when split. */
+        out->tensors[i].addr = (ch->split_in ? ((uint64_t)mb * ch->slots + slot) * ch->recv_cap
+                                             : at + LM_CHAN_HEADER_BYTES) + e.offset;
         out->tensors[i].nbytes = nbytes;
         out->tensors[i].dtype = e.dtype;
         out->tensors[i].ndim = e.ndim;
