@@ -27,8 +27,9 @@ work until the message is in place. Each arriving chunk is copied to the
 device on the host-to-device copy stream (which first waits on that event);
 after the last one the copy stream writes the gate (cuStreamWriteValue32),
 releasing ``s`` without any host synchronisation. Behind each chunk's copy a
-host function posts its credit (in slot order); the completion of the last
-chunk's credit write tells the network thread the message is in place.
+host function posts its credit (in slot order); the post of the last one
+also delivers an ``Op.POSTED`` completion (LM_POSTER_NOTIFY), which tells the
+network thread the message is in place.
 
 The two copy streams are separate and non-blocking: a send ordered after a
 gated receive on the same user stream never blocks the receive's copies.
@@ -126,7 +127,8 @@ class CopyEngine:
     def copy_out(self, host: int, dev: int, nbytes: int, after: Any) -> None: ...
     def copy_in(self, dev: int, host: int, nbytes: int, after: Any) -> None: ...
     def then_out(self, op: Any) -> None: ...   # lm_poster_run(op) behind the queued copies out
-    def then_in(self, op: Any) -> None: ...    # the same behind the copies in
+    def then_in(self, op: Any) -> None: ...    # the same behind the copies in (both own op from the call on)
+    def check(self) -> None: ...               # raise the copy streams' failure, if any
     def release(self, marker: Any) -> None: ...
     def new_gate(self) -> Any: ...
     def retire_gate(self, gate: Any) -> None: ...
@@ -214,7 +216,13 @@ class CudaCopyEngine(CopyEngine):
         rc = self.driver.raw("cuLaunchHostFunc", c_void_p(stream), c_void_p(_poster_run_address()),
                              c_void_p(int(ffi.cast("uintptr_t", op))))
         if rc != cuda.CUDA_SUCCESS:
+            lib.lm_poster_cancel(op)  # never queued: ours to free
             raise self.driver.error(rc, "cuLaunchHostFunc (a staged link's post)")
+
+    def check(self) -> None:
+        """A failed copy stream never runs its host functions: its error fails the link instead."""
+        self._d2h.idle()  # raises CudaError for anything but "not ready"
+        self._h2d.idle()
 
     def release(self, marker: Any) -> None:
         self._events.put(marker)
@@ -379,6 +387,9 @@ class HostCopyEngine(CopyEngine):
 
     def then_in(self, op: Any) -> None:
         self._run(self._h2d, lambda: lib.lm_poster_run(op))
+
+    def check(self) -> None:
+        pass
 
     def release(self, marker: Any) -> None:
         pass
@@ -548,6 +559,7 @@ class StagedLink:
         poster = ffi.new("lm_poster_t **")
         check(lib.lm_poster_create(ep._handle(), poster), "staged link")
         self._poster = poster[0]
+        ep._before_close.append(self._endpoint_closing)
         net = threading.Thread(target=self._net_loop, name="lamina-gpu-net", daemon=True)
         self._threads.append(net)
         net.start()
@@ -639,10 +651,10 @@ class StagedLink:
             op = self._prepare(slot * self.chunk_bytes, rslot * self._peer_chunk, n, data_imm(n, last), wr)
             try:
                 self.engine.copy_out(self._ring_address + slot * self.chunk_bytes, job.address + offset, n, after)
-                self.engine.then_out(op)  # the write into the peer's slot, posted once the chunk is in ours
             except BaseException:
                 lib.lm_poster_cancel(op)
                 raise
+            self.engine.then_out(op)  # the write into the peer's slot, posted once the chunk is in ours
             self._tx_inflight[wr] = (job, slot)
             self.stats["chunks_sent"] += 1
             if after is not None:
@@ -687,10 +699,10 @@ class StagedLink:
                     job.received += n
                 if last and job.gate_value is not None:
                     self.engine.gate_signal(self._gate, job.gate_value)  # releases the user's stream first
-                self.engine.then_in(credit)
             except BaseException:
                 lib.lm_poster_cancel(credit)
                 raise
+            self.engine.then_in(credit)
             self.stats["credits_sent"] += 1
             if last:
                 self._recv_queue.popleft()
@@ -726,6 +738,8 @@ class StagedLink:
                         for c in completions:
                             self._on_completion(c)
                 err = ep.error
+                if self._tx_inflight or self._rx_done:
+                    self.engine.check()  # a failed copy stream would never post what waits behind it
                 posted = lib.lm_poster_error(self._poster)
                 if err is None and posted:  # (its native message belongs to the driver's thread)
                     err = error_for_status(posted, "staged link: a write queued behind a copy could not be "
@@ -783,6 +797,15 @@ class StagedLink:
             raise ProtocolError(f"unexpected completion on a staged link: {c.op.name} status {c.status}")
 
     # -- failure and shutdown ---------------------------------------------------------------
+    def _endpoint_closing(self) -> None:
+        """The endpoint goes (Context.close with the link still open): nothing may post on it any more,
+        and the network thread must stop waiting on its context."""
+        self._stop = True
+        self._fail(ClosedError("staged link: its endpoint was closed"))  # closes the poster
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(1.0)
+
     def _fail(self, exc: BaseException) -> None:
         """Fail every pending transfer with exc and open the gate so no stream waits forever."""
         with self._lock:
@@ -832,15 +855,17 @@ class StagedLink:
             lib.lm_poster_close(self._poster)  # writes still queued behind copies post nothing from now on
         if self._ep is not None:
             self._ep.close()
+        stopped = True
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join(max(0.5, timeout))
+                stopped = stopped and not t.is_alive()
         with self.engine.activate():
             idle = self.engine.quiesce(max(0.5, timeout))
             self._release_memory(idle)
             if self._own_engine:
                 self.engine.close(0.5)
-        if self._poster is not None:
+        if self._poster is not None and stopped:  # (a network thread still running reads it: leaked then)
             lib.lm_poster_destroy(self._poster)  # freed with the last op still queued, if any
             self._poster = None
 

@@ -289,7 +289,11 @@ int lm_ep_read(lm_ep_t *ep, lm_mr_t *local, uint64_t local_off, uint64_t length,
  * waits on the endpoint without another hand-off. A post that fails makes no
  * write completion: it gets an LM_OP_POSTED completion with the error (with
  * or without the flag), is kept as lm_poster_error, and later ops post
- * nothing. Every prepared
+ * nothing (nor notify: an op run after a failure or after close only frees
+ * itself). The op holds its region's record; a region deregistered before
+ * the op runs fails the post (LM_ERR_LOCAL). If the stream an op waits on
+ * fails, the op never runs: its owner must notice the stream's error (the
+ * poster then leaks rather than be freed under a late op). Every prepared
  * op must be run or canceled exactly once; the poster's memory lasts until
  * lm_poster_destroy and the last op. */
 typedef struct lm_poster lm_poster_t;
@@ -302,8 +306,8 @@ void lm_poster_destroy(lm_poster_t *p);
 int lm_poster_error(lm_poster_t *p);
 /* Ops prepared and not yet run or canceled. */
 uint64_t lm_poster_pending(lm_poster_t *p);
-/* Arguments as lm_ep_write; the local range is checked now. LM_ERR_CLOSED
- * once the poster is closed. */
+/* Arguments as lm_ep_write, checked now as the post would (flags: LM_WRITE_IMM,
+ * LM_POSTER_NOTIFY); LM_ERR_CLOSED once the poster is closed. */
 int lm_poster_write_prepare(lm_poster_t *p, lm_mr_t *local, uint64_t local_off, uint64_t length,
                             const lm_rdesc_t *remote, uint64_t remote_off, uint32_t imm, uint32_t flags,
                             uint64_t wr_id, lm_poster_op_t **op);

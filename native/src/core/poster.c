@@ -91,27 +91,60 @@ int lm_poster_write_prepare(lm_poster_t *p, lm_mr_t *local, uint64_t local_off, 
 {
     if (!p || !local || !remote || !out)
         return lm_fail(LM_ERR_INVALID, "lm_poster_write_prepare: NULL argument");
-    /* Bounds are checked now, where the caller can still take the error; the
-     * post repeats the check (the region may be gone by then). */
-    if (lm_mr_check(local, local_off, length, 0) != LM_OK)
-        return lm_fail(LM_ERR_INVALID, "lm_poster_write_prepare: local range [%llu, +%llu) outside the %llu-byte region",
-                       (unsigned long long)local_off, (unsigned long long)length,
-                       (unsigned long long)local->length);
-    pthread_mutex_lock(&p->lock);
-    bool open = p->ep != NULL;
-    pthread_mutex_unlock(&p->lock);
-    if (!open)
-        return lm_fail(LM_ERR_CLOSED, "lm_poster_write_prepare: the poster is closed");
+    if (flags & ~(uint32_t)(LM_WRITE_IMM | LM_POSTER_NOTIFY))
+        return lm_fail(LM_ERR_INVALID, "lm_poster_write_prepare: unknown flags 0x%x", flags);
+    /* What the post would refuse is refused now, where the caller can take
+     * the error (on the driver's thread it would only poison the poster). */
+    if (lm_mr_check(local, local_off, length, 0) != LM_OK || length > LM_MAX_MESSAGE)
+        return lm_fail(LM_ERR_INVALID, "lm_poster_write_prepare: local range [%llu, +%llu) outside the %llu-byte "
+                       "region or over the message limit", (unsigned long long)local_off,
+                       (unsigned long long)length, (unsigned long long)local->length);
     lm_poster_op_t *op = malloc(sizeof(*op));
     if (!op)
         return lm_fail(LM_ERR_NO_MEMORY, "no memory for a deferred write");
     *op = (lm_poster_op_t){.poster = p, .local = local, .local_off = local_off, .length = length,
                            .remote_off = remote_off, .wr_id = wr_id, .remote = *remote, .imm = imm,
                            .flags = flags & ~LM_POSTER_NOTIFY, .notify = (flags & LM_POSTER_NOTIFY) != 0};
-    atomic_fetch_add(&p->refs, 1);
-    atomic_fetch_add(&p->pending, 1);
+    int rc = LM_OK;
+    pthread_mutex_lock(&p->lock);
+    if (!p->ep)
+        rc = lm_fail(LM_ERR_CLOSED, "lm_poster_write_prepare: the poster is closed");
+    else if (local->ctx != p->ep->ctx)
+        rc = lm_fail(LM_ERR_INVALID, "lm_poster_write_prepare: the region belongs to another context");
+    else if (!lm_mr_reachable(local, p->ep->ops->id))
+        rc = lm_fail(LM_ERR_UNSUPPORTED, "lm_poster_write_prepare: the region is device memory, which %s cannot "
+                     "reach", p->ep->ops->name);
+    if (rc == LM_OK) { /* counted in while open: a destroy cannot free the poster under us */
+        atomic_fetch_add(&p->refs, 1);
+        atomic_fetch_add(&p->pending, 1);
+        lm_mr_ref(local); /* the record outlives a deregistration; run checks it is still registered */
+    }
+    pthread_mutex_unlock(&p->lock);
+    if (rc != LM_OK) {
+        free(op);
+        return rc;
+    }
     *out = op;
     return LM_OK;
+}
+
+/* Whether the op's region is still registered (a write from a deregistered
+ * one would read memory that may be gone). */
+static bool registered(lm_context_t *ctx, const lm_mr_t *mr)
+{
+    lm_registry_rdlock(ctx);
+    bool alive = mr->alive;
+    lm_registry_unlock(ctx);
+    return alive;
+}
+
+static void op_free(lm_poster_op_t *op)
+{
+    lm_poster_t *p = op->poster;
+    atomic_fetch_sub(&p->pending, 1);
+    lm_mr_unref(op->local);
+    free(op);
+    poster_unref(p);
 }
 
 /* Runs on the driver's thread: no Python, no allocation, one post. */
@@ -121,8 +154,10 @@ void lm_poster_run(void *arg)
     lm_poster_t *p = op->poster;
     pthread_mutex_lock(&p->lock);
     if (p->ep && !p->error) {
-        int rc = lm_ep_write(p->ep, op->local, op->local_off, op->length, &op->remote, op->remote_off, op->imm,
-                             op->flags, op->wr_id);
+        int rc = registered(p->ep->ctx, op->local)
+                     ? lm_ep_write(p->ep, op->local, op->local_off, op->length, &op->remote, op->remote_off, op->imm,
+                                   op->flags, op->wr_id)
+                     : lm_fail(LM_ERR_LOCAL, "a deferred write's region was deregistered before it was posted");
         if (rc != LM_OK)
             p->error = rc; /* its completion never comes: the owner sees this instead */
         /* The notice goes to whoever waits on the endpoint (not reserved: lost
@@ -133,16 +168,10 @@ void lm_poster_run(void *arg)
         }
     }
     pthread_mutex_unlock(&p->lock);
-    atomic_fetch_sub(&p->pending, 1);
-    free(op);
-    poster_unref(p);
+    op_free(op);
 }
 
 void lm_poster_cancel(void *arg)
 {
-    lm_poster_op_t *op = arg;
-    lm_poster_t *p = op->poster;
-    atomic_fetch_sub(&p->pending, 1);
-    free(op);
-    poster_unref(p);
+    op_free(arg);
 }
