@@ -812,3 +812,92 @@ def test_an_empty_tensor_does_not_stage_a_multi_region_message(contexts, pair):
     assert model.metrics.staged_bytes == 0 and model.metrics.gather_messages == 1
     with attention.recv(1, timeout=WAIT_S) as msg:
         assert same_bits(msg.tensors[0], a) and msg.tensors[1].size == 0 and same_bits(msg.tensors[2], b)
+
+
+# ---- payloads apart from headers (payloads=: the GPUDirect receive layout, host memory here) -----------
+
+def open_split_pair(model_ctx, attention_ctx, attention_payloads=None, model_payloads=None):
+    """A channel pair whose receivers take payloads into regions of their own (either side, or both)."""
+    listener = ChannelListener(attention_ctx, "127.0.0.1:0", SPEC, timeout=WAIT_S)
+    box: dict = {}
+
+    def accept() -> None:
+        try:
+            box["ch"] = listener.accept(timeout=WAIT_S, payloads=attention_payloads)
+        except Exception as exc:  # re-raised in the test thread
+            box["err"] = exc
+
+    thread = threading.Thread(target=accept)
+    thread.start()
+    try:
+        model = Channel.connect(model_ctx, listener.address, SPEC, timeout=WAIT_S, payloads=model_payloads)
+    except Exception:
+        thread.join(WAIT_S)
+        if "err" in box:  # the accepting side's refusal is the cause
+            raise box["err"]
+        raise
+    finally:
+        thread.join(WAIT_S)
+        listener.close()
+    if "err" in box:
+        model.close()
+        raise box["err"]
+    return model, box["ch"]
+
+
+def test_payloads_land_in_a_region_of_their_own_and_headers_in_the_ring(contexts):
+    """Each side's received payloads land in the region it named (device memory in production, where the
+    NIC writes and only headers are read by the CPU), for every send path; the ring carries headers."""
+    from lamina_comm.channel.spec import RingLayout
+    a, b = contexts
+    into_attention = np.zeros(RingLayout.for_role(SPEC, "attention").payload_bytes, np.uint8)
+    into_model = np.zeros(RingLayout.for_role(SPEC, "model").payload_bytes, np.uint8)
+    rng = np.random.default_rng(9)
+    model, attention = open_split_pair(a, b, b.register(into_attention), a.register(into_model))
+    try:
+        fused = rng.standard_normal((4, 128)).astype(np.float16)
+        model.add_source_region(a.register(fused))
+        q, k = fused[:, :64].reshape(4, 4, 16), fused[:, 64:96].reshape(4, 2, 16)
+        sends = [lambda: model.send([q, k], layer=0, microbatch=0),                    # gathered from a region
+                 lambda: model.send([q.copy(), k.copy()], layer=1, microbatch=1),      # copied into the slot
+                 lambda: model.send(model.send_buffers(0, [(4, 4, 16)], "float16"), layer=2, microbatch=0)]
+        for i, send in enumerate(sends):
+            send()
+            with attention.recv(timeout=WAIT_S) as got:
+                assert got.layer == i
+                for view in got.tensors:  # a view into the payload region, not the ring
+                    assert np.shares_memory(view, into_attention)
+                if i < 2:
+                    assert np.array_equal(got.tensors[0], q) and np.array_equal(got.tensors[1], k)
+        reply = rng.standard_normal((4, 4, 16)).astype(np.float16)
+        attention.send(reply, layer=7, microbatch=1)
+        with model.recv(1, timeout=WAIT_S) as got:
+            assert np.shares_memory(got.tensors[0], into_model) and np.array_equal(got.tensors[0], reply)
+        # The ring's payload areas never saw a byte: only headers went there.
+        layout = attention._layout
+        for index in range(SPEC.microbatches * SPEC.slots_per_microbatch):
+            start = index * layout.recv_stride + 128
+            assert not attention._buf[start:start + layout.recv_capacity].any()
+    finally:
+        model.close()
+        attention.close()
+
+
+def test_a_payload_region_is_checked_before_the_handshake(contexts):
+    from lamina_comm.channel.spec import RingLayout
+    a, b = contexts
+    need = RingLayout.for_role(SPEC, "model").payload_bytes
+    with pytest.raises(lc.InvalidArgumentError, match="payload region has 64 B"):
+        Channel.connect(a, "127.0.0.1:1", SPEC, payloads=a.register(np.zeros(64, np.uint8)))
+    with pytest.raises(lc.InvalidArgumentError, match="another Context"):
+        Channel.connect(a, "127.0.0.1:1", SPEC, payloads=b.register(np.zeros(need, np.uint8)))
+
+
+def test_a_peers_payload_descriptor_is_untrusted_input():
+    from lamina_comm.channel.handshake import _peer_payloads
+    assert _peer_payloads({}) is None
+    good = {"key": 1, "addr": 4096, "length": 1 << 20, "rkey": 7, "access": 3}
+    assert _peer_payloads({"payloads": good}).length == 1 << 20
+    for bad in (None, [], "x", {**good, "length": -1}, {**good, "addr": 1 << 64}, {"key": 1}):
+        with pytest.raises(lc.ProtocolError):
+            _peer_payloads({"payloads": bad})

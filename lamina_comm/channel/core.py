@@ -11,9 +11,9 @@ import numpy as np
 
 from .. import dtypes
 from .._bindings import check, error_of, ffi, lib
-from ..errors import ClosedError, InvalidArgumentError, LaminaError, TimeoutError_
+from ..errors import ClosedError, InvalidArgumentError, LaminaError, TimeoutError_, UnsupportedError
 from ..transport import Context, Endpoint, Listener, MemoryRegion, Op, RemoteRegion
-from .handshake import _check_peer, _hello, _parse_hello
+from .handshake import _check_peer, _hello, _parse_hello, _peer_payloads
 from .spec import MAX_NDIM, MAX_TENSORS, ChannelSpec, RingLayout, _other_role, packed_offsets
 from .views import TensorView, _as_tensor_view, _copy_into, _describe, _describe_numpy, _TensorInfo, to_torch
 
@@ -133,6 +133,28 @@ class Message:
 
 
 
+def _is_cuda_region(region: Any) -> bool:
+    from ..gpu.memory import CudaRegionBase
+    return isinstance(region, CudaRegionBase)
+
+
+def _check_payloads(ctx: Context, layout: RingLayout, payloads: Any) -> RemoteRegion | None:
+    """The descriptor a hello gives for our payload region (None: payloads stay in the ring)."""
+    if payloads is None:
+        return None
+    if getattr(payloads, "closed", False):
+        raise InvalidArgumentError("the payload region is closed")
+    if payloads.context is not ctx:
+        raise InvalidArgumentError("the payload region was registered with another Context than the channel's")
+    if _is_cuda_region(payloads) and payloads.path not in ("dmabuf", "peermem"):
+        raise UnsupportedError(f"a CUDA region takes payloads only when the NIC writes it (dmabuf or peermem); "
+                               f"this one is {payloads.path}: {payloads.path_reason}")
+    if payloads.nbytes < layout.payload_bytes:
+        raise InvalidArgumentError(f"the payload region has {payloads.nbytes} B, the ring needs "
+                                   f"{layout.payload_bytes} (RingLayout.payload_bytes)")
+    return payloads.descriptor()
+
+
 class _Rings:
     """The one registered region of a channel side, and its layout."""
 
@@ -188,6 +210,10 @@ class Channel:
         self._layout = rings.layout
         self._peer = peer_region
         self._sources: list[MemoryRegion] = []
+        # Split payloads (connect/accept payloads=): the region ours land in (None: after their headers,
+        # in the ring), and its numpy view when it is host memory.
+        self.payloads: Any = None
+        self._payload_buf: Any = None
         self._python_staged = [0, 0]  # messages and bytes staged here (strided or device tensors)
         params = ffi.new("lm_chan_params_t *", {
             "microbatches": spec.microbatches, "slots": spec.slots_per_microbatch,
@@ -241,16 +267,20 @@ class Channel:
     @classmethod
     def connect(cls, ctx: Context, address: str | tuple[str, int], spec: ChannelSpec, *,
                 role: str = "model", name: str | None = None, connect_timeout: float = 10.0,
-                timeout: float = DEFAULT_TIMEOUT_S, piggyback_credits: bool = False) -> "Channel":
+                timeout: float = DEFAULT_TIMEOUT_S, piggyback_credits: bool = False,
+                payloads: Any = None) -> "Channel":
         """Connect to a ChannelListener; raises SpecMismatchError if the specs differ.
 
         piggyback_credits: see Channel; a local choice, the peer need not agree.
+        payloads: a registered region that takes the payloads of the messages this side receives, apart
+        from their headers (see ``Channel.payloads``); the peer learns it in the handshake.
         """
         rings = _Rings(ctx, spec, role)
         try:
-            ep = ctx.connect(address, private_data=_hello(spec, role, rings.mr.descriptor()),
+            mine = _check_payloads(ctx, rings.layout, payloads)
+            ep = ctx.connect(address, private_data=_hello(spec, role, rings.mr.descriptor(), mine),
                              timeout=connect_timeout)
-            return cls._finish_setup(ctx, ep, spec, role, rings, name, timeout, piggyback_credits)
+            return cls._finish_setup(ctx, ep, spec, role, rings, name, timeout, piggyback_credits, payloads)
         except BaseException:
             rings.close()
             raise
@@ -258,27 +288,50 @@ class Channel:
     @classmethod
     def accept(cls, listener: Listener, spec: ChannelSpec, *, role: str = "attention",
                name: str | None = None, accept_timeout: float | None = None,
-               timeout: float = DEFAULT_TIMEOUT_S, piggyback_credits: bool = False) -> "Channel":
-        """Accept one channel on a transport Listener (see also ChannelListener)."""
+               timeout: float = DEFAULT_TIMEOUT_S, piggyback_credits: bool = False,
+               payloads: Any = None) -> "Channel":
+        """Accept one channel on a transport Listener (see also ChannelListener); payloads as for connect."""
         ctx = listener.context
         rings = _Rings(ctx, spec, role)
         try:
-            ep = listener.accept(accept_timeout, private_data=_hello(spec, role, rings.mr.descriptor()))
-            return cls._finish_setup(ctx, ep, spec, role, rings, name, timeout, piggyback_credits)
+            mine = _check_payloads(ctx, rings.layout, payloads)
+            ep = listener.accept(accept_timeout, private_data=_hello(spec, role, rings.mr.descriptor(), mine))
+            return cls._finish_setup(ctx, ep, spec, role, rings, name, timeout, piggyback_credits, payloads)
         except BaseException:
             rings.close()
             raise
 
     @classmethod
     def _finish_setup(cls, ctx: Context, ep: Endpoint, spec: ChannelSpec, role: str, rings: _Rings,
-                      name: str | None, timeout: float, piggyback_credits: bool) -> "Channel":
+                      name: str | None, timeout: float, piggyback_credits: bool, payloads: Any) -> "Channel":
         try:
-            peer_region = _check_peer(spec, role, _parse_hello(ep.peer_data))
-            return cls(ctx, ep, spec, role, rings, peer_region, name=name, timeout=timeout,
-                       piggyback_credits=piggyback_credits)
+            hello = _parse_hello(ep.peer_data)
+            peer_region = _check_peer(spec, role, hello)
+            peer_payloads = _peer_payloads(hello)
+            if _is_cuda_region(payloads) and ep.transport != "verbs":
+                raise UnsupportedError(f"payloads in device memory need a NIC that writes it (verbs); this "
+                                       f"channel runs over {ep.transport}")
+            channel = cls(ctx, ep, spec, role, rings, peer_region, name=name, timeout=timeout,
+                          piggyback_credits=piggyback_credits)
         except BaseException:
             ep.close()
             raise
+        if payloads is not None or peer_payloads is not None:
+            channel._split(payloads, peer_payloads)
+        return channel
+
+    def _split(self, payloads: Any, peer_payloads: RemoteRegion | None) -> None:
+        """Payloads apart from headers (lm_chan_split_payloads), as the two hellos said."""
+        try:
+            check(lib.lm_chan_split_payloads(self._handle(), ffi.NULL if payloads is None else payloads._handle(),
+                                             ffi.NULL if peer_payloads is None else peer_payloads._native),
+                  f"channel {self.name}")
+        except BaseException:
+            self.close()
+            raise
+        self.payloads = payloads
+        if payloads is not None and not _is_cuda_region(payloads):  # host memory: numpy views
+            self._payload_buf = payloads.view(nbytes=self._layout.payload_bytes)
 
     def add_source_region(self, region: Any) -> str:
         """Tensors lying inside this region are sent from it without a copy; keep them unchanged, and the
@@ -629,17 +682,26 @@ class Channel:
         views = self._recv_views.get(layout)
         if views is None:
             views = self._recv_layout(msg, layout)
+        if self.payloads is not None and self._payload_buf is None:
+            from .device import flush_nic_writes
+            flush_nic_writes(self.payloads)  # before any kernel reads what the NIC wrote
         return Message(self, msg.layer, msg.microbatch, msg.seq, msg.slot, list(views), msg.arrived_ns)
 
     def _recv_layout(self, msg: Any, layout: bytes) -> tuple[TensorView, ...]:
-        """Views over a received layout; kept, bounded (a peer that varies shapes only empties the cache)."""
+        """Views over a received layout; kept, bounded (a peer that varies shapes only empties the cache).
+        With payloads in device memory, CUDA views (``__cuda_array_interface__``) over the region."""
         views = []
+        buf = self._buf if self.payloads is None else self._payload_buf
         for i in range(msg.ntensors):
             t = msg.tensors[i]
             name = dtypes.name_of_wire_code(t.dtype)
             shape = tuple(t.shape)[:t.ndim]
+            if buf is None:
+                from .device import DeviceSlotView
+                views.append(DeviceSlotView(self.payloads, t.addr, t.nbytes, name, shape))
+                continue
             views.append(_as_tensor_view(
-                self._buf[t.addr:t.addr + t.nbytes].view(dtypes.numpy_storage(name)).reshape(shape), name))
+                buf[t.addr:t.addr + t.nbytes].view(dtypes.numpy_storage(name)).reshape(shape), name))
         if len(self._recv_views) >= _VIEW_CACHE_MAX:
             self._recv_views.clear()
         self._recv_views[layout] = views = tuple(views)
@@ -743,10 +805,11 @@ class ChannelListener:
         self._listener = ctx.listen(address)
         self.address: tuple[str, int] = tuple(self._listener.address)
 
-    def accept(self, timeout: float | None = None, name: str | None = None) -> Channel:
+    def accept(self, timeout: float | None = None, name: str | None = None, *, payloads: Any = None) -> Channel:
+        """The next channel; payloads: a region of its own for the payloads it receives (Channel.connect)."""
         return Channel.accept(self._listener, self.spec, role=self.role, name=name,
                               accept_timeout=timeout, timeout=self.timeout,
-                              piggyback_credits=self.piggyback_credits)
+                              piggyback_credits=self.piggyback_credits, payloads=payloads)
 
     def close(self) -> None:
         self._listener.close()

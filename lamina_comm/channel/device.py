@@ -111,6 +111,39 @@ def _row_layout(shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int)
     return rows
 
 
+class DeviceSlotView:
+    """A received tensor where the NIC wrote it: in a payload region of device memory (GPUDirect
+    receive, ``Channel.connect/accept(payloads=cuda_region)``), no copy made. Read it on the GPU
+    (``torch.as_tensor(view, device="cuda")``, ``cupy.asarray(view)``: ``__cuda_array_interface__``)
+    before the message is released; bfloat16 shows as uint16 storage there (``dtype_name`` says)."""
+
+    __slots__ = ("region", "ptr", "nbytes", "dtype_name", "shape")
+
+    def __init__(self, region: Any, offset: int, nbytes: int, dtype_name: str, shape: tuple[int, ...]):
+        self.region, self.ptr, self.nbytes = region, region.address + offset, nbytes
+        self.dtype_name, self.shape = dtype_name, shape
+
+    @property
+    def __cuda_array_interface__(self) -> dict:
+        typestr = np.dtype(dtypes.numpy_storage(self.dtype_name)).str
+        return {"shape": self.shape, "typestr": typestr, "data": (self.ptr, True), "version": 3,
+                "strides": None, "stream": None}
+
+    def __repr__(self) -> str:
+        return f"DeviceSlotView({self.dtype_name}{list(self.shape)} at 0x{self.ptr:x} on cuda:{self.region.device})"
+
+
+def flush_nic_writes(region: Any) -> None:
+    """NIC writes that reached GPU memory made visible to work launched after this (the driver's
+    ``cuFlushGPUDirectRDMAWrites``; platforms whose driver lacks it order them already)."""
+    from ..errors import UnsupportedError
+    from ..gpu import cuda
+    try:
+        cuda.flush_gpudirect_writes(cuda.get_device(region.device))
+    except UnsupportedError:
+        pass
+
+
 def direct_refusal(region: Any, transport: str) -> str:
     """Why a channel over ``transport`` cannot send straight from a CUDA region ("" when it can)."""
     if region.path not in ("dmabuf", "peermem"):
@@ -125,10 +158,16 @@ def _lies_in(item: DeviceTensor, region: Any) -> bool:
     return not region.closed and region.address <= item.ptr and item.ptr + extent <= region.address + region.nbytes
 
 
-def _copy(device: Any, to_device: bool, host: int, item: DeviceTensor, stream: Optional[int]) -> None:
-    """One copy between the (packed) slot and the device tensor: 1D, or 2D over its rows."""
+def _copy(device: Any, to_device: bool, host: int, item: DeviceTensor, stream: Optional[int],
+          from_device: bool = False) -> None:
+    """One copy between the (packed) slot and the device tensor: 1D, or 2D over its rows. from_device:
+    the slot is a device payload region (GPUDirect receive): device to device, contiguous only."""
     from ..gpu import cuda
-    if item.rows:
+    if from_device:
+        if item.rows:
+            raise InvalidArgumentError("a payload in device memory is copied into contiguous CUDA tensors only")
+        cuda.memcpy_dtod_async(device.driver, item.ptr, host, item.nbytes, stream)
+    elif item.rows:
         row_bytes = item.nbytes // item.rows
         if to_device:
             cuda.memcpy_rows_async(device.driver, True, item.ptr, item.row_stride, host, row_bytes, row_bytes,
@@ -322,6 +361,9 @@ class DeviceStaging:
         targets = []
         for i, (out, part) in enumerate(zip(outs, message.tensors)):
             target = describe_device_tensor(out) if is_device_tensor(out) else None
+            if isinstance(part, DeviceSlotView) and target is None:
+                raise InvalidArgumentError(f"channel {channel.name}: tensor {i} arrived in device memory "
+                                           "(payloads=): receive it into a CUDA tensor")
             shape = target.shape if target else tuple(out.shape)
             dtype_name = target.dtype_name if target else dtypes.canonical(out.dtype)
             if shape != tuple(part.shape) or dtype_name != part.dtype_name:
@@ -343,7 +385,8 @@ class DeviceStaging:
         try:
             with device.activate():
                 for target, part in device_parts:
-                    _copy(device, True, part.ctypes.data, target, handle)
+                    on_device = isinstance(part, DeviceSlotView)
+                    _copy(device, True, part.ptr if on_device else part.ctypes.data, target, handle, on_device)
                     queued = True
             op = ffi.new("lm_chan_deferred_t **")
             rc = lib.lm_chan_release_prepare(channel._handle(), message.microbatch, message.slot, message.seq, op)

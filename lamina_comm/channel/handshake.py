@@ -20,10 +20,19 @@ class SpecMismatchError(InvalidArgumentError):
     """The two ends of a channel declared different specs or incompatible roles."""
 
 
-def _hello(spec: ChannelSpec, role: str, region: RemoteRegion) -> bytes:
+def _hello(spec: ChannelSpec, role: str, region: RemoteRegion, payloads: RemoteRegion | None = None) -> bytes:
     body = {"version": WIRE_VERSION, "spec": spec.to_dict(), "digest": spec.digest(), "role": role,
             "region": region.to_dict()}
+    if payloads is not None:  # our payloads land apart from the headers (Channel payloads=)
+        body["payloads"] = payloads.to_dict()
     return _HELLO_PREFIX + json.dumps(body, separators=(",", ":")).encode()
+
+
+def _peer_payloads(hello: dict[str, Any]) -> RemoteRegion | None:
+    """The peer's payload region, when it asked for split payloads."""
+    if "payloads" not in hello:
+        return None
+    return _peer_region(hello["payloads"])
 
 
 def _parse_hello(data: bytes) -> dict[str, Any]:

@@ -172,6 +172,12 @@ class RingLayout:
     def total_bytes(self) -> int:
         return self.credit_out_base + self._ring_slots * _CREDIT_BYTES
 
+    @property
+    def payload_bytes(self) -> int:
+        """Size of a region taking this side's payloads apart from the headers (Channel payloads=): one
+        receive slot's capacity per (micro-batch, slot)."""
+        return self._ring_slots * self.recv_capacity
+
     def _index(self, mb: int, slot: int) -> int:
         return mb * self.slots + slot
 

@@ -64,6 +64,9 @@ def _torch():
 def to_torch(arr: np.ndarray) -> Any:
     """A torch tensor sharing memory with a (Tensor)View; bfloat16 metadata honoured."""
     torch = _torch()
+    if hasattr(arr, "__cuda_array_interface__") and not isinstance(arr, np.ndarray):  # a DeviceSlotView
+        tensor = torch.as_tensor(arr, device=f"cuda:{arr.region.device}")
+        return tensor.view(torch.bfloat16) if arr.dtype_name == "bfloat16" else tensor
     base = np.asarray(arr)
     tensor = torch.from_numpy(base)
     if getattr(arr, "dtype_name", None) == "bfloat16":

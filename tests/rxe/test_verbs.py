@@ -250,13 +250,14 @@ def channel_spec():
                        microbatches=1, slots_per_microbatch=2)
 
 
-def open_channels(a: lc.Context, b: lc.Context):
+def open_channels(a: lc.Context, b: lc.Context, attention_payloads=None):
     """(model side on a, attention side on b), bootstrapped over the rxe netdev's address."""
     from lamina_comm.channel import Channel, ChannelListener
     spec = channel_spec()
     listener = ChannelListener(b, f"{HOST}:0", spec, timeout=60)
     box = {}
-    thread = threading.Thread(target=lambda: box.setdefault("ch", listener.accept(timeout=60)))
+    thread = threading.Thread(target=lambda: box.setdefault("ch", listener.accept(timeout=60,
+                                                                                  payloads=attention_payloads)))
     thread.start()
     try:
         model = Channel.connect(a, listener.address, spec, timeout=60)
@@ -430,6 +431,55 @@ def test_cuda_tensors_go_straight_from_registered_device_memory(mock_gpudirect):
         finally:
             model.close()
             attention.close()
+
+
+def test_payloads_land_in_registered_device_memory(mock_gpudirect):
+    """GPUDirect receives: the attention side names a CUDA region registered for the NIC (peermem, the
+    mock's memory) as its payload region; the NIC writes q/k/v there and only headers into the ring.
+    recv() hands out CUDA views of the region (no copy); recv_into CUDA tensors copies device to device
+    on the stream. Over shm the same region is refused at setup."""
+    from lamina_comm.channel.device import DeviceSlotView
+    from lamina_comm.channel.spec import RingLayout
+
+    from ..mock_cuda import MockDeviceArray
+    rng = np.random.default_rng(6)
+    need = RingLayout.for_role(channel_spec(), "attention").payload_bytes
+    with lc.Context("verbs") as a, lc.Context("verbs") as b:
+        landing = MockDeviceArray(mock_gpudirect, (need,))
+        region = b.register(landing)
+        assert region.path == "peermem", region.path_reason
+        model, attention = open_channels(a, b, attention_payloads=region)
+        try:
+            q = rng.standard_normal((8, 4, 16)).astype(np.float16)
+            k = rng.standard_normal((8, 2, 16)).astype(np.float16)
+            model.send([q, k], layer=1, microbatch=0)
+            with attention.recv(0, timeout=60) as got:
+                views = got.tensors
+                assert all(isinstance(v, DeviceSlotView) for v in views)
+                for view, sent in zip(views, (q, k)):
+                    ptr = view.__cuda_array_interface__["data"][0]
+                    assert region.address <= ptr and ptr + sent.nbytes <= region.address + region.nbytes
+                    offset = ptr - region.address
+                    assert landing.host[offset:offset + sent.nbytes].tobytes() == sent.tobytes()
+            model.send([q, k], layer=2, microbatch=0)
+            q_out, k_out = MockDeviceArray(mock_gpudirect, q.shape, "float16"), MockDeviceArray(
+                mock_gpudirect, k.shape, "float16")
+            got = attention.recv_into([q_out, k_out], 0, stream=0x99, timeout=60)
+            attention.flush(60)  # the stream's copies done (and the slot handed back)
+            assert got.layer == 2 and np.array_equal(q_out.host, q) and np.array_equal(k_out.host, k)
+            # Only headers in the attention ring: its payload areas stayed zero.
+            layout = attention._layout
+            for index in range(layout.microbatches * layout.slots):
+                start = index * layout.recv_stride + 128
+                assert not attention._buf[start:start + layout.recv_capacity].any()
+        finally:
+            model.close()
+            attention.close()
+    from ..test_channel import SPEC, open_split_pair
+    with lc.Context() as c, lc.Context() as d:
+        region = d.register(MockDeviceArray(mock_gpudirect, (RingLayout.for_role(SPEC, "attention").payload_bytes,)))
+        with pytest.raises(lc.UnsupportedError, match="need a NIC that writes it"):
+            open_split_pair(c, d, attention_payloads=region)
 
 
 def test_rxe_refuses_dmabuf_with_the_reason():
