@@ -142,7 +142,9 @@ def check_one(data: bytes) -> None:
     mode, body = data[0], data[1:]
     try:
         if mode % 2 == 0:
-            handshake._check_peer(SPEC, ROLE, handshake._parse_hello(body))
+            hello = handshake._parse_hello(body)
+            handshake._check_peer(SPEC, ROLE, hello)
+            handshake._peer_payloads(hello)
         else:
             _check_message(body)
     except LaminaError:
