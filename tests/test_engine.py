@@ -510,3 +510,15 @@ def test_one_request_per_micro_batch_holds_the_reply_slot_and_a_failed_respond_g
             assert torch.equal(remote.recv_into(out, layer=layer, microbatch=0), q)
         service.close()
         model_side.close()
+
+
+def test_channels_taking_payloads_into_device_memory_are_refused_by_the_engine():
+    """The engine reads replies on the host side of the ring: such channels are refused with the reason
+    (a channel's payloads= region is only faked here: a CUDA region needs a GPUDirect NIC)."""
+    from types import SimpleNamespace
+
+    from lamina_comm.engine.remote import _refuse_device_payloads
+    from lamina_comm.gpu.memory import CudaRegionBase
+    _refuse_device_payloads(SimpleNamespace(name="host", payloads=None))
+    with pytest.raises(lc.UnsupportedError, match="does not serve such channels yet"):
+        _refuse_device_payloads(SimpleNamespace(name="gpu", payloads=CudaRegionBase()))

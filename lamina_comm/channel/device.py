@@ -16,8 +16,10 @@ region registered for the NIC (``ctx.register(...)`` took the ``dmabuf`` or
 ``peermem`` path) and given to ``Channel.add_source_region`` go, on a verbs
 channel, from GPU memory straight to the peer: ``lm_chan_send_prepare_from``
 plans the gather writes, and the same host function posts them after the
-stream's work. Receives still land in the host ring (one copy into device
-memory on the stream).
+stream's work. Receives land in the host ring (one copy into device memory on
+the stream), unless the receiver named a payload region in device memory
+(``payloads=``): the NIC writes there, ``recv()`` hands out
+:class:`DeviceSlotView`\ s and ``recv_into`` copies device to device.
 """
 from __future__ import annotations
 

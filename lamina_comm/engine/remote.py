@@ -8,7 +8,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 import numpy as np
 
 from lamina_comm.channel import Channel, ChannelGroup, Message
-from lamina_comm.errors import InvalidArgumentError, LaminaError, ProtocolError
+from lamina_comm.errors import InvalidArgumentError, LaminaError, ProtocolError, UnsupportedError
 from lamina_comm.model.kvcache import HeadRange
 from lamina_comm.transport import Context, MemoryRegion
 
@@ -85,6 +85,15 @@ class LayerBuffers:
             views[2].copy_(v[:, ks:ke])
 
 
+def _refuse_device_payloads(channel: Channel) -> None:
+    """The engine reads replies' compute times and copies into head slices on the host side of the ring: a
+    channel whose payloads land in device memory (payloads=) is not served yet."""
+    from ..gpu.memory import CudaRegionBase
+    if isinstance(channel.payloads, CudaRegionBase):
+        raise UnsupportedError(f"channel {channel.name} takes its payloads into device memory (payloads=): the "
+                               "engine API does not serve such channels yet; receive on the channel itself")
+
+
 class RemoteAttention:
     """Channels from one model rank to every attention rank (``addresses``, in rank order).
 
@@ -132,6 +141,7 @@ class RemoteAttention:
         if len(heads) != ranks:
             raise InvalidArgumentError(f"{len(heads)} head shares for {ranks} channels")
         for rank, (channel, (start, end)) in enumerate(zip(channels, heads)):
+            _refuse_device_payloads(channel)
             spec, local_kv = channel.spec, end - start
             if not 0 <= start < end <= shape.num_kv_heads or spec.kv_heads != local_kv or \
                     spec.heads != local_kv * shape.group_size or spec.head_dim != shape.head_dim or \

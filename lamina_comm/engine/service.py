@@ -249,6 +249,8 @@ class AttentionService:
         The channel must carry this rank's head share (``AttentionShape.channel_spec``'s layout: the
         control micro-batch last; other token and micro-batch counts are fine). ``close`` closes it.
         """
+        from .remote import _refuse_device_payloads
+        _refuse_device_payloads(channel)
         spec, ours = channel.spec, self.spec
         if (spec.heads, spec.kv_heads, spec.head_dim, spec.dtype) != (ours.heads, ours.kv_heads, ours.head_dim,
                                                                       ours.dtype) or spec.microbatches < 2:
