@@ -195,7 +195,8 @@ class MemoryRegion:
                       else int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
         if offset < 0 or nbytes < 0 or offset + nbytes > self.nbytes:
             raise InvalidArgumentError(f"view [{offset}, +{nbytes}) outside a {self.nbytes}-byte region")
-        return numpy_view(self.address + offset, nbytes, dtype, shape, owner=self._shared or self)
+        # The views keep the memory itself alive (its owner), also past close().
+        return numpy_view(self.address + offset, nbytes, dtype, shape, owner=self._shared or (self, self._owner))
 
     @property
     def closed(self) -> bool:

@@ -858,17 +858,21 @@ def test_payloads_land_in_a_region_of_their_own_and_headers_in_the_ring(contexts
         fused = rng.standard_normal((4, 128)).astype(np.float16)
         model.add_source_region(a.register(fused))
         q, k = fused[:, :64].reshape(4, 4, 16), fused[:, 64:96].reshape(4, 2, 16)
+        def from_slot():  # written where the message goes: the slot's payload is written apart
+            buffers = model.send_buffers(0, [(4, 4, 16), (4, 2, 16)], "float16")
+            buffers[0][...], buffers[1][...] = q, k
+            model.send(buffers, layer=2, microbatch=0)
+
         sends = [lambda: model.send([q, k], layer=0, microbatch=0),                    # gathered from a region
                  lambda: model.send([q.copy(), k.copy()], layer=1, microbatch=1),      # copied into the slot
-                 lambda: model.send(model.send_buffers(0, [(4, 4, 16)], "float16"), layer=2, microbatch=0)]
+                 from_slot]
         for i, send in enumerate(sends):
             send()
             with attention.recv(timeout=WAIT_S) as got:
                 assert got.layer == i
                 for view in got.tensors:  # a view into the payload region, not the ring
                     assert np.shares_memory(view, into_attention)
-                if i < 2:
-                    assert np.array_equal(got.tensors[0], q) and np.array_equal(got.tensors[1], k)
+                assert np.array_equal(got.tensors[0], q) and np.array_equal(got.tensors[1], k)
         reply = rng.standard_normal((4, 4, 16)).astype(np.float16)
         attention.send(reply, layer=7, microbatch=1)
         with model.recv(1, timeout=WAIT_S) as got:
@@ -876,7 +880,7 @@ def test_payloads_land_in_a_region_of_their_own_and_headers_in_the_ring(contexts
         # The ring's payload areas never saw a byte: only headers went there.
         layout = attention._layout
         for index in range(SPEC.microbatches * SPEC.slots_per_microbatch):
-            start = index * layout.recv_stride + 128
+            start = index * layout.recv_stride + HEADER_BYTES
             assert not attention._buf[start:start + layout.recv_capacity].any()
     finally:
         model.close()
@@ -901,3 +905,77 @@ def test_a_peers_payload_descriptor_is_untrusted_input():
     for bad in (None, [], "x", {**good, "length": -1}, {**good, "addr": 1 << 64}, {"key": 1}):
         with pytest.raises(lc.ProtocolError):
             _peer_payloads({"payloads": bad})
+
+
+def test_a_peer_that_sends_at_once_finds_the_split_in_place(contexts, monkeypatch):
+    """The model sends right after connecting, while the attention side is still setting its channel up:
+    the message waits, queued, and is opened as split (its payload in the region)."""
+    import time
+
+    from lamina_comm.channel.spec import RingLayout
+    a, b = contexts
+    landing = np.zeros(RingLayout.for_role(SPEC, "attention").payload_bytes, np.uint8)
+    split = Channel._split
+
+    def slow_split(self, *args):
+        time.sleep(0.3)  # the model's first message arrives meanwhile
+        split(self, *args)
+
+    monkeypatch.setattr(Channel, "_split", slow_split)
+    listener = ChannelListener(b, "127.0.0.1:0", SPEC, timeout=WAIT_S)
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.setdefault("ch", listener.accept(WAIT_S, payloads=b.register(
+        landing))))
+    thread.start()
+    model = Channel.connect(a, listener.address, SPEC, timeout=WAIT_S)
+    q = np.full((4, 4, 16), 3, np.float16)
+    model.send(q, layer=1, microbatch=0)
+    thread.join(WAIT_S)
+    listener.close()
+    attention = box["ch"]
+    try:
+        with attention.recv(0, timeout=WAIT_S) as got:
+            assert np.shares_memory(got.tensors[0], landing) and (got.tensors[0] == 3).all()
+    finally:
+        model.close()
+        attention.close()
+
+
+def test_payloads_are_asked_only_of_a_peer_that_understands_them(contexts, monkeypatch):
+    """An older peer (no 'payloads' capability in its hello) would keep writing payloads into the ring: a
+    side asking for payloads= refuses it at setup instead of reading a region nobody writes."""
+    from lamina_comm.channel import handshake
+    from lamina_comm.channel.spec import RingLayout
+    a, b = contexts
+    assert handshake._peer_caps({}) == set() and handshake._peer_caps({"caps": ["payloads"]}) == {"payloads"}
+    for bad in ("payloads", [1], {"a": 1}):
+        with pytest.raises(lc.ProtocolError):
+            handshake._peer_caps({"caps": bad})
+    monkeypatch.setattr(handshake, "_CAPS", [])  # both ends here speak as an older peer would
+    region = b.register(np.zeros(RingLayout.for_role(SPEC, "attention").payload_bytes, np.uint8))
+    with pytest.raises(lc.ProtocolError, match="does not write payloads apart"):
+        model, attention = open_split_pair(a, b, attention_payloads=region)
+
+
+def test_views_of_a_payload_region_outlive_its_close(contexts):
+    """A received view keeps the payload memory alive: closing the region (and dropping the array) leaves
+    it readable, never dangling."""
+    import gc
+
+    from lamina_comm.channel.spec import RingLayout
+    a, b = contexts
+    landing = np.zeros(RingLayout.for_role(SPEC, "attention").payload_bytes, np.uint8)
+    region = b.register(landing)
+    model, attention = open_split_pair(a, b, attention_payloads=region)
+    try:
+        model.send(np.full((4, 4, 16), 5, np.float16), layer=1, microbatch=0)
+        message = attention.recv(0, timeout=WAIT_S)
+        view = message.tensors[0]
+        message.release()
+    finally:
+        model.close()
+        attention.close()
+    region.close()
+    del landing, region, message
+    gc.collect()
+    assert (view == 5).all()

@@ -565,3 +565,29 @@ def test_the_direct_path_is_chosen_only_for_device_tensors_wholly_in_open_region
         staging.add_source(b)
     with pytest.raises(lc.InvalidArgumentError, match="another Context"):
         staging.add_source(SimpleNamespace(**{**vars(region(0, 1)), "context": object()}))
+
+
+def test_a_device_payload_view_is_a_writable_cuda_array_and_flush_errors_are_sorted():
+    """torch refuses read-only __cuda_array_interface__ objects: the view says writable. A device without
+    the GPUDirect flush (CUDA_ERROR_NOT_SUPPORTED) needs none; any other driver error is raised."""
+    from types import SimpleNamespace
+
+    from lamina_comm.channel import device
+    from lamina_comm.gpu import cuda
+    view = device.DeviceSlotView(SimpleNamespace(address=0x1000, device=0), 64, 32, "float16", (4, 4))
+    cai = view.__cuda_array_interface__
+    assert cai["data"] == (0x1040, False) and cai["shape"] == (4, 4) and cai["typestr"] == "<f2"
+    region = SimpleNamespace(device=0)
+    for name, raised in (("CUDA_ERROR_NOT_SUPPORTED", False), ("CUDA_ERROR_ILLEGAL_ADDRESS", True)):
+        def flush(_device, name=name):
+            raise cuda.CudaError(f"cuFlushGPUDirectRDMAWrites: {name}", 1, name)
+        saved = (cuda.flush_gpudirect_writes, cuda.get_device)
+        cuda.flush_gpudirect_writes, cuda.get_device = flush, lambda ordinal: None
+        try:
+            if raised:
+                with pytest.raises(cuda.CudaError, match="ILLEGAL_ADDRESS"):
+                    device.flush_nic_writes(region)
+            else:
+                device.flush_nic_writes(region)
+        finally:
+            cuda.flush_gpudirect_writes, cuda.get_device = saved

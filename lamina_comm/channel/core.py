@@ -11,9 +11,9 @@ import numpy as np
 
 from .. import dtypes
 from .._bindings import check, error_of, ffi, lib
-from ..errors import ClosedError, InvalidArgumentError, LaminaError, TimeoutError_, UnsupportedError
-from ..transport import Context, Endpoint, Listener, MemoryRegion, Op, RemoteRegion
-from .handshake import _check_peer, _hello, _parse_hello, _peer_payloads
+from ..errors import ClosedError, InvalidArgumentError, LaminaError, ProtocolError, TimeoutError_, UnsupportedError
+from ..transport import Access, Context, Endpoint, Listener, MemoryRegion, Op, RemoteRegion
+from .handshake import _check_peer, _hello, _parse_hello, _peer_caps, _peer_payloads
 from .spec import MAX_NDIM, MAX_TENSORS, ChannelSpec, RingLayout, _other_role, packed_offsets
 from .views import TensorView, _as_tensor_view, _copy_into, _describe, _describe_numpy, _TensorInfo, to_torch
 
@@ -115,11 +115,23 @@ class Message:
     def released(self) -> bool:
         return self._channel is None
 
-    def release(self) -> None:
-        """Return the slot to the sender; the views may be overwritten afterwards."""
+    def release(self, stream: Any = None) -> None:
+        """Return the slot to the sender; the views may be overwritten afterwards.
+
+        stream: a CUDA stream whose queued work reads the views (DeviceSlotViews of a device payload
+        region are read by kernels, after this call returns): the slot goes back once that work is done,
+        from native code, without the caller waiting."""
         channel, self._channel = self._channel, None
-        if channel is not None:
+        if channel is None:
+            return
+        if stream is None:
             channel._return_credit(self.microbatch, self.slot, self.seq)
+            return
+        try:
+            channel._device_staging().release_after(self, stream)
+        except BaseException:
+            channel._return_credit(self.microbatch, self.slot, self.seq)  # nothing was queued: back at once
+            raise
 
     def __enter__(self) -> "Message":
         return self
@@ -149,6 +161,8 @@ def _check_payloads(ctx: Context, layout: RingLayout, payloads: Any) -> RemoteRe
     if _is_cuda_region(payloads) and payloads.path not in ("dmabuf", "peermem"):
         raise UnsupportedError(f"a CUDA region takes payloads only when the NIC writes it (dmabuf or peermem); "
                                f"this one is {payloads.path}: {payloads.path_reason}")
+    if not payloads.descriptor().access & Access.REMOTE_WRITE:
+        raise InvalidArgumentError("the payload region must be registered with Access.REMOTE_WRITE")
     if payloads.nbytes < layout.payload_bytes:
         raise InvalidArgumentError(f"the payload region has {payloads.nbytes} B, the ring needs "
                                    f"{layout.payload_bytes} (RingLayout.payload_bytes)")
@@ -308,6 +322,9 @@ class Channel:
             hello = _parse_hello(ep.peer_data)
             peer_region = _check_peer(spec, role, hello)
             peer_payloads = _peer_payloads(hello)
+            if payloads is not None and "payloads" not in _peer_caps(hello):
+                raise ProtocolError("the peer does not write payloads apart from headers (an older lamina-comm "
+                                    "without the 'payloads' capability): connect without payloads= or upgrade it")
             if _is_cuda_region(payloads) and ep.transport != "verbs":
                 raise UnsupportedError(f"payloads in device memory need a NIC that writes it (verbs); this "
                                        f"channel runs over {ep.transport}")
@@ -682,10 +699,15 @@ class Channel:
         views = self._recv_views.get(layout)
         if views is None:
             views = self._recv_layout(msg, layout)
+        message = Message(self, msg.layer, msg.microbatch, msg.seq, msg.slot, list(views), msg.arrived_ns)
         if self.payloads is not None and self._payload_buf is None:
             from .device import flush_nic_writes
-            flush_nic_writes(self.payloads)  # before any kernel reads what the NIC wrote
-        return Message(self, msg.layer, msg.microbatch, msg.seq, msg.slot, list(views), msg.arrived_ns)
+            try:
+                flush_nic_writes(self.payloads)  # before any kernel reads what the NIC wrote
+            except BaseException:
+                message.release()  # the slot goes back; the error is the caller's
+                raise
+        return message
 
     def _recv_layout(self, msg: Any, layout: bytes) -> tuple[TensorView, ...]:
         """Views over a received layout; kept, bounded (a peer that varies shapes only empties the cache).

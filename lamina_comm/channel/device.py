@@ -18,8 +18,8 @@ channel, from GPU memory straight to the peer: ``lm_chan_send_prepare_from``
 plans the gather writes, and the same host function posts them after the
 stream's work. Receives land in the host ring (one copy into device memory on
 the stream), unless the receiver named a payload region in device memory
-(``payloads=``): the NIC writes there, ``recv()`` hands out
-:class:`DeviceSlotView`\ s and ``recv_into`` copies device to device.
+(``payloads=``): the NIC writes there, ``recv()`` hands out DeviceSlotView
+objects and ``recv_into`` copies device to device.
 """
 from __future__ import annotations
 
@@ -128,7 +128,9 @@ class DeviceSlotView:
     @property
     def __cuda_array_interface__(self) -> dict:
         typestr = np.dtype(dtypes.numpy_storage(self.dtype_name)).str
-        return {"shape": self.shape, "typestr": typestr, "data": (self.ptr, True), "version": 3,
+        # Writable as far as consumers know (torch refuses read-only interfaces); nothing writes it but
+        # the NIC.
+        return {"shape": self.shape, "typestr": typestr, "data": (self.ptr, False), "version": 3,
                 "strides": None, "stream": None}
 
     def __repr__(self) -> str:
@@ -137,13 +139,17 @@ class DeviceSlotView:
 
 def flush_nic_writes(region: Any) -> None:
     """NIC writes that reached GPU memory made visible to work launched after this (the driver's
-    ``cuFlushGPUDirectRDMAWrites``; platforms whose driver lacks it order them already)."""
+    ``cuFlushGPUDirectRDMAWrites``). A driver without it, or a device that does not offer the flush
+    (``CUDA_ERROR_NOT_SUPPORTED``: it orders them already), needs none."""
     from ..errors import UnsupportedError
     from ..gpu import cuda
     try:
         cuda.flush_gpudirect_writes(cuda.get_device(region.device))
     except UnsupportedError:
         pass
+    except cuda.CudaError as exc:
+        if exc.name != "CUDA_ERROR_NOT_SUPPORTED":
+            raise
 
 
 def direct_refusal(region: Any, transport: str) -> str:
@@ -363,9 +369,9 @@ class DeviceStaging:
         targets = []
         for i, (out, part) in enumerate(zip(outs, message.tensors)):
             target = describe_device_tensor(out) if is_device_tensor(out) else None
-            if isinstance(part, DeviceSlotView) and target is None:
+            if isinstance(part, DeviceSlotView) and (target is None or target.rows):
                 raise InvalidArgumentError(f"channel {channel.name}: tensor {i} arrived in device memory "
-                                           "(payloads=): receive it into a CUDA tensor")
+                                           "(payloads=): receive it into a contiguous CUDA tensor")
             shape = target.shape if target else tuple(out.shape)
             dtype_name = target.dtype_name if target else dtypes.canonical(out.dtype)
             if shape != tuple(part.shape) or dtype_name != part.dtype_name:
@@ -400,6 +406,20 @@ class DeviceStaging:
             raise
         message._channel = None  # handed back by the stream, not by release()
         message.tensors = []  # the slot is the stream's now
+        self._launch(device, handle, op[0])
+
+    def release_after(self, message: Any, stream: Any) -> None:
+        """Hand a message's slot back once the work queued on ``stream`` so far is done (kernels reading
+        its DeviceSlotViews), from native code; the caller never waits."""
+        from ..gpu.stream import stream_handle
+        channel = self._channel
+        handle = stream_handle(stream)
+        views = [t for t in message.tensors if isinstance(t, DeviceSlotView)]
+        device = self._device(views[0].region.device if views else 0)
+        op = ffi.new("lm_chan_deferred_t **")
+        rc = lib.lm_chan_release_prepare(channel._handle(), message.microbatch, message.slot, message.seq, op)
+        if rc < 0:
+            raise error_of(rc, f"channel {channel.name}")
         self._launch(device, handle, op[0])
 
     def synchronize(self) -> None:

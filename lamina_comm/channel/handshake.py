@@ -14,6 +14,8 @@ from ..transport import RemoteRegion
 from .spec import WIRE_VERSION, ChannelSpec, RingLayout, _other_role
 
 _HELLO_PREFIX = b"LMCH1"
+# What this side understands beyond the wire version; a peer lacking one is not asked for it.
+_CAPS = ["payloads"]
 
 
 class SpecMismatchError(InvalidArgumentError):
@@ -22,10 +24,18 @@ class SpecMismatchError(InvalidArgumentError):
 
 def _hello(spec: ChannelSpec, role: str, region: RemoteRegion, payloads: RemoteRegion | None = None) -> bytes:
     body = {"version": WIRE_VERSION, "spec": spec.to_dict(), "digest": spec.digest(), "role": role,
-            "region": region.to_dict()}
+            "region": region.to_dict(), "caps": _CAPS}
     if payloads is not None:  # our payloads land apart from the headers (Channel payloads=)
         body["payloads"] = payloads.to_dict()
     return _HELLO_PREFIX + json.dumps(body, separators=(",", ":")).encode()
+
+
+def _peer_caps(hello: dict[str, Any]) -> set[str]:
+    """What the peer's hello says it understands (an older peer says nothing)."""
+    caps = hello.get("caps", [])
+    if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+        raise ProtocolError(f"channel hello's caps are {caps!r}, not a list of names")
+    return set(caps)
 
 
 def _peer_payloads(hello: dict[str, Any]) -> RemoteRegion | None:

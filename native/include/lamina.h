@@ -433,8 +433,11 @@ int lm_chan_create(lm_ep_t *ep, lm_mr_t *mr, const lm_rdesc_t *peer, const lm_ch
  * may be device memory the NIC writes (GPUDirect), since only headers are
  * read by the CPU. lm_chan_recv's tensor addresses are then offsets in it.
  * peer_payloads (or NULL): the peer's such region; our sends write their
- * payloads there, then the header. LM_ERR_INVALID once messages moved or
- * for a bad region, LM_ERR_PROTOCOL for a peer region too small. */
+ * payloads there, then the header. Arrivals already queued (a fast peer)
+ * are fine: they were placed as the handshake said. LM_ERR_INVALID once
+ * this side sent or opened a message, or for a bad region (too small, no
+ * LM_ACCESS_REMOTE_WRITE), LM_ERR_UNSUPPORTED for device memory the
+ * transport cannot write, LM_ERR_PROTOCOL for a peer region too small. */
 int lm_chan_split_payloads(lm_chan_t *ch, lm_mr_t *recv_payloads, const lm_rdesc_t *peer_payloads);
 /* Close: fail the channel with LM_ERR_CLOSED, wake and wait out any thread
  * inside a call on it (each returns LM_ERR_CLOSED), then let go of the

@@ -145,6 +145,7 @@ def check_one(data: bytes) -> None:
             hello = handshake._parse_hello(body)
             handshake._check_peer(SPEC, ROLE, hello)
             handshake._peer_payloads(hello)
+            handshake._peer_caps(hello)
         else:
             _check_message(body)
     except LaminaError:

@@ -452,8 +452,9 @@ def test_payloads_land_in_registered_device_memory(mock_gpudirect):
         try:
             q = rng.standard_normal((8, 4, 16)).astype(np.float16)
             k = rng.standard_normal((8, 2, 16)).astype(np.float16)
-            model.send([q, k], layer=1, microbatch=0)
-            with attention.recv(0, timeout=60) as got:
+            for layer in (0, 1, 2):  # more messages than slots: each slot must come back
+                model.send([q, k], layer=layer, microbatch=0)
+                got = attention.recv(0, timeout=60)
                 views = got.tensors
                 assert all(isinstance(v, DeviceSlotView) for v in views)
                 for view, sent in zip(views, (q, k)):
@@ -461,16 +462,19 @@ def test_payloads_land_in_registered_device_memory(mock_gpudirect):
                     assert region.address <= ptr and ptr + sent.nbytes <= region.address + region.nbytes
                     offset = ptr - region.address
                     assert landing.host[offset:offset + sent.nbytes].tobytes() == sent.tobytes()
-            model.send([q, k], layer=2, microbatch=0)
+                got.release(stream=0x99)  # back once the kernels queued there (reading the views) ran
+            attention.flush(60)
+            model.send([q, k], layer=3, microbatch=0)
             q_out, k_out = MockDeviceArray(mock_gpudirect, q.shape, "float16"), MockDeviceArray(
                 mock_gpudirect, k.shape, "float16")
             got = attention.recv_into([q_out, k_out], 0, stream=0x99, timeout=60)
             attention.flush(60)  # the stream's copies done (and the slot handed back)
-            assert got.layer == 2 and np.array_equal(q_out.host, q) and np.array_equal(k_out.host, k)
+            assert got.layer == 3 and np.array_equal(q_out.host, q) and np.array_equal(k_out.host, k)
             # Only headers in the attention ring: its payload areas stayed zero.
+            from lamina_comm.channel import HEADER_BYTES
             layout = attention._layout
             for index in range(layout.microbatches * layout.slots):
-                start = index * layout.recv_stride + 128
+                start = index * layout.recv_stride + HEADER_BYTES
                 assert not attention._buf[start:start + layout.recv_capacity].any()
         finally:
             model.close()

@@ -73,10 +73,9 @@ struct lm_chan {
     lm_mr_t *mr;
     uint8_t *base;
     lm_rdesc_t peer;
-    /* Split payloads (lm_chan_split_payloads): ours land in recv_payloads
-     * (device memory the NIC writes), the headers in our region; the peer's
-     * in peer_payloads. */
-    lm_mr_t *recv_payloads;
+    /* Split payloads (lm_chan_split_payloads): ours land in a region of
+     * their own (device memory the NIC writes), the headers in our region;
+     * the peer's in peer_payloads. */
     lm_rdesc_t peer_payloads;
     bool split_in, split_out;
     uint32_t mbs, slots, ring;
@@ -525,8 +524,10 @@ int lm_chan_split_payloads(lm_chan_t *ch, lm_mr_t *recv_payloads, const lm_rdesc
     int rc = LM_OK;
     uint64_t ring = ch->ring;
     pthread_mutex_lock(&ch->lock);
-    if (ch->st.messages || ch->st.messages_received || ch->arr_count || ch->held_count || ch->outstanding)
-        rc = lm_fail(LM_ERR_INVALID, "lm_chan_split_payloads: the channel has carried messages already");
+    /* Arrivals queued but not opened are fine: the peer placed them as our
+     * hello said, and open_locked reads split_in only when it opens them. */
+    if (ch->st.messages || ch->st.messages_received || ch->outstanding)
+        rc = lm_fail(LM_ERR_INVALID, "lm_chan_split_payloads: the channel has sent or opened messages already");
     else if (recv_payloads && recv_payloads->ctx != ch->ctx)
         rc = lm_fail(LM_ERR_INVALID, "lm_chan_split_payloads: the payload region belongs to another context");
     else if (recv_payloads && recv_payloads->length < ring * ch->recv_cap)
@@ -535,11 +536,13 @@ int lm_chan_split_payloads(lm_chan_t *ch, lm_mr_t *recv_payloads, const lm_rdesc
                      (unsigned long long)ch->recv_cap, (unsigned long long)(ring * ch->recv_cap));
     else if (recv_payloads && !(recv_payloads->access & LM_ACCESS_REMOTE_WRITE))
         rc = lm_fail(LM_ERR_INVALID, "lm_chan_split_payloads: the payload region does not grant remote writes");
+    else if (recv_payloads && !lm_mr_reachable(recv_payloads, ch->ep->ops->id))
+        rc = lm_fail(LM_ERR_UNSUPPORTED, "lm_chan_split_payloads: the payload region is device memory, which %s "
+                     "cannot write", ch->ep->ops->name);
     else if (peer_payloads && peer_payloads->length < ring * ch->send_cap)
         rc = lm_fail(LM_ERR_PROTOCOL, "the peer's payload region has %llu B, its slots need %llu",
                      (unsigned long long)peer_payloads->length, (unsigned long long)(ring * ch->send_cap));
     if (rc == LM_OK) {
-        ch->recv_payloads = recv_payloads;
         ch->split_in = recv_payloads != NULL;
         if (peer_payloads)
             ch->peer_payloads = *peer_payloads;
