@@ -27,22 +27,30 @@ TORCH_DTYPES = NUMPY_DTYPES + ["bfloat16"]
 
 
 def open_pair(model_ctx: lc.Context, attention_ctx: lc.Context, spec: ChannelSpec = SPEC,
-              attention_spec: ChannelSpec | None = None, piggyback: bool = False) -> tuple[Channel, Channel]:
-    """(model side, attention side) over loopback; the accept runs in a thread."""
+              attention_spec: ChannelSpec | None = None, piggyback: bool = False, attention_payloads=None,
+              model_payloads=None) -> tuple[Channel, Channel]:
+    """(model side, attention side) over loopback; the accept runs in a thread. *_payloads: a region of
+    that side's own for the payloads it receives (Channel payloads=)."""
     listener = ChannelListener(attention_ctx, "127.0.0.1:0", attention_spec or spec, timeout=WAIT_S,
                                piggyback_credits=piggyback)
     box: dict = {}
 
     def accept() -> None:
         try:
-            box["ch"] = listener.accept(timeout=WAIT_S)
+            box["ch"] = listener.accept(timeout=WAIT_S, payloads=attention_payloads)
         except Exception as exc:  # re-raised in the test thread
             box["err"] = exc
 
     thread = threading.Thread(target=accept)
     thread.start()
     try:
-        model = Channel.connect(model_ctx, listener.address, spec, timeout=WAIT_S, piggyback_credits=piggyback)
+        model = Channel.connect(model_ctx, listener.address, spec, timeout=WAIT_S, piggyback_credits=piggyback,
+                                payloads=model_payloads)
+    except Exception:
+        thread.join(WAIT_S)
+        if "err" in box:  # the accepting side's refusal is the cause
+            raise box["err"]
+        raise
     finally:
         thread.join(WAIT_S)
         listener.close()
@@ -816,33 +824,12 @@ def test_an_empty_tensor_does_not_stage_a_multi_region_message(contexts, pair):
 
 # ---- payloads apart from headers (payloads=: the GPUDirect receive layout, host memory here) -----------
 
-def open_split_pair(model_ctx, attention_ctx, attention_payloads=None, model_payloads=None):
-    """A channel pair whose receivers take payloads into regions of their own (either side, or both)."""
-    listener = ChannelListener(attention_ctx, "127.0.0.1:0", SPEC, timeout=WAIT_S)
-    box: dict = {}
-
-    def accept() -> None:
-        try:
-            box["ch"] = listener.accept(timeout=WAIT_S, payloads=attention_payloads)
-        except Exception as exc:  # re-raised in the test thread
-            box["err"] = exc
-
-    thread = threading.Thread(target=accept)
-    thread.start()
-    try:
-        model = Channel.connect(model_ctx, listener.address, SPEC, timeout=WAIT_S, payloads=model_payloads)
-    except Exception:
-        thread.join(WAIT_S)
-        if "err" in box:  # the accepting side's refusal is the cause
-            raise box["err"]
-        raise
-    finally:
-        thread.join(WAIT_S)
-        listener.close()
-    if "err" in box:
-        model.close()
-        raise box["err"]
-    return model, box["ch"]
+def assert_ring_payloads_untouched(channel: Channel) -> None:
+    """Only headers reached the channel's receive ring: every slot's payload area is still zero."""
+    layout = channel._layout
+    for index in range(layout.microbatches * layout.slots):
+        start = index * layout.recv_stride + HEADER_BYTES
+        assert not channel._buf[start:start + layout.recv_capacity].any()
 
 
 def test_payloads_land_in_a_region_of_their_own_and_headers_in_the_ring(contexts):
@@ -853,7 +840,7 @@ def test_payloads_land_in_a_region_of_their_own_and_headers_in_the_ring(contexts
     into_attention = np.zeros(RingLayout.for_role(SPEC, "attention").payload_bytes, np.uint8)
     into_model = np.zeros(RingLayout.for_role(SPEC, "model").payload_bytes, np.uint8)
     rng = np.random.default_rng(9)
-    model, attention = open_split_pair(a, b, b.register(into_attention), a.register(into_model))
+    model, attention = open_pair(a, b, b.register(into_attention), a.register(into_model))
     try:
         fused = rng.standard_normal((4, 128)).astype(np.float16)
         model.add_source_region(a.register(fused))
@@ -877,11 +864,7 @@ def test_payloads_land_in_a_region_of_their_own_and_headers_in_the_ring(contexts
         attention.send(reply, layer=7, microbatch=1)
         with model.recv(1, timeout=WAIT_S) as got:
             assert np.shares_memory(got.tensors[0], into_model) and np.array_equal(got.tensors[0], reply)
-        # The ring's payload areas never saw a byte: only headers went there.
-        layout = attention._layout
-        for index in range(SPEC.microbatches * SPEC.slots_per_microbatch):
-            start = index * layout.recv_stride + HEADER_BYTES
-            assert not attention._buf[start:start + layout.recv_capacity].any()
+        assert_ring_payloads_untouched(attention)
     finally:
         model.close()
         attention.close()
@@ -954,7 +937,7 @@ def test_payloads_are_asked_only_of_a_peer_that_understands_them(contexts, monke
     monkeypatch.setattr(handshake, "_CAPS", [])  # both ends here speak as an older peer would
     region = b.register(np.zeros(RingLayout.for_role(SPEC, "attention").payload_bytes, np.uint8))
     with pytest.raises(lc.ProtocolError, match="does not write payloads apart"):
-        model, attention = open_split_pair(a, b, attention_payloads=region)
+        model, attention = open_pair(a, b, attention_payloads=region)
 
 
 def test_views_of_a_payload_region_outlive_its_close(contexts):
@@ -966,7 +949,7 @@ def test_views_of_a_payload_region_outlive_its_close(contexts):
     a, b = contexts
     landing = np.zeros(RingLayout.for_role(SPEC, "attention").payload_bytes, np.uint8)
     region = b.register(landing)
-    model, attention = open_split_pair(a, b, attention_payloads=region)
+    model, attention = open_pair(a, b, attention_payloads=region)
     try:
         model.send(np.full((4, 4, 16), 5, np.float16), layer=1, microbatch=0)
         message = attention.recv(0, timeout=WAIT_S)

@@ -470,20 +470,16 @@ def test_payloads_land_in_registered_device_memory(mock_gpudirect):
             got = attention.recv_into([q_out, k_out], 0, stream=0x99, timeout=60)
             attention.flush(60)  # the stream's copies done (and the slot handed back)
             assert got.layer == 3 and np.array_equal(q_out.host, q) and np.array_equal(k_out.host, k)
-            # Only headers in the attention ring: its payload areas stayed zero.
-            from lamina_comm.channel import HEADER_BYTES
-            layout = attention._layout
-            for index in range(layout.microbatches * layout.slots):
-                start = index * layout.recv_stride + HEADER_BYTES
-                assert not attention._buf[start:start + layout.recv_capacity].any()
+            from ..test_channel import assert_ring_payloads_untouched
+            assert_ring_payloads_untouched(attention)  # only headers went into the ring
         finally:
             model.close()
             attention.close()
-    from ..test_channel import SPEC, open_split_pair
+    from ..test_channel import SPEC, open_pair
     with lc.Context() as c, lc.Context() as d:
         region = d.register(MockDeviceArray(mock_gpudirect, (RingLayout.for_role(SPEC, "attention").payload_bytes,)))
         with pytest.raises(lc.UnsupportedError, match="need a NIC that writes it"):
-            open_split_pair(c, d, attention_payloads=region)
+            open_pair(c, d, attention_payloads=region)
 
 
 def test_rxe_refuses_dmabuf_with_the_reason():
