@@ -46,11 +46,6 @@ def open_pair(model_ctx: lc.Context, attention_ctx: lc.Context, spec: ChannelSpe
     try:
         model = Channel.connect(model_ctx, listener.address, spec, timeout=WAIT_S, piggyback_credits=piggyback,
                                 payloads=model_payloads)
-    except Exception:
-        thread.join(WAIT_S)
-        if "err" in box:  # the accepting side's refusal is the cause
-            raise box["err"]
-        raise
     finally:
         thread.join(WAIT_S)
         listener.close()
