@@ -835,7 +835,8 @@ def test_payloads_land_in_a_region_of_their_own_and_headers_in_the_ring(contexts
     into_attention = np.zeros(RingLayout.for_role(SPEC, "attention").payload_bytes, np.uint8)
     into_model = np.zeros(RingLayout.for_role(SPEC, "model").payload_bytes, np.uint8)
     rng = np.random.default_rng(9)
-    model, attention = open_pair(a, b, b.register(into_attention), a.register(into_model))
+    model, attention = open_pair(a, b, attention_payloads=b.register(into_attention),
+                                  model_payloads=a.register(into_model))
     try:
         fused = rng.standard_normal((4, 128)).astype(np.float16)
         model.add_source_region(a.register(fused))
