@@ -111,10 +111,11 @@ def _slice(address: int, size: int, offset: int, nbytes: int | None) -> tuple[in
 class CopyEngine:
     """What a StagedLink needs from the device side (documentation of the interface).
 
-    Tickets are opaque completion handles (CUDA events); every ticket an
-    engine hands out is released exactly once by the link. copy_out / copy_in
-    are asynchronous and ordered on their own stream; ``after`` is a marker
-    the stream waits on before the copy (the caller releases the marker).
+    copy_out / copy_in are asynchronous and ordered on their own stream;
+    ``after`` is a marker (a CUDA event: released exactly once by the link)
+    the stream waits on before the copy. then_out / then_in queue a native
+    post (``lm_poster_run(op)``) behind that stream's copies and own the op
+    from the call on: one they cannot queue, they cancel before raising.
     """
 
     name = "abstract"
