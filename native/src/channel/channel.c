@@ -848,6 +848,19 @@ static placement_t place(lm_chan_t *ch, const lm_chan_tensor_t *t, uint32_t n, l
     return sources && regions_per_tensor(ch, t, n, sources, mrs) ? GATHER : STAGED;
 }
 
+/* With split payloads, a payload that lies in the slot (placed there, or
+ * staged) goes apart, as a write from our region into the peer's payload
+ * region; how stays as placed otherwise. */
+static placement_t payload_apart(const lm_chan_t *ch, placement_t how, uint64_t payload, uint64_t slot_payload,
+                                 lm_mr_t **region, uint64_t *region_off)
+{
+    if (!ch->split_out || payload == 0 || (how != FROM_SLOT && how != STAGED))
+        return how;
+    *region = ch->mr;
+    *region_off = slot_payload;
+    return FROM_REGION;
+}
+
 /* Plan a gather message's runs: a run ends where alignment padding separates
  * two tensors (nothing of ours may fill it). Adjacent rows merge. False if
  * the pieces do not fit ch->segs. */
@@ -1049,11 +1062,7 @@ static int chan_send(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_t
     if (how == STAGED && (rc = stage(ch, t, n, offsets, hdr_at + LM_CHAN_HEADER_BYTES, payload)) != LM_OK)
         return rc;
     placement_t counted = how;
-    if (ch->split_out && payload > 0 && (how == FROM_SLOT || how == STAGED)) {
-        how = FROM_REGION; /* the slot's payload goes apart, into the peer's payload region */
-        region = ch->mr;
-        region_off = hdr_at + LM_CHAN_HEADER_BYTES;
-    }
+    how = payload_apart(ch, how, payload, hdr_at + LM_CHAN_HEADER_BYTES, &region, &region_off);
 
     /* Marked in use before posting: the peer's credit may come back before
      * lm_ep_write returns (another thread dispatches it). */
@@ -1211,11 +1220,7 @@ static int chan_send_prepare(lm_chan_t *ch, uint32_t layer, uint32_t mb, const l
         return lm_fail(LM_ERR_INVALID, "message of %llu B exceeds the %llu-byte slot",
                        (unsigned long long)payload, (unsigned long long)ch->send_cap);
     placement_t counted = how;
-    if (ch->split_out && payload > 0 && how == FROM_SLOT) {
-        how = FROM_REGION; /* the slot's payload goes apart, into the peer's payload region */
-        region = ch->mr;
-        region_off = hdr_at + LM_CHAN_HEADER_BYTES;
-    }
+    how = payload_apart(ch, how, payload, hdr_at + LM_CHAN_HEADER_BYTES, &region, &region_off);
     lm_chan_deferred_t *op = &ch->send_ops[idx];
     *op = (lm_chan_deferred_t){.ch = ch, .kind = DEFERRED_SEND, .mb = mb, .slot = slot, .seq = seq,
                                .hdr_at = hdr_at, .length = LM_CHAN_HEADER_BYTES + (how == FROM_SLOT ? payload : 0),
@@ -1238,22 +1243,20 @@ static int chan_send_prepare(lm_chan_t *ch, uint32_t layer, uint32_t mb, const l
     return LM_OK;
 }
 
+/* A source region deregistered before the op ran: its write would be
+ * dropped, and the header then deliver a stale payload. */
+static int runs_registered(const lm_chan_deferred_t *op)
+{
+    for (uint32_t k = 0; k < op->nruns; k++)
+        if (!lm_mr_registered(op->runs[k].mr))
+            return lm_fail(LM_ERR_LOCAL, "a source region was deregistered before the send ran");
+    return LM_OK;
+}
+
 /* The post of a prepared send: the payload's gather writes (from registered
  * regions), then one write of the header (and the payload, from the slot),
  * with the credits held at that moment. Its sequence number is spent, so a
  * failure fails the channel (the peer would wait for it). */
-/* A source region deregistered before the op ran: its write would be
- * dropped, and the header then deliver a stale payload. */
-static int runs_registered(lm_chan_t *ch, const lm_chan_deferred_t *op)
-{
-    bool alive = true;
-    lm_registry_rdlock(ch->ctx);
-    for (uint32_t k = 0; k < op->nruns; k++)
-        alive = alive && op->runs[k].mr->alive;
-    lm_registry_unlock(ch->ctx);
-    return alive ? LM_OK : lm_fail(LM_ERR_LOCAL, "a source region was deregistered before the send ran");
-}
-
 static void run_send(lm_chan_t *ch, lm_chan_deferred_t *slot_op)
 {
     /* Everything the post needs is taken out of the slot's op first: once the
@@ -1273,7 +1276,7 @@ static void run_send(lm_chan_t *ch, lm_chan_deferred_t *slot_op)
     int rc = ch->error ? sticky_error_locked(ch) : LM_OK;
     pthread_mutex_unlock(&ch->lock);
     if (rc == LM_OK)
-        rc = runs_registered(ch, op);
+        rc = runs_registered(op);
     if (rc == LM_OK) {
         pthread_mutex_lock(&ch->lock);
         ncredits = take_credits_locked(ch, credits, credit_idx, credit_seq);

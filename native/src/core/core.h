@@ -73,6 +73,10 @@ void lm_mr_unref(lm_mr_t *mr);
 /* Validate [off, off+len) against the region and an access flag; LM_OK or
  * LM_ERR_OUT_OF_BOUNDS / LM_ERR_ACCESS. */
 int lm_mr_check(const lm_mr_t *mr, uint64_t off, uint64_t len, uint32_t access);
+/* Whether a region whose record is held (lm_mr_ref) is still registered: a
+ * deferred write from one deregistered since would read memory that may be
+ * gone. Takes the registry read lock. */
+bool lm_mr_registered(const lm_mr_t *mr);
 
 /* ---- completion queue ------------------------------------------------- */
 /* Receive-side back-pressure (like RDMA's receiver-not-ready): once this many

@@ -128,16 +128,6 @@ int lm_poster_write_prepare(lm_poster_t *p, lm_mr_t *local, uint64_t local_off, 
     return LM_OK;
 }
 
-/* Whether the op's region is still registered (a write from a deregistered
- * one would read memory that may be gone). */
-static bool registered(lm_context_t *ctx, const lm_mr_t *mr)
-{
-    lm_registry_rdlock(ctx);
-    bool alive = mr->alive;
-    lm_registry_unlock(ctx);
-    return alive;
-}
-
 static void op_free(lm_poster_op_t *op)
 {
     lm_poster_t *p = op->poster;
@@ -154,7 +144,7 @@ void lm_poster_run(void *arg)
     lm_poster_t *p = op->poster;
     pthread_mutex_lock(&p->lock);
     if (p->ep && !p->error) {
-        int rc = registered(p->ep->ctx, op->local)
+        int rc = lm_mr_registered(op->local)
                      ? lm_ep_write(p->ep, op->local, op->local_off, op->length, &op->remote, op->remote_off, op->imm,
                                    op->flags, op->wr_id)
                      : lm_fail(LM_ERR_LOCAL, "a deferred write's region was deregistered before it was posted");

@@ -51,6 +51,14 @@ void lm_mr_unref(lm_mr_t *mr)
         free(mr);
 }
 
+bool lm_mr_registered(const lm_mr_t *mr)
+{
+    lm_registry_rdlock(mr->ctx);
+    bool alive = mr->alive;
+    lm_registry_unlock(mr->ctx);
+    return alive;
+}
+
 int lm_mr_check(const lm_mr_t *mr, uint64_t off, uint64_t len, uint32_t access)
 {
     if ((mr->access & access) != access)
