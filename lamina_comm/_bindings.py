@@ -1,6 +1,8 @@
 """The thin layer over the compiled module: loading, and C status -> exception."""
 from __future__ import annotations
 
+import functools
+
 from .errors import LaminaError, error_for_status
 
 try:
@@ -10,6 +12,13 @@ except ImportError as exc:  # pragma: no cover - only on a broken install
         "lamina_comm's native module is not built; run `make install` "
         "(or `pip install -e .`) first"
     ) from exc
+
+
+@functools.lru_cache(maxsize=None)
+def host_function(name: str) -> int:
+    """Address of a native function with the signature of a CUDA host function (a ``CUhostFn``:
+    ``void fn(void *)``), for ``cuLaunchHostFunc``: lm_chan_run_deferred, lm_poster_run."""
+    return int(ffi.cast("uintptr_t", ffi.addressof(lib, name)))
 
 
 def status_text(status: int) -> str:
@@ -32,4 +41,4 @@ def check(rc: int, what: str) -> int:
     raise error_of(rc, what)
 
 
-__all__ = ["ffi", "lib", "check", "error_of", "status_text", "last_error", "LaminaError"]
+__all__ = ["ffi", "lib", "check", "error_of", "host_function", "status_text", "last_error", "LaminaError"]

@@ -161,12 +161,13 @@ def _check_payloads(ctx: Context, layout: RingLayout, payloads: Any) -> RemoteRe
     if _is_cuda_region(payloads) and payloads.path not in ("dmabuf", "peermem"):
         raise UnsupportedError(f"a CUDA region takes payloads only when the NIC writes it (dmabuf or peermem); "
                                f"this one is {payloads.path}: {payloads.path_reason}")
-    if not payloads.descriptor().access & Access.REMOTE_WRITE:
+    descriptor = payloads.descriptor()
+    if not descriptor.access & Access.REMOTE_WRITE:
         raise InvalidArgumentError("the payload region must be registered with Access.REMOTE_WRITE")
     if payloads.nbytes < layout.payload_bytes:
         raise InvalidArgumentError(f"the payload region has {payloads.nbytes} B, the ring needs "
                                    f"{layout.payload_bytes} (RingLayout.payload_bytes)")
-    return payloads.descriptor()
+    return descriptor
 
 
 class _Rings:
@@ -363,8 +364,7 @@ class Channel:
         why a CUDA region's tensors still go through the slot ("" when they do not; host regions always
         count).
         """
-        from ..gpu.memory import CudaRegionBase
-        if isinstance(region, CudaRegionBase):
+        if _is_cuda_region(region):
             return self._device_staging().add_source(region)
         self._sources.append(region)
         return ""

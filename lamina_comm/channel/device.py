@@ -29,21 +29,10 @@ from typing import Any, Optional
 import numpy as np
 
 from .. import dtypes
-from .._bindings import error_of, ffi, lib
+from .._bindings import error_of, ffi, host_function, lib
 from ..errors import InvalidArgumentError
 from .spec import packed_offsets
 from .views import _as_tensor_view, _copy_into, _describe, _describe_numpy, _TensorInfo, to_torch
-
-_RUN_DEFERRED: Optional[int] = None
-
-
-def run_deferred_address() -> int:
-    """Address of lm_chan_run_deferred (a CUhostFn)."""
-    global _RUN_DEFERRED
-    if _RUN_DEFERRED is None:
-        _RUN_DEFERRED = int(ffi.cast("uintptr_t", ffi.addressof(lib, "lm_chan_run_deferred")))
-    return _RUN_DEFERRED
-
 
 @dataclasses.dataclass
 class DeviceTensor:
@@ -257,7 +246,7 @@ class DeviceStaging:
         handle = c_void_p(stream or 0)
         arg = c_void_p(int(ffi.cast("uintptr_t", op)))
         with device.activate():
-            rc = device.driver.raw("cuLaunchHostFunc", handle, c_void_p(run_deferred_address()), arg)
+            rc = device.driver.raw("cuLaunchHostFunc", handle, c_void_p(host_function("lm_chan_run_deferred")), arg)
         if rc == cuda.CUDA_SUCCESS:
             return
         synced = self._settle(device, stream)
@@ -396,31 +385,30 @@ class DeviceStaging:
                     on_device = isinstance(part, DeviceSlotView)
                     _copy(device, True, part.ptr if on_device else part.ctypes.data, target, handle, on_device)
                     queued = True
-            op = ffi.new("lm_chan_deferred_t **")
-            rc = lib.lm_chan_release_prepare(channel._handle(), message.microbatch, message.slot, message.seq, op)
-            if rc < 0:
-                raise error_of(rc, f"channel {channel.name}")
+            op = self._release_op(message)
         except BaseException:
             if queued:  # the slot goes back (the caller's release) only once nothing reads it
                 self._settle(device, handle)
             raise
         message._channel = None  # handed back by the stream, not by release()
         message.tensors = []  # the slot is the stream's now
-        self._launch(device, handle, op[0])
+        self._launch(device, handle, op)
+
+    def _release_op(self, message: Any) -> Any:
+        """lm_chan_release_prepare for a received message: its slot goes back when the op runs."""
+        op = ffi.new("lm_chan_deferred_t **")
+        rc = lib.lm_chan_release_prepare(self._channel._handle(), message.microbatch, message.slot, message.seq, op)
+        if rc < 0:
+            raise error_of(rc, f"channel {self._channel.name}")
+        return op[0]
 
     def release_after(self, message: Any, stream: Any) -> None:
         """Hand a message's slot back once the work queued on ``stream`` so far is done (kernels reading
         its DeviceSlotViews), from native code; the caller never waits."""
         from ..gpu.stream import stream_handle
-        channel = self._channel
-        handle = stream_handle(stream)
         views = [t for t in message.tensors if isinstance(t, DeviceSlotView)]
         device = self._device(views[0].region.device if views else 0)
-        op = ffi.new("lm_chan_deferred_t **")
-        rc = lib.lm_chan_release_prepare(channel._handle(), message.microbatch, message.slot, message.seq, op)
-        if rc < 0:
-            raise error_of(rc, f"channel {channel.name}")
-        self._launch(device, handle, op[0])
+        self._launch(device, stream_handle(stream), self._release_op(message))
 
     def synchronize(self) -> None:
         """Wait until every stream this channel queued work on is done (its deferred ops have run).

@@ -88,8 +88,8 @@ class LayerBuffers:
 def _refuse_device_payloads(channel: Channel) -> None:
     """The engine reads replies' compute times and copies into head slices on the host side of the ring: a
     channel whose payloads land in device memory (payloads=) is not served yet."""
-    from ..gpu.memory import CudaRegionBase
-    if isinstance(channel.payloads, CudaRegionBase):
+    from ..channel.core import _is_cuda_region
+    if _is_cuda_region(channel.payloads):
         raise UnsupportedError(f"channel {channel.name} takes its payloads into device memory (payloads=): the "
                                "engine API does not serve such channels yet; receive on the channel itself")
 

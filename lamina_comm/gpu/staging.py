@@ -51,7 +51,7 @@ import time
 from collections import deque
 from typing import Any, Callable, ContextManager
 
-from .._bindings import check, error_of, ffi, lib, status_text
+from .._bindings import check, error_of, ffi, host_function, lib, status_text
 from ..errors import ClosedError, InvalidArgumentError, ProtocolError, error_for_status
 from . import cuda
 from .stream import EventPool, ReceiveGate, Transfer, refuse_capture, stream_handle
@@ -70,6 +70,7 @@ _LEN_MASK = (1 << 29) - 1
 _MAGIC = b"LMGS"
 _VERSION = 1
 _HELLO = struct.Struct("<4sHHIQ")  # magic, version, flags, slots, chunk bytes; then the rx region descriptor
+_CHECK_S = 0.05  # the network thread's wait, and how often it looks for failures that send no completion
 
 
 def plan_chunks(nbytes: int, chunk_bytes: int) -> list[tuple[int, int]]:
@@ -214,7 +215,7 @@ class CudaCopyEngine(CopyEngine):
 
     def _then(self, stream: int, op: Any) -> None:
         from ctypes import c_void_p
-        rc = self.driver.raw("cuLaunchHostFunc", c_void_p(stream), c_void_p(_poster_run_address()),
+        rc = self.driver.raw("cuLaunchHostFunc", c_void_p(stream), c_void_p(host_function("lm_poster_run")),
                              c_void_p(int(ffi.cast("uintptr_t", op))))
         if rc != cuda.CUDA_SUCCESS:
             lib.lm_poster_cancel(op)  # never queued: ours to free
@@ -430,16 +431,6 @@ class HostCopyEngine(CopyEngine):
 
 
 # -- the link ---------------------------------------------------------------------------
-
-_POSTER_RUN: int | None = None
-
-
-def _poster_run_address() -> int:
-    """Address of lm_poster_run (a CUhostFn)."""
-    global _POSTER_RUN
-    if _POSTER_RUN is None:
-        _POSTER_RUN = int(ffi.cast("uintptr_t", ffi.addressof(lib, "lm_poster_run")))
-    return _POSTER_RUN
 
 
 
@@ -731,20 +722,24 @@ class StagedLink:
             self._fail(exc)
             return
         ep = self._ep
+        next_check = 0.0
         while not self._stop:
             try:
-                completions = ep.wait(timeout=0.05)
+                completions = ep.wait(timeout=_CHECK_S)
                 if completions:
                     with self._lock:
                         for c in completions:
                             self._on_completion(c)
                 err = ep.error
-                if self._tx_inflight or self._rx_done:
-                    self.engine.check()  # a failed copy stream would never post what waits behind it
-                posted = lib.lm_poster_error(self._poster)
-                if err is None and posted:  # (its native message belongs to the driver's thread)
-                    err = error_for_status(posted, "staged link: a write queued behind a copy could not be "
-                                                   f"posted: {status_text(posted)}")
+                now = time.monotonic()
+                if now >= next_check:  # failures that send no completion: looked for every _CHECK_S, not per batch
+                    next_check = now + _CHECK_S
+                    if self._tx_inflight or self._rx_done:
+                        self.engine.check()  # a failed copy stream would never post what waits behind it
+                    posted = lib.lm_poster_error(self._poster)  # (its notice lost: the queue could not grow)
+                    if err is None and posted:  # (its native message belongs to the driver's thread)
+                        err = error_for_status(posted, "staged link: a write queued behind a copy could not be "
+                                                       f"posted: {status_text(posted)}")
             except BaseException as exc:  # noqa: BLE001 - anything here ends the link, loudly
                 if not self._stop:
                     self._fail(exc)
