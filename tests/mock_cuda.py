@@ -1,6 +1,7 @@
 """Build tests/mock_libcuda.c, a host-memory stand-in for libcuda (see its header comment)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import shutil
@@ -23,6 +24,34 @@ def build_mock_libcuda(directory: str | os.PathLike) -> str | None:
     subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-o", str(lib), str(SOURCE), "-lpthread"],
                    check=True)
     return str(lib)
+
+
+@contextlib.contextmanager
+def mock_driver_in_process(monkeypatch, lib_path: str, *switches: str):
+    """This process's CUDA is the mock at lib_path, with the MOCK_CUDA_* switches named set; yields device 0.
+    Undone after, with everything else the caller patched on monkeypatch."""
+    from lamina_comm.gpu import cuda
+    monkeypatch.setenv("LAMINA_LIBCUDA", lib_path)
+    for name in switches:
+        monkeypatch.setenv(name, "1")
+    monkeypatch.delenv("LAMINA_DISABLE_CUDA", raising=False)
+    cuda._reset_for_tests()
+    try:
+        yield cuda.get_device(0)
+    finally:
+        monkeypatch.undo()
+        cuda._reset_for_tests()
+
+
+def assert_sent_through_the_slot(model, attention, array: "MockDeviceArray", value: int, timeout: float) -> None:
+    """A stream-ordered send of a mock device array, filled with value, arrives intact and went through the
+    send slot (the copy engine's path), not straight from device memory."""
+    import numpy as np
+    array.host[...] = value
+    model.send([array], layer=1, microbatch=0, stream=0x77, timeout=timeout)
+    with attention.recv(0, timeout=timeout) as got:
+        assert np.all(got.tensors[0] == value)
+    assert model.device_direct_messages == 0 and model.metrics.slot_messages == 1
 
 
 class MockDeviceArray:

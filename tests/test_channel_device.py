@@ -501,35 +501,22 @@ def test_direct_sends_need_a_region_registered_for_the_nic_and_a_verbs_channel()
 
 def test_a_staged_cuda_region_given_to_a_tcp_channel_says_why_and_its_tensors_go_through_the_slot(
         tmp_path, monkeypatch):
-    from lamina_comm.gpu import cuda
-
-    from .mock_cuda import MockDeviceArray
+    from .mock_cuda import MockDeviceArray, assert_sent_through_the_slot, mock_driver_in_process
     lib_path = build_mock_libcuda(tmp_path)
     if lib_path is None:
         pytest.skip("no gcc to build the mock driver")
-    monkeypatch.setenv("LAMINA_LIBCUDA", lib_path)
-    monkeypatch.delenv("LAMINA_DISABLE_CUDA", raising=False)
-    cuda._reset_for_tests()
-    try:
-        dev = cuda.get_device(0)
+    with mock_driver_in_process(monkeypatch, lib_path) as dev:
         with lc.Context("tcp") as a, lc.Context("tcp") as b:
             x = MockDeviceArray(dev, (64,))
-            x.host[:] = 4
             region = a.register(x)
             model, attention = open_pair(a, b)
             try:
                 why = model.add_source_region(region)
                 assert "the region is staged" in why and "no verbs transport" in why, why
-                model.send([x], layer=2, microbatch=0, stream=5, timeout=WAIT_S)
-                with attention.recv(0, timeout=WAIT_S) as got:
-                    assert (got.tensors[0] == 4).all()
-                assert model.device_direct_messages == 0 and model.metrics.slot_messages == 1
+                assert_sent_through_the_slot(model, attention, x, 4, WAIT_S)
             finally:
                 model.close()
                 attention.close()
-    finally:
-        monkeypatch.undo()
-        cuda._reset_for_tests()
 
 
 def test_the_direct_path_is_chosen_only_for_device_tensors_wholly_in_open_regions_of_one_gather_list():

@@ -361,29 +361,22 @@ def test_device_memory_moves_over_verbs_only():
 def mock_gpudirect(tmp_path, monkeypatch):
     """The mock driver as a GPU offering GPUDirect RDMA, with nvidia-peermem taken as loaded: its "device"
     memory is host memory, which rxe pins, so ibv_reg_mr on the device pointer stands in for peermem."""
-    from lamina_comm.gpu import cuda, memory
+    from lamina_comm.gpu import memory
 
-    from ..mock_cuda import build_mock_libcuda
+    from ..mock_cuda import build_mock_libcuda, mock_driver_in_process
     lib_path = build_mock_libcuda(tmp_path)
     assert lib_path, "gcc is needed to build the mock driver (tools/rxe-test.sh builds it on the host)"
-    monkeypatch.setenv("LAMINA_LIBCUDA", lib_path)
-    monkeypatch.setenv("MOCK_CUDA_GPUDIRECT", "1")
-    monkeypatch.setenv("MOCK_CUDA_HOSTFN_THREAD", "1")  # host functions on a thread of their own, as CUDA's
-    monkeypatch.delenv("LAMINA_DISABLE_CUDA", raising=False)
     monkeypatch.setattr(memory, "peermem_loaded", lambda: True)
-    cuda._reset_for_tests()
-    try:
-        yield cuda.get_device(0)
-    finally:
-        monkeypatch.undo()
-        cuda._reset_for_tests()
+    # Host functions on a thread of their own, as CUDA's.
+    with mock_driver_in_process(monkeypatch, lib_path, "MOCK_CUDA_GPUDIRECT", "MOCK_CUDA_HOSTFN_THREAD") as dev:
+        yield dev
 
 
 def test_cuda_tensors_go_straight_from_registered_device_memory(mock_gpudirect):
     """GPUDirect sends through the Python API: q, k, v column blocks of a fused projection in a CUDA region
     registered for the NIC go, stream-ordered, as gather writes from that region: nothing through the
     slot. The same region on an shm channel is refused with the reason, and its tensors are staged."""
-    from ..mock_cuda import MockDeviceArray
+    from ..mock_cuda import MockDeviceArray, assert_sent_through_the_slot
     rng = np.random.default_rng(5)
     with lc.Context("verbs") as a, lc.Context("verbs") as b:
         fused = MockDeviceArray(mock_gpudirect, (8, 128), "float16")
@@ -422,12 +415,8 @@ def test_cuda_tensors_go_straight_from_registered_device_memory(mock_gpudirect):
             rc, _, _ = _prepare_send_from(model, [fused.host[:4, :64]], [region])
             assert rc == lib.LM_ERR_UNSUPPORTED
             assert "device memory, which shm cannot reach" in ffi.string(lib.lm_last_error()).decode()
-            q = MockDeviceArray(mock_gpudirect, (4, 4, 16), "float16")
-            q.host[...] = 2
-            model.send([q], layer=1, microbatch=0, stream=0x77)
-            with attention.recv(0, timeout=WAIT_S) as msg:
-                assert (msg.tensors[0] == 2).all()
-            assert model.device_direct_messages == 0 and model.metrics.slot_messages == 1
+            assert_sent_through_the_slot(model, attention, MockDeviceArray(mock_gpudirect, (4, 4, 16), "float16"), 2,
+                                         WAIT_S)
         finally:
             model.close()
             attention.close()
@@ -504,15 +493,10 @@ def test_gpu_tier_falls_back_to_staging_when_rxe_refuses_dmabuf(tmp_path, monkey
     for real, rxe refuses it, and the region is staged with the refusal quoted."""
     from lamina_comm.gpu import cuda, register_cuda
 
-    from ..mock_cuda import build_mock_libcuda
+    from ..mock_cuda import build_mock_libcuda, mock_driver_in_process
     lib_path = build_mock_libcuda(tmp_path)
     assert lib_path, "gcc is needed to build the mock driver (tools/rxe-test.sh builds it on the host)"
-    monkeypatch.setenv("LAMINA_LIBCUDA", lib_path)
-    monkeypatch.setenv("MOCK_CUDA_DMABUF", "1")
-    monkeypatch.delenv("LAMINA_DISABLE_CUDA", raising=False)
-    cuda._reset_for_tests()
-    try:
-        dev = cuda.get_device(0)
+    with mock_driver_in_process(monkeypatch, lib_path, "MOCK_CUDA_DMABUF") as dev:
         with lc.Context("verbs") as ctx:
             region = ctx.register(cuda.DeviceAllocation(dev, 4096))
             assert region.path == "staging", region.path_reason
@@ -520,9 +504,6 @@ def test_gpu_tier_falls_back_to_staging_when_rxe_refuses_dmabuf(tmp_path, monkey
             assert "ibv_reg_dmabuf_mr" in region.path_reason and "dma-buf support" in region.path_reason
             with pytest.raises(lc.UnsupportedError, match="ibv_reg_dmabuf_mr"):
                 register_cuda(ctx, cuda.DeviceAllocation(dev, 4096), prefer="dmabuf")
-    finally:
-        monkeypatch.undo()
-        cuda._reset_for_tests()
 
 
 # ---- refusals and failures -------------------------------------------------------------------
