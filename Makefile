@@ -53,7 +53,7 @@ asan: build $(BUILD)/test_native_asan
 	LAMINA_SANITIZE=1 $(PYTHON) lamina_comm/_build.py > /dev/null
 	LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
 	  ASAN_OPTIONS=detect_leaks=0:verify_asan_link_order=0 $(PYTEST) -q -x -m "not slow" tests/test_transport.py tests/test_shared_memory.py tests/test_channel_device.py \
-	  tests/test_gpu_unavailable.py; \
+	  tests/test_gpu_unavailable.py tests/test_stream_writer.py; \
 	  rc=$$?; $(PYTHON) lamina_comm/_build.py > /dev/null; exit $$rc
 
 # Multi-process tests on a shared 2-core machine can lose a race to the

@@ -102,11 +102,12 @@ static pthread_cond_t q_cond = PTHREAD_COND_INITIALIZER;
 static pthread_t q_thread;
 static int q_started;
 static unsigned hostfns_run;
+static int q_held; /* mock_hold_hostfns(1): the queued ones wait, as behind a stream still busy */
 static void *hostfn_thread(void *unused) {
     (void)unused;
     pthread_mutex_lock(&q_lock);
     for (;;) {
-        while (q_head == q_tail) pthread_cond_wait(&q_cond, &q_lock);
+        while (q_head == q_tail || q_held) pthread_cond_wait(&q_cond, &q_lock);
         hostfn_t fn = queue[q_head % MAXQ].fn; void *arg = queue[q_head % MAXQ].arg;
         q_running = 1;
         pthread_mutex_unlock(&q_lock);
@@ -139,6 +140,13 @@ CUresult cuLaunchHostFunc(void *s, hostfn_t fn, void *arg) {
     return 0;
 }
 unsigned mock_hostfns_run(void) { drain_host_funcs(); return hostfns_run; }
+void mock_hold_hostfns(int hold)
+{
+    pthread_mutex_lock(&q_lock);
+    q_held = hold;
+    pthread_cond_broadcast(&q_cond);
+    pthread_mutex_unlock(&q_lock);
+}
 /* A stream with host functions still to run is busy (CUDA_ERROR_NOT_READY), as the driver says. */
 CUresult cuStreamQuery(void *s)
 {

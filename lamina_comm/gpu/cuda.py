@@ -313,10 +313,11 @@ def driver() -> Driver:
 
 
 def _reset_for_tests() -> None:
-    """Forget the probe result (tests flip LAMINA_DISABLE_CUDA / LAMINA_LIBCUDA)."""
+    """Forget the probe result and its devices (tests flip LAMINA_DISABLE_CUDA / LAMINA_LIBCUDA)."""
     global _driver, _status
     with _lock:
         _driver, _status = None, None
+        _devices.clear()  # (each holds the driver it was made with)
 
 
 # -- devices and contexts -----------------------------------------------------

@@ -5,9 +5,6 @@ Pieces (used by :class:`lamina_comm.gpu.staging.StagedLink`, usable alone):
 * :func:`stream_handle` turns a torch / cupy / raw stream into a CUstream handle.
 * :class:`Transfer` is what a send or receive returns: ``done()``, ``wait()``,
   ``exception()``; errors arrive there, never as a dead process.
-* :class:`Waiter` is a helper thread that waits for tickets (CUDA events) in
-  FIFO order, then runs each one's callback: "the sender waits on the event,
-  then posts", without blocking the caller.
 * :class:`ReceiveGate` is a 32-bit flag in host-mapped pinned memory. A
   receive enqueues ``cuStreamWaitValue32(stream, flag, seq, GEQ)`` on the
   caller's stream and returns at once; the kernels queued after it are
@@ -16,7 +13,8 @@ Pieces (used by :class:`lamina_comm.gpu.staging.StagedLink`, usable alone):
   of that message, or the host writes on failure so a stream never hangs.
 * :class:`StreamOrderedWriter` posts ``Endpoint.write`` from a registered
   region once the work queued on a stream before the call has finished
-  (for dmabuf / peermem regions, or pinned host regions a kernel fills).
+  (for dmabuf / peermem regions, or pinned host regions a kernel fills):
+  a CUDA host function posts it from native code, no helper thread.
 
 CUDA graphs: a stream being captured is refused by every call here that
 records events or expects host action per message (``UnsupportedError``): the
@@ -27,14 +25,13 @@ another stream) to set the flag to 1 and re-arms it (docs/gpu.md).
 """
 from __future__ import annotations
 
-import concurrent.futures
 import ctypes
-import queue
 import threading
 import time
 from typing import Any, Callable
 
-from ..errors import ClosedError, InvalidArgumentError, LaminaError, TimeoutError_, UnsupportedError
+from .._bindings import check, error_of, ffi, host_function, lib
+from ..errors import ClosedError, InvalidArgumentError, TimeoutError_, UnsupportedError
 from . import cuda
 
 
@@ -89,68 +86,6 @@ class Transfer:
     def __repr__(self) -> str:
         state = "pending" if not self.done() else ("failed" if self._error else "done")
         return f"<Transfer {self.kind} {self.nbytes} B {state}>"
-
-
-_STOP = object()
-
-
-class Waiter:
-    """A thread that waits for tickets in FIFO order and runs each one's callback after it.
-
-    wait_fn(ticket) blocks until the ticket is done (GIL released: cuEventSynchronize);
-    release_fn(ticket) recycles it. A ticket of None runs its callback after
-    every earlier callback (ordering without a device wait). An exception from
-    wait_fn or a callback goes to on_error and the callback is skipped.
-    """
-
-    def __init__(self, name: str, wait_fn: Callable[[Any], None], release_fn: Callable[[Any], None],
-                 on_error: Callable[[BaseException], None], thread_init: Callable[[], None] | None = None):
-        self._wait_fn = wait_fn
-        self._release_fn = release_fn
-        self._on_error = on_error
-        self._thread_init = thread_init
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def put(self, ticket: Any, callback: Callable[[], None]) -> None:
-        self._queue.put((ticket, callback))
-
-    def _run(self) -> None:
-        if self._thread_init is not None:
-            try:
-                self._thread_init()
-            except BaseException as exc:  # noqa: BLE001 - reported, then the thread drains
-                self._on_error(exc)
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            ticket, callback = item
-            ok = True
-            if ticket is not None:
-                try:
-                    self._wait_fn(ticket)
-                except BaseException as exc:  # noqa: BLE001
-                    ok = False
-                    self._on_error(exc)
-                finally:
-                    try:
-                        self._release_fn(ticket)
-                    except BaseException:  # noqa: BLE001 - recycling is best effort
-                        pass
-            if ok:
-                try:
-                    callback()
-                except BaseException as exc:  # noqa: BLE001
-                    self._on_error(exc)
-
-    def close(self, timeout: float = 5.0) -> bool:
-        """Stop after the queued tickets; False if the thread is still stuck in a wait."""
-        self._queue.put(_STOP)
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
-        return not self._thread.is_alive()
 
 
 def _cyclic_geq(flag: int, value: int) -> bool:
@@ -243,69 +178,100 @@ def refuse_capture(device: cuda.Device, stream: int | None, what: str) -> None:
                                "(capture only the gate wait: ReceiveGate.enqueue_wait with reset_to)")
 
 
-class _GuardedTicket:
-    """An event whose wait failure is also reported to one future (StreamOrderedWriter)."""
-
-    __slots__ = ("event", "on_error")
-
-    def __init__(self, event: cuda.Event, on_error: Callable[[BaseException], None]):
-        self.event = event
-        self.on_error = on_error
-
-    def synchronize(self) -> None:
-        try:
-            self.event.synchronize()
-        except BaseException as exc:  # noqa: BLE001
-            self.on_error(exc)
-            raise
-
-
 class StreamOrderedWriter:
     """Posts Endpoint.write once the work queued on a stream before the call has finished.
 
-    The caller never blocks: an event is recorded on the stream and a helper
-    thread waits on it, then posts. For regions the NIC reads directly
-    (dmabuf / peermem device regions, or pinned host regions a kernel fills).
-    The returned future resolves to the write's wr_id (its completion then
-    arrives on the endpoint as usual) or to the error that prevented posting.
+    For regions the NIC reads directly (dmabuf / peermem device regions, or
+    pinned host regions a kernel fills). The write is prepared at once
+    (lamina.h "posters": one native poster per endpoint) and a CUDA host
+    function queued on the stream (native ``lm_poster_run``) posts it when
+    the stream reaches it: no helper thread, no Python between the stream's
+    work and the post, and the caller never blocks. ``write`` returns the
+    write's wr_id; its completion arrives on the endpoint as usual, and with
+    ``notify=True`` an ``Op.POSTED`` completion says when it was posted. A
+    write that could not be posted makes no write completion but an
+    ``Op.POSTED`` one carrying the error; later writes on that endpoint are
+    refused with it. If the stream fails, what is queued behind it is never
+    posted (the stream's error says so).
     """
 
     def __init__(self, device: cuda.Device):
         self.device = device
-        self._events = EventPool(device)
+        self._lock = threading.Lock()
         self._closed = False
-        self.errors: list[BaseException] = []
-        self._waiter = Waiter("lamina-gpu-writer", lambda t: t.synchronize(), lambda t: self._events.put(t.event),
-                              self.errors.append, device.make_current)
+        self._posters: dict[int, tuple[Any, Any, Callable[[], None]]] = {}  # id(ep) -> (ep, poster, close hook)
 
-    def write(self, ep: Any, local: Any, remote: Any, *, stream: Any, **kwargs: Any) -> concurrent.futures.Future:
-        if self._closed:
-            raise ClosedError("writer is closed")
+    def write(self, ep: Any, local: Any, remote: Any, *, stream: Any, local_offset: int = 0, remote_offset: int = 0,
+              length: int | None = None, imm: int | None = None, wr_id: int | None = None,
+              notify: bool = False) -> int:
         handle = stream_handle(stream)
-        future: concurrent.futures.Future = concurrent.futures.Future()
+        length = local.nbytes - local_offset if length is None else length
+        wr_id = next(ep._wr_ids) if wr_id is None else wr_id
+        flags = (lib.LM_WRITE_IMM if imm is not None else 0) | (lib.LM_POSTER_NOTIFY if notify else 0)
         with self.device.activate():
             refuse_capture(self.device, handle, "a stream-ordered write")
-            ev = self._events.get()
-            try:
-                ev.record(handle)
-            except BaseException:
-                self._events.put(ev)
-                raise
+            with self._lock:
+                if self._closed:
+                    raise ClosedError("writer is closed")
+                poster = self._poster_of(ep)
+                failed = lib.lm_poster_error(poster)
+                if failed:
+                    raise error_of(failed, f"a stream-ordered write on endpoint {ep.id} failed to post earlier")
+                op = ffi.new("lm_poster_op_t **")
+                rc = lib.lm_poster_write_prepare(poster, local._handle(), local_offset, length, remote._native,
+                                                 remote_offset, imm or 0, flags, wr_id, op)
+                if rc < 0:
+                    raise error_of(rc, "stream-ordered write")
+            arg = ctypes.c_void_p(int(ffi.cast("uintptr_t", op[0])))
+            rc = self.device.driver.raw("cuLaunchHostFunc", ctypes.c_void_p(handle or 0),
+                                        ctypes.c_void_p(host_function("lm_poster_run")), arg)
+        if rc != cuda.CUDA_SUCCESS:
+            lib.lm_poster_cancel(op[0])  # never queued: ours to free
+            raise self.device.driver.error(rc, "cuLaunchHostFunc (a stream-ordered write)")
+        return wr_id
 
-        def post() -> None:
-            try:
-                future.set_result(ep.write(local, remote, **kwargs))
-            except LaminaError as exc:
-                future.set_exception(exc)
+    def _poster_of(self, ep: Any) -> Any:
+        """ep's poster (lock held), made at its first write; closed before the endpoint closes."""
+        entry = self._posters.get(id(ep))
+        if entry is not None and entry[0] is ep:
+            return entry[1]
+        out = ffi.new("lm_poster_t **")
+        check(lib.lm_poster_create(ep._handle(), out), "stream-ordered writer")
 
-        def failed(exc: BaseException) -> None:
-            if not future.done():
-                future.set_exception(exc)
+        def endpoint_closing() -> None:
+            with self._lock:
+                if self._posters.get(id(ep), (None,))[0] is ep:
+                    del self._posters[id(ep)]
+                    lib.lm_poster_destroy(out[0])  # writes still queued behind a stream post nothing now
 
-        self._waiter.put(_GuardedTicket(ev, failed), post)
-        return future
+        self._posters[id(ep)] = (ep, out[0], endpoint_closing)
+        ep._before_close.append(endpoint_closing)
+        return out[0]
 
-    def close(self, timeout: float = 5.0) -> None:
-        self._closed = True
-        if self._waiter.close(timeout):
-            self._events.close()
+    def pending(self) -> int:
+        """Writes queued behind streams and not yet posted."""
+        with self._lock:
+            return sum(lib.lm_poster_pending(poster) for _, poster, _ in self._posters.values())
+
+    def close(self, timeout: float = 5.0) -> bool:
+        """Let queued writes post (up to timeout), then refuse new ones and drop what is still queued (it
+        posts nothing when its stream gets there). False if some were dropped."""
+        deadline = time.monotonic() + timeout
+        while self.pending() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        with self._lock:
+            self._closed = True
+            entries, self._posters = list(self._posters.values()), {}
+            dropped = 0
+            for ep, poster, hook in entries:
+                dropped += lib.lm_poster_pending(poster)
+                if hook in ep._before_close:
+                    ep._before_close.remove(hook)
+                lib.lm_poster_destroy(poster)  # freed with the last op still queued, if any
+        return dropped == 0
+
+    def __enter__(self) -> "StreamOrderedWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -400,11 +400,17 @@ def test_stream_ordered_writer_posts_after_the_stream(torch):
                 _spin(torch, 100)
             with DEV.activate():
                 cuda.memcpy_dtoh_async(DRV, pinned.address, payload.data_ptr(), n, s.cuda_stream)
-            fut = writer.write(ca, ml, lc.RemoteRegion.from_bytes(ca.peer_data), stream=s, imm=77)
-            assert not fut.done()
-            fut.result(30)
-            got = [c for c in cb.wait(timeout=10) if c.op == lc.Op.RECV_IMM]
+            wr = writer.write(ca, ml, lc.RemoteRegion.from_bytes(ca.peer_data), stream=s, imm=77, notify=True)
+            assert writer.pending() == 1, "posted before the stream's work was done"
+            got = [c for c in cb.wait(timeout=30) if c.op == lc.Op.RECV_IMM]
             assert got and got[0].imm == 77
+            mine = []
+            while len(mine) < 2:
+                batch = ca.wait(timeout=10)
+                assert batch, mine
+                mine += batch
+            assert sorted((c.op, c.wr_id, c.ok) for c in mine) == sorted([(lc.Op.WRITE, wr, True),
+                                                                          (lc.Op.POSTED, wr, True)])
             assert np.array_equal(target, payload.cpu().numpy())
             ml.close()
     finally:
