@@ -4,7 +4,7 @@ PYTHON := $(VENV)/bin/python
 CC ?= gcc
 CFLAGS_COMMON := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -g -Inative/include
 SANITIZE := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
-NATIVE_SRCS := $(wildcard native/src/core/*.c native/src/tcp/*.c native/src/shm/*.c native/src/channel/*.c)
+NATIVE_SRCS := $(wildcard native/src/core/*.c native/src/tcp/*.c native/src/shm/*.c native/src/channel/*.c native/src/staged/*.c)
 NATIVE_HDRS := $(wildcard native/include/*.h native/src/*.h native/src/*/*.h)
 BUILD := native/build
 PYTEST ?= $(PYTHON) -m pytest

@@ -35,7 +35,7 @@ def _want_verbs() -> bool:
 
 
 def _sources(with_verbs: bool) -> list[str]:
-    dirs = ["core", "tcp", "shm", "channel", "bench"] + (["verbs"] if with_verbs else [])
+    dirs = ["core", "tcp", "shm", "channel", "staged", "bench"] + (["verbs"] if with_verbs else [])
     files: list[str] = []
     for d in dirs:
         files += sorted(str(p.relative_to(ROOT)) for p in (NATIVE / "src" / d).glob("*.c"))

@@ -280,14 +280,17 @@ def test_round_trip_sizes(links, asynchronous):
 def test_every_post_behind_a_copy_has_run_when_the_transfers_are_done(links):
     """The native posts behind the copies (lm_poster_run) all ran once sends and receives completed: none
     left queued, none lost."""
-    from lamina_comm._bindings import lib
     la, lb = links(engine_a=HostCopyEngine(delay=0.0002), a_kw=dict(chunk_bytes=1024, slots=2),
                    b_kw=dict(chunk_bytes=1024, slots=2))
     src, dst = np.arange(10_000, dtype=np.uint32).view(np.uint8), np.zeros(40_000, np.uint8)
     tr, ts = lb.recv(dst), la.send(src)
     assert tr.wait(10) == 40_000 and ts.wait(10) == 40_000 and np.array_equal(dst, src)
     assert la.stats["chunks_sent"] == 40 and lb.stats["credits_sent"] == 40
-    assert lib.lm_poster_pending(la._poster) == 0 and lib.lm_poster_pending(lb._poster) == 0
+    # (a post frees its record just after posting: the completion may come first)
+    deadline = time.monotonic() + 5
+    while (la.stats["posts_pending"], lb.stats["posts_pending"]) != (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert la.stats["posts_pending"] == 0 and lb.stats["posts_pending"] == 0
 
 
 def test_closing_the_context_under_an_open_link_stops_it_cleanly():
@@ -403,7 +406,7 @@ def test_peer_loss_fails_pending_receive_and_opens_gate(links):
     la.close(timeout=1)
     with pytest.raises((lc.PeerLostError, lc.ClosedError)):
         r.wait(10)
-    assert lb._gate.releases == [1] and lb._gate.value == 1, "a waiting stream must be released"
+    assert lb._gate.value == 1, "a waiting stream must be released"
     with pytest.raises((lc.PeerLostError, lc.ClosedError)):
         lb.recv(np.zeros(10, np.uint8))
 
@@ -411,10 +414,10 @@ def test_peer_loss_fails_pending_receive_and_opens_gate(links):
 def test_copy_failure_fails_the_link(links):
     eb = HostCopyEngine()
     la, lb = links(engine_b=eb)
-    eb.fail_copy_in = RuntimeError("device copy failed")
+    eb.fail_next_copy_in()
     r = lb.recv(np.zeros(10, np.uint8), stream=1)
     la.send(np.ones(10, np.uint8))
-    with pytest.raises(RuntimeError, match="device copy failed"):
+    with pytest.raises(lc.LaminaError, match="refused a chunk's copy into the device"):
         r.wait(10)
     assert lb.error is not None and lb._gate.value == 1
 
@@ -491,6 +494,9 @@ out["hostfns"] = ctypes.CDLL(sys.argv[1]).mock_hostfns_run()
 out["chunks"] = [la.stats["chunks_sent"], lb.stats["credits_sent"]]
 import threading
 out["threads"] = sorted(t.name for t in threading.enumerate() if t.name.startswith("lamina"))
+import glob
+out["native_threads"] = sorted(n for n in (open(f).read().strip() for f in glob.glob("/proc/self/task/*/comm"))
+                               if n.startswith("lamina-staged"))
 from lamina_comm.gpu import memory
 with lc.Context("tcp") as ctx:
     reg = register_cuda(ctx, cuda.DeviceAllocation(dev, 100))
@@ -544,9 +550,11 @@ def test_cuda_layer_against_a_mock_driver(tmp_path, host_functions):
     assert out["round_trips"] == [True] * 4
     assert out["gate"] == 4 and out["stream_waits"] == 4, "one stream wait and one gate write per gated receive"
     # Per chunk, one host function posts the data write behind its copy out, and one the credit behind
-    # its copy in (1 + 1 + 13 + 1 chunks of 4 KiB); no helper thread waits on the copies.
+    # its copy in (1 + 1 + 13 + 1 chunks of 4 KiB); no helper thread waits on the copies, and each link's
+    # completions are handled on a native thread of its own.
     assert out["chunks"] == [16, 16] and out["hostfns"] == 32, out
-    assert out["threads"] == ["lamina-gpu-net", "lamina-gpu-net"], out["threads"]
+    assert out["threads"] == [], "no Python thread per link: completions are handled in native code"
+    assert out["native_threads"] == ["lamina-staged", "lamina-staged"], out["native_threads"]
     assert out["path"] == "staging"
     assert out["register"][:2] == ["CudaRegion", "staging"] and "no verbs transport" in out["register"][2]
     assert out["fallback"][0] == "staging"

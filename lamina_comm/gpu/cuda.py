@@ -220,6 +220,13 @@ class Driver:
         if rc != CUDA_SUCCESS:
             raise self.error(rc, name)
 
+    def address(self, name: str) -> int:
+        """The entry point's address, for native code that calls the driver itself (staged links)."""
+        fn = self._fns.get(name)
+        if fn is None:
+            raise CudaUnavailableError(f"the CUDA driver at {self.path} has no {name}")
+        return ctypes.cast(fn, c_void_p).value or 0
+
     def raw(self, name: str, *args: Any) -> int:
         """Call without raising; returns the CUresult (for NOT_READY and probing)."""
         fn = self._fns.get(name)

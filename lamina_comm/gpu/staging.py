@@ -3,58 +3,63 @@
 A :class:`StagedLink` joins two peers over one Endpoint. Each side allocates
 ONE pinned host block at setup (cuMemHostAlloc) and registers it as two
 regions: ``slots`` transmit slots and ``slots`` receive slots of
-``chunk_bytes`` each, plus a small scratch area. Nothing is allocated per
-message afterwards (events come from a pool, slots are reused).
+``chunk_bytes`` each, plus a small scratch area. Python sets the link up
+(ring, regions, hello, receive gate); every message then goes to native code
+(lamina.h "staged links", native/src/staged/), which takes the endpoint's
+completions on a thread of its own: no Python runs per chunk. Nothing is
+allocated per message but a small native record (events come from a pool,
+slots are reused).
 
 Sending a device buffer (``link.send(tensor, stream=s)``):
 
 1. an event is recorded on ``s`` (the stream whose work produces the data)
    and the call returns;
 2. for each chunk, as soon as a transmit slot and a credit for a peer receive
-   slot are free: the device-to-host copy stream waits on that event (first
-   chunk only) and copies the chunk into the slot (cuMemcpyDtoHAsync), and
-   behind the copy a CUDA host function (native ``lm_poster_run``) posts a
-   write-with-immediate of the slot into the peer's receive slot
-   (imm = DATA | last | length): one copy-engine submission and one network
-   post per chunk, no Python thread between them, and the copy of chunk
-   i+1 overlaps the network transfer of chunk i;
+   slot are free (at once, or on the link's native thread when a write
+   completes or a credit arrives): the device-to-host copy stream waits on
+   that event (first chunk only) and copies the chunk into the slot
+   (cuMemcpyDtoHAsync), and behind the copy a CUDA host function
+   (``lm_poster_run``) posts a write-with-immediate of the slot into the
+   peer's receive slot (imm = DATA | last | length): one copy-engine
+   submission and one network post per chunk, and the copy of chunk i+1
+   overlaps the network transfer of chunk i;
 3. the slot is reused when the write completes; the credit comes back
    when the peer has copied the chunk out.
 
 Receiving (``link.recv(tensor, stream=s)``): an event on ``s`` marks when the
 destination may be overwritten; ``cuStreamWaitValue32`` on ``s`` holds later
 work until the message is in place. Each arriving chunk is copied to the
-device on the host-to-device copy stream (which first waits on that event);
-after the last one the copy stream writes the gate (cuStreamWriteValue32),
-releasing ``s`` without any host synchronisation. Behind each chunk's copy a
-host function posts its credit (in slot order); the post of the last one
-also delivers an ``Op.POSTED`` completion (LM_POSTER_NOTIFY), which tells the
-network thread the message is in place.
+device on the host-to-device copy stream (which first waits on that event),
+queued by the link's native thread; after the last one the copy stream
+writes the gate (cuStreamWriteValue32), releasing ``s`` without any host
+synchronisation. Behind each chunk's copy a host function posts its credit
+(in slot order); the post of the last one also delivers an ``Op.POSTED``
+completion (LM_POSTER_NOTIFY) to the link, which says the message is in place
+(``Transfer.wait()`` returns).
 
 The two copy streams are separate and non-blocking: a send ordered after a
 gated receive on the same user stream never blocks the receive's copies.
 
-The device side is a :class:`CopyEngine`. :class:`CudaCopyEngine` is the real
-one; :class:`HostCopyEngine` treats host memory as the "device" (memmove and
-the same native posts on two worker threads) so the protocol is tested where
-no GPU exists.
+The device side is a :class:`CopyEngine`: the table of driver entry points
+native code calls. :class:`CudaCopyEngine` is the real one;
+:class:`HostCopyEngine` treats host memory as the "device" (native worker
+threads standing in for the streams) so the protocol is tested where no GPU
+exists.
 """
 from __future__ import annotations
 
 import ctypes
-import itertools
 import logging
-import queue
 import struct
 import threading
 import time
 from collections import deque
 from typing import Any, Callable, ContextManager
 
-from .._bindings import check, error_of, ffi, host_function, lib, status_text
+from .._bindings import check, error_of, ffi, lib
 from ..errors import ClosedError, InvalidArgumentError, ProtocolError, error_for_status
 from . import cuda
-from .stream import EventPool, ReceiveGate, Transfer, refuse_capture, stream_handle
+from .stream import ReceiveGate, Transfer, refuse_capture, stream_handle
 
 log = logging.getLogger("lamina_comm.gpu")
 
@@ -110,39 +115,30 @@ def _slice(address: int, size: int, offset: int, nbytes: int | None) -> tuple[in
 
 
 class CopyEngine:
-    """What a StagedLink needs from the device side (documentation of the interface).
+    """What a StagedLink needs of a device: its memory, and the copy engine native code drives.
 
-    copy_out / copy_in are asynchronous and ordered on their own stream;
-    ``after`` is a marker (a CUDA event: released exactly once by the link)
-    the stream waits on before the copy. then_out / then_in queue a native
-    post (``lm_poster_run(op)``) behind that stream's copies and own the op
-    from the call on: one they cannot queue, they cancel before raising.
+    ``copy_fns()`` is the native table (lamina.h ``lm_copy_fns_t``) the link's
+    data plane calls per chunk; the rest runs at set-up and per message, in
+    Python.
     """
 
     name = "abstract"
 
     def activate(self) -> ContextManager[None]: ...
-    def thread_init(self) -> None: ...
     def resolve(self, obj: Any, offset: int, nbytes: int | None) -> tuple[int, int, Any, int | None]: ...
     def alloc_pinned(self, nbytes: int) -> tuple[int, Callable[[], None]]: ...
-    def marker(self, stream: int | None) -> Any: ...
-    def copy_out(self, host: int, dev: int, nbytes: int, after: Any) -> None: ...
-    def copy_in(self, dev: int, host: int, nbytes: int, after: Any) -> None: ...
-    def then_out(self, op: Any) -> None: ...   # lm_poster_run(op) behind the queued copies out
-    def then_in(self, op: Any) -> None: ...    # the same behind the copies in (both own op from the call on)
-    def check(self) -> None: ...               # raise the copy streams' failure, if any
-    def release(self, marker: Any) -> None: ...
-    def new_gate(self) -> Any: ...
+    def copy_fns(self) -> Any: ...                        # an lm_copy_fns_t * filled for this engine
+    def ordered(self, stream: int | None) -> bool: ...    # record the stream's order (refuses a capturing stream)
+    def new_gate(self) -> Any: ...                        # None: no gated receives
     def retire_gate(self, gate: Any) -> None: ...
     def gate_wait(self, gate: Any, stream: int, value: int) -> None: ...
-    def gate_signal(self, gate: Any, value: int) -> None: ...
     def gate_release(self, gate: Any, value: int) -> None: ...
     def quiesce(self, timeout: float) -> bool: ...
     def close(self, timeout: float = 5.0) -> bool: ...
 
 
 class CudaCopyEngine(CopyEngine):
-    """Device-to-host and host-to-device copy streams (non-blocking) and a pool of events."""
+    """Device-to-host and host-to-device copy streams (non-blocking); the driver's entry points for native code."""
 
     name = "cuda"
     _retired_gates: dict[int, list[ReceiveGate]] = {}
@@ -153,18 +149,10 @@ class CudaCopyEngine(CopyEngine):
         self.driver = self.device.driver
         self._d2h = cuda.Stream(self.device)
         self._h2d = cuda.Stream(self.device)
-        self._events = EventPool(self.device)
         self.stats = {"pinned_allocs": 0}
-
-    @property
-    def events_created(self) -> int:
-        return self._events.created
 
     def activate(self) -> ContextManager[None]:
         return self.device.activate()
-
-    def thread_init(self) -> None:
-        self.device.make_current()
 
     def resolve(self, obj: Any, offset: int, nbytes: int | None) -> tuple[int, int, Any, int | None]:
         from .memory import cuda_buffer
@@ -179,57 +167,30 @@ class CudaCopyEngine(CopyEngine):
         self.stats["pinned_allocs"] += 1
         return buf.address, buf.close
 
-    def _record(self, stream: int | None) -> cuda.Event:
-        ev = self._events.get()
-        try:
-            return ev.record(stream)
-        except BaseException:
-            self._events.put(ev)
-            raise
+    def copy_fns(self) -> Any:
+        fns = ffi.new("lm_copy_fns_t *")
+        table = {"memcpy_dtoh": "cuMemcpyDtoHAsync", "memcpy_htod": "cuMemcpyHtoDAsync",
+                 "launch_host_func": "cuLaunchHostFunc", "stream_wait_event": "cuStreamWaitEvent",
+                 "stream_query": "cuStreamQuery", "event_create": "cuEventCreate", "event_record": "cuEventRecord",
+                 "event_destroy": "cuEventDestroy", "ctx_set_current": "cuCtxSetCurrent"}
+        if self.driver.has("cuStreamWriteValue32"):
+            table["stream_write_value32"] = "cuStreamWriteValue32"
+        for field, name in table.items():
+            setattr(fns, field, ffi.cast(ffi.typeof(getattr(fns, field)), self.driver.address(name)))
+        fns.context = ffi.cast("void *", self.device.context)
+        fns.d2h = ffi.cast("void *", self._d2h.handle)
+        fns.h2d = ffi.cast("void *", self._h2d.handle)
+        return fns
 
-    def marker(self, stream: int | None) -> Any:
+    def ordered(self, stream: int | None) -> bool:
         if stream is None:
-            return None
+            return False
         refuse_capture(self.device, stream, "a staged send or receive")
-        return self._record(stream)
+        return True
 
-    def copy_out(self, host: int, dev: int, nbytes: int, after: Any) -> None:
-        s = self._d2h.handle
-        if after is not None:
-            self.driver.call("cuStreamWaitEvent", s, after.handle, 0)
-        if nbytes:
-            cuda.memcpy_dtoh_async(self.driver, host, dev, nbytes, s)
-
-    def copy_in(self, dev: int, host: int, nbytes: int, after: Any) -> None:
-        s = self._h2d.handle
-        if after is not None:
-            self.driver.call("cuStreamWaitEvent", s, after.handle, 0)
-        if nbytes:
-            cuda.memcpy_htod_async(self.driver, dev, host, nbytes, s)
-
-    def then_out(self, op: Any) -> None:
-        self._then(self._d2h.handle, op)
-
-    def then_in(self, op: Any) -> None:
-        self._then(self._h2d.handle, op)
-
-    def _then(self, stream: int, op: Any) -> None:
-        from ctypes import c_void_p
-        rc = self.driver.raw("cuLaunchHostFunc", c_void_p(stream), c_void_p(host_function("lm_poster_run")),
-                             c_void_p(int(ffi.cast("uintptr_t", op))))
-        if rc != cuda.CUDA_SUCCESS:
-            lib.lm_poster_cancel(op)  # never queued: ours to free
-            raise self.driver.error(rc, "cuLaunchHostFunc (a staged link's post)")
-
-    def check(self) -> None:
-        """A failed copy stream never runs its host functions: its error fails the link instead."""
-        self._d2h.idle()  # raises CudaError for anything but "not ready"
-        self._h2d.idle()
-
-    def release(self, marker: Any) -> None:
-        self._events.put(marker)
-
-    def new_gate(self) -> ReceiveGate:
+    def new_gate(self) -> ReceiveGate | None:
+        if not (self.driver.has("cuStreamWaitValue32") and self.driver.has("cuStreamWriteValue32")):
+            return None  # (receives are then not gated: Transfer.wait() says when the bytes are in place)
         # Gates are never freed: a user stream may still hold a (satisfied) wait on one. Reuse instead.
         with self._gate_lock:
             pool = self._retired_gates.setdefault(self.device.ordinal, [])
@@ -243,9 +204,6 @@ class CudaCopyEngine(CopyEngine):
 
     def gate_wait(self, gate: Any, stream: int, value: int) -> None:
         gate.enqueue_wait(stream, value)
-
-    def gate_signal(self, gate: Any, value: int) -> None:
-        gate.signal_on(self._h2d.handle, value)
 
     def gate_release(self, gate: Any, value: int) -> None:
         gate.release(value)
@@ -267,89 +225,58 @@ class CudaCopyEngine(CopyEngine):
             time.sleep(0.001)
 
     def close(self, timeout: float = 5.0) -> bool:
-        """Destroy streams and events once idle; False (and nothing freed) if they stay busy."""
+        """Destroy the streams once idle; False (and nothing freed) if they stay busy."""
         if self._d2h.handle is None:
             return True
         with self.activate():
             if not self.quiesce(timeout):
                 return False
-            self._events.close()
             self._d2h.close()
             self._h2d.close()
         return True
 
 
 class HostGate:
-    """The HostCopyEngine's gate: records what a CUDA gate would have been asked to do."""
+    """The HostCopyEngine's gate: a host word the copy "stream" writes, and what a CUDA gate was asked."""
 
     def __init__(self) -> None:
-        self.value = 0
+        self._word = ctypes.c_uint32(0)
+        self.device_address = self.host_address = ctypes.addressof(self._word)
         self.waits: list[tuple[int, int]] = []
         self.releases: list[int] = []
+
+    @property
+    def value(self) -> int:
+        return self._word.value
 
     def reached(self, value: int) -> bool:
         return ((self.value - value) & 0xFFFFFFFF) < 0x80000000
 
 
-class _Worker:
-    """A FIFO of callables on one thread: the host stand-in for a copy stream."""
-
-    def __init__(self, name: str, delay: float):
-        self.delay = delay
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(self, fn: Callable[[], None] | None) -> threading.Event:
-        done = threading.Event()
-        self._queue.put((fn, done))
-        return done
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            fn, done = item
-            if self.delay:
-                time.sleep(self.delay)
-            if fn is not None:
-                fn()
-            done.set()
-
-    def idle(self) -> bool:
-        return self._queue.empty()
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(5)
-
-
 class HostCopyEngine(CopyEngine):
-    """Host memory as the 'device': memmove copies in FIFO order on two worker threads.
+    """Host memory as the 'device': copies in order on two native worker threads standing in for streams.
 
     For tests of the staging protocol without a GPU, and for the host-to-host
-    baseline of the benchmarks (asynchronous=False copies inline). ``delay``
-    slows every copy (seconds) to exercise the waiting paths.
+    baseline of the benchmarks (asynchronous=False: copies and the posts
+    behind them run at once, in the call). ``delay`` slows every piece of
+    stream work (seconds) to exercise the waiting paths.
     """
 
     name = "host"
 
     def __init__(self, asynchronous: bool = True, delay: float = 0.0):
-        self._async = asynchronous
-        self._d2h = _Worker("lamina-host-d2h", delay) if asynchronous else None
-        self._h2d = _Worker("lamina-host-h2d", delay) if asynchronous else None
+        self._streams: list[Any] = []
+        if asynchronous:
+            for _ in range(2):
+                out = ffi.new("lm_host_stream_t **")
+                check(lib.lm_host_stream_create(int(delay * 1e6), out), "host copy engine")
+                self._streams.append(out[0])
         self._keep: list[Any] = []
         self.stats = {"pinned_allocs": 0}
-        self.events_created = 0
-        self.fail_copy_in: BaseException | None = None  # tests: make the next copy_in raise
 
     def activate(self) -> ContextManager[None]:
         import contextlib
         return contextlib.nullcontext()
-
-    def thread_init(self) -> None:
-        pass
 
     def resolve(self, obj: Any, offset: int, nbytes: int | None) -> tuple[int, int, Any, int | None]:
         from ..tensors import host_buffer
@@ -363,38 +290,21 @@ class HostCopyEngine(CopyEngine):
         self.stats["pinned_allocs"] += 1
         return ctypes.addressof(block), lambda: self._keep.remove(block)
 
-    def _run(self, worker: _Worker | None, fn: Callable[[], None] | None) -> threading.Event:
-        if worker is None:
-            done = threading.Event()
-            if fn is not None:
-                fn()
-            done.set()
-            return done
-        return worker.submit(fn)
+    def copy_fns(self) -> Any:
+        fns = ffi.new("lm_copy_fns_t *")
+        lib.lm_host_copy_fns(fns)
+        if self._streams:
+            fns.d2h, fns.h2d = self._streams
+        return fns
 
-    def marker(self, stream: int | None) -> Any:
-        return None
+    def fail_next_copy_in(self) -> None:
+        """Tests: the copy engine refuses the next copy into the "device" (asynchronous engines only)."""
+        if not self._streams:
+            raise InvalidArgumentError("only an asynchronous host engine can fail a copy")
+        lib.lm_host_stream_fail_next_copy(self._streams[1])
 
-    def copy_out(self, host: int, dev: int, nbytes: int, after: Any) -> None:
-        self._run(self._d2h, (lambda: ctypes.memmove(host, dev, nbytes)) if nbytes else None)
-
-    def copy_in(self, dev: int, host: int, nbytes: int, after: Any) -> None:
-        if self.fail_copy_in is not None:
-            exc, self.fail_copy_in = self.fail_copy_in, None
-            raise exc
-        self._run(self._h2d, (lambda: ctypes.memmove(dev, host, nbytes)) if nbytes else None)
-
-    def then_out(self, op: Any) -> None:
-        self._run(self._d2h, lambda: lib.lm_poster_run(op))
-
-    def then_in(self, op: Any) -> None:
-        self._run(self._h2d, lambda: lib.lm_poster_run(op))
-
-    def check(self) -> None:
-        pass
-
-    def release(self, marker: Any) -> None:
-        pass
+    def ordered(self, stream: int | None) -> bool:
+        return False  # host memory: no device work to wait for
 
     def new_gate(self) -> HostGate:
         return HostGate()
@@ -405,18 +315,13 @@ class HostCopyEngine(CopyEngine):
     def gate_wait(self, gate: HostGate, stream: int, value: int) -> None:
         gate.waits.append((stream, value))
 
-    def gate_signal(self, gate: HostGate, value: int) -> None:
-        def store() -> None:
-            gate.value = value
-        self._run(self._h2d, store)
-
     def gate_release(self, gate: HostGate, value: int) -> None:
         gate.releases.append(value)
-        gate.value = value
+        gate._word.value = value
 
     def quiesce(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
-        while not all(w is None or w.idle() for w in (self._d2h, self._h2d)):
+        while not all(lib.lm_host_stream_idle(hs) for hs in self._streams):
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.001)
@@ -424,31 +329,65 @@ class HostCopyEngine(CopyEngine):
 
     def close(self, timeout: float = 5.0) -> bool:
         idle = self.quiesce(timeout)
-        for w in (self._d2h, self._h2d):
-            if w is not None:
-                w.close()
+        streams, self._streams = self._streams, []
+        for hs in streams:
+            lib.lm_host_stream_destroy(hs)  # (runs what is still queued first)
         return idle
 
 
 # -- the link ---------------------------------------------------------------------------
 
 
+class _StagedTransfer(Transfer):
+    """A native transfer (lamina.h lm_transfer_t); holds its buffer's owner until it succeeded (a failed
+    one's copies may still be queued on the streams: its link keeps the owner until they are idle)."""
 
-class _Send:
-    __slots__ = ("address", "nbytes", "owner", "marker", "chunks", "next", "acked", "transfer")
+    __slots__ = ("_native", "_owner", "_failure")
 
-    def __init__(self, address: int, nbytes: int, owner: Any, marker: Any, chunks: list, transfer: Transfer):
-        self.address, self.nbytes, self.owner, self.marker = address, nbytes, owner, marker
-        self.chunks, self.next, self.acked, self.transfer = chunks, 0, 0, transfer
+    def __init__(self, kind: str, nbytes: int, native: Any, owner: Any):
+        self.kind = kind
+        self.nbytes = nbytes
+        self._native = ffi.gc(native, lib.lm_transfer_release)
+        self._owner = owner
+        self._failure: BaseException | None = None
+
+    def done(self) -> bool:
+        return bool(lib.lm_transfer_done(self._native))
+
+    def exception(self) -> BaseException | None:
+        if not self.done():
+            return None
+        try:
+            self.wait(0)
+        except BaseException as exc:  # noqa: BLE001 - handed over, not raised
+            return exc
+        return None
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Bytes moved; raises the transfer's error, or TimeoutError if it is still running."""
+        if self._failure is not None:
+            raise self._failure
+        moved = ffi.new("uint64_t *")
+        ms = -1 if timeout is None else max(0, int(timeout * 1000 + 0.999))
+        rc = lib.lm_transfer_wait(self._native, ms, moved)
+        if rc == 0:
+            self._owner = None
+            return int(moved[0])
+        error = error_of(rc, f"staged {self.kind}")
+        if rc != lib.LM_ERR_TIMEOUT or self.done():
+            self._failure = error
+        raise error
+
+    def succeeded(self) -> bool:
+        """Done without error (its copies are done: its buffer is free again)."""
+        return self._failure is None and self.done() and lib.lm_transfer_wait(self._native, 0, ffi.NULL) == 0
+
+    def __repr__(self) -> str:
+        state = "pending" if not self.done() else ("failed" if self.exception() else "done")
+        return f"<Transfer {self.kind} {self.nbytes} B {state}>"
 
 
-class _Recv:
-    __slots__ = ("address", "capacity", "owner", "marker", "gate_value", "received", "error", "transfer")
-
-    def __init__(self, address: int, capacity: int, owner: Any, marker: Any, gate_value: int | None,
-                 transfer: Transfer):
-        self.address, self.capacity, self.owner, self.marker = address, capacity, owner, marker
-        self.gate_value, self.received, self.error, self.transfer = gate_value, 0, None, transfer
+_STATS = ("sent", "received", "chunks_sent", "chunks_received", "credits_sent", "posts_pending", "events_created")
 
 
 class StagedLink:
@@ -473,7 +412,7 @@ class StagedLink:
         self.chunk_bytes = chunk_bytes
         self.slots = slots
         self._side = slots * chunk_bytes + SCRATCH
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
         self._ring_address, self._ring_free = self.engine.alloc_pinned(2 * self._side)
         self._tx_mr = self._rx_mr = None
         try:
@@ -486,21 +425,14 @@ class StagedLink:
         self._gate = self.engine.new_gate()
         self._gate_seq = getattr(self._gate, "value", 0)
         self._ep: Any = None
+        self._native: Any = None  # lamina.h lm_staged_t: the data plane
+        self._final_stats = dict.fromkeys(_STATS, 0)
         self._error: BaseException | None = None
         self._closed = False
-        self._stop = False
-        self._wr = itertools.count(1)
-        self._tx_free: deque[int] = deque(range(slots))
-        self._tx_inflight: dict[int, tuple[_Send, int]] = {}
-        self._send_queue: deque[_Send] = deque()
-        self._recv_queue: deque[_Recv] = deque()
-        self._arrivals: deque[tuple[int, int, bool]] = deque()
-        self._rx_next = 0
-        self._rx_done: dict[int, _Recv] = {}  # wr_id of a message's last credit -> its receive
-        self._active: set[Transfer] = set()
-        self._threads: list[threading.Thread] = []
-        self._poster: Any = None  # native: posts the writes prepared here, from the copy streams
-        self.stats = {"sent": 0, "received": 0, "chunks_sent": 0, "chunks_received": 0, "credits_sent": 0}
+        # Transfers not known to be done, in order, holding their buffers' owners (pruned as they finish);
+        # the owners of failed ones, kept until close() finds the copy streams idle.
+        self._pending: deque[_StagedTransfer] = deque()
+        self._failed_owners: list[Any] = []
 
     # -- set-up -----------------------------------------------------------------
     def hello(self) -> bytes:
@@ -541,20 +473,24 @@ class StagedLink:
             ep.close()
             raise ProtocolError(f"bad staged-link hello: magic {magic!r} version {version} slots {slots} "
                                 f"chunk {chunk} region {desc.length} B")
-        self._peer_rx = desc
-        self._peer_slots = slots
-        self._peer_chunk = chunk
-        self._peer_next = 0
-        self._credits = slots
-        self._send_chunk = min(self.chunk_bytes, chunk)
+        params = ffi.new("lm_staged_params_t *")
+        params.tx, params.rx = self._tx_mr._handle(), self._rx_mr._handle()
+        params.slots, params.chunk_bytes = self.slots, self.chunk_bytes
+        params.peer_rx = desc._native[0]
+        params.peer_slots, params.peer_chunk_bytes = slots, chunk
+        if self._gate is not None:
+            params.gate_device = self._gate.device_address
+            params.gate_host = ffi.cast("uint32_t *", self._gate.host_address)
+        out = ffi.new("lm_staged_t **")
+        with self.engine.activate():
+            rc = lib.lm_staged_create(ep._handle(), self.engine.copy_fns(), params, out)
+        if rc < 0:
+            error = error_of(rc, "staged link")
+            ep.close()
+            raise error
         self._ep = ep
-        poster = ffi.new("lm_poster_t **")
-        check(lib.lm_poster_create(ep._handle(), poster), "staged link")
-        self._poster = poster[0]
+        self._native = out[0]
         ep._before_close.append(self._endpoint_closing)
-        net = threading.Thread(target=self._net_loop, name="lamina-gpu-net", daemon=True)
-        self._threads.append(net)
-        net.start()
 
     # -- public operations ----------------------------------------------------------
     def send(self, obj: Any, *, offset: int = 0, nbytes: int | None = None, stream: Any = None) -> Transfer:
@@ -567,14 +503,14 @@ class StagedLink:
         """
         address, n, owner, default_stream = self.engine.resolve(obj, offset, nbytes)
         handle = stream_handle(stream) if stream is not None else default_stream
-        transfer = Transfer("send", n)
+        out = ffi.new("lm_transfer_t **")
         with self.engine.activate(), self._lock:
             self._check_usable()
-            marker = self.engine.marker(handle)
-            self._active.add(transfer)
-            self._send_queue.append(_Send(address, n, owner, marker, plan_chunks(n, self._send_chunk), transfer))
-            self._guarded(self._pump_send)
-        return transfer
+            ordered = self.engine.ordered(handle)
+            rc = lib.lm_staged_send(self._native, address, n, ffi.cast("void *", handle or 0), ordered, out)
+            if rc < 0:
+                raise self._refused(rc, "staged send")
+            return self._keep(_StagedTransfer("send", n, out[0], owner))
 
     def recv(self, obj: Any, *, offset: int = 0, nbytes: int | None = None, stream: Any = None,
              gate: bool = True) -> Transfer:
@@ -589,281 +525,105 @@ class StagedLink:
         """
         address, capacity, owner, default_stream = self.engine.resolve(obj, offset, nbytes)
         handle = stream_handle(stream) if stream is not None else default_stream
-        transfer = Transfer("recv", capacity)
+        out = ffi.new("lm_transfer_t **")
         with self.engine.activate(), self._lock:
             self._check_usable()
-            marker = self.engine.marker(handle)
-            gate_value = None
-            if gate and handle is not None and self._gate is not None:
-                self._gate_seq = (self._gate_seq + 1) & 0xFFFFFFFF
-                gate_value = self._gate_seq
-                try:
-                    self.engine.gate_wait(self._gate, handle, gate_value)
-                except BaseException:
-                    if marker is not None:
-                        self.engine.release(marker)
-                    self._gate_seq = (self._gate_seq - 1) & 0xFFFFFFFF
-                    raise
-            self._active.add(transfer)
-            self._recv_queue.append(_Recv(address, capacity, owner, marker, gate_value, transfer))
-            self._guarded(self._pump_recv)
-        return transfer
+            ordered = self.engine.ordered(handle)
+            gate_value = 0
+            gated = gate and handle is not None and self._gate is not None
+            if gated:
+                gate_value = (self._gate_seq + 1) & 0xFFFFFFFF
+                self.engine.gate_wait(self._gate, handle, gate_value)
+                self._gate_seq = gate_value
+            rc = lib.lm_staged_recv(self._native, address, capacity, ffi.cast("void *", handle or 0), ordered,
+                                    gated, gate_value, out)
+            if rc < 0:
+                error = self._refused(rc, "staged receive")
+                if gated:  # the stream waits for a receive that will not come: let it go
+                    self.engine.gate_release(self._gate, gate_value)
+                raise error
+            return self._keep(_StagedTransfer("recv", capacity, out[0], owner))
 
     @property
     def error(self) -> BaseException | None:
+        """What failed the link (None while it works)."""
+        if self._closed and self._error is None:
+            return ClosedError("staged link closed")
+        if self._error is None and self._native is not None:
+            text = ffi.new("char[]", 256)
+            rc = lib.lm_staged_error(self._native, text, 256)
+            if rc:
+                self._error = error_for_status(rc, ffi.string(text).decode(errors="replace"))
         return self._error
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Messages and chunks moved, credits sent, posts still queued, stream-order events made."""
+        if self._native is None:
+            return dict(self._final_stats)
+        out = ffi.new("lm_staged_stats_t *")
+        lib.lm_staged_stats(self._native, out)
+        return {name: int(getattr(out, name)) for name in _STATS}
 
     def _check_usable(self) -> None:
         if self._closed:
             raise ClosedError("staged link is closed")
-        if self._ep is None:
+        if self._native is None:
             raise InvalidArgumentError("staged link is not attached to an endpoint yet")
-        if self._error is not None:
-            raise self._error
+        error = self.error
+        if error is not None:
+            raise error
 
-    def _guarded(self, fn: Callable[[], None]) -> None:
-        try:
-            fn()
-        except BaseException as exc:
-            self._fail(exc)
-            raise
+    def _refused(self, rc: int, what: str) -> BaseException:
+        return self.error or error_of(rc, what)
 
-    # -- sending (lock held) ------------------------------------------------------------
-    def _pump_send(self) -> None:
-        while self._send_queue and self._tx_free and self._credits > 0:
-            job = self._send_queue[0]
-            offset, n = job.chunks[job.next]
-            last = job.next == len(job.chunks) - 1
-            slot = self._tx_free.popleft()
-            self._credits -= 1
-            rslot = self._peer_next
-            self._peer_next = (rslot + 1) % self._peer_slots
-            after = job.marker if job.next == 0 else None
-            wr = next(self._wr)
-            op = self._prepare(slot * self.chunk_bytes, rslot * self._peer_chunk, n, data_imm(n, last), wr)
-            try:
-                self.engine.copy_out(self._ring_address + slot * self.chunk_bytes, job.address + offset, n, after)
-            except BaseException:
-                lib.lm_poster_cancel(op)
-                raise
-            self.engine.then_out(op)  # the write into the peer's slot, posted once the chunk is in ours
-            self._tx_inflight[wr] = (job, slot)
-            self.stats["chunks_sent"] += 1
-            if after is not None:
-                job.marker = None
-                self.engine.release(after)
-            job.next += 1
-            if last:
-                self._send_queue.popleft()
+    def _keep(self, transfer: _StagedTransfer) -> _StagedTransfer:
+        """Hold transfer (and through it its buffer) until done; let go of those done at the front."""
+        pending = self._pending
+        while pending and pending[0].done():
+            done = pending.popleft()
+            if done._owner is not None and not done.succeeded():
+                self._failed_owners.append(done._owner)
+            done._owner = None
+        pending.append(transfer)
+        return transfer
 
-    def _prepare(self, local_offset: int, remote_offset: int, n: int, imm: int, wr: int,
-                 notify: bool = False) -> Any:
-        """A write of our transmit region into the peer's receive region, posted by lm_poster_run (with
-        notify, an Op.POSTED completion says when: the copies queued before it are done)."""
-        op = ffi.new("lm_poster_op_t **")
-        flags = lib.LM_WRITE_IMM | (lib.LM_POSTER_NOTIFY if notify else 0)
-        rc = lib.lm_poster_write_prepare(self._poster, self._tx_mr._handle(), local_offset, n, self._peer_rx._native,
-                                         remote_offset, imm, flags, wr, op)
-        if rc < 0:
-            raise error_of(rc, "staged link")
-        return op[0]
-
-    # -- receiving (lock held) ------------------------------------------------------------
-    def _pump_recv(self) -> None:
-        while self._arrivals and self._recv_queue:
-            job = self._recv_queue[0]
-            slot, n, last = self._arrivals.popleft()
-            if job.error is None and job.received + n > job.capacity:
-                job.error = InvalidArgumentError(
-                    f"message larger than the {job.capacity}-byte receive buffer (at least {job.received + n} bytes)")
-            # The slot's credit, posted behind its copy (in slot order; a dropped chunk's too). The
-            # post of a message's last credit says its copies are done (Op.POSTED, on our network thread).
-            wr = next(self._wr)
-            credit = self._prepare(self.slots * self.chunk_bytes, self._peer_slots * self._peer_chunk, 4,
-                                   credit_imm(1), wr, notify=last)
-            try:
-                if job.error is None:
-                    after = job.marker
-                    self.engine.copy_in(job.address + job.received, self._rx_slot(slot), n, after)
-                    if after is not None:
-                        job.marker = None
-                        self.engine.release(after)
-                    job.received += n
-                if last and job.gate_value is not None:
-                    self.engine.gate_signal(self._gate, job.gate_value)  # releases the user's stream first
-            except BaseException:
-                lib.lm_poster_cancel(credit)
-                raise
-            self.engine.then_in(credit)
-            self.stats["credits_sent"] += 1
-            if last:
-                self._recv_queue.popleft()
-                if job.marker is not None:
-                    self.engine.release(job.marker)
-                    job.marker = None
-                self._rx_done[wr] = job
-
-    def _rx_slot(self, slot: int) -> int:
-        return self._ring_address + self._side + slot * self.chunk_bytes
-
-    def _recv_done(self, job: _Recv) -> None:
-        with self._lock:
-            self._active.discard(job.transfer)
-            job.owner = None
-            if job.error is None:
-                self.stats["received"] += 1
-            job.transfer._finish(job.error, job.received)
-
-    # -- completions (network thread) ---------------------------------------------------
-    def _net_loop(self) -> None:
-        try:
-            self.engine.thread_init()
-        except BaseException as exc:  # noqa: BLE001
-            self._fail(exc)
-            return
-        ep = self._ep
-        next_check = 0.0
-        while not self._stop:
-            try:
-                completions = ep.wait(timeout=_CHECK_S)
-                if completions:
-                    with self._lock:
-                        for c in completions:
-                            self._on_completion(c)
-                err = ep.error
-                now = time.monotonic()
-                if now >= next_check:  # failures that send no completion: looked for every _CHECK_S, not per batch
-                    next_check = now + _CHECK_S
-                    if self._tx_inflight or self._rx_done:
-                        self.engine.check()  # a failed copy stream would never post what waits behind it
-                    posted = lib.lm_poster_error(self._poster)  # (its notice lost: the queue could not grow)
-                    if err is None and posted:  # (its native message belongs to the driver's thread)
-                        err = error_for_status(posted, "staged link: a write queued behind a copy could not be "
-                                                       f"posted: {status_text(posted)}")
-            except BaseException as exc:  # noqa: BLE001 - anything here ends the link, loudly
-                if not self._stop:
-                    self._fail(exc)
-                return
-            if err is not None and not self._stop:
-                self._fail(err)
-                return
-
-    def _on_completion(self, c: Any) -> None:
-        from ..transport import Op
-        if c.op == Op.WRITE:
-            entry = self._tx_inflight.pop(c.wr_id, None)
-            if not c.ok:
-                self._fail(c.error())
-                return
-            if entry is None:
-                return  # a credit we sent
-            job, slot = entry
-            self._tx_free.append(slot)
-            job.acked += 1
-            if job.acked == len(job.chunks):
-                self._active.discard(job.transfer)
-                job.owner = None
-                self.stats["sent"] += 1
-                job.transfer._finish(None, job.nbytes)
-            self._pump_send()
-        elif c.op == Op.POSTED:  # a post behind a copy: the last credit of a message, or a failure
-            if not c.ok:
-                self._fail(c.error())
-                return
-            done = self._rx_done.pop(c.wr_id, None)
-            if done is not None:  # its copies are done: the message is in place
-                self._recv_done(done)
-        elif c.op == Op.RECV_IMM and c.imm is not None:
-            kind, last, value = decode_imm(c.imm)
-            if kind == KIND_DATA:
-                if value > self.chunk_bytes:
-                    raise ProtocolError(f"peer sent a {value}-byte chunk into {self.chunk_bytes}-byte slots")
-                self._arrivals.append((self._rx_next, value, last))
-                self._rx_next = (self._rx_next + 1) % self.slots
-                self.stats["chunks_received"] += 1
-                self._pump_recv()
-            elif kind == KIND_CREDIT:
-                self._credits += value
-                if self._credits > self._peer_slots:
-                    raise ProtocolError(f"peer returned more credits than it has slots ({self._credits})")
-                self._pump_send()
-            else:
-                raise ProtocolError(f"unknown staged-link immediate 0x{c.imm:08x}")
-        else:
-            raise ProtocolError(f"unexpected completion on a staged link: {c.op.name} status {c.status}")
-
-    # -- failure and shutdown ---------------------------------------------------------------
+    # -- shutdown ---------------------------------------------------------------------
     def _endpoint_closing(self) -> None:
-        """The endpoint goes (Context.close with the link still open): nothing may post on it any more,
-        and the network thread must stop waiting on its context."""
-        self._stop = True
-        self._fail(ClosedError("staged link: its endpoint was closed"))  # closes the poster
-        for t in self._threads:
-            if t is not threading.current_thread():
-                t.join(1.0)
-
-    def _fail(self, exc: BaseException) -> None:
-        """Fail every pending transfer with exc and open the gate so no stream waits forever."""
-        with self._lock:
-            if self._error is not None:
-                return
-            self._error = exc
-            if not isinstance(exc, ClosedError):
-                log.warning("staged link failed: %s", exc)
-            if self._poster is not None:
-                lib.lm_poster_close(self._poster)  # nothing more goes out, also what is queued behind copies
-            self._rx_done.clear()
-            active, self._active = self._active, set()
-            markers = [j.marker for j in self._send_queue if j.marker is not None]
-            markers += [j.marker for j in self._recv_queue if j.marker is not None]
-            self._send_queue.clear()
-            self._recv_queue.clear()
-            self._arrivals.clear()
-            for m in markers:
-                try:
-                    self.engine.release(m)
-                except BaseException:  # noqa: BLE001
-                    pass
-            if self._gate is not None:
-                try:
-                    with self.engine.activate():
-                        self.engine.gate_release(self._gate, self._gate_seq)
-                except BaseException as gate_exc:  # noqa: BLE001
-                    log.error("could not release the receive gate: %s", gate_exc)
-            for t in active:
-                t._finish(exc, 0)
+        """The endpoint goes (Context.close with the link still open): the data plane stops first, posts
+        nothing more and lets go of it; its transfers fail."""
+        if self._native is not None:
+            lib.lm_staged_shutdown(self._native, lib.LM_ERR_CLOSED, b"staged link: its endpoint was closed")
 
     def close(self, timeout: float = 5.0) -> None:
         """Let queued sends finish (up to timeout), then fail the rest, stop, and free the ring."""
         if self._closed:
             return
         deadline = time.monotonic() + timeout
-        while self._error is None and self._ep is not None and time.monotonic() < deadline:
-            with self._lock:
-                sending = any(t.kind == "send" for t in self._active)
-            if not sending:
-                break
+        native = self._native
+        while native is not None and lib.lm_staged_sending(native) and self.error is None \
+                and time.monotonic() < deadline:
             time.sleep(0.001)
         self._closed = True
-        self._fail(ClosedError("staged link closed"))
-        self._stop = True
-        if self._poster is not None:
-            lib.lm_poster_close(self._poster)  # writes still queued behind copies post nothing from now on
+        if native is not None:
+            self._final_stats = self.stats
+            self._native = None  # (the endpoint's close hook below must not reach it any more)
+            with self.engine.activate():
+                lib.lm_staged_destroy(native)  # fails what is pending; transfers keep their records
         if self._ep is not None:
+            if self._endpoint_closing in self._ep._before_close:
+                self._ep._before_close.remove(self._endpoint_closing)
             self._ep.close()
-        stopped = True
-        for t in self._threads:
-            if t is not threading.current_thread():
-                t.join(max(0.5, timeout))
-                stopped = stopped and not t.is_alive()
         with self.engine.activate():
             idle = self.engine.quiesce(max(0.5, timeout))
             self._release_memory(idle)
             if self._own_engine:
                 self.engine.close(0.5)
-        if self._poster is not None and stopped:  # (a network thread still running reads it: leaked then)
-            lib.lm_poster_destroy(self._poster)  # freed with the last op still queued, if any
-            self._poster = None
+        if idle:  # nothing queued reads or writes the buffers of failed transfers any more
+            self._failed_owners.clear()
+            for transfer in self._pending:
+                if transfer.done():
+                    transfer._owner = None
 
     def _release_memory(self, idle: bool) -> None:
         for mr in (self._tx_mr, self._rx_mr):
@@ -884,7 +644,7 @@ class StagedLink:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else ("failed" if self._error else "open")
+        state = "closed" if self._closed else ("failed" if self.error else "open")
         return (f"<StagedLink {self.engine.name} {self.slots}x{self.chunk_bytes} B {state}>")
 
 

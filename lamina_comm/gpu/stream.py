@@ -108,6 +108,7 @@ class ReceiveGate:
         self._flag = ctypes.c_uint32.from_address(self._buf.address)
         self._flag.value = 0
         self.device_address = self._buf.device_address
+        self.host_address = self._buf.address  # (native staged links open it from the host on failure)
 
     @property
     def value(self) -> int:

@@ -316,6 +316,107 @@ void lm_poster_run(void *op);
 /* Free op unposted (its copy was never queued, or its stream failed). */
 void lm_poster_cancel(void *op);
 
+/* ---- staged links: the data plane of lamina_comm.gpu.StagedLink -----------
+ * Device memory over any endpoint through pinned host slots (docs/gpu.md,
+ * "Staging"). Python sets a link up (the pinned block and its two regions,
+ * the hello, the receive gate) and hands each message here. Per chunk: one
+ * copy-engine submission and one network write, posted by a host function
+ * queued behind the copy (lm_poster_run); the endpoint's completions go to
+ * the link (lm_ep_set_sink) and are handled on a native thread of its own,
+ * which also drives the context's progress, queues the copies of arrived
+ * chunks and the next chunks of waiting sends. No Python runs per chunk.
+ *
+ * The copy engine is a table with the CUDA driver's signatures: the driver's
+ * own entry points (CUresult is an int, CUstream/CUevent/CUcontext pointers,
+ * CUdeviceptr a uint64_t), or the host stand-in's (lm_host_copy_fns). The
+ * event and context entries may be NULL (no stream order to keep: the host
+ * stand-in). Wire format: docs/gpu.md (immediates DATA | last | length and
+ * CREDIT | count; slots used round-robin on both sides). */
+typedef struct lm_copy_fns {
+    int (*memcpy_dtoh)(void *dst, uint64_t src, size_t n, void *stream);
+    int (*memcpy_htod)(uint64_t dst, const void *src, size_t n, void *stream);
+    int (*launch_host_func)(void *stream, void (*fn)(void *), void *arg);
+    int (*stream_wait_event)(void *stream, void *event, unsigned int flags);
+    int (*stream_write_value32)(void *stream, uint64_t address, uint32_t value, unsigned int flags);
+    int (*stream_query)(void *stream);    /* 0 idle, 600 (CUDA_ERROR_NOT_READY) busy, else failed */
+    int (*event_create)(void **event, unsigned int flags);
+    int (*event_record)(void *event, void *stream);
+    int (*event_destroy)(void *event);
+    int (*ctx_set_current)(void *context);
+    void *context;  /* made current on the link's thread */
+    void *d2h;      /* the link's copy streams */
+    void *h2d;
+} lm_copy_fns_t;
+
+#define LM_STAGED_SCRATCH 64 /* after the slots of each region: credit writes land there */
+typedef struct lm_staged_params {
+    lm_mr_t *tx;               /* our transmit slots: slots x chunk_bytes + LM_STAGED_SCRATCH bytes */
+    lm_mr_t *rx;               /* our receive slots, the same size, LM_ACCESS_REMOTE_WRITE */
+    uint32_t slots;
+    uint32_t chunk_bytes;      /* a multiple of 64, at most 2^28 */
+    lm_rdesc_t peer_rx;        /* the peer's receive region, from its hello */
+    uint32_t peer_slots;
+    uint32_t peer_chunk_bytes;
+    uint64_t gate_device;      /* the receive gate for stream_write_value32; 0: none */
+    uint32_t *gate_host;       /* the same word for the host: opened from here when the link fails */
+} lm_staged_params_t;
+
+typedef struct lm_staged_stats {
+    uint64_t sent, received, chunks_sent, chunks_received, credits_sent;
+    uint64_t posts_pending;  /* writes prepared and not yet run by their host function */
+    uint64_t events_created; /* the link's pool of stream-order events (it does not grow per message) */
+} lm_staged_stats_t;
+
+typedef struct lm_staged lm_staged_t;
+typedef struct lm_transfer lm_transfer_t;
+/* Take ep's completions and start the link's thread. The geometry is checked
+ * (LM_ERR_INVALID); the caller checked the peer's hello. The link does not own
+ * ep, but ep must outlive it or see lm_staged_shutdown first. */
+int lm_staged_create(lm_ep_t *ep, const lm_copy_fns_t *fns, const lm_staged_params_t *params, lm_staged_t **out);
+/* Send [src, +nbytes) of device memory as one message. With ordered, its
+ * copies start once the work queued on stream before the call is done (an
+ * event recorded there); the call never waits for the device or a credit. */
+int lm_staged_send(lm_staged_t *s, uint64_t src, uint64_t nbytes, void *stream, int ordered, lm_transfer_t **out);
+/* Receive the next message into [dst, +capacity); with ordered, it is written
+ * only once the work queued on stream before the call is done. With gated,
+ * the copy stream writes gate_value into the gate after the message's last
+ * copy (the caller queued the stream's wait on it). Messages match in order;
+ * a longer one fails this receive (LM_ERR_INVALID) and the link goes on. */
+int lm_staged_recv(lm_staged_t *s, uint64_t dst, uint64_t capacity, void *stream, int ordered, int gated,
+                   uint32_t gate_value, lm_transfer_t **out);
+/* Wait up to timeout_ms (< 0: forever): LM_OK with *moved bytes (a receive:
+ * the message's length), the transfer's error, or LM_ERR_TIMEOUT. */
+int lm_transfer_wait(lm_transfer_t *t, int timeout_ms, uint64_t *moved);
+int lm_transfer_done(lm_transfer_t *t);
+/* The error's text once lm_transfer_wait returned it ("" before). */
+const char *lm_transfer_message(lm_transfer_t *t);
+void lm_transfer_release(lm_transfer_t *t);
+/* 0, or the status that failed the link; its text is copied into text. */
+int lm_staged_error(lm_staged_t *s, char *text, size_t len);
+/* Sends not done yet. */
+uint64_t lm_staged_sending(lm_staged_t *s);
+void lm_staged_stats(lm_staged_t *s, lm_staged_stats_t *out);
+/* Fail what is pending with status (why: its text), open the gate, post
+ * nothing more, stop the thread and give the endpoint back; idempotent.
+ * After it the endpoint may be destroyed. */
+void lm_staged_shutdown(lm_staged_t *s, int status, const char *why);
+/* lm_staged_shutdown(LM_ERR_CLOSED), destroy the pooled events (the copy
+ * engine's context current), then let go: transfers still held stay valid. */
+void lm_staged_destroy(lm_staged_t *s);
+
+/* The host stand-in for a copy engine: host memory as "device", each stream a
+ * worker thread running its work in order (NULL: run at once, in the call). */
+typedef struct lm_host_stream lm_host_stream_t;
+/* delay_us: each piece of work waits that long first (tests, "slow copies"). */
+int lm_host_stream_create(uint32_t delay_us, lm_host_stream_t **out);
+/* Run what is queued, then stop and free. */
+void lm_host_stream_destroy(lm_host_stream_t *hs);
+int lm_host_stream_idle(lm_host_stream_t *hs);
+/* Tests: the next copy queued on hs is refused (as a driver refuses one). */
+void lm_host_stream_fail_next_copy(lm_host_stream_t *hs);
+/* The stand-in's table, with no events or context; set d2h and h2d after. */
+void lm_host_copy_fns(lm_copy_fns_t *fns);
+
 /* Operations posted and not yet completed on this endpoint. */
 uint64_t lm_ep_outstanding(lm_ep_t *ep);
 /* 0 while usable, else the status that failed it (e.g. LM_ERR_PEER_LOST). */

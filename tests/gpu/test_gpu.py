@@ -429,12 +429,15 @@ def test_no_per_message_allocation(torch):
             r = lb.recv(dst, stream=s)
             la.send(src)
             r.wait(10)
-        before = (ea.events_created, eb.events_created, ea.stats["pinned_allocs"], eb.stats["pinned_allocs"])
+        def counts() -> tuple[int, int, int, int]:
+            return (la.stats["events_created"], lb.stats["events_created"], ea.stats["pinned_allocs"],
+                    eb.stats["pinned_allocs"])
+        before = counts()
         for _ in range(50):
             r = lb.recv(dst, stream=s)
             la.send(src)
             r.wait(10)
-        after = (ea.events_created, eb.events_created, ea.stats["pinned_allocs"], eb.stats["pinned_allocs"])
+        after = counts()
         # 50 messages of 4 chunks each: per-message events would add hundreds; the pool may add a few
         # when more copies happen to be in flight at once than during the warm-up.
         assert after[2:] == before[2:] and after[0] - before[0] < 8 and after[1] - before[1] < 8, (before, after)

@@ -1367,6 +1367,155 @@ static void test_chan_split_payloads(void)
     free(src);
 }
 
+
+/* ---- staged links over a tcp pair, host streams standing in for the device ---- */
+#define SL_SLOTS 2u
+#define SL_CHUNK 256u
+#define SL_SIDE (SL_SLOTS * SL_CHUNK + LM_STAGED_SCRATCH)
+
+typedef struct staged_side {
+    unsigned char *ring; /* transmit side, then receive side */
+    lm_mr_t *tx, *rx;
+    lm_host_stream_t *d2h, *h2d;
+    uint32_t gate;
+    lm_staged_t *link;
+} staged_side_t;
+
+static void staged_side_open(staged_side_t *s, lm_context_t *ctx, uint32_t delay_us)
+{
+    memset(s, 0, sizeof(*s));
+    s->ring = calloc(2, SL_SIDE);
+    CHECK(lm_mr_register(ctx, s->ring, SL_SIDE, LM_ACCESS_LOCAL_WRITE, &s->tx) == LM_OK);
+    CHECK(lm_mr_register(ctx, s->ring + SL_SIDE, SL_SIDE, LM_ACCESS_LOCAL_WRITE | LM_ACCESS_REMOTE_WRITE, &s->rx) ==
+          LM_OK);
+    CHECK(lm_host_stream_create(delay_us, &s->d2h) == LM_OK);
+    CHECK(lm_host_stream_create(delay_us, &s->h2d) == LM_OK);
+}
+
+/* Start s's link over ep, sending into peer's receive slots. */
+static void staged_side_start(staged_side_t *s, lm_ep_t *ep, const staged_side_t *peer)
+{
+    lm_copy_fns_t fns;
+    lm_host_copy_fns(&fns);
+    fns.d2h = s->d2h;
+    fns.h2d = s->h2d;
+    lm_staged_params_t params = {.tx = s->tx, .rx = s->rx, .slots = SL_SLOTS, .chunk_bytes = SL_CHUNK,
+                                 .peer_slots = SL_SLOTS, .peer_chunk_bytes = SL_CHUNK,
+                                 .gate_device = (uint64_t)(uintptr_t)&s->gate, .gate_host = &s->gate};
+    CHECK(lm_mr_descriptor(peer->rx, &params.peer_rx) == LM_OK);
+    CHECK(lm_staged_create(ep, &fns, &params, &s->link) == LM_OK);
+}
+
+static void staged_side_close(staged_side_t *s)
+{
+    lm_staged_destroy(s->link);
+    lm_host_stream_destroy(s->d2h); /* runs what is queued: the posts behind it post nothing now */
+    lm_host_stream_destroy(s->h2d);
+    lm_mr_deregister(s->tx);
+    lm_mr_deregister(s->rx);
+    free(s->ring);
+}
+
+static void test_staged_link(void)
+{
+    pair_t p;
+    pair_open(&p);
+    staged_side_t a, b;
+    staged_side_open(&a, p.a, 0);
+    staged_side_open(&b, p.b, 100);
+    staged_side_start(&a, p.ea, &b);
+    staged_side_start(&b, p.eb, &a);
+    /* Messages of 0 to 5 chunks (the ring holds 2): credits pace them; receives gated, in order. */
+    static const uint64_t sizes[] = {0, 1, 255, 256, 257, 1280};
+    unsigned char src[1280], dst[1300];
+    for (int i = 0; i < 1280; i++)
+        src[i] = (unsigned char)(i * 7 + 3);
+    for (uint32_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
+        memset(dst, 0xEE, sizeof(dst));
+        lm_transfer_t *r, *t;
+        CHECK(lm_staged_recv(b.link, (uint64_t)(uintptr_t)dst, sizeof(dst), NULL, 0, 1, i + 1, &r) == LM_OK);
+        CHECK(lm_staged_send(a.link, (uint64_t)(uintptr_t)src, sizes[i], NULL, 0, &t) == LM_OK);
+        uint64_t got = 99, sent = 99;
+        CHECK(lm_transfer_wait(r, 5000, &got) == LM_OK && got == sizes[i]);
+        CHECK(lm_transfer_wait(t, 5000, &sent) == LM_OK && sent == sizes[i]);
+        CHECK(memcmp(dst, src, sizes[i]) == 0 && dst[sizes[i]] == 0xEE);
+        CHECK(b.gate == i + 1);
+        lm_transfer_release(r);
+        lm_transfer_release(t);
+    }
+    /* A message longer than its receive fails that receive only. */
+    lm_transfer_t *small, *t, *next, *again;
+    CHECK(lm_staged_recv(b.link, (uint64_t)(uintptr_t)dst, 100, NULL, 0, 0, 0, &small) == LM_OK);
+    CHECK(lm_staged_send(a.link, (uint64_t)(uintptr_t)src, 600, NULL, 0, &t) == LM_OK);
+    CHECK(lm_transfer_wait(small, 5000, NULL) == LM_ERR_INVALID);
+    CHECK(strstr(lm_transfer_message(small), "larger than the 100-byte receive buffer") != NULL);
+    CHECK(lm_staged_recv(b.link, (uint64_t)(uintptr_t)dst, sizeof(dst), NULL, 0, 0, 0, &next) == LM_OK);
+    CHECK(lm_staged_send(a.link, (uint64_t)(uintptr_t)src + 1, 300, NULL, 0, &again) == LM_OK);
+    uint64_t got = 0;
+    CHECK(lm_transfer_wait(next, 5000, &got) == LM_OK && got == 300 && memcmp(dst, src + 1, 300) == 0);
+    CHECK(lm_transfer_wait(t, 5000, NULL) == LM_OK && lm_transfer_wait(again, 5000, NULL) == LM_OK);
+    lm_staged_stats_t st;
+    lm_staged_stats(a.link, &st);
+    CHECK(st.sent == 8 && st.chunks_sent == 1 + 1 + 1 + 1 + 2 + 5 + 3 + 2 && st.events_created == 0);
+    lm_transfer_release(small);
+    lm_transfer_release(t);
+    lm_transfer_release(next);
+    lm_transfer_release(again);
+    /* A send that can never go (no receive, more chunks than credits) fails on close; so does a receive
+     * waiting on the other side, and its gate opens. */
+    lm_transfer_t *stuck, *waiting;
+    CHECK(lm_staged_send(a.link, (uint64_t)(uintptr_t)src, 1280, NULL, 0, &stuck) == LM_OK);
+    CHECK(lm_staged_recv(a.link, (uint64_t)(uintptr_t)dst, 10, NULL, 0, 1, 41, &waiting) == LM_OK);
+    CHECK(lm_transfer_wait(stuck, 50, NULL) == LM_ERR_TIMEOUT && lm_staged_sending(a.link) == 1);
+    lm_staged_shutdown(a.link, LM_ERR_CLOSED, "closing under a stuck send");
+    CHECK(lm_transfer_wait(stuck, 0, NULL) == LM_ERR_CLOSED && lm_transfer_wait(waiting, 0, NULL) == LM_ERR_CLOSED);
+    CHECK(strstr(lm_transfer_message(stuck), "stuck send") != NULL && a.gate == 41);
+    CHECK(lm_staged_send(a.link, (uint64_t)(uintptr_t)src, 1, NULL, 0, &t) == LM_ERR_CLOSED);
+    staged_side_close(&a);
+    CHECK(lm_transfer_done(stuck)); /* a transfer outlives its link */
+    lm_transfer_release(stuck);
+    lm_transfer_release(waiting);
+    staged_side_close(&b);
+    pair_close(&p);
+}
+
+/* A hostile peer: an unknown immediate, a chunk larger than our slots, more credits than we have
+ * sent chunks for, a chunk without a credit; each fails the link with LM_ERR_PROTOCOL, and nothing
+ * else. */
+static void test_staged_link_refuses_a_hostile_peer(void)
+{
+    const uint32_t imms[] = {3u << 30, (1u << 30) | (SL_CHUNK + 1), (2u << 30) | 1, 1u << 30};
+    for (uint32_t k = 0; k < sizeof(imms) / sizeof(imms[0]); k++) {
+        pair_t p;
+        pair_open(&p);
+        staged_side_t a, b;
+        staged_side_open(&a, p.a, 0);
+        staged_side_open(&b, p.b, 0);
+        staged_side_start(&a, p.ea, &b);
+        lm_rdesc_t rd;
+        CHECK(lm_mr_descriptor(a.rx, &rd) == LM_OK);
+        /* The last case floods, with no receive to take the chunks: SL_SLOTS + 1 of them, one more than
+         * a's receive slots. The others fail a receive waiting meanwhile. */
+        bool flood = k == 3;
+        lm_transfer_t *r = NULL;
+        if (!flood)
+            CHECK(lm_staged_recv(a.link, (uint64_t)(uintptr_t)b.ring, 16, NULL, 0, 0, 0, &r) == LM_OK);
+        for (uint32_t w = 0; w < (flood ? SL_SLOTS + 1 : 1); w++)
+            CHECK(lm_ep_write(p.eb, b.tx, 0, 4, &rd, 0, imms[k], LM_WRITE_IMM, 100 + w) == LM_OK);
+        if (r)
+            CHECK(lm_transfer_wait(r, 5000, NULL) == LM_ERR_PROTOCOL);
+        char text[200];
+        uint64_t deadline = lm_now_ns() + 5000000000ull;
+        while (!lm_staged_error(a.link, text, sizeof(text)) && lm_now_ns() < deadline)
+            usleep(1000);
+        CHECK(lm_staged_error(a.link, text, sizeof(text)) == LM_ERR_PROTOCOL && strstr(text, "staged link") != NULL);
+        lm_transfer_release(r);
+        staged_side_close(&a);
+        staged_side_close(&b);
+        pair_close(&p);
+    }
+}
+
 int main(void)
 {
     test_bad_arguments();
@@ -1400,6 +1549,8 @@ int main(void)
     test_poster_posts_when_run_and_never_after_close();
     test_chan_send_prepare_from();
     test_chan_split_payloads();
+    test_staged_link();
+    test_staged_link_refuses_a_hostile_peer();
     if (failures) {
         fprintf(stderr, "%d check(s) failed\n", failures);
         return 1;
