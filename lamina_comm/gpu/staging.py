@@ -132,7 +132,6 @@ class CopyEngine:
     def new_gate(self) -> Any: ...                        # None: no gated receives
     def retire_gate(self, gate: Any) -> None: ...
     def gate_wait(self, gate: Any, stream: int, value: int) -> None: ...
-    def gate_release(self, gate: Any, value: int) -> None: ...
     def quiesce(self, timeout: float) -> bool: ...
     def close(self, timeout: float = 5.0) -> bool: ...
 
@@ -205,13 +204,6 @@ class CudaCopyEngine(CopyEngine):
     def gate_wait(self, gate: Any, stream: int, value: int) -> None:
         gate.enqueue_wait(stream, value)
 
-    def gate_release(self, gate: Any, value: int) -> None:
-        gate.release(value)
-        try:  # also behind anything still queued on the copy stream, so no older value lands last
-            gate.signal_on(self._h2d.handle, value)
-        except cuda.CudaError:
-            pass
-
     def quiesce(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while True:
@@ -243,7 +235,6 @@ class HostGate:
         self._word = ctypes.c_uint32(0)
         self.device_address = self.host_address = ctypes.addressof(self._word)
         self.waits: list[tuple[int, int]] = []
-        self.releases: list[int] = []
 
     @property
     def value(self) -> int:
@@ -315,10 +306,6 @@ class HostCopyEngine(CopyEngine):
     def gate_wait(self, gate: HostGate, stream: int, value: int) -> None:
         gate.waits.append((stream, value))
 
-    def gate_release(self, gate: HostGate, value: int) -> None:
-        gate.releases.append(value)
-        gate._word.value = value
-
     def quiesce(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while not all(lib.lm_host_stream_idle(hs) for hs in self._streams):
@@ -373,10 +360,12 @@ class _StagedTransfer(Transfer):
         if rc == 0:
             self._owner = None
             return int(moved[0])
-        error = error_of(rc, f"staged {self.kind}")
-        if rc != lib.LM_ERR_TIMEOUT or self.done():
-            self._failure = error
-        raise error
+        if rc == lib.LM_ERR_TIMEOUT:
+            if self.done():  # finished just after the wait gave up: its own outcome, not a timeout
+                return self.wait(0)
+            raise error_of(rc, f"staged {self.kind}")
+        self._failure = error_of(rc, f"staged {self.kind}")
+        raise self._failure
 
     def succeeded(self) -> bool:
         """Done without error (its copies are done: its buffer is free again)."""
@@ -537,11 +526,8 @@ class StagedLink:
                 self._gate_seq = gate_value
             rc = lib.lm_staged_recv(self._native, address, capacity, ffi.cast("void *", handle or 0), ordered,
                                     gated, gate_value, out)
-            if rc < 0:
-                error = self._refused(rc, "staged receive")
-                if gated:  # the stream waits for a receive that will not come: let it go
-                    self.engine.gate_release(self._gate, gate_value)
-                raise error
+            if rc < 0:  # (the link failed, and opened the gate for the wait queued above)
+                raise self._refused(rc, "staged receive")
             return self._keep(_StagedTransfer("recv", capacity, out[0], owner))
 
     @property
@@ -593,7 +579,8 @@ class StagedLink:
         """The endpoint goes (Context.close with the link still open): the data plane stops first, posts
         nothing more and lets go of it; its transfers fail."""
         if self._native is not None:
-            lib.lm_staged_shutdown(self._native, lib.LM_ERR_CLOSED, b"staged link: its endpoint was closed")
+            with self.engine.activate():  # (failing opens the gate, behind the copy stream too)
+                lib.lm_staged_shutdown(self._native, lib.LM_ERR_CLOSED, b"staged link: its endpoint was closed")
 
     def close(self, timeout: float = 5.0) -> None:
         """Let queued sends finish (up to timeout), then fail the rest, stop, and free the ring."""
@@ -635,6 +622,7 @@ class StagedLink:
         if idle:
             self._ring_free()
         else:
+            self._busy_gate = gate  # (a store to it may still be queued)
             log.error("staged link closed while copies were still queued; its pinned ring is leaked, not freed")
 
     def __enter__(self) -> "StagedLink":

@@ -1479,12 +1479,33 @@ static void test_staged_link(void)
     pair_close(&p);
 }
 
+/* A send spanning both transmit slots, its transfer let go by the caller at once, then the link
+ * failed while its chunks are still queued behind a slow stream: each slot lets go on its own. */
+static void test_staged_link_fails_under_a_released_transfer(void)
+{
+    pair_t p;
+    pair_open(&p);
+    staged_side_t a, b;
+    staged_side_open(&a, p.a, 200000);
+    staged_side_open(&b, p.b, 0);
+    staged_side_start(&a, p.ea, &b);
+    staged_side_start(&b, p.eb, &a);
+    unsigned char src[2 * SL_CHUNK] = {1};
+    lm_transfer_t *t;
+    CHECK(lm_staged_send(a.link, (uint64_t)(uintptr_t)src, sizeof(src), NULL, 0, &t) == LM_OK);
+    lm_transfer_release(t);
+    lm_staged_shutdown(a.link, LM_ERR_CLOSED, "failed under a released transfer");
+    staged_side_close(&a);
+    staged_side_close(&b);
+    pair_close(&p);
+}
+
 /* A hostile peer: an unknown immediate, a chunk larger than our slots, more credits than we have
- * sent chunks for, a chunk without a credit; each fails the link with LM_ERR_PROTOCOL, and nothing
- * else. */
+ * sent chunks for, a credit of none, a chunk without a credit; each fails the link with
+ * LM_ERR_PROTOCOL, and nothing else. */
 static void test_staged_link_refuses_a_hostile_peer(void)
 {
-    const uint32_t imms[] = {3u << 30, (1u << 30) | (SL_CHUNK + 1), (2u << 30) | 1, 1u << 30};
+    const uint32_t imms[] = {3u << 30, (1u << 30) | (SL_CHUNK + 1), (2u << 30) | 1, 2u << 30, 1u << 30};
     for (uint32_t k = 0; k < sizeof(imms) / sizeof(imms[0]); k++) {
         pair_t p;
         pair_open(&p);
@@ -1496,7 +1517,7 @@ static void test_staged_link_refuses_a_hostile_peer(void)
         CHECK(lm_mr_descriptor(a.rx, &rd) == LM_OK);
         /* The last case floods, with no receive to take the chunks: SL_SLOTS + 1 of them, one more than
          * a's receive slots. The others fail a receive waiting meanwhile. */
-        bool flood = k == 3;
+        bool flood = k == 4;
         lm_transfer_t *r = NULL;
         if (!flood)
             CHECK(lm_staged_recv(a.link, (uint64_t)(uintptr_t)b.ring, 16, NULL, 0, 0, 0, &r) == LM_OK);
@@ -1550,6 +1571,7 @@ int main(void)
     test_chan_send_prepare_from();
     test_chan_split_payloads();
     test_staged_link();
+    test_staged_link_fails_under_a_released_transfer();
     test_staged_link_refuses_a_hostile_peer();
     if (failures) {
         fprintf(stderr, "%d check(s) failed\n", failures);

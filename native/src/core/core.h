@@ -145,6 +145,11 @@ void lm_progress_del(lm_context_t *ctx, lm_io_handler_t *h);
 void lm_progress_barrier(lm_context_t *ctx);
 /* Run one epoll round in the calling thread (waiting up to timeout_ms). */
 void lm_progress_drive(lm_context_t *ctx, int timeout_ms);
+/* lm_progress_drive, but no sleep in epoll once *ready is set: a sink sets it
+ * for this driver, then calls lm_progress_notify. Either the sink's round
+ * ended before the check (the flag is seen) or this thread already counted as
+ * a driver (the round's end wakes it): no wake-up is missed. */
+void lm_progress_drive_until(lm_context_t *ctx, int timeout_ms, const atomic_bool *ready);
 /* A waiting thread found completions without driving: it will be back (and
  * drive once the queue is empty), so the progress thread stays parked. Only
  * for waits, never for a bare poll: a thread spinning on lm_cq_poll would

@@ -283,7 +283,8 @@ void lm_cq_take_endpoint(lm_context_t *ctx, lm_ep_t *ep, void (*sink)(void *, co
     pthread_mutex_lock(&cq->lock);
     /* Installed under the queue lock: a push either queued before (taken out
      * below, in order) or sees the sink. */
-    ep->sink_arg = arg;
+    if (sink) /* (left as it was when uninstalling: a deliverer that loaded the old sink reads its arg) */
+        ep->sink_arg = arg;
     atomic_store_explicit(&ep->sink, sink, memory_order_release);
     if (!sink) { /* uninstalled: what comes next is queued here again */
         pthread_mutex_unlock(&cq->lock);

@@ -297,7 +297,7 @@ static int arm_before_sleep(lm_context_t *ctx)
 
 /* One dispatch round. *now: the clock at entry, read once by a driver and
  * kept current (within one clock stride of the spin) for the caller's lease. */
-static int poll_and_dispatch(lm_context_t *ctx, int timeout_ms, uint64_t *now)
+static int poll_and_dispatch(lm_context_t *ctx, int timeout_ms, uint64_t *now, const atomic_bool *ready)
 {
     lm_progress_t *p = &ctx->progress;
     struct epoll_event events[MAX_EVENTS];
@@ -333,6 +333,8 @@ static int poll_and_dispatch(lm_context_t *ctx, int timeout_ms, uint64_t *now)
         timeout_ns = 0; /* queued work: look at epoll, do not sleep */
     if (timer_ns >= 0 && (timeout_ns < 0 || timer_ns < timeout_ns))
         timeout_ns = timer_ns;
+    if (ready && atomic_load(ready))
+        timeout_ns = 0; /* a sink set it (under drive_lock, or before we took it): no sleep */
     if (timeout_ns != 0 && arm_before_sleep(ctx)) {
         /* Work arrived that no fd reports (a frame in a shared ring whose
          * producer saw no sleeper): take it now, then look at epoll. */
@@ -438,7 +440,7 @@ static void *progress_main(void *arg)
         if (atomic_load(&p->stop))
             break;
         uint64_t unused;
-        poll_and_dispatch(ctx, -1, &unused);
+        poll_and_dispatch(ctx, -1, &unused, NULL);
         pthread_mutex_lock(&p->lock);
         p->thread_in_epoll = false;
         pthread_mutex_unlock(&p->lock);
@@ -448,6 +450,11 @@ static void *progress_main(void *arg)
 
 void lm_progress_drive(lm_context_t *ctx, int timeout_ms)
 {
+    lm_progress_drive_until(ctx, timeout_ms, NULL);
+}
+
+void lm_progress_drive_until(lm_context_t *ctx, int timeout_ms, const atomic_bool *ready)
+{
     lm_progress_t *p = &ctx->progress;
     pthread_mutex_lock(&p->lock);
     p->drivers++;
@@ -456,7 +463,7 @@ void lm_progress_drive(lm_context_t *ctx, int timeout_ms)
     pthread_mutex_unlock(&p->lock);
     tls_driving = true;
     uint64_t now = 0;
-    poll_and_dispatch(ctx, timeout_ms, &now);
+    poll_and_dispatch(ctx, timeout_ms, &now, ready);
     tls_driving = false;
     pthread_mutex_lock(&p->lock);
     p->drivers--;

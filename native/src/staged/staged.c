@@ -101,9 +101,10 @@ struct lm_staged {
     uint32_t inbox_len, inbox_cap;
     bool inbox_lost; /* the sink had no memory for one */
 
+    atomic_bool ready; /* the inbox has work: the thread does not sleep (lm_progress_drive_until) */
     atomic_bool stop;
     pthread_t thread;
-    bool thread_started;
+    bool stopped; /* the thread was joined and the sink is off (under lock; cond says when) */
 };
 
 static void link_ref(lm_staged_t *s)
@@ -162,9 +163,10 @@ static void finish_locked(lm_staged_t *s, lm_transfer_t *t, int status, const ch
         return;
     t->done = true;
     t->status = status;
-    if (status != LM_OK && text != t->message)
-        snprintf(t->message, sizeof(t->message), "%s", text ? text : lm_status_str(status));
-    else if (t->send) {
+    if (status != LM_OK) {
+        if (text != t->message) /* (a receive's own error is in place already) */
+            snprintf(t->message, sizeof(t->message), "%s", text ? text : lm_status_str(status));
+    } else if (t->send) {
         t->moved = t->nbytes;
         s->stats.sent++;
     } else {
@@ -190,6 +192,17 @@ static void fail_queue_locked(lm_staged_t *s, queue_t *q)
     }
 }
 
+/* No stream waits forever on a receive that will not come: the gate goes to
+ * the last value asked for, from the host at once and again behind what the
+ * copy stream still holds (so no older value lands last). */
+static void open_gate_locked(lm_staged_t *s)
+{
+    if (!s->gate_used || !s->p.gate_host)
+        return;
+    atomic_store_explicit((_Atomic uint32_t *)s->p.gate_host, s->gate_last, memory_order_release);
+    (void)s->fns.stream_write_value32(s->fns.h2d, s->p.gate_device, s->gate_last, 0);
+}
+
 static void fail_locked(lm_staged_t *s, int status, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 static void fail_locked(lm_staged_t *s, int status, const char *fmt, ...)
 {
@@ -205,17 +218,15 @@ static void fail_locked(lm_staged_t *s, int status, const char *fmt, ...)
     for (uint32_t slot = 0; slot < s->p.slots; slot++) { /* sends whose chunks are on their way */
         lm_transfer_t *t = s->slot_job[slot];
         s->slot_job[slot] = NULL;
-        if (t && !t->done)
+        if (t) {
             finish_locked(s, t, s->error, s->text);
+            transfer_unref(t); /* the slot's reference */
+        }
     }
     fail_queue_locked(s, &s->recvs);
     fail_queue_locked(s, &s->landing);
     s->arr_count = 0;
-    if (s->gate_used && s->p.gate_host) { /* no stream waits forever on a receive that will not come */
-        atomic_store_explicit((_Atomic uint32_t *)s->p.gate_host, s->gate_last, memory_order_release);
-        /* and again behind what the copy stream still holds, so no older value lands last */
-        (void)s->fns.stream_write_value32(s->fns.h2d, s->p.gate_device, s->gate_last, 0);
-    }
+    open_gate_locked(s);
     pthread_cond_broadcast(&s->cond);
 }
 
@@ -303,6 +314,7 @@ static void pump_send_locked(lm_staged_t *s)
         }
         s->credits--;
         s->peer_next = (rslot + 1) % s->p.peer_slots;
+        atomic_fetch_add(&t->refs, 1); /* the slot's: a send spans slots, each lets go on its own */
         s->slot_job[slot] = t;
         s->stats.chunks_sent++;
         if (++t->next_chunk == t->chunks)
@@ -329,6 +341,7 @@ static void on_write_done_locked(lm_staged_t *s, const lm_completion_t *c)
     s->tx_free[s->tx_free_count++] = (uint32_t)slot;
     if (++t->acked == t->chunks)
         finish_locked(s, t, LM_OK, NULL);
+    transfer_unref(t); /* the slot's reference */
     pump_send_locked(s);
 }
 
@@ -407,9 +420,9 @@ static void on_imm_locked(lm_staged_t *s, uint32_t imm)
         s->stats.chunks_received++;
         pump_recv_locked(s);
     } else if (kind == KIND_CREDIT) {
-        if ((uint64_t)s->credits + value > s->p.peer_slots) {
-            fail_locked(s, LM_ERR_PROTOCOL, "staged link: peer returned more credits than it has slots (%llu)",
-                        (unsigned long long)s->credits + value);
+        if (value == 0 || (uint64_t)s->credits + value > s->p.peer_slots) {
+            fail_locked(s, LM_ERR_PROTOCOL, "staged link: peer returned %u credits, %u more than its slots or none",
+                        value, value ? s->credits + value - s->p.peer_slots : 0);
             return;
         }
         s->credits += value;
@@ -469,6 +482,7 @@ static void sink(void *arg, const lm_completion_t *c)
         s->inbox[s->inbox_len++] = *c;
     else
         s->inbox_lost = true;
+    atomic_store(&s->ready, true);
     pthread_mutex_unlock(&s->inbox_lock);
     lm_progress_notify(s->ctx); /* the link's thread may sleep in epoll while another dispatched this */
 }
@@ -526,6 +540,7 @@ static void *link_thread(void *arg)
         s->inbox_cap = batch_cap;
         s->inbox_len = 0;
         s->inbox_lost = false;
+        atomic_store(&s->ready, false);
         pthread_mutex_unlock(&s->inbox_lock);
         batch = taken;
         batch_cap = cap;
@@ -537,7 +552,7 @@ static void *link_thread(void *arg)
                 fail_locked(s, LM_ERR_NO_MEMORY, "staged link: no memory to keep a completion");
             pthread_mutex_unlock(&s->lock);
         } else {
-            lm_progress_drive(s->ctx, DRIVE_MS); /* dispatches the endpoint: the sink runs here */
+            lm_progress_drive_until(s->ctx, DRIVE_MS, &s->ready); /* dispatches: the sink usually runs here */
         }
         uint64_t now = lm_now_ns();
         if (now >= next_check) {
@@ -628,12 +643,12 @@ int lm_staged_create(lm_ep_t *ep, const lm_copy_fns_t *fns, const lm_staged_para
     lm_ep_set_sink(ep, sink, s);
     if (pthread_create(&s->thread, NULL, link_thread, s) != 0) {
         lm_ep_set_sink(ep, NULL, NULL);
+        lm_progress_barrier(s->ctx);
         atomic_store(&s->refs, 1);
         link_unref(s);
         return lm_fail(LM_ERR_NO_MEMORY, "could not start a staged link's thread");
     }
     pthread_setname_np(s->thread, "lamina-staged");
-    s->thread_started = true;
     *out = s;
     return LM_OK;
 }
@@ -711,17 +726,22 @@ int lm_staged_recv(lm_staged_t *s, uint64_t dst, uint64_t capacity, void *stream
     if (gated && !s->p.gate_host)
         return lm_fail(LM_ERR_INVALID, "lm_staged_recv: the link has no gate");
     pthread_mutex_lock(&s->lock);
+    if (gated) { /* the caller queued the stream's wait: from now on a failure must open it */
+        s->gate_used = true;
+        s->gate_last = gate_value;
+    }
     int rc = usable_locked(s, "staged link receive");
     lm_transfer_t *t = NULL;
-    if (rc == LM_OK)
+    if (rc == LM_OK) {
         rc = new_transfer(s, false, dst, capacity, stream, ordered, &t);
+        if (rc != LM_OK) /* a receive missing from the order would shift every later message: fail */
+            fail_locked(s, rc, "staged link: a receive could not be queued: %s", lm_last_error());
+    } else if (gated) {
+        open_gate_locked(s); /* failed before: this receive's wait is let go too */
+    }
     if (rc == LM_OK) {
         t->gated = gated != 0;
         t->gate_value = gate_value;
-        if (gated) {
-            s->gate_used = true;
-            s->gate_last = gate_value;
-        }
         queue_push(&s->recvs, t);
         pump_recv_locked(s);
         *out = t;
@@ -772,7 +792,12 @@ int lm_transfer_done(lm_transfer_t *t)
 
 const char *lm_transfer_message(lm_transfer_t *t)
 {
-    return t && t->done ? t->message : "";
+    if (!t)
+        return "";
+    pthread_mutex_lock(&t->link->lock);
+    bool done = t->done; /* (the message is written before done, and never after) */
+    pthread_mutex_unlock(&t->link->lock);
+    return done ? t->message : "";
 }
 
 void lm_transfer_release(lm_transfer_t *t)
@@ -819,15 +844,24 @@ void lm_staged_shutdown(lm_staged_t *s, int status, const char *why)
         return;
     pthread_mutex_lock(&s->lock);
     fail_locked(s, status ? status : LM_ERR_CLOSED, "%s", why ? why : "staged link closed");
-    bool join = s->thread_started && !s->shut;
+    bool first = !s->shut;
     s->shut = true;
-    pthread_mutex_unlock(&s->lock);
-    if (!join)
+    if (!first) { /* another caller stops it: the endpoint may go only once that is done */
+        while (!s->stopped)
+            pthread_cond_wait(&s->cond, &s->lock);
+        pthread_mutex_unlock(&s->lock);
         return;
+    }
+    pthread_mutex_unlock(&s->lock);
     atomic_store(&s->stop, true);
     lm_progress_notify(s->ctx);
     pthread_join(s->thread, NULL); /* (the caller's reference keeps s) */
     lm_ep_set_sink(s->ep, NULL, NULL); /* what comes next is the context's again */
+    lm_progress_barrier(s->ctx);       /* and no dispatch is still inside the sink */
+    pthread_mutex_lock(&s->lock);
+    s->stopped = true;
+    pthread_cond_broadcast(&s->cond);
+    pthread_mutex_unlock(&s->lock);
 }
 
 void lm_staged_destroy(lm_staged_t *s)
