@@ -1416,15 +1416,21 @@ static void staged_side_close(staged_side_t *s)
     free(s->ring);
 }
 
+/* A tcp pair with a staged link at each end, a's streams delayed by delay_a us, b's by delay_b. */
+static void staged_pair_open(pair_t *p, staged_side_t *a, staged_side_t *b, uint32_t delay_a, uint32_t delay_b)
+{
+    pair_open(p);
+    staged_side_open(a, p->a, delay_a);
+    staged_side_open(b, p->b, delay_b);
+    staged_side_start(a, p->ea, b);
+    staged_side_start(b, p->eb, a);
+}
+
 static void test_staged_link(void)
 {
     pair_t p;
-    pair_open(&p);
     staged_side_t a, b;
-    staged_side_open(&a, p.a, 0);
-    staged_side_open(&b, p.b, 100);
-    staged_side_start(&a, p.ea, &b);
-    staged_side_start(&b, p.eb, &a);
+    staged_pair_open(&p, &a, &b, 0, 100);
     /* Messages of 0 to 5 chunks (the ring holds 2): credits pace them; receives gated, in order. */
     static const uint64_t sizes[] = {0, 1, 255, 256, 257, 1280};
     unsigned char src[1280], dst[1300];
@@ -1484,12 +1490,8 @@ static void test_staged_link(void)
 static void test_staged_link_fails_under_a_released_transfer(void)
 {
     pair_t p;
-    pair_open(&p);
     staged_side_t a, b;
-    staged_side_open(&a, p.a, 200000);
-    staged_side_open(&b, p.b, 0);
-    staged_side_start(&a, p.ea, &b);
-    staged_side_start(&b, p.eb, &a);
+    staged_pair_open(&p, &a, &b, 200000, 0);
     unsigned char src[2 * SL_CHUNK] = {1};
     lm_transfer_t *t;
     CHECK(lm_staged_send(a.link, (uint64_t)(uintptr_t)src, sizeof(src), NULL, 0, &t) == LM_OK);

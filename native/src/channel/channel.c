@@ -129,6 +129,7 @@ struct lm_chan {
     lm_chan_deferred_t *send_ops;    /* [ring] */
     lm_chan_deferred_t *release_ops; /* [ring] */
     uint32_t *unposted;              /* [mbs], under lock */
+    pthread_cond_t posted;           /* an unposted count dropped, or the channel failed */
     atomic_int refs;
 };
 
@@ -226,6 +227,7 @@ static void fail_locked(lm_chan_t *ch, int status, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(ch->why, sizeof(ch->why), fmt, ap);
     va_end(ap);
+    pthread_cond_broadcast(&ch->posted); /* a send waiting in wait_posted gives up */
 }
 
 static int sticky_error_locked(const lm_chan_t *ch)
@@ -422,6 +424,11 @@ int lm_chan_create(lm_ep_t *ep, lm_mr_t *mr, const lm_rdesc_t *peer, const lm_ch
     }
     pthread_mutex_init(&ch->lock, NULL);
     pthread_mutex_init(&ch->post_lock, NULL);
+    pthread_condattr_t monotonic;
+    pthread_condattr_init(&monotonic);
+    pthread_condattr_setclock(&monotonic, CLOCK_MONOTONIC); /* (deadlines are lm_now_ns) */
+    pthread_cond_init(&ch->posted, &monotonic);
+    pthread_condattr_destroy(&monotonic);
     /* Completions of ep already queued (a fast peer) come over in order. */
     lm_ep_set_sink(ep, sink, ch);
     *out = ch;
@@ -433,6 +440,7 @@ static void chan_free(lm_chan_t *ch)
     if (ch->ep) {
         pthread_mutex_destroy(&ch->lock);
         pthread_mutex_destroy(&ch->post_lock);
+        pthread_cond_destroy(&ch->posted);
     }
     free(ch->send_seq);
     free(ch->recv_seq);
@@ -1017,19 +1025,24 @@ static void count_sent_locked(lm_chan_t *ch, placement_t how, const lm_chan_tens
 static int wait_posted(lm_chan_t *ch, uint32_t mb, int timeout_ms)
 {
     uint64_t deadline = deadline_of(timeout_ms);
-    struct timespec nap = {.tv_nsec = 20000};
-    for (;;) {
-        pthread_mutex_lock(&ch->lock);
-        int rc = ch->error ? sticky_error_locked(ch) : LM_OK;
-        bool clear = ch->unposted[mb] == 0;
-        pthread_mutex_unlock(&ch->lock);
-        if (rc != LM_OK || clear)
-            return rc;
-        if (lm_now_ns() >= deadline)
-            return lm_fail(LM_ERR_TIMEOUT, "micro-batch %u: a stream-ordered send prepared earlier was not "
-                           "posted within %d ms (its stream's copies have not finished)", mb, timeout_ms);
-        nanosleep(&nap, NULL);
+    pthread_mutex_lock(&ch->lock);
+    int rc = LM_OK;
+    while (!ch->error && ch->unposted[mb]) {
+        uint64_t now = lm_now_ns();
+        if (now >= deadline) {
+            rc = lm_fail(LM_ERR_TIMEOUT, "micro-batch %u: a stream-ordered send prepared earlier was not posted "
+                         "within %d ms (its stream's copies have not finished)", mb, timeout_ms);
+            break;
+        }
+        /* Woken when a deferred send posts (or is dropped) or the channel fails. */
+        uint64_t until = deadline == UINT64_MAX ? now + (uint64_t)WAIT_SLICE_MS * 1000000ull : deadline;
+        struct timespec ts = {.tv_sec = (time_t)(until / 1000000000ull), .tv_nsec = (long)(until % 1000000000ull)};
+        pthread_cond_timedwait(&ch->posted, &ch->lock, &ts);
     }
+    if (rc == LM_OK && ch->error)
+        rc = sticky_error_locked(ch);
+    pthread_mutex_unlock(&ch->lock);
+    return rc;
 }
 
 static int chan_send(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_tensor_t *t, uint32_t n,
@@ -1311,6 +1324,7 @@ static void run_send(lm_chan_t *ch, lm_chan_deferred_t *slot_op)
                     (unsigned long long)op->seq, lm_status_str(rc));
     }
     ch->unposted[op->mb]--;
+    pthread_cond_broadcast(&ch->posted);
     pthread_mutex_unlock(&ch->lock);
     if (rc != LM_OK)
         notify(ch);
@@ -1376,6 +1390,7 @@ static void drop_send(lm_chan_t *ch, lm_chan_deferred_t *op)
     drop_runs(op);
     pthread_mutex_lock(&ch->lock);
     ch->unposted[op->mb]--;
+    pthread_cond_broadcast(&ch->posted);
     pthread_mutex_unlock(&ch->lock);
 }
 

@@ -606,29 +606,25 @@ int lm_staged_create(lm_ep_t *ep, const lm_copy_fns_t *fns, const lm_staged_para
     lm_staged_t *s = calloc(1, sizeof(*s));
     if (!s)
         return lm_fail(LM_ERR_NO_MEMORY, "no memory for a staged link");
+    atomic_init(&s->refs, 1); /* the owner's; the thread's comes with it */
+    atomic_init(&s->stop, false);
+    atomic_init(&s->ready, false);
+    pthread_mutex_init(&s->lock, NULL);
+    pthread_mutex_init(&s->inbox_lock, NULL);
+    pthread_condattr_t monotonic;
+    pthread_condattr_init(&monotonic);
+    pthread_condattr_setclock(&monotonic, CLOCK_MONOTONIC); /* (a wall-clock jump does not stretch a wait) */
+    pthread_cond_init(&s->cond, &monotonic);
+    pthread_condattr_destroy(&monotonic);
     s->tx_free = calloc(params->slots, sizeof(*s->tx_free));
     s->slot_job = calloc(params->slots, sizeof(*s->slot_job));
     s->arrivals = calloc(params->slots, sizeof(*s->arrivals));
-    if (!s->tx_free || !s->slot_job || !s->arrivals) {
-        free(s->tx_free);
-        free(s->slot_job);
-        free(s->arrivals);
-        free(s);
-        return lm_fail(LM_ERR_NO_MEMORY, "no memory for a staged link's slots");
-    }
-    rc = lm_poster_create(ep, &s->poster);
+    rc = s->tx_free && s->slot_job && s->arrivals ? lm_poster_create(ep, &s->poster)
+                                                  : lm_fail(LM_ERR_NO_MEMORY, "no memory for a staged link's slots");
     if (rc != LM_OK) {
-        free(s->tx_free);
-        free(s->slot_job);
-        free(s->arrivals);
-        free(s);
+        link_unref(s); /* (frees what was allocated) */
         return rc;
     }
-    atomic_init(&s->refs, 2); /* the owner's and the thread's */
-    atomic_init(&s->stop, false);
-    pthread_mutex_init(&s->lock, NULL);
-    pthread_mutex_init(&s->inbox_lock, NULL);
-    pthread_cond_init(&s->cond, NULL);
     s->ctx = ep->ctx;
     s->ep = ep;
     s->fns = *fns;
@@ -641,6 +637,7 @@ int lm_staged_create(lm_ep_t *ep, const lm_copy_fns_t *fns, const lm_staged_para
         s->tx_free[i] = params->slots - 1 - i; /* popped from the end: slot 0 first */
     s->tx_free_count = params->slots;
     lm_ep_set_sink(ep, sink, s);
+    link_ref(s); /* the thread's */
     if (pthread_create(&s->thread, NULL, link_thread, s) != 0) {
         lm_ep_set_sink(ep, NULL, NULL);
         lm_progress_barrier(s->ctx);
@@ -756,7 +753,7 @@ int lm_transfer_wait(lm_transfer_t *t, int timeout_ms, uint64_t *moved)
         return lm_fail(LM_ERR_INVALID, "lm_transfer_wait: NULL argument");
     lm_staged_t *s = t->link;
     struct timespec deadline;
-    clock_gettime(CLOCK_REALTIME, &deadline);
+    clock_gettime(CLOCK_MONOTONIC, &deadline);
     if (timeout_ms >= 0) {
         uint64_t ns = (uint64_t)deadline.tv_nsec + (uint64_t)timeout_ms * 1000000ull;
         deadline.tv_sec += (time_t)(ns / 1000000000ull);
