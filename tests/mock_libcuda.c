@@ -11,6 +11,7 @@
 #include <pthread.h>
 #include <sys/mman.h>
 #include <unistd.h>
+#include <time.h>
 typedef int CUresult;
 typedef unsigned long long CUdeviceptr;
 #define MAXA 4096
@@ -49,9 +50,16 @@ static void drain_host_funcs(void);
 CUresult cuStreamSynchronize(void *s) { (void)s; drain_host_funcs(); return getenv("MOCK_CUDA_SYNC_FAIL") ? 700 : need_ctx(); }
 CUresult cuStreamWaitEvent(void *s, void *e, unsigned f) { (void)s; (void)e; (void)f; return need_ctx(); }
 CUresult cuStreamIsCapturing(void *s, int *st) { (void)s; *st = getenv("MOCK_CUDA_CAPTURING") != NULL; return 0; }
-CUresult cuEventCreate(void **e, unsigned f) { (void)f; if (need_ctx()) return 201; *e = malloc(1); return 0; }
+/* An event holds the time it was recorded (the mock's work is done at once): elapsed times are real. */
+CUresult cuEventCreate(void **e, unsigned f) { (void)f; if (need_ctx()) return 201; *e = calloc(1, sizeof(struct timespec)); return 0; }
 CUresult cuEventDestroy_v2(void *e) { free(e); return 0; }
-CUresult cuEventRecord(void *e, void *s) { (void)e; (void)s; return need_ctx(); }
+CUresult cuEventRecord(void *e, void *s) { (void)s; clock_gettime(CLOCK_MONOTONIC, (struct timespec *)e); return need_ctx(); }
+CUresult cuEventElapsedTime(float *ms, void *a, void *b)
+{
+    const struct timespec *x = a, *y = b;
+    *ms = (float)((double)(y->tv_sec - x->tv_sec) * 1e3 + (double)(y->tv_nsec - x->tv_nsec) / 1e6);
+    return 0;
+}
 CUresult cuEventQuery(void *e) { (void)e; return 0; }
 CUresult cuEventSynchronize(void *e) { (void)e; return need_ctx(); }
 CUresult cuMemAlloc_v2(CUdeviceptr *p, size_t n) { if (need_ctx()) return 201; void *m = malloc(n); track(m, n, 0); *p = (uintptr_t)m; return 0; }

@@ -564,3 +564,26 @@ def test_cuda_layer_against_a_mock_driver(tmp_path, host_functions):
     assert out["closed_with_context"]
     assert out["error"][0] == "CUDA_ERROR_INVALID_VALUE" and "cuMemFree" in out["error"][1]
     assert out["leaks"] == [], "close() must find the copy streams idle and free the ring"
+
+
+def test_the_device_check_runs_end_to_end_against_the_mock_driver(tmp_path):
+    """tools/device_check.py, the one script for a lent GPU machine, with the mock driver standing in: the
+    copy ceilings, the staged GPU-to-GPU link (its native data plane calling the driver's entry points)
+    with its bit-exact check, and the GPU latency rows all run, and the verdict is PASS. A dry run of the
+    plumbing before device time is spent on it; the numbers are the mock's (host memcpy), not a GPU's."""
+    import json
+    lib = build_mock_libcuda(tmp_path)
+    if lib is None:
+        pytest.skip("no gcc to build the mock driver")
+    env = {**os.environ, "PYTHONPATH": ROOT, "LAMINA_LIBCUDA": str(lib)}
+    env.pop("LAMINA_DISABLE_CUDA", None)
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "tools/device_check.py", "--quick", "--skip-tests", "--skip-decode",
+                          "--out", str(out)], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    result = json.loads((out / "device_check.json").read_text())
+    assert run.returncode == 0 and result["verdict"] == "PASS", (result.get("verdict"), run.stdout[-3000:])
+    assert "Mock GPU" in json.dumps(result["env"])
+    assert result["staged"]["data_ok"] is True and set(result["staged"]["GBps"]) == {"1MiBx8", "4MiBx4"}
+    assert "error" not in result["copy"] and result["copy"]["dtoh_GBps"] > 0
+    for size in ("64B", "65536B"):
+        assert {"staged_gpu", "channel_gpu"} <= set(result["latency"][size]), result["latency"][size]

@@ -5,6 +5,8 @@
 #   tools/device-check.sh                 # what the device tool runs; about 3-6 minutes on one H100
 #   PYTHON=/path/to/python3 tools/device-check.sh
 #   LAMINA_SKIP_BUILD=1 OUT=/tmp/out tools/device-check.sh --quick   # dry run where the module is built
+#   LAMINA_LIBCUDA=<tests/mock_libcuda.c built> ... --quick --skip-tests --skip-decode   # the GPU phases'
+#                                        # plumbing against the mock driver (tests/test_gpu_unavailable.py)
 #
 # Needs: gcc and Python headers (the cffi build), cffi + pycparser. The device image has no cffi:
 # carry wheels for its Python (cp312) in dist/device-wheels/ (ignored by git; fetch them here with
