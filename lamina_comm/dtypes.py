@@ -39,8 +39,25 @@ ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "fl
 CLI_CHOICES = ("bf16", "fp16", "fp32")
 
 
+_KNOWN: dict[Any, str] = {}  # dtype objects and names already resolved (per message on the hot path)
+
+
 def canonical(dtype: Any) -> str:
     """Canonical name of a dtype given as a name, alias, numpy or torch dtype."""
+    try:
+        return _KNOWN[dtype]
+    except (KeyError, TypeError):  # (TypeError: not hashable)
+        pass
+    name = _canonical(dtype)
+    try:
+        if len(_KNOWN) < 256:
+            _KNOWN[dtype] = name
+    except TypeError:
+        pass
+    return name
+
+
+def _canonical(dtype: Any) -> str:
     if isinstance(dtype, str):
         name = dtype
     elif str(dtype).startswith("torch."):

@@ -24,6 +24,7 @@ objects and ``recv_into`` copies device to device.
 from __future__ import annotations
 
 import dataclasses
+from ctypes import c_void_p
 from typing import Any, Optional
 
 import numpy as np
@@ -31,6 +32,9 @@ import numpy as np
 from .. import dtypes
 from .._bindings import error_of, ffi, host_function, lib
 from ..errors import InvalidArgumentError
+from ..gpu import cuda  # (imported at the top: a function-level import costs microseconds per message)
+from ..gpu.memory import _classified, _is_c_contiguous, cuda_buffer, is_cuda_object, parse_cuda_array_interface
+from ..gpu.stream import refuse_capture, stream_handle
 from .spec import packed_offsets
 from .views import _as_tensor_view, _copy_into, _describe, _describe_numpy, _TensorInfo, to_torch
 
@@ -50,7 +54,6 @@ class DeviceTensor:
 
 
 def is_device_tensor(obj: Any) -> bool:
-    from ..gpu.memory import is_cuda_object
     return is_cuda_object(obj)
 
 
@@ -65,7 +68,6 @@ def takes_device_path(tensors: list[Any]) -> bool:
 def describe_device_tensor(obj: Any) -> DeviceTensor:
     """A torch CUDA tensor or a ``__cuda_array_interface__`` object (cupy, ...): contiguous, or a strided
     view made of equally spaced contiguous rows (one rank's heads of q [T, H, D]: one 2D copy)."""
-    from ..gpu.memory import _classified, _is_c_contiguous, cuda_buffer, parse_cuda_array_interface
     if type(obj).__module__.startswith("torch"):
         import torch
         size = obj.element_size()
@@ -131,7 +133,6 @@ def flush_nic_writes(region: Any) -> None:
     ``cuFlushGPUDirectRDMAWrites``). A driver without it, or a device that does not offer the flush
     (``CUDA_ERROR_NOT_SUPPORTED``: it orders them already), needs none."""
     from ..errors import UnsupportedError
-    from ..gpu import cuda
     try:
         cuda.flush_gpudirect_writes(cuda.get_device(region.device))
     except UnsupportedError:
@@ -159,7 +160,6 @@ def _copy(device: Any, to_device: bool, host: int, item: DeviceTensor, stream: O
           from_device: bool = False) -> None:
     """One copy between the (packed) slot and the device tensor: 1D, or 2D over its rows. from_device:
     the slot is a device payload region (GPUDirect receive): device to device, contiguous only."""
-    from ..gpu import cuda
     if from_device:
         if item.rows:
             raise InvalidArgumentError("a payload in device memory is copied into contiguous CUDA tensors only")
@@ -213,7 +213,6 @@ class DeviceStaging:
         return None if any(r is None for r in regions) else regions
 
     def _device(self, ordinal: int) -> Any:
-        from ..gpu import cuda
         device = cuda.get_device(ordinal)
         if self._pinned is None:
             region = self._channel.region
@@ -223,7 +222,6 @@ class DeviceStaging:
     def _device_and_stream(self, items: list[DeviceTensor], stream: Any) -> tuple[Any, Optional[int]]:
         """The one device of a message's CUDA tensors and the stream to order on (``stream``, else the
         tensors' own); refuses a capturing stream and records torch tensors on the stream used."""
-        from ..gpu.stream import refuse_capture, stream_handle
         ordinals = {t.device for t in items}
         if len(ordinals) > 1:
             raise InvalidArgumentError(f"one stream-ordered message takes tensors of one CUDA device, got {ordinals}")
@@ -240,8 +238,6 @@ class DeviceStaging:
     def _launch(self, device: Any, stream: Optional[int], op: Any) -> None:
         """Queue lm_chan_run_deferred(op) behind the stream's work. If the driver refuses, the op runs
         here once the stream is idle, or is canceled (the channel fails) when the stream itself failed."""
-        from ctypes import c_void_p
-        from ..gpu import cuda
         self._streams[(device.ordinal, stream)] = device
         handle = c_void_p(stream or 0)
         arg = c_void_p(int(ffi.cast("uintptr_t", op)))
@@ -259,15 +255,12 @@ class DeviceStaging:
     def _settle(self, device: Any, stream: Optional[int]) -> int:
         """Wait for the stream (copies queued before a failure finish before the slot is used again);
         the CUDA result."""
-        from ctypes import c_void_p
         with device.activate():
             return device.driver.raw("cuStreamSynchronize", c_void_p(stream or 0))
 
     def _order_after_last_send(self, microbatch: int, device: Any, stream: Optional[int]) -> None:
         """The deferred sends of a micro-batch post in the order their host functions run: a send on another
         stream than the last one waits for it on the device (an event), not on the host."""
-        from ctypes import c_void_p
-        from ..gpu import cuda
         last = self._send_stream.get(microbatch)
         self._send_stream[microbatch] = (device, stream)
         if last is None or (last[0].ordinal, last[1]) == (device.ordinal, stream) or \
@@ -405,7 +398,6 @@ class DeviceStaging:
     def release_after(self, message: Any, stream: Any) -> None:
         """Hand a message's slot back once the work queued on ``stream`` so far is done (kernels reading
         its DeviceSlotViews), from native code; the caller never waits."""
-        from ..gpu.stream import stream_handle
         views = [t for t in message.tensors if isinstance(t, DeviceSlotView)]
         device = self._device(views[0].region.device if views else 0)
         self._launch(device, stream_handle(stream), self._release_op(message))
@@ -413,8 +405,6 @@ class DeviceStaging:
     def synchronize(self) -> None:
         """Wait until every stream this channel queued work on is done (its deferred ops have run).
         Raises the first stream's CUDA error (its ops may never run: the channel then leaks, never hangs)."""
-        from ctypes import c_void_p
-        from ..gpu import cuda
         failed = None
         for (_, stream), device in list(self._streams.items()):
             with device.activate():

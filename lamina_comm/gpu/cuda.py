@@ -18,12 +18,11 @@ here raises at import time; :func:`status` says why CUDA is unavailable and
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import threading
 from ctypes import POINTER, byref, c_char_p, c_float, c_int, c_size_t, c_uint, c_uint32, c_uint64, c_void_p
-from typing import Any, Iterator
+from typing import Any
 
 from ..errors import LaminaError, UnsupportedError
 
@@ -365,20 +364,11 @@ class Device:
         """Bind the primary context to the calling thread (helper threads call this once)."""
         self.driver.call("cuCtxSetCurrent", self.context)
 
-    @contextlib.contextmanager
-    def activate(self) -> Iterator[None]:
-        """Make the primary context current for a block, restoring the caller's afterwards."""
-        cur = c_void_p()
-        self.driver.call("cuCtxGetCurrent", byref(cur))
-        if cur.value == self.context:
-            yield
-            return
-        self.driver.call("cuCtxPushCurrent", self.context)
-        try:
-            yield
-        finally:
-            popped = c_void_p()
-            self.driver.call("cuCtxPopCurrent", byref(popped))
+    def activate(self) -> "_Activation":
+        """Make the primary context current for a block, restoring the caller's afterwards (a context
+        manager; one driver call when the context is current already, as on the hot path). A thread
+        with no context current keeps ours afterwards, as after cudaSetDevice."""
+        return _Activation(self)
 
     def mem_info(self) -> tuple[int, int]:
         free, total = c_size_t(), c_size_t()
@@ -388,6 +378,35 @@ class Device:
 
     def __repr__(self) -> str:
         return f"<cuda.Device {self.ordinal} {self.name}>"
+
+
+class _Activation:
+    """Device.activate's context manager: pushes the primary context only if another one is current."""
+
+    __slots__ = ("device", "pushed")
+
+    def __init__(self, device: Device):
+        self.device = device
+        self.pushed = False
+
+    def __enter__(self) -> None:
+        device = self.device
+        cur = c_void_p()
+        drv = device.driver
+        rc = drv._fns["cuCtxGetCurrent"](byref(cur))
+        if rc != CUDA_SUCCESS:
+            raise drv.error(rc, "cuCtxGetCurrent")
+        if cur.value is None:  # none current: ours stays, as the CUDA runtime (cudaSetDevice) leaves it
+            drv.call("cuCtxSetCurrent", device.context)
+        elif cur.value != device.context:  # another one: ours for the block, then theirs again
+            drv.call("cuCtxPushCurrent", device.context)
+            self.pushed = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.pushed:
+            self.pushed = False
+            popped = c_void_p()
+            self.device.driver.call("cuCtxPopCurrent", byref(popped))
 
 
 _devices: dict[int, Device] = {}

@@ -194,6 +194,8 @@ def cuda_buffer(obj: Any) -> CudaBuffer:
     if isinstance(obj, CudaRegionBase):
         obj._check_open()
         return CudaBuffer(obj.address, obj.nbytes, obj.device, False, obj, "region", getattr(obj, "stream", None))
+    if type(obj) is cuda.DeviceAllocation:  # ours: it knows its device (no pointer query)
+        return CudaBuffer(obj.ptr, obj.nbytes, obj.device.ordinal, False, obj, "cai", None)
     ok, why = cuda.status()
     if not ok:
         raise UnsupportedError(f"{type(obj).__name__} is CUDA memory, which needs CUDA: {why}")
