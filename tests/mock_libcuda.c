@@ -50,14 +50,32 @@ static void drain_host_funcs(void);
 CUresult cuStreamSynchronize(void *s) { (void)s; drain_host_funcs(); return getenv("MOCK_CUDA_SYNC_FAIL") ? 700 : need_ctx(); }
 CUresult cuStreamWaitEvent(void *s, void *e, unsigned f) { (void)s; (void)e; (void)f; return need_ctx(); }
 CUresult cuStreamIsCapturing(void *s, int *st) { (void)s; *st = getenv("MOCK_CUDA_CAPTURING") != NULL; return 0; }
-/* An event holds the time it was recorded (the mock's work is done at once): elapsed times are real. */
-CUresult cuEventCreate(void **e, unsigned f) { (void)f; if (need_ctx()) return 201; *e = calloc(1, sizeof(struct timespec)); return 0; }
+/* An event holds the time it was recorded (the mock's work is done at once): elapsed times are real,
+ * and refused as the driver refuses them (CUDA_ERROR_INVALID_HANDLE) for an event made with
+ * CU_EVENT_DISABLE_TIMING (2) or never recorded. */
+struct mock_event { struct timespec at; unsigned flags; int recorded; };
+CUresult cuEventCreate(void **e, unsigned f)
+{
+    if (need_ctx()) return 201;
+    struct mock_event *ev = calloc(1, sizeof(*ev));
+    ev->flags = f;
+    *e = ev;
+    return 0;
+}
 CUresult cuEventDestroy_v2(void *e) { free(e); return 0; }
-CUresult cuEventRecord(void *e, void *s) { (void)s; clock_gettime(CLOCK_MONOTONIC, (struct timespec *)e); return need_ctx(); }
+CUresult cuEventRecord(void *e, void *s)
+{
+    (void)s;
+    struct mock_event *ev = e;
+    clock_gettime(CLOCK_MONOTONIC, &ev->at);
+    ev->recorded = 1;
+    return need_ctx();
+}
 CUresult cuEventElapsedTime(float *ms, void *a, void *b)
 {
-    const struct timespec *x = a, *y = b;
-    *ms = (float)((double)(y->tv_sec - x->tv_sec) * 1e3 + (double)(y->tv_nsec - x->tv_nsec) / 1e6);
+    const struct mock_event *x = a, *y = b;
+    if ((x->flags | y->flags) & 2 || !x->recorded || !y->recorded) return 400;
+    *ms = (float)((double)(y->at.tv_sec - x->at.tv_sec) * 1e3 + (double)(y->at.tv_nsec - x->at.tv_nsec) / 1e6);
     return 0;
 }
 CUresult cuEventQuery(void *e) { (void)e; return 0; }

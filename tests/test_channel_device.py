@@ -62,6 +62,44 @@ def test_a_prepared_send_goes_out_when_run_and_holds_back_later_sends(contexts):
         attention.close()
 
 
+@pytest.mark.parametrize("how", ["posted", "closed"])
+def test_an_immediate_send_waiting_for_a_prepared_one_is_woken(contexts, how):
+    """An immediate send blocked behind a prepared (stream-ordered) send of its micro-batch goes on once
+    that one posts, or raises once the channel closes; it never waits out its own timeout."""
+    import threading
+    model, attention = open_pair(*contexts)
+    seq, op = _prepare_send(model, 0, 7)
+    outcome: dict = {}
+
+    def send() -> None:
+        try:
+            outcome["seq"] = model.send(np.ones(8, np.uint8), layer=4, microbatch=0, timeout=60)
+        except lc.LaminaError as exc:
+            outcome["error"] = exc
+
+    sender = threading.Thread(target=send)
+    try:
+        sender.start()
+        sender.join(0.3)
+        assert sender.is_alive(), "the immediate send must wait for the prepared one"
+        if how == "posted":
+            lib.lm_chan_run_deferred(op)
+        else:
+            model.close()
+        sender.join(30)
+        assert not sender.is_alive()
+        if how == "posted":
+            assert outcome.get("seq") == seq + 1, outcome
+            with attention.recv(0, timeout=WAIT_S) as got:
+                assert got.seq == seq
+        else:
+            assert isinstance(outcome.get("error"), lc.ClosedError), outcome
+            lib.lm_chan_run_deferred(op)  # (after close: frees itself, posts nothing)
+    finally:
+        model.close()
+        attention.close()
+
+
 def test_a_prepared_release_returns_the_credit_when_run(contexts):
     model, attention = open_pair(*contexts)  # two slots per micro-batch
     try:

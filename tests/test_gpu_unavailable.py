@@ -580,8 +580,9 @@ def test_the_device_check_runs_end_to_end_against_the_mock_driver(tmp_path):
     out = tmp_path / "out"
     run = subprocess.run([sys.executable, "tools/device_check.py", "--quick", "--skip-tests", "--skip-decode",
                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-3000:])
     result = json.loads((out / "device_check.json").read_text())
-    assert run.returncode == 0 and result["verdict"] == "PASS", (result.get("verdict"), run.stdout[-3000:])
+    assert result["verdict"] == "PASS", result
     assert "Mock GPU" in json.dumps(result["env"])
     assert result["staged"]["data_ok"] is True and set(result["staged"]["GBps"]) == {"1MiBx8", "4MiBx4"}
     assert "error" not in result["copy"] and result["copy"]["dtoh_GBps"] > 0

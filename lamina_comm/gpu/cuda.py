@@ -366,8 +366,7 @@ class Device:
 
     def activate(self) -> "_Activation":
         """Make the primary context current for a block, restoring the caller's afterwards (a context
-        manager; one driver call when the context is current already, as on the hot path). A thread
-        with no context current keeps ours afterwards, as after cudaSetDevice."""
+        manager; one driver call when the context is current already, as on torch's threads)."""
         return _Activation(self)
 
     def mem_info(self) -> tuple[int, int]:
@@ -381,7 +380,7 @@ class Device:
 
 
 class _Activation:
-    """Device.activate's context manager: pushes the primary context only if another one is current."""
+    """Device.activate's context manager: pushes the primary context unless it is current already."""
 
     __slots__ = ("device", "pushed")
 
@@ -396,9 +395,7 @@ class _Activation:
         rc = drv._fns["cuCtxGetCurrent"](byref(cur))
         if rc != CUDA_SUCCESS:
             raise drv.error(rc, "cuCtxGetCurrent")
-        if cur.value is None:  # none current: ours stays, as the CUDA runtime (cudaSetDevice) leaves it
-            drv.call("cuCtxSetCurrent", device.context)
-        elif cur.value != device.context:  # another one: ours for the block, then theirs again
+        if cur.value != device.context:  # none or another: ours for the block, then the caller's again
             drv.call("cuCtxPushCurrent", device.context)
             self.pushed = True
 

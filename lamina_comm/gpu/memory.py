@@ -195,6 +195,8 @@ def cuda_buffer(obj: Any) -> CudaBuffer:
         obj._check_open()
         return CudaBuffer(obj.address, obj.nbytes, obj.device, False, obj, "region", getattr(obj, "stream", None))
     if type(obj) is cuda.DeviceAllocation:  # ours: it knows its device (no pointer query)
+        if not obj.ptr:
+            raise ClosedError("the DeviceAllocation was freed")
         return CudaBuffer(obj.ptr, obj.nbytes, obj.device.ordinal, False, obj, "cai", None)
     ok, why = cuda.status()
     if not ok:
