@@ -357,13 +357,13 @@ class _StagedTransfer(Transfer):
         moved = ffi.new("uint64_t *")
         ms = -1 if timeout is None else max(0, int(timeout * 1000 + 0.999))
         rc = lib.lm_transfer_wait(self._native, ms, moved)
+        if rc == lib.LM_ERR_TIMEOUT:
+            if not self.done():
+                raise error_of(rc, f"staged {self.kind}")
+            rc = lib.lm_transfer_wait(self._native, 0, moved)  # done just after the wait gave up: its outcome
         if rc == 0:
             self._owner = None
             return int(moved[0])
-        if rc == lib.LM_ERR_TIMEOUT:
-            if self.done():  # finished just after the wait gave up: its own outcome, not a timeout
-                return self.wait(0)
-            raise error_of(rc, f"staged {self.kind}")
         self._failure = error_of(rc, f"staged {self.kind}")
         raise self._failure
 
