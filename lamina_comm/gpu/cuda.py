@@ -361,7 +361,7 @@ class Device:
                 self.attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR))
 
     def make_current(self) -> None:
-        """Bind the primary context to the calling thread (helper threads call this once)."""
+        """Bind the primary context to the calling thread (a thread of its own calls this once)."""
         self.driver.call("cuCtxSetCurrent", self.context)
 
     def activate(self) -> "_Activation":

@@ -67,7 +67,7 @@ DEFAULT_CHUNK = 1 << 20
 DEFAULT_SLOTS = 8
 MAX_CHUNK = 1 << 28          # chunk lengths travel in 29 bits of the immediate
 MAX_SLOTS = 4096
-SCRATCH = 64                 # credit writes land here
+SCRATCH = lib.LM_STAGED_SCRATCH  # credit writes land here
 KIND_DATA = 1
 KIND_CREDIT = 2
 _LAST = 1 << 29
@@ -75,7 +75,10 @@ _LEN_MASK = (1 << 29) - 1
 _MAGIC = b"LMGS"
 _VERSION = 1
 _HELLO = struct.Struct("<4sHHIQ")  # magic, version, flags, slots, chunk bytes; then the rx region descriptor
-_CHECK_S = 0.05  # the network thread's wait, and how often it looks for failures that send no completion
+
+
+# The wire format in Python (docs/gpu.md): the data plane is native (native/src/staged/staged.c), these
+# describe what it does for tools and tests (a link's chunk counts match plan_chunks).
 
 
 def plan_chunks(nbytes: int, chunk_bytes: int) -> list[tuple[int, int]]:
