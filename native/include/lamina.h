@@ -307,7 +307,9 @@ int lm_poster_error(lm_poster_t *p);
 /* Ops prepared and not yet run or canceled. */
 uint64_t lm_poster_pending(lm_poster_t *p);
 /* Arguments as lm_ep_write, checked now as the post would (flags: LM_WRITE_IMM,
- * LM_POSTER_NOTIFY); LM_ERR_CLOSED once the poster is closed. */
+ * LM_POSTER_NOTIFY); LM_ERR_CLOSED once the poster is closed. The op's
+ * LM_OP_POSTED notice has its completion-queue place held from now on
+ * (LM_ERR_NO_MEMORY if the queue cannot grow), so it is never lost. */
 int lm_poster_write_prepare(lm_poster_t *p, lm_mr_t *local, uint64_t local_off, uint64_t length,
                             const lm_rdesc_t *remote, uint64_t remote_off, uint32_t imm, uint32_t flags,
                             uint64_t wr_id, lm_poster_op_t **op);

@@ -1165,6 +1165,7 @@ static void test_poster_posts_when_run_and_never_after_close(void)
     CHECK(lm_poster_write_prepare(poster, ms, 64, 64, &rd, 64, 6, LM_WRITE_IMM, 11, &late) == LM_OK);
     CHECK(lm_poster_write_prepare(poster, ms, 0, 16, &rd, 0, 7, LM_WRITE_IMM, 12, &dropped) == LM_OK);
     CHECK(lm_poster_pending(poster) == 3);
+    CHECK(atomic_load(&p.a->cq.reserved) == 3); /* each op's notice has its place held */
     pthread_t t;
     CHECK(pthread_create(&t, NULL, run_op, now) == 0);
     pthread_join(t, NULL);
@@ -1172,8 +1173,11 @@ static void test_poster_posts_when_run_and_never_after_close(void)
     CHECK(c.opcode == LM_OP_RECV_IMM && c.imm == 5 && memcmp(dst, src, 64) == 0);
     c = wait_one(p.a);
     CHECK(c.opcode == LM_OP_WRITE && c.wr_id == 9 && c.status == LM_OK);
+    CHECK(atomic_load(&p.a->cq.reserved) == 2); /* the posted one's place went back: it asked for no notice */
     lm_poster_cancel(dropped);
+    CHECK(atomic_load(&p.a->cq.reserved) == 1);
     lm_poster_close(poster);
+    CHECK(atomic_load(&p.a->cq.reserved) == 0); /* `late` runs after close: its place went back with it */
     CHECK(lm_poster_write_prepare(poster, ms, 0, 16, &rd, 0, 7, LM_WRITE_IMM, 13, &op) == LM_ERR_CLOSED);
     CHECK(lm_poster_pending(poster) == 1 && lm_poster_error(poster) == 0);
     lm_poster_destroy(poster); /* the owner lets go; `late` still holds the poster */

@@ -398,6 +398,11 @@ void lm_ep_push(lm_ep_t *ep, const lm_completion_t *c)
     deliver(ep, c, false);
 }
 
+void lm_ep_push_reserved(lm_ep_t *ep, const lm_completion_t *c)
+{
+    deliver(ep, c, true);
+}
+
 void lm_ep_set_sink(lm_ep_t *ep, lm_sink_fn sink, void *arg)
 {
     lm_cq_take_endpoint(ep->ctx, ep, sink, arg);

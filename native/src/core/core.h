@@ -213,6 +213,8 @@ struct lm_ep {
 void lm_ep_complete(lm_ep_t *ep, uint32_t opcode, uint64_t wr_id, int status, uint64_t bytes);
 /* Deliver one completion of ep: to its sink, else to the context's queue. */
 void lm_ep_push(lm_ep_t *ep, const lm_completion_t *c);
+/* The same, into a place lm_cq_reserve held for it. */
+void lm_ep_push_reserved(lm_ep_t *ep, const lm_completion_t *c);
 /* Route ep's completions to sink from now on; those of ep already queued in
  * the context's completion queue are taken out and passed to it first (under
  * the queue lock, so none is lost or reordered). NULL routes them back. */

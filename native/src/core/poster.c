@@ -19,6 +19,11 @@ struct lm_poster {
     int error;       /* the first post that failed (0: none), under lock */
     atomic_int refs; /* the owner's plus one per op not yet run */
     atomic_ullong pending;
+    /* Completion-queue places held for the ops' POSTED notices, one per op
+     * not yet run (under lock): a notice is never lost for want of room, and
+     * close gives back those of ops that will run only after the endpoint
+     * (and maybe its context) is gone. */
+    uint64_t reserved;
 };
 
 struct lm_poster_op {
@@ -58,7 +63,11 @@ void lm_poster_close(lm_poster_t *p)
     if (!p)
         return;
     pthread_mutex_lock(&p->lock); /* waits out a post in progress */
-    p->ep = NULL;
+    if (p->ep) { /* the ops still to run post nothing now: their notice places go back */
+        for (; p->reserved; p->reserved--)
+            lm_cq_unreserve(p->ep->ctx);
+        p->ep = NULL;
+    }
     pthread_mutex_unlock(&p->lock);
 }
 
@@ -114,7 +123,10 @@ int lm_poster_write_prepare(lm_poster_t *p, lm_mr_t *local, uint64_t local_off, 
     else if (!lm_mr_reachable(local, p->ep->ops->id))
         rc = lm_fail(LM_ERR_UNSUPPORTED, "lm_poster_write_prepare: the region is device memory, which %s cannot "
                      "reach", p->ep->ops->name);
+    if (rc == LM_OK)
+        rc = lm_cq_reserve(p->ep->ctx); /* its notice's place (a failure's, or the one asked for) */
     if (rc == LM_OK) { /* counted in while open: a destroy cannot free the poster under us */
+        p->reserved++;
         atomic_fetch_add(&p->refs, 1);
         atomic_fetch_add(&p->pending, 1);
         lm_mr_ref(local); /* the record outlives a deregistration; run checks it is still registered */
@@ -137,6 +149,15 @@ static void op_free(lm_poster_op_t *op)
     poster_unref(p);
 }
 
+/* The op's notice place goes back unused (lock held; none left once closed). */
+static void unreserve_locked(lm_poster_t *p)
+{
+    if (p->ep) {
+        p->reserved--;
+        lm_cq_unreserve(p->ep->ctx);
+    }
+}
+
 /* Runs on the driver's thread: no Python, no allocation, one post. */
 void lm_poster_run(void *arg)
 {
@@ -150,12 +171,16 @@ void lm_poster_run(void *arg)
                      : lm_fail(LM_ERR_LOCAL, "a deferred write's region was deregistered before it was posted");
         if (rc != LM_OK)
             p->error = rc; /* its completion never comes: the owner sees this instead */
-        /* The notice goes to whoever waits on the endpoint (not reserved: lost
-         * only when the queue cannot grow, which fails its polls loudly). */
+        /* The notice goes to whoever waits on the endpoint, into its reserved place. */
         if (rc != LM_OK || op->notify) {
             lm_completion_t c = {.wr_id = op->wr_id, .ep_id = p->ep->id, .status = rc, .opcode = LM_OP_POSTED};
-            lm_ep_push(p->ep, &c);
+            p->reserved--;
+            lm_ep_push_reserved(p->ep, &c);
+        } else {
+            unreserve_locked(p);
         }
+    } else {
+        unreserve_locked(p);
     }
     pthread_mutex_unlock(&p->lock);
     op_free(op);
@@ -163,5 +188,10 @@ void lm_poster_run(void *arg)
 
 void lm_poster_cancel(void *arg)
 {
-    op_free(arg);
+    lm_poster_op_t *op = arg;
+    lm_poster_t *p = op->poster;
+    pthread_mutex_lock(&p->lock);
+    unreserve_locked(p);
+    pthread_mutex_unlock(&p->lock);
+    op_free(op);
 }
