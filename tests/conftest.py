@@ -90,3 +90,11 @@ def peer_factory():
     yield make
     for p in peers:
         p.close()
+
+
+def pytest_runtest_logreport(report) -> None:
+    """A test that needed its rerun (`make test` runs with --reruns 1) prints why it failed the first
+    time: the rerun summary names it only, and a rare failure is worth its traceback."""
+    if getattr(report, "outcome", None) == "rerun" and report.longrepr is not None:
+        sys.stderr.write(f"\n--- {report.nodeid} failed before its rerun ({report.when}):\n"
+                         f"{report.longreprtext[-6000:]}\n--- end of {report.nodeid}\n")
