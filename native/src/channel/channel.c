@@ -424,11 +424,7 @@ int lm_chan_create(lm_ep_t *ep, lm_mr_t *mr, const lm_rdesc_t *peer, const lm_ch
     }
     pthread_mutex_init(&ch->lock, NULL);
     pthread_mutex_init(&ch->post_lock, NULL);
-    pthread_condattr_t monotonic;
-    pthread_condattr_init(&monotonic);
-    pthread_condattr_setclock(&monotonic, CLOCK_MONOTONIC); /* (deadlines are lm_now_ns) */
-    pthread_cond_init(&ch->posted, &monotonic);
-    pthread_condattr_destroy(&monotonic);
+    lm_cond_init_monotonic(&ch->posted);
     /* Completions of ep already queued (a fast peer) come over in order. */
     lm_ep_set_sink(ep, sink, ch);
     *out = ch;
@@ -1036,7 +1032,7 @@ static int wait_posted(lm_chan_t *ch, uint32_t mb, int timeout_ms)
         }
         /* Woken when a deferred send posts (or is dropped) or the channel fails. */
         uint64_t until = deadline == UINT64_MAX ? now + (uint64_t)WAIT_SLICE_MS * 1000000ull : deadline;
-        struct timespec ts = {.tv_sec = (time_t)(until / 1000000000ull), .tv_nsec = (long)(until % 1000000000ull)};
+        struct timespec ts = lm_timespec_of_ns(until);
         pthread_cond_timedwait(&ch->posted, &ch->lock, &ts);
     }
     if (rc == LM_OK && ch->error)

@@ -8,6 +8,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
+#include <time.h>
 
 #include "lamina.h"
 #include "../transport.h"
@@ -175,6 +176,14 @@ void lm_progress_kick(lm_context_t *ctx);
  * thread; a queued handler is queued once. lm_progress_del drops it. */
 void lm_progress_rerun(lm_context_t *ctx, lm_io_handler_t *h);
 uint64_t lm_now_ns(void);
+/* An lm_now_ns time (CLOCK_MONOTONIC) as a timespec, for absolute deadlines. */
+static inline struct timespec lm_timespec_of_ns(uint64_t ns)
+{
+    return (struct timespec){.tv_sec = (time_t)(ns / 1000000000ull), .tv_nsec = (long)(ns % 1000000000ull)};
+}
+/* A condition variable whose timed waits take lm_now_ns deadlines (lm_timespec_of_ns): a wall-clock
+ * jump does not stretch them. */
+void lm_cond_init_monotonic(pthread_cond_t *cond);
 
 /* One-shot timers: armed from dispatch (callbacks) only; disarmed from any
  * thread (lazily unlinked); cancelled (unlinked now) before freeing. */

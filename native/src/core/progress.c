@@ -58,6 +58,15 @@ static _Thread_local bool tls_driving; /* an application thread inside lm_progre
 
 static void wake_others_if_notified(lm_progress_t *p);
 
+void lm_cond_init_monotonic(pthread_cond_t *cond)
+{
+    pthread_condattr_t attr;
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_cond_init(cond, &attr);
+    pthread_condattr_destroy(&attr);
+}
+
 uint64_t lm_now_ns(void)
 {
     struct timespec ts;
@@ -394,8 +403,7 @@ static int poll_and_dispatch(lm_context_t *ctx, int timeout_ms, uint64_t *now, c
 static void lease_arm_locked(lm_progress_t *p, uint64_t until_ns)
 {
     p->lease_until_ns = until_ns;
-    struct itimerspec its = {.it_value = {.tv_sec = (time_t)(until_ns / 1000000000ull),
-                                          .tv_nsec = (long)(until_ns % 1000000000ull)}};
+    struct itimerspec its = {.it_value = lm_timespec_of_ns(until_ns)};
     timerfd_settime(p->timer_fd, TFD_TIMER_ABSTIME, &its, NULL);
 }
 

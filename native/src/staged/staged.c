@@ -611,11 +611,7 @@ int lm_staged_create(lm_ep_t *ep, const lm_copy_fns_t *fns, const lm_staged_para
     atomic_init(&s->ready, false);
     pthread_mutex_init(&s->lock, NULL);
     pthread_mutex_init(&s->inbox_lock, NULL);
-    pthread_condattr_t monotonic;
-    pthread_condattr_init(&monotonic);
-    pthread_condattr_setclock(&monotonic, CLOCK_MONOTONIC); /* (a wall-clock jump does not stretch a wait) */
-    pthread_cond_init(&s->cond, &monotonic);
-    pthread_condattr_destroy(&monotonic);
+    lm_cond_init_monotonic(&s->cond);
     s->tx_free = calloc(params->slots, sizeof(*s->tx_free));
     s->slot_job = calloc(params->slots, sizeof(*s->slot_job));
     s->arrivals = calloc(params->slots, sizeof(*s->arrivals));
@@ -752,13 +748,8 @@ int lm_transfer_wait(lm_transfer_t *t, int timeout_ms, uint64_t *moved)
     if (!t)
         return lm_fail(LM_ERR_INVALID, "lm_transfer_wait: NULL argument");
     lm_staged_t *s = t->link;
-    struct timespec deadline;
-    clock_gettime(CLOCK_MONOTONIC, &deadline);
-    if (timeout_ms >= 0) {
-        uint64_t ns = (uint64_t)deadline.tv_nsec + (uint64_t)timeout_ms * 1000000ull;
-        deadline.tv_sec += (time_t)(ns / 1000000000ull);
-        deadline.tv_nsec = (long)(ns % 1000000000ull);
-    }
+    uint64_t wait_ns = timeout_ms > 0 ? (uint64_t)timeout_ms * 1000000ull : 0;
+    struct timespec deadline = lm_timespec_of_ns(lm_now_ns() + wait_ns);
     pthread_mutex_lock(&s->lock);
     int rc = 0;
     while (!t->done && rc == 0)
