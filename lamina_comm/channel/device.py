@@ -31,7 +31,7 @@ import numpy as np
 
 from .. import dtypes
 from .._bindings import error_of, ffi, host_function, lib
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, UnsupportedError
 from ..gpu import cuda  # (imported at the top: a function-level import costs microseconds per message)
 from ..gpu.memory import _classified, _is_c_contiguous, cuda_buffer, is_cuda_object, parse_cuda_array_interface
 from ..gpu.stream import refuse_capture, stream_handle
@@ -132,7 +132,6 @@ def flush_nic_writes(region: Any) -> None:
     """NIC writes that reached GPU memory made visible to work launched after this (the driver's
     ``cuFlushGPUDirectRDMAWrites``). A driver without it, or a device that does not offer the flush
     (``CUDA_ERROR_NOT_SUPPORTED``: it orders them already), needs none."""
-    from ..errors import UnsupportedError
     try:
         cuda.flush_gpudirect_writes(cuda.get_device(region.device))
     except UnsupportedError:

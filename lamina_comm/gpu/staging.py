@@ -243,9 +243,6 @@ class HostGate:
     def value(self) -> int:
         return self._word.value
 
-    def reached(self, value: int) -> bool:
-        return ((self.value - value) & 0xFFFFFFFF) < 0x80000000
-
 
 class HostCopyEngine(CopyEngine):
     """Host memory as the 'device': copies in order on two native worker threads standing in for streams.
@@ -328,57 +325,6 @@ class HostCopyEngine(CopyEngine):
 # -- the link ---------------------------------------------------------------------------
 
 
-class _StagedTransfer(Transfer):
-    """A native transfer (lamina.h lm_transfer_t); holds its buffer's owner until it succeeded (a failed
-    one's copies may still be queued on the streams: its link keeps the owner until they are idle)."""
-
-    __slots__ = ("_native", "_owner", "_failure")
-
-    def __init__(self, kind: str, nbytes: int, native: Any, owner: Any):
-        self.kind = kind
-        self.nbytes = nbytes
-        self._native = ffi.gc(native, lib.lm_transfer_release)
-        self._owner = owner
-        self._failure: BaseException | None = None
-
-    def done(self) -> bool:
-        return bool(lib.lm_transfer_done(self._native))
-
-    def exception(self) -> BaseException | None:
-        if not self.done():
-            return None
-        try:
-            self.wait(0)
-        except BaseException as exc:  # noqa: BLE001 - handed over, not raised
-            return exc
-        return None
-
-    def wait(self, timeout: float | None = None) -> int:
-        """Bytes moved; raises the transfer's error, or TimeoutError if it is still running."""
-        if self._failure is not None:
-            raise self._failure
-        moved = ffi.new("uint64_t *")
-        ms = -1 if timeout is None else max(0, int(timeout * 1000 + 0.999))
-        rc = lib.lm_transfer_wait(self._native, ms, moved)
-        if rc == lib.LM_ERR_TIMEOUT:
-            if not self.done():
-                raise error_of(rc, f"staged {self.kind}")
-            rc = lib.lm_transfer_wait(self._native, 0, moved)  # done just after the wait gave up: its outcome
-        if rc == 0:
-            self._owner = None
-            return int(moved[0])
-        self._failure = error_of(rc, f"staged {self.kind}")
-        raise self._failure
-
-    def succeeded(self) -> bool:
-        """Done without error (its copies are done: its buffer is free again)."""
-        return self._failure is None and self.done() and lib.lm_transfer_wait(self._native, 0, ffi.NULL) == 0
-
-    def __repr__(self) -> str:
-        state = "pending" if not self.done() else ("failed" if self.exception() else "done")
-        return f"<Transfer {self.kind} {self.nbytes} B {state}>"
-
-
 _STATS = ("sent", "received", "chunks_sent", "chunks_received", "credits_sent", "posts_pending", "events_created")
 
 
@@ -423,7 +369,7 @@ class StagedLink:
         self._closed = False
         # Transfers not known to be done, in order, holding their buffers' owners (pruned as they finish);
         # the owners of failed ones, kept until close() finds the copy streams idle.
-        self._pending: deque[_StagedTransfer] = deque()
+        self._pending: deque[Transfer] = deque()
         self._failed_owners: list[Any] = []
 
     # -- set-up -----------------------------------------------------------------
@@ -502,7 +448,7 @@ class StagedLink:
             rc = lib.lm_staged_send(self._native, address, n, ffi.cast("void *", handle or 0), ordered, out)
             if rc < 0:
                 raise self._refused(rc, "staged send")
-            return self._keep(_StagedTransfer("send", n, out[0], owner))
+            return self._keep(Transfer("send", n, out[0], owner))
 
     def recv(self, obj: Any, *, offset: int = 0, nbytes: int | None = None, stream: Any = None,
              gate: bool = True) -> Transfer:
@@ -531,7 +477,7 @@ class StagedLink:
                                     gated, gate_value, out)
             if rc < 0:  # (the link failed, and opened the gate for the wait queued above)
                 raise self._refused(rc, "staged receive")
-            return self._keep(_StagedTransfer("recv", capacity, out[0], owner))
+            return self._keep(Transfer("recv", capacity, out[0], owner))
 
     @property
     def error(self) -> BaseException | None:
@@ -566,7 +512,7 @@ class StagedLink:
     def _refused(self, rc: int, what: str) -> BaseException:
         return self.error or error_of(rc, what)
 
-    def _keep(self, transfer: _StagedTransfer) -> _StagedTransfer:
+    def _keep(self, transfer: Transfer) -> Transfer:
         """Hold transfer (and through it its buffer) until done; let go of those done at the front."""
         pending = self._pending
         while pending and pending[0].done():

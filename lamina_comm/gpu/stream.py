@@ -31,7 +31,7 @@ import time
 from typing import Any, Callable
 
 from .._bindings import check, error_of, ffi, host_function, lib
-from ..errors import ClosedError, InvalidArgumentError, TimeoutError_, UnsupportedError
+from ..errors import ClosedError, InvalidArgumentError, UnsupportedError
 from . import cuda
 
 
@@ -51,40 +51,55 @@ def stream_handle(stream: Any) -> int | None:
 
 
 class Transfer:
-    """The outcome of one send or receive: done(), wait(timeout) -> bytes moved, exception()."""
+    """The outcome of one send or receive of a staged link: done(), wait(timeout) -> bytes moved,
+    exception(). A native record (lamina.h lm_transfer_t); it holds its buffer's owner until it succeeded
+    (a failed one's copies may still be queued on the streams: its link keeps the owner until they are
+    idle)."""
 
-    __slots__ = ("kind", "nbytes", "_event", "_error", "_moved")
+    __slots__ = ("kind", "nbytes", "_native", "_owner", "_failure")
 
-    def __init__(self, kind: str, nbytes: int):
+    def __init__(self, kind: str, nbytes: int, native: Any, owner: Any):
         self.kind = kind
         self.nbytes = nbytes
-        self._event = threading.Event()
-        self._error: BaseException | None = None
-        self._moved = 0
-
-    def _finish(self, error: BaseException | None = None, moved: int | None = None) -> None:
-        if self._event.is_set():
-            return
-        self._error = error
-        self._moved = self.nbytes if moved is None else moved
-        self._event.set()
+        self._native = ffi.gc(native, lib.lm_transfer_release)
+        self._owner = owner
+        self._failure: BaseException | None = None
 
     def done(self) -> bool:
-        return self._event.is_set()
+        return bool(lib.lm_transfer_done(self._native))
 
     def exception(self) -> BaseException | None:
-        return self._error if self._event.is_set() else None
+        if not self.done():
+            return None
+        try:
+            self.wait(0)
+        except BaseException as exc:  # noqa: BLE001 - handed over, not raised
+            return exc
+        return None
 
     def wait(self, timeout: float | None = None) -> int:
         """Bytes moved; raises the transfer's error, or TimeoutError if it is still running."""
-        if not self._event.wait(timeout):
-            raise TimeoutError_(f"{self.kind} of {self.nbytes} bytes not done within {timeout} s")
-        if self._error is not None:
-            raise self._error
-        return self._moved
+        if self._failure is not None:
+            raise self._failure
+        moved = ffi.new("uint64_t *")
+        ms = -1 if timeout is None else max(0, int(timeout * 1000 + 0.999))
+        rc = lib.lm_transfer_wait(self._native, ms, moved)
+        if rc == lib.LM_ERR_TIMEOUT:
+            if not self.done():
+                raise error_of(rc, f"staged {self.kind}")
+            rc = lib.lm_transfer_wait(self._native, 0, moved)  # done just after the wait gave up: its outcome
+        if rc == 0:
+            self._owner = None
+            return int(moved[0])
+        self._failure = error_of(rc, f"staged {self.kind}")
+        raise self._failure
+
+    def succeeded(self) -> bool:
+        """Done without error (its copies are done: its buffer is free again)."""
+        return self._failure is None and self.done() and lib.lm_transfer_wait(self._native, 0, ffi.NULL) == 0
 
     def __repr__(self) -> str:
-        state = "pending" if not self.done() else ("failed" if self._error else "done")
+        state = "pending" if not self.done() else ("failed" if self.exception() else "done")
         return f"<Transfer {self.kind} {self.nbytes} B {state}>"
 
 
