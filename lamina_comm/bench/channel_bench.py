@@ -72,7 +72,10 @@ def _responder(conn: Any, sizes: list[int], iters: int, transport: str, progress
                     (out,) = ch.send_buffers(0, [(size,)], "uint8")
                     ch.send([out], layer=layer, microbatch=0)
             ch.flush()
-        conn.send("done")
+            conn.send("done")
+            # The channel stays open until the initiator's own flush is done: its last credit writes
+            # complete only once this side acknowledged them (closing first failed them: peer lost).
+            conn.poll(30)
         ep.close()
         chans.close()
         raw.close()
@@ -152,6 +155,7 @@ def run_channel_bench(args: argparse.Namespace) -> dict[str, Any]:
                 if not parent.poll(30):
                     raise SystemExit("lamina-bench channel: the responder did not finish")
                 parent.recv()
+                parent.send("close")  # our writes are all acknowledged: the responder may close
             transport_name, progress = ep.transport, ctx.progress
             ep.close()
     finally:
