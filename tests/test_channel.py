@@ -878,12 +878,91 @@ def test_a_payload_region_is_checked_before_the_handshake(contexts):
 
 def test_a_peers_payload_descriptor_is_untrusted_input():
     from lamina_comm.channel.handshake import _peer_payloads
-    assert _peer_payloads({}) is None
+    assert _peer_payloads(SPEC, {}) == (None, 0)
     good = {"key": 1, "addr": 4096, "length": 1 << 20, "rkey": 7, "access": 3}
-    assert _peer_payloads({"payloads": good}).length == 1 << 20
+    region, split = _peer_payloads(SPEC, {"payloads": good})
+    assert region.length == 1 << 20 and split == SPEC.microbatches  # an older peer splits them all
+    assert _peer_payloads(SPEC, {"payloads": good, "payload_microbatches": 1})[1] == 1
     for bad in (None, [], "x", {**good, "length": -1}, {**good, "addr": 1 << 64}, {"key": 1}):
         with pytest.raises(lc.ProtocolError):
-            _peer_payloads({"payloads": bad})
+            _peer_payloads(SPEC, {"payloads": bad})
+    for count in (0, -1, SPEC.microbatches + 1, 1.0, "1", True, None):
+        with pytest.raises(lc.ProtocolError, match="payload_microbatches"):
+            _peer_payloads(SPEC, {"payloads": good, "payload_microbatches": count})
+
+
+def test_payloads_of_the_first_microbatches_only(contexts):
+    """payload_microbatches=1: micro-batch 0's payloads land in the region (a GPU's, in production), the
+    last micro-batch's stay after their headers in the ring, host-readable (an engine's control
+    micro-batch); the region needs room for the split micro-batches only."""
+    from lamina_comm.channel.spec import RingLayout
+    a, b = contexts
+    layout = RingLayout.for_role(SPEC, "attention")
+    assert layout.payload_bytes_of(1) * SPEC.microbatches == layout.payload_bytes
+    landing = np.zeros(layout.payload_bytes_of(1), np.uint8)
+    region = b.register(landing)
+    with pytest.raises(lc.InvalidArgumentError, match="needs"):  # too small for every micro-batch
+        Channel.connect(b, "127.0.0.1:1", SPEC, role="attention", payloads=region)
+    for bad in (0, SPEC.microbatches + 1):
+        with pytest.raises(lc.InvalidArgumentError, match="payload_microbatches"):
+            Channel.connect(b, "127.0.0.1:1", SPEC, role="attention", payloads=region, payload_microbatches=bad)
+    with pytest.raises(lc.InvalidArgumentError, match="needs a payload region"):
+        Channel.connect(b, "127.0.0.1:1", SPEC, payload_microbatches=1)
+    listener = ChannelListener(b, "127.0.0.1:0", SPEC, timeout=WAIT_S)
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.setdefault("ch", listener.accept(
+        WAIT_S, payloads=region, payload_microbatches=1)))
+    thread.start()
+    model = Channel.connect(a, listener.address, SPEC, timeout=WAIT_S)
+    thread.join(WAIT_S)
+    listener.close()
+    attention = box["ch"]
+    try:
+        assert attention.payload_microbatches == 1 and model.payload_microbatches == 0
+        last = SPEC.microbatches - 1
+        for round_ in range(3):  # the views are cached per layout: each micro-batch keeps its own
+            for mb, fill in ((0, 3 + round_), (last, 9 + round_)):
+                model.send(np.full((4, 4, 16), fill, np.float16), layer=round_, microbatch=mb)
+                with attention.recv(mb, timeout=WAIT_S) as got:
+                    view = got.tensors[0]
+                    assert np.shares_memory(view, landing) == (mb == 0)
+                    assert np.shares_memory(view, attention._buf) == (mb != 0)
+                    assert (view == fill).all()
+    finally:
+        model.close()
+        attention.close()
+
+
+def test_a_partial_split_is_asked_only_of_a_peer_that_understands_it(contexts, monkeypatch):
+    """A peer without 'payload-microbatches' would write every micro-batch's payloads into the region:
+    a side splitting only some refuses it at setup; splitting all still works with it."""
+    from lamina_comm.channel import handshake
+    from lamina_comm.channel.spec import RingLayout
+    a, b = contexts
+    monkeypatch.setattr(handshake, "_CAPS", ["payloads"])  # both ends speak as the previous version
+    region = b.register(np.zeros(RingLayout.for_role(SPEC, "attention").payload_bytes, np.uint8))
+    listener = ChannelListener(b, "127.0.0.1:0", SPEC, timeout=WAIT_S)
+    box: dict = {}
+
+    def accept():
+        try:
+            box["ch"] = listener.accept(WAIT_S, payloads=region, payload_microbatches=1)
+        except lc.LaminaError as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=accept)
+    thread.start()
+    try:
+        model = Channel.connect(a, listener.address, SPEC, timeout=WAIT_S)
+        model.close()
+    except lc.LaminaError:
+        pass  # the attention side may have closed first
+    thread.join(WAIT_S)
+    listener.close()
+    assert "payload-microbatches" in str(box.get("error")), box
+    model, attention = open_pair(a, b, attention_payloads=region)  # all of them: understood
+    model.close()
+    attention.close()
 
 
 def test_a_peer_that_sends_at_once_finds_the_split_in_place(contexts, monkeypatch):

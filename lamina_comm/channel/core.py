@@ -150,10 +150,17 @@ def _is_cuda_region(region: Any) -> bool:
     return isinstance(region, CudaRegionBase)
 
 
-def _check_payloads(ctx: Context, layout: RingLayout, payloads: Any) -> RemoteRegion | None:
+def _check_payloads(ctx: Context, layout: RingLayout, payloads: Any,
+                    payload_microbatches: int | None) -> RemoteRegion | None:
     """The descriptor a hello gives for our payload region (None: payloads stay in the ring)."""
     if payloads is None:
+        if payload_microbatches is not None:
+            raise InvalidArgumentError("payload_microbatches= needs a payload region (payloads=)")
         return None
+    count = layout.microbatches if payload_microbatches is None else payload_microbatches
+    if type(count) is not int or not 1 <= count <= layout.microbatches:
+        raise InvalidArgumentError(f"payload_microbatches={payload_microbatches!r}: the channel has "
+                                   f"{layout.microbatches} micro-batches")
     if getattr(payloads, "closed", False):
         raise InvalidArgumentError("the payload region is closed")
     if payloads.context is not ctx:
@@ -164,9 +171,9 @@ def _check_payloads(ctx: Context, layout: RingLayout, payloads: Any) -> RemoteRe
     descriptor = payloads.descriptor()
     if not descriptor.access & Access.REMOTE_WRITE:
         raise InvalidArgumentError("the payload region must be registered with Access.REMOTE_WRITE")
-    if payloads.nbytes < layout.payload_bytes:
+    if payloads.nbytes < layout.payload_bytes_of(count):
         raise InvalidArgumentError(f"the payload region has {payloads.nbytes} B, the ring needs "
-                                   f"{layout.payload_bytes} (RingLayout.payload_bytes)")
+                                   f"{layout.payload_bytes_of(count)} (RingLayout.payload_bytes_of({count}))")
     return descriptor
 
 
@@ -228,6 +235,7 @@ class Channel:
         # Split payloads (connect/accept payloads=): the region ours land in (None: after their headers,
         # in the ring), and its numpy view when it is host memory.
         self.payloads: Any = None
+        self.payload_microbatches = 0  # the first this many micro-batches' payloads land in self.payloads
         self._payload_buf: Any = None
         self._python_staged = [0, 0]  # messages and bytes staged here (strided or device tensors)
         params = ffi.new("lm_chan_params_t *", {
@@ -283,19 +291,22 @@ class Channel:
     def connect(cls, ctx: Context, address: str | tuple[str, int], spec: ChannelSpec, *,
                 role: str = "model", name: str | None = None, connect_timeout: float = 10.0,
                 timeout: float = DEFAULT_TIMEOUT_S, piggyback_credits: bool = False,
-                payloads: Any = None) -> "Channel":
+                payloads: Any = None, payload_microbatches: int | None = None) -> "Channel":
         """Connect to a ChannelListener; raises SpecMismatchError if the specs differ.
 
         piggyback_credits: see Channel; a local choice, the peer need not agree.
         payloads: a registered region that takes the payloads of the messages this side receives, apart
         from their headers (see ``Channel.payloads``); the peer learns it in the handshake.
+        payload_microbatches: only the first N micro-batches' payloads go there (default: all); the
+        others stay in the ring, host-readable (an engine's control micro-batch).
         """
         rings = _Rings(ctx, spec, role)
         try:
-            mine = _check_payloads(ctx, rings.layout, payloads)
-            ep = ctx.connect(address, private_data=_hello(spec, role, rings.mr.descriptor(), mine),
-                             timeout=connect_timeout)
-            return cls._finish_setup(ctx, ep, spec, role, rings, name, timeout, piggyback_credits, payloads)
+            mine = _check_payloads(ctx, rings.layout, payloads, payload_microbatches)
+            ep = ctx.connect(address, private_data=_hello(spec, role, rings.mr.descriptor(), mine,
+                                                          payload_microbatches), timeout=connect_timeout)
+            return cls._finish_setup(ctx, ep, spec, role, rings, name, timeout, piggyback_credits, payloads,
+                                     payload_microbatches)
         except BaseException:
             rings.close()
             raise
@@ -304,28 +315,37 @@ class Channel:
     def accept(cls, listener: Listener, spec: ChannelSpec, *, role: str = "attention",
                name: str | None = None, accept_timeout: float | None = None,
                timeout: float = DEFAULT_TIMEOUT_S, piggyback_credits: bool = False,
-               payloads: Any = None) -> "Channel":
-        """Accept one channel on a transport Listener (see also ChannelListener); payloads as for connect."""
+               payloads: Any = None, payload_microbatches: int | None = None) -> "Channel":
+        """Accept one channel on a transport Listener (see also ChannelListener); payloads and
+        payload_microbatches as for connect."""
         ctx = listener.context
         rings = _Rings(ctx, spec, role)
         try:
-            mine = _check_payloads(ctx, rings.layout, payloads)
-            ep = listener.accept(accept_timeout, private_data=_hello(spec, role, rings.mr.descriptor(), mine))
-            return cls._finish_setup(ctx, ep, spec, role, rings, name, timeout, piggyback_credits, payloads)
+            mine = _check_payloads(ctx, rings.layout, payloads, payload_microbatches)
+            ep = listener.accept(accept_timeout, private_data=_hello(spec, role, rings.mr.descriptor(), mine,
+                                                                     payload_microbatches))
+            return cls._finish_setup(ctx, ep, spec, role, rings, name, timeout, piggyback_credits, payloads,
+                                     payload_microbatches)
         except BaseException:
             rings.close()
             raise
 
     @classmethod
     def _finish_setup(cls, ctx: Context, ep: Endpoint, spec: ChannelSpec, role: str, rings: _Rings,
-                      name: str | None, timeout: float, piggyback_credits: bool, payloads: Any) -> "Channel":
+                      name: str | None, timeout: float, piggyback_credits: bool, payloads: Any,
+                      payload_microbatches: int | None = None) -> "Channel":
+        split = 0 if payloads is None else spec.microbatches if payload_microbatches is None else payload_microbatches
         try:
             hello = _parse_hello(ep.peer_data)
             peer_region = _check_peer(spec, role, hello)
-            peer_payloads = _peer_payloads(hello)
+            peer_payloads, peer_split = _peer_payloads(spec, hello)
             if payloads is not None and "payloads" not in _peer_caps(hello):
                 raise ProtocolError("the peer does not write payloads apart from headers (an older lamina-comm "
                                     "without the 'payloads' capability): connect without payloads= or upgrade it")
+            if split and split < spec.microbatches and "payload-microbatches" not in _peer_caps(hello):
+                raise ProtocolError("the peer would write every micro-batch's payloads apart (an older "
+                                    "lamina-comm without the 'payload-microbatches' capability): connect without "
+                                    "payload_microbatches= or upgrade it")
             if _is_cuda_region(payloads) and ep.transport != "verbs":
                 raise UnsupportedError(f"payloads in device memory need a NIC that writes it (verbs); this "
                                        f"channel runs over {ep.transport}")
@@ -335,21 +355,22 @@ class Channel:
             ep.close()
             raise
         if payloads is not None or peer_payloads is not None:
-            channel._split(payloads, peer_payloads)
+            channel._split(payloads, split, peer_payloads, peer_split)
         return channel
 
-    def _split(self, payloads: Any, peer_payloads: RemoteRegion | None) -> None:
+    def _split(self, payloads: Any, split: int, peer_payloads: RemoteRegion | None, peer_split: int) -> None:
         """Payloads apart from headers (lm_chan_split_payloads), as the two hellos said."""
         try:
             check(lib.lm_chan_split_payloads(self._handle(), ffi.NULL if payloads is None else payloads._handle(),
-                                             ffi.NULL if peer_payloads is None else peer_payloads._native),
-                  f"channel {self.name}")
+                                             split, ffi.NULL if peer_payloads is None else peer_payloads._native,
+                                             peer_split), f"channel {self.name}")
         except BaseException:
             self.close()
             raise
         self.payloads = payloads
+        self.payload_microbatches = split
         if payloads is not None and not _is_cuda_region(payloads):  # host memory: numpy views
-            self._payload_buf = payloads.view(nbytes=self._layout.payload_bytes)
+            self._payload_buf = payloads.view(nbytes=self._layout.payload_bytes_of(split))
 
     def add_source_region(self, region: Any) -> str:
         """Tensors lying inside this region are sent from it without a copy; keep them unchanged, and the
@@ -694,13 +715,17 @@ class Channel:
     def _message(self, msg: Any) -> Message:
         # The tensor table's bytes are the layout's key (channel.c zeroes the
         # unused shape entries): a layer's messages keep their layout, so one
-        # lookup finds all its views.
+        # lookup finds all its views. A split micro-batch's offsets are in the
+        # payload region, not the ring: marked apart in the key.
         layout = bytes(ffi.buffer(msg.tensors, msg.ntensors * _TENSOR_ENTRY_BYTES))
+        split = msg.microbatch < self.payload_microbatches
+        if split:
+            layout += b"p"
         views = self._recv_views.get(layout)
         if views is None:
-            views = self._recv_layout(msg, layout)
+            views = self._recv_layout(msg, layout, split)
         message = Message(self, msg.layer, msg.microbatch, msg.seq, msg.slot, list(views), msg.arrived_ns)
-        if self.payloads is not None and self._payload_buf is None:
+        if split and self._payload_buf is None:
             from .device import flush_nic_writes
             try:
                 flush_nic_writes(self.payloads)  # before any kernel reads what the NIC wrote
@@ -709,11 +734,11 @@ class Channel:
                 raise
         return message
 
-    def _recv_layout(self, msg: Any, layout: bytes) -> tuple[TensorView, ...]:
+    def _recv_layout(self, msg: Any, layout: bytes, split: bool) -> tuple[TensorView, ...]:
         """Views over a received layout; kept, bounded (a peer that varies shapes only empties the cache).
         With payloads in device memory, CUDA views (``__cuda_array_interface__``) over the region."""
         views = []
-        buf = self._buf if self.payloads is None else self._payload_buf
+        buf = self._payload_buf if split else self._buf
         for i in range(msg.ntensors):
             t = msg.tensors[i]
             name = dtypes.name_of_wire_code(t.dtype)
@@ -827,11 +852,14 @@ class ChannelListener:
         self._listener = ctx.listen(address)
         self.address: tuple[str, int] = tuple(self._listener.address)
 
-    def accept(self, timeout: float | None = None, name: str | None = None, *, payloads: Any = None) -> Channel:
-        """The next channel; payloads: a region of its own for the payloads it receives (Channel.connect)."""
+    def accept(self, timeout: float | None = None, name: str | None = None, *, payloads: Any = None,
+               payload_microbatches: int | None = None) -> Channel:
+        """The next channel; payloads (of the first payload_microbatches): a region of its own for the
+        payloads it receives (Channel.connect)."""
         return Channel.accept(self._listener, self.spec, role=self.role, name=name,
                               accept_timeout=timeout, timeout=self.timeout,
-                              piggyback_credits=self.piggyback_credits, payloads=payloads)
+                              piggyback_credits=self.piggyback_credits, payloads=payloads,
+                              payload_microbatches=payload_microbatches)
 
     def close(self) -> None:
         self._listener.close()

@@ -15,18 +15,21 @@ from .spec import WIRE_VERSION, ChannelSpec, RingLayout, _other_role
 
 _HELLO_PREFIX = b"LMCH1"
 # What this side understands beyond the wire version; a peer lacking one is not asked for it.
-_CAPS = ["payloads"]
+# "payload-microbatches": the hello's payload_microbatches (payloads of the first N micro-batches apart).
+_CAPS = ["payloads", "payload-microbatches"]
 
 
 class SpecMismatchError(InvalidArgumentError):
     """The two ends of a channel declared different specs or incompatible roles."""
 
 
-def _hello(spec: ChannelSpec, role: str, region: RemoteRegion, payloads: RemoteRegion | None = None) -> bytes:
+def _hello(spec: ChannelSpec, role: str, region: RemoteRegion, payloads: RemoteRegion | None = None,
+           payload_microbatches: int | None = None) -> bytes:
     body = {"version": WIRE_VERSION, "spec": spec.to_dict(), "digest": spec.digest(), "role": role,
             "region": region.to_dict(), "caps": _CAPS}
     if payloads is not None:  # our payloads land apart from the headers (Channel payloads=)
         body["payloads"] = payloads.to_dict()
+        body["payload_microbatches"] = spec.microbatches if payload_microbatches is None else payload_microbatches
     return _HELLO_PREFIX + json.dumps(body, separators=(",", ":")).encode()
 
 
@@ -38,11 +41,15 @@ def _peer_caps(hello: dict[str, Any]) -> set[str]:
     return set(caps)
 
 
-def _peer_payloads(hello: dict[str, Any]) -> RemoteRegion | None:
-    """The peer's payload region, when it asked for split payloads."""
+def _peer_payloads(spec: ChannelSpec, hello: dict[str, Any]) -> tuple[RemoteRegion | None, int]:
+    """The peer's payload region, when it asked for split payloads, and how many micro-batches (the first
+    ones) it splits (a peer that does not say splits them all)."""
     if "payloads" not in hello:
-        return None
-    return _peer_region(hello["payloads"])
+        return None, 0
+    count = hello.get("payload_microbatches", spec.microbatches)
+    if type(count) is not int or not 1 <= count <= spec.microbatches:
+        raise ProtocolError(f"channel hello's payload_microbatches is {count!r}, not 1..{spec.microbatches}")
+    return _peer_region(hello["payloads"]), count
 
 
 def _parse_hello(data: bytes) -> dict[str, Any]:

@@ -178,6 +178,11 @@ class RingLayout:
         receive slot's capacity per (micro-batch, slot)."""
         return self._ring_slots * self.recv_capacity
 
+    def payload_bytes_of(self, microbatches: int) -> int:
+        """``payload_bytes`` of a region taking the payloads of the first ``microbatches`` only
+        (Channel payload_microbatches=)."""
+        return microbatches * self.slots * self.recv_capacity
+
     def _index(self, mb: int, slot: int) -> int:
         return mb * self.slots + slot
 

@@ -530,18 +530,24 @@ int lm_chan_create(lm_ep_t *ep, lm_mr_t *mr, const lm_rdesc_t *peer, const lm_ch
                    lm_chan_t **out);
 /* Split payloads, set right after lm_chan_create (both sides agreed in their
  * handshake): recv_payloads (or NULL), a region of ours with at least
- * microbatches * slots * recv_capacity bytes granting remote writes, takes
- * the payloads of the messages we receive (slot s of micro-batch m at
+ * recv_microbatches * slots * recv_capacity bytes granting remote writes,
+ * takes the payloads of the messages we receive on micro-batches below
+ * recv_microbatches (1..microbatches; slot s of micro-batch m at
  * (m * slots + s) * recv_capacity), the headers staying in our region: it
  * may be device memory the NIC writes (GPUDirect), since only headers are
- * read by the CPU. lm_chan_recv's tensor addresses are then offsets in it.
- * peer_payloads (or NULL): the peer's such region; our sends write their
- * payloads there, then the header. Arrivals already queued (a fast peer)
- * are fine: they were placed as the handshake said. LM_ERR_INVALID once
- * this side sent or opened a message, or for a bad region (too small, no
- * LM_ACCESS_REMOTE_WRITE), LM_ERR_UNSUPPORTED for device memory the
- * transport cannot write, LM_ERR_PROTOCOL for a peer region too small. */
-int lm_chan_split_payloads(lm_chan_t *ch, lm_mr_t *recv_payloads, const lm_rdesc_t *peer_payloads);
+ * read by the CPU. Later micro-batches keep their payloads after the header
+ * (host-readable: an engine's control micro-batch). lm_chan_recv's tensor
+ * addresses are offsets in the payload region for split micro-batches, in
+ * our region for the others. peer_payloads (or NULL): the peer's such region
+ * for its first peer_microbatches; our sends write their payloads there,
+ * then the header. Arrivals already queued (a fast peer) are fine: they were
+ * placed as the handshake said. LM_ERR_INVALID once this side sent or
+ * opened a message, or for a bad region (too small, no
+ * LM_ACCESS_REMOTE_WRITE) or count, LM_ERR_UNSUPPORTED for device memory the
+ * transport cannot write, LM_ERR_PROTOCOL for a peer region too small or a
+ * peer count out of range. */
+int lm_chan_split_payloads(lm_chan_t *ch, lm_mr_t *recv_payloads, uint32_t recv_microbatches,
+                           const lm_rdesc_t *peer_payloads, uint32_t peer_microbatches);
 /* Close: fail the channel with LM_ERR_CLOSED, wake and wait out any thread
  * inside a call on it (each returns LM_ERR_CLOSED), then let go of the
  * endpoint (its later completions go to the context's queue again). Calls

@@ -144,7 +144,7 @@ def check_one(data: bytes) -> None:
         if mode % 2 == 0:
             hello = handshake._parse_hello(body)
             handshake._check_peer(SPEC, ROLE, hello)
-            handshake._peer_payloads(hello)
+            handshake._peer_payloads(SPEC, hello)
             handshake._peer_caps(hello)
         else:
             _check_message(body)

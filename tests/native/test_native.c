@@ -1196,10 +1196,10 @@ typedef struct chan_pair {
     void *ra, *rb;
 } chan_pair_t;
 
-static void chan_pair_open(chan_pair_t *c)
+static void chan_pair_open_mbs(chan_pair_t *c, uint32_t microbatches)
 {
     pair_open(&c->p);
-    lm_chan_params_t params = {.microbatches = 1, .slots = 2, .recv_capacity = 1024, .send_capacity = 1024};
+    lm_chan_params_t params = {.microbatches = microbatches, .slots = 2, .recv_capacity = 1024, .send_capacity = 1024};
     uint64_t bytes = lm_chan_region_bytes(&params);
     c->ra = calloc(1, bytes);
     c->rb = calloc(1, bytes);
@@ -1210,6 +1210,11 @@ static void chan_pair_open(chan_pair_t *c)
     CHECK(lm_mr_descriptor(c->ma, &da) == LM_OK && lm_mr_descriptor(c->mb, &db) == LM_OK);
     CHECK(lm_chan_create(c->p.ea, c->ma, &db, &params, &c->ca) == LM_OK);
     CHECK(lm_chan_create(c->p.eb, c->mb, &da, &params, &c->cb) == LM_OK);
+}
+
+static void chan_pair_open(chan_pair_t *c)
+{
+    chan_pair_open_mbs(c, 1);
 }
 
 static void chan_pair_close(chan_pair_t *c)
@@ -1318,9 +1323,9 @@ static void test_chan_split_payloads(void)
     CHECK(lm_mr_descriptor(mp, &dp) == LM_OK);
     lm_rdesc_t small = dp;
     small.length = 100;
-    CHECK(lm_chan_split_payloads(c.ca, NULL, &small) == LM_ERR_PROTOCOL);
-    CHECK(lm_chan_split_payloads(c.cb, mp, NULL) == LM_OK);
-    CHECK(lm_chan_split_payloads(c.ca, NULL, &dp) == LM_OK);
+    CHECK(lm_chan_split_payloads(c.ca, NULL, 0, &small, 1) == LM_ERR_PROTOCOL);
+    CHECK(lm_chan_split_payloads(c.cb, mp, 1, NULL, 0) == LM_OK);
+    CHECK(lm_chan_split_payloads(c.ca, NULL, 0, &dp, 1) == LM_OK);
 
     lm_chan_tensor_t block = column_block(src, 48, 32);
     lm_mr_t *sources[1] = {ms};
@@ -1360,7 +1365,7 @@ static void test_chan_split_payloads(void)
         for (int i = 0; i < 1024; i++)
             CHECK(area[i] == 0);
     }
-    CHECK(lm_chan_split_payloads(c.ca, NULL, NULL) == LM_ERR_INVALID); /* messages moved already */
+    CHECK(lm_chan_split_payloads(c.ca, NULL, 0, NULL, 0) == LM_ERR_INVALID); /* messages moved already */
     CHECK(lm_chan_flush(c.ca, 1000) == LM_OK);
     lm_chan_close(c.ca);
     lm_chan_close(c.cb);
@@ -1369,6 +1374,61 @@ static void test_chan_split_payloads(void)
     chan_pair_close(&c);
     free(payloads);
     free(src);
+}
+
+/* Split payloads of the first micro-batch only: its payloads land apart, the
+ * second's (an engine's control micro-batch, read by the CPU) stay after
+ * their headers in the ring. Counts out of range are refused. */
+static void test_chan_split_payloads_of_some_microbatches(void)
+{
+    chan_pair_t c;
+    chan_pair_open_mbs(&c, 2);
+    uint64_t payload_bytes = 2 * 1024; /* the first micro-batch's 2 slots only */
+    unsigned char *payloads = calloc(1, payload_bytes), src[64];
+    for (int i = 0; i < 64; i++)
+        src[i] = (unsigned char)(i * 5 + 3);
+    lm_mr_t *mp;
+    CHECK(lm_mr_register(c.p.b, payloads, payload_bytes, LM_ACCESS_REMOTE_WRITE, &mp) == LM_OK);
+    lm_rdesc_t dp;
+    CHECK(lm_mr_descriptor(mp, &dp) == LM_OK);
+    CHECK(lm_chan_split_payloads(c.cb, mp, 0, NULL, 0) == LM_ERR_INVALID);
+    CHECK(lm_chan_split_payloads(c.cb, mp, 3, NULL, 0) == LM_ERR_INVALID);
+    CHECK(lm_chan_split_payloads(c.cb, mp, 2, NULL, 0) == LM_ERR_INVALID); /* too small for both */
+    CHECK(lm_chan_split_payloads(c.ca, NULL, 0, &dp, 3) == LM_ERR_PROTOCOL);
+    CHECK(lm_chan_split_payloads(c.ca, NULL, 0, &dp, 2) == LM_ERR_PROTOCOL);
+    CHECK(lm_chan_split_payloads(c.cb, mp, 1, NULL, 0) == LM_OK);
+    CHECK(lm_chan_split_payloads(c.ca, NULL, 0, &dp, 1) == LM_OK);
+
+    lm_chan_tensor_t t = {.addr = (uint64_t)(uintptr_t)src, .nbytes = 64, .shape = {64}, .dtype = LM_DTYPE_UINT8,
+                          .ndim = 1};
+    uint64_t seq;
+    lm_chan_msg_t msg;
+    for (uint32_t mb = 0; mb < 2; mb++) {
+        CHECK(lm_chan_send(c.ca, 7, mb, &t, 1, NULL, 0, 1000, &seq) == LM_OK);
+        CHECK(lm_chan_recv(c.cb, mb, &msg, 5000) == 1 && msg.microbatch == mb && msg.ntensors == 1);
+        const unsigned char *at = mb == 0 ? payloads + msg.tensors[0].addr
+                                          : (const unsigned char *)c.rb + msg.tensors[0].addr;
+        if (mb == 0)
+            CHECK(msg.tensors[0].addr == (uint64_t)msg.slot * 1024);
+        else /* in the ring, after the header of micro-batch 1's slot */
+            CHECK(msg.tensors[0].addr == (2 + (uint64_t)msg.slot) * (LM_CHAN_HEADER_BYTES + 1024) +
+                                             LM_CHAN_HEADER_BYTES);
+        CHECK(memcmp(at, src, 64) == 0);
+        CHECK(lm_chan_release(c.cb, mb, msg.slot, msg.seq) == LM_OK);
+    }
+    /* Micro-batch 0's slot in the ring kept no payload. */
+    for (uint32_t slot = 0; slot < 2; slot++) {
+        const unsigned char *area = (const unsigned char *)c.rb + slot * (LM_CHAN_HEADER_BYTES + 1024) +
+                                    LM_CHAN_HEADER_BYTES;
+        for (int i = 0; i < 64; i++)
+            CHECK(area[i] == 0);
+    }
+    CHECK(lm_chan_flush(c.ca, 1000) == LM_OK);
+    lm_chan_close(c.ca);
+    lm_chan_close(c.cb);
+    lm_mr_deregister(mp);
+    chan_pair_close(&c);
+    free(payloads);
 }
 
 
@@ -1576,6 +1636,7 @@ int main(void)
     test_poster_posts_when_run_and_never_after_close();
     test_chan_send_prepare_from();
     test_chan_split_payloads();
+    test_chan_split_payloads_of_some_microbatches();
     test_staged_link();
     test_staged_link_fails_under_a_released_transfer();
     test_staged_link_refuses_a_hostile_peer();

@@ -73,11 +73,12 @@ struct lm_chan {
     lm_mr_t *mr;
     uint8_t *base;
     lm_rdesc_t peer;
-    /* Split payloads (lm_chan_split_payloads): ours land in a region of
-     * their own (device memory the NIC writes), the headers in our region;
-     * the peer's in peer_payloads. */
+    /* Split payloads (lm_chan_split_payloads): those of our first
+     * split_in_mbs micro-batches land in a region of their own (device
+     * memory the NIC writes), the headers in our region; the peer's first
+     * split_out_mbs micro-batches' in peer_payloads. 0: none split. */
     lm_rdesc_t peer_payloads;
-    bool split_in, split_out;
+    uint32_t split_in_mbs, split_out_mbs;
     uint32_t mbs, slots, ring;
     uint64_t recv_cap, send_cap;
     uint64_t recv_stride, send_stride, send_base, credit_in_base, credit_out_base;
@@ -188,7 +189,7 @@ static uint64_t peer_recv_slot_off(const lm_chan_t *ch, uint32_t mb, uint32_t sl
  * or into the peer's payload region. */
 static const lm_rdesc_t *payload_dest(const lm_chan_t *ch, uint32_t mb, uint32_t slot, uint64_t *off)
 {
-    if (ch->split_out) {
+    if (mb < ch->split_out_mbs) {
         *off = ((uint64_t)mb * ch->slots + slot) * ch->send_cap;
         return &ch->peer_payloads;
     }
@@ -521,36 +522,42 @@ void lm_chan_close(lm_chan_t *ch)
 
 /* ---- waiting ----------------------------------------------------------------- */
 
-int lm_chan_split_payloads(lm_chan_t *ch, lm_mr_t *recv_payloads, const lm_rdesc_t *peer_payloads)
+int lm_chan_split_payloads(lm_chan_t *ch, lm_mr_t *recv_payloads, uint32_t recv_microbatches,
+                           const lm_rdesc_t *peer_payloads, uint32_t peer_microbatches)
 {
     if (!chan_enter(ch))
         return closed_error("lm_chan_split_payloads");
     int rc = LM_OK;
-    uint64_t ring = ch->ring;
+    uint64_t in_slots = (uint64_t)recv_microbatches * ch->slots, out_slots = (uint64_t)peer_microbatches * ch->slots;
     pthread_mutex_lock(&ch->lock);
     /* Arrivals queued but not opened are fine: the peer placed them as our
-     * hello said, and open_locked reads split_in only when it opens them. */
+     * hello said, and open_locked reads split_in_mbs only when it opens them. */
     if (ch->st.messages || ch->st.messages_received || ch->outstanding)
         rc = lm_fail(LM_ERR_INVALID, "lm_chan_split_payloads: the channel has sent or opened messages already");
+    else if (recv_payloads && (recv_microbatches == 0 || recv_microbatches > ch->mbs))
+        rc = lm_fail(LM_ERR_INVALID, "lm_chan_split_payloads: %u split micro-batches of %u", recv_microbatches,
+                     ch->mbs);
     else if (recv_payloads && recv_payloads->ctx != ch->ctx)
         rc = lm_fail(LM_ERR_INVALID, "lm_chan_split_payloads: the payload region belongs to another context");
-    else if (recv_payloads && recv_payloads->length < ring * ch->recv_cap)
+    else if (recv_payloads && recv_payloads->length < in_slots * ch->recv_cap)
         rc = lm_fail(LM_ERR_INVALID, "lm_chan_split_payloads: the payload region has %llu B, %llu slots of %llu B "
-                     "need %llu", (unsigned long long)recv_payloads->length, (unsigned long long)ring,
-                     (unsigned long long)ch->recv_cap, (unsigned long long)(ring * ch->recv_cap));
+                     "need %llu", (unsigned long long)recv_payloads->length, (unsigned long long)in_slots,
+                     (unsigned long long)ch->recv_cap, (unsigned long long)(in_slots * ch->recv_cap));
     else if (recv_payloads && !(recv_payloads->access & LM_ACCESS_REMOTE_WRITE))
         rc = lm_fail(LM_ERR_INVALID, "lm_chan_split_payloads: the payload region does not grant remote writes");
     else if (recv_payloads && !lm_mr_reachable(recv_payloads, ch->ep->ops->id))
         rc = lm_fail(LM_ERR_UNSUPPORTED, "lm_chan_split_payloads: the payload region is device memory, which %s "
                      "cannot write", ch->ep->ops->name);
-    else if (peer_payloads && peer_payloads->length < ring * ch->send_cap)
+    else if (peer_payloads && (peer_microbatches == 0 || peer_microbatches > ch->mbs))
+        rc = lm_fail(LM_ERR_PROTOCOL, "the peer splits %u micro-batches of %u", peer_microbatches, ch->mbs);
+    else if (peer_payloads && peer_payloads->length < out_slots * ch->send_cap)
         rc = lm_fail(LM_ERR_PROTOCOL, "the peer's payload region has %llu B, its slots need %llu",
-                     (unsigned long long)peer_payloads->length, (unsigned long long)(ring * ch->send_cap));
+                     (unsigned long long)peer_payloads->length, (unsigned long long)(out_slots * ch->send_cap));
     if (rc == LM_OK) {
-        ch->split_in = recv_payloads != NULL;
+        ch->split_in_mbs = recv_payloads ? recv_microbatches : 0;
         if (peer_payloads)
             ch->peer_payloads = *peer_payloads;
-        ch->split_out = peer_payloads != NULL;
+        ch->split_out_mbs = peer_payloads ? peer_microbatches : 0;
     }
     pthread_mutex_unlock(&ch->lock);
     chan_leave(ch);
@@ -855,10 +862,10 @@ static placement_t place(lm_chan_t *ch, const lm_chan_tensor_t *t, uint32_t n, l
 /* With split payloads, a payload that lies in the slot (placed there, or
  * staged) goes apart, as a write from our region into the peer's payload
  * region; how stays as placed otherwise. */
-static placement_t payload_apart(const lm_chan_t *ch, placement_t how, uint64_t payload, uint64_t slot_payload,
-                                 lm_mr_t **region, uint64_t *region_off)
+static placement_t payload_apart(const lm_chan_t *ch, uint32_t mb, placement_t how, uint64_t payload,
+                                 uint64_t slot_payload, lm_mr_t **region, uint64_t *region_off)
 {
-    if (!ch->split_out || payload == 0 || (how != FROM_SLOT && how != STAGED))
+    if (mb >= ch->split_out_mbs || payload == 0 || (how != FROM_SLOT && how != STAGED))
         return how;
     *region = ch->mr;
     *region_off = slot_payload;
@@ -1071,7 +1078,7 @@ static int chan_send(lm_chan_t *ch, uint32_t layer, uint32_t mb, const lm_chan_t
     if (how == STAGED && (rc = stage(ch, t, n, offsets, hdr_at + LM_CHAN_HEADER_BYTES, payload)) != LM_OK)
         return rc;
     placement_t counted = how;
-    how = payload_apart(ch, how, payload, hdr_at + LM_CHAN_HEADER_BYTES, &region, &region_off);
+    how = payload_apart(ch, mb, how, payload, hdr_at + LM_CHAN_HEADER_BYTES, &region, &region_off);
 
     /* Marked in use before posting: the peer's credit may come back before
      * lm_ep_write returns (another thread dispatches it). */
@@ -1229,7 +1236,7 @@ static int chan_send_prepare(lm_chan_t *ch, uint32_t layer, uint32_t mb, const l
         return lm_fail(LM_ERR_INVALID, "message of %llu B exceeds the %llu-byte slot",
                        (unsigned long long)payload, (unsigned long long)ch->send_cap);
     placement_t counted = how;
-    how = payload_apart(ch, how, payload, hdr_at + LM_CHAN_HEADER_BYTES, &region, &region_off);
+    how = payload_apart(ch, mb, how, payload, hdr_at + LM_CHAN_HEADER_BYTES, &region, &region_off);
     lm_chan_deferred_t *op = &ch->send_ops[idx];
     *op = (lm_chan_deferred_t){.ch = ch, .kind = DEFERRED_SEND, .mb = mb, .slot = slot, .seq = seq,
                                .hdr_at = hdr_at, .length = LM_CHAN_HEADER_BYTES + (how == FROM_SLOT ? payload : 0),
@@ -1483,7 +1490,7 @@ static int open_locked(lm_chan_t *ch, uint32_t mb, uint32_t slot, lm_chan_msg_t 
         for (uint32_t d = e.ndim; d < LM_CHAN_MAX_NDIM; d++)
             out->tensors[i].shape[d] = 0; /* the entry is a byte-exact layout key (Python's view cache) */
         /* An offset in our region, or in the payload region when split. */
-        out->tensors[i].addr = (ch->split_in ? ((uint64_t)mb * ch->slots + slot) * ch->recv_cap
+        out->tensors[i].addr = (mb < ch->split_in_mbs ? ((uint64_t)mb * ch->slots + slot) * ch->recv_cap
                                              : at + LM_CHAN_HEADER_BYTES) + e.offset;
         out->tensors[i].nbytes = nbytes;
         out->tensors[i].dtype = e.dtype;
