@@ -512,13 +512,67 @@ def test_one_request_per_micro_batch_holds_the_reply_slot_and_a_failed_respond_g
         model_side.close()
 
 
-def test_channels_taking_payloads_into_device_memory_are_refused_by_the_engine():
-    """The engine reads replies on the host side of the ring: such channels are refused with the reason
-    (a channel's payloads= region is only faked here: a CUDA region needs a GPUDirect NIC)."""
+def test_a_channel_taking_its_control_micro_batch_into_device_memory_is_refused_by_the_engine():
+    """The engine reads step metadata and control messages on the host: a channel whose payloads all land
+    in device memory is refused with the remedy; one that keeps the control micro-batch in the ring is
+    served (a channel's payloads= region is only faked here: a CUDA region needs a GPUDirect NIC; the
+    real one runs in tests/rxe)."""
     from types import SimpleNamespace
 
-    from lamina_comm.engine.remote import _refuse_device_payloads
+    from lamina_comm.engine.remote import _refuse_device_control
     from lamina_comm.gpu.memory import CudaRegionBase
-    _refuse_device_payloads(SimpleNamespace(name="host", payloads=None))
-    with pytest.raises(lc.UnsupportedError, match="does not serve such channels yet"):
-        _refuse_device_payloads(SimpleNamespace(name="gpu", payloads=CudaRegionBase()))
+    spec = SimpleNamespace(microbatches=3)
+    _refuse_device_control(SimpleNamespace(name="host", payloads=None, payload_microbatches=0, spec=spec))
+    _refuse_device_control(SimpleNamespace(name="gpu", payloads=CudaRegionBase(), payload_microbatches=2, spec=spec))
+    with pytest.raises(lc.UnsupportedError, match="payload_microbatches=2"):
+        _refuse_device_control(SimpleNamespace(name="gpu", payloads=CudaRegionBase(), payload_microbatches=3,
+                                               spec=spec))
+
+
+def test_payload_regions_take_the_layers_and_the_ring_keeps_the_metadata() -> None:
+    """RemoteAttention(payloads=) and AttentionService.accept(payloads=): each side's data micro-batches
+    land in a region of its own (GPU memory in production; host memory over tcp here), step metadata,
+    compute times and error texts still reach the host, bit for bit."""
+    with lc.Context("tcp") as ctx:
+        ranks = 2
+        service_regions = [ctx.register(np.zeros(SHAPE.payload_bytes(a, ranks, "attention"), np.uint8))
+                           for a in range(ranks)]
+        services = [AttentionService(ctx, SHAPE, rank=a, ranks=ranks, report_compute_time=True) for a in range(ranks)]
+        seen: list[Any] = []
+
+        def serve(service: AttentionService) -> None:
+            service.accept(1, timeout=TIMEOUT_S, payloads=[service_regions[service.rank]])
+            for _ in range(3):
+                request = service.recv(timeout=TIMEOUT_S)
+                landing = service_regions[service.rank].view()
+                seen.append((np.shares_memory(request.q.numpy(), landing), request.request_ids.tolist()))
+                if request.layer == 2:
+                    request.fail(f"rank {service.rank} refuses layer 2")
+                else:
+                    request.respond(request.q * 2 + service.rank, compute_ns=1000 + service.rank)
+
+        threads = [threading.Thread(target=serve, args=(s,), daemon=True) for s in services]
+        for thread in threads:
+            thread.start()
+        reply_regions = [ctx.register(np.zeros(SHAPE.payload_bytes(a, ranks), np.uint8)) for a in range(ranks)]
+        with pytest.raises(lc.InvalidArgumentError, match="1 payload regions for 2"):
+            RemoteAttention(ctx, [s.address for s in services], SHAPE, payloads=reply_regions[:1])
+        with RemoteAttention(ctx, [s.address for s in services], SHAPE, payloads=reply_regions) as remote:
+            assert [c.payload_microbatches for c in remote.channels] == [SHAPE.microbatches] * ranks
+            remote.send_metadata(1, [5, 6], [3, 4])
+            for layer in range(2):
+                q = torch.randn(2, 8, 16)
+                remote.send(q, torch.randn(2, 4, 16), torch.randn(2, 4, 16), layer=layer, microbatch=1)
+                expected = q * 2
+                expected[:, 4:] += 1
+                assert torch.equal(remote.recv_into(torch.empty(2, 8, 16), layer=layer, microbatch=1), expected)
+                assert [reply.compute_ns for reply in remote.replies] == [1000, 1001]
+            remote.send(q, torch.randn(2, 4, 16), torch.randn(2, 4, 16), layer=2, microbatch=1)
+            with pytest.raises(AttentionRankError, match="rank 0 refuses layer 2"):
+                remote.recv_into(torch.empty(2, 8, 16), layer=2, microbatch=1)
+            remote.drain()
+        for thread in threads:
+            thread.join(TIMEOUT_S)
+        for service in services:
+            service.close()
+    assert seen == [(True, [5, 6])] * 6

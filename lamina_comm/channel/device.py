@@ -23,6 +23,7 @@ objects and ``recv_into`` copies device to device.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 from ctypes import c_void_p
 from typing import Any, Optional
@@ -128,6 +129,32 @@ class DeviceSlotView:
         return f"DeviceSlotView({self.dtype_name}{list(self.shape)} at 0x{self.ptr:x} on cuda:{self.region.device})"
 
 
+@dataclasses.dataclass
+class HostLanding:
+    """A page-locked host destination (``cuda.PinnedBuffer`` bytes) for ``DeviceStaging.recv_into``: a
+    tensor that arrived in device memory is copied there on the stream (``cuMemcpyDtoHAsync``; read it
+    once the stream got there), one in the host ring at once. Small host-read values of a GPUDirect
+    receive (a reply's compute time) take this way."""
+
+    ptr: int
+    nbytes: int
+
+
+def read_device_view(view: DeviceSlotView) -> np.ndarray:
+    """A received device tensor's bytes on the host, waiting for the copy (for rare, small reads: an
+    error reply's text); the caller holds the message, so the NIC does not write the slot meanwhile."""
+    device = cuda.get_device(view.region.device)
+    out = np.empty(view.nbytes, np.uint8)
+    stream = cuda.Stream(device)
+    try:
+        with device.activate():
+            cuda.memcpy_dtoh_async(device.driver, out.ctypes.data, view.ptr, view.nbytes, stream.handle)
+            stream.synchronize()
+    finally:
+        stream.close()
+    return out
+
+
 def flush_nic_writes(region: Any) -> None:
     """NIC writes that reached GPU memory made visible to work launched after this (the driver's
     ``cuFlushGPUDirectRDMAWrites``). A driver without it, or a device that does not offer the flush
@@ -158,11 +185,14 @@ def _lies_in(item: DeviceTensor, region: Any) -> bool:
 def _copy(device: Any, to_device: bool, host: int, item: DeviceTensor, stream: Optional[int],
           from_device: bool = False) -> None:
     """One copy between the (packed) slot and the device tensor: 1D, or 2D over its rows. from_device:
-    the slot is a device payload region (GPUDirect receive): device to device, contiguous only."""
+    the slot is a device payload region (GPUDirect receive): device to device."""
     if from_device:
         if item.rows:
-            raise InvalidArgumentError("a payload in device memory is copied into contiguous CUDA tensors only")
-        cuda.memcpy_dtod_async(device.driver, item.ptr, host, item.nbytes, stream)
+            row_bytes = item.nbytes // item.rows
+            cuda.memcpy_rows_dtod_async(device.driver, item.ptr, item.row_stride, host, row_bytes, row_bytes,
+                                        item.rows, stream)
+        else:
+            cuda.memcpy_dtod_async(device.driver, item.ptr, host, item.nbytes, stream)
     elif item.rows:
         row_bytes = item.nbytes // item.rows
         if to_device:
@@ -347,35 +377,51 @@ class DeviceStaging:
         if len(outs) != len(message.tensors):
             raise InvalidArgumentError(f"channel {channel.name}: the message carries {len(message.tensors)} "
                                        f"tensor(s), {len(outs)} destination(s) given")
-        targets = []
+        targets: list[Any] = []
         for i, (out, part) in enumerate(zip(outs, message.tensors)):
-            target = describe_device_tensor(out) if is_device_tensor(out) else None
-            if isinstance(part, DeviceSlotView) and (target is None or target.rows):
+            if type(out) is HostLanding:
+                if out.nbytes != part.nbytes:
+                    raise InvalidArgumentError(f"channel {channel.name}: tensor {i} has {part.nbytes} B, its "
+                                               f"page-locked landing {out.nbytes}")
+                targets.append(out)
+                continue
+            target = out if type(out) is DeviceTensor else \
+                describe_device_tensor(out) if is_device_tensor(out) else None
+            if isinstance(part, DeviceSlotView) and target is None:
                 raise InvalidArgumentError(f"channel {channel.name}: tensor {i} arrived in device memory "
-                                           "(payloads=): receive it into a contiguous CUDA tensor")
+                                           "(payloads=): receive it into a CUDA tensor")
             shape = target.shape if target else tuple(out.shape)
             dtype_name = target.dtype_name if target else dtypes.canonical(out.dtype)
             if shape != tuple(part.shape) or dtype_name != part.dtype_name:
                 raise InvalidArgumentError(f"channel {channel.name}: tensor {i} is {part.dtype_name}"
                                            f"{list(part.shape)}, its destination {dtype_name}{list(shape)}")
             targets.append(target)
+        device_parts = []
         for out, target, part in zip(outs, targets, message.tensors):
+            on_device = isinstance(part, DeviceSlotView)
             if target is None:  # host destinations at once
                 if type(out).__module__.startswith("torch"):
                     out.copy_(to_torch(part))
                 else:
                     np.copyto(out, part, casting="no")
-        device_parts = [(t, p) for t, p in zip(targets, message.tensors) if t is not None]
+            elif type(target) is HostLanding and not on_device:
+                ctypes.memmove(target.ptr, part.ctypes.data, target.nbytes)
+            else:
+                device_parts.append((target, part))
         if not device_parts:
             message.release()
             return
-        device, handle = self._device_and_stream([t for t, _ in device_parts], stream)
+        tensors = [t for t, _ in device_parts if type(t) is DeviceTensor]
+        device, handle = self._device_and_stream(tensors, stream)
         queued = False
         try:
             with device.activate():
                 for target, part in device_parts:
                     on_device = isinstance(part, DeviceSlotView)
-                    _copy(device, True, part.ptr if on_device else part.ctypes.data, target, handle, on_device)
+                    if type(target) is HostLanding:
+                        cuda.memcpy_dtoh_async(device.driver, target.ptr, part.ptr, target.nbytes, handle)
+                    else:
+                        _copy(device, True, part.ptr if on_device else part.ctypes.data, target, handle, on_device)
                     queued = True
             op = self._release_op(message)
         except BaseException:

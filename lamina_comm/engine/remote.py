@@ -2,11 +2,13 @@
 rank's head share, the attention output gathered back into the caller's tensor."""
 from __future__ import annotations
 
+import ctypes
 import time
 from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from lamina_comm import dtypes
 from lamina_comm.channel import Channel, ChannelGroup, Message
 from lamina_comm.errors import InvalidArgumentError, LaminaError, ProtocolError, UnsupportedError
 from lamina_comm.model.kvcache import HeadRange
@@ -85,13 +87,66 @@ class LayerBuffers:
             views[2].copy_(v[:, ks:ke])
 
 
-def _refuse_device_payloads(channel: Channel) -> None:
-    """The engine reads replies' compute times and copies into head slices on the host side of the ring: a
-    channel whose payloads land in device memory (payloads=) is not served yet."""
+def _refuse_device_control(channel: Channel) -> None:
+    """The engine reads the control micro-batch (the channel's last: step metadata, control messages) on
+    the host: a channel whose payloads land in device memory must keep that one in the ring
+    (``payload_microbatches=`` the data micro-batches only)."""
     from ..channel.core import _is_cuda_region
-    if _is_cuda_region(channel.payloads):
-        raise UnsupportedError(f"channel {channel.name} takes its payloads into device memory (payloads=): the "
-                               "engine API does not serve such channels yet; receive on the channel itself")
+    if _is_cuda_region(channel.payloads) and channel.payload_microbatches >= channel.spec.microbatches:
+        raise UnsupportedError(f"channel {channel.name} takes every micro-batch's payloads into device memory "
+                               f"(payloads=): the engine reads its control micro-batch on the host; connect it "
+                               f"with payload_microbatches={channel.spec.microbatches - 1} (the data micro-batches)")
+
+
+class _ReplyTimes:
+    """Compute times of replies that landed in device memory (GPUDirect receive): each ``recv_into`` has
+    the copy engine copy them on its stream into a row of page-locked host memory; ``read`` waits for
+    that row's copies, so only a caller of ``RemoteAttention.replies`` ever waits for the device."""
+
+    DEPTH = 4  # rows in turn: a row is reused DEPTH calls later, its copies long done
+
+    def __init__(self, device: Any, ranks: int):
+        from lamina_comm.gpu import cuda
+        self._device, self._ranks = device, ranks
+        self._pinned = cuda.PinnedBuffer(device, self.DEPTH * ranks * 8)
+        self._values = np.frombuffer((ctypes.c_int64 * (self.DEPTH * ranks)).from_address(self._pinned.address),
+                                     np.int64).reshape(self.DEPTH, ranks)
+        self._events = [cuda.Event(device) for _ in range(self.DEPTH)]
+        self._queued = [False] * self.DEPTH
+        self._next = 0
+
+    def row(self) -> int:
+        """The next row, its last copies done."""
+        row, self._next = self._next, (self._next + 1) % self.DEPTH
+        self._wait(row)
+        return row
+
+    def landing(self, row: int, rank: int) -> Any:
+        from lamina_comm.channel.device import HostLanding
+        return HostLanding(self._pinned.address + (row * self._ranks + rank) * 8, 8)
+
+    def queued(self, row: int, stream: Optional[int]) -> None:
+        with self._device.activate():
+            self._events[row].record(stream)
+        self._queued[row] = True
+
+    def read(self, row: int, rank: int) -> int:
+        self._wait(row)
+        return max(0, int(self._values[row, rank]))  # a time: a negative one from a buggy rank is not one
+
+    def _wait(self, row: int) -> None:
+        if self._queued[row]:
+            with self._device.activate():
+                self._events[row].synchronize()
+            self._queued[row] = False
+
+    def close(self) -> None:
+        for row in range(self.DEPTH):
+            try:
+                self._wait(row)
+            finally:
+                self._events[row].close()
+        self._pinned.close()
 
 
 class RemoteAttention:
@@ -107,16 +162,23 @@ class RemoteAttention:
     """
 
     def __init__(self, context: Context, addresses: Sequence[str], shape: AttentionShape, *,
-                 connect_timeout: float = 30.0, timeout: float = 30.0):
+                 connect_timeout: float = 30.0, timeout: float = 30.0, payloads: Optional[Sequence[Any]] = None):
+        """``payloads``: a registered region per rank (GPU memory registered for the NIC, on verbs) that
+        takes its replies' payloads (``shape.payload_bytes(rank, ranks)`` each): the attention output
+        lands there, not in the host ring, and ``recv_into`` a CUDA tensor copies it device to device."""
         if not addresses:
             raise InvalidArgumentError("RemoteAttention needs at least one attention rank")
         ranks = len(addresses)
+        if payloads is not None and len(payloads) != ranks:
+            raise InvalidArgumentError(f"{len(payloads)} payload regions for {ranks} attention ranks")
         channels: list[Channel] = []
         try:
             for rank, address in enumerate(addresses):
+                landing = None if payloads is None else payloads[rank]
                 channels.append(Channel.connect(
                     context, address, shape.channel_spec(rank, ranks), role="model", name=f"attention-{rank}",
-                    connect_timeout=connect_timeout, timeout=timeout, piggyback_credits=True))
+                    connect_timeout=connect_timeout, timeout=timeout, piggyback_credits=True, payloads=landing,
+                    payload_microbatches=None if landing is None else shape.microbatches))
         except BaseException:
             for channel in channels:
                 channel.close()
@@ -141,7 +203,7 @@ class RemoteAttention:
         if len(heads) != ranks:
             raise InvalidArgumentError(f"{len(heads)} head shares for {ranks} channels")
         for rank, (channel, (start, end)) in enumerate(zip(channels, heads)):
-            _refuse_device_payloads(channel)
+            _refuse_device_control(channel)
             spec, local_kv = channel.spec, end - start
             if not 0 <= start < end <= shape.num_kv_heads or spec.kv_heads != local_kv or \
                     spec.heads != local_kv * shape.group_size or spec.head_dim != shape.head_dim or \
@@ -168,6 +230,11 @@ class RemoteAttention:
         # Replies still to come, per rank and micro-batch (drain() takes them after a failure).
         self._in_flight = [[0] * shape.microbatches for _ in channels]
         self._replies: list[tuple[int, Optional[int]]] = []  # (arrived_ns, compute_ns) per rank: replies
+        # Replies in device memory: their compute times, copied on the stream (row, ranks that sent one).
+        self._times: Optional[_ReplyTimes] = None
+        from ..channel.core import _is_cuda_region
+        self._device_replies = any(_is_cuda_region(channel.payloads) for channel in channels)
+        self._times_pending: Optional[tuple[int, list[int]]] = None
         # Each rank's heads of recently used outputs, as numpy views (by pointer, shape, dtype, strides).
         self._destinations_of: dict[tuple, list[np.ndarray]] = {}
         self._shapes: dict[int, list[list[tuple[int, int, int]]]] = {}
@@ -299,8 +366,10 @@ class RemoteAttention:
         to arrive, never for the device.
         """
         self._check_microbatch(microbatch)
-        if _on_cuda(out):
+        if _on_cuda(out) or (not type(out).__module__.startswith("torch") and hasattr(out, "__cuda_array_interface__")):
             return self._recv_into_device(out, layer, microbatch, timeout, stream)
+        if self._device_replies:
+            raise InvalidArgumentError("the replies land in device memory (payloads=): recv_into a CUDA tensor")
         destinations = self._destinations(out)
         messages = self._take_replies(microbatch, timeout)
         try:
@@ -322,6 +391,7 @@ class RemoteAttention:
             raise
         for counts in self._in_flight:
             counts[microbatch] -= 1
+        self._times_pending = None
         try:
             # Plain tuples here (a few hundred ns a layer less); ``replies`` names their fields.
             self._replies = [(message.arrived_ns, _compute_ns(message)) for message in messages]
@@ -333,7 +403,13 @@ class RemoteAttention:
 
     @property
     def replies(self) -> list[RankReply]:
-        """Every rank's reply to the last ``recv_into``: when it landed, the compute time it reported."""
+        """Every rank's reply to the last ``recv_into``: when it landed, the compute time it reported.
+        (Replies that landed in device memory: waits for the copies of their compute times.)"""
+        pending, self._times_pending = self._times_pending, None
+        if pending is not None:
+            row, ranks = pending
+            for rank in ranks:
+                self._replies[rank] = (self._replies[rank][0], self._times.read(row, rank))
         return [RankReply(*reply) for reply in self._replies]
 
     def _checked_reply(self, rank: int, message: Message, layer: int, shape: tuple[int, ...]) -> Any:
@@ -344,7 +420,7 @@ class RemoteAttention:
             error = ProtocolError(f"attention rank {rank} answered layer {message.layer}, expected {layer}")
         else:
             tensors = message.tensors
-            if tensors and len(tensors) == 1 + (self._replies[rank][1] is not None) and \
+            if tensors and len(tensors) == 1 + _has_compute_time(message) and \
                     tensors[0].shape == tuple(shape) and tensors[0].dtype_name == self.shape.dtype:
                 return tensors[0]
             error = ProtocolError(f"attention rank {rank} answered {len(tensors)} tensor(s) "
@@ -355,25 +431,48 @@ class RemoteAttention:
 
     def _recv_into_device(self, out: Any, layer: int, microbatch: int, timeout: Optional[float],
                           stream: Any) -> Any:
-        tokens = out.shape[0]
-        if str(out.dtype) != f"torch.{self.shape.dtype}" or not out.is_contiguous() or \
-                out.numel() != tokens * self.shape.num_heads * self.shape.head_dim:
-            raise InvalidArgumentError(f"recv_into needs a contiguous {self.shape.dtype} tensor of [T, "
-                                       f"{self.shape.num_heads}, {self.shape.head_dim}] or [T, "
-                                       f"{self.shape.num_heads * self.shape.head_dim}] elements, got "
-                                       f"{out.dtype}{list(out.shape)}")
-        if stream is None:
+        from lamina_comm.channel.device import DeviceSlotView, DeviceTensor, describe_device_tensor
+        target = describe_device_tensor(out)
+        shape = self.shape
+        tokens = target.shape[0] if target.shape else 0
+        itemsize = np.dtype(dtypes.numpy_storage(shape.dtype)).itemsize
+        if target.dtype_name != shape.dtype or target.rows or \
+                target.nbytes != tokens * shape.num_heads * shape.head_dim * itemsize:
+            raise InvalidArgumentError(f"recv_into needs a contiguous {shape.dtype} tensor of [T, {shape.num_heads}, "
+                                       f"{shape.head_dim}] or [T, {shape.num_heads * shape.head_dim}] elements, "
+                                       f"got {target.dtype_name}{list(target.shape)}")
+        if stream is None and type(out).__module__.startswith("torch"):
             import torch
             stream = torch.cuda.current_stream(out.device)
-        heads = out.view(tokens, self.shape.num_heads, self.shape.head_dim)
+        # Each rank's heads of out: T rows of its (qe - qs) heads, H heads apart (one 2D copy each).
+        head_bytes, row_pitch = shape.head_dim * itemsize, shape.num_heads * shape.head_dim * itemsize
         messages = self._take_replies(microbatch, timeout)
         try:
+            times: list[int] = []
+            row = -1
             for rank, (message, channel, (qs, qe)) in enumerate(zip(messages, self.channels, self.q_heads)):
-                destination = heads[:, qs:qe]
-                self._checked_reply(rank, message, layer, tuple(destination.shape))
-                # The compute time (when sent) is in self._replies already: copied to a scratch, at once.
-                outs = [destination] if len(message.tensors) == 1 else [destination, np.empty(1, np.int64)]
+                heads = DeviceTensor(out, target.ptr + qs * head_bytes, tokens * (qe - qs) * head_bytes,
+                                     shape.dtype, (tokens, qe - qs, shape.head_dim), target.device, target.stream,
+                                     tokens if qe - qs < shape.num_heads else 0, row_pitch)
+                part = self._checked_reply(rank, message, layer, heads.shape)
+                outs: list[Any] = [heads]
+                if len(message.tensors) == 2:
+                    if isinstance(part, DeviceSlotView):  # the compute time is in device memory too
+                        if self._times is None:
+                            self._times = _ReplyTimes(channel._device_staging()._device(part.region.device),
+                                                      len(self.channels))
+                        if row < 0:
+                            row = self._times.row()
+                        outs.append(self._times.landing(row, rank))
+                        times.append(rank)
+                    else:  # in self._replies already: copied to a scratch, at once
+                        outs.append(np.empty(1, np.int64))
                 channel._device_staging().recv_into(message, outs, stream)
+            if times:
+                from lamina_comm.gpu.stream import stream_handle
+                handle = stream_handle(stream)
+                self._times.queued(row, handle if handle is not None else target.stream)
+                self._times_pending = (row, times)
         finally:
             for message in messages:
                 message.release()  # (a no-op for those the stream took over)
@@ -440,6 +539,9 @@ class RemoteAttention:
                 raise
 
     def close(self) -> None:
+        times, self._times = self._times, None
+        if times is not None:
+            times.close()  # first: its copies are queued behind the channels' streams
         if self._owns:
             for channel in self.channels:
                 channel.close()
@@ -455,12 +557,17 @@ class RemoteAttention:
         self.close()
 
 
-def _compute_ns(message: Message) -> Optional[int]:
-    """The compute time a reply carries as its second tensor (int64 [1]), or None."""
+def _has_compute_time(message: Message) -> bool:
+    """Whether a reply carries the rank's compute time as its second tensor (int64 [1])."""
     tensors = message.tensors
-    if len(tensors) == 2 and tensors[1].dtype_name == "int64" and tensors[1].shape == (1,):
-        return max(0, int(tensors[1][0]))  # a time: a negative one from a buggy rank is not one
-    return None
+    return len(tensors) == 2 and tensors[1].dtype_name == "int64" and tensors[1].shape == (1,)
+
+
+def _compute_ns(message: Message) -> Optional[int]:
+    """The compute time a reply carries, or None (also while it is in device memory: see _ReplyTimes)."""
+    if not _has_compute_time(message) or not isinstance(message.tensors[1], np.ndarray):
+        return None
+    return max(0, int(message.tensors[1][0]))  # a time: a negative one from a buggy rank is not one
 
 
 def _on_cuda(tensor: Any) -> bool:

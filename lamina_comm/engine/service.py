@@ -3,12 +3,12 @@ the output written straight into the reply slot."""
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
 from lamina_comm.channel import Channel, ChannelGroup, Message, to_torch
-from lamina_comm.channel.device import is_device_tensor
+from lamina_comm.channel.device import DeviceSlotView, describe_device_tensor, is_device_tensor
 from lamina_comm.errors import ClosedError, InvalidArgumentError, LaminaError, ProtocolError, TimeoutError_
 from lamina_comm.model.kvcache import HeadRange
 from lamina_comm.transport import Context
@@ -139,9 +139,18 @@ class LayerRequest:
             if out is None:
                 raise InvalidArgumentError("a stream-ordered respond(out, stream=) needs the output tensor")
             self._check_reply_slot()
-            self.release()
-            tensors = [out, compute_time(compute_ns)] if reporting else [out]
-            self.channel.send(tensors, layer=self.layer, microbatch=self.microbatch, timeout=timeout, stream=stream)
+            channel = self.channel
+            # q/k/v in device memory (payloads=) are read by the work queued on the stream: the slot goes
+            # back behind it; ring views were copied out already (or read on the host).
+            on_device = not self._message.released and any(isinstance(t, DeviceSlotView) for t in self._views)
+            if not on_device:
+                self.release()  # first: its credit rides in the reply's header
+            try:
+                tensors = [out, compute_time(compute_ns)] if reporting else [out]
+                channel.send(tensors, layer=self.layer, microbatch=self.microbatch, timeout=timeout, stream=stream)
+            finally:
+                if on_device:
+                    self.release(stream=_stream_of(out, stream))
             return
         try:
             view = self.output(timeout)
@@ -161,13 +170,24 @@ class LayerRequest:
         self.release()
         self.channel.send([encode_error(reason)], layer=ERROR_LAYER, microbatch=self.microbatch, timeout=timeout)
 
-    def release(self) -> None:
-        """Give the request's slot back (``respond`` does it; after ``to_device`` the stream does)."""
+    def release(self, stream: Any = None) -> None:
+        """Give the request's slot back (``respond`` does it; after ``to_device`` the stream does).
+        ``stream``: once the work queued on it so far is done (kernels reading device views of q/k/v)."""
         message, self._message = self._message, None
         if message is not None:
-            message.release()  # (a no-op once to_device handed it to the stream)
+            message.release(stream)  # (a no-op once to_device handed it to the stream)
         if self._output is not None and self._service._holding.get((self.peer, self.microbatch)) is self:
             del self._service._holding[(self.peer, self.microbatch)]
+
+
+def _stream_of(out: Any, stream: Any) -> Any:
+    """The stream a stream-ordered reply goes on: ``stream``, else the output's own (torch: current)."""
+    if stream is not None:
+        return stream
+    if type(out).__module__.startswith("torch"):
+        import torch
+        return torch.cuda.current_stream(out.device)
+    return describe_device_tensor(out).stream or 0
 
 
 def _numpy_of(tensor: Any) -> np.ndarray:
@@ -233,15 +253,26 @@ class AttentionService:
         except KeyError:
             raise ClosedError(f"model rank {peer} is no longer served") from None
 
-    def accept(self, model_ranks: int, timeout: Optional[float] = None) -> None:
-        """Accept a channel from each of ``model_ranks`` model ranks (in the order they connect)."""
+    def accept(self, model_ranks: int, timeout: Optional[float] = None, *,
+               payloads: Optional[Sequence[Any]] = None) -> None:
+        """Accept a channel from each of ``model_ranks`` model ranks (in the order they connect).
+
+        ``payloads``: a registered region per model rank (GPU memory registered for the NIC, on verbs;
+        ``shape.payload_bytes(rank, ranks, "attention")`` each) that takes its requests' q/k/v: the
+        request's tensors are then CUDA views there (no copy; the slot goes back with
+        ``respond(out, stream=)`` once that stream's work is done). Step metadata stays in the host ring.
+        """
         if self._listener is None:
             raise ClosedError("this service has no listener (listen=None): attach() channels instead")
+        if payloads is not None and len(payloads) != model_ranks:
+            raise InvalidArgumentError(f"{len(payloads)} payload regions for {model_ranks} model ranks")
         for index in range(model_ranks):
+            landing = None if payloads is None else payloads[index]
             self.attach(Channel.accept(
                 self._listener, self.spec, role="attention", name=f"model-{index}",
                 accept_timeout=self.timeout if timeout is None else timeout, timeout=self.timeout,
-                piggyback_credits=True))
+                piggyback_credits=True, payloads=landing,
+                payload_microbatches=None if landing is None else self.shape.microbatches))
 
     def attach(self, channel: Channel) -> int:
         """Serve one more model rank over ``channel``; its peer id (``LayerRequest.peer``).
@@ -249,8 +280,8 @@ class AttentionService:
         The channel must carry this rank's head share (``AttentionShape.channel_spec``'s layout: the
         control micro-batch last; other token and micro-batch counts are fine). ``close`` closes it.
         """
-        from .remote import _refuse_device_payloads
-        _refuse_device_payloads(channel)
+        from .remote import _refuse_device_control
+        _refuse_device_control(channel)
         spec, ours = channel.spec, self.spec
         if (spec.heads, spec.kv_heads, spec.head_dim, spec.dtype) != (ours.heads, ours.kv_heads, ours.head_dim,
                                                                       ours.dtype) or spec.microbatches < 2:

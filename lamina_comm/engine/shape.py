@@ -53,6 +53,13 @@ class AttentionShape:
         and one more micro-batch for per-step metadata (request ids and positions, 16 B per token)."""
         return self.share_spec(self.kv_heads(rank, ranks))
 
+    def payload_bytes(self, rank: int, ranks: int, role: str = "model") -> int:
+        """Bytes of a region taking the payloads ``role``'s side of rank ``rank``'s channel receives on
+        the data micro-batches (``payloads=``, GPUDirect receive; the control micro-batch stays in the
+        ring): the model side's replies, or the attention side's requests."""
+        from lamina_comm.channel.spec import RingLayout
+        return RingLayout.for_role(self.channel_spec(rank, ranks), role).payload_bytes_of(self.microbatches)
+
     def share_spec(self, kv_heads: HeadRange) -> ChannelSpec:
         """``channel_spec`` of the attention rank serving ``kv_heads`` (any contiguous range)."""
         start, end = kv_heads

@@ -46,7 +46,11 @@ def decode_error(message: Any) -> str:
     tensors = message.tensors
     if len(tensors) != 1 or tensors[0].dtype_name != "uint8":
         return f"an error reply of {len(tensors)} tensors (not one text)"
-    return np.asarray(tensors[0]).tobytes().decode(errors="replace")
+    text = tensors[0]
+    if not isinstance(text, np.ndarray):  # it landed in device memory (GPUDirect receive): read it back
+        from lamina_comm.channel.device import read_device_view
+        text = read_device_view(text)
+    return np.asarray(text).tobytes().decode(errors="replace")
 
 
 def compute_time(nanoseconds: int) -> np.ndarray:

@@ -608,6 +608,14 @@ def memcpy_dtod_async(drv: Driver, dst: int, src: int, nbytes: int, stream: int 
     drv.call("cuMemcpyDtoDAsync", dst, src, nbytes, stream)
 
 
+def memcpy_rows_dtod_async(drv: Driver, dst: int, dst_pitch: int, src: int, src_pitch: int, row_bytes: int,
+                           rows: int, stream: int | None) -> None:
+    """rows of row_bytes, pitch bytes apart on each side, device to device: one 2D copy."""
+    p = _Memcpy2D(WidthInBytes=row_bytes, Height=rows, srcPitch=src_pitch, dstPitch=dst_pitch)
+    p.srcMemoryType, p.srcDevice, p.dstMemoryType, p.dstDevice = CU_MEMORYTYPE_DEVICE, src, CU_MEMORYTYPE_DEVICE, dst
+    drv.call("cuMemcpy2DAsync", byref(p), stream)
+
+
 def memset_d8_async(drv: Driver, dev: int, value: int, nbytes: int, stream: int | None) -> None:
     drv.call("cuMemsetD8Async", dev, value, nbytes, stream)
 
