@@ -512,6 +512,95 @@ def test_payloads_land_in_registered_device_memory(mock_gpudirect):
             open_pair(c, d, attention_payloads=region)
 
 
+def test_the_engine_serves_layers_through_device_payload_regions(mock_gpudirect):
+    """The engine API over GPUDirect receives, both ways: each side's data micro-batches land in a CUDA
+    region registered for the NIC (peermem, the mock's memory), the control micro-batch in the ring.
+    The attention ranks read q from device views (no copy) or copy them out with to_device, and answer
+    stream-ordered; recv_into a CUDA tensor copies every rank's heads device to device; step metadata,
+    compute times and an error text reach the host."""
+    import ctypes
+
+    from lamina_comm.channel.device import DeviceSlotView
+    from lamina_comm.engine import AttentionRankError, AttentionService, AttentionShape, RemoteAttention
+
+    from ..mock_cuda import MockDeviceArray
+    shape = AttentionShape(num_heads=8, num_kv_heads=4, head_dim=16, max_tokens=4, dtype="float16")
+    ranks, tokens = 2, 3
+
+    def host_of(view):  # the mock's device memory is host memory
+        raw = (ctypes.c_char * view.nbytes).from_address(view.ptr)
+        return np.frombuffer(raw, np.float16).reshape(view.shape)
+
+    with lc.Context("verbs") as a, lc.Context("verbs") as b:
+        landings = [MockDeviceArray(mock_gpudirect, (shape.payload_bytes(r, ranks, "attention"),))
+                    for r in range(ranks)]
+        service_regions = [b.register(landing) for landing in landings]
+        assert all(region.path == "peermem" for region in service_regions)
+        services = [AttentionService(b, shape, rank=r, ranks=ranks, listen=f"{HOST}:0", timeout=60,
+                                     report_compute_time=True) for r in range(ranks)]
+        seen, errors = [], []
+
+        def serve(service: AttentionService) -> None:
+            try:
+                service.accept(1, timeout=60, payloads=[service_regions[service.rank]])
+                for layer in range(3):
+                    request = service.recv(timeout=60)
+                    assert all(isinstance(view, DeviceSlotView) for view in request._views)
+                    if request.layer == 2:
+                        request.fail(f"rank {service.rank} refuses layer 2")
+                        continue
+                    if request.layer == 0:  # read where the NIC wrote it
+                        q = host_of(request._views[0]).copy()
+                    else:  # copied out on the stream (device to device)
+                        q_dev = MockDeviceArray(mock_gpudirect, request._views[0].shape, "float16")
+                        k_dev, v_dev = (MockDeviceArray(mock_gpudirect, v.shape, "float16") for v in request._views[1:])
+                        request.to_device(q_dev, k_dev, v_dev, stream=0x99)
+                        q = q_dev.host.copy()
+                    seen.append((service.rank, request.layer, request.request_ids.tolist()))
+                    out = MockDeviceArray(mock_gpudirect, q.shape, "float16")
+                    out.host[...] = q * 2 + service.rank
+                    request.respond(out, stream=0x99, compute_ns=5000 + service.rank)
+                service.channels[0].flush(60)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=serve, args=(s,), daemon=True) for s in services]
+        for thread in threads:
+            thread.start()
+        reply_regions = [a.register(MockDeviceArray(mock_gpudirect, (shape.payload_bytes(r, ranks),)))
+                         for r in range(ranks)]
+        rng = np.random.default_rng(11)
+        try:
+            with RemoteAttention(a, [s.address for s in services], shape, timeout=60,
+                                 payloads=reply_regions) as remote:
+                remote.send_metadata(0, [4, 4, 8], [0, 1, 0])
+                for layer in range(2):
+                    q = rng.standard_normal((tokens, 8, 16)).astype(np.float16)
+                    k = rng.standard_normal((tokens, 4, 16)).astype(np.float16)
+                    remote.send(q, k, k, layer=layer, microbatch=0)
+                    out = MockDeviceArray(mock_gpudirect, (tokens, 8, 16), "float16")
+                    with pytest.raises(lc.InvalidArgumentError, match="recv_into a CUDA tensor"):
+                        remote.recv_into(np.empty((tokens, 8, 16), np.float16), layer=layer, microbatch=0)
+                    remote.recv_into(out, layer=layer, microbatch=0, stream=0x55)
+                    assert [reply.compute_ns for reply in remote.replies] == [5000, 5001]
+                    remote.flush(60)
+                    expected = q * 2
+                    expected[:, 4:] += np.float16(1)
+                    assert out.host.tobytes() == expected.tobytes(), layer
+                remote.send(q, k, k, layer=2, microbatch=0)
+                with pytest.raises(AttentionRankError, match="rank 0 refuses layer 2"):
+                    remote.recv_into(MockDeviceArray(mock_gpudirect, (tokens, 8, 16), "float16"), layer=2,
+                                     microbatch=0)
+                remote.drain()
+                for thread in threads:
+                    thread.join(60)
+        finally:
+            for service in services:
+                service.close()
+    assert not errors, errors
+    assert sorted(seen) == [(r, layer, [4, 4, 8]) for r in range(ranks) for layer in range(2)]
+
+
 def test_rxe_refuses_dmabuf_with_the_reason():
     size = 64 * 1024
     backing = np.zeros(size, np.uint8)
