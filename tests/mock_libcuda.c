@@ -89,7 +89,18 @@ CUresult cuMemcpyDtoHAsync_v2(void *h, CUdeviceptr d, size_t n, void *s) { (void
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void *h, size_t n, void *s) { (void)s; if (need_ctx()) return 201; memcpy((void *)(uintptr_t)d, h, n); return 0; }
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr x, size_t n, void *s) { (void)s; memcpy((void *)(uintptr_t)d, (void *)(uintptr_t)x, n); return 0; }
 CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, void *s) { (void)s; memset((void *)(uintptr_t)d, v, n); return 0; }
-CUresult cuStreamWaitValue32_v2(void *s, CUdeviceptr a, uint32_t v, unsigned f) { (void)s; (void)a; (void)v; (void)f; waits++; return need_ctx(); }
+static CUdeviceptr last_wait_addr;
+static uint32_t last_wait_value;
+CUresult cuStreamWaitValue32_v2(void *s, CUdeviceptr a, uint32_t v, unsigned f)
+{
+    (void)s; (void)f;
+    waits++;
+    last_wait_addr = a;
+    last_wait_value = v;
+    return need_ctx();
+}
+/* The address and value of the last stream wait queued (the mock does not wait). */
+void mock_last_wait(CUdeviceptr *a, uint32_t *v) { *a = last_wait_addr; *v = last_wait_value; }
 CUresult cuStreamWriteValue32_v2(void *s, CUdeviceptr a, uint32_t v, unsigned f) { (void)s; (void)f; *(volatile uint32_t *)(uintptr_t)a = v; return need_ctx(); }
 unsigned mock_waits(void) { return waits; }
 CUresult cuPointerGetAttribute(void *out, int attr, CUdeviceptr p) {

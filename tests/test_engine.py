@@ -512,6 +512,32 @@ def test_one_request_per_micro_batch_holds_the_reply_slot_and_a_failed_respond_g
         model_side.close()
 
 
+def test_a_stream_ordered_send_handle_waits_for_the_direct_sends_on_a_stream_or_on_the_host() -> None:
+    """A stream-ordered SendHandle covers each channel's last send of its micro-batch straight from GPU
+    memory (the real ones run in tests/rxe): done when the channels say so, wait(stream=) queues the
+    waits on the stream, wait(timeout) polls and times out naming the channel."""
+    from types import SimpleNamespace
+
+    from lamina_comm.engine.remote import SendHandle
+    sent = {"a": False, "b": True}
+    queued: list[tuple[str, Any, int]] = []
+
+    def channel(name: str) -> Any:
+        return SimpleNamespace(name=name, device_sent=lambda mb: sent[name],
+                               wait_sent_on=lambda stream, mb: queued.append((name, stream, mb)))
+
+    a, b = channel("a"), channel("b")
+    assert not SendHandle([a, b], [], 1).done
+    with pytest.raises(lc.TimeoutError, match="channel a: the last send of micro-batch 1"):
+        SendHandle([a, b], [], 1).wait(0.01)
+    SendHandle([a, b], [], 1).wait(stream=7)
+    assert queued == [("a", 7, 1), ("b", 7, 1)]
+    sent["a"] = True
+    handle = SendHandle([a, b], [], 1)
+    assert handle.done
+    handle.wait(0.01)
+
+
 def test_a_channel_taking_its_control_micro_batch_into_device_memory_is_refused_by_the_engine():
     """The engine reads step metadata and control messages on the host: a channel whose payloads all land
     in device memory is refused with the remedy; one that keeps the control micro-batch in the ring is

@@ -270,6 +270,8 @@ class Channel:
                 staging.close()  # its streams' host functions run first: they touch the channel
         finally:
             self._close_native()
+            if staging is not None:
+                staging.close_words()  # the native channel wrote its last sent word (released at close)
 
     def _close_native(self) -> None:
         ch, self._ch = self._ch, None
@@ -389,6 +391,19 @@ class Channel:
             return self._device_staging().add_source(region)
         self._sources.append(region)
         return ""
+
+    def wait_sent_on(self, stream: Any, microbatch: int) -> bool:
+        """Queue on ``stream`` a wait until ``microbatch``'s last send straight from device memory (send
+        path 6) was sent: work queued after it may then overwrite that source. The host never waits
+        (``cuStreamWaitValue32`` on a word native code advances as the writes complete; a failed or
+        closed channel releases it). False when there is nothing to wait for."""
+        staging = self._staging
+        return staging.wait_sent_on(stream, microbatch) if staging is not None else False
+
+    def device_sent(self, microbatch: int) -> bool:
+        """Whether ``microbatch``'s last send straight from device memory was sent (True if none)."""
+        staging = self._staging
+        return staging.sent(microbatch) if staging is not None else True
 
     @property
     def device_direct_messages(self) -> int:

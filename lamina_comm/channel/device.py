@@ -217,6 +217,10 @@ class DeviceStaging:
         self._send_stream: dict[int, tuple[Any, Optional[int]]] = {}  # micro-batch -> (Device, stream) of its last send
         self._direct: list[Any] = []  # CUDA regions the channel's NIC reads (GPUDirect): sent from, not staged
         self.direct_messages = 0
+        # Sent words (lm_chan_set_sent_words): page-locked, mapped for the GPU, at the first direct send;
+        # and the sequence number of each micro-batch's last direct send.
+        self._sent_words: Any = None
+        self._direct_seq: dict[int, int] = {}
 
     def add_source(self, region: Any) -> str:
         """A CUDA region to send from directly; why not ("" when it will be)."""
@@ -357,6 +361,8 @@ class DeviceStaging:
         done (the host function posts the writes). No copy; the tensors must stay unchanged until sent."""
         channel = self._channel
         device, handle = self._device_and_stream(items, stream)
+        if self._sent_words is None:
+            self._watch_sent(device)
         self._order_after_last_send(microbatch, device, handle)
         fill_tensors(channel._tensors, 0, [_TensorInfo(t.obj, t.dtype_name, t.shape, t.nbytes, t.ptr, t.rows,
                                                        t.row_stride) for t in items])
@@ -368,7 +374,47 @@ class DeviceStaging:
             raise error_of(rc, f"channel {channel.name}")
         self._launch(device, handle, op[0])
         self.direct_messages += 1
+        self._direct_seq[microbatch] = int(seq[0])
         return int(seq[0])
+
+    def _watch_sent(self, device: Any) -> None:
+        """Have native code say, per micro-batch, which direct send's writes completed (sent words)."""
+        words = cuda.PinnedBuffer(device, 4 * self._channel.spec.microbatches,
+                                  cuda.CU_MEMHOSTALLOC_PORTABLE | cuda.CU_MEMHOSTALLOC_DEVICEMAP)
+        rc = lib.lm_chan_set_sent_words(self._channel._handle(), ffi.cast("uint32_t *", words.address))
+        if rc < 0:
+            words.close()
+            raise error_of(rc, f"channel {self._channel.name}")
+        self._sent_words = words
+
+    def sent(self, microbatch: int) -> bool:
+        """Whether the last direct send of ``microbatch`` was sent (its source may be overwritten)."""
+        seq = self._direct_seq.get(microbatch)
+        if seq is None:
+            return True
+        word = ctypes.c_uint32.from_address(self._sent_words.address + 4 * microbatch).value
+        return ((word - (seq + 1)) & 0xFFFFFFFF) < 0x80000000  # cyclic, as cuStreamWaitValue32's GEQ
+
+    def wait_sent_on(self, stream: Any, microbatch: int) -> bool:
+        """Queue on ``stream`` a wait until the last direct send of ``microbatch`` was sent; no host wait.
+        False when there is nothing to wait for (no direct send, or sent already)."""
+        seq = self._direct_seq.get(microbatch)
+        if seq is None or self.sent(microbatch):
+            return False
+        words = self._sent_words
+        device = words.device
+        handle = stream_handle(stream)
+        with device.activate():
+            cuda.stream_wait_value32(device.driver, handle, words.device_address + 4 * microbatch, seq + 1,
+                                     cuda.CU_STREAM_WAIT_VALUE_GEQ)
+        self._streams[(device.ordinal, handle)] = device  # close() waits for it while the words live
+        return True
+
+    def close_words(self) -> None:
+        """After the native channel closed (it wrote its last word): the sent words go."""
+        words, self._sent_words = self._sent_words, None
+        if words is not None:
+            words.close()
 
     def recv_into(self, message: Any, outs: list[Any], stream: Any) -> None:
         """Copy a received message's tensors into ``outs`` (device ones on ``stream``), then give the

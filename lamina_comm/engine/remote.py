@@ -10,7 +10,7 @@ import numpy as np
 
 from lamina_comm import dtypes
 from lamina_comm.channel import Channel, ChannelGroup, Message
-from lamina_comm.errors import InvalidArgumentError, LaminaError, ProtocolError, UnsupportedError
+from lamina_comm.errors import InvalidArgumentError, LaminaError, ProtocolError, TimeoutError_, UnsupportedError
 from lamina_comm.model.kvcache import HeadRange
 from lamina_comm.transport import Context, MemoryRegion
 
@@ -30,21 +30,42 @@ class SendHandle:
     Tensors that went from a send slot (``RemoteAttention.buffers``) or were
     copied into one are free at once; tensors sent straight from a
     registered region are read by the transport until the writes complete.
+    Stream-ordered sends straight from GPU memory (registered with
+    ``register_source`` for the NIC) are read by the NIC after the stream
+    passed them: ``wait(stream=s)`` orders work queued on ``s`` afterwards
+    (the next projection into the same buffer) after the reads, with no
+    host wait.
     """
 
-    def __init__(self, channels: Sequence[Channel], tokens: Sequence[int]):
+    def __init__(self, channels: Sequence[Channel], tokens: Sequence[int], microbatch: Optional[int] = None):
         self._pending = list(zip(channels, tokens))
+        # Stream-ordered: each channel's last send of the micro-batch (a no-op where it was copied).
+        self._direct = [] if microbatch is None else [(channel, microbatch) for channel in channels]
 
     @property
     def done(self) -> bool:
         self._pending = [(c, t) for c, t in self._pending if not c.sent(t)]
-        return not self._pending
+        self._direct = [(c, mb) for c, mb in self._direct if not c.device_sent(mb)]
+        return not self._pending and not self._direct
 
-    def wait(self, timeout: Optional[float] = None) -> None:
-        """Until every write of these sends completed (TimeoutError after ``timeout``)."""
+    def wait(self, timeout: Optional[float] = None, *, stream: Any = None) -> None:
+        """Until every write of these sends completed (TimeoutError after ``timeout``); with ``stream``,
+        the sends straight from GPU memory are waited for on that stream instead of here."""
         for channel, token in self._pending:
             channel.wait_sent(token, timeout)
         self._pending = []
+        if stream is not None:
+            for channel, microbatch in self._direct:
+                channel.wait_sent_on(stream, microbatch)
+        else:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            for channel, microbatch in self._direct:
+                while not channel.device_sent(microbatch):
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise TimeoutError_(f"channel {channel.name}: the last send of micro-batch {microbatch} "
+                                            f"from GPU memory was not sent within {timeout} s")
+                    time.sleep(50e-6)
+        self._direct = []
 
 
 # Outputs whose per-rank views are kept (one per micro-batch in flight is the common case).
@@ -276,7 +297,10 @@ class RemoteAttention:
         torch's current stream), one 2D copy per tensor, and the writes are
         posted from native code when the copies are done; the call does not
         wait for the device, and the sources may be reused by work queued on
-        that stream afterwards (the handle is done at once).
+        that stream afterwards. Heads in GPU memory registered for the NIC
+        (``register_source``, verbs) are not copied: the NIC reads them after
+        the stream passed the send, so before overwriting them call
+        ``handle.wait(stream=s)`` (queued on ``s``, no host wait).
         """
         self._check_microbatch(microbatch)
         if stream is not None or _on_cuda(q):
@@ -293,7 +317,7 @@ class RemoteAttention:
                     exc.channel_index, exc.channels_posted = rank, rank
                     raise
                 self._in_flight[rank][microbatch] += 1
-            return SendHandle([], [])
+            return SendHandle(self.channels, [], microbatch)
         if type(q) is LayerBuffers:
             messages = q.views  # slot views go by the tables send_buffers() filled, without a description
         else:
@@ -339,12 +363,14 @@ class RemoteAttention:
                 raise
 
     def register_source(self, memory: Any) -> MemoryRegion:
-        """Register host memory the caller computes q/k/v into (a torch or numpy buffer).
+        """Register memory the caller computes q/k/v into (a torch, numpy or CUDA buffer).
 
         Every rank's share of q, k, v that lies in it is then written from
         there with no copy (packed shares in one write, strided column blocks
         of a fused tensor as a gather list of rows): keep it unchanged until
-        the ``SendHandle`` is done.
+        the ``SendHandle`` is done. GPU memory counts where the NIC reaches
+        it (``region.path`` ``dmabuf`` or ``peermem``, on verbs; else its
+        sends are staged): order its reuse with ``handle.wait(stream=s)``.
         """
         region = self._context.register(memory)
         self._sources.append(region)

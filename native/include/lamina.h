@@ -548,6 +548,18 @@ int lm_chan_create(lm_ep_t *ep, lm_mr_t *mr, const lm_rdesc_t *peer, const lm_ch
  * peer count out of range. */
 int lm_chan_split_payloads(lm_chan_t *ch, lm_mr_t *recv_payloads, uint32_t recv_microbatches,
                            const lm_rdesc_t *peer_payloads, uint32_t peer_microbatches);
+/* Sent words, for sends straight from device memory (GPUDirect: the NIC
+ * reads the source after the stream passed the send): words (the caller's
+ * host memory, one uint32 per micro-batch, e.g. page-locked and mapped for
+ * the GPU; kept until lm_chan_close returned) holds, per micro-batch m, the
+ * low 32 bits of seq + 1 of m's latest stream-ordered send (lm_chan_send_*
+ * prepare) whose writes all completed: work that overwrites the source of
+ * send seq waits for words[m] >= seq + 1 (cuStreamWaitValue32 with GEQ, a
+ * cyclic compare) and never for the host. Set now to m's next sequence
+ * number; when the channel fails or closes, every send prepared so far
+ * counts as sent (a waiting stream must not hang; nothing reads the sources
+ * any more). NULL stops updating. LM_ERR_NO_MEMORY. */
+int lm_chan_set_sent_words(lm_chan_t *ch, uint32_t *words);
 /* Close: fail the channel with LM_ERR_CLOSED, wake and wait out any thread
  * inside a call on it (each returns LM_ERR_CLOSED), then let go of the
  * endpoint (its later completions go to the context's queue again). Calls

@@ -1379,6 +1379,47 @@ static void test_chan_split_payloads(void)
 /* Split payloads of the first micro-batch only: its payloads land apart, the
  * second's (an engine's control micro-batch, read by the CPU) stay after
  * their headers in the ring. Counts out of range are refused. */
+/* Sent words: a stream-ordered send's word reaches seq + 1 once its writes
+ * completed, not when it is prepared; closing releases every prepared send. */
+static void test_chan_sent_words(void)
+{
+    chan_pair_t c;
+    chan_pair_open(&c);
+    unsigned char src[4 * 96];
+    for (int i = 0; i < (int)sizeof(src); i++)
+        src[i] = (unsigned char)i;
+    lm_mr_t *ms;
+    CHECK(lm_mr_register(c.p.a, src, sizeof(src), LM_ACCESS_LOCAL_WRITE, &ms) == LM_OK);
+    lm_mr_t *sources[1] = {ms};
+    lm_chan_tensor_t block = column_block(src, 16, 32);
+    uint32_t words[1] = {12345};
+    uint64_t seq;
+    lm_chan_deferred_t *op;
+    lm_chan_msg_t msg;
+    CHECK(lm_chan_send(c.ca, 0, 0, &block, 1, NULL, 0, 1000, &seq) == LM_OK && seq == 0); /* before: not waited for */
+    CHECK(lm_chan_set_sent_words(c.ca, words) == LM_OK && words[0] == 1);
+    CHECK(lm_chan_recv(c.cb, 0, &msg, 5000) == 1 && lm_chan_release(c.cb, 0, msg.slot, msg.seq) == LM_OK);
+    for (uint32_t layer = 1; layer < 4; layer++) {
+        CHECK(lm_chan_send_prepare_from(c.ca, layer, 0, &block, 1, sources, 1000, &seq, &op) == LM_OK);
+        CHECK(seq == layer && __atomic_load_n(&words[0], __ATOMIC_ACQUIRE) == layer); /* not sent yet */
+        lm_chan_run_deferred(op);
+        CHECK(lm_chan_flush(c.ca, 1000) == LM_OK);
+        CHECK(__atomic_load_n(&words[0], __ATOMIC_ACQUIRE) == layer + 1);
+        CHECK(lm_chan_recv(c.cb, 0, &msg, 5000) == 1 && msg.layer == layer);
+        CHECK(lm_chan_release(c.cb, 0, msg.slot, msg.seq) == LM_OK);
+    }
+    /* Prepared, never run: closing counts it as sent, so no stream waits forever. */
+    CHECK(lm_chan_send_prepare_from(c.ca, 9, 0, &block, 1, sources, 1000, &seq, &op) == LM_OK && seq == 4);
+    CHECK(words[0] == 4);
+    lm_chan_close(c.ca);
+    CHECK(__atomic_load_n(&words[0], __ATOMIC_ACQUIRE) == 5);
+    lm_chan_run_deferred(op); /* dropped: the channel is closed */
+    CHECK(words[0] == 5);
+    lm_chan_close(c.cb);
+    lm_mr_deregister(ms);
+    chan_pair_close(&c);
+}
+
 static void test_chan_split_payloads_of_some_microbatches(void)
 {
     chan_pair_t c;
@@ -1637,6 +1678,7 @@ int main(void)
     test_chan_send_prepare_from();
     test_chan_split_payloads();
     test_chan_split_payloads_of_some_microbatches();
+    test_chan_sent_words();
     test_staged_link();
     test_staged_link_fails_under_a_released_transfer();
     test_staged_link_refuses_a_hostile_peer();

@@ -463,6 +463,43 @@ def test_cuda_tensors_go_straight_from_registered_device_memory(mock_gpudirect):
             attention.close()
 
 
+def test_a_direct_send_releases_its_source_to_a_stream_once_its_writes_completed(mock_gpudirect, tmp_path):
+    """A send straight from GPU memory is read by the NIC after the stream passed it: wait_sent_on(s)
+    queues on s a wait (cuStreamWaitValue32) for the word native code advances when the writes complete,
+    so a kernel overwriting the source runs after the reads, and the host never waits."""
+    import ctypes
+
+    from ..mock_cuda import MockDeviceArray, build_mock_libcuda
+    mock = ctypes.CDLL(build_mock_libcuda(tmp_path))
+    with lc.Context("verbs") as a, lc.Context("verbs") as b:
+        fused = MockDeviceArray(mock_gpudirect, (8, 128), "float16")
+        region = a.register(fused)
+        model, attention = open_channels(a, b)
+        try:
+            assert model.add_source_region(region) == ""
+            q = MockDeviceArray(mock_gpudirect, (8, 64), "float16", base=fused, columns=(0, 64))
+            assert not model.wait_sent_on(0x88, 0) and model.device_sent(0)  # nothing sent from GPU memory
+            for layer in range(3):
+                fused.full[...] = layer + 1
+                mock.mock_hold_hostfns(1)  # the stream has not reached the send: nothing posted
+                model.send([q], layer=layer, microbatch=0, stream=0x77)
+                assert not model.device_sent(0)
+                assert model.wait_sent_on(0x88, 0)
+                address, value = ctypes.c_uint64(), ctypes.c_uint32()
+                mock.mock_last_wait(ctypes.byref(address), ctypes.byref(value))
+                words = model._staging._sent_words
+                assert (address.value, value.value) == (words.device_address, layer + 1)  # seq + 1
+                mock.mock_hold_hostfns(0)
+                with attention.recv(0, timeout=60) as msg:
+                    assert msg.layer == layer and (msg.tensors[0] == layer + 1).all()
+                assert eventually(lambda: model.device_sent(0))
+                assert not model.wait_sent_on(0x88, 0)  # sent: nothing to wait for
+        finally:
+            mock.mock_hold_hostfns(0)
+            model.close()
+            attention.close()
+
+
 def test_payloads_land_in_registered_device_memory(mock_gpudirect):
     """GPUDirect receives: the attention side names a CUDA region registered for the NIC (peermem, the
     mock's memory) as its payload region; the NIC writes q/k/v there and only headers into the ring.

@@ -67,6 +67,16 @@ _Static_assert(sizeof(chan_credit_t) == 8, "credit layout");
 #define CREDITS_AT (ENTRIES_AT + LM_CHAN_MAX_TENSORS * sizeof(chan_entry_t))
 _Static_assert(CREDITS_AT + LM_CHAN_MAX_PIGGYBACK * sizeof(chan_credit_t) <= LM_CHAN_HEADER_BYTES, "fits");
 
+/* A posted stream-ordered send whose sent word waits for its writes. */
+typedef struct {
+    uint64_t wr_id; /* its header write: the last of its writes */
+    uint64_t seq;
+} sent_mark_t;
+/* Marks kept per micro-batch: a fuller FIFO drops its oldest (the word then
+ * advances at a later send's completion, which covers it: writes complete in
+ * posting order). A pipeline has one or two sends of a micro-batch in flight. */
+#define SENT_MARKS 8
+
 struct lm_chan {
     lm_context_t *ctx;
     lm_ep_t *ep;
@@ -132,6 +142,12 @@ struct lm_chan {
     uint32_t *unposted;              /* [mbs], under lock */
     pthread_cond_t posted;           /* an unposted count dropped, or the channel failed */
     atomic_int refs;
+    /* Sent words (lm_chan_set_sent_words), under lock: the caller's words
+     * and, per micro-batch, a FIFO of its posted stream-ordered sends whose
+     * writes are not known complete (header write id, seq). */
+    uint32_t *sent_words;
+    sent_mark_t *sent_marks; /* [mbs * SENT_MARKS] */
+    uint8_t *sent_first, *sent_count; /* [mbs] */
 };
 
 enum { DEFERRED_SEND = 1, DEFERRED_RELEASE = 2 };
@@ -218,6 +234,50 @@ uint64_t lm_chan_region_bytes(const lm_chan_params_t *p)
 
 /* ---- failure and wake-ups ------------------------------------------------ */
 
+static void set_sent_word(lm_chan_t *ch, uint32_t mb, uint64_t value)
+{
+    __atomic_store_n(&ch->sent_words[mb], (uint32_t)value, __ATOMIC_RELEASE); /* low 32 bits: a cyclic compare */
+}
+
+/* Writes up to ch->writes_done completed: the sends they finish are sent. */
+static void advance_sent_words_locked(lm_chan_t *ch)
+{
+    for (uint32_t mb = 0; ch->sent_words && mb < ch->mbs; mb++) {
+        sent_mark_t *marks = ch->sent_marks + (size_t)mb * SENT_MARKS;
+        while (ch->sent_count[mb] && marks[ch->sent_first[mb]].wr_id <= ch->writes_done) {
+            set_sent_word(ch, mb, marks[ch->sent_first[mb]].seq + 1);
+            ch->sent_first[mb] = (uint8_t)((ch->sent_first[mb] + 1) % SENT_MARKS);
+            ch->sent_count[mb]--;
+        }
+    }
+}
+
+/* A stream-ordered send was posted: its word advances once its header write completed. */
+static void mark_sent_locked(lm_chan_t *ch, uint32_t mb, uint64_t wr_id, uint64_t seq)
+{
+    if (!ch->sent_words)
+        return;
+    uint8_t *first = &ch->sent_first[mb], *count = &ch->sent_count[mb];
+    if (*count == SENT_MARKS) { /* the oldest goes: a later one covers it */
+        *first = (uint8_t)((*first + 1) % SENT_MARKS);
+        (*count)--;
+    }
+    ch->sent_marks[(size_t)mb * SENT_MARKS + (*first + *count) % SENT_MARKS] = (sent_mark_t){wr_id, seq};
+    (*count)++;
+    advance_sent_words_locked(ch); /* it may have completed before we got the lock */
+}
+
+/* Failed or closed: nothing reads the sources any more, so every send
+ * prepared so far counts as sent (a stream waiting on its word must not
+ * wait forever). */
+static void release_sent_words_locked(lm_chan_t *ch)
+{
+    for (uint32_t mb = 0; ch->sent_words && mb < ch->mbs; mb++) {
+        set_sent_word(ch, mb, ch->send_seq[mb]);
+        ch->sent_count[mb] = 0;
+    }
+}
+
 static void fail_locked(lm_chan_t *ch, int status, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 static void fail_locked(lm_chan_t *ch, int status, const char *fmt, ...)
 {
@@ -228,6 +288,7 @@ static void fail_locked(lm_chan_t *ch, int status, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(ch->why, sizeof(ch->why), fmt, ap);
     va_end(ap);
+    release_sent_words_locked(ch);
     pthread_cond_broadcast(&ch->posted); /* a send waiting in wait_posted gives up */
 }
 
@@ -322,6 +383,8 @@ static void on_completion_locked(lm_chan_t *ch, const lm_completion_t *c)
             ch->writes_done = c->wr_id;
         if (c->status != LM_OK)
             fail_locked(ch, c->status, "a write failed: %s", lm_status_str(c->status));
+        else
+            advance_sent_words_locked(ch);
         break;
     case LM_OP_RECV_IMM:
         if (!ch->error && (c->flags & LM_CF_IMM))
@@ -452,6 +515,9 @@ static void chan_free(lm_chan_t *ch)
     free(ch->send_ops);
     free(ch->release_ops);
     free(ch->unposted);
+    free(ch->sent_marks);
+    free(ch->sent_first);
+    free(ch->sent_count);
     free(ch);
 }
 
@@ -1317,6 +1383,7 @@ static void run_send(lm_chan_t *ch, lm_chan_deferred_t *slot_op)
     if (rc == LM_OK) {
         if (wr_id > ch->last_send_wr) /* a send of another thread may have posted after us and set it */
             ch->last_send_wr = wr_id;
+        mark_sent_locked(ch, op->mb, wr_id, op->seq);
         ch->st.credits_piggybacked += ncredits;
         ch->st.credits_returned += ncredits;
     } else {
@@ -1429,6 +1496,31 @@ void lm_chan_cancel_deferred(void *arg, int status)
     if (op->kind == DEFERRED_SEND)
         drop_send(ch, op);
     chan_unref(ch);
+}
+
+int lm_chan_set_sent_words(lm_chan_t *ch, uint32_t *words)
+{
+    if (!chan_enter(ch))
+        return closed_error("lm_chan_set_sent_words");
+    int rc = LM_OK;
+    pthread_mutex_lock(&ch->lock);
+    if (!ch->sent_marks) {
+        ch->sent_marks = calloc((size_t)ch->mbs * SENT_MARKS, sizeof(*ch->sent_marks));
+        ch->sent_first = calloc(ch->mbs, 1);
+        ch->sent_count = calloc(ch->mbs, 1);
+    }
+    if (!ch->sent_marks || !ch->sent_first || !ch->sent_count) {
+        rc = lm_fail(LM_ERR_NO_MEMORY, "lm_chan_set_sent_words: no memory for the marks");
+    } else {
+        ch->sent_words = words;
+        for (uint32_t mb = 0; words && mb < ch->mbs; mb++) {
+            set_sent_word(ch, mb, ch->send_seq[mb]); /* what is already out is not waited for */
+            ch->sent_count[mb] = 0;
+        }
+    }
+    pthread_mutex_unlock(&ch->lock);
+    chan_leave(ch);
+    return rc;
 }
 
 uint32_t lm_chan_unposted(lm_chan_t *ch, uint32_t mb)
