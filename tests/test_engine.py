@@ -519,21 +519,29 @@ def test_a_stream_ordered_send_handle_waits_for_the_direct_sends_on_a_stream_or_
     from types import SimpleNamespace
 
     from lamina_comm.engine.remote import SendHandle
-    sent = {"a": False, "b": True}
-    queued: list[tuple[str, Any, int]] = []
+    sent = {("a", 4): False, ("b", 9): True}
+    last = {"a": 4, "b": 9, "c": None}  # c sent nothing from GPU memory
+    queued: list[tuple[str, Any, int, int]] = []
 
     def channel(name: str) -> Any:
-        return SimpleNamespace(name=name, device_sent=lambda mb: sent[name],
-                               wait_sent_on=lambda stream, mb: queued.append((name, stream, mb)))
+        return SimpleNamespace(name=name, timeout=0.05, last_device_send=lambda mb: last[name],
+                               device_sent=lambda mb, seq: sent[(name, seq)],
+                               wait_sent_on=lambda stream, mb, seq: queued.append((name, stream, mb, seq)))
 
-    a, b = channel("a"), channel("b")
-    assert not SendHandle([a, b], [], 1).done
-    with pytest.raises(lc.TimeoutError, match="channel a: the last send of micro-batch 1"):
-        SendHandle([a, b], [], 1).wait(0.01)
-    SendHandle([a, b], [], 1).wait(stream=7)
-    assert queued == [("a", 7, 1), ("b", 7, 1)]
-    sent["a"] = True
-    handle = SendHandle([a, b], [], 1)
+    a, b, c = channel("a"), channel("b"), channel("c")
+    assert not SendHandle([a, b, c], [], 1).done
+    with pytest.raises(lc.TimeoutError, match="channel a: send 4 of micro-batch 1 from GPU memory"):
+        SendHandle([a, b, c], [], 1).wait()  # the channel's timeout
+    handle = SendHandle([a, b, c], [], 1)
+    last["a"] = 5  # a later send of the micro-batch is not this handle's
+    handle.wait(stream=7)
+    assert queued == [("a", 7, 1, 4), ("b", 7, 1, 9)]
+    sent[("a", 4)] = True
+    handle = SendHandle([a, b, c], [], 1)
+    sent[("a", 5)] = False
+    last["a"] = 4
+    assert handle.done is False  # it took send 5
+    sent[("a", 5)] = True
     assert handle.done
     handle.wait(0.01)
 
@@ -561,9 +569,9 @@ def test_payload_regions_take_the_layers_and_the_ring_keeps_the_metadata() -> No
     compute times and error texts still reach the host, bit for bit."""
     with lc.Context("tcp") as ctx:
         ranks = 2
-        service_regions = [ctx.register(np.zeros(SHAPE.payload_bytes(a, ranks, "attention"), np.uint8))
-                           for a in range(ranks)]
         services = [AttentionService(ctx, SHAPE, rank=a, ranks=ranks, report_compute_time=True) for a in range(ranks)]
+        assert [s.payload_bytes for s in services] == [SHAPE.payload_bytes(a, ranks, "attention") for a in range(ranks)]
+        service_regions = [ctx.register(np.zeros(s.payload_bytes, np.uint8)) for s in services]
         seen: list[Any] = []
 
         def serve(service: AttentionService) -> None:

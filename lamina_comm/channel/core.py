@@ -392,18 +392,24 @@ class Channel:
         self._sources.append(region)
         return ""
 
-    def wait_sent_on(self, stream: Any, microbatch: int) -> bool:
-        """Queue on ``stream`` a wait until ``microbatch``'s last send straight from device memory (send
-        path 6) was sent: work queued after it may then overwrite that source. The host never waits
-        (``cuStreamWaitValue32`` on a word native code advances as the writes complete; a failed or
-        closed channel releases it). False when there is nothing to wait for."""
+    def wait_sent_on(self, stream: Any, microbatch: int, seq: int | None = None) -> bool:
+        """Queue on ``stream`` a wait until send ``seq`` of ``microbatch`` straight from device memory (send
+        path 6; default: its last such send) was sent: work queued after it may then overwrite that
+        source. The host never waits (``cuStreamWaitValue32`` on a word native code advances as the
+        writes complete; a failed or closed channel releases it). False when there is nothing to wait for."""
         staging = self._staging
-        return staging.wait_sent_on(stream, microbatch) if staging is not None else False
+        return staging.wait_sent_on(stream, microbatch, seq) if staging is not None else False
 
-    def device_sent(self, microbatch: int) -> bool:
-        """Whether ``microbatch``'s last send straight from device memory was sent (True if none)."""
+    def device_sent(self, microbatch: int, seq: int | None = None) -> bool:
+        """Whether send ``seq`` of ``microbatch`` straight from device memory (default: its last) was sent
+        (True if none)."""
         staging = self._staging
-        return staging.sent(microbatch) if staging is not None else True
+        return staging.sent(microbatch, seq) if staging is not None else True
+
+    def last_device_send(self, microbatch: int) -> int | None:
+        """The sequence number of ``microbatch``'s last send straight from device memory (None: none)."""
+        staging = self._staging
+        return staging.last_direct_send(microbatch) if staging is not None else None
 
     @property
     def device_direct_messages(self) -> int:

@@ -387,19 +387,26 @@ class DeviceStaging:
             raise error_of(rc, f"channel {self._channel.name}")
         self._sent_words = words
 
-    def sent(self, microbatch: int) -> bool:
-        """Whether the last direct send of ``microbatch`` was sent (its source may be overwritten)."""
-        seq = self._direct_seq.get(microbatch)
+    def last_direct_send(self, microbatch: int) -> Optional[int]:
+        """The sequence number of ``microbatch``'s last direct send (None: none yet)."""
+        return self._direct_seq.get(microbatch)
+
+    def sent(self, microbatch: int, seq: Optional[int] = None) -> bool:
+        """Whether direct send ``seq`` of ``microbatch`` (default: its last) was sent (its source may be
+        overwritten)."""
+        if seq is None:
+            seq = self._direct_seq.get(microbatch)
         if seq is None:
             return True
         word = ctypes.c_uint32.from_address(self._sent_words.address + 4 * microbatch).value
         return ((word - (seq + 1)) & 0xFFFFFFFF) < 0x80000000  # cyclic, as cuStreamWaitValue32's GEQ
 
-    def wait_sent_on(self, stream: Any, microbatch: int) -> bool:
-        """Queue on ``stream`` a wait until the last direct send of ``microbatch`` was sent; no host wait.
-        False when there is nothing to wait for (no direct send, or sent already)."""
-        seq = self._direct_seq.get(microbatch)
-        if seq is None or self.sent(microbatch):
+    def wait_sent_on(self, stream: Any, microbatch: int, seq: Optional[int] = None) -> bool:
+        """Queue on ``stream`` a wait until direct send ``seq`` of ``microbatch`` (default: its last) was
+        sent; no host wait. False when there is nothing to wait for (no direct send, or sent already)."""
+        if seq is None:
+            seq = self._direct_seq.get(microbatch)
+        if seq is None or self.sent(microbatch, seq):
             return False
         words = self._sent_words
         device = words.device
@@ -458,7 +465,10 @@ class DeviceStaging:
             message.release()
             return
         tensors = [t for t, _ in device_parts if type(t) is DeviceTensor]
-        device, handle = self._device_and_stream(tensors, stream)
+        if tensors:
+            device, handle = self._device_and_stream(tensors, stream)
+        else:  # page-locked landings only: the payload region's device
+            device, handle = self._device(device_parts[0][1].region.device), stream_handle(stream)
         queued = False
         try:
             with device.activate():

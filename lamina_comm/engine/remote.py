@@ -39,31 +39,38 @@ class SendHandle:
 
     def __init__(self, channels: Sequence[Channel], tokens: Sequence[int], microbatch: Optional[int] = None):
         self._pending = list(zip(channels, tokens))
-        # Stream-ordered: each channel's last send of the micro-batch (a no-op where it was copied).
-        self._direct = [] if microbatch is None else [(channel, microbatch) for channel in channels]
+        # Stream-ordered: each channel's send of the micro-batch that went straight from GPU memory (its
+        # sequence number, taken now: a later send of the micro-batch is not this handle's).
+        self._direct: list[tuple[Channel, int, int]] = []
+        for channel in channels if microbatch is not None else []:
+            seq = channel.last_device_send(microbatch)
+            if seq is not None:
+                self._direct.append((channel, microbatch, seq))
 
     @property
     def done(self) -> bool:
         self._pending = [(c, t) for c, t in self._pending if not c.sent(t)]
-        self._direct = [(c, mb) for c, mb in self._direct if not c.device_sent(mb)]
+        self._direct = [(c, mb, seq) for c, mb, seq in self._direct if not c.device_sent(mb, seq)]
         return not self._pending and not self._direct
 
     def wait(self, timeout: Optional[float] = None, *, stream: Any = None) -> None:
-        """Until every write of these sends completed (TimeoutError after ``timeout``); with ``stream``,
-        the sends straight from GPU memory are waited for on that stream instead of here."""
+        """Until every write of these sends completed (TimeoutError after ``timeout``, by default each
+        channel's); with ``stream``, the sends straight from GPU memory are waited for on that stream
+        instead of here (work queued on it afterwards may overwrite their sources)."""
         for channel, token in self._pending:
             channel.wait_sent(token, timeout)
         self._pending = []
         if stream is not None:
-            for channel, microbatch in self._direct:
-                channel.wait_sent_on(stream, microbatch)
+            for channel, microbatch, seq in self._direct:
+                channel.wait_sent_on(stream, microbatch, seq)
         else:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            for channel, microbatch in self._direct:
-                while not channel.device_sent(microbatch):
-                    if deadline is not None and time.monotonic() >= deadline:
-                        raise TimeoutError_(f"channel {channel.name}: the last send of micro-batch {microbatch} "
-                                            f"from GPU memory was not sent within {timeout} s")
+            start = time.monotonic()
+            for channel, microbatch, seq in self._direct:
+                limit = channel.timeout if timeout is None else timeout
+                while not channel.device_sent(microbatch, seq):  # a failed channel releases its sends
+                    if time.monotonic() - start >= limit:
+                        raise TimeoutError_(f"channel {channel.name}: send {seq} of micro-batch {microbatch} "
+                                            f"from GPU memory was not sent within {limit} s")
                     time.sleep(50e-6)
         self._direct = []
 
@@ -162,11 +169,17 @@ class _ReplyTimes:
             self._queued[row] = False
 
     def close(self) -> None:
-        for row in range(self.DEPTH):
-            try:
+        """Waits for the copies still queued (they write the page-locked rows), then frees. A CUDA error
+        is logged: the rows are then leaked rather than freed under a copy."""
+        import logging
+        try:
+            for row in range(self.DEPTH):
                 self._wait(row)
-            finally:
-                self._events[row].close()
+        except Exception as exc:
+            logging.getLogger("lamina_comm").warning("reply compute times: %s (their memory is kept)", exc)
+            return
+        for event in self._events:
+            event.close()
         self._pinned.close()
 
 
@@ -473,9 +486,9 @@ class RemoteAttention:
         # Each rank's heads of out: T rows of its (qe - qs) heads, H heads apart (one 2D copy each).
         head_bytes, row_pitch = shape.head_dim * itemsize, shape.num_heads * shape.head_dim * itemsize
         messages = self._take_replies(microbatch, timeout)
+        times: list[int] = []
+        row = -1
         try:
-            times: list[int] = []
-            row = -1
             for rank, (message, channel, (qs, qe)) in enumerate(zip(messages, self.channels, self.q_heads)):
                 heads = DeviceTensor(out, target.ptr + qs * head_bytes, tokens * (qe - qs) * head_bytes,
                                      shape.dtype, (tokens, qe - qs, shape.head_dim), target.device, target.stream,
@@ -495,11 +508,12 @@ class RemoteAttention:
                         outs.append(np.empty(1, np.int64))
                 channel._device_staging().recv_into(message, outs, stream)
             if times:
+                self._times_pending = (row, times)
+        finally:
+            if row >= 0:  # copies into the row may be queued (also when a later rank failed): tracked
                 from lamina_comm.gpu.stream import stream_handle
                 handle = stream_handle(stream)
                 self._times.queued(row, handle if handle is not None else target.stream)
-                self._times_pending = (row, times)
-        finally:
             for message in messages:
                 message.release()  # (a no-op for those the stream took over)
         return out
@@ -565,13 +579,15 @@ class RemoteAttention:
                 raise
 
     def close(self) -> None:
-        times, self._times = self._times, None
-        if times is not None:
-            times.close()  # first: its copies are queued behind the channels' streams
-        if self._owns:
-            for channel in self.channels:
-                channel.close()
-        self.channels = []
+        times, self._times, self._times_pending = self._times, None, None
+        try:
+            if times is not None:
+                times.close()  # first: its copies are queued behind the channels' streams
+        finally:
+            if self._owns:
+                for channel in self.channels:
+                    channel.close()
+            self.channels = []
         for region in self._sources:
             region.close()
         self._sources = []

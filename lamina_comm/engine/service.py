@@ -148,9 +148,15 @@ class LayerRequest:
             try:
                 tensors = [out, compute_time(compute_ns)] if reporting else [out]
                 channel.send(tensors, layer=self.layer, microbatch=self.microbatch, timeout=timeout, stream=stream)
-            finally:
+            except BaseException:
                 if on_device:
-                    self.release(stream=_stream_of(out, stream))
+                    try:
+                        self.release(stream=_stream_of(out, stream))
+                    except LaminaError:  # (the channel failed: the send's error is the one to see)
+                        pass
+                raise
+            if on_device:
+                self.release(stream=_stream_of(out, stream))
             return
         try:
             view = self.output(timeout)
@@ -162,12 +168,14 @@ class LayerRequest:
             self.release()
         self.channel.send(self._output, layer=self.layer, microbatch=self.microbatch, timeout=timeout)
 
-    def fail(self, reason: str, timeout: Optional[float] = None) -> None:
-        """Answer with an error instead of the output (the model rank raises ``AttentionRankError``)."""
+    def fail(self, reason: str, timeout: Optional[float] = None, *, stream: Any = None) -> None:
+        """Answer with an error instead of the output (the model rank raises ``AttentionRankError``).
+        ``stream``: work queued on it still reads the request's device views (payloads=): its slot goes
+        back once that work is done."""
         if self._message is None:
             raise ClosedError("this request was answered already")
         self._check_reply_slot()
-        self.release()
+        self.release(stream)
         self.channel.send([encode_error(reason)], layer=ERROR_LAYER, microbatch=self.microbatch, timeout=timeout)
 
     def release(self, stream: Any = None) -> None:
@@ -243,6 +251,13 @@ class AttentionService:
         self._metadata: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
     @property
+    def payload_bytes(self) -> int:
+        """Bytes of a region taking one model rank's requests (``accept(payloads=)``): its data
+        micro-batches' slots of this rank's head share."""
+        from lamina_comm.channel.spec import RingLayout
+        return RingLayout.for_role(self.spec, "attention").payload_bytes_of(self.shape.microbatches)
+
+    @property
     def channels(self) -> list[Channel]:
         """The model ranks' channels, by peer id."""
         return [self._peers[peer] for peer in sorted(self._peers)]
@@ -258,7 +273,7 @@ class AttentionService:
         """Accept a channel from each of ``model_ranks`` model ranks (in the order they connect).
 
         ``payloads``: a registered region per model rank (GPU memory registered for the NIC, on verbs;
-        ``shape.payload_bytes(rank, ranks, "attention")`` each) that takes its requests' q/k/v: the
+        ``payload_bytes`` each) that takes its requests' q/k/v: the
         request's tensors are then CUDA views there (no copy; the slot goes back with
         ``respond(out, stream=)`` once that stream's work is done). Step metadata stays in the host ring.
         """

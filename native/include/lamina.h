@@ -556,9 +556,11 @@ int lm_chan_split_payloads(lm_chan_t *ch, lm_mr_t *recv_payloads, uint32_t recv_
  * prepare) whose writes all completed: work that overwrites the source of
  * send seq waits for words[m] >= seq + 1 (cuStreamWaitValue32 with GEQ, a
  * cyclic compare) and never for the host. Set now to m's next sequence
- * number; when the channel fails or closes, every send prepared so far
- * counts as sent (a waiting stream must not hang; nothing reads the sources
- * any more). NULL stops updating. LM_ERR_NO_MEMORY. */
+ * number; words only move forward. When the channel fails, and again when
+ * it closes, every send prepared so far counts as sent (a waiting stream
+ * must not hang; nothing reads the sources any more); after lm_chan_close
+ * returned the words are not written again. NULL stops updating.
+ * LM_ERR_NO_MEMORY. */
 int lm_chan_set_sent_words(lm_chan_t *ch, uint32_t *words);
 /* Close: fail the channel with LM_ERR_CLOSED, wake and wait out any thread
  * inside a call on it (each returns LM_ERR_CLOSED), then let go of the

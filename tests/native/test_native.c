@@ -1418,6 +1418,28 @@ static void test_chan_sent_words(void)
     lm_chan_close(c.cb);
     lm_mr_deregister(ms);
     chan_pair_close(&c);
+
+    /* A channel that fails releases the sends prepared so far, and the words
+     * never go back when those ops run afterwards. */
+    chan_pair_open(&c);
+    CHECK(lm_mr_register(c.p.a, src, sizeof(src), LM_ACCESS_LOCAL_WRITE, &ms) == LM_OK);
+    sources[0] = ms;
+    words[0] = 777;
+    CHECK(lm_chan_set_sent_words(c.ca, words) == LM_OK && words[0] == 0);
+    lm_chan_deferred_t *ops[2];
+    for (int i = 0; i < 2; i++)
+        CHECK(lm_chan_send_prepare_from(c.ca, 1, 0, &block, 1, sources, 1000, &seq, &ops[i]) == LM_OK && seq == (uint64_t)i);
+    CHECK(words[0] == 0);
+    lm_chan_inject_imm(c.ca, 0xFu << 28); /* an immediate of no known kind: the channel fails */
+    CHECK(lm_chan_error(c.ca) == LM_ERR_PROTOCOL && words[0] == 2);
+    for (int i = 0; i < 2; i++)
+        lm_chan_run_deferred(ops[i]);
+    CHECK(words[0] == 2);
+    lm_chan_close(c.ca);
+    CHECK(words[0] == 2);
+    lm_chan_close(c.cb);
+    lm_mr_deregister(ms);
+    chan_pair_close(&c);
 }
 
 static void test_chan_split_payloads_of_some_microbatches(void)

@@ -234,9 +234,13 @@ uint64_t lm_chan_region_bytes(const lm_chan_params_t *p)
 
 /* ---- failure and wake-ups ------------------------------------------------ */
 
+/* Words only move forward (a cyclic compare, as the stream's): a late mark
+ * after a release must not take a waiter's go-ahead back. */
 static void set_sent_word(lm_chan_t *ch, uint32_t mb, uint64_t value)
 {
-    __atomic_store_n(&ch->sent_words[mb], (uint32_t)value, __ATOMIC_RELEASE); /* low 32 bits: a cyclic compare */
+    uint32_t now = __atomic_load_n(&ch->sent_words[mb], __ATOMIC_RELAXED);
+    if ((int32_t)((uint32_t)value - now) > 0)
+        __atomic_store_n(&ch->sent_words[mb], (uint32_t)value, __ATOMIC_RELEASE); /* low 32 bits */
 }
 
 /* Writes up to ch->writes_done completed: the sends they finish are sent. */
@@ -253,10 +257,15 @@ static void advance_sent_words_locked(lm_chan_t *ch)
 }
 
 /* A stream-ordered send was posted: its word advances once its header write completed. */
+static void release_sent_words_locked(lm_chan_t *ch);
 static void mark_sent_locked(lm_chan_t *ch, uint32_t mb, uint64_t wr_id, uint64_t seq)
 {
     if (!ch->sent_words)
         return;
+    if (ch->error) { /* failed since it posted: released, as every send prepared so far */
+        release_sent_words_locked(ch);
+        return;
+    }
     uint8_t *first = &ch->sent_first[mb], *count = &ch->sent_count[mb];
     if (*count == SENT_MARKS) { /* the oldest goes: a later one covers it */
         *first = (uint8_t)((*first + 1) % SENT_MARKS);
@@ -579,6 +588,12 @@ void lm_chan_close(lm_chan_t *ch)
          * outstanding) go to the context's queue; no dispatch still runs ours. */
         lm_ep_set_sink(ch->ep, NULL, NULL);
         lm_progress_barrier(ch->ctx);
+        /* Nothing marks a send any more: the last word is written, and the
+         * caller may free the words once this returns. */
+        pthread_mutex_lock(&ch->lock);
+        release_sent_words_locked(ch);
+        ch->sent_words = NULL;
+        pthread_mutex_unlock(&ch->lock);
     }
     if (ch->event_fd >= 0) {
         close(ch->event_fd);
@@ -1316,6 +1331,8 @@ static int chan_send_prepare(lm_chan_t *ch, uint32_t layer, uint32_t mb, const l
     ch->busy[idx] = 1;
     ch->slot_seq[idx] = seq;
     ch->send_seq[mb]++; /* taken now: later sends queue behind this one */
+    if (ch->error) /* failed since wait_credit looked: this one will never post */
+        release_sent_words_locked(ch);
     ch->unposted[mb]++;
     count_sent_locked(ch, counted, t, n, payload, 0);
     atomic_fetch_add(&ch->refs, 1);
@@ -1504,17 +1521,19 @@ int lm_chan_set_sent_words(lm_chan_t *ch, uint32_t *words)
         return closed_error("lm_chan_set_sent_words");
     int rc = LM_OK;
     pthread_mutex_lock(&ch->lock);
-    if (!ch->sent_marks) {
+    if (!ch->sent_marks)
         ch->sent_marks = calloc((size_t)ch->mbs * SENT_MARKS, sizeof(*ch->sent_marks));
+    if (!ch->sent_first)
         ch->sent_first = calloc(ch->mbs, 1);
+    if (!ch->sent_count)
         ch->sent_count = calloc(ch->mbs, 1);
-    }
     if (!ch->sent_marks || !ch->sent_first || !ch->sent_count) {
         rc = lm_fail(LM_ERR_NO_MEMORY, "lm_chan_set_sent_words: no memory for the marks");
     } else {
         ch->sent_words = words;
         for (uint32_t mb = 0; words && mb < ch->mbs; mb++) {
-            set_sent_word(ch, mb, ch->send_seq[mb]); /* what is already out is not waited for */
+            /* What is already out is not waited for (a plain store: the memory held anything). */
+            __atomic_store_n(&words[mb], (uint32_t)ch->send_seq[mb], __ATOMIC_RELEASE);
             ch->sent_count[mb] = 0;
         }
     }
