@@ -64,7 +64,9 @@ def _responder(conn: Any, args: argparse.Namespace) -> None:
                         (out,) = ch.send_buffers(0, [q.shape], shape.dtype, as_torch=True)
                         ch.send([out], layer=layer, microbatch=0)
             ch.flush()
-        conn.recv()  # the client is done
+            service.channels[0].flush(30)
+            # Open until the client's last writes (its credits) are acknowledged: it says so once flushed.
+            conn.recv()
         chans.close()
 
 
@@ -95,7 +97,9 @@ def run_engine_bench(args: argparse.Namespace) -> dict[str, Any]:
                     channel_ns.append(_channel_block(ch, shape, out, tokens, args.iters))
                 rows.append(_row(shape, tokens, np.concatenate(engine_ns), np.concatenate(channel_ns)))
             transport_name, progress = ch.endpoint.transport, ctx.progress
-            parent.send("done")
+            ch.flush(30)
+            remote.flush(30)
+            parent.send("done")  # our writes are all acknowledged: the responder may close
     finally:
         responder.join(10)
         if responder.is_alive():
