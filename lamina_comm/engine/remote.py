@@ -147,6 +147,7 @@ class _ReplyTimes:
         """The next row, its last copies done."""
         row, self._next = self._next, (self._next + 1) % self.DEPTH
         self._wait(row)
+        self._values[row] = -1  # read as 0 where no copy lands (not a time DEPTH calls old)
         return row
 
     def landing(self, row: int, rank: int) -> Any:
