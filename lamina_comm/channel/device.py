@@ -254,7 +254,8 @@ class DeviceStaging:
 
     def _device_and_stream(self, items: list[DeviceTensor], stream: Any) -> tuple[Any, Optional[int]]:
         """The one device of a message's CUDA tensors and the stream to order on (``stream``, else the
-        tensors' own); refuses a capturing stream and records torch tensors on the stream used."""
+        tensors' own); records torch tensors on the stream used. Then, with the device active (one
+        activation per message: each costs driver calls), ``_refuse_capture``."""
         ordinals = {t.device for t in items}
         if len(ordinals) > 1:
             raise InvalidArgumentError(f"one stream-ordered message takes tensors of one CUDA device, got {ordinals}")
@@ -262,20 +263,25 @@ class DeviceStaging:
         if handle is None:
             handle = next((t.stream for t in items if t.stream is not None), None)
         device = self._device(ordinals.pop() if ordinals else 0)
-        with device.activate():
-            # One post per message, with host bookkeeping: a graph replay would post it again, or never.
-            refuse_capture(device, handle, f"a stream-ordered message on channel {self._channel.name}")
         _keep_for_stream(items, handle)
         return device, handle
 
+    def _refuse_capture(self, device: Any, handle: Optional[int]) -> None:
+        # One post per message, with host bookkeeping: a graph replay would post it again, or never.
+        refuse_capture(device, handle, f"a stream-ordered message on channel {self._channel.name}")
+
     def _launch(self, device: Any, stream: Optional[int], op: Any) -> None:
-        """Queue lm_chan_run_deferred(op) behind the stream's work. If the driver refuses, the op runs
-        here once the stream is idle, or is canceled (the channel fails) when the stream itself failed."""
+        """Queue lm_chan_run_deferred(op) behind the stream's work (the device active: see _launch_active)."""
+        with device.activate():
+            self._launch_active(device, stream, op)
+
+    def _launch_active(self, device: Any, stream: Optional[int], op: Any) -> None:
+        """_launch with the device active. If the driver refuses, the op runs here once the stream is
+        idle, or is canceled (the channel fails) when the stream itself failed."""
         self._streams[(device.ordinal, stream)] = device
         handle = c_void_p(stream or 0)
         arg = c_void_p(int(ffi.cast("uintptr_t", op)))
-        with device.activate():
-            rc = device.driver.raw("cuLaunchHostFunc", handle, c_void_p(host_function("lm_chan_run_deferred")), arg)
+        rc = device.driver.raw("cuLaunchHostFunc", handle, c_void_p(host_function("lm_chan_run_deferred")), arg)
         if rc == cuda.CUDA_SUCCESS:
             return
         synced = self._settle(device, stream)
@@ -326,33 +332,35 @@ class DeviceStaging:
             raise InvalidArgumentError(f"channel {channel.name}: message of {size} B exceeds the "
                                        f"{channel._layout.send_capacity}-byte slot (see ChannelSpec)")
         device, handle = self._device_and_stream([t for t in items if isinstance(t, DeviceTensor)], stream)
-        self._order_after_last_send(microbatch, device, handle)
-        payload = channel.send_slot(microbatch, None if timeout_ms < 0 else timeout_ms / 1000)
-        base = payload.ctypes.data
-        described = []
-        queued = False
-        try:
-            with device.activate():
+        with device.activate():
+            self._refuse_capture(device, handle)
+            self._order_after_last_send(microbatch, device, handle)
+            payload = channel.send_slot(microbatch, None if timeout_ms < 0 else timeout_ms / 1000)
+            base = payload.ctypes.data
+            described = []
+            queued = False
+            try:
                 for off, item in zip(offsets, items):
-                    dst = payload[off:off + item.nbytes].view(dtypes.numpy_storage(item.dtype_name)).reshape(
-                        item.shape)
-                    if isinstance(item, DeviceTensor):
+                    if isinstance(item, DeviceTensor):  # described as it will lie in the slot: no view needed
                         _copy(device, False, base + off, item, handle)
                         queued = True
-                    else:
-                        _copy_into(dst, item)
+                        described.append(_TensorInfo(None, item.dtype_name, item.shape, item.nbytes, base + off))
+                        continue
+                    dst = payload[off:off + item.nbytes].view(dtypes.numpy_storage(item.dtype_name)).reshape(
+                        item.shape)
+                    _copy_into(dst, item)
                     described.append(_describe_numpy(_as_tensor_view(dst, item.dtype_name)))
-            fill_tensors(channel._tensors, 0, described)
-            seq, op = ffi.new("uint64_t *"), ffi.new("lm_chan_deferred_t **")
-            rc = lib.lm_chan_send_prepare(channel._handle(), layer, microbatch, channel._tensors, len(described),
-                                          timeout_ms, seq, op)
-            if rc < 0:
-                raise error_of(rc, f"channel {channel.name}")
-        except BaseException:
-            if queued:  # nothing was taken, and the next send fills this slot: the copies must be done first
-                self._settle(device, handle)
-            raise
-        self._launch(device, handle, op[0])
+                fill_tensors(channel._tensors, 0, described)
+                seq, op = ffi.new("uint64_t *"), ffi.new("lm_chan_deferred_t **")
+                rc = lib.lm_chan_send_prepare(channel._handle(), layer, microbatch, channel._tensors,
+                                              len(described), timeout_ms, seq, op)
+                if rc < 0:
+                    raise error_of(rc, f"channel {channel.name}")
+            except BaseException:
+                if queued:  # nothing was taken, and the next send fills this slot: the copies must be done first
+                    self._settle(device, handle)
+                raise
+            self._launch_active(device, handle, op[0])
         return int(seq[0])
 
     def _send_direct(self, items: list[DeviceTensor], regions: list[Any], layer: int, microbatch: int,
@@ -361,6 +369,8 @@ class DeviceStaging:
         done (the host function posts the writes). No copy; the tensors must stay unchanged until sent."""
         channel = self._channel
         device, handle = self._device_and_stream(items, stream)
+        with device.activate():
+            self._refuse_capture(device, handle)
         if self._sent_words is None:
             self._watch_sent(device)
         self._order_after_last_send(microbatch, device, handle)
@@ -469,9 +479,10 @@ class DeviceStaging:
             device, handle = self._device_and_stream(tensors, stream)
         else:  # page-locked landings only: the payload region's device
             device, handle = self._device(device_parts[0][1].region.device), stream_handle(stream)
-        queued = False
-        try:
-            with device.activate():
+        with device.activate():
+            self._refuse_capture(device, handle)
+            queued = False
+            try:
                 for target, part in device_parts:
                     on_device = isinstance(part, DeviceSlotView)
                     if type(target) is HostLanding:
@@ -479,14 +490,14 @@ class DeviceStaging:
                     else:
                         _copy(device, True, part.ptr if on_device else part.ctypes.data, target, handle, on_device)
                     queued = True
-            op = self._release_op(message)
-        except BaseException:
-            if queued:  # the slot goes back (the caller's release) only once nothing reads it
-                self._settle(device, handle)
-            raise
-        message._channel = None  # handed back by the stream, not by release()
-        message.tensors = []  # the slot is the stream's now
-        self._launch(device, handle, op)
+                op = self._release_op(message)
+            except BaseException:
+                if queued:  # the slot goes back (the caller's release) only once nothing reads it
+                    self._settle(device, handle)
+                raise
+            message._channel = None  # handed back by the stream, not by release()
+            message.tensors = []  # the slot is the stream's now
+            self._launch_active(device, handle, op)
 
     def _release_op(self, message: Any) -> Any:
         """lm_chan_release_prepare for a received message: its slot goes back when the op runs."""
