@@ -151,12 +151,13 @@ def _is_cuda_region(region: Any) -> bool:
 
 
 def _check_payloads(ctx: Context, layout: RingLayout, payloads: Any,
-                    payload_microbatches: int | None) -> RemoteRegion | None:
-    """The descriptor a hello gives for our payload region (None: payloads stay in the ring)."""
+                    payload_microbatches: int | None) -> tuple[RemoteRegion | None, int]:
+    """The descriptor a hello gives for our payload region (None: payloads stay in the ring), and how many
+    micro-batches (the first ones) it takes (0 without one)."""
     if payloads is None:
         if payload_microbatches is not None:
             raise InvalidArgumentError("payload_microbatches= needs a payload region (payloads=)")
-        return None
+        return None, 0
     count = layout.microbatches if payload_microbatches is None else payload_microbatches
     if type(count) is not int or not 1 <= count <= layout.microbatches:
         raise InvalidArgumentError(f"payload_microbatches={payload_microbatches!r}: the channel has "
@@ -174,7 +175,7 @@ def _check_payloads(ctx: Context, layout: RingLayout, payloads: Any,
     if payloads.nbytes < layout.payload_bytes_of(count):
         raise InvalidArgumentError(f"the payload region has {payloads.nbytes} B, the ring needs "
                                    f"{layout.payload_bytes_of(count)} (RingLayout.payload_bytes_of({count}))")
-    return descriptor
+    return descriptor, count
 
 
 class _Rings:
@@ -304,11 +305,10 @@ class Channel:
         """
         rings = _Rings(ctx, spec, role)
         try:
-            mine = _check_payloads(ctx, rings.layout, payloads, payload_microbatches)
-            ep = ctx.connect(address, private_data=_hello(spec, role, rings.mr.descriptor(), mine,
-                                                          payload_microbatches), timeout=connect_timeout)
-            return cls._finish_setup(ctx, ep, spec, role, rings, name, timeout, piggyback_credits, payloads,
-                                     payload_microbatches)
+            mine, split = _check_payloads(ctx, rings.layout, payloads, payload_microbatches)
+            ep = ctx.connect(address, private_data=_hello(spec, role, rings.mr.descriptor(), mine, split),
+                             timeout=connect_timeout)
+            return cls._finish_setup(ctx, ep, spec, role, rings, name, timeout, piggyback_credits, payloads, split)
         except BaseException:
             rings.close()
             raise
@@ -323,11 +323,9 @@ class Channel:
         ctx = listener.context
         rings = _Rings(ctx, spec, role)
         try:
-            mine = _check_payloads(ctx, rings.layout, payloads, payload_microbatches)
-            ep = listener.accept(accept_timeout, private_data=_hello(spec, role, rings.mr.descriptor(), mine,
-                                                                     payload_microbatches))
-            return cls._finish_setup(ctx, ep, spec, role, rings, name, timeout, piggyback_credits, payloads,
-                                     payload_microbatches)
+            mine, split = _check_payloads(ctx, rings.layout, payloads, payload_microbatches)
+            ep = listener.accept(accept_timeout, private_data=_hello(spec, role, rings.mr.descriptor(), mine, split))
+            return cls._finish_setup(ctx, ep, spec, role, rings, name, timeout, piggyback_credits, payloads, split)
         except BaseException:
             rings.close()
             raise
@@ -335,8 +333,7 @@ class Channel:
     @classmethod
     def _finish_setup(cls, ctx: Context, ep: Endpoint, spec: ChannelSpec, role: str, rings: _Rings,
                       name: str | None, timeout: float, piggyback_credits: bool, payloads: Any,
-                      payload_microbatches: int | None = None) -> "Channel":
-        split = 0 if payloads is None else spec.microbatches if payload_microbatches is None else payload_microbatches
+                      split: int) -> "Channel":
         try:
             hello = _parse_hello(ep.peer_data)
             peer_region = _check_peer(spec, role, hello)

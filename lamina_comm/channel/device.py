@@ -369,20 +369,20 @@ class DeviceStaging:
         done (the host function posts the writes). No copy; the tensors must stay unchanged until sent."""
         channel = self._channel
         device, handle = self._device_and_stream(items, stream)
-        with device.activate():
+        with device.activate():  # once per message, as in send()
             self._refuse_capture(device, handle)
-        if self._sent_words is None:
-            self._watch_sent(device)
-        self._order_after_last_send(microbatch, device, handle)
-        fill_tensors(channel._tensors, 0, [_TensorInfo(t.obj, t.dtype_name, t.shape, t.nbytes, t.ptr, t.rows,
-                                                       t.row_stride) for t in items])
-        sources = ffi.new("lm_mr_t *[]", [r._handle() for r in regions])
-        seq, op = ffi.new("uint64_t *"), ffi.new("lm_chan_deferred_t **")
-        rc = lib.lm_chan_send_prepare_from(channel._handle(), layer, microbatch, channel._tensors, len(items),
-                                           sources, timeout_ms, seq, op)
-        if rc < 0:
-            raise error_of(rc, f"channel {channel.name}")
-        self._launch(device, handle, op[0])
+            if self._sent_words is None:
+                self._watch_sent(device)
+            self._order_after_last_send(microbatch, device, handle)
+            fill_tensors(channel._tensors, 0, [_TensorInfo(t.obj, t.dtype_name, t.shape, t.nbytes, t.ptr, t.rows,
+                                                           t.row_stride) for t in items])
+            sources = ffi.new("lm_mr_t *[]", [r._handle() for r in regions])
+            seq, op = ffi.new("uint64_t *"), ffi.new("lm_chan_deferred_t **")
+            rc = lib.lm_chan_send_prepare_from(channel._handle(), layer, microbatch, channel._tensors, len(items),
+                                               sources, timeout_ms, seq, op)
+            if rc < 0:
+                raise error_of(rc, f"channel {channel.name}")
+            self._launch_active(device, handle, op[0])
         self.direct_messages += 1
         self._direct_seq[microbatch] = int(seq[0])
         return int(seq[0])

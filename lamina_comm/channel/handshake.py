@@ -24,12 +24,12 @@ class SpecMismatchError(InvalidArgumentError):
 
 
 def _hello(spec: ChannelSpec, role: str, region: RemoteRegion, payloads: RemoteRegion | None = None,
-           payload_microbatches: int | None = None) -> bytes:
+           payload_microbatches: int = 0) -> bytes:
     body = {"version": WIRE_VERSION, "spec": spec.to_dict(), "digest": spec.digest(), "role": role,
             "region": region.to_dict(), "caps": _CAPS}
-    if payloads is not None:  # our payloads land apart from the headers (Channel payloads=)
+    if payloads is not None:  # our first payload_microbatches' payloads land apart (Channel payloads=)
         body["payloads"] = payloads.to_dict()
-        body["payload_microbatches"] = spec.microbatches if payload_microbatches is None else payload_microbatches
+        body["payload_microbatches"] = payload_microbatches
     return _HELLO_PREFIX + json.dumps(body, separators=(",", ":")).encode()
 
 

@@ -254,8 +254,7 @@ class AttentionService:
     def payload_bytes(self) -> int:
         """Bytes of a region taking one model rank's requests (``accept(payloads=)``): its data
         micro-batches' slots of this rank's head share."""
-        from lamina_comm.channel.spec import RingLayout
-        return RingLayout.for_role(self.spec, "attention").payload_bytes_of(self.shape.microbatches)
+        return self.shape.share_payload_bytes(self.kv_heads, "attention")
 
     @property
     def channels(self) -> list[Channel]:

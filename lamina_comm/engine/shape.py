@@ -57,8 +57,12 @@ class AttentionShape:
         """Bytes of a region taking the payloads ``role``'s side of rank ``rank``'s channel receives on
         the data micro-batches (``payloads=``, GPUDirect receive; the control micro-batch stays in the
         ring): the model side's replies, or the attention side's requests."""
+        return self.share_payload_bytes(self.kv_heads(rank, ranks), role)
+
+    def share_payload_bytes(self, kv_heads: HeadRange, role: str = "model") -> int:
+        """``payload_bytes`` of the channel of the attention rank serving ``kv_heads`` (``share_spec``)."""
         from lamina_comm.channel.spec import RingLayout
-        return RingLayout.for_role(self.channel_spec(rank, ranks), role).payload_bytes_of(self.microbatches)
+        return RingLayout.for_role(self.share_spec(kv_heads), role).payload_bytes_of(self.microbatches)
 
     def share_spec(self, kv_heads: HeadRange) -> ChannelSpec:
         """``channel_spec`` of the attention rank serving ``kv_heads`` (any contiguous range)."""
